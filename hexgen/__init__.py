@@ -1,0 +1,1 @@
+"""hexgen: LLM serving over heterogeneous GPUs with asymmetric parallelism."""

@@ -1,0 +1,6 @@
+"""Sub-commands of the `hexgen` CLI. Each module has `register(subparsers)` and imports heavy
+libraries (torch) only inside its run function, so `hexgen plan` starts without torch."""
+
+from hexgen.commands import generate
+
+COMMANDS = [generate]
