@@ -1,0 +1,79 @@
+"""Time of one pipeline stage: weight scans and GEMMs per layer, two TP all-reduces per layer, LM head."""
+
+from __future__ import annotations
+
+from hexgen.cluster import GpuType, Link
+from hexgen.costmodel.linear import LinearCost
+from hexgen.costmodel.params import CostConfig
+from hexgen.models import ModelSpec
+
+
+def allreduce_s(link: Link, tp_degree: int, num_bytes: float) -> float:
+    """Ring all-reduce (reduce-scatter + all-gather): 2(t-1) steps, each one latency plus a 1/t slice."""
+    if tp_degree <= 1:
+        return 0.0
+    return 2 * (tp_degree - 1) * (link.latency_s + num_bytes / (tp_degree * link.bytes_per_s))
+
+
+def layer_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
+    """One decoder layer on a TP group of `tp_degree` GPUs of type `gpu`.
+
+    Each step scans the layer's weight shard once (memory-bound) and does 2 FLOPs per weight per token
+    (compute-bound); decode also reads the cached K/V of every sequence. The two all-reduces per layer
+    (after attention and after the MLP) carry one hidden vector per token.
+    """
+    bandwidth_bps = gpu.bandwidth_gbs * 1e9 * cfg.memory_efficiency
+    flops = gpu.tflops_fp16 * 1e12 * cfg.compute_efficiency
+    weight_scan_s = model.params_per_layer * cfg.dtype_bytes / (tp_degree * bandwidth_bps)
+    gemm_per_token_s = 2 * model.params_per_layer / (tp_degree * flops)
+    ar_fixed_s = 2 * allreduce_s(tp_link, tp_degree, 0.0)
+    ar_per_token_s = 2 * allreduce_s(tp_link, tp_degree, model.hidden_size * cfg.dtype_bytes) - ar_fixed_s
+    kv_read_s = model.kv_bytes_per_token(cfg.dtype_bytes) / (tp_degree * bandwidth_bps)
+    return LinearCost(
+        prefill_fixed_s=weight_scan_s + ar_fixed_s,
+        prefill_per_token_s=gemm_per_token_s + ar_per_token_s,
+        decode_fixed_s=weight_scan_s + ar_fixed_s,
+        decode_per_seq_s=gemm_per_token_s + ar_per_token_s,
+        decode_per_ctx_token_s=kv_read_s,
+    )
+
+
+def head_cost(model: ModelSpec, gpu: GpuType, cfg: CostConfig) -> LinearCost:
+    """The LM head on the last stage's leader: a vocab x hidden GEMM per sampled token (prefill samples once)."""
+    bandwidth_bps = gpu.bandwidth_gbs * 1e9 * cfg.memory_efficiency
+    flops = gpu.tflops_fp16 * 1e12 * cfg.compute_efficiency
+    scan_s = model.embedding_params * cfg.dtype_bytes / bandwidth_bps
+    gemm_s = 2 * model.embedding_params / flops
+    return LinearCost(prefill_fixed_s=scan_s + gemm_s, decode_fixed_s=scan_s, decode_per_seq_s=gemm_s)
+
+
+def broadcast_cost(model: ModelSpec, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
+    """A receiving stage's leader forwards the incoming hidden states to the rest of its TP group."""
+    if tp_degree <= 1:
+        return LinearCost()
+    per_token_s = model.hidden_size * cfg.dtype_bytes / tp_link.bytes_per_s
+    return LinearCost(tp_link.latency_s, per_token_s, tp_link.latency_s, per_token_s, 0.0)
+
+
+def stage_cost(
+    model: ModelSpec, gpu: GpuType, tp_degree: int, num_layers: int, tp_link: Link, cfg: CostConfig,
+    *, is_first: bool, is_last: bool,
+) -> LinearCost:
+    """All of one stage's time: its layers, the LM head if last, the input broadcast if not first."""
+    cost = layer_cost(model, gpu, tp_degree, tp_link, cfg).scaled(num_layers)
+    if is_last:
+        cost = cost + head_cost(model, gpu, cfg)
+    if not is_first:
+        cost = cost + broadcast_cost(model, tp_degree, tp_link, cfg)
+    return cost
+
+
+def transfer_cost(model: ModelSpec, link: Link, cfg: CostConfig) -> LinearCost:
+    """Hidden states of every token of the step, sent leader to leader between consecutive stages."""
+    per_token_s = model.hidden_size * cfg.dtype_bytes / link.bytes_per_s
+    return LinearCost(link.latency_s, per_token_s, link.latency_s, per_token_s, 0.0)
+
+
+def token_return_cost(link: Link) -> LinearCost:
+    """The sampled token ids travel from the last stage back to the driver (stage 0) once per step."""
+    return LinearCost(prefill_fixed_s=link.latency_s, decode_fixed_s=link.latency_s)

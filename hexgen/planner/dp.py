@@ -1,0 +1,158 @@
+"""The fastest pipeline for one group of GPUs: which machines, in which order, their stages, TP and layers.
+
+Dynamic programming over (first machine, machines visited, last machine) -> best latency for every count of
+layers placed so far (Held-Karp over machine orders, with a min-plus convolution over layer counts). Each
+machine contributes one contiguous run of stages whose best layout per layer count is a SegmentTable.
+A pipeline visits a machine at most once. Groups of more than MAX_EXACT_MACHINES machines are ordered by
+(region, name) and the DP chooses which of them to use in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from hexgen.planner.pricing import StagePricer
+from hexgen.planner.segments import SegmentTable
+
+MAX_EXACT_MACHINES = 6
+Group = tuple[tuple[str, int], ...]  # (machine name, GPUs of that machine in the group), sorted
+
+
+@dataclass(frozen=True)
+class LayoutStage:
+    machine: str
+    tp_degree: int
+    num_layers: int
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """A replica's stages in order and its predicted latency for one request alone."""
+
+    stages: tuple[LayoutStage, ...]
+    latency_s: float
+
+
+@cache
+def _gather_index(n: int) -> np.ndarray:
+    """G[j, i] indexes (i, j - i) in a flattened n x n matrix, or the sentinel n*n when j < i."""
+    j, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return np.where(j >= i, i * n + (j - i), n * n)
+
+
+def min_plus(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """c[j] = min_i a[i] + b[j - i], and the minimising i."""
+    n = len(a)
+    flat = np.append((a[:, None] + b[None, :]).ravel(), np.inf)
+    values = flat[_gather_index(n)]
+    arg = values.argmin(axis=1)
+    return values[np.arange(n), arg], arg
+
+
+@dataclass
+class _State:
+    costs_s: np.ndarray
+    prev: np.ndarray  # per layer count: index of the predecessor state (-1: this is the first machine)
+    take: np.ndarray  # per layer count: layers placed on this state's last machine
+
+
+class PipelineSolver:
+    """Best pipeline per group, memoised; one solver per (cluster, model, workload, cost config)."""
+
+    def __init__(self, pricer: StagePricer):
+        self.pricer = pricer
+        self.segment = cache(lambda m, n, first, last: SegmentTable(pricer, m, n, first, last))
+        self.best = cache(self._solve)
+
+    def _solve(self, group: Group) -> PipelineLayout | None:
+        machines = sorted((m for m, _ in group), key=lambda m: (self.pricer.cluster.machine(m).region, m))
+        counts = dict(group)
+        top = self.pricer.model.num_layers
+        best_s, best_path = np.inf, None
+        for m in machines:
+            cost = self.segment(m, counts[m], True, True).costs_s[top]
+            if cost < best_s:
+                best_s, best_path = cost, [(m, top, True, True)]
+        states, keys = self._expand(machines, counts)
+        for sid, (f, _, j) in enumerate(keys):
+            st = states[keys[sid]]
+            for k in range(len(machines)):
+                if not self._may_visit(keys[sid], k, len(machines)):
+                    continue
+                last_seg = self.segment(machines[k], counts[machines[k]], False, True).costs_s
+                totals = st.costs_s + last_seg[::-1] + self._hop(machines, j, k) + self._return(machines, k, f)
+                i = int(totals.argmin())
+                if totals[i] < best_s:
+                    best_s = float(totals[i])
+                    best_path = self._path(states, keys, sid, i, machines) + [(machines[k], top - i, False, True)]
+        if best_path is None:
+            return None
+        return PipelineLayout(self._stages(best_path, counts), float(best_s))
+
+    @staticmethod
+    def _may_visit(key: tuple[int, int | None, int], k: int, n: int) -> bool:
+        _, mask, j = key
+        return k > j if mask is None else not mask & (1 << k)
+
+    def _hop(self, machines: list[str], j: int, k: int) -> float:
+        return self.pricer.hop_s(machines[j], machines[k])
+
+    def _return(self, machines: list[str], k: int, f: int) -> float:
+        return self.pricer.token_return_s(machines[k], machines[f])
+
+    def _expand(self, machines: list[str], counts: dict[str, int]):
+        """All partial pipelines (no last machine yet), in an order where predecessors come first."""
+        n, top = len(machines), self.pricer.model.num_layers
+        exact = n <= MAX_EXACT_MACHINES
+        states: dict[tuple, _State] = {}
+        for f, m in enumerate(machines):
+            seg = self.segment(m, counts[m], True, False).costs_s
+            key = (f, 1 << f if exact else None, f)
+            states[key] = _State(seg.copy(), np.full(top + 1, -1), np.arange(top + 1))
+        keys: list[tuple] = []
+        frontier = sorted(states, key=lambda k: (k[2] if not exact else 0, k))
+        while frontier:
+            key = frontier.pop(0)
+            keys.append(key)
+            sid, st = len(keys) - 1, states[key]
+            if not np.isfinite(st.costs_s).any():
+                continue
+            for k in range(n):
+                if not self._may_visit(key, k, n):
+                    continue
+                seg = self.segment(machines[k], counts[machines[k]], False, False).costs_s
+                costs, arg = min_plus(st.costs_s, seg)
+                costs = costs + self._hop(machines, key[2], k)
+                new_key = (key[0], key[1] | (1 << k) if exact else None, k)
+                if new_key not in states:
+                    states[new_key] = _State(np.full(top + 1, np.inf), np.full(top + 1, -1), np.zeros(top + 1, int))
+                    frontier.append(new_key)
+                    frontier.sort(key=lambda s: (bin(s[1]).count("1") if exact else s[2], s))
+                target = states[new_key]
+                better = costs < target.costs_s
+                target.costs_s[better] = costs[better]
+                target.prev[better] = sid
+                target.take[better] = (np.arange(top + 1) - arg)[better]
+        return states, keys
+
+    @staticmethod
+    def _path(states, keys, sid: int, layers: int, machines: list[str]) -> list[tuple[str, int, bool, bool]]:
+        """Walk back from state `sid` holding `layers` layers to the first machine."""
+        path = []
+        while True:
+            st, key = states[keys[sid]], keys[sid]
+            take, prev = int(st.take[layers]), int(st.prev[layers])
+            path.append((machines[key[2]], take, prev == -1, False))
+            if prev == -1:
+                return path[::-1]
+            sid, layers = prev, layers - take
+
+    def _stages(self, path: list[tuple[str, int, bool, bool]], counts: dict[str, int]) -> tuple[LayoutStage, ...]:
+        out = []
+        for machine, layers, first, last in path:
+            for s in self.segment(machine, counts[machine], first, last).stages(layers):
+                out.append(LayoutStage(machine, s.tp_degree, s.num_layers))
+        return tuple(out)

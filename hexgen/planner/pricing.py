@@ -1,0 +1,52 @@
+"""The cost model reduced to scalars for the planner: request latency of a layer, a stage's extras, a hop."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from hexgen.cluster import Cluster
+from hexgen.costmodel import CostConfig, Workload, max_stage_layers
+from hexgen.costmodel.stage import broadcast_cost, head_cost, layer_cost, token_return_cost, transfer_cost
+from hexgen.models import ModelSpec
+
+
+class StagePricer:
+    """Memoised per-machine figures for one (cluster, model, workload, cost config)."""
+
+    def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig):
+        self.cluster, self.model, self.workload, self.cfg = cluster, model, workload, cfg
+        self.per_layer_s = cache(self._per_layer_s)
+        self.max_layers = cache(self._max_layers)
+        self.stage_extra_s = cache(self._stage_extra_s)
+        self.hop_s = cache(self._hop_s)
+        self.token_return_s = cache(self._token_return_s)
+
+    def _latency(self, cost) -> float:
+        return cost.request_latency_s(self.workload.prompt_tokens, self.workload.output_tokens)
+
+    def tp_degrees(self, machine: str) -> list[int]:
+        return self.model.valid_tp_degrees(self.cluster.machine(machine).count)
+
+    def _per_layer_s(self, machine: str, tp_degree: int) -> float:
+        gpu, link = self.cluster.machine(machine).gpu, self.cluster.link(machine, machine)
+        return self._latency(layer_cost(self.model, gpu, tp_degree, link, self.cfg))
+
+    def _max_layers(self, machine: str, tp_degree: int, is_first: bool, is_last: bool) -> int:
+        gpu = self.cluster.machine(machine).gpu
+        return max_stage_layers(
+            self.model, tp_degree, gpu.memory_gb, self.workload, self.cfg, is_first=is_first, is_last=is_last
+        )
+
+    def _stage_extra_s(self, machine: str, tp_degree: int, is_first: bool, is_last: bool) -> float:
+        """The LM head when last, the input broadcast inside the TP group when not first."""
+        gpu, link = self.cluster.machine(machine).gpu, self.cluster.link(machine, machine)
+        extra = self._latency(head_cost(self.model, gpu, self.cfg)) if is_last else 0.0
+        if not is_first:
+            extra += self._latency(broadcast_cost(self.model, tp_degree, link, self.cfg))
+        return extra
+
+    def _hop_s(self, src: str, dst: str) -> float:
+        return self._latency(transfer_cost(self.model, self.cluster.link(src, dst), self.cfg))
+
+    def _token_return_s(self, last: str, first: str) -> float:
+        return self._latency(token_return_cost(self.cluster.link(last, first)))

@@ -1,0 +1,98 @@
+"""The pipeline DP equals brute-force enumeration of every pipeline on small groups."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+from conftest import tiny_model
+
+from hexgen.cluster import GpuType, Link, Cluster, Machine, Network
+from hexgen.costmodel import CostConfig, StagePlacement, Workload, replica_cost, stage_memory_bytes
+from hexgen.planner.dp import PipelineSolver, min_plus
+from hexgen.planner.pricing import StagePricer
+
+
+def _stage_lists(count: int, degrees: list[int]):
+    """Every ordered list of TP degrees using at most `count` GPUs."""
+    for k in range(1, count + 1):
+        for combo in itertools.product(degrees, repeat=k):
+            if sum(combo) <= count:
+                yield combo
+
+
+def _compositions(total: int, parts: int):
+    for cut in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cut, total)
+        yield [bounds[i + 1] - bounds[i] for i in range(parts)]
+
+
+def brute_force(cluster: Cluster, model, workload: Workload, cfg: CostConfig, group) -> float:
+    """Least request latency over every machine order, stage list per machine and layer split that fits."""
+    best = math.inf
+    names = [m for m, _ in group]
+    counts = dict(group)
+    for r in range(1, len(names) + 1):
+        for order in itertools.permutations(names, r):
+            per_machine = [list(_stage_lists(counts[m], model.valid_tp_degrees(counts[m]))) for m in order]
+            for choice in itertools.product(*per_machine):
+                stages = [(m, t) for m, tps in zip(order, choice) for t in tps]
+                if len(stages) > model.num_layers:
+                    continue
+                for split in _compositions(model.num_layers, len(stages)):
+                    best = min(best, _latency_if_fits(cluster, model, workload, cfg, stages, split))
+    return best
+
+
+def _latency_if_fits(cluster, model, workload, cfg, stages, split) -> float:
+    last = len(stages) - 1
+    for j, ((m, t), n) in enumerate(zip(stages, split)):
+        mem = stage_memory_bytes(model, t, n, workload, cfg, is_first=j == 0, is_last=j == last)
+        if mem > cluster.machine(m).gpu.memory_bytes:
+            return math.inf
+    placements = [
+        StagePlacement(m, cluster.machine(m).gpu, t, n, cluster.link(m, m)) for (m, t), n in zip(stages, split)
+    ]
+    cost = replica_cost(cluster, model, placements, cfg)
+    return cost.request_latency_s(workload.prompt_tokens, workload.output_tokens)
+
+
+def _random_cluster(rng: random.Random) -> Cluster:
+    machines = []
+    for i in range(rng.randint(1, 3)):
+        gpu = GpuType(f"g{i}", rng.choice([0.12, 0.2, 0.3]), rng.uniform(200, 1500), rng.uniform(50, 300))
+        machines.append(Machine(f"m{i}", gpu, rng.randint(1, 4), rng.choice(["r0", "r1"])))
+    net = Network(Link(200.0, 0.01), Link(rng.uniform(1, 20), rng.uniform(0.1, 2)), Link(1.0, rng.uniform(5, 40)))
+    return Cluster(tuple(machines), net)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_equals_brute_force_on_random_small_groups(seed):
+    rng = random.Random(seed)
+    cluster = _random_cluster(rng)
+    model = tiny_model(num_layers=rng.randint(4, 6), hidden=2048, heads=4, kv_heads=2, vocab=1000)
+    workload = Workload(prompt_tokens=rng.randint(8, 256), output_tokens=rng.randint(2, 64))
+    cfg = CostConfig(runtime_reserve_gb=0.02)
+    group = tuple((m.name, m.count) for m in cluster.machines)
+    layout = PipelineSolver(StagePricer(cluster, model, workload, cfg)).best(group)
+    expected = brute_force(cluster, model, workload, cfg, group)
+    if math.isinf(expected):
+        assert layout is None
+    else:
+        assert layout is not None
+        assert layout.latency_s == pytest.approx(expected, rel=1e-9)
+        split = [s.num_layers for s in layout.stages]
+        stages = [(s.machine, s.tp_degree) for s in layout.stages]
+        assert _latency_if_fits(cluster, model, workload, cfg, stages, split) == pytest.approx(expected, rel=1e-9)
+
+
+def test_min_plus_matches_definition():
+    a, b = [0.0, 2.0, 5.0, math.inf], [math.inf, 1.0, 1.5, 7.0]
+    import numpy as np
+
+    c, arg = min_plus(np.array(a), np.array(b))
+    for j in range(4):
+        assert c[j] == min(a[i] + b[j - i] for i in range(j + 1))
+        assert a[arg[j]] + b[j - arg[j]] == c[j]
