@@ -10,7 +10,6 @@ their memory caps (a greedy fill that is optimal for a linear objective with box
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import product
 
 import numpy as np
 

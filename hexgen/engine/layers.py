@@ -1,0 +1,119 @@
+"""Tensor-parallel building blocks; each holds only its shard and loads it straight from the checkpoint.
+
+Column-parallel layers split the output features (rows of the weight) across the TP group and need no
+communication; row-parallel layers split the input features (columns) and leave partial sums that the
+caller all-reduces in its forward, where a reviewer sees it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hexgen.engine.parallel import TPGroup
+from hexgen.engine.weights import CheckpointReader
+
+
+def shard_range(size: int, tp: TPGroup) -> tuple[int, int]:
+    """[start, end) of this rank's equal share of `size` (size must divide evenly)."""
+    if size % tp.tp_degree:
+        raise ValueError(f"{size} features cannot be split evenly over TP degree {tp.tp_degree}")
+    part = size // tp.tp_degree
+    return tp.tp_rank * part, (tp.tp_rank + 1) * part
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W_local.T for several fused projections (e.g. q|k|v or gate|up), each split by rows."""
+
+    def __init__(self, in_features: int, out_parts: list[int], tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.out_parts = out_parts
+        self.local_parts = [p // tp.tp_degree for p in out_parts]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features, dtype=dtype), requires_grad=False)
+
+    def load(self, reader: CheckpointReader, names: list[str]) -> None:
+        shards = []
+        for name, full_out in zip(names, self.out_parts, strict=True):
+            reader.check_shape(name, (full_out, self.in_features))
+            start, end = shard_range(full_out, self.tp)
+            shards.append(reader.read(name, rows=(start, end)))
+        self.weight.copy_(torch.cat(shards, dim=0))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # [T, in] -> one [T, part // tp_degree] tensor per fused projection
+        return list(F.linear(x, self.weight).split(self.local_parts, dim=-1))
+
+
+class RowParallelLinear(nn.Module):
+    """Partial y = x_local @ W[:, local].T; the caller must all-reduce the result over the TP group."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features
+        self.out_features = out_features
+        local_in = in_features // tp.tp_degree
+        self.weight = nn.Parameter(torch.empty(out_features, local_in, dtype=dtype), requires_grad=False)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        reader.check_shape(name, (self.out_features, self.in_features))
+        self.weight.copy_(reader.read(name, cols=shard_range(self.in_features, self.tp)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # [T, in // tp_degree] -> partial [T, out]
+
+
+class VocabShard:
+    """Rows [start, end) of the vocabulary owned by this rank; every shard is padded to one size."""
+
+    def __init__(self, vocab_size: int, tp: TPGroup):
+        self.vocab_size = vocab_size
+        self.padded_rows = -(-vocab_size // tp.tp_degree)
+        self.start = min(tp.tp_rank * self.padded_rows, vocab_size)
+        self.end = min(self.start + self.padded_rows, vocab_size)
+
+    def read(self, reader: CheckpointReader, name: str, hidden_size: int, out: torch.Tensor) -> None:
+        reader.check_shape(name, (self.vocab_size, hidden_size))
+        out.zero_()
+        out[: self.end - self.start].copy_(reader.read(name, rows=(self.start, self.end)))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank embeds the token ids in its vocabulary shard; an all-reduce assembles the rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.tp = tp
+        self.hidden_size = hidden_size
+        self.shard = VocabShard(vocab_size, tp)
+        self.weight = nn.Parameter(torch.empty(self.shard.padded_rows, hidden_size, dtype=dtype), requires_grad=False)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.shard.read(reader, name, self.hidden_size, self.weight.data)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.tp_degree == 1:
+            return F.embedding(token_ids, self.weight)
+        owned = (token_ids >= self.shard.start) & (token_ids < self.shard.end)
+        local_ids = torch.where(owned, token_ids - self.shard.start, 0)
+        rows = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)  # [T, H]
+        return self.tp.all_reduce(rows)
+
+
+class ParallelLMHead(nn.Module):
+    """Logits for this rank's vocabulary shard; the stage gathers the shards on its leader."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.shard = VocabShard(vocab_size, tp)
+        self.weight = nn.Parameter(torch.empty(self.shard.padded_rows, hidden_size, dtype=dtype), requires_grad=False)
+
+    def load(self, reader: CheckpointReader, name: str) -> None:
+        self.shard.read(reader, name, self.hidden_size, self.weight.data)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)  # [B, H] -> [B, padded_rows]

@@ -1,0 +1,71 @@
+"""Typed messages between the outside world, the driver rank and the other ranks (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; the semantics of temperature, top_k and top_p follow HF transformers
+    (temperature, then top-k, then top-p, then a multinomial draw). temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None  # None = fresh randomness per request
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one request; finish_reason is set on its last event."""
+
+    request_id: str
+    token_id: int | None  # None only for an event that reports an abort
+    finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens or context), "abort"
+
+
+@dataclass
+class StepPlan:
+    """What every rank of a replica runs in one step; sent by the driver over the control group."""
+
+    slots: list[int] = field(default_factory=list)  # KV slot of each scheduled sequence
+    starts: list[int] = field(default_factory=list)  # tokens already cached per sequence
+    lengths: list[int] = field(default_factory=list)  # new tokens per sequence this step
+    token_ids: list[int] = field(default_factory=list)  # the new tokens, flat, sequence after sequence
+    sample: list[bool] = field(default_factory=list)  # whether the step ends the sequence's prompt or decodes
+    joining: dict[int, SamplingParams] = field(default_factory=dict)  # slots whose first step this is
+    freed: list[int] = field(default_factory=list)  # slots whose KV cache and sampler state can go
+    shutdown: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_sampled(self) -> int:
+        return sum(self.sample)

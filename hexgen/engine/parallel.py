@@ -1,0 +1,144 @@
+"""Rank layout of one replica and its process groups, created on every rank in one fixed order.
+
+Glossary (one replica, stages numbered 0..S-1, stage s has TP degree t_s):
+  rank        global rank inside the replica; ranks are numbered stage by stage, so stage s owns
+              ranks [sum(t[:s]), sum(t[:s+1]))
+  stage       index of the pipeline stage this rank belongs to
+  tp_rank     position of this rank inside its stage's TP group (0 = the stage leader)
+  tp_degree   size of the stage's TP group
+  leader      tp_rank 0 of a stage: the only rank that exchanges activations with neighbour stages
+  driver      rank 0 (leader of stage 0): runs the batch scheduler and talks to the outside
+
+Groups, created in this order on every rank: one TP group per stage (stage 0 first), then the
+control group spanning the replica on gloo (CPU tensors and pickled step descriptions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This rank's view of its stage's tensor-parallel group; `group` is None when tp_degree == 1."""
+
+    tp_rank: int
+    tp_degree: int
+    group: dist.ProcessGroup | None = None
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum partial results of a row-parallel layer across the stage (in place)."""
+        if self.tp_degree > 1:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def gather_to_leader(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's equal-shaped shard, in tp_rank order, on the leader; None elsewhere."""
+        if self.tp_degree == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.tp_degree)] if self.tp_rank == 0 else None
+        dist.gather(tensor, parts, group_dst=0, group=self.group)
+        return parts
+
+    def broadcast_from_leader(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.tp_degree > 1:
+            dist.broadcast(tensor, group_src=0, group=self.group)
+        return tensor
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Pure description of a replica's ranks: TP degree and layer range of each stage."""
+
+    tp_degrees: tuple[int, ...]
+    layer_ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def world_size(self) -> int:
+        return sum(self.tp_degrees)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.tp_degrees)
+
+    def first_rank(self, stage: int) -> int:
+        return sum(self.tp_degrees[:stage])
+
+    def stage_of(self, rank: int) -> int:
+        for stage in range(self.num_stages):
+            if rank < self.first_rank(stage) + self.tp_degrees[stage]:
+                return stage
+        raise ValueError(f"rank {rank} is outside a replica of {self.world_size} ranks")
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        first = self.first_rank(stage)
+        return list(range(first, first + self.tp_degrees[stage]))
+
+    @property
+    def last_leader(self) -> int:
+        return self.first_rank(self.num_stages - 1)
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Everything a rank knows about its place in the replica."""
+
+    layout: Layout
+    rank: int
+    tp: TPGroup
+    control: dist.ProcessGroup | None  # gloo group over the whole replica; None in a one-process run
+
+    @property
+    def stage(self) -> int:
+        return self.layout.stage_of(self.rank)
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return self.layout.layer_ranges[self.stage]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.layout.num_stages - 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.tp.tp_rank == 0
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def prev_leader(self) -> int:
+        return self.layout.first_rank(self.stage - 1)
+
+    @property
+    def next_leader(self) -> int:
+        return self.layout.first_rank(self.stage + 1)
+
+
+def single_process_context(layout: Layout) -> RankContext:
+    """The whole model in this process: one stage, TP degree 1, no torch.distributed."""
+    if layout.world_size != 1:
+        raise ValueError("a single-process context needs a layout of one stage with TP degree 1")
+    return RankContext(layout, 0, TPGroup(0, 1), None)
+
+
+def init_rank_context(layout: Layout, rank: int, backend: str) -> RankContext:
+    """Create every group on this rank, in the glossary's order; call after init_process_group."""
+    tp_group: TPGroup | None = None
+    for stage in range(layout.num_stages):
+        ranks = layout.stage_ranks(stage)
+        group = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            tp_group = TPGroup(ranks.index(rank), len(ranks), group if len(ranks) > 1 else None)
+    control = dist.new_group(list(range(layout.world_size)), backend="gloo")
+    assert tp_group is not None
+    return RankContext(layout, rank, tp_group, control)

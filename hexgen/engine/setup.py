@@ -1,0 +1,109 @@
+"""Turn `hexgen generate` arguments into a checked job; every check runs before a process starts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+import warnings
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import Progress
+
+from hexgen.engine.checkpoint import ModelSource, eos_token_ids, resolve_model
+from hexgen.engine.generation import Completion, run_requests
+from hexgen.engine.messages import GenerationRequest, SamplingParams
+from hexgen.engine.replica import open_local_replica
+from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.errors import ConfigError, UserError
+from hexgen.plan import Replica, single_replica_plan
+from hexgen.textstream import TextStream
+
+
+def load_tokenizer(source: ModelSource):
+    if not source.has_tokenizer:
+        raise ConfigError(f"{source.directory} has no tokenizer (tokenizer.json); text prompts need one")
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(str(source.directory))
+
+
+def encode_prompts(tokenizer, prompts: list[str], chats: list[str]) -> list[list[int]]:
+    encoded = [tokenizer(text)["input_ids"] for text in prompts]
+    for text in chats:
+        if tokenizer.chat_template is None:
+            raise ConfigError("this model's tokenizer has no chat template; use --prompt instead of --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        encoded.append(list(ids))
+    return encoded
+
+
+@dataclass
+class GenerationJob:
+    source: ModelSource
+    replica_plan: Replica
+    tokenizer: object
+    requests: list[GenerationRequest]
+    stop_strings: tuple[str, ...]
+    dtype: str
+    device: str
+    eos_token_ids: tuple[int, ...]
+
+    def open_replica(self):
+        config = SchedulerConfig(max_running_seqs=max(32, len(self.requests)),
+                                 max_context=self.source.spec.max_context)
+        return open_local_replica(self.source, self.replica_plan, self.dtype, self.device, config, self.eos_token_ids)
+
+    def start(self, replica) -> None:
+        total = sum(s.num_layers * s.tp for s in self.replica_plan.stages)
+        with Progress(transient=True, console=Console(stderr=True)) as bar:
+            task = bar.add_task(f"loading weights on {replica.world_size} rank(s)", total=total)
+            replica.start(lambda n: bar.advance(task, n))
+
+    def run(self, replica, on_text) -> list[Completion]:
+        streams = {r.request_id: TextStream(self.tokenizer, self.stop_strings) for r in self.requests}
+        return run_requests(replica, self.requests, streams, on_text)
+
+    def report(self, completions: list[Completion], load_s: float) -> None:
+        stages = " | ".join(f"TP {s.tp} layers {s.layers[0]}-{s.layers[1] - 1}" for s in self.replica_plan.stages)
+        print(f"hexgen: {self.source.name} {self.dtype} on {stages}; weights loaded in {load_s:.1f} s", file=sys.stderr)
+        for c, r in zip(completions, self.requests, strict=True):
+            print(f"hexgen: request {c.request_id}: prompt {len(r.prompt_token_ids)} tokens, "
+                  f"generated {len(c.token_ids)} ({c.finish_reason}); first token after {c.ttft_s * 1000:.0f} ms, "
+                  f"then {c.decode_s_per_token * 1000:.1f} ms/token", file=sys.stderr)
+
+
+def load_for_generation(args: argparse.Namespace) -> GenerationJob:
+    source = resolve_model(args.model)
+    plan = single_replica_plan(source.spec, list(args.tp), list(args.layers) if args.layers else None)
+    if args.device == "cuda":
+        _check_cuda(plan.replicas[0].world_size)
+    try:
+        base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, ignore_eos=args.ignore_eos)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    tokenizer = load_tokenizer(source)
+    requests = []
+    for i, ids in enumerate(encode_prompts(tokenizer, args.prompt, args.chat)):
+        limit = source.spec.max_context - 1
+        if not ids or len(ids) > limit:
+            raise UserError(f"prompt {i + 1} is {len(ids)} tokens; it must be 1 to {limit} tokens "
+                            f"(the model's context is {source.spec.max_context})")
+        seed = None if args.seed is None else args.seed + i
+        params = SamplingParams(**{**base.__dict__, "seed": seed})
+        requests.append(GenerationRequest(f"{i}-{uuid.uuid4().hex[:8]}", tuple(ids), params))
+    return GenerationJob(source, plan.replicas[0], tokenizer, requests, tuple(args.stop), args.dtype, args.device,
+                         eos_token_ids(source.directory))
+
+
+def _check_cuda(world_size: int) -> None:
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < world_size:
+        raise UserError(f"--device cuda needs {world_size} GPUs for this layout; {available} visible")

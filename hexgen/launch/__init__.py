@@ -1,0 +1,1 @@
+"""Starting and stopping the worker processes of replicas (local processes for now)."""

@@ -1,0 +1,73 @@
+"""Request streams: Poisson or Gamma (bursty) arrivals with fixed or sampled prompt and output lengths."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from hexgen.errors import UserError
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenLengths:
+    """Lengths drawn uniformly from [low, high]; low == high gives a fixed length."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def fixed(cls, tokens: int) -> TokenLengths:
+        return cls(tokens, tokens)
+
+    @property
+    def mean(self) -> float:
+        return (self.low + self.high) / 2
+
+    def sample(self, rng: random.Random) -> int:
+        return self.low if self.low == self.high else rng.randint(self.low, self.high)
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """`num_requests` arrivals at `rate_rps` on average; gamma arrivals have inter-arrival CV `cv`."""
+
+    rate_rps: float
+    num_requests: int
+    prompt: TokenLengths
+    output: TokenLengths
+    arrival: str = "poisson"
+    cv: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rate_rps <= 0 or self.num_requests < 1:
+            raise UserError(f"rate ({self.rate_rps} req/s) and request count ({self.num_requests}) must be positive")
+        if self.arrival not in ("poisson", "gamma"):
+            raise UserError(f"arrival process {self.arrival!r} is unknown; use poisson or gamma")
+        if self.cv <= 0:
+            raise UserError(f"gamma coefficient of variation must be positive, got {self.cv}")
+        if min(self.prompt.low, self.output.low) < 1 or self.prompt.high < self.prompt.low or self.output.high < self.output.low:
+            raise UserError("token lengths need 1 <= low <= high")
+
+
+def interarrival_s(spec: WorkloadSpec, rng: random.Random) -> float:
+    if spec.arrival == "poisson":
+        return rng.expovariate(spec.rate_rps)
+    shape = 1.0 / spec.cv**2  # Gamma(shape k, scale theta): mean k*theta = 1/rate, CV = 1/sqrt(k)
+    return rng.gammavariate(shape, 1.0 / (shape * spec.rate_rps))
+
+
+def generate_requests(spec: WorkloadSpec, rng: random.Random) -> list[Request]:
+    """The request stream, reproducible from the state of `rng`."""
+    now, out = 0.0, []
+    for i in range(spec.num_requests):
+        now += interarrival_s(spec, rng)
+        out.append(Request(i, now, spec.prompt.sample(rng), spec.output.sample(rng)))
+    return out
