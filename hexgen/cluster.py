@@ -252,6 +252,7 @@ def _network(data: Any, machines: tuple[Machine, ...], source: str) -> Network:
             raise ConfigError(f"{where}: 'between' must list two region or machine names")
         for end in map(str, between):
             if end not in names:
-                raise ConfigError(f"{where}: {end!r} is neither a machine nor a region; known: {', '.join(sorted(names))}")
+                known = ", ".join(sorted(names))
+                raise ConfigError(f"{where}: {end!r} is neither a machine nor a region; known: {known}")
         overrides.append((frozenset(map(str, between)), _link(row, where)))
     return Network(overrides=tuple(overrides), **defaults)

@@ -61,7 +61,10 @@ class CapacityWeighted:
     """The replica whose load after this request, divided by its capacity weight, is lowest."""
 
     def choose(self, replicas: Sequence[ReplicaState]) -> int:
-        return min(_up_indices(replicas), key=lambda i: ((replicas[i].outstanding + 1) / replicas[i].capacity_weight, i))
+        def load(i: int) -> tuple[float, int]:
+            return (replicas[i].outstanding + 1) / replicas[i].capacity_weight, i
+
+        return min(_up_indices(replicas), key=load)
 
 
 POLICIES = {"round-robin": RoundRobin, "least-outstanding": LeastOutstanding, "capacity-weighted": CapacityWeighted}

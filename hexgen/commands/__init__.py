@@ -1,6 +1,6 @@
 """Sub-commands of the `hexgen` CLI. Each module has `register(subparsers)` and imports heavy
 libraries (torch) only inside its run function, so `hexgen plan` starts without torch."""
 
-from hexgen.commands import generate
+from hexgen.commands import bench, generate, plan_cmd, simulate_cmd
 
-COMMANDS = [generate]
+COMMANDS = [generate, bench, plan_cmd, simulate_cmd]

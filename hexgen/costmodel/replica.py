@@ -26,7 +26,8 @@ class StagePlacement:
 def placements_of(replica: Replica, cluster: Cluster) -> list[StagePlacement]:
     """A plan replica's stages as placements (TP groups lie inside one machine, so their link is intra-machine)."""
     return [
-        StagePlacement(s.machine, cluster.machine(s.machine).gpu, s.tp, s.num_layers, cluster.link(s.machine, s.machine))
+        StagePlacement(s.machine, cluster.machine(s.machine).gpu, s.tp, s.num_layers,
+                       cluster.link(s.machine, s.machine))
         for s in replica.stages
     ]
 

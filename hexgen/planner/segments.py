@@ -65,7 +65,8 @@ def _candidates(multiset: tuple[int, ...], first: bool, last: bool) -> list[_Can
     out = []
     for order in sorted(orders):
         n = len(order)
-        out.append(_Candidate(order, tuple(first and i == 0 for i in range(n)), tuple(last and i == n - 1 for i in range(n))))
+        firsts = tuple(first and i == 0 for i in range(n))
+        out.append(_Candidate(order, firsts, tuple(last and i == n - 1 for i in range(n))))
     return out
 
 
@@ -84,8 +85,9 @@ class SegmentTable:
     def _stage_arrays(self, cand: _Candidate) -> tuple[np.ndarray, np.ndarray, float]:
         p, m = self._pricer, self._machine
         taus = np.array([p.per_layer_s(m, t) for t in cand.tp_degrees])
-        caps = np.array([p.max_layers(m, t, f, lt) for t, f, lt in zip(cand.tp_degrees, cand.firsts, cand.lasts)])
-        extras = sum(p.stage_extra_s(m, t, f, lt) for t, f, lt in zip(cand.tp_degrees, cand.firsts, cand.lasts))
+        roles = list(zip(cand.tp_degrees, cand.firsts, cand.lasts, strict=True))
+        caps = np.array([p.max_layers(m, t, f, lt) for t, f, lt in roles])
+        extras = sum(p.stage_extra_s(m, t, f, lt) for t, f, lt in zip(cand.tp_degrees, cand.firsts, cand.lasts, strict=True))
         extras += (len(cand.tp_degrees) - 1) * p.hop_s(m, m)
         if cand.firsts[0] and cand.lasts[-1] and len(cand.tp_degrees) > 1:
             extras += p.token_return_s(m, m)
@@ -118,4 +120,5 @@ class SegmentTable:
             raise ValueError(f"no segment of {num_layers} layers on {self._machine}")
         k, _, owners, _ = self._fill(cand)
         layers = np.ones(k, dtype=int) + np.bincount(owners[: num_layers - k], minlength=k)
-        return [SegmentStage(t, int(n), f, lt) for t, n, f, lt in zip(cand.tp_degrees, layers, cand.firsts, cand.lasts)]
+        roles = zip(cand.tp_degrees, layers, cand.firsts, cand.lasts, strict=True)
+        return [SegmentStage(t, int(n), f, lt) for t, n, f, lt in roles]

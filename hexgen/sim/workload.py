@@ -53,7 +53,8 @@ class WorkloadSpec:
             raise UserError(f"arrival process {self.arrival!r} is unknown; use poisson or gamma")
         if self.cv <= 0:
             raise UserError(f"gamma coefficient of variation must be positive, got {self.cv}")
-        if min(self.prompt.low, self.output.low) < 1 or self.prompt.high < self.prompt.low or self.output.high < self.output.low:
+        lengths = (self.prompt, self.output)
+        if any(t.low < 1 or t.high < t.low for t in lengths):
             raise UserError("token lengths need 1 <= low <= high")
 
 

@@ -19,7 +19,9 @@ network:
 """
 
 
-def tiny_model(num_layers: int = 6, hidden: int = 4096, heads: int = 8, kv_heads: int = 4, vocab: int = 32000) -> ModelSpec:
+def tiny_model(
+    num_layers: int = 6, hidden: int = 4096, heads: int = 8, kv_heads: int = 4, vocab: int = 32000
+) -> ModelSpec:
     """A Llama-shaped model with few layers, so brute force over layer splits stays small."""
     return ModelSpec(
         name="tiny", num_layers=num_layers, hidden_size=hidden, intermediate_size=4 * hidden,

@@ -9,7 +9,7 @@ import random
 import pytest
 from conftest import tiny_model
 
-from hexgen.cluster import GpuType, Link, Cluster, Machine, Network
+from hexgen.cluster import Cluster, GpuType, Link, Machine, Network
 from hexgen.costmodel import CostConfig, StagePlacement, Workload, replica_cost, stage_memory_bytes
 from hexgen.planner.dp import PipelineSolver, min_plus
 from hexgen.planner.pricing import StagePricer
@@ -38,7 +38,7 @@ def brute_force(cluster: Cluster, model, workload: Workload, cfg: CostConfig, gr
         for order in itertools.permutations(names, r):
             per_machine = [list(_stage_lists(counts[m], model.valid_tp_degrees(counts[m]))) for m in order]
             for choice in itertools.product(*per_machine):
-                stages = [(m, t) for m, tps in zip(order, choice) for t in tps]
+                stages = [(m, t) for m, tps in zip(order, choice, strict=True) for t in tps]
                 if len(stages) > model.num_layers:
                     continue
                 for split in _compositions(model.num_layers, len(stages)):
@@ -48,12 +48,13 @@ def brute_force(cluster: Cluster, model, workload: Workload, cfg: CostConfig, gr
 
 def _latency_if_fits(cluster, model, workload, cfg, stages, split) -> float:
     last = len(stages) - 1
-    for j, ((m, t), n) in enumerate(zip(stages, split)):
+    for j, ((m, t), n) in enumerate(zip(stages, split, strict=True)):
         mem = stage_memory_bytes(model, t, n, workload, cfg, is_first=j == 0, is_last=j == last)
         if mem > cluster.machine(m).gpu.memory_bytes:
             return math.inf
     placements = [
-        StagePlacement(m, cluster.machine(m).gpu, t, n, cluster.link(m, m)) for (m, t), n in zip(stages, split)
+        StagePlacement(m, cluster.machine(m).gpu, t, n, cluster.link(m, m))
+        for (m, t), n in zip(stages, split, strict=True)
     ]
     cost = replica_cost(cluster, model, placements, cfg)
     return cost.request_latency_s(workload.prompt_tokens, workload.output_tokens)

@@ -1,0 +1,66 @@
+"""`hexgen plan`: search a deployment plan for a cluster, show it as a table, write it as JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from hexgen.commands.workload_args import add_workload_args, sizing_workload, slo_seconds
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="plan replicas, stages, TP and layers for a GPU cluster",
+                              description=__doc__)
+    p.add_argument("--cluster", required=True, help="cluster YAML file")
+    p.add_argument("--model", required=True, help="model preset name or a directory / config.json")
+    add_workload_args(p)
+    p.add_argument("--requests", type=int, default=1000, help="simulated requests per candidate plan")
+    p.add_argument("--generations", type=int, default=150, help="most generations of the genetic search")
+    p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hexgen.cluster import load_cluster
+    from hexgen.commands.plan_table import plan_table
+    from hexgen.costmodel import CostConfig
+    from hexgen.models import load_model_spec
+    from hexgen.planner.genetic import GAConfig
+    from hexgen.planner.search import PlanRequest, plan_cluster
+    from hexgen.planner.validate import validate_plan
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)
+    cluster, model, cfg = load_cluster(args.cluster), load_model_spec(args.model), CostConfig()
+    workload = sizing_workload(args)
+    slo_s, reference_s = slo_seconds(args, model, cfg)
+    request = PlanRequest(args.rate, slo_s, workload, args.requests, args.dispatch, args.seed,
+                          GAConfig(generations=args.generations))
+    columns = (TextColumn("searching"), BarColumn(), TextColumn("gen {task.completed}/{task.total}"),
+               TextColumn("best attainment {task.fields[best]:.1%}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("search", total=args.generations, best=0.0)
+        result = plan_cluster(cluster, model, request, cfg,
+                              lambda gen, score: progress.update(task, completed=gen, best=score[0]))
+    memory = validate_plan(result.plan, model, cluster, workload, cfg)
+    console.print(plan_table(result.plan, cluster, memory))
+    console.print(
+        f"deadline {slo_s:.2f} s (reference latency {reference_s:.2f} s), rate {args.rate} req/s: predicted SLO "
+        f"attainment {result.search.best_score[0]:.1%}; plan uses GPUs worth "
+        f"${_used_cost(result.plan, cluster):.2f}/h of the cluster's ${cluster.cost_per_hour:.2f}/h"
+    )
+    console.print(f"planned {cluster.num_gpus} GPUs in {result.elapsed_s:.1f} s "
+                  f"({result.search.generations_run} generations, {result.search.evaluations} plans simulated)")
+    if args.output:
+        result.plan.save(args.output)
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def _used_cost(plan, cluster) -> float:
+    from hexgen.sim.run import plan_cost_per_hour
+
+    return plan_cost_per_hour(plan, cluster)

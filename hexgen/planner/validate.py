@@ -1,0 +1,61 @@
+"""The one plan validator: structure, machines and GPUs that exist, legal TP groups, memory on every GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hexgen.cluster import GIB, Cluster
+from hexgen.costmodel import CostConfig, Workload, stage_memory_bytes
+from hexgen.errors import PlanError
+from hexgen.models import ModelSpec
+from hexgen.plan import DeploymentPlan, Stage
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Per-GPU memory of one stage against the capacity of its GPU type."""
+
+    replica: int
+    stage: int
+    used_bytes: float
+    capacity_bytes: float
+
+
+def validate_plan(
+    plan: DeploymentPlan, model: ModelSpec, cluster: Cluster, workload: Workload, cfg: CostConfig
+) -> list[StageMemory]:
+    """Raise PlanError naming the replica, stage and rule broken; return per-stage memory when all hold."""
+    plan.validate_structure(model)
+    out = []
+    for r, replica in enumerate(plan.replicas):
+        last = len(replica.stages) - 1
+        for s, stage in enumerate(replica.stages):
+            where = f"replica {r} stage {s}"
+            _check_placement(stage, where, cluster)
+            gpu = cluster.machine(stage.machine).gpu
+            used = stage_memory_bytes(
+                model, stage.tp, stage.num_layers, workload, cfg, is_first=s == 0, is_last=s == last
+            )
+            if used > gpu.memory_bytes:
+                raise PlanError(
+                    f"{where}: needs {used / GIB:.1f} GiB per GPU but {stage.machine}'s {gpu.name} has "
+                    f"{gpu.memory_gb:.1f} GiB (rule: memory fits; {stage.num_layers} layers at TP {stage.tp} with "
+                    f"batch {workload.max_batch} x {workload.context_tokens} tokens of KV cache)"
+                )
+            out.append(StageMemory(r, s, used, gpu.memory_bytes))
+    return out
+
+
+def _check_placement(stage: Stage, where: str, cluster: Cluster) -> None:
+    if stage.machine not in cluster.machine_names:
+        raise PlanError(
+            f"{where}: machine {stage.machine!r} is not in the cluster (rule: stages run on cluster machines; "
+            f"machines: {', '.join(cluster.machine_names)})"
+        )
+    machine = cluster.machine(stage.machine)
+    bad = [g for g in stage.gpus if not 0 <= g < machine.count]
+    if bad:
+        raise PlanError(
+            f"{where}: GPU {bad[0]} does not exist on {machine.name}, which has GPUs 0-{machine.count - 1} "
+            "(rule: a TP group lies on one machine, of one GPU type)"
+        )

@@ -1,0 +1,52 @@
+"""Simulate a deployment plan: plan -> replica step-time models -> event loop -> report."""
+
+from __future__ import annotations
+
+import random
+
+from hexgen.cluster import Cluster
+from hexgen.costmodel import CostConfig, placements_of, replica_cost
+from hexgen.dispatch import make_policy
+from hexgen.models import ModelSpec
+from hexgen.plan import DeploymentPlan
+from hexgen.sim.metrics import SimReport, summarise
+from hexgen.sim.servers import ReplicaModel
+from hexgen.sim.simulator import Completion, simulate
+from hexgen.sim.workload import WorkloadSpec, generate_requests
+
+
+def replica_models(
+    plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, cfg: CostConfig, max_batch: int = 1
+) -> list[ReplicaModel]:
+    costs = [replica_cost(cluster, model, placements_of(r, cluster), cfg) for r in plan.replicas]
+    return [ReplicaModel(cost, max_batch) for cost in costs]
+
+
+def plan_cost_per_hour(plan: DeploymentPlan, cluster: Cluster) -> float:
+    """Price of the GPUs the plan uses (each GPU costs its machine's price divided by its GPU count)."""
+    total = 0.0
+    for replica in plan.replicas:
+        for stage in replica.stages:
+            machine = cluster.machine(stage.machine)
+            total += machine.cost_per_hour / machine.count * len(stage.gpus)
+    return total
+
+
+def run_plan(
+    plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, spec: WorkloadSpec, *, dispatch: str = "round-robin",
+    seed: int = 0, cfg: CostConfig | None = None, max_batch: int = 1,
+) -> list[Completion]:
+    requests = generate_requests(spec, random.Random(seed))
+    models = replica_models(plan, cluster, model, cfg or CostConfig(), max_batch)
+    return simulate(models, requests, make_policy(dispatch))
+
+
+def simulate_plan(
+    plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, spec: WorkloadSpec, slo_s: float, *,
+    dispatch: str = "round-robin", seed: int = 0, cfg: CostConfig | None = None, max_batch: int = 1,
+    cost_per_hour: float | None = None,
+) -> SimReport:
+    """Metrics of the plan under the workload; cost defaults to the GPUs the plan uses."""
+    done = run_plan(plan, cluster, model, spec, dispatch=dispatch, seed=seed, cfg=cfg, max_batch=max_batch)
+    price = plan_cost_per_hour(plan, cluster) if cost_per_hour is None else cost_per_hour
+    return summarise(done, slo_s, price)
