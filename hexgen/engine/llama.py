@@ -121,12 +121,14 @@ class Attention(nn.Module):
         offset = 0
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths, strict=True):
             keys, values = cache.append(layer, slot, start, k[offset : offset + n], v[offset : offset + n])
-            query = q[offset : offset + n].transpose(0, 1)  # [h_local, n, d]
+            # 4-D [1, heads, tokens, d] inputs take SDPA's fast CPU kernel; 3-D ones do not.
+            query = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, h_local, n, d]
             mask = _prefix_causal_mask(start, n, x.device) if start > 0 and n > 1 else None
             attended = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=start == 0 and n > 1, enable_gqa=True
+                query, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, is_causal=start == 0 and n > 1,
+                enable_gqa=True,
             )
-            out[offset : offset + n] = attended.transpose(0, 1)
+            out[offset : offset + n] = attended[0].transpose(0, 1)
             offset += n
         partial = self.o_proj(out.view(tokens, self.heads_local * self.head_dim))
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
