@@ -1,0 +1,139 @@
+"""Helpers shared by the engine tests: HF references, in-process and multi-process engine runs.
+
+Spawned ranks import this module by name (pytest puts tests/engine on sys.path and spawn children
+inherit it), so everything a child runs lives here rather than in a test module.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+from hexgen.engine.checkpoint import resolve_model
+from hexgen.engine.engine import Engine, RankSpec, build_runner, follow_driver, init_rank, layout_of
+from hexgen.engine.messages import GenerationRequest, SamplingParams
+from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.launch.lifetime import free_port
+from hexgen.plan import single_replica_plan
+
+
+def random_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
+
+
+def greedy_requests(prompts: list[list[int]], max_new_tokens: int, tag: str = "r") -> list[GenerationRequest]:
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    return [GenerationRequest(f"{tag}{i}", tuple(p), params) for i, p in enumerate(prompts)]
+
+
+# ---------------------------------------------------------------- the reference: HF transformers
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy continuation and its per-step logits [steps, V] (fp32)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    return tokens, torch.cat(out.logits, dim=0).float()
+
+
+def load_hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------- our engine, one process
+
+def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
+                   eos_token_ids: tuple[int, ...] = ()) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V]."""
+    plan = single_replica_plan(source.spec, [1], None)
+    spec = RankSpec(source, layout_of(plan.replicas[0]), 0)
+    runner = build_runner(spec, init_rank(spec))
+    runner.record_logits = True
+    engine = Engine.create(runner, config or SchedulerConfig(max_context=source.spec.max_context), eos_token_ids)
+    for request in requests:
+        engine.add(request)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
+    while engine.has_work:
+        events = engine.step()
+        sampled = [e for e in events if e.token_id is not None]
+        for row, event in enumerate(sampled):
+            tokens[event.request_id].append(event.token_id)
+            logits[event.request_id].append(runner.last_logits[row].clone())
+    return tokens, {rid: torch.stack(rows) for rid, rows in logits.items()}
+
+
+# ---------------------------------------------------------------- our engine, spawned gloo ranks
+
+def spawn_ranks(fn, world_size: int, args: tuple) -> None:
+    """Run fn(rank, port, *args) in world_size spawned processes; raises if any rank fails."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    port = free_port()
+    tmp.start_processes(fn, args=(port, *args), nprocs=world_size, join=True, start_method="spawn")
+
+
+def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], requests: list[GenerationRequest],
+                           out_dir: Path) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Run `requests` on a spawned replica of the given layout; tokens from the driver, per-step logits
+    recorded on the last stage's leader (StageRunner.record_logits), matched by step."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir)))
+    steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token)] in row order
+    layout_leader = sum(tp[:-1])
+    step_logits = torch.load(out_dir / f"logits{layout_leader}.pt")
+    assert len(steps) == len(step_logits)
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
+    for events, rows in zip(steps, step_logits, strict=True):
+        assert rows.shape[0] == len(events)
+        for row, (rid, token) in enumerate(events):
+            tokens[rid].append(token)
+            logits[rid].append(rows[row])
+    return tokens, {rid: torch.stack(r) for rid, r in logits.items()}
+
+
+def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
+                 requests: list[GenerationRequest], out_dir: str) -> None:
+    source = resolve_model(model_dir, progress=False)
+    plan = single_replica_plan(source.spec, tp, layers)
+    spec = RankSpec(source, layout_of(plan.replicas[0]), rank, num_threads=1, master_port=port)
+    ctx = init_rank(spec)
+    runner = build_runner(spec, ctx)
+    runner.record_logits = True
+    recorded: list[torch.Tensor] = []
+    execute = runner.execute
+
+    def execute_and_record(plan):
+        sampled = execute(plan)
+        if runner.last_logits is not None:
+            recorded.append(runner.last_logits.clone())
+            runner.last_logits = None
+        return sampled
+
+    runner.execute = execute_and_record
+    if ctx.is_driver:
+        engine = Engine.create(runner, SchedulerConfig(max_context=source.spec.max_context), ())
+        for request in requests:
+            engine.add(request)
+        steps = []
+        while engine.has_work:
+            events = [(e.request_id, e.token_id) for e in engine.step() if e.token_id is not None]
+            if events:
+                steps.append(events)
+        engine.shutdown()
+        torch.save(steps, Path(out_dir) / "events.pt")
+    else:
+        follow_driver(runner)
+    if recorded:
+        torch.save(recorded, Path(out_dir) / f"logits{rank}.pt")
+    dist.destroy_process_group()
