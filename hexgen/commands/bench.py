@@ -1,44 +1,15 @@
-"""`hexgen bench engine`: measured speed of the engine beside HF transformers (tables on stdout)."""
+"""`hexgen bench WHAT`: the benchmark families, one module each."""
 
 from __future__ import annotations
 
 import argparse
 
-from hexgen.errors import UserError
+from hexgen.commands import bench_engine
+
+BENCHMARKS = [bench_engine]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="WHAT")
-    p = bench.add_parser("engine", help="engine decode/prefill vs HF transformers, and the cost of splitting")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layout", action="append", default=None, metavar="TP[:LAYERS]",
-                   help='multi-process layout to time, e.g. "3 1:20 10" (repeatable; default: 1 1, T, T 1 '
-                        "with T the largest valid TP degree <= 4)")
-    p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
-    p.set_defaults(run=run_engine_bench)
-
-
-def parse_layout(text: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    tp_text, _, layers_text = text.partition(":")
-    try:
-        tp = tuple(int(t) for t in tp_text.split())
-        layers = tuple(int(n) for n in layers_text.split()) if layers_text.strip() else None
-    except ValueError:
-        raise UserError(f'--layout {text!r}: expected "TP0 TP1 ..[:L0 L1 ..]" with integers, e.g. "3 1:20 10"') from None
-    if not tp:
-        raise UserError(f"--layout {text!r} names no TP degree")
-    return tp, layers
-
-
-def run_engine_bench(args: argparse.Namespace) -> int:
-    from hexgen.engine.bench_report import run_and_report
-
-    if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
-        raise UserError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
-    layouts = [parse_layout(t) for t in args.layout] if args.layout else None
-    run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown)
-    return 0
+    for module in BENCHMARKS:
+        module.register(bench)
