@@ -34,7 +34,7 @@ class ModelSource:
 
     @property
     def has_tokenizer(self) -> bool:
-        return any((self.directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        return (self.directory / "tokenizer.json").is_file()
 
 
 def cache_root() -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-import warnings
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -19,26 +18,18 @@ from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import ConfigError, UserError
 from hexgen.plan import Replica, single_replica_plan
 from hexgen.textstream import TextStream
+from hexgen.tokenizer import Tokenizer
 
 
-def load_tokenizer(source: ModelSource):
+def load_tokenizer(source: ModelSource) -> Tokenizer:
     if not source.has_tokenizer:
         raise ConfigError(f"{source.directory} has no tokenizer (tokenizer.json); text prompts need one")
-    from transformers import AutoTokenizer
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoTokenizer.from_pretrained(str(source.directory))
+    return Tokenizer(source.directory)
 
 
-def encode_prompts(tokenizer, prompts: list[str], chats: list[str]) -> list[list[int]]:
-    encoded = [tokenizer(text)["input_ids"] for text in prompts]
-    for text in chats:
-        if tokenizer.chat_template is None:
-            raise ConfigError("this model's tokenizer has no chat template; use --prompt instead of --chat")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
-        encoded.append(list(ids))
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], chats: list[str]) -> list[list[int]]:
+    encoded = [tokenizer.encode(text) for text in prompts]
+    encoded += [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for text in chats]
     return encoded
 
 
@@ -46,7 +37,7 @@ def encode_prompts(tokenizer, prompts: list[str], chats: list[str]) -> list[list
 class GenerationJob:
     source: ModelSource
     replica_plan: Replica
-    tokenizer: object
+    tokenizer: Tokenizer
     requests: list[GenerationRequest]
     stop_strings: tuple[str, ...]
     dtype: str

@@ -1,0 +1,86 @@
+"""Text <-> token ids and chat templates from an HF folder, with `tokenizers` and jinja2 (no torch).
+
+Behaves like transformers' fast tokenizer for what hexgen needs: `encode` applies the tokenizer's own
+special-token post-processing, `apply_chat_template` renders the folder's template the way
+transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks) and encodes without extra specials.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as RustTokenizer
+
+from hexgen.errors import ConfigError
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"{directory} has no tokenizer.json; text prompts need a tokenizer")
+        try:
+            self._tok = RustTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on a damaged file
+            raise ConfigError(f"{path}: not a readable tokenizer ({err})") from None
+        config = _read_json(directory / "tokenizer_config.json")
+        self.special_tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_KEYS if config.get(k)}
+        template_file = directory / "chat_template.jinja"
+        self.chat_template: str | None = (
+            template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        )
+        self._compiled = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ConfigError("this model's tokenizer has no chat template; send a raw prompt instead")
+        if self._compiled is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._compiled = env.from_string(self.chat_template)
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens)
+        except TemplateError as err:
+            raise ConfigError(f"the chat template rejected these messages: {err}") from None
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _token_text(value: Any) -> str:
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
