@@ -1,17 +1,18 @@
-"""LocalReplica: the worker processes of one replica on this machine, seen from the parent.
+"""The worker processes of one replica on this machine, seen from the parent.
 
-The parent submits requests to the driver rank and polls token events; if any rank reports an
-error or exits, the whole replica is stopped and ReplicaFailed says why. close() always leaves no
-process behind (shutdown, then terminate, then kill).
+`RankProcesses` starts, watches and stops the processes; `LocalReplica` adds the blocking message
+channel used by `hexgen generate` and benchmarks. If any rank reports an error or exits, the whole
+replica is stopped and ReplicaFailed says why; close() always leaves no process behind.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from hexgen.launch.channel import ParentEnd
 
 STOP_GRACE_S = 5.0
 
@@ -20,84 +21,30 @@ class ReplicaFailed(RuntimeError):
     """A rank of the replica failed or died; the message says which and why."""
 
 
-class LocalReplica:
+class RankProcesses:
     def __init__(self, target: Callable[..., None], rank_args: Sequence[tuple[Any, ...]]):
-        """`target(*rank_args[r], inbox, outbox)` runs in process r; rank 0 is the driver."""
+        """`target(*rank_args[r])` runs in process r (spawned, so nothing is inherited by accident)."""
         ctx = mp.get_context("spawn")
-        self.inbox = ctx.Queue()
-        self.outbox = ctx.Queue()
-        self.procs = [
-            ctx.Process(target=target, args=(*args, self.inbox if r == 0 else None, self.outbox),
-                        name=f"hexgen-rank{r}", daemon=True)
-            for r, args in enumerate(rank_args)
-        ]
-        self._pending: list[Any] = []
-        self.closed = False
+        self.procs = [ctx.Process(target=target, args=args, name=f"hexgen-rank{r}", daemon=True)
+                      for r, args in enumerate(rank_args)]
 
-    @property
-    def world_size(self) -> int:
+    def __len__(self) -> int:
         return len(self.procs)
 
-    def start(self, on_loaded: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> None:
-        """Start every rank and wait until all hold their weights."""
+    def start(self) -> None:
         for proc in self.procs:
             proc.start()
-        ready: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while len(ready) < self.world_size:
-            if time.monotonic() > deadline:
-                self.close()
-                raise ReplicaFailed(f"ranks {sorted(set(range(self.world_size)) - ready)} not ready after {timeout_s:.0f} s")
-            for message in self._receive(timeout_s=0.2):
-                if message[0] == "loaded" and on_loaded is not None:
-                    on_loaded(message[2])
-                elif message[0] == "ready":
-                    ready.add(message[1])
-                else:
-                    self._pending.append(message)
 
-    def submit(self, request: Any) -> None:
-        self.inbox.put(("add", request))
-
-    def abort(self, request_id: str) -> None:
-        self.inbox.put(("abort", request_id))
-
-    def poll(self, timeout_s: float = 0.1) -> list[Any]:
-        """Messages from the driver ("events", [...]) / ("rejected", id, why); raises ReplicaFailed."""
-        messages, self._pending = self._pending, []
-        messages += self._receive(timeout_s)
-        return messages
-
-    def _receive(self, timeout_s: float) -> list[Any]:
-        messages = []
-        try:
-            messages.append(self.outbox.get(timeout=timeout_s))
-            while True:
-                messages.append(self.outbox.get_nowait())
-        except queue.Empty:
-            pass
-        for message in messages:
-            if message[0] == "error":
-                self.close()
-                raise ReplicaFailed(f"rank {message[1]}: {message[2]}")
-        if not messages:
-            self._check_alive()
-        return messages
-
-    def _check_alive(self) -> None:
+    def first_exited(self) -> tuple[int, int] | None:
+        """(rank, exit code) of a rank that has ended, if any."""
         for rank, proc in enumerate(self.procs):
-            if proc.exitcode is not None and not self.closed:
-                self.close()
-                raise ReplicaFailed(f"rank {rank} exited with code {proc.exitcode}")
+            if proc.exitcode is not None:
+                return rank, proc.exitcode
+        return None
 
-    def close(self) -> None:
-        """Ask the driver to stop every rank, then make sure each process is gone."""
-        if self.closed:
-            return
-        self.closed = True
-        if any(p.is_alive() for p in self.procs):
-            self.inbox.put(("shutdown",))
-        deadline = time.monotonic() + STOP_GRACE_S
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Wait up to grace_s for a clean exit, then terminate, then kill."""
+        deadline = time.monotonic() + grace_s
         for proc in self.procs:
             if proc.pid is not None:
                 proc.join(max(0.0, deadline - time.monotonic()))
@@ -108,6 +55,87 @@ class LocalReplica:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        for q in (self.inbox, self.outbox):
-            q.cancel_join_thread()
-            q.close()
+
+
+class StartupTracker:
+    """Follows ("loaded", rank, n) / ("ready", rank) messages until every rank holds its weights."""
+
+    def __init__(self, world_size: int, on_loaded: Callable[[int], None] | None):
+        self.world_size = world_size
+        self.on_loaded = on_loaded
+        self.ready: set[int] = set()
+
+    @property
+    def done(self) -> bool:
+        return len(self.ready) == self.world_size
+
+    def take(self, message: tuple) -> bool:
+        """True if the message was about start-up (and is consumed)."""
+        if message[0] == "loaded":
+            if self.on_loaded is not None:
+                self.on_loaded(message[2])
+            return True
+        if message[0] == "ready":
+            self.ready.add(message[1])
+            return True
+        return False
+
+
+class LocalReplica:
+    def __init__(self, target: Callable[..., None], rank_args: Sequence[tuple[Any, ...]]):
+        """`target(*rank_args[r], channel_address)` runs in process r; rank 0 is the driver."""
+        self.channel = ParentEnd()
+        self.processes = RankProcesses(target, [(*args, self.channel.address) for args in rank_args])
+        self._pending: list[Any] = []
+        self.closed = False
+
+    @property
+    def world_size(self) -> int:
+        return len(self.processes)
+
+    def start(self, on_loaded: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> None:
+        """Start every rank and wait until all hold their weights."""
+        self.processes.start()
+        tracker = StartupTracker(self.world_size, on_loaded)
+        deadline = time.monotonic() + timeout_s
+        while not tracker.done:
+            if time.monotonic() > deadline:
+                self.close()
+                raise ReplicaFailed(f"ranks {sorted(set(range(self.world_size)) - tracker.ready)} "
+                                    f"not ready after {timeout_s:.0f} s")
+            self._pending += [m for m in self._receive(0.2) if not tracker.take(m)]
+
+    def submit(self, request: Any) -> None:
+        self.channel.send(("add", request))
+
+    def abort(self, request_id: str) -> None:
+        self.channel.send(("abort", request_id))
+
+    def poll(self, timeout_s: float = 0.1) -> list[Any]:
+        """Messages from the driver ("events", [...]) / ("rejected", id, why); raises ReplicaFailed."""
+        messages, self._pending = self._pending, []
+        return messages + [m for m in self._receive(timeout_s) if m[0] != "heartbeat"]
+
+    def _receive(self, timeout_s: float) -> list[Any]:
+        messages = self.channel.receive(timeout_s)
+        for message in messages:
+            if message[0] == "error":
+                self.close()
+                raise ReplicaFailed(f"rank {message[1]}: {message[2]}")
+        exited = self.processes.first_exited() if not messages else None
+        if exited is not None:
+            self.close()
+            raise ReplicaFailed(f"rank {exited[0]} exited with code {exited[1]}")
+        return messages
+
+    def close(self) -> None:
+        """Ask the driver to stop every rank, then make sure each process is gone."""
+        if self.closed:
+            return
+        self.closed = True
+        if all(p.is_alive() for p in self.processes.procs):
+            self.channel.send(("shutdown",))
+            self.processes.stop()
+        else:
+            self.processes.stop(grace_s=0.0)
+        self.channel.close()
