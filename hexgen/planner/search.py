@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -16,6 +17,7 @@ from hexgen.dispatch import make_policy
 from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 from hexgen.plan import DeploymentPlan
+from hexgen.planner.baselines import symmetric_candidates
 from hexgen.planner.build import build_plan
 from hexgen.planner.dp import PipelineLayout, PipelineSolver
 from hexgen.planner.genetic import GAConfig, Score, SearchResult, evolve
@@ -85,10 +87,21 @@ class PlanResult:
     elapsed_s: float
 
 
-def initial_partitions(cluster: Cluster) -> list[Partition]:
-    """Network-aware starts: a group per region, and a group per machine (if any can hold a replica)."""
-    return list(dict.fromkeys([by_region(cluster), by_machine(cluster), make_partition([dict(
-        (m.name, m.count) for m in cluster.machines)])]))
+def initial_partitions(cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig) -> list[Partition]:
+    """Network-aware starts (a group per region, per machine, or one for all) plus the groupings of every
+    symmetric layout, so the search starts no worse than the best symmetric plan."""
+    everything = make_partition([{m.name: m.count for m in cluster.machines}])
+    starts = [by_region(cluster), by_machine(cluster), everything]
+    starts += [partition_of(p, cluster) for p in symmetric_candidates(cluster, model, workload, cfg)]
+    return list(dict.fromkeys(starts))
+
+
+def partition_of(plan: DeploymentPlan, cluster: Cluster) -> Partition:
+    """The grouping a plan uses: one group per replica, GPUs it leaves idle grouped per machine."""
+    groups = [dict(Counter(s.machine for s in r.stages for _ in s.gpus)) for r in plan.replicas]
+    used = Counter(s.machine for r in plan.replicas for s in r.stages for _ in s.gpus)
+    groups += [{m.name: m.count - used[m.name]} for m in cluster.machines if m.count > used[m.name]]
+    return make_partition(groups)
 
 
 def plan_cluster(
@@ -98,7 +111,7 @@ def plan_cluster(
     """Search for the plan with the highest simulated SLO attainment; raise if no replica fits at all."""
     start = time.perf_counter()
     evaluator = PlanEvaluator(cluster, model, request, cfg or CostConfig())
-    starts = initial_partitions(cluster)
+    starts = initial_partitions(cluster, model, request.workload, evaluator.cfg)
     if not any(evaluator.layouts(p) for p in starts):
         raise UserError(_no_replica_message(cluster, model, request.workload, evaluator.cfg))
     result = evolve(starts, evaluator.score, request.ga, random.Random(request.seed), on_generation)

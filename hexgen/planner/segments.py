@@ -87,7 +87,7 @@ class SegmentTable:
         taus = np.array([p.per_layer_s(m, t) for t in cand.tp_degrees])
         roles = list(zip(cand.tp_degrees, cand.firsts, cand.lasts, strict=True))
         caps = np.array([p.max_layers(m, t, f, lt) for t, f, lt in roles])
-        extras = sum(p.stage_extra_s(m, t, f, lt) for t, f, lt in zip(cand.tp_degrees, cand.firsts, cand.lasts, strict=True))
+        extras = sum(p.stage_extra_s(m, t, f, lt) for t, f, lt in roles)
         extras += (len(cand.tp_degrees) - 1) * p.hop_s(m, m)
         if cand.firsts[0] and cand.lasts[-1] and len(cand.tp_degrees) > 1:
             extras += p.token_return_s(m, m)

@@ -1,0 +1,56 @@
+"""The plan / simulate commands end to end, user errors as one line, and no torch anywhere on this path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import TINY_CLUSTER
+
+from hexgen.cli import main
+
+
+def test_plan_then_simulate_with_sweeps(tmp_path, capsys):
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(TINY_CLUSTER)
+    plan = tmp_path / "plan.json"
+    rc = main(["plan", "--cluster", str(cluster), "--model", "llama-2-13b", "--rate", "0.5", "--slo", "20",
+               "--generations", "5", "--requests", "100", "-o", str(plan)])
+    assert rc == 0
+    data = json.loads(plan.read_text())
+    stage = data["replicas"][0]["stages"][0]
+    assert data["model"] == "llama-2-13b" and {"machine", "gpus", "tp", "layers"} <= set(stage)
+    assert "planned 8 GPUs in" in capsys.readouterr().out
+    rc = main(["simulate", "--cluster", str(cluster), "--plan", str(plan), "--rate", "0.5", "--slo-scale", "4",
+               "--requests", "100", "--arrival", "gamma", "--sweep-slo-scales", "1,2,4", "--sweep-rates", "0.2,1",
+               "--plot-dir", str(tmp_path)])
+    assert rc == 0 and "SLO attainment" in capsys.readouterr().out
+    assert (tmp_path / "slo_attainment_vs_scale.png").stat().st_size > 1000
+    assert (tmp_path / "slo_attainment_vs_rate.png").stat().st_size > 1000
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("machines:\n  - {name: a, gpu: A6000\n")
+    rc = main(["plan", "--cluster", str(bad), "--model", "llama-2-7b", "--rate", "1", "--slo", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "malformed YAML at line" in err
+
+
+def test_no_torch_on_the_scheduler_path(tmp_path):
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(TINY_CLUSTER)
+    code = f"""
+import sys
+import hexgen.planner, hexgen.sim, hexgen.dispatch, hexgen.costmodel, hexgen.cluster
+import hexgen.planner.search, hexgen.sim.run, hexgen.sim.plots
+from hexgen.cli import main
+rc = main(["plan", "--cluster", {str(cluster)!r}, "--model", "llama-2-7b", "--rate", "1", "--slo", "10",
+           "--generations", "2", "--requests", "50"])
+assert rc == 0, rc
+assert "torch" not in sys.modules, "torch was imported"
+print("NO_TORCH_OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "NO_TORCH_OK" in out.stdout, out.stderr[-2000:]

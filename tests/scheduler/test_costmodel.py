@@ -1,0 +1,55 @@
+"""Cost-model numbers against values worked out by hand (round hardware figures, efficiencies of 1)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_model
+
+from hexgen.cluster import GpuType, Link
+from hexgen.costmodel import CostConfig, LinearCost, Workload, allreduce_s, stage_memory_bytes
+from hexgen.costmodel.stage import layer_cost
+
+# hidden 1024, 8 heads of 128, 4 KV heads, MLP 4096, vocab 1000:
+# params per layer = 1024*1024*2 + 1024*512*2 + 3*1024*4096 + 2*1024 = 15,730,688
+MODEL = tiny_model(num_layers=4, hidden=1024, heads=8, kv_heads=4, vocab=1000)
+GPU = GpuType("round", memory_gb=80, bandwidth_gbs=1000, tflops_fp16=100)
+LINK = Link(bandwidth_gbps=100, latency_ms=0.01)  # 12.5e9 B/s, 1e-5 s
+EXACT = CostConfig(compute_efficiency=1.0, memory_efficiency=1.0, runtime_reserve_gb=0.5)
+
+
+def test_params_per_layer_hand_count():
+    assert MODEL.params_per_layer == 15_730_688
+
+
+def test_allreduce_is_ring_cost():
+    # 2 (t - 1) steps of latency + bytes / (t * bandwidth): t = 4, 1 MB over 12.5 GB/s
+    assert allreduce_s(LINK, 4, 1e6) == pytest.approx(6 * (1e-5 + 1e6 / (4 * 12.5e9)))
+    assert allreduce_s(LINK, 1, 1e6) == 0.0
+
+
+def test_layer_cost_at_tp2_matches_hand_values():
+    cost = layer_cost(MODEL, GPU, 2, LINK, EXACT)
+    scan = 31_461_376 / (2 * 1e12)  # weight bytes / (tp * bandwidth)  = 1.5730688e-5 s
+    two_allreduce_latency = 2 * 2 * 1 * 1e-5  # 2 all-reduces x 2(t-1) steps x latency = 4e-5 s
+    gemm = 2 * 15_730_688 / (2 * 1e14)  # 2 FLOPs per weight / (tp * FLOPS)   = 1.5730688e-7 s
+    ar_bytes = 2 * 2 * 1 * 2048 / (2 * 12.5e9)  # hidden vector of 2048 bytes  = 3.2768e-7 s
+    assert cost.prefill_fixed_s == pytest.approx(scan + two_allreduce_latency)
+    assert cost.decode_fixed_s == pytest.approx(5.5730688e-5)
+    assert cost.prefill_per_token_s == pytest.approx(gemm + ar_bytes)
+    assert cost.decode_per_seq_s == pytest.approx(4.8498688e-7)
+    assert cost.decode_per_ctx_token_s == pytest.approx(2048 / (2 * 1e12))  # K+V of 512 wide at 2 bytes
+
+
+def test_stage_memory_matches_hand_sum():
+    wl = Workload(prompt_tokens=100, output_tokens=28, max_batch=2)
+    per_layer = (31_461_376 + 2 * 128 * 2048) / 2  # weights + KV of 2 sequences x 128 tokens, halved by TP 2
+    expected = 3 * per_layer + 1000 * 1024 * 2 + 4 * 2 * 100 * 1024 * 2 + 0.5 * 2**30
+    got = stage_memory_bytes(MODEL, 2, 3, wl, EXACT, is_first=True, is_last=False)
+    assert got == pytest.approx(expected) and expected == 588_535_808
+
+
+def test_request_latency_closed_form_equals_step_sum():
+    cost = LinearCost(0.5, 0.01, 0.2, 0.03, 0.001)
+    prompt, output = 10, 4
+    steps = [0.5 + 0.01 * 10] + [0.2 + 0.03 + 0.001 * (10 + k) for k in (1, 2, 3)]
+    assert cost.request_latency_s(prompt, output) == pytest.approx(sum(steps))
