@@ -87,7 +87,9 @@ class DeploymentPlan:
                 for gpu in stage.gpus:
                     key = (stage.machine, gpu)
                     if key in used:
-                        raise PlanError(f"{where}: GPU {gpu} of machine {stage.machine!r} is already used by {used[key]}")
+                        raise PlanError(
+                            f"{where}: GPU {gpu} of machine {stage.machine!r} is already used by {used[key]}"
+                        )
                     used[key] = where
 
 
@@ -103,7 +105,9 @@ def _check_replica_layers(replica: Replica, r: int, model: ModelSpec) -> None:
                 "(stages cover the model's layers in order, each exactly once)"
             )
         if end <= first:
-            raise PlanError(f"replica {r} stage {s}: layer range [{first}, {end}) is empty; every stage needs >= 1 layer")
+            raise PlanError(
+                f"replica {r} stage {s}: layer range [{first}, {end}) is empty; every stage needs >= 1 layer"
+            )
         expected_first = end
     if expected_first != model.num_layers:
         raise PlanError(
@@ -135,7 +139,7 @@ def single_replica_plan(model: ModelSpec, tp_degrees: list[int], layer_counts: l
         layer_counts = [base + (1 if i < extra else 0) for i in range(len(tp_degrees))]
     if len(layer_counts) != len(tp_degrees):
         raise PlanError(
-            f"--tp gives {len(tp_degrees)} stages but --layers gives {len(layer_counts)}; give one layer count per stage"
+            f"--tp gives {len(tp_degrees)} stages but --layers gives {len(layer_counts)}; give one count per stage"
         )
     if sum(layer_counts) != model.num_layers or min(layer_counts) < 1:
         raise PlanError(
@@ -162,8 +166,10 @@ def plan_from_dict(data: Any, source: str = "plan") -> DeploymentPlan:
         where = f"{source}: replicas[{r}]"
         if not isinstance(rep, dict):
             raise PlanError(f"{where} must be an object with 'stages'")
-        stages = tuple(_stage_from_dict(st, f"{where}.stages[{s}]")
-                       for s, st in enumerate(_as_list(rep.get("stages"), f"{where}.stages")))
+        stages = tuple(
+            _stage_from_dict(st, f"{where}.stages[{s}]")
+            for s, st in enumerate(_as_list(rep.get("stages"), f"{where}.stages"))
+        )
         predicted = rep.get("predicted") or {}
         replicas.append(Replica(stages, {str(k): float(v) for k, v in predicted.items()}))
     return DeploymentPlan(model=str(data["model"]), replicas=tuple(replicas), meta=dict(data.get("meta") or {}))

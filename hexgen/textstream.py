@@ -54,6 +54,6 @@ class TextStream:
     def _emit(self, text: str) -> str:
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
             return ""
-        delta = text[len(self.emitted):]
+        delta = text[len(self.emitted) :]
         self.emitted = text
         return delta

@@ -14,9 +14,14 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layout", action="append", default=None, metavar="TP[:LAYERS]",
-                   help='multi-process layout to time, e.g. "3 1:20 10" (repeatable; default: 1 1, T, T 1 '
-                        "with T the largest valid TP degree <= 4)")
+    p.add_argument(
+        "--layout",
+        action="append",
+        default=None,
+        metavar="TP[:LAYERS]",
+        help='multi-process layout to time, e.g. "3 1:20 10" (repeatable; default: 1 1, T, T 1 '
+        "with T the largest valid TP degree <= 4)",
+    )
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
     p.set_defaults(run=run_engine_bench)
 
@@ -27,7 +32,9 @@ def parse_layout(text: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         tp = tuple(int(t) for t in tp_text.split())
         layers = tuple(int(n) for n in layers_text.split()) if layers_text.strip() else None
     except ValueError:
-        raise UserError(f'--layout {text!r}: expected "TP0 TP1 ..[:L0 L1 ..]" with integers, e.g. "3 1:20 10"') from None
+        raise UserError(
+            f'--layout {text!r}: expected "TP0 TP1 ..[:L0 L1 ..]" with integers, e.g. "3 1:20 10"'
+        ) from None
     if not tp:
         raise UserError(f"--layout {text!r} names no TP degree")
     return tp, layers

@@ -9,18 +9,45 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text with one (possibly asymmetric) replica",
-                       description="Generate text. The continuation goes to stdout; logs and timings to stderr.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"embedded model name ({DEFAULT_MODEL}), an HF directory, or a .gguf file")
-    p.add_argument("--tp", type=int, nargs="+", default=[1], metavar="T",
-                   help="TP degree of each pipeline stage, e.g. --tp 3 1 (default: one stage, TP 1)")
-    p.add_argument("--layers", type=int, nargs="+", metavar="L",
-                   help="layers of each stage, summing to the model's layer count (default: even split)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="raw completion text, tokenized as is (repeat for a batch)")
-    p.add_argument("--chat", action="append", default=[], metavar="TEXT",
-                   help="one user message sent through the model's chat template (repeat for a batch)")
+    p = sub.add_parser(
+        "generate",
+        help="generate text with one (possibly asymmetric) replica",
+        description="Generate text. The continuation goes to stdout; logs and timings to stderr.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model name ({DEFAULT_MODEL}), an HF directory, or a .gguf file",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="T",
+        help="TP degree of each pipeline stage, e.g. --tp 3 1 (default: one stage, TP 1)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="layers of each stage, summing to the model's layer count (default: even split)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="raw completion text, tokenized as is (repeat for a batch)",
+    )
+    p.add_argument(
+        "--chat",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="one user message sent through the model's chat template (repeat for a batch)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -56,4 +83,3 @@ def run(args: argparse.Namespace) -> int:
             print(completion.text)
     job.report(completions, load_s)
     return 0
-

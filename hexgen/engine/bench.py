@@ -81,8 +81,9 @@ class HFGenerate:
     def _generate_s(self, ids: list[int], n: int) -> float:
         x = torch.tensor([ids])
         start = time.perf_counter()
-        self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)
+        self.model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
         return time.perf_counter() - start
 
     def prefill_s(self, ids: list[int]) -> float:
@@ -94,7 +95,10 @@ class HFGenerate:
 
 def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timing]:
     ids = prompt_ids(source, cfg.prompt_tokens)
-    engines = {"hexgen (1 process)": HexgenSingle(source, cfg.dtype), "HF transformers generate": HFGenerate(source, cfg.dtype)}
+    engines = {
+        "hexgen (1 process)": HexgenSingle(source, cfg.dtype),
+        "HF transformers generate": HFGenerate(source, cfg.dtype),
+    }
     prefill: dict[str, list[float]] = {k: [] for k in engines}
     decode: dict[str, list[float]] = {k: [] for k in engines}
     for engine in engines.values():  # warm-up: first calls allocate and pick kernels
@@ -104,8 +108,10 @@ def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timi
             prefill[name].append(engine.prefill_s(ids))
             decode[name].append(engine.decode_s_per_token(ids, cfg.new_tokens))
             progress()
-    return [Timing(n, cfg.prompt_tokens / statistics.median(prefill[n]), 1000 * statistics.median(decode[n]))
-            for n in engines]
+    return [
+        Timing(n, cfg.prompt_tokens / statistics.median(prefill[n]), 1000 * statistics.median(decode[n]))
+        for n in engines
+    ]
 
 
 def time_layout(source: ModelSource, cfg: BenchConfig, tp: tuple[int, ...], layers: tuple[int, ...] | None) -> Timing:

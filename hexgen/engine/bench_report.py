@@ -26,21 +26,30 @@ def default_layouts(source: ModelSource) -> Layouts:
     return layouts
 
 
-def run_and_report(model: str, dtypes: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
-                   layouts: Layouts | None, markdown_path: str | None) -> None:
+def run_and_report(
+    model: str,
+    dtypes: list[str],
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    layouts: Layouts | None,
+    markdown_path: str | None,
+) -> None:
     source = resolve_model(model)
     layouts = layouts or default_layouts(source)
     for tp, layers in layouts:  # reject a bad layout before anything runs
         single_replica_plan(source.spec, list(tp), list(layers) if layers else None)
     console = Console()
-    header = (f"# `hexgen bench engine` — {model}, prompt {prompt_tokens} tokens, {new_tokens} new tokens, "
-              f"median of {repeats}\n\nMachine: {cpu_description()}; {datetime.date.today()}\n")
+    header = (
+        f"# `hexgen bench engine` — {model}, prompt {prompt_tokens} tokens, {new_tokens} new tokens, "
+        f"median of {repeats}\n\nMachine: {cpu_description()}; {datetime.date.today()}\n"
+    )
     sections = [header]
     for dtype in dtypes:
         cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts))
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"bench {dtype}", total=2 * repeats + len(layouts) + 1)
-            single = compare_single(source, cfg, lambda: bar.advance(task))
+            single = compare_single(source, cfg, lambda task=task: bar.advance(task))
             split = []
             for tp, layers in layouts:
                 split.append(time_layout(source, cfg, tp, layers))
@@ -48,9 +57,11 @@ def run_and_report(model: str, dtypes: list[str], prompt_tokens: int, new_tokens
             widest = max(max(tp) for tp, _ in layouts)
             costs = collective_costs(source, cfg, widest)
             bar.advance(task)
-        tables = [_speed_table(f"{dtype}: single process", single, single[1]),
-                  _speed_table(f"{dtype}: multi-process layouts (one process per rank)", split, None),
-                  _collective_table(f"{dtype}: cost of splitting (gloo, 1 thread per rank)", costs)]
+        tables = [
+            _speed_table(f"{dtype}: single process", single, single[1]),
+            _speed_table(f"{dtype}: multi-process layouts (one process per rank)", split, None),
+            _collective_table(f"{dtype}: cost of splitting (gloo, 1 thread per rank)", costs),
+        ]
         for table in tables:
             console.print(table)
             sections.append(_markdown(table))

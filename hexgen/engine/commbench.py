@@ -16,8 +16,9 @@ from hexgen.launch.lifetime import free_port
 WARMUP = 5
 
 
-def _rank(rank: int, world: int, port: int, hidden: int, tokens: list[int], dtype: torch.dtype, iters: int,
-          out) -> None:
+def _rank(
+    rank: int, world: int, port: int, hidden: int, tokens: list[int], dtype: torch.dtype, iters: int, out
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -54,8 +55,9 @@ def _time(fn, iters: int) -> float:
     return statistics.median(samples)
 
 
-def measure_collectives(world: int, hidden: int, tokens: list[int], dtype: torch.dtype,
-                        iters: int = 50) -> dict[tuple[str, int], float]:
+def measure_collectives(
+    world: int, hidden: int, tokens: list[int], dtype: torch.dtype, iters: int = 50
+) -> dict[tuple[str, int], float]:
     """Median seconds per op: ("p2p", T) one-way (world 2 only) and ("all_reduce", T) over `world` ranks."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

@@ -3,40 +3,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from hexgen.engine import pipeline
-from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.messages import GenerationRequest, StepPlan, TokenEvent
-from hexgen.engine.parallel import Layout, RankContext, init_rank_context, single_process_context
+from hexgen.engine.parallel import RankContext, init_rank_context, single_process_context
 from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.stage import LlamaStage
 from hexgen.engine.weights import CheckpointReader
-from hexgen.plan import Replica
+from hexgen.launch.spec import Layout, RankSpec, layout_of  # noqa: F401  (re-exported for callers)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """What one worker process needs to become a rank of a replica."""
-
-    source: ModelSource
-    layout: Layout
-    rank: int
-    dtype: str = "float32"
-    device: str = "cpu"  # "cpu" (gloo) or "cuda" (NCCL; local GPU index = the stage's gpus entry)
-    gpu_index: int = 0
-    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    master_port: int = 0  # rendezvous port on 127.0.0.1 (multi-rank only)
-
-
-def layout_of(replica: Replica) -> Layout:
-    return Layout(tuple(s.tp for s in replica.stages), tuple(s.layers for s in replica.stages))
 
 
 def init_rank(spec: RankSpec) -> RankContext:

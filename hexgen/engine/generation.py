@@ -33,8 +33,12 @@ class Completion:
         return (self.finished_s - self.first_token_s) / (len(self.token_ids) - 1)
 
 
-def run_requests(replica, requests: list[GenerationRequest], streams: dict[str, TextStream] | None = None,
-                 on_text: Callable[[str, str], None] | None = None) -> list[Completion]:
+def run_requests(
+    replica,
+    requests: list[GenerationRequest],
+    streams: dict[str, TextStream] | None = None,
+    on_text: Callable[[str, str], None] | None = None,
+) -> list[Completion]:
     """Submit every request, collect tokens until all finish; `on_text(request_id, delta)` streams text.
 
     A request whose text hits a stop string is aborted on the replica and finishes with "stop".

@@ -43,7 +43,9 @@ class KVCache:
             new[:, :, :, :capacity].copy_(old)
         self._buffers[slot] = new
 
-    def append(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [n, kv_heads_local, head_dim] at positions [start, start+n); return views of all
         keys and values [kv_heads_local, start+n, head_dim] of that layer."""
         buf = self._buffers[slot][layer]

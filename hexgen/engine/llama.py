@@ -61,7 +61,9 @@ class RotaryEmbedding:
     """cos/sin tables of rotate-half RoPE, with optional Llama-3 frequency scaling."""
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
-        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
+        inv_freq = 1.0 / (
+            spec.rope_theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim)
+        )
         if spec.rope_scaling is not None:
             inv_freq = _llama3_scaled(inv_freq, spec)
         self.inv_freq = inv_freq.to(device)
@@ -86,7 +88,9 @@ def _llama3_scaled(inv_freq: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
@@ -110,8 +114,9 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(spec.hidden_size, [q_size, spec.kv_dim, spec.kv_dim], tp, dtype)
         self.o_proj = RowParallelLinear(q_size, spec.hidden_size, tp, dtype)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int
+    ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x)
         q = apply_rotary(q.view(tokens, self.heads_local, self.head_dim), *rope)  # [T, h_local, d]
@@ -125,7 +130,11 @@ class Attention(nn.Module):
             query = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, h_local, n, d]
             mask = _prefix_causal_mask(start, n, x.device) if start > 0 and n > 1 else None
             attended = F.scaled_dot_product_attention(
-                query, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, is_causal=start == 0 and n > 1,
+                query,
+                keys.unsqueeze(0),
+                values.unsqueeze(0),
+                attn_mask=mask,
+                is_causal=start == 0 and n > 1,
                 enable_gqa=True,
             )
             out[offset : offset + n] = attended[0].transpose(0, 1)
@@ -171,7 +180,13 @@ class DecoderLayer(nn.Module):
         self.mlp.gate_up_proj.load(reader, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
         self.mlp.down_proj.load(reader, p + "mlp.down_proj.weight")
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache, local_layer: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache,
+        local_layer: int,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, rope, cache, local_layer)
         return x + self.mlp(self.post_attention_layernorm(x))

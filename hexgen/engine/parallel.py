@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hexgen.launch.spec import Layout
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -47,39 +49,6 @@ class TPGroup:
         if self.tp_degree > 1:
             dist.broadcast(tensor, group_src=0, group=self.group)
         return tensor
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Pure description of a replica's ranks: TP degree and layer range of each stage."""
-
-    tp_degrees: tuple[int, ...]
-    layer_ranges: tuple[tuple[int, int], ...]
-
-    @property
-    def world_size(self) -> int:
-        return sum(self.tp_degrees)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.tp_degrees)
-
-    def first_rank(self, stage: int) -> int:
-        return sum(self.tp_degrees[:stage])
-
-    def stage_of(self, rank: int) -> int:
-        for stage in range(self.num_stages):
-            if rank < self.first_rank(stage) + self.tp_degrees[stage]:
-                return stage
-        raise ValueError(f"rank {rank} is outside a replica of {self.world_size} ranks")
-
-    def stage_ranks(self, stage: int) -> list[int]:
-        first = self.first_rank(stage)
-        return list(range(first, first + self.tp_degrees[stage]))
-
-    @property
-    def last_leader(self) -> int:
-        return self.first_rank(self.num_stages - 1)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ def send_activation(ctx: RankContext, hidden: torch.Tensor) -> None:
         dist.send(hidden.contiguous(), dst=ctx.next_leader)  # [T, H]
 
 
-def recv_activation(ctx: RankContext, num_tokens: int, hidden_size: int, dtype: torch.dtype,
-                    device: torch.device) -> torch.Tensor:
+def recv_activation(
+    ctx: RankContext, num_tokens: int, hidden_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     hidden = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)  # [T, H]
     if ctx.is_leader:
         dist.recv(hidden, src=ctx.prev_leader)

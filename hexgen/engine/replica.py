@@ -5,16 +5,15 @@ Both kinds answer the same calls: start(on_loaded), submit(request), abort(id), 
 
 from __future__ import annotations
 
-import os
 import time
 
 from hexgen.engine.checkpoint import ModelSource
-from hexgen.engine.engine import Engine, RankSpec, build_runner, init_rank, layout_of
+from hexgen.engine.engine import Engine, build_runner, init_rank
 from hexgen.engine.messages import GenerationRequest
 from hexgen.engine.scheduler import SchedulerConfig
-from hexgen.engine.worker import rank_main
-from hexgen.launch.lifetime import free_port
+from hexgen.launch.entry import run_rank
 from hexgen.launch.local import LocalReplica
+from hexgen.launch.spec import RankSpec, rank_specs
 from hexgen.plan import Replica
 
 
@@ -60,21 +59,15 @@ class InProcessReplica:
         self.engine = None
 
 
-def rank_specs(source: ModelSource, replica: Replica, dtype: str, device: str) -> list[RankSpec]:
-    layout = layout_of(replica)
-    world = layout.world_size
-    threads = 0 if world == 1 else max(1, (os.cpu_count() or 1) // world)
-    port = free_port() if world > 1 else 0
-    specs = []
-    for stage in replica.stages:
-        for gpu in stage.gpus:
-            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads, port))
-    return specs
-
-
-def open_local_replica(source: ModelSource, replica: Replica, dtype: str, device: str,
-                       scheduler_config: SchedulerConfig, eos_token_ids: tuple[int, ...]):
+def open_local_replica(
+    source: ModelSource,
+    replica: Replica,
+    dtype: str,
+    device: str,
+    scheduler_config: SchedulerConfig,
+    eos_token_ids: tuple[int, ...],
+):
     specs = rank_specs(source, replica, dtype, device)
     if len(specs) == 1:
         return InProcessReplica(specs[0], scheduler_config, eos_token_ids)
-    return LocalReplica(rank_main, [(spec, scheduler_config, eos_token_ids) for spec in specs])
+    return LocalReplica(run_rank, [(spec, scheduler_config, eos_token_ids) for spec in specs])

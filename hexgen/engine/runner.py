@@ -36,8 +36,9 @@ class StageRunner:
         if self.ctx.is_first_stage:
             hidden = self.stage.embed(torch.tensor(plan.token_ids, device=self.device))
         else:
-            hidden = pipeline.recv_activation(self.ctx, plan.num_tokens, self.stage.spec.hidden_size,
-                                              self.dtype, self.device)
+            hidden = pipeline.recv_activation(
+                self.ctx, plan.num_tokens, self.stage.spec.hidden_size, self.dtype, self.device
+            )
         hidden = self.stage.forward_layers(hidden, batch)
         tokens = None
         if not self.ctx.is_last_stage:

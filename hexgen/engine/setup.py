@@ -45,8 +45,7 @@ class GenerationJob:
     eos_token_ids: tuple[int, ...]
 
     def open_replica(self):
-        config = SchedulerConfig(max_running_seqs=max(32, len(self.requests)),
-                                 max_context=self.source.spec.max_context)
+        config = SchedulerConfig(max_running_seqs=max(32, len(self.requests)), max_context=self.source.spec.max_context)
         return open_local_replica(self.source, self.replica_plan, self.dtype, self.device, config, self.eos_token_ids)
 
     def start(self, replica) -> None:
@@ -63,9 +62,12 @@ class GenerationJob:
         stages = " | ".join(f"TP {s.tp} layers {s.layers[0]}-{s.layers[1] - 1}" for s in self.replica_plan.stages)
         print(f"hexgen: {self.source.name} {self.dtype} on {stages}; weights loaded in {load_s:.1f} s", file=sys.stderr)
         for c, r in zip(completions, self.requests, strict=True):
-            print(f"hexgen: request {c.request_id}: prompt {len(r.prompt_token_ids)} tokens, "
-                  f"generated {len(c.token_ids)} ({c.finish_reason}); first token after {c.ttft_s * 1000:.0f} ms, "
-                  f"then {c.decode_s_per_token * 1000:.1f} ms/token", file=sys.stderr)
+            print(
+                f"hexgen: request {c.request_id}: prompt {len(r.prompt_token_ids)} tokens, "
+                f"generated {len(c.token_ids)} ({c.finish_reason}); first token after {c.ttft_s * 1000:.0f} ms, "
+                f"then {c.decode_s_per_token * 1000:.1f} ms/token",
+                file=sys.stderr,
+            )
 
 
 def load_for_generation(args: argparse.Namespace) -> GenerationJob:
@@ -74,8 +76,13 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
     if args.device == "cuda":
         _check_cuda(plan.replicas[0].world_size)
     try:
-        base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, ignore_eos=args.ignore_eos)
+        base = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            ignore_eos=args.ignore_eos,
+        )
     except ValueError as err:
         raise UserError(str(err)) from None
     tokenizer = load_tokenizer(source)
@@ -83,13 +90,23 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
     for i, ids in enumerate(encode_prompts(tokenizer, args.prompt, args.chat)):
         limit = source.spec.max_context - 1
         if not ids or len(ids) > limit:
-            raise UserError(f"prompt {i + 1} is {len(ids)} tokens; it must be 1 to {limit} tokens "
-                            f"(the model's context is {source.spec.max_context})")
+            raise UserError(
+                f"prompt {i + 1} is {len(ids)} tokens; it must be 1 to {limit} tokens "
+                f"(the model's context is {source.spec.max_context})"
+            )
         seed = None if args.seed is None else args.seed + i
         params = SamplingParams(**{**base.__dict__, "seed": seed})
         requests.append(GenerationRequest(f"{i}-{uuid.uuid4().hex[:8]}", tuple(ids), params))
-    return GenerationJob(source, plan.replicas[0], tokenizer, requests, tuple(args.stop), args.dtype, args.device,
-                         eos_token_ids(source.directory))
+    return GenerationJob(
+        source,
+        plan.replicas[0],
+        tokenizer,
+        requests,
+        tuple(args.stop),
+        args.dtype,
+        args.device,
+        eos_token_ids(source.directory),
+    )
 
 
 def _check_cuda(world_size: int) -> None:

@@ -21,7 +21,9 @@ class LlamaStage(nn.Module):
         first, end = ctx.layers
         tp = ctx.tp
         with torch.device(device):
-            self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype) if ctx.is_first_stage else None
+            self.embed_tokens = (
+                VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype) if ctx.is_first_stage else None
+            )
             self.layers = nn.ModuleList(DecoderLayer(spec, i, tp, dtype) for i in range(first, end))
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if ctx.is_last_stage else None
             self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if ctx.is_last_stage else None

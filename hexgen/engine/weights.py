@@ -78,7 +78,9 @@ def _tensor_files(directory: Path) -> dict[str, str]:
         return dict(weight_map)
     single = directory / SINGLE_FILE
     if not single.is_file():
-        raise ConfigError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; hexgen loads safetensors checkpoints or .gguf files")
+        raise ConfigError(
+            f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; hexgen loads safetensors checkpoints or .gguf files"
+        )
     try:
         with safe_open(str(single), framework="pt") as handle:
             names = list(handle.keys())

@@ -22,8 +22,9 @@ IDLE_POLL_S = 0.05
 HEARTBEAT_S = 1.0
 
 
-def rank_main(spec: RankSpec, scheduler_config: SchedulerConfig, eos_token_ids: tuple[int, ...],
-              address: ChannelAddress) -> None:
+def rank_main(
+    spec: RankSpec, scheduler_config: SchedulerConfig, eos_token_ids: tuple[int, ...], address: ChannelAddress
+) -> None:
     die_with_parent()
     channel = RankEnd(address, receives_commands=spec.rank == 0)
     try:
@@ -67,6 +68,7 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
                 channel.put(("events", events))
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT_S:
-            channel.put(("heartbeat", {"running": len(engine.scheduler.running),
-                                       "waiting": len(engine.scheduler.waiting)}))
+            channel.put(
+                ("heartbeat", {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)})
+            )
             last_beat = now

@@ -25,8 +25,10 @@ class RankProcesses:
     def __init__(self, target: Callable[..., None], rank_args: Sequence[tuple[Any, ...]]):
         """`target(*rank_args[r])` runs in process r (spawned, so nothing is inherited by accident)."""
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=target, args=args, name=f"hexgen-rank{r}", daemon=True)
-                      for r, args in enumerate(rank_args)]
+        self.procs = [
+            ctx.Process(target=target, args=args, name=f"hexgen-rank{r}", daemon=True)
+            for r, args in enumerate(rank_args)
+        ]
 
     def __len__(self) -> int:
         return len(self.procs)
@@ -101,8 +103,9 @@ class LocalReplica:
         while not tracker.done:
             if time.monotonic() > deadline:
                 self.close()
-                raise ReplicaFailed(f"ranks {sorted(set(range(self.world_size)) - tracker.ready)} "
-                                    f"not ready after {timeout_s:.0f} s")
+                raise ReplicaFailed(
+                    f"ranks {sorted(set(range(self.world_size)) - tracker.ready)} not ready after {timeout_s:.0f} s"
+                )
             self._pending += [m for m in self._receive(0.2) if not tracker.take(m)]
 
     def submit(self, request: Any) -> None:

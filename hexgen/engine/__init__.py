@@ -1,0 +1,1 @@
+"""The torch engine: asymmetric TP + PP Llama stages. Torch-free submodules: messages, scheduler, checkpoint."""
