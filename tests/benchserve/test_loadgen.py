@@ -1,0 +1,91 @@
+"""The load generator against a fake streaming server with controlled delays: timings, modes, payloads, errors."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from fake_openai_server import FakeServer
+
+from hexgen.benchserve.config import BenchConfig
+from hexgen.benchserve.loadgen import run_benchmark
+from hexgen.benchserve.metrics import summarize
+from hexgen.errors import UserError
+
+URL = "http://fake.test/v1"
+
+
+def config(**overrides) -> BenchConfig:
+    return BenchConfig(**{"base_url": URL, "model": "fake", "num_requests": 4, "warmup_requests": 0, **overrides})
+
+
+def test_ttft_tpot_e2e_match_the_servers_delays():
+    server = FakeServer(tokens=5, ttft_s=0.20, tpot_s=0.05)
+    run = run_benchmark(config(num_requests=3, warmup_requests=1), transport=server.transport())
+    assert len(server.payloads) == 4  # the warm-up request was sent but is not measured
+    assert len(run.requests) == 3
+    for r in run.requests:
+        assert r.is_ok and r.output_tokens == 5 and r.tokens_source == "usage"
+        assert r.ttft_s == pytest.approx(0.20, abs=0.06)
+        assert r.tpot_s == pytest.approx(0.05, abs=0.02)
+        assert r.e2e_s == pytest.approx(0.40, abs=0.10)
+    summary = summarize(run)
+    assert summary.completed == 3 and summary.failed == 0 and summary.output_tokens == 15
+    assert summary.output_throughput_tps == pytest.approx(15 / run.duration_s)
+
+
+def test_tokens_are_counted_from_chunks_without_usage_and_chat_reads_deltas():
+    server = FakeServer(tokens=4, send_usage=False)
+    run = run_benchmark(config(chat=True), transport=server.transport())
+    assert all(r.output_tokens == 4 and r.tokens_source == "chunks" for r in run.requests)
+    assert server.payloads[0]["messages"] == [{"role": "user", "content": config().prompt}]
+
+
+def test_payload_sends_ignore_eos_only_with_the_flag():
+    server = FakeServer()
+    run_benchmark(config(num_requests=1), transport=server.transport())
+    run_benchmark(config(num_requests=1, ignore_eos=True, request_usage=False), transport=server.transport())
+    plain, forced = server.payloads
+    assert "ignore_eos" not in plain and plain["stream"] is True and plain["stream_options"] == {"include_usage": True}
+    assert forced["ignore_eos"] is True and "stream_options" not in forced
+
+
+def test_closed_loop_keeps_exactly_n_streams_in_flight():
+    server = FakeServer(tokens=2, ttft_s=0.1, tpot_s=0.1)
+    run = run_benchmark(config(concurrency=4, num_requests=8), transport=server.transport())
+    assert len(run.requests) == 8 and server.max_in_flight == 4
+    assert run.duration_s == pytest.approx(0.4, abs=0.15)  # two waves of 0.2 s
+
+
+def test_duration_mode_stops_sending_after_the_duration():
+    server = FakeServer(tokens=2, ttft_s=0.05, tpot_s=0.05)
+    run = run_benchmark(config(num_requests=None, duration_s=0.5, concurrency=2), transport=server.transport())
+    assert 6 <= len(run.requests) <= 12 and all(r.start_s < 0.5 for r in run.requests)
+
+
+def test_errors_are_counted_and_the_run_goes_on():
+    server = FakeServer(tokens=3, fail_every=3)
+    summary = summarize(run_benchmark(config(num_requests=9), transport=server.transport()))
+    assert (summary.completed, summary.failed) == (6, 3)
+    assert summary.errors == (("HTTP 500: boom", 3),)
+
+
+def test_a_stream_closed_midway_is_an_error():
+    server = FakeServer(tokens=5, drop_after=2)
+    summary = summarize(run_benchmark(config(num_requests=2), transport=server.transport()))
+    assert summary.completed == 0 and summary.failed == 2
+    assert summary.errors[0][0].startswith("server closed the stream early")
+
+
+def test_a_failing_warmup_stops_the_run_with_the_servers_message():
+    server = FakeServer(fail_every=1)
+    with pytest.raises(UserError, match="warm-up request .* failed: HTTP 500: boom"):
+        run_benchmark(config(warmup_requests=1), transport=server.transport())
+
+
+def test_a_refused_connection_is_one_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="cannot connect .* is the server running"):
+        run_benchmark(config(base_url=f"http://127.0.0.1:{port}/v1"))
