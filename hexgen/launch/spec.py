@@ -62,16 +62,17 @@ class RankSpec:
 
 
 def rank_specs(
-    source: ModelSource, replica: Replica, dtype: str, device: str, cpu_share: int | None = None
+    source: ModelSource, replica: Replica, dtype: str, device: str, threads_per_rank: int | None = None
 ) -> list[RankSpec]:
-    """One RankSpec per rank; CPU ranks split `cpu_share` cores (default: all of this machine's)."""
+    """One RankSpec per rank. CPU threads: given, else this machine's cores split over the replica's ranks
+    (a one-rank replica keeps torch's default)."""
     layout = layout_of(replica)
     world = layout.world_size
-    cores = cpu_share or os.cpu_count() or 1
-    threads = 0 if world == 1 and cpu_share is None else max(1, cores // world)
+    if threads_per_rank is None:
+        threads_per_rank = 0 if world == 1 else max(1, (os.cpu_count() or 1) // world)
     port = free_port() if world > 1 else 0
     specs = []
     for stage in replica.stages:
         for gpu in stage.gpus:
-            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads, port))
+            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port))
     return specs

@@ -1,0 +1,55 @@
+"""`hexgen serve`: start every replica of a plan and an OpenAI-compatible HTTP server in front of them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from hexgen.errors import UserError
+
+POLICIES = ("least-outstanding", "round-robin", "capacity-weighted")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a plan's replicas behind an OpenAI-compatible API",
+        description="Serve the model over the replicas of a plan (default: two local replicas, "
+        "one of them two stages with unequal TP degrees).",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name, an HF directory, or a .gguf file")
+    p.add_argument("--plan", help="plan JSON (from `hexgen plan`); its machines must be 'localhost'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the name clients send as 'model' (default: --model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--dispatch",
+        choices=POLICIES,
+        default="least-outstanding",
+        help="how the coordinator picks a replica (the simulator's policies)",
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="sequences a replica runs at once")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
+    p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (capped by the model's)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag in ("max_batch", "max_queue", "max_context"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    from hexgen.server.replica_client import ReplicaStartError
+    from hexgen.server.serve import serve
+
+    try:
+        asyncio.run(serve(args))
+    except ReplicaStartError as err:  # a rank's own message says why
+        print(f"hexgen serve: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP coordinator over the replicas of a plan (no torch)."""

@@ -1,0 +1,199 @@
+"""The FastAPI application: OpenAI endpoints, health, status and metrics over a Coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hexgen.server.coordinator import Coordinator, TextDelta
+from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from hexgen.server.responses import ResponseShape, sse
+
+DISCONNECT_POLL_S = 0.25
+
+
+def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[str, Any] | None = None) -> FastAPI:
+    app = FastAPI(title="hexgen", docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not secrets.compare_digest(header.removeprefix("Bearer ").strip(), api_key):
+            raise APIError(
+                401,
+                "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        up = sum(r.state.is_up for r in coordinator.replicas)
+        return JSONResponse({"status": "ok" if up else "down", "replicas_up": up}, status_code=200 if up else 503)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": coordinator.config.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "hexgen",
+            "max_model_len": coordinator.config.max_context,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics() -> Response:
+        return Response(coordinator.metrics.render(coordinator.replicas), media_type="text/plain; version=0.0.4")
+
+    @app.get("/status", dependencies=guarded)
+    async def status() -> dict[str, Any]:
+        return {
+            "model": coordinator.config.model_name,
+            "plan": plan,
+            "dispatch": type(coordinator.policy).__name__,
+            "replicas": [_replica_status(r) for r in coordinator.replicas],
+        }
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        _check_model(coordinator, body)
+        ids = body.prompt if isinstance(body.prompt, list) else coordinator.tokenizer.encode(body.prompt)
+        return await _generate(coordinator, request, body, list(ids), body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        _check_model(coordinator, body)
+        try:
+            ids = coordinator.tokenizer.apply_chat_template(body.template_messages())
+        except Exception as err:  # the template may reject a conversation (e.g. roles out of order)
+            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+        return await _generate(coordinator, request, body, ids, body.token_limit, chat=True)
+
+    return app
+
+
+def _check_model(coordinator: Coordinator, body: SamplingFields) -> None:
+    if body.model != coordinator.config.model_name:
+        raise APIError(
+            404,
+            f"model {body.model!r} does not exist; this server serves {coordinator.config.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+async def _generate(
+    coordinator: Coordinator, request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None, chat: bool
+) -> Response:
+    gen_request = coordinator.prepare(ids, max_tokens, body)
+    coordinator.check_capacity()
+    shape = ResponseShape(chat, coordinator.config.model_name, len(ids))
+    endpoint = "chat" if chat else "completions"
+    deltas = coordinator.stream_text(gen_request, body.stop_strings, restartable=not body.stream)
+    if body.stream:
+        try:
+            first = await anext(deltas)  # errors before the first token are still plain HTTP errors
+        except APIError:
+            coordinator.metrics.requests.labels(endpoint, "error").inc()
+            raise
+        return StreamingResponse(
+            _sse_stream(coordinator, shape, first, deltas, body.include_usage, endpoint),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    task = asyncio.ensure_future(_collect(deltas))
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()  # closing the generator aborts the sequence on its replica
+            coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
+    try:
+        text, finish, count = task.result()
+    except APIError:
+        coordinator.metrics.requests.labels(endpoint, "error").inc()
+        raise
+    coordinator.metrics.requests.labels(endpoint, "ok").inc()
+    return JSONResponse(shape.full(text, finish, count))
+
+
+async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str, int]:
+    parts, finish, count = [], "length", 0
+    async for delta in deltas:
+        parts.append(delta.text)
+        finish, count = delta.finish_reason or finish, delta.completion_tokens
+    return "".join(parts), finish, count
+
+
+async def _sse_stream(
+    coordinator: Coordinator,
+    shape: ResponseShape,
+    first: TextDelta,
+    rest: AsyncIterator[TextDelta],
+    include_usage: bool,
+    endpoint: str,
+) -> AsyncIterator[str]:
+    status, count = "cancelled", first.completion_tokens
+    try:
+        yield sse(shape.chunk(first.text, first.finish_reason, first=True))
+        async for delta in rest:
+            count = delta.completion_tokens
+            yield sse(shape.chunk(delta.text, delta.finish_reason))
+        if include_usage:
+            yield sse(shape.usage_chunk(count))
+        status = "ok"
+    except APIError as err:  # e.g. the replica died mid-stream: say so in the stream
+        status = "error"
+        yield sse(err.body())
+    finally:
+        await rest.aclose()
+        coordinator.metrics.requests.labels(endpoint, status).inc()
+    yield sse("[DONE]")
+
+
+def _replica_status(replica) -> dict[str, Any]:
+    return {
+        "index": replica.index,
+        "status": replica.status,
+        "down_reason": replica.down_reason,
+        "outstanding_requests": replica.state.outstanding,
+        "capacity_weight": replica.state.capacity_weight,
+        "running": replica.load.get("running", 0),
+        "waiting": replica.load.get("waiting", 0),
+        "ranks": replica.world_size,
+        "stages": [s.to_dict() for s in replica.plan.stages],
+    }
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            message, where = "the request body is not valid JSON", None
+        elif first.get("type") == "extra_forbidden":
+            message = f"unsupported field {where!r}"
+        text = f"{where}: {message}" if where and first.get("type") != "extra_forbidden" else message
+        return JSONResponse(APIError(400, text, param=where).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)

@@ -1,0 +1,176 @@
+"""Coordinator: checks a request, dispatches it to a replica by the shared policy, fails over, streams text."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from hexgen.dispatch import DispatchPolicy, NoReplicaAvailable
+from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent
+from hexgen.server.metrics import Metrics
+from hexgen.server.protocol import APIError, SamplingFields
+from hexgen.server.replica_client import Rejected, ReplicaClient, ReplicaDown
+from hexgen.textstream import TextStream
+from hexgen.tokenizer import Tokenizer
+
+RESTART = object()  # the request starts over on another replica; discard what it produced so far
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str  # the name clients send as "model"
+    max_context: int
+    max_outstanding: int  # requests in flight over all replicas before answering 429
+    default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class TextDelta:
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: ServeConfig,
+        tokenizer: Tokenizer,
+        replicas: list[ReplicaClient],
+        policy: DispatchPolicy,
+        metrics: Metrics,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.replicas = replicas
+        self.policy = policy
+        self.metrics = metrics
+
+    @property
+    def is_up(self) -> bool:
+        return any(r.state.is_up for r in self.replicas)
+
+    def prepare(self, prompt_ids: list[int], max_tokens: int | None, fields: SamplingFields) -> GenerationRequest:
+        """Validate lengths and sampling settings; a 4xx APIError says what is wrong and what is right."""
+        context = self.config.max_context
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty; send at least one token of text", param="prompt")
+        if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt_ids):
+            raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
+        if len(prompt_ids) >= context:
+            raise APIError(
+                400,
+                f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens, "
+                "so the prompt must be shorter",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        limit = max_tokens if max_tokens is not None else min(self.config.default_max_tokens, context - len(prompt_ids))
+        if limit < 1:
+            raise APIError(400, f"max_tokens must be >= 1, got {limit}", param="max_tokens")
+        if len(prompt_ids) + limit > context:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {context} tokens, but the request needs "
+                f"{len(prompt_ids) + limit} ({len(prompt_ids)} in the prompt, {limit} to generate); "
+                f"lower max_tokens to at most {context - len(prompt_ids)}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_new_tokens=limit,
+            temperature=fields.temperature,
+            top_k=fields.top_k,
+            top_p=fields.top_p,
+            seed=fields.seed,
+            ignore_eos=fields.ignore_eos,
+        )
+        return GenerationRequest(f"req-{uuid.uuid4().hex}", tuple(prompt_ids), params)
+
+    def check_capacity(self) -> None:
+        outstanding = sum(r.state.outstanding for r in self.replicas if r.state.is_up)
+        if outstanding >= self.config.max_outstanding:
+            raise APIError(
+                429,
+                f"the server is at its limit of {self.config.max_outstanding} requests in flight; retry shortly",
+                type_="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+
+    async def events(self, request: GenerationRequest, restartable: bool) -> AsyncIterator[TokenEvent | object]:
+        """Token events of one request. If its replica goes down before its first token (or at any time
+        when `restartable`), the request is re-sent to another replica; RESTART marks a re-send after tokens."""
+        while True:
+            replica = self._choose()
+            queue = await replica.submit(request)
+            produced, finished, down = False, False, None
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, ReplicaDown):
+                        down = item
+                        break
+                    if isinstance(item, Rejected):
+                        raise APIError(400, item.reason)
+                    produced = True
+                    yield item
+                    if item.finish_reason is not None:
+                        finished = True
+                        return
+            finally:
+                await replica.release(request.request_id, abort=not finished)
+            if produced and not restartable:
+                raise APIError(
+                    503,
+                    f"replica {replica.index} failed while streaming this request ({down.reason}); retry the request",
+                    type_="server_error",
+                )
+            self.metrics.failovers.inc()
+            if produced:
+                yield RESTART
+
+    def _choose(self) -> ReplicaClient:
+        try:
+            return self.replicas[self.policy.choose([r.state for r in self.replicas])]
+        except NoReplicaAvailable:
+            raise APIError(
+                503, "no replica is up; the server cannot generate right now", type_="server_error"
+            ) from None
+
+    async def stream_text(
+        self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool
+    ) -> AsyncIterator[TextDelta]:
+        """Text deltas cut at stop strings; the last delta carries the finish reason. Records metrics."""
+        started = time.monotonic()
+        first_token_s: float | None = None
+        stream, count = TextStream(self.tokenizer, stop_strings), 0
+        self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        async with aclosing(self.events(request, restartable)) as events:  # closing aborts on the replica
+            async for item in events:
+                if item is RESTART:
+                    stream, count, first_token_s = TextStream(self.tokenizer, stop_strings), 0, None
+                    continue
+                assert isinstance(item, TokenEvent) and item.token_id is not None
+                count += 1
+                first_token_s = first_token_s or time.monotonic()
+                delta = stream.add(item.token_id)
+                finish = "stop" if stream.stopped else item.finish_reason
+                if finish is not None and not stream.stopped:
+                    delta += stream.finish()
+                if delta or finish is not None:
+                    yield TextDelta(delta, finish, count)
+                if finish is not None:
+                    self._record(started, first_token_s, count)
+                    return
+
+    def _record(self, started: float, first_token_s: float | None, count: int) -> None:
+        now = time.monotonic()
+        self.metrics.generation_tokens.inc(count)
+        self.metrics.e2e.observe(now - started)
+        if first_token_s is not None:
+            self.metrics.ttft.observe(first_token_s - started)
+            if count > 1:
+                self.metrics.tpot.observe((now - first_token_s) / (count - 1))

@@ -1,0 +1,83 @@
+"""Turn a plan into started ReplicaClients on this machine, with one progress bar over all weights."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from rich.console import Console
+from rich.progress import Progress
+
+from hexgen.engine.checkpoint import ModelSource
+from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.errors import PlanError
+from hexgen.launch.spec import rank_specs
+from hexgen.models import ModelSpec
+from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, Replica, Stage
+from hexgen.server.replica_client import ReplicaClient, ReplicaStartError
+
+
+def default_local_plan(spec: ModelSpec) -> DeploymentPlan:
+    """Two replicas on this machine: a two-stage one with unequal TP degrees (the widest valid TP <= 4,
+    then TP 1 with a third of the layers) and a one-process one."""
+    widest = max(spec.valid_tp_degrees(4))
+    tail = max(1, spec.num_layers // 3)
+    first = Stage(LOCAL_MACHINE, tuple(range(widest)), widest, (0, spec.num_layers - tail))
+    second = Stage(LOCAL_MACHINE, (widest,), 1, (spec.num_layers - tail, spec.num_layers))
+    single = Stage(LOCAL_MACHINE, (widest + 1,), 1, (0, spec.num_layers))
+    plan = DeploymentPlan(
+        spec.name, (Replica((first, second)), Replica((single,))), meta={"source": "hexgen serve default local plan"}
+    )
+    plan.validate_structure(spec)
+    return plan
+
+
+def check_local(plan: DeploymentPlan) -> None:
+    for r, replica in enumerate(plan.replicas):
+        for s, stage in enumerate(replica.stages):
+            if stage.machine != LOCAL_MACHINE:
+                raise PlanError(
+                    f"replica {r} stage {s}: machine {stage.machine!r} is not this machine; hexgen serve "
+                    f"launches local processes only, so a plan for it names machine '{LOCAL_MACHINE}'"
+                )
+
+
+def capacity_weight(replica: Replica) -> float:
+    """Relative speed for capacity-weighted dispatch: the inverse of the planner's predicted latency."""
+    latency_s = replica.predicted.get("latency_s")
+    return 1.0 / latency_s if latency_s else 1.0
+
+
+def make_replicas(
+    source: ModelSource,
+    plan: DeploymentPlan,
+    dtype: str,
+    device: str,
+    scheduler_config: SchedulerConfig,
+    eos_token_ids: tuple[int, ...],
+) -> list[ReplicaClient]:
+    total_ranks = sum(r.world_size for r in plan.replicas)
+    threads = max(1, (os.cpu_count() or 1) // total_ranks) if device == "cpu" else 1
+    return [
+        ReplicaClient(
+            i,
+            replica,
+            [(spec, scheduler_config, eos_token_ids) for spec in rank_specs(source, replica, dtype, device, threads)],
+            capacity_weight(replica),
+        )
+        for i, replica in enumerate(plan.replicas)
+    ]
+
+
+async def start_all(replicas: list[ReplicaClient]) -> None:
+    """Start every replica at once; if one fails, stop the others and re-raise."""
+    total = sum(s.num_layers * s.tp for r in replicas for s in r.plan.stages)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"loading weights on {sum(r.world_size for r in replicas)} ranks", total=total)
+        results = await asyncio.gather(
+            *(r.start(lambda n: bar.advance(task, n)) for r in replicas), return_exceptions=True
+        )
+    failures = [res for res in results if isinstance(res, BaseException)]
+    if failures:
+        await asyncio.gather(*(r.close() for r in replicas), return_exceptions=True)
+        raise ReplicaStartError("; ".join(str(f) for f in failures))

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the coordinator, in a registry of its own (one per server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hexgen_requests", "Finished HTTP generation requests", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("hexgen_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("hexgen_generation_tokens", "Tokens generated", registry=r)
+        self.failovers = Counter("hexgen_failovers", "Requests re-sent after their replica went down", registry=r)
+        self.ttft = Histogram(
+            "hexgen_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.tpot = Histogram(
+            "hexgen_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            buckets=TOKEN_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "hexgen_e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.replica_up = Gauge("hexgen_replica_up", "1 if the replica serves, else 0", ["replica"], registry=r)
+        self.replica_outstanding = Gauge(
+            "hexgen_replica_outstanding_requests",
+            "Requests dispatched to the replica and not finished (queue depth)",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_running = Gauge(
+            "hexgen_replica_running_sequences", "Sequences in the replica's batch", ["replica"], registry=r
+        )
+        self.replica_waiting = Gauge(
+            "hexgen_replica_waiting_sequences", "Sequences queued inside the replica", ["replica"], registry=r
+        )
+
+    def render(self, replicas) -> bytes:
+        """Prometheus text format, with the per-replica gauges read fresh."""
+        for replica in replicas:
+            label = str(replica.index)
+            self.replica_up.labels(label).set(1 if replica.state.is_up else 0)
+            self.replica_outstanding.labels(label).set(replica.state.outstanding)
+            self.replica_running.labels(label).set(replica.load.get("running", 0) if replica.state.is_up else 0)
+            self.replica_waiting.labels(label).set(replica.load.get("waiting", 0) if replica.state.is_up else 0)
+        return generate_latest(self.registry)

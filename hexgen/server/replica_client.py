@@ -1,0 +1,158 @@
+"""ReplicaClient: the coordinator's handle on one replica's processes (asyncio, no torch).
+
+It routes the driver's token events to per-request queues, notices a dead or silent replica within
+seconds, marks it down, stops its processes and tells every request it held (ReplicaDown), so the
+coordinator can re-send or fail them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hexgen.dispatch import ReplicaState
+from hexgen.engine.messages import GenerationRequest, TokenEvent
+from hexgen.launch.channel import AsyncParentEnd
+from hexgen.launch.entry import run_rank
+from hexgen.launch.local import RankProcesses, StartupTracker
+from hexgen.plan import Replica
+
+WATCH_PERIOD_S = 0.5
+SILENCE_LIMIT_S = 60.0  # no heartbeat or event for this long = hung (one step may be a long prefill)
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica could not start; the message names the rank and its error."""
+
+
+@dataclass(frozen=True)
+class ReplicaDown:
+    """Queued to every request of a replica that stopped; `reason` says why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+
+
+class ReplicaClient:
+    def __init__(self, index: int, plan: Replica, rank_args: list[tuple[Any, ...]], capacity_weight: float = 1.0):
+        self.index = index
+        self.plan = plan
+        self.channel = AsyncParentEnd()
+        self.processes = RankProcesses(run_rank, [(*args, self.channel.address) for args in rank_args])
+        self.state = ReplicaState(outstanding=0, is_up=False, capacity_weight=capacity_weight)
+        self.status = "starting"
+        self.down_reason: str | None = None
+        self.load: dict[str, int] = {"running": 0, "waiting": 0}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._last_heard = time.monotonic()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def world_size(self) -> int:
+        return len(self.processes)
+
+    async def start(self, on_loaded: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> None:
+        """Start the ranks and wait until every one holds its weights; raise ReplicaStartError on failure."""
+        self.processes.start()
+        tracker = StartupTracker(self.world_size, on_loaded)
+        deadline = time.monotonic() + timeout_s
+        while not tracker.done:
+            try:
+                message = await asyncio.wait_for(self.channel.receive(), timeout=WATCH_PERIOD_S)
+            except TimeoutError:
+                message = None
+            if message is not None and message[0] == "error":
+                await self._stop_processes()
+                raise ReplicaStartError(f"replica {self.index} rank {message[1]}: {message[2]}")
+            if message is not None:
+                tracker.take(message)
+            exited = self.processes.first_exited()
+            if exited is not None or time.monotonic() > deadline:
+                await self._stop_processes()
+                why = f"rank {exited[0]} exited with code {exited[1]}" if exited else f"not ready after {timeout_s} s"
+                raise ReplicaStartError(f"replica {self.index}: {why}")
+        self.status, self.state.is_up = "up", True
+        self._last_heard = time.monotonic()
+        self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch_loop())]
+
+    async def submit(self, request: GenerationRequest) -> asyncio.Queue:
+        """Queue of TokenEvent / Rejected / ReplicaDown items for this request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self.state.outstanding += 1
+        await self.channel.send(("add", request))
+        return queue
+
+    async def release(self, request_id: str, abort: bool) -> None:
+        """Forget a request; abort it on the replica if it may still be running."""
+        if self._queues.pop(request_id, None) is not None:
+            self.state.outstanding -= 1
+            if abort and self.state.is_up:
+                await self.channel.send(("abort", request_id))
+
+    async def _receive_loop(self) -> None:
+        while self.state.is_up:
+            message = await self.channel.receive()
+            self._last_heard = time.monotonic()
+            kind = message[0]
+            if kind == "events":
+                for event in message[1]:
+                    self._deliver(event.request_id, event)
+            elif kind == "rejected":
+                self._deliver(message[1], Rejected(message[2]))
+            elif kind == "heartbeat":
+                self.load = dict(message[1])
+            elif kind == "error":
+                await self.mark_down(f"rank {message[1]} failed: {message[2].strip().splitlines()[-1]}")
+
+    def _deliver(self, request_id: str, item: TokenEvent | Rejected) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    async def _watch_loop(self) -> None:
+        while self.state.is_up:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            exited = self.processes.first_exited()
+            if exited is not None:
+                await self.mark_down(f"rank {exited[0]} exited with code {exited[1]}")
+            elif time.monotonic() - self._last_heard > SILENCE_LIMIT_S:
+                await self.mark_down(f"no heartbeat for {SILENCE_LIMIT_S:.0f} s")
+
+    async def mark_down(self, reason: str) -> None:
+        """Stop serving from this replica: fail over its requests and stop its processes."""
+        if self.status == "down":
+            return
+        self.status, self.state.is_up, self.down_reason = "down", False, reason
+        self._cancel_tasks()
+        queues, self._queues = self._queues, {}
+        self.state.outstanding = 0
+        for queue in queues.values():
+            queue.put_nowait(ReplicaDown(reason))
+        await self._stop_processes()
+
+    async def _stop_processes(self) -> None:
+        await asyncio.to_thread(self.processes.stop, 0.0)
+        self.channel.close()
+
+    def _cancel_tasks(self) -> None:
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+
+    async def close(self) -> None:
+        """Shut the replica down cleanly (used when the server stops)."""
+        self._cancel_tasks()
+        if self.status == "up":
+            self.status, self.state.is_up = "stopped", False
+            await self.channel.send(("shutdown",))
+            await asyncio.to_thread(self.processes.stop)
+            self.channel.close()
