@@ -75,4 +75,12 @@ ours / baseline for peak rates. Where our simulation disagrees with the paper we
 reasons a simulation can differ are the assumed link figures, the cost model's fixed efficiencies, and that with
 batch-1 requests of 128 + 64 tokens the KV cache is tiny, so most GPU groups can hold a whole replica and the
 best layouts are often single-machine TP groups rather than long asymmetric pipelines.
+
+The planner maximises SLO attainment at the deadline it is given (here SLO scale 5), then mean latency; it
+does not minimise the tail. At light load every plan meets a scale-5 deadline, so the "lowest SLO scale" rows
+at 0.25-1 req/s favour plans with fewer, faster replicas (the A100s, or a symmetric plan that leaves slow GPUs
+idle), while the planner keeps slower replicas in the round-robin rotation. Under load (2 req/s) using more of
+the heterogeneous GPUs pays off. The half-budget cluster has 3090 Ti / A5000 replicas at 2.9-3.4 s per request
+against 2.1 s on an A100 TP-4 replica, and too few of them for 1 req/s: in this model it does not match the
+A100s, unlike the paper.
 """
