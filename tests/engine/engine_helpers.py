@@ -36,11 +36,16 @@ def greedy_requests(prompts: list[list[int]], max_new_tokens: int, tag: str = "r
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """HF's greedy continuation and its per-step logits [steps, V] (fp32)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0)
+    saved_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # run exactly max_new_tokens, like ignore_eos
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    finally:
+        model.generation_config.eos_token_id = saved_eos
     tokens = out.sequences[0, len(prompt):].tolist()
+    assert len(tokens) == max_new_tokens
     return tokens, torch.cat(out.logits, dim=0).float()
 
 
@@ -137,3 +142,44 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
     if recorded:
         torch.save(recorded, Path(out_dir) / f"logits{rank}.pt")
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the CLI as a user runs it
+
+HEXGEN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hexgen"
+TAG_VARIABLE = "HEXGEN_TEST_PROCESS_TAG"
+
+
+def run_cli(args: list[str], timeout_s: float = 300) -> tuple[int, str, str, list[int]]:
+    """Run `hexgen generate ARGS`; return (exit code, stdout, stderr, pids of processes it left alive).
+
+    Every process the command starts inherits a unique environment tag, so leftovers are found by that
+    tag even after they are re-parented."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    tag = uuid.uuid4().hex
+    env = {**os.environ, TAG_VARIABLE: tag}
+    command = [str(HEXGEN)] if HEXGEN.exists() else [sys.executable, "-m", "hexgen.cli"]
+    done = subprocess.run([*command, "generate", *args], capture_output=True, text=True, env=env, timeout=timeout_s)
+    deadline = time.monotonic() + 5.0  # PR_SET_PDEATHSIG kills are asynchronous: give them a moment
+    left = tagged_processes(tag)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = tagged_processes(tag)
+    return done.returncode, done.stdout, done.stderr, left
+
+
+def tagged_processes(tag: str) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(TAG_VARIABLE) == tag:
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
