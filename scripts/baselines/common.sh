@@ -44,6 +44,6 @@ run_server() {
         tail -n 20 "${log}" >&2; exit 1
     fi
     echo "ready: ${url} (model ${SERVED_MODEL_NAME}, log ${log})" >&2
-    [[ -n "${BASELINE_READY_FILE:-}" ]] && echo "${url}" >"${BASELINE_READY_FILE}"
+    [[ -n "${BASELINE_READY_FILE:-}" ]] && echo "${url} ${SERVED_MODEL_NAME}" >"${BASELINE_READY_FILE}"
     wait "${SERVER_PID}"
 }

