@@ -69,3 +69,27 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         dirs[name] = root / name
         model.save_pretrained(dirs[name])
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer (so text prompts work) and a
+    context of 64 tokens; the tokenizer files come from the converted embedded model."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hexgen.engine.checkpoint import resolve_model
+
+    tokenizer_source = resolve_model("smollm2-135m", progress=False).directory
+    directory = tmp_path_factory.mktemp("tokenizer-llama") / "model"
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_source / name).is_file():
+            shutil.copy(tokenizer_source / name, directory / name)
+    return directory

@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hexgen.engine.setup import load_for_generation
+    from hexgen.errors import UserError
+    from hexgen.launch.local import ReplicaFailed
 
     if not args.prompt and not args.chat:
         args.chat = ["What is the capital of France? Answer in one sentence."]
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         single = len(job.requests) == 1
         on_text = (lambda _rid, delta: print(delta, end="", flush=True)) if single else None
         completions = job.run(replica, on_text)
+    except ReplicaFailed as err:  # e.g. a rank found a bad checkpoint file: one line, not a traceback
+        raise UserError(f"the replica stopped: {err}") from None
     finally:
         replica.close()
     if single:
