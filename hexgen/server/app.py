@@ -132,6 +132,8 @@ async def _generate(
 async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str, int]:
     parts, finish, count = [], "length", 0
     async for delta in deltas:
+        if delta.restart:
+            parts = []
         parts.append(delta.text)
         finish, count = delta.finish_reason or finish, delta.completion_tokens
     return "".join(parts), finish, count

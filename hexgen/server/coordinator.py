@@ -32,6 +32,7 @@ class TextDelta:
     text: str
     finish_reason: str | None
     completion_tokens: int
+    restart: bool = False  # the request starts over on another replica: drop the text received so far
 
 
 class Coordinator:
@@ -115,10 +116,9 @@ class Coordinator:
                         break
                     if isinstance(item, Rejected):
                         raise APIError(400, item.reason)
-                    produced = True
-                    yield item
-                    if item.finish_reason is not None:
-                        finished = True
+                    produced, finished = True, item.finish_reason is not None
+                    yield item  # the consumer may close us here, right after the last token
+                    if finished:
                         return
             finally:
                 await replica.release(request.request_id, abort=not finished)
@@ -152,6 +152,7 @@ class Coordinator:
             async for item in events:
                 if item is RESTART:
                     stream, count, first_token_s = TextStream(self.tokenizer, stop_strings), 0, None
+                    yield TextDelta("", None, 0, restart=True)
                     continue
                 assert isinstance(item, TokenEvent) and item.token_id is not None
                 count += 1

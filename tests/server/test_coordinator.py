@@ -1,0 +1,302 @@
+"""Request validation (protocol.py, Coordinator.prepare), 429 accounting, dispatch and failover of the Coordinator,
+against hand-computed expectations; replicas are in-process fakes, so no process starts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from hexgen.dispatch import ReplicaState, make_policy
+from hexgen.engine.messages import TokenEvent
+from hexgen.server.app import _collect as collect_answer
+from hexgen.server.coordinator import Coordinator, ServeConfig
+from hexgen.server.metrics import Metrics
+from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from hexgen.server.replica_client import Rejected, ReplicaDown
+
+VOCAB = 50
+
+
+class LetterTokenizer:
+    """Token i is the letter chr(97 + i % 26): decoding is easy to compute by hand."""
+
+    vocab_size = VOCAB
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        return "".join(chr(97 + t % 26) for t in token_ids)
+
+
+class FakeReplica:
+    """Answers each submitted request with the next scripted list of queue items."""
+
+    def __init__(self, index: int, scripts: list[list] | None = None, weight: float = 1.0):
+        self.index = index
+        self.state = ReplicaState(outstanding=0, is_up=True, capacity_weight=weight)
+        self.scripts = list(scripts or [])
+        self.submitted: list[str] = []
+        self.released: list[tuple[str, bool]] = []
+
+    async def submit(self, request):
+        self.submitted.append(request.request_id)
+        self.state.outstanding += 1
+        queue: asyncio.Queue = asyncio.Queue()
+        items = self.scripts.pop(0) if self.scripts else []
+        for item in items:
+            queue.put_nowait(item(request.request_id) if callable(item) else item)
+        return queue
+
+    async def release(self, request_id, abort):
+        self.state.outstanding -= 1
+        self.released.append((request_id, abort))
+
+
+def tokens(*ids: int, finish: str | None = "length") -> list:
+    """Queue items (made per request id) of tokens ids; the last one carries `finish`."""
+
+    def event(t: int, last: bool):
+        return lambda rid: TokenEvent(rid, t, finish if last else None)
+
+    return [event(t, i == len(ids) - 1) for i, t in enumerate(ids)]
+
+
+def make_coordinator(replicas, policy="least-outstanding", max_context=10, max_outstanding=8) -> Coordinator:
+    config = ServeConfig("tiny", max_context=max_context, max_outstanding=max_outstanding)
+    return Coordinator(config, LetterTokenizer(), replicas, make_policy(policy), Metrics())
+
+
+def fields(**kwargs) -> CompletionRequest:
+    return CompletionRequest(model="tiny", prompt="x", **kwargs)
+
+
+# ---- protocol: what the request models reject ----
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 2}, "n"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1.0}, "frequency_penalty"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"echo": True}, None),
+        ({"logprobs": 2}, None),
+        ({"best_of": 3}, None),
+        ({"suffix": "end"}, None),
+        ({"functions": []}, "functions"),
+        ({"prompt": ["one", "two"]}, "prompt"),
+    ],
+)
+def test_completion_request_rejects(extra, param):
+    body = {"model": "tiny", "prompt": "hi", **extra}
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate(body)
+    if param is not None:
+        assert param in {str(loc) for err in info.value.errors() for loc in err["loc"]}
+
+
+def test_completion_request_accepts_openai_defaults_and_edges():
+    body = CompletionRequest.model_validate(
+        {
+            "model": "tiny",
+            "prompt": ["only one"],
+            "top_p": 1.0,
+            "temperature": 0,
+            "n": 1,
+            "stop": "\n",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "best_of": 1,
+            "user": "u",
+        }
+    )
+    assert body.prompt == "only one"
+    assert body.stop_strings == ("\n",) and body.include_usage
+    assert CompletionRequest(model="tiny", prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    assert CompletionRequest(model="tiny", prompt="x").stop_strings == ()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "tiny", "messages": []},
+        {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]},
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+    ],
+)
+def test_chat_request_rejects(body):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_chat_request_messages_and_token_limit():
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            ],
+            "max_tokens": 9,
+            "max_completion_tokens": 3,
+        }
+    )
+    assert body.template_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert body.token_limit == 3
+    assert ChatCompletionRequest(model="t", messages=[{"role": "user", "content": "x"}], max_tokens=9).token_limit == 9
+
+
+def test_api_error_body_is_openai_shaped():
+    err = APIError(429, "slow down", type_="rate_limit_exceeded", code="c", headers={"Retry-After": "1"})
+    assert err.body() == {"error": {"message": "slow down", "type": "rate_limit_exceeded", "param": None, "code": "c"}}
+    assert err.headers == {"Retry-After": "1"}
+
+
+# ---- Coordinator.prepare: lengths against a context of 10 tokens, vocabulary of 50 ----
+
+
+@pytest.mark.parametrize(
+    "prompt, max_tokens, status_param_code",
+    [
+        ([], 1, ("prompt", None)),
+        ([1, VOCAB], 1, ("prompt", None)),
+        ([1, -1], 1, ("prompt", None)),
+        (list(range(10)), 1, ("prompt", "context_length_exceeded")),  # 10 prompt tokens leave no room
+        ([1, 2, 3, 4], 0, ("max_tokens", None)),
+        ([1, 2, 3, 4], -5, ("max_tokens", None)),
+        ([1, 2, 3, 4], 7, ("max_tokens", "context_length_exceeded")),  # 4 + 7 = 11 > 10
+    ],
+)
+def test_prepare_rejects(prompt, max_tokens, status_param_code):
+    coordinator = make_coordinator([FakeReplica(0)])
+    with pytest.raises(APIError) as info:
+        coordinator.prepare(prompt, max_tokens, fields())
+    assert info.value.status == 400
+    assert (info.value.param, info.value.code) == status_param_code
+    if info.value.code == "context_length_exceeded" and info.value.param == "max_tokens":
+        assert "at most 6" in info.value.message  # 10 - 4 tokens of prompt
+
+
+def test_prepare_builds_the_engine_request():
+    coordinator = make_coordinator([FakeReplica(0)])
+    request = coordinator.prepare([1, 2, 3], 7, fields(temperature=0.5, top_p=0.9, top_k=3, seed=11, ignore_eos=True))
+    assert request.prompt_token_ids == (1, 2, 3)  # 3 + 7 = 10 fits exactly
+    p = request.params
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.ignore_eos) == (7, 0.5, 0.9, 3, 11, True)
+    # no max_tokens: OpenAI's 16, capped by the room left in the context (10 - 4 = 6)
+    assert coordinator.prepare([1, 2, 3, 4], None, fields()).params.max_new_tokens == 6
+    assert make_coordinator([FakeReplica(0)], max_context=100).prepare([1], None, fields()).params.max_new_tokens == 16
+    assert request.request_id != coordinator.prepare([1, 2, 3], 7, fields()).request_id
+
+
+def test_check_capacity_counts_requests_of_replicas_that_are_up():
+    replicas = [FakeReplica(0), FakeReplica(1), FakeReplica(2)]
+    replicas[0].state.outstanding, replicas[1].state.outstanding, replicas[2].state.outstanding = 2, 1, 5
+    replicas[2].state.is_up = False
+    make_coordinator(replicas, max_outstanding=4).check_capacity()  # 2 + 1 < 4
+    with pytest.raises(APIError) as info:
+        make_coordinator(replicas, max_outstanding=3).check_capacity()
+    assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"
+    assert info.value.body()["error"]["type"] == "rate_limit_exceeded"
+
+
+# ---- dispatch through the shared policies, failover, text ----
+
+
+async def _collect(coordinator, request, restartable=True, stop=()):
+    return [d async for d in coordinator.stream_text(request, stop, restartable)]
+
+
+def _dispatch(policy: str, replicas, n: int) -> list[int]:
+    """Submit n requests that stay in flight; the index of the replica each went to."""
+    coordinator = make_coordinator(replicas, policy)
+
+    async def go():
+        chosen, pending = [], []
+        for _ in range(n):
+            before = [len(r.submitted) for r in replicas]
+            events = coordinator.events(coordinator.prepare([1], 1, fields()), restartable=True)
+            pending.append(asyncio.ensure_future(anext(events)))
+            await asyncio.sleep(0)
+            chosen.append(next(i for i, r in enumerate(replicas) if len(r.submitted) > before[i]))
+        for task in pending:
+            task.cancel()
+        return chosen
+
+    return asyncio.run(go())
+
+
+def test_dispatch_policies_as_the_simulator_defines_them():
+    # round-robin: each replica in turn, whatever its load
+    assert _dispatch("round-robin", [FakeReplica(0), FakeReplica(1), FakeReplica(2)], 5) == [0, 1, 2, 0, 1]
+    # least-outstanding: requests stay in flight, so they spread; ties go to the lowest index
+    assert _dispatch("least-outstanding", [FakeReplica(0), FakeReplica(1)], 4) == [0, 1, 0, 1]
+    # capacity-weighted, weights 1 and 4: (out + 1) / w is 1 vs .25, .5, .75, then 1 vs 1 (tie -> 0), then 2 vs 1.25
+    weighted = [FakeReplica(0, weight=1.0), FakeReplica(1, weight=4.0)]
+    assert _dispatch("capacity-weighted", weighted, 6) == [1, 1, 1, 0, 1, 1]
+
+
+def test_down_replica_is_skipped_and_all_down_is_503():
+    replicas = [FakeReplica(0), FakeReplica(1, [tokens(2, 3)])]
+    replicas[0].state.is_up = False
+    coordinator = make_coordinator(replicas, "round-robin")
+    deltas = asyncio.run(_collect(coordinator, coordinator.prepare([1], 2, fields())))
+    assert "".join(d.text for d in deltas) == "cd" and deltas[-1].finish_reason == "length"
+    assert replicas[0].submitted == []
+    replicas[1].state.is_up = False
+    with pytest.raises(APIError) as info:
+        asyncio.run(_collect(coordinator, coordinator.prepare([1], 2, fields())))
+    assert info.value.status == 503
+
+
+def test_failover_before_first_token_resends_to_another_replica():
+    replicas = [FakeReplica(0, [[ReplicaDown("rank 2 exited with code -9")]]), FakeReplica(1, [tokens(7, 8, 9)])]
+    coordinator = make_coordinator(replicas, "round-robin")
+    request = coordinator.prepare([1, 2], 3, fields())
+    deltas = asyncio.run(_collect(coordinator, request, restartable=False))  # a stream: nothing was sent yet
+    assert "".join(d.text for d in deltas) == "hij"
+    assert [d.completion_tokens for d in deltas] == [1, 2, 3]
+    assert replicas[0].submitted == replicas[1].submitted == [request.request_id]
+    assert coordinator.metrics.failovers._value.get() == 1
+    assert replicas[1].released == [(request.request_id, False)]  # finished: nothing to abort
+
+
+def test_failover_after_tokens_restarts_a_whole_answer_or_fails_a_stream():
+    def scripts():
+        return [FakeReplica(0, [[*tokens(4, 5, finish=None)[:2], ReplicaDown("gone")]]), FakeReplica(1, [tokens(7, 8)])]
+
+    replicas = scripts()
+    coordinator = make_coordinator(replicas, "round-robin")
+    request = coordinator.prepare([1], 2, fields())
+    text, finish, count = asyncio.run(collect_answer(coordinator.stream_text(request, (), restartable=True)))
+    # what replica 0 produced ("ef") is dropped; the answer is replica 1's alone, its tokens counted from 1 again
+    assert (text, finish, count) == ("hi", "length", 2)
+    assert replicas[0].released == [(request.request_id, True)] and replicas[1].submitted == [request.request_id]
+    replicas = scripts()
+    coordinator = make_coordinator(replicas, "round-robin")
+    with pytest.raises(APIError) as info:
+        asyncio.run(_collect(coordinator, coordinator.prepare([1], 2, fields()), restartable=False))
+    assert info.value.status == 503 and "gone" in info.value.message
+    assert replicas[1].submitted == []
+
+
+def test_rejected_by_the_replica_is_400_and_stop_string_cuts_text():
+    coordinator = make_coordinator([FakeReplica(0, [[Rejected("prompt too long")]])])
+    with pytest.raises(APIError) as info:
+        asyncio.run(_collect(coordinator, coordinator.prepare([1], 2, fields())))
+    assert info.value.status == 400 and info.value.message == "prompt too long"
+    replica = FakeReplica(0, [tokens(0, 1, 2, 3, 4)])  # "abcde" with stop "cd"
+    coordinator = make_coordinator([replica])
+    request = coordinator.prepare([1], 5, fields())
+    deltas = asyncio.run(_collect(coordinator, request, stop=("cd",)))
+    assert "".join(d.text for d in deltas) == "ab" and deltas[-1].finish_reason == "stop"
+    assert replica.released == [(request.request_id, True)]  # stopped early: aborted on the replica
