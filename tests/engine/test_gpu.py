@@ -1,0 +1,22 @@
+"""CUDA smoke tests (NCCL): the tiny tokenizer model on 1 and 2 GPUs gives the CPU run's greedy text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("layout", [["--tp", "1"], ["--tp", "1", "1"], ["--tp", "2"]])
+def test_cuda_matches_cpu(layout, tokenizer_model_dir):
+    if torch.cuda.device_count() < sum(int(t) for t in layout[1:]):
+        pytest.skip("not enough GPUs for this layout")
+    args = ["--model", str(tokenizer_model_dir), "--prompt", "The capital of France", "--max-new-tokens", "8",
+            "--ignore-eos", *layout]
+    code_cpu, out_cpu, err_cpu, _ = run_cli(args)
+    code_gpu, out_gpu, err_gpu, left = run_cli([*args, "--device", "cuda"])
+    assert code_cpu == 0 and code_gpu == 0, err_cpu + err_gpu
+    assert out_gpu == out_cpu and out_cpu.strip()
+    assert left == []
