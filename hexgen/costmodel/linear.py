@@ -33,14 +33,20 @@ class LinearCost:
         return self.decode_fixed_s + self.decode_per_seq_s * batch + self.decode_per_ctx_token_s * context_tokens
 
     def request_latency_s(self, prompt_tokens: int, output_tokens: int) -> float:
-        """One request alone: a prefill that yields the first token, then output-1 decode steps.
+        """One request alone: a prefill that yields the first token, then output-1 decode steps."""
+        return self.batch_time_s(1, prompt_tokens, output_tokens)
 
-        Decode step k (1-based) attends over prompt + k cached tokens, so the context sum is closed-form.
+    def batch_time_s(self, batch: int, prompt_tokens: int, output_tokens: int) -> float:
+        """`batch` equal requests admitted together: one prefill of all their prompts, then output-1 decode steps.
+
+        Decode step k (1-based) attends over prompt + k cached tokens per sequence, so the context sum is
+        closed-form. batch = 1 is one request's latency; for a batching replica, batch / this is its throughput.
+        Works elementwise on integer numpy arrays too.
         """
         steps = output_tokens - 1
         context_sum = steps * prompt_tokens + steps * (steps + 1) // 2
         return (
-            self.prefill_s(prompt_tokens)
-            + steps * (self.decode_fixed_s + self.decode_per_seq_s)
-            + self.decode_per_ctx_token_s * context_sum
+            self.prefill_s(batch * prompt_tokens)
+            + steps * (self.decode_fixed_s + self.decode_per_seq_s * batch)
+            + self.decode_per_ctx_token_s * batch * context_sum
         )

@@ -1,4 +1,4 @@
-"""Time of one pipeline stage: weight scans and GEMMs per layer, two TP all-reduces per layer, LM head."""
+"""Time of one pipeline stage: weight scans and GEMMs per layer, two TP all-reduces per layer, TP-split LM head."""
 
 from __future__ import annotations
 
@@ -38,13 +38,21 @@ def layer_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cf
     )
 
 
-def head_cost(model: ModelSpec, gpu: GpuType, cfg: CostConfig) -> LinearCost:
-    """The LM head on the last stage's leader: a vocab x hidden GEMM per sampled token (prefill samples once)."""
+def head_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
+    """The LM head, split by vocabulary rows over the last stage's TP group, logits gathered on the leader.
+
+    Each rank scans and multiplies its ceil(V/t) rows; per sampled token the leader then receives t-1 shards of
+    ceil(V/t) logits (one message each over the intra-machine link). Prefill samples once, decode once per sequence.
+    """
     bandwidth_bps = gpu.bandwidth_gbs * 1e9 * cfg.memory_efficiency
     flops = gpu.tflops_fp16 * 1e12 * cfg.compute_efficiency
-    scan_s = model.embedding_params * cfg.dtype_bytes / bandwidth_bps
-    gemm_s = 2 * model.embedding_params / flops
-    return LinearCost(prefill_fixed_s=scan_s + gemm_s, decode_fixed_s=scan_s, decode_per_seq_s=gemm_s)
+    shard_rows = -(-model.vocab_size // tp_degree)
+    scan_s = shard_rows * model.hidden_size * cfg.dtype_bytes / bandwidth_bps
+    gemm_s = 2 * shard_rows * model.hidden_size / flops
+    gather_fixed_s = (tp_degree - 1) * tp_link.latency_s
+    gather_per_seq_s = (tp_degree - 1) * shard_rows * cfg.dtype_bytes / tp_link.bytes_per_s
+    return LinearCost(prefill_fixed_s=scan_s + gemm_s + gather_fixed_s + gather_per_seq_s,
+                      decode_fixed_s=scan_s + gather_fixed_s, decode_per_seq_s=gemm_s + gather_per_seq_s)
 
 
 def broadcast_cost(model: ModelSpec, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
@@ -62,7 +70,7 @@ def stage_cost(
     """All of one stage's time: its layers, the LM head if last, the input broadcast if not first."""
     cost = layer_cost(model, gpu, tp_degree, tp_link, cfg).scaled(num_layers)
     if is_last:
-        cost = cost + head_cost(model, gpu, cfg)
+        cost = cost + head_cost(model, gpu, tp_degree, tp_link, cfg)
     if not is_first:
         cost = cost + broadcast_cost(model, tp_degree, tp_link, cfg)
     return cost

@@ -5,6 +5,9 @@ layers placed so far (Held-Karp over machine orders, with a min-plus convolution
 machine contributes one contiguous run of stages whose best layout per layer count is a SegmentTable.
 A pipeline visits a machine at most once. Groups of more than MAX_EXACT_MACHINES machines are ordered by
 (region, name) and the DP chooses which of them to use in that order.
+
+"Fastest" is StagePricer's objective: one request's latency when replicas serve one request at a time, the
+time of one full batch (inverse throughput) when they batch.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class LayoutStage:
 
 @dataclass(frozen=True)
 class PipelineLayout:
-    """A replica's stages in order and its predicted latency for one request alone."""
+    """A replica's stages in order and its DP objective: latency of one request alone (batch 1), or of a full batch."""
 
     stages: tuple[LayoutStage, ...]
     latency_s: float

@@ -1,4 +1,4 @@
-"""The cost model reduced to scalars for the planner: request latency of a layer, a stage's extras, a hop."""
+"""The cost model reduced to the DP's scalars: seconds of a layer, a stage's extras, a hop, the token return."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ class StagePricer:
         self.token_return_s = cache(self._token_return_s)
 
     def _latency(self, cost) -> float:
-        return cost.request_latency_s(self.workload.prompt_tokens, self.workload.output_tokens)
+        """The DP's objective: one request's latency at batch 1; the time of one full batch when replicas batch
+        (its inverse is throughput at full load), so batching replicas are sized for throughput."""
+        wl = self.workload
+        return cost.batch_time_s(wl.max_batch, wl.prompt_tokens, wl.output_tokens)
 
     def tp_degrees(self, machine: str) -> list[int]:
         return self.model.valid_tp_degrees(self.cluster.machine(machine).count)
@@ -40,7 +43,7 @@ class StagePricer:
     def _stage_extra_s(self, machine: str, tp_degree: int, is_first: bool, is_last: bool) -> float:
         """The LM head when last, the input broadcast inside the TP group when not first."""
         gpu, link = self.cluster.machine(machine).gpu, self.cluster.link(machine, machine)
-        extra = self._latency(head_cost(self.model, gpu, self.cfg)) if is_last else 0.0
+        extra = self._latency(head_cost(self.model, gpu, tp_degree, link, self.cfg)) if is_last else 0.0
         if not is_first:
             extra += self._latency(broadcast_cost(self.model, tp_degree, link, self.cfg))
         return extra

@@ -1,4 +1,4 @@
-"""Plan a cluster: score partitions by simulated SLO attainment of their DP-optimal replicas, evolve the best."""
+"""Plan a cluster: evolve partitions scored by the simulated objective of their DP-optimal replicas."""
 
 from __future__ import annotations
 
@@ -7,31 +7,28 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-
-import numpy as np
 
 from hexgen.cluster import GIB, Cluster
-from hexgen.costmodel import CostConfig, StagePlacement, Workload, replica_cost, stage_memory_bytes
-from hexgen.dispatch import make_policy
+from hexgen.costmodel import CostConfig, Workload, stage_memory_bytes
 from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 from hexgen.plan import DeploymentPlan
 from hexgen.planner.baselines import symmetric_candidates
-from hexgen.planner.build import build_plan
-from hexgen.planner.dp import PipelineLayout, PipelineSolver
+from hexgen.planner.evaluate import PlanEvaluator
 from hexgen.planner.genetic import GAConfig, Score, SearchResult, evolve
-from hexgen.planner.partition import Group, Partition, by_machine, by_region, make_partition
-from hexgen.planner.pricing import StagePricer
-from hexgen.sim.metrics import attainment
-from hexgen.sim.servers import ReplicaModel
-from hexgen.sim.simulator import simulate
+from hexgen.planner.objective import Objective
+from hexgen.planner.partition import Partition, by_machine, by_region, make_partition
+from hexgen.sim.metrics import attainment, tail_latency_s
 from hexgen.sim.workload import TokenLengths, WorkloadSpec, generate_requests
 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What the plan must serve: request rate, end-to-end deadline, request shape, search settings."""
+    """What the plan must serve and what "best" means: rate, deadline, request shape, objective, search settings.
+
+    objective "attainment" maximises SLO attainment at `slo_s` (then the tail); "tail" minimises the latency
+    that `target_attainment` of the requests meet, i.e. the lowest deadline reaching that attainment.
+    """
 
     rate_rps: float
     slo_s: float
@@ -40,44 +37,18 @@ class PlanRequest:
     dispatch: str = "round-robin"
     seed: int = 0
     ga: GAConfig = field(default_factory=GAConfig)
+    objective: str = "attainment"
+    target_attainment: float = 0.99
 
 
-class PlanEvaluator:
-    """Partition -> replicas (one DP layout per feasible group) -> simulated score; everything memoised."""
-
-    def __init__(self, cluster: Cluster, model: ModelSpec, request: PlanRequest, cfg: CostConfig):
-        self.cluster, self.model, self.request, self.cfg = cluster, model, request, cfg
-        self.solver = PipelineSolver(StagePricer(cluster, model, request.workload, cfg))
-        wl = request.workload
-        spec = WorkloadSpec(request.rate_rps, request.num_requests, TokenLengths.fixed(wl.prompt_tokens),
-                            TokenLengths.fixed(wl.output_tokens))
-        self.requests = generate_requests(spec, random.Random(request.seed))
-        self.replica_model = cache(self._replica_model)
-
-    def layouts(self, partition: Partition) -> list[PipelineLayout]:
-        found = [self.solver.best(g) for g in partition]
-        return [layout for layout in found if layout is not None]
-
-    def _replica_model(self, group: Group) -> ReplicaModel | None:
-        layout = self.solver.best(group)
-        if layout is None:
-            return None
-        c = self.cluster
-        stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
-                                 c.link(s.machine, s.machine)) for s in layout.stages]
-        return ReplicaModel(replica_cost(c, self.model, stages, self.cfg), self.request.workload.max_batch)
-
-    def score(self, partition: Partition) -> Score:
-        """(SLO attainment, -mean latency): meet the deadline first, then be fast."""
-        models = [m for m in (self.replica_model(g) for g in partition) if m is not None]
-        if not models:
-            return (0.0, -float("inf"))
-        done = simulate(models, self.requests, make_policy(self.request.dispatch))
-        arr = np.array([c.latency_s for c in done])
-        return (attainment(arr, self.request.slo_s), -float(arr.mean()))
-
-    def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
-        return build_plan(self.model.name, self.layouts(partition), meta)
+def make_evaluator(cluster: Cluster, model: ModelSpec, request: PlanRequest, cfg: CostConfig) -> PlanEvaluator:
+    """The evaluator every plan for this request is scored by: the request stream is drawn from `request.seed`."""
+    wl = request.workload
+    spec = WorkloadSpec(request.rate_rps, request.num_requests, TokenLengths.fixed(wl.prompt_tokens),
+                        TokenLengths.fixed(wl.output_tokens))
+    requests = generate_requests(spec, random.Random(request.seed))
+    objective = Objective(request.objective, request.slo_s, request.target_attainment)
+    return PlanEvaluator(cluster, model, requests, objective, cfg, wl, request.dispatch)
 
 
 @dataclass(frozen=True)
@@ -110,16 +81,32 @@ def plan_cluster(
 ) -> PlanResult:
     """Search for the plan with the highest simulated SLO attainment; raise if no replica fits at all."""
     start = time.perf_counter()
-    evaluator = PlanEvaluator(cluster, model, request, cfg or CostConfig())
+    evaluator = make_evaluator(cluster, model, request, cfg or CostConfig())
     starts = initial_partitions(cluster, model, request.workload, evaluator.cfg)
     if not any(evaluator.layouts(p) for p in starts):
         raise UserError(_no_replica_message(cluster, model, request.workload, evaluator.cfg))
     result = evolve(starts, evaluator.score, request.ga, random.Random(request.seed), on_generation)
     elapsed = time.perf_counter() - start
+    latencies = evaluator.latencies_s([evaluator.replica_cost(result.best[i])
+                                       for i in evaluator.select(result.best).order])
     meta = {"rate_rps": request.rate_rps, "slo_s": request.slo_s, "prompt_tokens": request.workload.prompt_tokens,
             "output_tokens": request.workload.output_tokens, "max_batch": request.workload.max_batch,
-            "seed": request.seed, "search_s": round(elapsed, 2), "predicted_slo_attainment": result.best_score[0]}
+            "objective": request.objective, "seed": request.seed, "search_s": round(elapsed, 2),
+            "predicted_slo_attainment": attainment(latencies, request.slo_s),
+            "predicted_tail_latency_s": round(tail_latency_s(latencies, request.target_attainment), 4)}
     return PlanResult(evaluator.to_plan(result.best, meta), result, elapsed)
+
+
+def best_symmetric_plan(
+    cluster: Cluster, model: ModelSpec, request: PlanRequest, cfg: CostConfig | None = None
+) -> tuple[DeploymentPlan, Score]:
+    """The symmetric baseline under the same objective, request stream and replica selection as plan_cluster."""
+    evaluator = make_evaluator(cluster, model, request, cfg or CostConfig())
+    scored = [evaluator.select_plan(p) for p in symmetric_candidates(cluster, model, request.workload, evaluator.cfg)]
+    if not scored:
+        raise UserError(_no_replica_message(cluster, model, request.workload, evaluator.cfg))
+    score, plan = max(scored, key=lambda x: x[0])
+    return plan, score
 
 
 def _no_replica_message(cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig) -> str:

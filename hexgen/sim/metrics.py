@@ -32,6 +32,14 @@ def attainment(latencies_s: np.ndarray, slo_s: float) -> float:
     return float(np.mean(latencies_s <= slo_s)) if len(latencies_s) else 0.0
 
 
+def tail_latency_s(latencies_s: np.ndarray, target: float = 0.99) -> float:
+    """The least deadline that at least `target` of the requests meet: the ceil(target * n)-th smallest latency."""
+    if not len(latencies_s):
+        return float("inf")
+    needed = int(np.ceil(target * len(latencies_s))) - 1
+    return float(np.partition(latencies_s, max(needed, 0))[max(needed, 0)])
+
+
 def summarise(completions: list[Completion], slo_s: float, cost_per_hour: float) -> SimReport:
     if not completions:
         return SimReport(0, slo_s, 0.0, *([float("inf")] * 4), 0.0, 0.0, cost_per_hour, 0.0)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hexgen.sim.metrics import attainment
+from hexgen.sim.metrics import attainment, tail_latency_s
 
 
 def slo_curve(latencies_s: np.ndarray, reference_s: float, scales: list[float]) -> list[float]:
@@ -16,9 +16,7 @@ def slo_curve(latencies_s: np.ndarray, reference_s: float, scales: list[float]) 
 
 def lowest_scale(latencies_s: np.ndarray, reference_s: float, target: float = 0.99) -> float:
     """The smallest SLO scale at which at least `target` of the requests meet the deadline."""
-    ordered = np.sort(latencies_s)
-    needed = int(np.ceil(target * len(ordered))) - 1
-    return float(ordered[max(needed, 0)] / reference_s)
+    return tail_latency_s(latencies_s, target) / reference_s
 
 
 def peak_rate(

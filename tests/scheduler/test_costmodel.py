@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 from hexgen.cluster import GpuType, Link
 from hexgen.costmodel import CostConfig, LinearCost, Workload, allreduce_s, stage_memory_bytes
-from hexgen.costmodel.stage import layer_cost
+from hexgen.costmodel.stage import head_cost, layer_cost
 
 # hidden 1024, 8 heads of 128, 4 KV heads, MLP 4096, vocab 1000:
 # params per layer = 1024*1024*2 + 1024*512*2 + 3*1024*4096 + 2*1024 = 15,730,688
@@ -54,3 +54,17 @@ def test_request_latency_closed_form_equals_step_sum():
     prompt, output = 10, 4
     steps = [0.5 + 0.01 * 10] + [0.2 + 0.03 + 0.001 * (10 + k) for k in (1, 2, 3)]
     assert cost.request_latency_s(prompt, output) == pytest.approx(sum(steps))
+
+
+def test_lm_head_is_split_over_tp_and_gathered_on_the_leader():
+    # vocab 1000 over TP 4: 250 rows x 1024 hidden per rank; the leader receives 3 shards of 250 fp16 logits
+    cost = head_cost(MODEL, GPU, 4, LINK, EXACT)
+    scan = 250 * 1024 * 2 / 1e12  # 5.12e-7 s
+    gemm = 2 * 250 * 1024 / 1e14  # 5.12e-9 s per sampled token
+    gather_fixed = 3 * 1e-5  # 3 messages, one latency each
+    gather_per_seq = 3 * 250 * 2 / 12.5e9  # 1.2e-7 s
+    assert cost.decode_fixed_s == pytest.approx(scan + gather_fixed)
+    assert cost.decode_per_seq_s == pytest.approx(gemm + gather_per_seq)
+    assert cost.prefill_fixed_s == pytest.approx(scan + gemm + gather_fixed + gather_per_seq)
+    alone = head_cost(MODEL, GPU, 1, LINK, EXACT)  # no gather at TP 1: 1000 rows
+    assert alone.decode_fixed_s == pytest.approx(4 * scan) and alone.decode_per_seq_s == pytest.approx(4 * gemm)
