@@ -92,6 +92,8 @@ class Reference:
             request = GenerationRequest(f"ref-{len(self._cache)}", tuple(prompt_ids), params)
             streams = {request.request_id: TextStream(self.tokenizer, stop)}
             self._cache[key] = run_requests(self.replica, [request], streams)[0]
+            while self.replica.engine.has_work:  # an early stop leaves an abort event to drain
+                self.replica.poll()
         return self._cache[key]
 
     def text(self, prompt: str, max_tokens: int, **kwargs):

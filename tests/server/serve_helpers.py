@@ -41,7 +41,7 @@ def sse_events(response: httpx.Response) -> list:
     return events
 
 
-def metric_value(text: str, name: str, labels: str = "") -> float:
+def metric_value(text: str, name: str, labels: str = "", default: float | None = None) -> float:
     """The value of one sample of Prometheus text, e.g. metric_value(t, "hexgen_replica_up", 'replica="0"')."""
     wanted = f"{name}{{{labels}}}" if labels else name
     for line in text.splitlines():
@@ -50,6 +50,8 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         key, _, value = line.rpartition(" ")
         if key == wanted:
             return float(value)
+    if default is not None:
+        return default
     raise KeyError(f"{wanted} not in the metrics")
 
 

@@ -1,0 +1,375 @@
+"""`hexgen serve` end to end on a tiny model: a plan of a two-stage replica with unequal TP degrees and layers
+(TP 2 x 1 layer -> TP 1 x 3 layers) and a one-rank replica. Greedy answers are compared with the engine's
+one-process output; errors with OpenAI's shapes; metrics with counts computed from the answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import EOS_AT, EOS_PROMPT
+from serve_helpers import Server, metric_value, sse_events, write_plan
+
+API_KEY = "test-key"
+MAX_CONTEXT = 2048
+MAX_QUEUE = 4
+PROMPTS = ["Once upon a time", "The weather today is", "def fibonacci(n):", "Paris is the capital of"]
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-api")
+    plan = write_plan(tmp / "plan.json", chat_model_dir, [[([0, 1], (0, 1)), ([2], (1, 4))], [([3], (0, 4))]])
+    srv = Server(
+        chat_model_dir,
+        tmp / "serve.log",
+        "--plan", str(plan), "--max-context", str(MAX_CONTEXT), "--max-queue", str(MAX_QUEUE), "--max-batch", "8",
+        api_key=API_KEY,
+    )  # fmt: skip
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def idle(server) -> Server:
+    server.wait_idle()
+    return server
+
+
+def model_name(server: Server) -> str:
+    return server.status()["model"]
+
+
+def complete(server: Server, prompt, max_tokens: int, **extra) -> dict:
+    body = {"model": model_name(server), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    response = server.post("/v1/completions", body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ---- start-up, plan, status ----
+
+
+def test_status_shows_the_plan_and_every_replica_up(idle):
+    status = idle.status()
+    assert status["dispatch"] == "LeastOutstanding"  # the default --dispatch
+    layouts = [[(s["tp"], tuple(s["layers"])) for s in r["stages"]] for r in status["replicas"]]
+    assert layouts == [[(2, (0, 1)), (1, (1, 4))], [(1, (0, 4))]]
+    assert [r["ranks"] for r in status["replicas"]] == [3, 1]
+    assert len(idle.ranks_seen) == 4  # one process per rank
+    assert [r["status"] for r in status["replicas"]] == ["up", "up"]
+
+
+def test_server_process_imports_no_torch(idle):
+    maps = Path(f"/proc/{idle.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps
+    ranks = [Path(f"/proc/{pid}/maps").read_text() for pid in idle.ranks_seen]
+    assert all("libtorch" in m for m in ranks)  # the check would see torch where it is
+
+
+# ---- API key ----
+
+
+@pytest.mark.parametrize(
+    "method, path",
+    [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/status"), ("POST", "/v1/completions"),
+     ("POST", "/v1/chat/completions")],
+)  # fmt: skip
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY + "x"}])
+def test_api_key_is_required_on_every_endpoint_but_health(idle, method, path, headers):
+    response = httpx.request(method, idle.url + path, headers=headers, json={}, timeout=10)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(idle.url + "/health", timeout=10).json() == {"status": "ok", "replicas_up": 2}
+
+
+def test_models_lists_the_served_model(idle):
+    data = idle.get("/v1/models").json()
+    assert [m["id"] for m in data["data"]] == [model_name(idle)]
+    assert data["data"][0]["max_model_len"] == MAX_CONTEXT
+
+
+# ---- completions against the engine's one-process output ----
+
+
+def test_completion_matches_engine_reference(idle, reference):
+    for prompt in PROMPTS[:2]:
+        ref = reference.text(prompt, 12)
+        body = complete(idle, prompt, 12)
+        choice = body["choices"][0]
+        assert choice["text"] == ref.text
+        assert choice["finish_reason"] == ref.finish_reason == "length"
+        prompt_tokens = len(reference.tokenizer.encode(prompt))
+        assert body["usage"] == {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": 12,
+            "total_tokens": prompt_tokens + 12,
+        }
+        assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+
+
+def test_token_id_prompt_and_served_name(idle, reference):
+    ids = reference.tokenizer.encode(PROMPTS[2])
+    assert complete(idle, ids, 6)["choices"][0]["text"] == reference.complete(ids, 6).text
+
+
+def test_eos_gives_finish_reason_stop(idle, reference):
+    ref = reference.text(EOS_PROMPT, 20)
+    assert (ref.finish_reason, len(ref.token_ids)) == ("stop", EOS_AT)  # transformers put EOS there
+    body = complete(idle, EOS_PROMPT, 20)
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == EOS_AT
+    assert body["choices"][0]["text"] == ref.text
+    ignored = complete(idle, EOS_PROMPT, 8, ignore_eos=True)
+    assert ignored["choices"][0]["finish_reason"] == "length" and ignored["usage"]["completion_tokens"] == 8
+
+
+def test_stop_string_gives_finish_reason_stop(idle, reference):
+    full = reference.text(PROMPTS[0], 16).text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    ref = reference.text(PROMPTS[0], 16, stop=(stop,))
+    assert ref.finish_reason == "stop" and ref.text == full[: full.index(stop)]
+    choice = complete(idle, PROMPTS[0], 16, stop=[stop])["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (ref.text, "stop")
+
+
+def test_streamed_completion_equals_the_full_answer(idle, reference):
+    ref = reference.text(PROMPTS[1], 10)
+    body = {"model": model_name(idle), "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", idle.url + "/v1/completions", json=body, headers=idle.headers, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+
+
+def test_chat_completion_uses_the_chat_template(idle, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    ids = reference.tokenizer.apply_chat_template(messages)
+    ref = reference.complete(ids, 8)
+    body = {"model": model_name(idle), "messages": messages, "max_completion_tokens": 8, "temperature": 0}
+    response = idle.post("/v1/chat/completions", body).json()
+    assert response["object"] == "chat.completion" and response["id"].startswith("chatcmpl-")
+    message = response["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": ref.text}
+    assert response["usage"]["prompt_tokens"] == len(ids)
+    with httpx.stream("POST", idle.url + "/v1/chat/completions", json={**body, "stream": True}, headers=idle.headers,
+                      timeout=60) as stream:  # fmt: skip
+        events = sse_events(stream)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
+
+
+# ---- the official openai client ----
+
+
+def test_openai_client_sync_async_and_streaming(idle, reference):
+    name = model_name(idle)
+    client = openai.OpenAI(base_url=idle.url + "/v1", api_key=API_KEY, max_retries=0)
+    ref = reference.text(PROMPTS[3], 8)
+    completion = client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=8, temperature=0)
+    assert completion.choices[0].text == ref.text and completion.usage.completion_tokens == 8
+    stream = client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == ref.text
+    assert [m.id for m in client.models.list()] == [name]
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat_ref = reference.complete(reference.tokenizer.apply_chat_template(messages), 6)
+
+    async def async_chat():
+        aclient = openai.AsyncOpenAI(base_url=idle.url + "/v1", api_key=API_KEY, max_retries=0)
+        full = await aclient.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+        parts = []
+        async for chunk in await aclient.chat.completions.create(
+            model=name, messages=messages, max_tokens=6, temperature=0, stream=True
+        ):
+            parts.append(chunk.choices[0].delta.content or "")
+        await aclient.close()
+        return full.choices[0].message.content, "".join(parts)
+
+    assert asyncio.run(async_chat()) == (chat_ref.text, chat_ref.text)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=idle.url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+# ---- continuous batching ----
+
+
+async def _timed_stream(server: Server, prompt: str, max_tokens: int) -> tuple[str, list[float]]:
+    body = {"model": model_name(server), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}  # fmt: skip
+    text, times = [], []
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text.append(json.loads(line[6:])["choices"][0]["text"])
+                    times.append(time.monotonic())
+    return "".join(text), times
+
+
+def test_concurrent_requests_are_batched_and_greedy_output_is_unchanged(idle, reference):
+    max_tokens = 24
+
+    async def run_all():
+        return await asyncio.gather(*(_timed_stream(idle, p, max_tokens) for p in PROMPTS))
+
+    results = asyncio.run(run_all())
+    for prompt, (text, _) in zip(PROMPTS, results, strict=True):
+        assert text == reference.text(prompt, max_tokens, ignore_eos=True).text  # alone == beside others
+    # Two replicas serving one request at a time could have at most 2 answers in progress at once.
+    spans = [(times[0], times[-1]) for _, times in results]
+    most = max(sum(start <= t <= end for start, end in spans) for t, _ in spans)
+    assert most >= 3, spans
+
+
+# ---- bad input: 4xx with an OpenAI error body; the replicas stay up ----
+
+
+def _long_prompt() -> str:
+    return "hello " * (MAX_CONTEXT + 10)
+
+
+BAD_COMPLETIONS = [
+    ({"model": "no-such-model", "prompt": "x"}, 404, "model"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": _long_prompt()}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": MAX_CONTEXT}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "tools": []}, 400, "tools"),
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": [1, 10**9]}, 400, "prompt"),
+    ({}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD_COMPLETIONS)
+def test_bad_completion_requests(idle, body, status, param):
+    full = {"model": model_name(idle), **body}
+    for stream in (False, True):
+        response = idle.post("/v1/completions", {**full, "stream": stream})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["param"] == param
+        assert error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_and_malformed_json(idle):
+    name = model_name(idle)
+    bad = [
+        ({"model": name, "messages": []}, "messages"),
+        ({"model": name, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": name, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_tokens"),
+        ({"model": name, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ]
+    for body, param in bad:
+        response = idle.post("/v1/chat/completions", body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    for raw in (b"{not json", b"", b"[1, 2]"):
+        response = httpx.post(idle.url + "/v1/completions", content=raw, timeout=10,
+                              headers={**idle.headers, "content-type": "application/json"})  # fmt: skip
+        assert response.status_code == 400, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(idle.url + "/v1/nothing", headers=idle.headers, timeout=10).json()["error"]["message"]
+    assert [r["status"] for r in idle.status()["replicas"]] == ["up", "up"]
+
+
+# ---- disconnects, 429 ----
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_generation(idle, stream):
+    """Ask for 1500 tokens (tens of seconds here), leave early; the replica's batch must be empty again soon."""
+    cancelled = 'endpoint="completions",status="cancelled"'
+    before = metric_value(idle.get("/metrics").text, "hexgen_requests_total", cancelled, default=0.0)
+    body = {"model": model_name(idle), "prompt": PROMPTS[0], "max_tokens": 1500, "ignore_eos": True, "stream": stream}
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", idle.port), timeout=30) as sock:
+        sock.sendall(head.encode() + payload)
+        deadline = time.monotonic() + 20
+        while sum(r["running"] for r in idle.status()["replicas"]) < 1:  # heartbeats come once a second
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.1)
+        if stream:
+            assert b"data: " in sock.recv(65536) or b"data: " in sock.recv(65536)
+    left = time.monotonic()  # the connection is gone mid-generation
+    idle.wait_idle(timeout_s=5)  # 1500 tokens would take far longer; the sequence was aborted
+    assert time.monotonic() - left < 5
+    assert metric_value(idle.get("/metrics").text, "hexgen_requests_total", cancelled) == before + 1
+
+
+def test_full_queue_answers_429_with_retry_after(idle):
+    body = {"model": model_name(idle), "prompt": PROMPTS[1], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_QUEUE):  # the response starts with the first token: each holds a place from then on
+            client = held.enter_context(httpx.Client(timeout=60, headers=idle.headers))
+            response = held.enter_context(client.stream("POST", idle.url + "/v1/completions", json=body))
+            assert response.status_code == 200
+        assert sum(r["outstanding_requests"] for r in idle.status()["replicas"]) == MAX_QUEUE
+        response = idle.post("/v1/completions", {**body, "stream": False, "max_tokens": 2})
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "rate_limit_exceeded"
+    idle.wait_idle(timeout_s=5)
+    assert complete(idle, PROMPTS[1], 2)["usage"]["completion_tokens"] == 2  # room again
+
+
+# ---- metrics ----
+
+
+def test_metrics_count_requests_and_tokens(idle):
+    def read():
+        text = idle.get("/metrics").text
+        return text, {
+            "ok": metric_value(text, "hexgen_requests_total", 'endpoint="completions",status="ok"'),
+            "generated": metric_value(text, "hexgen_generation_tokens_total"),
+            "prompt": metric_value(text, "hexgen_prompt_tokens_total"),
+            "ttft": metric_value(text, "hexgen_time_to_first_token_seconds_count"),
+            "tpot": metric_value(text, "hexgen_time_per_output_token_seconds_count"),
+        }
+
+    _, before = read()
+    answers = [complete(idle, p, n) for p, n in zip(PROMPTS[:3], (3, 5, 1), strict=True)]
+    text, after = read()
+    assert after["ok"] - before["ok"] == 3
+    assert after["generated"] - before["generated"] == sum(a["usage"]["completion_tokens"] for a in answers) == 9
+    assert after["prompt"] - before["prompt"] == sum(a["usage"]["prompt_tokens"] for a in answers)
+    assert after["ttft"] - before["ttft"] == 3
+    assert after["tpot"] - before["tpot"] == 2  # a one-token answer has no time per output token
+    for replica in ("0", "1"):
+        assert metric_value(text, "hexgen_replica_up", f'replica="{replica}"') == 1.0
+        assert metric_value(text, "hexgen_replica_outstanding_requests", f'replica="{replica}"') == 0.0
+        assert metric_value(text, "hexgen_replica_running_sequences", f'replica="{replica}"') == 0.0
+        assert metric_value(text, "hexgen_replica_waiting_sequences", f'replica="{replica}"') == 0.0
