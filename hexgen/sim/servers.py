@@ -1,4 +1,8 @@
-"""A replica inside the simulator: a queue plus a service model whose step times come from the cost model."""
+"""A replica inside the simulator: a queue plus a service model whose step times come from the cost model.
+
+Batching replicas are scheduled by the engine's own continuous-batching Scheduler (torch-free), so the
+simulator and the server share one batching policy.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ from collections import deque
 from dataclasses import dataclass
 
 from hexgen.costmodel import LinearCost
-from hexgen.sim.batching import ContinuousBatcher, Sequence, Step
+from hexgen.engine.messages import GenerationRequest, SamplingParams, StepPlan
+from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.sim.workload import Request
+
+UNBOUNDED_CONTEXT = 1 << 30  # the workload, not the simulator, bounds sequence lengths
 
 
 @dataclass(frozen=True)
@@ -50,41 +57,55 @@ class SequentialServer:
 
 
 class BatchingServer:
-    """Continuous batching: one event per engine step (prefill of new sequences or a decode token for all)."""
+    """Continuous batching by the engine's own Scheduler: one event per engine step, timed by the cost model."""
 
     def __init__(self, cost: LinearCost, max_batch: int):
         self._cost = cost
-        self._batcher = ContinuousBatcher(max_batch)
-        self._requests: dict[int, Request] = {}
-        self._step: Step | None = None
+        self._scheduler = Scheduler(SchedulerConfig(max_running_seqs=max_batch, max_context=UNBOUNDED_CONTEXT))
+        self._requests: dict[str, Request] = {}
+        self._plan: StepPlan | None = None
 
     @property
     def outstanding(self) -> int:
-        return self._batcher.outstanding
+        return len(self._scheduler.waiting) + len(self._scheduler.running)
 
     def add(self, request: Request) -> None:
-        self._requests[request.request_id] = request
-        self._batcher.add(Sequence(request.request_id, request.prompt_tokens, request.output_tokens))
+        key = str(request.request_id)
+        self._requests[key] = request
+        # Token values do not matter to the schedule: only counts do.
+        params = SamplingParams(max_new_tokens=request.output_tokens, ignore_eos=True)
+        self._scheduler.add(GenerationRequest(key, (0,) * request.prompt_tokens, params))
 
     def start(self, now_s: float) -> float | None:
-        if self._step is not None:
+        if self._plan is not None:
             return None
-        self._step = self._batcher.next_step()
-        if self._step is None:
+        self._plan = self._scheduler.schedule()
+        if self._plan is None:
             return None
-        return now_s + step_time_s(self._cost, self._step)
+        return now_s + step_time_s(self._cost, self._plan, self._decoding(self._plan))
+
+    def _decoding(self, plan: StepPlan) -> list[bool]:
+        prompt_len = {seq.slot: seq.prompt_len for seq in self._scheduler.running.values()}
+        return [start >= prompt_len[slot] for slot, start in zip(plan.slots, plan.starts, strict=True)]
 
     def finish(self) -> list[Request]:
-        done = self._batcher.complete(self._step)
-        self._step = None
-        return [self._requests.pop(s.request_id) for s in done]
+        assert self._plan is not None
+        events = self._scheduler.update(self._plan, [0] * self._plan.num_sampled)
+        self._plan = None
+        return [self._requests.pop(e.request_id) for e in events if e.finish_reason is not None]
 
 
-def step_time_s(cost: LinearCost, step: Step) -> float:
-    """Seconds of one engine step: a batched prefill, or a decode over every running sequence's context."""
-    if step.is_prefill:
-        return cost.prefill_s(step.prefill_tokens)
-    return cost.decode_step_s(len(step.sequences), step.context_tokens)
+def step_time_s(cost: LinearCost, plan: StepPlan, decoding: list[bool]) -> float:
+    """Seconds of one engine step: prompt tokens being prefilled plus one token for each decoding sequence.
+
+    A step that does both scans the weights once, so it pays the larger of the two fixed costs.
+    """
+    prefill_tokens = sum(n for n, d in zip(plan.lengths, decoding, strict=True) if not d)
+    decode_seqs = sum(decoding)
+    context = sum(start + 1 for start, d in zip(plan.starts, decoding, strict=True) if d)
+    fixed = max(cost.prefill_fixed_s if prefill_tokens else 0.0, cost.decode_fixed_s if decode_seqs else 0.0)
+    return (fixed + cost.prefill_per_token_s * prefill_tokens + cost.decode_per_seq_s * decode_seqs
+            + cost.decode_per_ctx_token_s * context)
 
 
 def make_server(model: ReplicaModel) -> SequentialServer | BatchingServer:

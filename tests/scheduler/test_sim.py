@@ -10,7 +10,6 @@ import pytest
 
 from hexgen.costmodel import LinearCost
 from hexgen.dispatch import RoundRobin
-from hexgen.sim.batching import ContinuousBatcher, Sequence
 from hexgen.sim.metrics import summarise
 from hexgen.sim.servers import BatchingServer, ReplicaModel, SequentialServer
 from hexgen.sim.simulator import simulate
@@ -49,16 +48,23 @@ def test_stepwise_batching_at_one_equals_sequential_server():
 
 
 def test_continuous_batching_decodes_together():
-    b = ContinuousBatcher(max_batch=2)
-    for i in range(3):
-        b.add(Sequence(i, prompt_tokens=4, output_tokens=2))
-    step = b.next_step()
-    assert step.is_prefill and [s.request_id for s in step.sequences] == [0, 1]
-    assert b.complete(step) == []
-    step = b.next_step()
-    assert not step.is_prefill and step.context_tokens == 2 * (4 + 1)
-    assert [s.request_id for s in b.complete(step)] == [0, 1]
-    assert [s.request_id for s in b.next_step().sequences] == [2]
+    # max batch 2, three requests of 4 prompt + 2 output tokens queued at 0 (times by hand from COST):
+    # step 1 prefills requests 0 and 1 together: 0.3 + 0.002 * 8 = 0.316
+    # step 2 decodes both over 5 + 5 cached tokens: 0.05 + 0.01 * 2 + 0.0001 * 10 = 0.071 -> both done at 0.387
+    # step 3 prefills request 2 (0.308), step 4 decodes it (0.0605) -> done at 0.7555
+    reqs = [Request(i, 0.0, 4, 2) for i in range(3)]
+    assert _finish_times(BatchingServer(COST, 2), reqs) == pytest.approx([0.387, 0.387, 0.7555], abs=1e-12)
+
+
+def test_prefill_joins_a_running_decode_step():
+    # A (4 prompt, 3 output) alone: prefill 0.308, decode over 5 tokens 0.0605 -> 0.3685. B (6 prompt, 2 output)
+    # arrives at 0.35 and joins the next step with A's decode: one weight scan (max fixed 0.3) + 6 prompt tokens
+    # + one decoding sequence over 6 tokens = 0.3 + 0.012 + 0.01 + 0.0006 = 0.3226 -> A done at 0.6911.
+    # B then decodes alone over 7 tokens: 0.0607 -> done at 0.7518.
+    a, b = Request(0, 0.0, 4, 3), Request(1, 0.35, 6, 2)
+    done = {c.request.request_id: c for c in simulate([ReplicaModel(COST, 2)], [a, b], RoundRobin())}
+    assert done[0].finish_s == pytest.approx(0.6911, abs=1e-12)
+    assert done[1].finish_s == pytest.approx(0.7518, abs=1e-12)
 
 
 def test_poisson_rate_and_gamma_burstiness():
