@@ -116,13 +116,15 @@ async def send_request(client: httpx.AsyncClient, config: BenchConfig, run_start
                         ttft_s = time.perf_counter() - start
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
+                # Some servers (transformers serve's /completions) end with a finish_reason and never send [DONE].
+                done = done or any(c.get("finish_reason") for c in chunk.get("choices") or [])
     except (httpx.HTTPError, OSError) as err:
         return RequestResult(start_s, error=describe_exception(err, config.timeout_s))
     except json.JSONDecodeError as err:
         return RequestResult(start_s, error=f"unparsable stream chunk: {err}")
     e2e_s = time.perf_counter() - start
     if not done:
-        return RequestResult(start_s, error="stream ended without [DONE]")
+        return RequestResult(start_s, error="stream ended without [DONE] or a finish_reason")
     if ttft_s is None:
         return RequestResult(start_s, e2e_s=e2e_s, error="stream carried no content")
     if usage_tokens is not None:

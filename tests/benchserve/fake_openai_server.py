@@ -13,12 +13,13 @@ import httpx
 class FakeServer:
     """Answers /v1/completions and /v1/chat/completions with `tokens` chunks: the first after `ttft_s`, the rest
     `tpot_s` apart. `fail_every` > 0 answers every n-th request with HTTP 500; `drop_after` > 0 closes the stream
-    after that many chunks, without [DONE]."""
+    after that many chunks. Without `send_done` the last chunk carries finish_reason and no [DONE] follows."""
 
     tokens: int = 5
     ttft_s: float = 0.0
     tpot_s: float = 0.0
     send_usage: bool = True
+    send_done: bool = True
     fail_every: int = 0
     drop_after: int = 0
     payloads: list[dict] = field(default_factory=list)
@@ -56,7 +57,10 @@ class FakeServer:
                 yield sse({"choices": [], "usage": {"completion_tokens": self.tokens, "prompt_tokens": 3}})
         finally:
             self.in_flight -= 1
-        yield b"data: [DONE]\n\n"
+        if self.send_done:
+            yield b"data: [DONE]\n\n"
+        else:
+            yield sse({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
 
 
 def sse(obj: dict) -> bytes:

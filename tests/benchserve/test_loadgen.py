@@ -41,6 +41,12 @@ def test_tokens_are_counted_from_chunks_without_usage_and_chat_reads_deltas():
     assert server.payloads[0]["messages"] == [{"role": "user", "content": config().prompt}]
 
 
+def test_a_finish_reason_ends_a_stream_that_sends_no_done():
+    server = FakeServer(tokens=3, send_done=False, send_usage=False)
+    run = run_benchmark(config(num_requests=2), transport=server.transport())
+    assert all(r.is_ok and r.output_tokens == 3 for r in run.requests)
+
+
 def test_payload_sends_ignore_eos_only_with_the_flag():
     server = FakeServer()
     run_benchmark(config(num_requests=1), transport=server.transport())
