@@ -1,0 +1,67 @@
+"""`hexgen serve` options and plans: defaults, the default local plan's shape, user errors as one line."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from serve_helpers import REPO_ROOT, write_plan
+
+from hexgen.cli import build_parser
+from hexgen.engine.checkpoint import resolve_model
+from hexgen.models import load_model_spec
+from hexgen.plan import LOCAL_MACHINE
+from hexgen.server.launch import default_local_plan
+
+
+def test_defaults_listen_on_loopback_8000():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.dispatch, args.api_key, args.plan) == (
+        "127.0.0.1", 8000, "least-outstanding", None, None
+    )  # fmt: skip
+    for policy in ("round-robin", "least-outstanding", "capacity-weighted"):
+        assert build_parser().parse_args(["serve", "--dispatch", policy]).dispatch == policy
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dispatch", "random"])
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2-135m"])
+def test_default_local_plan_has_two_replicas_one_asymmetric(model, chat_model_dir):
+    spec = load_model_spec(str(chat_model_dir)) if model == "tiny" else resolve_model(model, progress=False).spec
+    plan = default_local_plan(spec)
+    assert len(plan.replicas) >= 2
+    asymmetric = [r for r in plan.replicas if len(r.stages) >= 2 and len({s.tp for s in r.stages}) >= 2]
+    assert asymmetric
+    assert {s.machine for r in plan.replicas for s in r.stages} == {LOCAL_MACHINE}
+    for replica in plan.replicas:  # each replica covers every layer once, in order
+        assert [s.layers[0] for s in replica.stages][0] == 0 and replica.stages[-1].layers[1] == spec.num_layers
+        assert all(a.layers[1] == b.layers[0] for a, b in zip(replica.stages, replica.stages[1:], strict=False))
+    if model == "tiny":  # 4 heads / 2 KV heads: widest TP 2; a third of 4 layers rounds to 1
+        assert [(s.tp, s.layers) for s in plan.replicas[0].stages] == [(2, (0, 3)), (1, (3, 4))]
+    else:  # SmolLM2: 9 heads / 3 KV heads -> TP 3; 30 layers -> 20 + 10
+        assert [(s.tp, s.layers) for s in plan.replicas[0].stages] == [(3, (0, 20)), (1, (20, 30))]
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / "hexgen"), "serve", *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
+    remote = write_plan(tmp_path / "remote.json", chat_model_dir, [[([0], (0, 4))]])
+    remote.write_text(remote.read_text().replace('"localhost"', '"gpu-box-7"'))
+    bad_layers = write_plan(tmp_path / "layers.json", chat_model_dir, [[([0], (0, 3))]])
+    cases = [
+        (["--plan", str(remote)], "gpu-box-7"),
+        (["--plan", str(bad_layers)], "layers"),
+        (["--plan", str(tmp_path / "missing.json")], "cannot read plan"),
+        (["--port", "0"], "--port"),
+        (["--max-queue", "0"], "--max-queue"),
+    ]
+    for args, words in cases:
+        result = _serve("--model", str(chat_model_dir), *args)
+        assert result.returncode == 2, result.stderr
+        assert words in result.stderr and "Traceback" not in result.stderr
+        assert result.stderr.startswith("hexgen serve: error:")
