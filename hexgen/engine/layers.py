@@ -66,54 +66,40 @@ class RowParallelLinear(nn.Module):
         return F.linear(x, self.weight)  # [T, in // tp_degree] -> partial [T, out]
 
 
-class VocabShard:
-    """Rows [start, end) of the vocabulary owned by this rank; every shard is padded to one size."""
-
-    def __init__(self, vocab_size: int, tp: TPGroup):
-        self.vocab_size = vocab_size
-        self.padded_rows = -(-vocab_size // tp.tp_degree)
-        self.start = min(tp.tp_rank * self.padded_rows, vocab_size)
-        self.end = min(self.start + self.padded_rows, vocab_size)
-
-    def read(self, reader: CheckpointReader, name: str, hidden_size: int, out: torch.Tensor) -> None:
-        reader.check_shape(name, (self.vocab_size, hidden_size))
-        out.zero_()
-        out[: self.end - self.start].copy_(reader.read(name, rows=(self.start, self.end)))
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Each rank embeds the token ids in its vocabulary shard; an all-reduce assembles the rows."""
+class VocabShardedWeight(nn.Module):
+    """A [vocab, hidden] matrix of which this rank holds rows [start, end), zero-padded so every rank's shard
+    has the same number of rows (equal shapes for the collectives)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
         self.tp = tp
+        self.vocab_size = vocab_size
         self.hidden_size = hidden_size
-        self.shard = VocabShard(vocab_size, tp)
-        self.weight = nn.Parameter(torch.empty(self.shard.padded_rows, hidden_size, dtype=dtype), requires_grad=False)
+        self.padded_rows = -(-vocab_size // tp.tp_degree)
+        self.start = min(tp.tp_rank * self.padded_rows, vocab_size)
+        self.end = min(self.start + self.padded_rows, vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.padded_rows, hidden_size, dtype=dtype), requires_grad=False)
 
     def load(self, reader: CheckpointReader, name: str) -> None:
-        self.shard.read(reader, name, self.hidden_size, self.weight.data)
+        reader.check_shape(name, (self.vocab_size, self.hidden_size))
+        self.weight.data.zero_()
+        self.weight.data[: self.end - self.start].copy_(reader.read(name, rows=(self.start, self.end)))
+
+
+class VocabParallelEmbedding(VocabShardedWeight):
+    """Each rank embeds the token ids in its vocabulary shard; an all-reduce assembles the rows."""
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.tp_degree == 1:
             return F.embedding(token_ids, self.weight)
-        owned = (token_ids >= self.shard.start) & (token_ids < self.shard.end)
-        local_ids = torch.where(owned, token_ids - self.shard.start, 0)
+        owned = (token_ids >= self.start) & (token_ids < self.end)
+        local_ids = torch.where(owned, token_ids - self.start, 0)
         rows = F.embedding(local_ids, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)  # [T, H]
         return self.tp.all_reduce(rows)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(VocabShardedWeight):
     """Logits for this rank's vocabulary shard; the stage gathers the shards on its leader."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup, dtype: torch.dtype):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.shard = VocabShard(vocab_size, tp)
-        self.weight = nn.Parameter(torch.empty(self.shard.padded_rows, hidden_size, dtype=dtype), requires_grad=False)
-
-    def load(self, reader: CheckpointReader, name: str) -> None:
-        self.shard.read(reader, name, self.hidden_size, self.weight.data)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight)  # [B, H] -> [B, padded_rows]

@@ -9,7 +9,7 @@ from engine_helpers import spawn_ranks
 from layer_ranks import COLUMN_PARTS, HIDDEN, IN_FEATURES, ROW_OUT, TOKENS, VOCAB, layer_rank
 from safetensors.torch import save_file
 
-from hexgen.engine.layers import VocabShard
+from hexgen.engine.layers import VocabShardedWeight
 from hexgen.engine.parallel import TPGroup
 
 
@@ -82,5 +82,5 @@ def test_lm_head_gathers_full_logits_on_leader(rank_outputs):
     (3, 4, [(0, 1), (1, 2), (2, 3), (3, 3)]),  # more ranks than rows: the last shard is all padding
 ])
 def test_vocab_shard_ranges(vocab, tp, expected):
-    shards = [VocabShard(vocab, TPGroup(r, tp)) for r in range(tp)]
+    shards = [VocabShardedWeight(vocab, 4, TPGroup(r, tp), torch.float32) for r in range(tp)]
     assert [(s.start, s.end) for s in shards] == expected
