@@ -1,5 +1,7 @@
 """Start each installed baseline server in turn, run `hexgen bench serve` at concurrency 1 and 16 against it, stop
-it, and write one Markdown table to docs/bench-serve.md. Usage: .venv/bin/python scripts/bench_serve_all.py [-h]."""
+it, and write one Markdown table to docs/bench-serve.md. Usage: .venv/bin/python scripts/bench_serve_all.py [-h].
+Measurements are kept in docs/bench-serve.json; a run with --only replaces the rows of the servers it runs and keeps
+the others, so one baseline can be re-measured alone."""
 
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}"
 
 
-def table_row(label: str, precision: str, concurrency: int, s: dict) -> str:
+def table_row(row: dict) -> str:
+    label, precision, concurrency, s = row["label"], row["precision"], row["concurrency"], row["summary"]
     mean_tokens = s["output_tokens"] / s["completed"] if s["completed"] else 0
     return (f"| {label} | {precision} | {concurrency} | {s['completed']}/{s['failed']} | {mean_tokens:.0f} | "
             f"**{s['output_throughput_tps']:.1f}** | {s['request_throughput_rps']:.2f} | {ms(s['ttft_s']['p50'])} | "
@@ -103,7 +106,7 @@ def cpu_line() -> str:
 
 
 def load_average() -> str:
-    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> int:
@@ -114,20 +117,18 @@ def main() -> int:
     p.add_argument("--hexgen-url", help="also bench a running `hexgen serve` at this base URL (.../v1)")
     p.add_argument("--hexgen-model", default="smollm2-135m")
     p.add_argument("--hf-continuous-batching", action="store_true", help="add a row for HF's continuous batching")
-    p.add_argument("--only", nargs="+", help="substrings of start scripts to run, e.g. hf vllm")
+    p.add_argument("--only", nargs="+",
+                   help="substrings of start scripts to run, e.g. `hf vllm`; keeps the stored rows of the others "
+                        "(`--only hexgen --hexgen-url URL` adds hexgen serve alone)")
     p.add_argument("--out", default=str(REPO / "docs" / "bench-serve.md"))
     args = p.parse_args()
 
-    rows, commands, notes = [], [], []
+    store = Path(args.out).with_suffix(".json")
+    kept = json.loads(store.read_text()) if store.exists() and args.only else []
+    rows, notes = [], []
     if args.hexgen_url:
         for c in (1, 16):
-            summary, command = bench(args.hexgen_url, args.hexgen_model, c, args, ignore_eos=True)
-            rows.append(table_row("**hexgen serve**", "fp32", c, summary))
-            commands.append(command)
-    else:
-        rows.append("| **hexgen serve** | fp32 | 1, 16 | _placeholder: run this script with `--hexgen-url "
-                    "http://127.0.0.1:PORT/v1` once `hexgen serve` exists_ | | | | | | |")
-    loads = []
+            rows.append(measure("**hexgen serve**", "fp32", args.hexgen_url, args.hexgen_model, c, args, True))
     for label, precision, script, env in baselines(args):
         print(f"== {label} [{precision}]: starting {script.name}", file=sys.stderr, flush=True)
         try:
@@ -137,20 +138,35 @@ def main() -> int:
             continue
         try:
             for c in (1, 16):
-                loads.append(load_average())
-                summary, command = bench(url, model, c, args, ignore_eos="start_hf" not in script.name)
-                rows.append(table_row(label, precision, c, summary))
-                commands.append(command)
+                rows.append(measure(label, precision, url, model, c, args, "start_hf" not in script.name))
         except subprocess.CalledProcessError as err:
             notes.append(f"- {label} [{precision}]: `hexgen bench serve` failed with exit code {err.returncode}")
         finally:
             stop(proc)
-    write_doc(Path(args.out), args, rows, commands, notes, loads)
+    measured = {(r["label"], r["precision"]) for r in rows}
+    rows = [r for r in kept if (r["label"], r["precision"]) not in measured] + rows
+    store.write_text(json.dumps(rows, indent=2) + "\n")
+    write_doc(Path(args.out), args, rows, notes)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
-def write_doc(path: Path, args, rows, commands, notes, loads) -> None:
+def measure(label: str, precision: str, url: str, model: str, concurrency: int, args: argparse.Namespace,
+            ignore_eos: bool) -> dict:
+    load = load_average()
+    summary, command = bench(url, model, concurrency, args, ignore_eos)
+    return {"label": label, "precision": precision, "concurrency": concurrency, "summary": summary,
+            "command": command, "load_before": load, "date": datetime.date.today().isoformat()}
+
+
+def write_doc(path: Path, args, rows: list[dict], notes: list[str]) -> None:
+    placeholder = ("| **hexgen serve** | fp32 | 1, 16 | _placeholder: run this script with `--hexgen-url "
+                   "http://127.0.0.1:PORT/v1` once `hexgen serve` exists_ | | | | | | |")
+    has_hexgen = any(r["label"] == "**hexgen serve**" for r in rows)
+    lines = ([] if has_hexgen else [placeholder]) + [table_row(r) for r in rows]
+    loads = ", ".join(f"{r['label'].split(' (')[0]} {r['precision']} c{r['concurrency']}: {r['load_before']}"
+                      for r in rows)
+    dates = sorted({r["date"] for r in rows}) or [datetime.date.today().isoformat()]
     header = ("| server | weights | concurrency | ok/failed | out tokens/req | **output tok/s** | req/s "
               "| TTFT p50 (ms) | TPOT p50 (ms) | e2e p50 / p99 (ms) |\n|---|---|---|---|---|---|---|---|---|---|")
     text = f"""# Serving benchmark: hexgen serve beside other servers
@@ -160,24 +176,30 @@ to `/v1/completions` with `stream: true`), `max_tokens {args.max_tokens}`, greed
 Concurrency 1: {args.requests_c1} requests one after another; concurrency 16: 16 closed-loop streams,
 {args.requests_per_stream * 16} requests. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (tokens - 1).
 
-- Date: {datetime.date.today().isoformat()}; CPU: {cpu_line()}; 1-minute load average before each run:
-  {", ".join(loads) or "-"} (a load above ~2 means other work shared the 2 cores and slowed every number).
+- Date: {", ".join(dates)}; CPU: {cpu_line()}.
+- Load average (1/5/15 min) before each run: {loads or "-"}. A load above ~2 means other work shared the
+  2 cores and slowed every number.
 - Generated by `.venv/bin/python scripts/bench_serve_all.py` (scripts in `scripts/baselines/`; each baseline has its
   own virtual environment under `baselines/`, none is a hexgen dependency).
-- `ignore_eos` is sent to vLLM and llama.cpp so every request makes exactly `max_tokens` tokens; HF's
-  `transformers serve` rejects unknown fields (HTTP 422), so its requests stop at EOS if the model emits it
-  (the "out tokens/req" column shows whether that happened).
+- `ignore_eos` is sent to vLLM and llama.cpp so that every request makes exactly `max_tokens` tokens; vLLM honours
+  it, llama-cpp-python's server silently drops it, and HF's `transformers serve` rejects it (HTTP 422), so those two
+  stop at EOS if the model emits it (the "out tokens/req" column shows whether that happened). Output tokens come
+  from the stream's `usage` where the server sends it (vLLM, HF) and from counting content chunks otherwise
+  (llama.cpp, one token per chunk).
 - Precision differs: HF and vLLM serve the fp32 safetensors that hexgen converts from the shipped GGUF; llama.cpp
   serves the shipped Q4_1 GGUF itself (4-bit weights, much less memory traffic per token), and an f32 GGUF where the
   row says so.
+- HF's `transformers serve --continuous-batching` (paged attention) runs on CPU but was far slower per token than
+  its default path in a trial here (0.7 tok/s at concurrency 4, 5 s per token, on a loaded machine), so it is left
+  out unless `--hf-continuous-batching` is given.
 
 {header}
-{chr(10).join(rows)}
+{chr(10).join(lines)}
 
 Commands (MODEL is the name each server expects; see `scripts/baselines/start_*.sh`):
 
 ```
-{chr(10).join(dict.fromkeys(commands))}
+{chr(10).join(dict.fromkeys(r["command"] for r in rows))}
 ```
 """
     if notes:

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Write baselines/smollm2-135m-f32.gguf: the same fp32 weights the HF and vLLM baselines serve, as an f32 GGUF for
-# llama.cpp. Uses the converter shipped in the llama-cpp-python 0.3.36 sdist, run with the project's venv
-# (transformers, gguf 0.19.0 and torch are already there).
+# llama.cpp. Uses the converter shipped in the llama-cpp-python 0.3.36 sdist with its vendored gguf-py (PyPI's
+# gguf 0.19.0 lacks LazyChunkedTensor, which the converter needs), in baselines/.venv-gguf with the converter's own
+# pins (transformers 4.57.6, sentencepiece, torch 2.13.0 from the local wheel).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 OUT="${BASELINES_DIR}/smollm2-135m-f32.gguf"
 SRC="${BASELINES_DIR}/llama-cpp-src"
-if [[ ! -f "${SRC}/convert_hf_to_gguf.py" ]]; then
+if [[ ! -f "${SRC}/gguf-py/gguf/__init__.py" ]]; then
     mkdir -p "${SRC}"
-    "${PROJECT_PY}" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "${SRC}"
+    [[ -f "${SRC}/llama_cpp_python-0.3.36.tar.gz" ]] || "${PROJECT_PY}" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "${SRC}"
     tar xzf "${SRC}"/llama_cpp_python-0.3.36.tar.gz -C "${SRC}" --strip-components=3 --wildcards \
-        '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*'
+        '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
 fi
-"${PROJECT_PY}" "${SRC}/convert_hf_to_gguf.py" "$(model_folder)" --outtype f32 --outfile "${OUT}"
+VENV="$(venv_dir gguf)"
+if [[ ! -x "${VENV}/bin/python" ]]; then
+    python3.11 -m venv "${VENV}"
+    "${VENV}/bin/pip" install -q "torch==2.13.0" "transformers==4.57.6" sentencepiece safetensors numpy pyyaml
+fi
+MODEL_DIR="$(model_folder)"
+PYTHONPATH="${SRC}/gguf-py" "${VENV}/bin/python" "${SRC}/convert_hf_to_gguf.py" "${MODEL_DIR}" --outtype f32 --outfile "${OUT}"
 echo "wrote ${OUT}"
