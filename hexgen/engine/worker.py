@@ -38,8 +38,9 @@ def rank_main(
     except UserError as err:
         channel.put(("error", spec.rank, str(err)))
         sys.exit(2)
-    except Exception:  # noqa: BLE001 - reported to the parent, which stops every rank
-        channel.put(("error", spec.rank, traceback.format_exc(limit=6)))
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which stops every rank
+        traceback.print_exc()  # the whole story on this rank's stderr; one line to the parent
+        channel.put(("error", spec.rank, f"{type(err).__name__}: {err}".splitlines()[0]))
         sys.exit(1)
     finally:
         if dist.is_initialized():

@@ -110,7 +110,7 @@ class ReplicaClient:
             elif kind == "heartbeat":
                 self.load = dict(message[1])
             elif kind == "error":
-                await self.mark_down(f"rank {message[1]} failed: {message[2].strip().splitlines()[-1]}")
+                await self.mark_down(f"rank {message[1]} failed: {message[2]}")
 
     def _deliver(self, request_id: str, item: TokenEvent | Rejected) -> None:
         queue = self._queues.get(request_id)
