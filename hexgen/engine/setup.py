@@ -13,7 +13,6 @@ from rich.progress import Progress
 from hexgen.engine.checkpoint import ModelSource, eos_token_ids, resolve_model
 from hexgen.engine.generation import Completion, run_requests
 from hexgen.engine.messages import GenerationRequest, SamplingParams
-from hexgen.engine.replica import open_local_replica
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import ConfigError, UserError
 from hexgen.plan import Replica, single_replica_plan
@@ -45,6 +44,8 @@ class GenerationJob:
     eos_token_ids: tuple[int, ...]
 
     def open_replica(self):
+        from hexgen.engine.replica import open_local_replica  # torch loads only once every check has passed
+
         config = SchedulerConfig(max_running_seqs=max(32, len(self.requests)), max_context=self.source.spec.max_context)
         return open_local_replica(self.source, self.replica_plan, self.dtype, self.device, config, self.eos_token_ids)
 
