@@ -18,6 +18,17 @@ if [[ ! -x "${VENV}/bin/python" ]]; then
     python3.11 -m venv "${VENV}"
     "${VENV}/bin/pip" install -q "torch==2.13.0" "transformers==4.57.6" sentencepiece safetensors numpy pyyaml
 fi
-MODEL_DIR="$(model_folder)"
+# transformers 4.57 does not know the "TokenizersBackend" class that transformers 5 writes; give it a copy of the
+# folder (weights linked) whose tokenizer_config names the equivalent GPT2TokenizerFast.
+MODEL_DIR="${BASELINES_DIR}/gguf-input"
+SRC_MODEL_DIR="$(model_folder)"
+mkdir -p "${MODEL_DIR}"
+ln -sf "${SRC_MODEL_DIR}"/{config.json,model.safetensors,tokenizer.json} "${MODEL_DIR}/"
+"${PROJECT_PY}" - "${SRC_MODEL_DIR}/tokenizer_config.json" "${MODEL_DIR}/tokenizer_config.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["tokenizer_class"] = "GPT2TokenizerFast"
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+PY
 PYTHONPATH="${SRC}/gguf-py" "${VENV}/bin/python" "${SRC}/convert_hf_to_gguf.py" "${MODEL_DIR}" --outtype f32 --outfile "${OUT}"
 echo "wrote ${OUT}"
