@@ -172,9 +172,9 @@ def write_doc(path: Path, args, rows: list[dict], notes: list[str]) -> None:
     text = f"""# Serving benchmark: hexgen serve beside other servers
 
 Same embedded model (SmolLM2-135M-Instruct), same prompt (the default of `hexgen bench serve`, a story opening sent
-to `/v1/completions` with `stream: true`), `max_tokens {args.max_tokens}`, greedy, 2 warm-up requests not measured.
-Concurrency 1: {args.requests_c1} requests one after another; concurrency 16: 16 closed-loop streams,
-{args.requests_per_stream * 16} requests. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (tokens - 1).
+to `/v1/completions` with `stream: true`), greedy, 2 warm-up requests not measured; `max_tokens` and the number of
+requests are in the commands below. Concurrency 16 means 16 closed-loop streams, each sending its next request when
+its last one ends. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (tokens - 1).
 
 - Date: {", ".join(dates)}; CPU: {cpu_line()}.
 - Load average (1/5/15 min) before each run: {loads or "-"}. A load above ~2 means other work shared the
@@ -189,6 +189,10 @@ Concurrency 1: {args.requests_c1} requests one after another; concurrency 16: 16
 - Precision differs: HF and vLLM serve the fp32 safetensors that hexgen converts from the shipped GGUF; llama.cpp
   serves the shipped Q4_1 GGUF itself (4-bit weights, much less memory traffic per token), and an f32 GGUF where the
   row says so.
+- Neither HF's `transformers serve` (default path) nor llama-cpp-python's server batches requests: they serve one at
+  a time, so at concurrency 16 TTFT is mostly queueing. llama-cpp-python's server by default cuts off the stream in
+  progress when a new request arrives (5 of 64 tokens per request in a first run here); `start_llamacpp.sh` turns
+  that off (`--interrupt_requests False`).
 - HF's `transformers serve --continuous-batching` (paged attention) runs on CPU but was far slower per token than
   its default path in a trial here (0.7 tok/s at concurrency 4, 5 s per token, on a loaded machine), so it is left
   out unless `--hf-continuous-batching` is given.

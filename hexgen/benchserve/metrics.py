@@ -52,12 +52,14 @@ def meets_slo(result: RequestResult, slo: SloTargets) -> bool:
 
 @dataclass(frozen=True)
 class Summary:
-    """The numbers a run reports. Throughputs are over the run's wall time; errors are counted, not timed."""
+    """The numbers a run reports. Throughputs are over the run's wall time; errors are counted, not timed.
+    `short_requests` ended before max_tokens (EOS, or a server that cut the stream short)."""
 
     completed: int
     failed: int
     duration_s: float
     output_tokens: int
+    short_requests: int
     tokens_source: str
     request_throughput_rps: float
     output_throughput_tps: float
@@ -83,6 +85,7 @@ def summarize(run: RunResult) -> Summary:
         failed=len(failed),
         duration_s=run.duration_s,
         output_tokens=output_tokens,
+        short_requests=sum(r.output_tokens < run.config.max_tokens for r in ok),
         tokens_source="+".join(sources) if sources else "none",
         request_throughput_rps=len(ok) / duration_s,
         output_throughput_tps=output_tokens / duration_s,

@@ -42,6 +42,8 @@ def render_table(config: BenchConfig, summary: Summary) -> Table:
                   f"{summary.output_throughput_tps:.1f}", "", "", "")
     table.add_row("mean output tokens / request",
                   f"{summary.output_tokens / summary.completed:.1f}" if summary.completed else "-", "", "", "")
+    if summary.short_requests:
+        table.add_row("[yellow]requests ending before max_tokens[/yellow]", str(summary.short_requests), "", "", "")
     if summary.slo_attainment is not None:
         slo = config.slo
         targets = ", ".join(f"{n} <= {v:g} s" for n, v in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s),

@@ -9,5 +9,7 @@ VENV="$(venv_dir llamacpp)"
 [[ -x "${VENV}/bin/python" ]] || { echo "no ${VENV}: run scripts/baselines/install_llamacpp.sh first" >&2; exit 1; }
 GGUF="${GGUF:-$(embedded_gguf)}"
 [[ -f "${GGUF}" ]] || { echo "no GGUF at ${GGUF}" >&2; exit 1; }
+# By default a new request cuts off the stream in progress (interrupt_requests); off, requests wait their turn.
 run_server "${BASELINES_DIR}/llamacpp.log" "${VENV}/bin/python" -m llama_cpp.server --model "${GGUF}" \
-    --model_alias "${SERVED_MODEL_NAME}" --host 127.0.0.1 --port "${PORT}" --n_threads "$(nproc)" --n_ctx 2048
+    --model_alias "${SERVED_MODEL_NAME}" --host 127.0.0.1 --port "${PORT}" --n_threads "$(nproc)" --n_ctx 2048 \
+    --interrupt_requests False

@@ -42,7 +42,7 @@ def test_summary_and_slo_attainment_by_hand():
     slo = SloTargets(ttft_s=0.25, tpot_s=0.15, e2e_s=1.5)
     cfg = BenchConfig(base_url="http://x/v1", model="m", slo=slo)
     s = summarize(RunResult(cfg, requests, duration_s=2.0))
-    assert (s.completed, s.failed, s.output_tokens) == (4, 1, 31)
+    assert (s.completed, s.failed, s.output_tokens, s.short_requests) == (4, 1, 31, 4)  # max_tokens 64
     assert s.slo_attainment == pytest.approx(2 / 5)
     assert s.request_throughput_rps == pytest.approx(2.0) and s.output_throughput_tps == pytest.approx(15.5)
     assert s.ttft_s.p50 == pytest.approx(0.15) and s.e2e_s.p90 == pytest.approx(1.76)
