@@ -26,7 +26,12 @@ HEXGEN = [sys.executable, "-m", "hexgen.cli"]
 def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, str]]]:
     """(label, precision, start script, extra env) for every baseline asked for whose venv exists."""
     have = {name: (REPO / "baselines" / f".venv-{name}" / "bin" / "python").exists() for name in ("vllm", "llamacpp")}
-    rows = [("HF transformers `transformers serve` (one request at a time)", "fp32", BASELINES / "start_hf.sh", {})]
+    plans = REPO / "examples" / "plans"
+    rows = [("**hexgen serve** (one replica, one process)", "fp32", BASELINES / "start_hexgen.sh",
+             {"PLAN": str(plans / "local-single.json")}),
+            ("**hexgen serve** (default plan: TP 3 + TP 1 stages, and TP 1; 5 processes)", "fp32",
+             BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-default.json")}),
+            ("HF transformers `transformers serve` (one request at a time)", "fp32", BASELINES / "start_hf.sh", {})]
     if args.hf_continuous_batching:
         rows.append(("HF transformers `transformers serve --continuous-batching`", "fp32",
                      BASELINES / "start_hf.sh", {"HF_CB": "1"}))
@@ -162,7 +167,7 @@ def measure(label: str, precision: str, url: str, model: str, concurrency: int, 
 def write_doc(path: Path, args, rows: list[dict], notes: list[str]) -> None:
     placeholder = ("| **hexgen serve** | fp32 | 1, 16 | _placeholder: run this script with `--hexgen-url "
                    "http://127.0.0.1:PORT/v1` once `hexgen serve` exists_ | | | | | | |")
-    has_hexgen = any(r["label"] == "**hexgen serve**" for r in rows)
+    has_hexgen = any(r["label"].startswith("**hexgen serve**") for r in rows)
     lines = ([] if has_hexgen else [placeholder]) + [table_row(r) for r in rows]
     loads = ", ".join(f"{r['label'].split(' (')[0]} {r['precision']} c{r['concurrency']}: {r['load_before']}"
                       for r in rows)
