@@ -51,10 +51,10 @@ class RoundRobin:
 
 
 class LeastOutstanding:
-    """The replica with the fewest requests in flight; ties go to the lowest index."""
+    """The replica with the fewest requests in flight; ties go to the faster replica, then the lowest index."""
 
     def choose(self, replicas: Sequence[ReplicaState]) -> int:
-        return min(_up_indices(replicas), key=lambda i: (replicas[i].outstanding, i))
+        return min(_up_indices(replicas), key=lambda i: (replicas[i].outstanding, -replicas[i].capacity_weight, i))
 
 
 class CapacityWeighted:

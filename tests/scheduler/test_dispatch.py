@@ -24,6 +24,8 @@ def test_round_robin_cycles_and_skips_down():
 def test_least_outstanding_and_capacity_weighted():
     states = [ReplicaState(3), ReplicaState(1), ReplicaState(1, is_up=False), ReplicaState(2)]
     assert LeastOutstanding().choose(states) == 1
+    tied = [ReplicaState(2, capacity_weight=1.0), ReplicaState(2, capacity_weight=3.0), ReplicaState(2)]
+    assert LeastOutstanding().choose(tied) == 1  # equal load: the faster replica
     weighted = [ReplicaState(3, capacity_weight=4.0), ReplicaState(1, capacity_weight=1.0)]
     assert CapacityWeighted().choose(weighted) == 0  # (3+1)/4 = 1.0 < (1+1)/1 = 2.0
 
