@@ -62,6 +62,11 @@ def resolve_model(name_or_path: str, progress: bool = True) -> ModelSource:
     return ModelSource(name_or_path, directory, spec)
 
 
+def embedded_spec(name: str) -> ModelSpec | None:
+    """The shape of an embedded model from its preset, known before any conversion; None for other models."""
+    return load_model_spec(name) if name in EMBEDDED_MODELS else None
+
+
 def embedded_gguf_path(alias: str) -> Path:
     package, filename = EMBEDDED_MODELS[alias]
     spec = importlib.util.find_spec(package)  # locate without importing: the package imports heavy deps

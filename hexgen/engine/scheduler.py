@@ -51,6 +51,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[GenerationRequest] = deque()
         self.running: dict[str, Sequence] = {}
+        self.peak_running = 0  # the most sequences ever batched in one step (continuous batching at work)
         self._free_slots = list(range(config.max_running_seqs - 1, -1, -1))
         self._freed: list[int] = []  # slots to release on every rank with the next step
         self._aborted: list[TokenEvent] = []
@@ -95,6 +96,7 @@ class Scheduler:
             budget -= self._add_to_plan(plan, seq, budget)
         if not plan.slots and not plan.freed:
             return None
+        self.peak_running = max(self.peak_running, len(plan.slots))
         return plan
 
     def _add_to_plan(self, plan: StepPlan, seq: Sequence, budget: int) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.progress import Progress
 
-from hexgen.engine.checkpoint import ModelSource, eos_token_ids, resolve_model
+from hexgen.engine.checkpoint import ModelSource, embedded_spec, eos_token_ids, resolve_model
 from hexgen.engine.generation import Completion, run_requests
 from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
@@ -72,8 +72,12 @@ class GenerationJob:
 
 
 def load_for_generation(args: argparse.Namespace) -> GenerationJob:
+    layers = list(args.tp), list(args.layers) if args.layers else None
+    known = embedded_spec(args.model)
+    if known is not None:  # check the layout before a first-use conversion of the embedded model
+        single_replica_plan(known, *layers)
     source = resolve_model(args.model)
-    plan = single_replica_plan(source.spec, list(args.tp), list(args.layers) if args.layers else None)
+    plan = single_replica_plan(source.spec, *layers)
     if args.device == "cuda":
         _check_cuda(plan.replicas[0].world_size)
     try:

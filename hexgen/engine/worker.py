@@ -6,6 +6,7 @@ channel (see hexgen/launch/channel.py); the driver then serves commands and send
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -39,7 +40,10 @@ def rank_main(
         channel.put(("error", spec.rank, str(err)))
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which stops every rank
-        traceback.print_exc()  # the whole story on this rank's stderr; one line to the parent
+        # One line to the parent (a peer's death shows up here as a gloo error on every other rank);
+        # HEXGEN_DEBUG=1 also prints the rank's traceback.
+        if os.environ.get("HEXGEN_DEBUG"):
+            traceback.print_exc()
         channel.put(("error", spec.rank, f"{type(err).__name__}: {err}".splitlines()[0]))
         sys.exit(1)
     finally:
@@ -69,7 +73,8 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
                 channel.put(("events", events))
         now = time.monotonic()
         if now - last_beat >= HEARTBEAT_S:
-            channel.put(
-                ("heartbeat", {"running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)})
-            )
+            scheduler = engine.scheduler
+            stats = {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                     "peak_running": scheduler.peak_running}
+            channel.put(("heartbeat", stats))
             last_beat = now

@@ -174,6 +174,7 @@ def _replica_status(replica) -> dict[str, Any]:
         "capacity_weight": replica.state.capacity_weight,
         "running": replica.load.get("running", 0),
         "waiting": replica.load.get("waiting", 0),
+        "peak_running": replica.load.get("peak_running", 0),  # the largest batch the replica has run
         "ranks": replica.world_size,
         "stages": [s.to_dict() for s in replica.plan.stages],
     }
