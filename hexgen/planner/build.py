@@ -10,7 +10,8 @@ from hexgen.planner.dp import PipelineLayout
 
 
 def build_plan(model_name: str, layouts: list[PipelineLayout], meta: dict[str, Any] | None = None) -> DeploymentPlan:
-    """Stages take the next free GPU indices of their machine, replica by replica, stage by stage."""
+    """Stages take the next free GPU indices of their machine, replica by replica, stage by stage (predictions are
+    added by the caller, which knows the workload)."""
     next_gpu: Counter = Counter()
     replicas = []
     for layout in layouts:
@@ -21,5 +22,5 @@ def build_plan(model_name: str, layouts: list[PipelineLayout], meta: dict[str, A
             gpus = tuple(range(start, start + st.tp_degree))
             stages.append(Stage(st.machine, gpus, st.tp_degree, (first_layer, first_layer + st.num_layers)))
             first_layer += st.num_layers
-        replicas.append(Replica(tuple(stages), {"latency_s": round(layout.latency_s, 6)}))
+        replicas.append(Replica(tuple(stages)))
     return DeploymentPlan(model=model_name, replicas=tuple(replicas), meta=dict(meta or {}))

@@ -9,7 +9,7 @@ DP, therefore scores at least as well as the symmetric plan itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -107,7 +107,20 @@ class PlanEvaluator:
         return [self.solver.best(partition[i]) for i in self.select(partition).order]
 
     def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
-        return build_plan(self.model.name, self.layouts(partition), meta)
+        return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))
+
+    def with_predictions(self, plan: DeploymentPlan) -> DeploymentPlan:
+        """Each replica's predicted latency of one request alone and throughput at full batch (requests/s);
+        the server's capacity-weighted dispatch reads the throughput."""
+        wl = self.workload
+        replicas = []
+        for replica in plan.replicas:
+            cost = replica_cost(self.cluster, self.model, placements_of(replica, self.cluster), self.cfg)
+            batch_s = cost.batch_time_s(wl.max_batch, wl.prompt_tokens, wl.output_tokens)
+            predicted = {"latency_s": round(cost.request_latency_s(wl.prompt_tokens, wl.output_tokens), 6),
+                         "throughput_rps": round(wl.max_batch / batch_s, 6)}
+            replicas.append(replace(replica, predicted=predicted))
+        return replace(plan, replicas=tuple(replicas))
 
     def select_plan(self, plan: DeploymentPlan) -> tuple[Score, DeploymentPlan]:
         """A given plan's best fastest-first subset of replicas, and its score."""

@@ -43,9 +43,12 @@ def check_local(plan: DeploymentPlan) -> None:
 
 
 def capacity_weight(replica: Replica) -> float:
-    """Relative speed for capacity-weighted dispatch: the inverse of the planner's predicted latency."""
-    latency_s = replica.predicted.get("latency_s")
-    return 1.0 / latency_s if latency_s else 1.0
+    """Relative speed for capacity-weighted dispatch: the planner's predicted throughput, else the inverse of its
+    predicted latency, else 1."""
+    predicted = replica.predicted
+    if predicted.get("throughput_rps"):
+        return predicted["throughput_rps"]
+    return 1.0 / predicted["latency_s"] if predicted.get("latency_s") else 1.0
 
 
 def make_replicas(

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import TINY_CLUSTER
+from scheduler_helpers import TINY_CLUSTER
 
 from hexgen.cli import main
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_model
+from scheduler_helpers import tiny_model
 
 from hexgen.cluster import GpuType, Link
 from hexgen.costmodel import CostConfig, LinearCost, Workload, allreduce_s, stage_memory_bytes

@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from conftest import tiny_model
+from scheduler_helpers import tiny_model
 
 from hexgen.cluster import Cluster, GpuType, Link, Machine, Network
 from hexgen.costmodel import CostConfig, StagePlacement, Workload, replica_cost, stage_memory_bytes

@@ -7,10 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-EOS_PROMPT = "The quick brown fox"
-EOS_AT = 4  # greedy continuation of EOS_PROMPT ends with EOS as its EOS_AT-th token
-MAX_POSITIONS = 4096
+from serve_helpers import EOS_AT, EOS_PROMPT, MAX_POSITIONS
 
 
 @pytest.fixture(scope="session")

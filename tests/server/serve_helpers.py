@@ -14,6 +14,10 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+EOS_PROMPT = "The quick brown fox"
+EOS_AT = 4  # greedy continuation of EOS_PROMPT ends with EOS as its EOS_AT-th token
+MAX_POSITIONS = 4096
+
 
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes whose process group is pgid."""

@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import EOS_AT, EOS_PROMPT
-from serve_helpers import Server, metric_value, sse_events, write_plan
+from serve_helpers import EOS_AT, EOS_PROMPT, Server, metric_value, sse_events, write_plan
 
 API_KEY = "test-key"
 MAX_CONTEXT = 2048
