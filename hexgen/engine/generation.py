@@ -56,24 +56,24 @@ def run_requests(
                 continue
             now = time.monotonic()
             for event in message[1]:
-                completion = done[event.request_id]
                 if event.request_id not in live or event.token_id is None:
                     continue
+                completion = done[event.request_id]
                 completion.first_token_s = completion.first_token_s or now
                 completion.token_ids.append(event.token_id)
+                finish = event.finish_reason
                 stream = streams.get(event.request_id) if streams else None
                 if stream is not None:
                     delta = stream.add(event.token_id)
-                    if stream.stopped:
+                    if stream.stopped:  # a stop string: end the request here and free its slot
                         replica.abort(event.request_id)
-                        event = type(event)(event.request_id, event.token_id, "stop")
-                    elif event.finish_reason is not None:
+                        finish = "stop"
+                    elif finish is not None:
                         delta += stream.finish()
                     completion.text += delta
                     if on_text is not None and delta:
                         on_text(event.request_id, delta)
-                if event.finish_reason is not None:
-                    completion.finish_reason = event.finish_reason
-                    completion.finished_s = now
+                if finish is not None:
+                    completion.finish_reason, completion.finished_s = finish, now
                     live.discard(event.request_id)
     return [done[r.request_id] for r in requests]
