@@ -9,7 +9,7 @@ from dataclasses import replace
 import uvicorn
 
 from hexgen.dispatch import make_policy
-from hexgen.engine.checkpoint import eos_token_ids, resolve_model
+from hexgen.engine.checkpoint import embedded_spec, eos_token_ids, resolve_model
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.plan import load_plan
 from hexgen.server.app import create_app
@@ -20,10 +20,13 @@ from hexgen.tokenizer import Tokenizer
 
 
 async def serve(args: argparse.Namespace) -> None:
+    given = replace(load_plan(args.plan), model=args.model) if args.plan else None
+    known = embedded_spec(args.model)
+    if given is not None and known is not None:  # a bad plan fails before a first-use conversion
+        given.validate_structure(known)
     source = resolve_model(args.model)
     spec = source.spec
-    plan = load_plan(args.plan) if args.plan else default_local_plan(spec)
-    plan = replace(plan, model=args.model)
+    plan = given or default_local_plan(spec)
     plan.validate_structure(spec)
     check_local(plan)
     tokenizer = Tokenizer(source.directory)
