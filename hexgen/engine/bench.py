@@ -18,12 +18,12 @@ import torch
 
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.commbench import measure_collectives
-from hexgen.engine.engine import DTYPES, Engine, RankSpec, build_runner, init_rank
+from hexgen.engine.engine import DTYPES, Engine, build_runner, init_rank
 from hexgen.engine.generation import run_requests
 from hexgen.engine.messages import GenerationRequest, SamplingParams
-from hexgen.engine.parallel import Layout
 from hexgen.engine.replica import open_local_replica
 from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.launch.spec import Layout, RankSpec
 from hexgen.plan import single_replica_plan
 
 

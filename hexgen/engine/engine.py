@@ -14,7 +14,7 @@ from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.stage import LlamaStage
 from hexgen.engine.weights import CheckpointReader
-from hexgen.launch.spec import Layout, RankSpec, layout_of  # noqa: F401  (re-exported for callers)
+from hexgen.launch.spec import RankSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,11 +13,12 @@ import traceback
 
 import torch.distributed as dist
 
-from hexgen.engine.engine import Engine, RankSpec, build_runner, follow_driver, init_rank
+from hexgen.engine.engine import Engine, build_runner, follow_driver, init_rank
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import UserError
 from hexgen.launch.channel import ChannelAddress, RankEnd
 from hexgen.launch.lifetime import die_with_parent
+from hexgen.launch.spec import RankSpec
 
 IDLE_POLL_S = 0.05
 HEARTBEAT_S = 1.0

@@ -43,14 +43,19 @@ class RankEnd:
     def get_all(self, timeout_s: float) -> list[Any]:
         """Every waiting command; waits up to timeout_s for the first (0 = do not wait)."""
         assert self._commands is not None
-        out = []
-        if self._commands.poll(int(timeout_s * 1000)):
-            while self._commands.poll(0):
-                out.append(self._commands.recv_pyobj())
-        return out
+        return _drain(self._commands, timeout_s)
 
     def close(self) -> None:
         self._ctx.destroy(linger=LINGER_MS)
+
+
+def _drain(sock: zmq.Socket, timeout_s: float) -> list[Any]:
+    """Every message waiting on a blocking socket; waits up to timeout_s for the first."""
+    out = []
+    if sock.poll(int(timeout_s * 1000)):
+        while sock.poll(0):
+            out.append(sock.recv_pyobj())
+    return out
 
 
 def _bind_parent_sockets(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, ChannelAddress]:
@@ -74,11 +79,7 @@ class ParentEnd:
 
     def receive(self, timeout_s: float) -> list[Any]:
         """Every waiting event; waits up to timeout_s for the first."""
-        out = []
-        if self._events.poll(int(timeout_s * 1000)):
-            while self._events.poll(0):
-                out.append(self._events.recv_pyobj())
-        return out
+        return _drain(self._events, timeout_s)
 
     def close(self) -> None:
         self._commands.close()

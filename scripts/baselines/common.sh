@@ -8,6 +8,22 @@ SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-smollm2-135m}"
 
 venv_dir() { echo "${BASELINES_DIR}/.venv-$1"; }
 
+# make_venv NAME: create baselines/.venv-NAME (if missing) with an up-to-date pip; prints its path.
+make_venv() {
+    local venv; venv="$(venv_dir "$1")"
+    mkdir -p "${BASELINES_DIR}"
+    [[ -x "${venv}/bin/python" ]] || python3.11 -m venv "${venv}"
+    "${venv}/bin/pip" install -q --upgrade pip >&2
+    echo "${venv}"
+}
+
+# require_venv NAME: the path of baselines/.venv-NAME, or exit with what to run first.
+require_venv() {
+    local venv; venv="$(venv_dir "$1")"
+    [[ -x "${venv}/bin/python" ]] || { echo "no ${venv}: run scripts/baselines/install_$1.sh first" >&2; exit 1; }
+    echo "${venv}"
+}
+
 # The embedded model as an HF folder (config, tokenizer, fp32 safetensors); converted once and cached.
 model_folder() {
     "${PROJECT_PY}" -c 'from hexgen.engine.checkpoint import resolve_model; print(resolve_model("smollm2-135m").directory)'

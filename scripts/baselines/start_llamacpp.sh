@@ -5,8 +5,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 PORT="${PORT:-8103}"
-VENV="$(venv_dir llamacpp)"
-[[ -x "${VENV}/bin/python" ]] || { echo "no ${VENV}: run scripts/baselines/install_llamacpp.sh first" >&2; exit 1; }
+VENV="$(require_venv llamacpp)"
 GGUF="${GGUF:-$(embedded_gguf)}"
 [[ -f "${GGUF}" ]] || { echo "no GGUF at ${GGUF}" >&2; exit 1; }
 # By default a new request cuts off the stream in progress (interrupt_requests); off, requests wait their turn.

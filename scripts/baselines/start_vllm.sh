@@ -4,8 +4,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 PORT="${PORT:-8102}"
-VENV="$(venv_dir vllm)"
-[[ -x "${VENV}/bin/python" ]] || { echo "no ${VENV}: run scripts/baselines/install_vllm.sh first" >&2; exit 1; }
+VENV="$(require_venv vllm)"
 MODEL_DIR="$(model_folder)"
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-900}"
 # KV cache in GiB; by default vLLM reserves one of the 2 cores for itself, which halves decode speed here.

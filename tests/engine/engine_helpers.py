@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from hexgen.engine.checkpoint import resolve_model
-from hexgen.engine.engine import Engine, RankSpec, build_runner, follow_driver, init_rank, layout_of
+from hexgen.engine.engine import Engine, build_runner, follow_driver, init_rank
 from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.launch.lifetime import free_port
+from hexgen.launch.spec import RankSpec, layout_of
 from hexgen.plan import single_replica_plan
 
 
