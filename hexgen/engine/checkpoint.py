@@ -1,7 +1,8 @@
 """Resolve `--model` (the embedded model, an HF directory or a .gguf file) to a local HF-style folder.
 
-A GGUF file is converted once, with the `gguf` package, into a cached folder (config.json, tokenizer,
-fp32 safetensors with HF tensor names); every rank then reads only its shard from that folder.
+A GGUF file is converted once, with the `gguf` package, into a folder of the cache named by the file's
+sha256 (config.json, tokenizer, fp32 safetensors with HF tensor names), so every copy of one file shares it;
+every rank then reads only its shard from that folder.
 Nothing is downloaded.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -37,8 +39,12 @@ class ModelSource:
         return (self.directory / "tokenizer.json").is_file()
 
 
+CACHE_ENV = "HEXGEN_CACHE_DIR"
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("HEXGEN_CACHE_DIR", Path.home() / ".cache" / "hexgen"))
+    """Where converted GGUF files live: $HEXGEN_CACHE_DIR, else ~/.cache/hexgen."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "hexgen"))
 
 
 def resolve_model(name_or_path: str, progress: bool = True) -> ModelSource:
@@ -79,9 +85,8 @@ def embedded_gguf_path(alias: str) -> Path:
 
 
 def converted_gguf_dir(gguf_path: Path, progress: bool) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    """The cached HF folder converted from this GGUF's content; copies of one file share one entry."""
+    target = cache_root() / "gguf" / gguf_sha256(gguf_path)[:16]
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,14 +102,36 @@ def converted_gguf_dir(gguf_path: Path, progress: bool) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"hexgen: converted {gguf_path.name} into {target}", file=sys.stderr)
+    print(f"hexgen: converted {gguf_path.name} once into {target} (set {CACHE_ENV} to move the cache)", file=sys.stderr)
     return target
+
+
+def gguf_sha256(gguf_path: Path) -> str:
+    """sha256 of the file, hashed once per (path, size, mtime) and remembered in the cache's index.json."""
+    stat = gguf_path.stat()
+    index_path = cache_root() / "gguf" / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    path_key, seen = str(gguf_path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    entry = index.get(path_key)
+    if isinstance(entry, dict) and entry.get("size_mtime") == seen:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with gguf_path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    index[path_key] = {"size_mtime": seen, "sha256": digest.hexdigest()}
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = index_path.with_name(f".index-{os.getpid()}.json")
+    staged.write_text(json.dumps(index, indent=1))
+    staged.replace(index_path)  # atomic: a concurrent reader sees the old or the new index, never half of one
+    return digest.hexdigest()
 
 
 def eos_token_ids(directory: Path) -> tuple[int, ...]:
     """End-of-sequence ids from generation_config.json, else config.json (an int or a list)."""
-    import json
-
     for name in ("generation_config.json", "config.json"):
         path = directory / name
         if path.is_file():
