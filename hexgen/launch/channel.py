@@ -1,10 +1,13 @@
-"""Pickled messages between a parent (CLI or coordinator) and a replica's ranks over ZeroMQ.
+"""Typed messages (hexgen/launch/wire.py, never pickle) between a parent (CLI or coordinator) and a replica's ranks
+over ZeroMQ.
 
-Two sockets per replica, both bound by the parent on loopback ports it picks:
+Two sockets per replica, both bound by the parent on ports it picks (loopback, or the coordinator's node address
+when ranks run on other machines):
   commands  parent PUSH -> driver PULL     ("add", request) / ("abort", id) / ("shutdown",)
   events    every rank PUSH -> parent PULL  ("loaded", rank, n) / ("ready", rank) / ("error", rank, text)
                                             / ("events", [TokenEvent]) / ("rejected", id, text) / ("heartbeat", stats)
-Over TCP, so a replica on another machine can use the same code with the parent's address.
+Over TCP, so a replica on another machine can use the same code with the parent's address. A message that does
+not decode to a registered type is dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
+from hexgen.launch.wire import WireError, decode, encode
 
 LINGER_MS = 1000  # let a dying rank's last message (its error) leave before the socket closes
 
@@ -38,7 +43,7 @@ class RankEnd:
             self._commands.connect(address.commands)
 
     def put(self, message: Any) -> None:
-        self._events.send_pyobj(message)
+        self._events.send(encode(message))
 
     def get_all(self, timeout_s: float) -> list[Any]:
         """Every waiting command; waits up to timeout_s for the first (0 = do not wait)."""
@@ -54,28 +59,31 @@ def _drain(sock: zmq.Socket, timeout_s: float) -> list[Any]:
     out = []
     if sock.poll(int(timeout_s * 1000)):
         while sock.poll(0):
-            out.append(sock.recv_pyobj())
+            try:
+                out.append(decode(sock.recv()))
+            except WireError:
+                continue
     return out
 
 
-def _bind_parent_sockets(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, ChannelAddress]:
+def _bind_parent_sockets(ctx: zmq.Context, host: str) -> tuple[zmq.Socket, zmq.Socket, ChannelAddress]:
     commands = ctx.socket(zmq.PUSH)
     events = ctx.socket(zmq.PULL)
     for sock in (commands, events):
         sock.setsockopt(zmq.LINGER, 0)
-    commands_port = commands.bind_to_random_port("tcp://127.0.0.1")
-    events_port = events.bind_to_random_port("tcp://127.0.0.1")
-    return commands, events, ChannelAddress(f"tcp://127.0.0.1:{commands_port}", f"tcp://127.0.0.1:{events_port}")
+    commands_port = commands.bind_to_random_port(f"tcp://{host}")
+    events_port = events.bind_to_random_port(f"tcp://{host}")
+    return commands, events, ChannelAddress(f"tcp://{host}:{commands_port}", f"tcp://{host}:{events_port}")
 
 
 class ParentEnd:
     """The parent side, blocking (used by `hexgen generate` and benchmarks)."""
 
-    def __init__(self) -> None:
-        self._commands, self._events, self.address = _bind_parent_sockets(zmq.Context.instance())
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._commands, self._events, self.address = _bind_parent_sockets(zmq.Context.instance(), host)
 
     def send(self, message: Any) -> None:
-        self._commands.send_pyobj(message)
+        self._commands.send(encode(message))
 
     def receive(self, timeout_s: float) -> list[Any]:
         """Every waiting event; waits up to timeout_s for the first."""
@@ -89,14 +97,18 @@ class ParentEnd:
 class AsyncParentEnd:
     """The parent side for an asyncio coordinator."""
 
-    def __init__(self) -> None:
-        self._commands, self._events, self.address = _bind_parent_sockets(zmq.asyncio.Context.instance())
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._commands, self._events, self.address = _bind_parent_sockets(zmq.asyncio.Context.instance(), host)
 
     async def send(self, message: Any) -> None:
-        await self._commands.send_pyobj(message)
+        await self._commands.send(encode(message))
 
     async def receive(self) -> Any:
-        return await self._events.recv_pyobj()
+        while True:
+            try:
+                return decode(await self._events.recv())
+            except WireError:
+                continue
 
     def close(self) -> None:
         self._commands.close()
