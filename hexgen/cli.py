@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+from importlib.metadata import version
 
 from hexgen.commands import COMMANDS
 from hexgen.errors import UserError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends each option's help with "(default: X)" unless it has no default or its help already names one."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        shown = _shown_default(action.default)
+        if shown is not None and "default" not in (action.help or ""):
+            action = copy.copy(action)  # the parser's own action stays as registered
+            action.help = f"{action.help or ''} (default: {shown.replace('%', '%%')})".lstrip()
+        super().add_argument(action)
+
+
+def _shown_default(default) -> str | None:
+    """A default worth printing, as the user would type it; None for no value, flags and empty lists."""
+    if default is None or default is argparse.SUPPRESS or isinstance(default, bool) or default == []:
+        return None
+    return " ".join(map(str, default)) if isinstance(default, list) else str(default)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; sub-command parsers inherit it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hexgen", description=__doc__)
+    parser = Parser(prog="hexgen", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('hexgen')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)

@@ -6,14 +6,26 @@ import argparse
 
 from hexgen.errors import UserError
 
+DESCRIPTION = (
+    "Time the engine at batch 1, greedy, on one model and machine: prefill tokens/s and decode ms/token of "
+    "hexgen in one process beside HF transformers' generate (runs interleaved, median of --repeats), then of "
+    "each multi-process --layout, then the raw cost of a stage boundary and of a TP all-reduce (gloo). "
+    "One set of tables per --dtype, on stdout."
+)
+
 
 def register(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("engine", help="engine decode/prefill vs HF transformers, and the cost of splitting")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p = bench.add_parser("engine", help="engine decode/prefill vs HF transformers, and the cost of splitting",
+                         description=DESCRIPTION)
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name, an HF directory, or a .gguf file")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                   help="weight and activation dtypes to time, one set of tables each")
+    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
+                   help="prompt length; prefill is timed on it and decode starts after it")
+    p.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                   help="tokens generated per timed decode (at least 2)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="timed runs per engine and layout; the median counts")
     p.add_argument(
         "--layout",
         action="append",
@@ -43,8 +55,10 @@ def parse_layout(text: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
 def run_engine_bench(args: argparse.Namespace) -> int:
     from hexgen.engine.bench_report import run_and_report
 
-    if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
-        raise UserError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
+    for flag, value, least in (("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 2),
+                               ("--repeats", args.repeats, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
     layouts = [parse_layout(t) for t in args.layout] if args.layout else None
     run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown)
     return 0

@@ -13,21 +13,22 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL, ending in /v1")
     p.add_argument("--model", required=True, help="model name the server expects")
     p.add_argument("--concurrency", type=int, help="closed loop: N streams, each sending when its last one ends "
-                                                   "(default 1; not with --rate)")
+                                                   "(default: 1; not with --rate)")
     p.add_argument("--rate", type=float, help="open loop: Poisson arrivals at R requests/s (not with --concurrency)")
-    p.add_argument("--num-requests", type=int, help="measured requests (default 32; not with --duration-s)")
+    p.add_argument("--num-requests", type=int, help="measured requests (default: 32; not with --duration-s)")
     p.add_argument("--duration-s", type=float, help="send new requests for this many seconds instead")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
     p.add_argument("--prompt", help="prompt text (default: a fixed story opening)")
     p.add_argument("--chat", action="store_true", help="use /chat/completions instead of /completions")
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true (vLLM, llama.cpp) so every request makes max_tokens tokens')
     p.add_argument("--no-usage", action="store_true",
                    help="do not ask for usage in the stream (stream_options); count content chunks instead")
-    p.add_argument("--warmup", type=int, default=1, help="requests sent first and not measured (default 1)")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
+    p.add_argument("--warmup", type=int, default=1, help="requests sent first and not measured")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout, seconds")
     p.add_argument("--slo-ttft-s", type=float, help="SLO on time to first token")
     p.add_argument("--slo-tpot-s", type=float, help="SLO on time per output token")
     p.add_argument("--slo-e2e-s", type=float, help="SLO on end-to-end latency")
