@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+
+from hexgen.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -12,12 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text with one (possibly asymmetric) replica",
-        description="Generate text. The continuation goes to stdout; logs and timings to stderr.",
+        description="Generate text. The continuation goes to stdout; logs and timings to stderr. With neither "
+        "--prompt nor --chat, text piped into standard input is the prompt.",
     )
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"embedded model name ({DEFAULT_MODEL}), an HF directory, or a .gguf file",
+        help=f"embedded model name ({DEFAULT_MODEL}), an HF directory, or a .gguf file; GGUF files are converted "
+        "once into $HEXGEN_CACHE_DIR, else ~/.cache/hexgen",
     )
     p.add_argument(
         "--tp",
@@ -39,22 +44,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="TEXT",
-        help="raw completion text, tokenized as is (repeat for a batch)",
+        help="raw completion text, tokenized as is; - reads it from standard input (repeat for a batch)",
     )
     p.add_argument(
         "--chat",
         action="append",
         default=[],
         metavar="TEXT",
-        help="one user message sent through the model's chat template (repeat for a batch)",
+        help="one user message sent through the model's chat template; - reads it from standard input "
+        "(repeat for a batch)",
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampling of each prompt")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the K likeliest tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding P of the mass")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampling; prompt i uses seed + i (default: fresh randomness)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (benchmarks)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.set_defaults(run=run)
@@ -62,11 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hexgen.engine.setup import load_for_generation
-    from hexgen.errors import UserError
     from hexgen.launch.local import ReplicaFailed
 
-    if not args.prompt and not args.chat:
-        args.chat = ["What is the capital of France? Answer in one sentence."]
+    args.prompt, args.chat = read_prompts(args.prompt, args.chat, sys.stdin)
     job = load_for_generation(args)
     started = time.monotonic()
     replica = job.open_replica()
@@ -87,3 +92,22 @@ def run(args: argparse.Namespace) -> int:
             print(completion.text)
     job.report(completions, load_s)
     return 0
+
+
+def read_prompts(prompts: list[str], chats: list[str], stdin) -> tuple[list[str], list[str]]:
+    """--prompt and --chat texts with `-` replaced by standard input; with neither flag, piped input is the prompt."""
+    from_stdin = [flag for flag, texts in (("--prompt", prompts), ("--chat", chats)) for text in texts if text == "-"]
+    if len(from_stdin) > 1:
+        raise UserError(f"standard input can feed one prompt, but {' and '.join(f'{f} -' for f in from_stdin)} "
+                        "both ask for it; pass the other text on the command line")
+    if not prompts and not chats:
+        if stdin is None or stdin.isatty():
+            raise UserError("no prompt: give --prompt TEXT or --chat TEXT, or pipe the text into standard input")
+        from_stdin, prompts = ["--prompt"], ["-"]
+    if not from_stdin:
+        return prompts, chats
+    text = stdin.read().rstrip("\r\n") if stdin is not None else ""
+    if not text.strip():
+        raise UserError(f"{from_stdin[0]} reads standard input, which is empty; pipe some text in or give "
+                        f"{from_stdin[0]} TEXT")
+    return [text if t == "-" else t for t in prompts], [text if t == "-" else t for t in chats]

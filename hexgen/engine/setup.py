@@ -76,10 +76,6 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
     known = embedded_spec(args.model)
     if known is not None:  # check the layout before a first-use conversion of the embedded model
         single_replica_plan(known, *layers)
-    source = resolve_model(args.model)
-    plan = single_replica_plan(source.spec, *layers)
-    if args.device == "cuda":
-        _check_cuda(plan.replicas[0].world_size)
     try:
         base = SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -88,8 +84,13 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
             top_p=args.top_p,
             ignore_eos=args.ignore_eos,
         )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    except ValueError as err:  # the message starts with the field name; the user typed its flag
+        field, _, rest = str(err).partition(" ")
+        raise UserError(f"--{field.replace('_', '-')} {rest}") from None
+    source = resolve_model(args.model)
+    plan = single_replica_plan(source.spec, *layers)
+    if args.device == "cuda":
+        _check_cuda(plan.replicas[0].world_size)
     tokenizer = load_tokenizer(source)
     requests = []
     for i, ids in enumerate(encode_prompts(tokenizer, args.prompt, args.chat)):
