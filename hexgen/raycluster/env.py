@@ -1,0 +1,97 @@
+"""The settings every hexgen Ray process runs with, machine resources, and connecting to a cluster within seconds."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+
+from hexgen.errors import UserError
+
+MACHINE_RESOURCE_PREFIX = "hexgen-machine:"
+CONNECT_TIMEOUT_S = 10.0
+# Usage statistics off and never posted anywhere but a closed loopback port; node loss noticed in ~3 s.
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+class RayUnavailable(UserError):
+    """The Ray cluster cannot be reached or refused the connection."""
+
+
+def machine_resource(machine: str) -> str:
+    """The Ray custom resource a node of `machine` offers once per slot (GPU, or CPU worker without GPUs)."""
+    return MACHINE_RESOURCE_PREFIX + machine
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT -> (host, port); one-line error otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--ray {address!r}: expected HEAD_HOST:PORT, e.g. 10.0.0.5:6379")
+    return host, int(port)
+
+
+def auth_env(head_host: str) -> dict[str, str]:
+    """Token authentication unless the cluster is on loopback; the token comes from RAY_AUTH_TOKEN."""
+    if is_loopback(head_host):
+        return {"RAY_AUTH_MODE": "disabled"}
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        raise UserError(
+            f"the Ray cluster at {head_host} uses token authentication: set RAY_AUTH_TOKEN to the token that "
+            "`hexgen node start --head` printed"
+        )
+    return {"RAY_AUTH_MODE": "token"}
+
+
+def connect(address: str) -> None:
+    """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within CONNECT_TIMEOUT_S."""
+    host, _ = split_address(address)
+    os.environ.update({**RAY_ENV, **auth_env(host)})
+    import ray
+
+    failure: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        except BaseException as err:  # noqa: BLE001 - reported below as one line
+            failure.append(err)
+
+    # ray.init retries a missing GCS for a long time; a daemon thread bounds the wait.
+    os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", str(int(CONNECT_TIMEOUT_S)))
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(CONNECT_TIMEOUT_S)
+    if thread.is_alive() or failure:
+        why = f"{type(failure[0]).__name__}: {str(failure[0]).splitlines()[0]}" if failure else "no answer"
+        raise RayUnavailable(
+            f"cannot reach the Ray cluster at {address} within {CONNECT_TIMEOUT_S:.0f} s ({why}); start it with "
+            "`hexgen node start --head` and check the address"
+        )
+
+
+def machine_slots() -> dict[str, float]:
+    """Machine name -> slots over the live nodes of the connected cluster."""
+    import ray
+
+    totals: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for key, amount in node.get("Resources", {}).items():
+                if key.startswith(MACHINE_RESOURCE_PREFIX):
+                    name = key.removeprefix(MACHINE_RESOURCE_PREFIX)
+                    totals[name] = totals.get(name, 0.0) + amount
+    return totals

@@ -1,0 +1,160 @@
+"""Start, join and stop this machine's Ray node as `ray start --block`. Every process of the node (Ray's workers
+too, which start their own sessions) inherits a marker variable naming the node, so `stop` ends exactly those."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hexgen.errors import UserError
+from hexgen.raycluster.env import RAY_ENV, is_loopback, machine_resource
+
+START_TIMEOUT_S = 90.0
+STOP_GRACE_S = 10.0
+STARTED_LINE = "Ray runtime started"
+NODE_MARKER = "HEXGEN_NODE_ID"
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What `hexgen node stop` needs to find a node it started."""
+
+    machine: str
+    pid: int  # of `ray start --block`
+    marker: str  # value of NODE_MARKER in the environment of every process of the node
+    node_ip: str
+    head_address: str
+    log_path: str
+
+
+def state_dir() -> Path:
+    root = os.environ.get("HEXGEN_STATE_DIR") or Path.home() / ".cache" / "hexgen"
+    path = Path(root) / "nodes"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _ray_executable() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def start_node(machine: str, slots: int, node_ip: str, head_address: str | None, port: int) -> tuple[NodeRecord, str]:
+    """Start a head (head_address None) or join one; returns the record and the token ('' on loopback)."""
+    record_path = state_dir() / f"{machine}.json"
+    if record_path.exists() and marked_pids(json.loads(record_path.read_text())["marker"]):
+        raise UserError(f"a node for machine {machine!r} is already running here; `hexgen node stop --machine "
+                        f"{machine}` first")
+    marker = uuid.uuid4().hex
+    env = {**os.environ, **RAY_ENV, NODE_MARKER: marker}
+    cmd = [_ray_executable(), "start", "--block", "--disable-usage-stats"]
+    if node_ip:
+        cmd += ["--node-ip-address", node_ip]
+    if slots:
+        cmd += ["--resources", json.dumps({machine_resource(machine): slots})]
+    token = ""
+    head_host = node_ip if head_address is None else head_address.rpartition(":")[0]
+    if is_loopback(head_host or "127.0.0.1"):
+        env["RAY_AUTH_MODE"] = "disabled"
+    else:
+        env["RAY_AUTH_MODE"] = "token"
+        token = env.get("RAY_AUTH_TOKEN", "") if head_address else secrets.token_hex(32)
+        if not token:
+            raise UserError("this cluster uses token authentication: set RAY_AUTH_TOKEN to the token that "
+                            "`hexgen node start --head` printed")
+        env["RAY_AUTH_TOKEN"] = token
+    if head_address is None:
+        cmd += ["--head", "--port", str(port), "--include-dashboard=false"]
+        _write_bootstrap_config()
+    else:
+        cmd += ["--address", head_address]
+    log_path = state_dir() / f"{machine}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    _wait_started(proc, marker, log_path)
+    address = head_address or f"{node_ip or _local_ip(log_path)}:{port}"
+    record = NodeRecord(machine, proc.pid, marker, node_ip, address, str(log_path))
+    record_path.write_text(json.dumps(asdict(record)))
+    record_path.chmod(0o600)
+    return record, token
+
+
+def _write_bootstrap_config() -> None:
+    """An empty bootstrap config stops the head's usage module from probing cloud metadata addresses."""
+    path = Path.home() / "ray_bootstrap_config.yaml"
+    if not path.exists():
+        path.write_text("{}\n")
+
+
+def _wait_started(proc: subprocess.Popen, marker: str, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while STARTED_LINE not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_marked(proc.pid, marker)
+            lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+            why = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "no output")
+            raise UserError(f"ray start failed: {why.strip()} (full log: {log_path})")
+        time.sleep(0.2)
+
+
+def _local_ip(log_path: Path) -> str:
+    """The node IP Ray chose, from its start-up output."""
+    for line in log_path.read_text().splitlines():
+        if "Local node IP:" in line:
+            return line.split("Local node IP:")[1].strip()
+    return "127.0.0.1"
+
+
+def stop_nodes(machine: str | None) -> list[str]:
+    """Stop the nodes this machine started (all, or the one of `machine`); returns the machines stopped."""
+    stopped = []
+    for path in sorted(state_dir().glob("*.json")):
+        record = NodeRecord(**json.loads(path.read_text()))
+        if machine is not None and record.machine != machine:
+            continue
+        stop_marked(record.pid, record.marker)
+        path.unlink()
+        stopped.append(record.machine)
+    return stopped
+
+
+def stop_marked(leader_pid: int, marker: str, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM `ray start` (Ray's own orderly shutdown), then SIGKILL every process still carrying the marker."""
+    if leader_pid in marked_pids(marker):
+        os.kill(leader_pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while leader_pid in marked_pids(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    for pid in marked_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live (not zombie) processes whose environment has NODE_MARKER=marker."""
+    wanted = f"{NODE_MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _is_zombie(entry: Path) -> bool:
+    stat = (entry / "stat").read_text()
+    return stat[stat.rindex(")") + 2] == "Z"
