@@ -1,0 +1,128 @@
+"""Paged attention in one launch per layer for a ragged batch of prefill chunks and decodes (Triton).
+
+Sequence b has n_b = query_start[b+1] - query_start[b] new query tokens; its keys and values, these
+tokens' included, already sit in the block pool. Query i (0-based among the n_b) is at cache position
+context_lens[b] - n_b + i and attends causally to positions 0..that position. Position p of sequence b
+lives in block block_tables[b, p // block_size] at offset p % block_size.
+
+One program handles one sequence, one tile of its query tokens and one key-value head: the rows of its
+score matrix are (query token, query head of that kv head's group) pairs, so a decode step with GQA still
+fills the 16 rows a tensor-core product needs. Keys are visited in tiles of BLOCK_N positions with an
+online softmax (FlashAttention's rescaling), in base 2, accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hexgen.engine.kernels._common import check_dtype, dot_dtype, dot_precision
+
+BLOCK_N = 64  # key positions per tile
+ROWS_DECODE = 16  # score rows per program when every sequence brings one token (tensor-core minimum)
+ROWS_PREFILL = 64  # score rows per program when some sequence brings a chunk of prompt
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
+    scale_log2,  # softmax scale * log2(e): exp2 of scaled scores equals exp of the true ones
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_bt, block_size,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_begin = tl.load(query_start_ptr + seq)
+    n_new = tl.load(query_start_ptr + seq + 1) - q_begin
+    if q_tile * BLOCK_Q >= n_new:  # a shorter sequence than the batch's longest, or a padding row
+        return
+    context = tl.load(context_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_Q * GROUP_P)
+    token = q_tile * BLOCK_Q + rows // GROUP_P  # [M] index among this sequence's new tokens
+    head_in_group = rows % GROUP_P
+    row_valid = (token < n_new) & (head_in_group < GROUP)
+    q_head = kv_head * GROUP + head_in_group
+    q_pos = context - n_new + token  # [M] cache position of each row's query
+    dims = tl.arange(0, HEAD_DIM_P)
+    dim_valid = dims < HEAD_DIM
+
+    q_offsets = (q_begin + token)[:, None] * stride_qt + q_head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)  # [M, D]
+    q = q.to(DOT_DTYPE)
+
+    # Every row sees position 0 in the first tile, so its running max is finite from then on.
+    m_i = tl.full([BLOCK_Q * GROUP_P], float("-inf"), dtype=tl.float32)  # running max, base-2 units
+    l_i = tl.zeros([BLOCK_Q * GROUP_P], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_Q * GROUP_P, HEAD_DIM_P], dtype=tl.float32)
+    kv_end = tl.minimum(context, context - n_new + (q_tile + 1) * BLOCK_Q)  # last query's position + 1
+    for start in range(0, kv_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # [N]
+        pos_valid = pos < kv_end
+        block = tl.load(block_tables_ptr + seq * stride_bt + pos // block_size, mask=pos_valid, other=0)
+        block = block.to(tl.int64)  # a large pool overflows int32 element offsets
+        offset = pos % block_size
+        kv_mask = pos_valid[:, None] & dim_valid[None, :]
+        k_offsets = block * stride_kb + offset * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [M, N]
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+        p = tl.exp2(scores - m_new[:, None])  # [M, N]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_offsets = block * stride_vb + offset * stride_vs + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_offsets = (q_begin + token)[:, None] * stride_ot + q_head[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D], rows of sequence b at query_start[b]:query_start[b+1]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks_per_seq] int32
+    query_start: torch.Tensor,  # [B + 1] int32, cumulative count of new tokens
+    context_lens: torch.Tensor,  # [B] int32, cached tokens per sequence after this step's write
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of every new token over its sequence's paged cache, in one launch; returns [T, Hq, D]."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    check_dtype("q", q)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} key-value heads")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("the head dimension of q, k_cache and v_cache must be contiguous")
+    out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = context_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    group_p = triton.next_power_of_2(group)
+    rows = max(ROWS_DECODE if max_query_len == 1 else ROWS_PREFILL, group_p)
+    block_q = rows // group_p
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start, context_lens,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0), block_size,
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(q), PRECISION=dot_precision(q),
+    )
+    return out

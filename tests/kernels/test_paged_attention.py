@@ -1,0 +1,111 @@
+"""Paged attention kernel vs a per-sequence SDPA reference on ragged mixes of prefill chunks and decodes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# (new tokens, context length after the write) per sequence
+DECODE_ONLY = [(1, 1), (1, 16), (1, 17), (1, 64), (1, 65), (1, 97)]
+PREFILL_ONLY = [(5, 5), (16, 16), (33, 33), (70, 70)]
+MIXED = [(1, 40), (20, 52), (1, 1), (64, 64), (3, 3), (1, 129)]  # (20, 52): a chunk after 32 cached tokens
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def make_batch(lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
+    """Random q, a pool whose blocks are handed out in shuffled order, and the batch's index tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-ctx // block_size) for _, ctx in lengths]
+    num_blocks = sum(blocks_per_seq) + 3  # a few blocks nobody owns
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(lengths), max(blocks_per_seq)), -1, dtype=torch.int32)  # unused entries: -1
+    used = 0
+    for b, n in enumerate(blocks_per_seq):
+        tables[b, :n] = order[used : used + n]
+        used += n
+    pool_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(pool_shape, generator=gen).to(dtype)
+    v_cache = torch.randn(pool_shape, generator=gen).to(dtype)
+    num_tokens = sum(n for n, _ in lengths)
+    q = torch.randn((num_tokens, num_q_heads, head_dim), generator=gen).to(dtype)
+    query_start = torch.tensor([0] + [n for n, _ in lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    context_lens = torch.tensor([ctx for _, ctx in lengths], dtype=torch.int32)
+    tensors = q, k_cache, v_cache, tables, query_start, context_lens
+    return tuple(t.to(device) for t in tensors)
+
+
+def reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
+    """Per sequence: gather its keys through the block table, SDPA in float32 with an explicit causal mask."""
+    q, k_cache, v_cache = q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu()
+    tables, query_start, context_lens = tables.cpu(), query_start.cpu(), context_lens.cpu()
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b in range(len(context_lens)):
+        begin, end, ctx = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
+        pos = torch.arange(ctx)
+        blocks = tables[b, pos // block_size].long()
+        k = k_cache[blocks, pos % block_size].repeat_interleave(group, dim=1)  # [ctx, Hq, D]
+        v = v_cache[blocks, pos % block_size].repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx - (end - begin), ctx)
+        mask = pos[None, :] <= q_pos[:, None]  # [n, ctx]
+        attn = F.scaled_dot_product_attention(
+            q[begin:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+        )
+        out[begin:end] = attn.transpose(0, 1)
+    return out
+
+
+def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype):
+    from hexgen.engine.kernels.paged_attention import paged_attention
+
+    batch = make_batch(lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device)
+    scale = head_dim**-0.5
+    out = paged_attention(*batch, max_query_len=max(n for n, _ in lengths), scale=scale)
+    assert out.shape == batch[0].shape and out.dtype == dtype and out.device == batch[0].device
+    expected = reference(*batch, scale)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float().cpu(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("lengths", [DECODE_ONLY, PREFILL_ONLY, MIXED], ids=["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (6, 2), (8, 2)], ids=["gqa1", "gqa3", "gqa4"])
+def test_ragged_mixes_and_gqa(device, lengths, num_q_heads, num_kv_heads):
+    run_case(device, lengths, 16, num_q_heads, num_kv_heads, 32, torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32])
+def test_block_sizes(device, block_size):
+    run_case(device, MIXED, block_size, 4, 1, 32, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(device, dtype):
+    run_case(device, MIXED, 16, 6, 2, 64, dtype)
+
+
+def test_head_dim_not_power_of_two(device):
+    run_case(device, MIXED, 16, 3, 1, 24, torch.float32)
+
+
+def test_strided_q_from_merged_projection(device):
+    """q may be a view of a merged QKV output: rows strided by the whole projection width."""
+    from hexgen.engine.kernels.paged_attention import paged_attention
+
+    q, *rest = make_batch(MIXED, 16, 4, 2, 32, torch.float32, device)
+    qkv = torch.cat([q.flatten(1), torch.zeros(q.shape[0], 2 * 2 * 32, device=device)], dim=1)
+    q_view = qkv[:, : 4 * 32].view(-1, 4, 32)
+    assert not q_view.is_contiguous()
+    out = paged_attention(q_view, *rest, max_query_len=64, scale=0.2)
+    torch.testing.assert_close(out, paged_attention(q, *rest, max_query_len=64, scale=0.2))
+
+
+@pytest.mark.gpu
+def test_llama3_8b_shape_decode_and_prefill():
+    """The shape the benchmark runs: 32 query heads over 8 kv heads, head_dim 128, bf16, long contexts."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    lengths = [(1, 1000)] * 24 + [(1, 4097), (256, 256), (128, 700)]
+    run_case(torch.device("cuda"), lengths, 16, 32, 8, 128, torch.bfloat16)
