@@ -16,21 +16,6 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class GpuType:
-    """One GPU model's figures: memory in GiB, memory bandwidth in GB/s, dense fp16 TFLOPS, USD per GPU-hour."""
-
-    name: str
-    memory_gb: float
-    bandwidth_gbs: float
-    tflops_fp16: float
-    price_per_hour: float = 0.0
-
-    @property
-    def memory_bytes(self) -> float:
-        return self.memory_gb * GIB
-
-
-@dataclass(frozen=True)
 class Link:
     """A network path: bandwidth in gigabits per second and one-way latency in milliseconds."""
 
@@ -48,6 +33,45 @@ class Link:
     def transfer_s(self, num_bytes: float) -> float:
         """Time to send one message of `num_bytes` over this link: latency + size / bandwidth."""
         return self.latency_s + num_bytes / self.bytes_per_s
+
+
+@dataclass(frozen=True)
+class GpuType:
+    """One GPU model's figures: memory in GiB, memory bandwidth in GB/s, dense fp16 TFLOPS, USD per GPU-hour.
+
+    The datasheet peaks are scaled by the cost model's efficiencies. A measured profile (`hexgen profile`,
+    hexgen/profile.py) sets the achieved rates instead, the engine's fixed costs per step, per layer and per
+    sequence, and the links its ranks use on one machine (all-reduce inside a TP group, stage-to-stage sends).
+    """
+
+    name: str
+    memory_gb: float
+    bandwidth_gbs: float
+    tflops_fp16: float
+    price_per_hour: float = 0.0
+    measured_bandwidth_gbs: float | None = None
+    measured_tflops: float | None = None
+    step_overhead_ms: float = 0.0  # per engine step of one stage
+    layer_overhead_ms: float = 0.0  # per layer per step
+    seq_overhead_ms: float = 0.0  # per sequence per layer per step
+    allreduce_link: Link | None = None
+    transfer_link: Link | None = None
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_gb * GIB
+
+    def memory_bytes_per_s(self, efficiency: float) -> float:
+        """Achieved memory bandwidth: measured, else the datasheet peak x `efficiency`."""
+        if self.measured_bandwidth_gbs is not None:
+            return self.measured_bandwidth_gbs * 1e9
+        return self.bandwidth_gbs * 1e9 * efficiency
+
+    def flops_per_s(self, efficiency: float) -> float:
+        """Achieved dense matmul rate: measured, else the datasheet peak x `efficiency`."""
+        if self.measured_tflops is not None:
+            return self.measured_tflops * 1e12
+        return self.tflops_fp16 * 1e12 * efficiency
 
 
 @dataclass(frozen=True)
@@ -112,16 +136,21 @@ class Cluster:
         return sorted({m.region for m in self.machines})
 
     def link(self, a: str, b: str) -> Link:
-        """The link between machines `a` and `b`: a machine-pair override, then a region-pair one, then defaults."""
+        """The link between machines `a` and `b`: a machine-pair override, then a region-pair one, then defaults
+        (inside one machine: its GPU type's measured stage-to-stage link, if profiled)."""
         ma, mb = self.machine(a), self.machine(b)
         overrides = self._overrides
         if frozenset((a, b)) in overrides:
             return overrides[frozenset((a, b))]
         if a == b:
-            return self.network.intra_machine
+            return ma.gpu.transfer_link or self.network.intra_machine
         if frozenset((ma.region, mb.region)) in overrides:
             return overrides[frozenset((ma.region, mb.region))]
         return self.network.intra_region if ma.region == mb.region else self.network.inter_region
+
+    def tp_link(self, name: str) -> Link:
+        """The path a TP group's all-reduces take on machine `name`: measured for its GPU type, else intra-machine."""
+        return self.machine(name).gpu.allreduce_link or self.link(name, name)
 
 
 def builtin_gpu_types() -> dict[str, GpuType]:
@@ -142,10 +171,11 @@ def load_cluster(path: str | Path) -> Cluster:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError(f"cannot read cluster file {path}: {err.strerror}") from None
-    return parse_cluster(text, str(path))
+    return parse_cluster(text, str(path), Path(path).parent)
 
 
-def parse_cluster(text: str, source: str = "cluster") -> Cluster:
+def parse_cluster(text: str, source: str = "cluster", base_dir: Path | None = None) -> Cluster:
+    """A cluster from YAML text; `profiles` paths are read relative to `base_dir` (the cluster file's folder)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -155,10 +185,15 @@ def parse_cluster(text: str, source: str = "cluster") -> Cluster:
         raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a cluster file is a mapping with 'machines' and 'network'")
-    _reject_unknown(data, {"machines", "gpu_types", "network"}, source)
+    _reject_unknown(data, {"machines", "gpu_types", "network", "profiles"}, source)
     gpu_types = builtin_gpu_types()
     for name, row in (data.get("gpu_types") or {}).items():
         gpu_types[str(name)] = _gpu_type(str(name), row, f"{source}: gpu_types.{name}", gpu_types.get(str(name)))
+    if data.get("profiles"):
+        from hexgen.profile import profiles_from_cluster_entry
+
+        for profile in profiles_from_cluster_entry(data["profiles"], f"{source}: profiles", base_dir or Path(".")):
+            gpu_types[profile.device_type] = profile.applied_to(gpu_types, f"{source}: profiles")
     machines = _machines(data.get("machines"), gpu_types, source)
     network = _network(data.get("network") or {}, machines, source)
     return Cluster(machines, network)

@@ -26,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hexgen.cluster import load_cluster
     from hexgen.commands.plan_table import plan_table
+    from hexgen.commands.workload_args import dispatch_policy, load_profiled_cluster
     from hexgen.costmodel import CostConfig
     from hexgen.models import load_model_spec
     from hexgen.planner.genetic import GAConfig
@@ -37,10 +37,11 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)
-    cluster, model, cfg = load_cluster(args.cluster), load_model_spec(args.model), CostConfig()
+    cluster, model, cfg = load_profiled_cluster(args), load_model_spec(args.model), CostConfig()
     workload = sizing_workload(args)
     slo_s, reference_s = slo_seconds(args, model, cfg)
-    request = PlanRequest(args.rate, slo_s, workload, args.requests, args.dispatch, args.seed,
+    dispatch = dispatch_policy(args, workload.max_batch)
+    request = PlanRequest(args.rate, slo_s, workload, args.requests, dispatch, args.seed,
                           GAConfig(generations=args.generations), args.objective)
     columns = (TextColumn("searching"), BarColumn(), TextColumn("gen {task.completed}/{task.total}"),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(plan_table(result.plan, cluster, memory))
     meta = result.plan.meta
     console.print(
+        f"batch limit {workload.max_batch} per replica, {dispatch} dispatch; "
         f"deadline {slo_s:.2f} s (reference latency {reference_s:.2f} s), rate {args.rate} req/s: predicted SLO "
         f"attainment {meta['predicted_slo_attainment']:.1%}, 99% of requests within "
         f"{meta['predicted_tail_latency_s']:.2f} s; plan uses GPUs worth "

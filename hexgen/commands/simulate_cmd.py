@@ -26,8 +26,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.console import Console
 
-    from hexgen.cluster import load_cluster
-    from hexgen.commands.workload_args import sizing_workload, slo_seconds, token_lengths
+    from hexgen.commands.workload_args import (
+        dispatch_policy,
+        load_profiled_cluster,
+        sizing_workload,
+        slo_seconds,
+        token_lengths,
+    )
     from hexgen.costmodel import CostConfig
     from hexgen.models import load_model_spec
     from hexgen.plan import load_plan
@@ -37,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from hexgen.sim.workload import WorkloadSpec
 
     console, cfg = Console(), CostConfig()
-    cluster, plan = load_cluster(args.cluster), load_plan(args.plan)
+    cluster, plan = load_profiled_cluster(args), load_plan(args.plan)
     model = load_model_spec(args.model or plan.model)
-    workload = sizing_workload(args)
+    workload = sizing_workload(args, plan.meta)
+    dispatch = dispatch_policy(args, workload.max_batch, plan.meta)
     validate_plan(plan, model, cluster, workload, cfg)
     slo_s, reference_s = slo_seconds(args, model, cfg)
     spec = WorkloadSpec(args.rate, args.requests, token_lengths(args.prompt_tokens, "--prompt-tokens"),
@@ -47,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
 
     def completions(rate: float):
         rated = WorkloadSpec(rate, spec.num_requests, spec.prompt, spec.output, spec.arrival, spec.cv)
-        return run_plan(plan, cluster, model, rated, dispatch=args.dispatch, seed=args.seed, cfg=cfg,
-                        max_batch=args.max_batch)
+        return run_plan(plan, cluster, model, rated, dispatch=dispatch, seed=args.seed, cfg=cfg,
+                        max_batch=workload.max_batch)
 
     done = completions(args.rate)
     report = summarise(done, slo_s, plan_cost_per_hour(plan, cluster))
     console.print(_metrics_table(report, reference_s))
+    console.print(f"batch limit {workload.max_batch} per replica, {dispatch} dispatch")
     latencies = np.array([c.latency_s for c in done])
     if args.sweep_slo_scales:
         _sweep_slo(args, latencies, reference_s, console)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from hexgen.cluster import builtin_gpu_types
+from hexgen.cluster import Cluster, builtin_gpu_types, load_cluster
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import POLICIES
+from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 from hexgen.sim.workload import TokenLengths
+
+DEFAULT_MAX_BATCH = SchedulerConfig().max_running_seqs  # one default for `hexgen serve` and the planner
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -21,10 +24,38 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-gpu", default="A100-40G", help="GPU type of the --slo-scale reference machine")
     p.add_argument("--prompt-tokens", default="128", help="prompt length: N, or LOW:HIGH sampled uniformly")
     p.add_argument("--output-tokens", default="64", help="output length: N, or LOW:HIGH sampled uniformly")
-    p.add_argument("--max-batch", type=int, default=1,
-                   help="sequences a replica batches at once (1: one request at a time, as in the paper)")
-    p.add_argument("--dispatch", default="round-robin", choices=sorted(POLICIES), help="replica choice policy")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"sequences a replica batches at once, as `hexgen serve --max-batch` (default: "
+                        f"{DEFAULT_MAX_BATCH}, the engine's; 1: one request at a time, as in the paper)")
+    p.add_argument("--dispatch", default=None, choices=sorted(POLICIES),
+                   help="replica choice policy (default: capacity-weighted when replicas batch, round-robin at "
+                        "batch 1, as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request stream and the search")
+    p.add_argument("--profile", action="append", default=[], metavar="FILE",
+                   help="measured device profile from `hexgen profile` (repeatable); its figures replace the "
+                        "datasheet ones for its device type")
+
+
+def load_profiled_cluster(args: argparse.Namespace) -> Cluster:
+    """The cluster file with every --profile applied (profiles named inside the file are applied on load)."""
+    from hexgen.profile import apply_profiles, load_profile
+
+    return apply_profiles(load_cluster(args.cluster), [load_profile(p) for p in args.profile])
+
+
+def batch_limit(args: argparse.Namespace, plan_meta: dict | None = None) -> int:
+    """--max-batch, else the plan's, else the engine's default."""
+    value = args.max_batch if args.max_batch is not None else (plan_meta or {}).get("max_batch", DEFAULT_MAX_BATCH)
+    if int(value) < 1:
+        raise UserError(f"--max-batch must be >= 1, got {value}")
+    return int(value)
+
+
+def dispatch_policy(args: argparse.Namespace, max_batch: int, plan_meta: dict | None = None) -> str:
+    """--dispatch, else the plan's, else capacity-weighted for batching replicas and round-robin at batch 1."""
+    if args.dispatch:
+        return args.dispatch
+    return (plan_meta or {}).get("dispatch") or ("round-robin" if max_batch == 1 else "capacity-weighted")
 
 
 def token_lengths(text: str, flag: str) -> TokenLengths:
@@ -38,11 +69,11 @@ def token_lengths(text: str, flag: str) -> TokenLengths:
     return lengths
 
 
-def sizing_workload(args: argparse.Namespace) -> Workload:
-    """The shape memory is sized for: the longest prompt and output the flags allow."""
+def sizing_workload(args: argparse.Namespace, plan_meta: dict | None = None) -> Workload:
+    """The shape memory is sized for: the longest prompt and output the flags allow, and the batch limit."""
     prompt = token_lengths(args.prompt_tokens, "--prompt-tokens")
     output = token_lengths(args.output_tokens, "--output-tokens")
-    return Workload(prompt.high, output.high, args.max_batch)
+    return Workload(prompt.high, output.high, batch_limit(args, plan_meta))
 
 
 def slo_seconds(args: argparse.Namespace, model: ModelSpec, cfg: CostConfig) -> tuple[float, float]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from hexgen.cluster import GIB
 from hexgen.costmodel.params import CostConfig, Workload
+from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.models import ModelSpec
+
+ENGINE_DEFAULTS = SchedulerConfig()
 
 
 def stage_memory_bytes(
@@ -41,6 +44,26 @@ def _fixed_bytes(model: ModelSpec, tp_degree: int, workload: Workload, cfg: Cost
     vocab_shard = -(-model.vocab_size // tp_degree) * model.hidden_size * cfg.dtype_bytes
     matrices = 1 if (is_first and is_last and model.tie_word_embeddings) else int(is_first) + int(is_last)
     weights = matrices * vocab_shard + (model.hidden_size * cfg.dtype_bytes if is_last else 0)
-    # Prefill of a full batch keeps a few hidden-size activations per token alive at once.
-    activations = 4 * workload.max_batch * workload.prompt_tokens * model.hidden_size * cfg.dtype_bytes
+    # Prefill keeps a few hidden-size activations per token of a step alive at once; the engine's scheduler
+    # puts at most max_step_tokens new tokens in one step.
+    step_tokens = min(workload.max_batch * workload.prompt_tokens, ENGINE_DEFAULTS.max_step_tokens)
+    activations = 4 * step_tokens * model.hidden_size * cfg.dtype_bytes
     return weights + activations + cfg.runtime_reserve_gb * GIB
+
+
+def kv_bytes_per_token_on_rank(model: ModelSpec, tp_degree: int, num_layers: int, cfg: CostConfig) -> float:
+    """K and V of one token on one rank of a stage: 2 x layers x (kv heads / tp) x head_dim x dtype bytes."""
+    return num_layers * model.kv_bytes_per_token(cfg.dtype_bytes) / tp_degree
+
+
+def kv_pool_blocks(
+    model: ModelSpec, tp_degree: int, num_layers: int, memory_gb: float, workload: Workload, cfg: CostConfig,
+    *, is_first: bool, is_last: bool,
+) -> int:
+    """KV blocks of `cfg.kv_block_tokens` tokens a rank of this stage can hold, as the engine sizes its pool:
+    the memory left after weights, prefill activations and the reserve, over the bytes of one block.
+    Weights are counted without any KV reservation (the workload's batch only sizes the activations)."""
+    weights = num_layers * model.params_per_layer * cfg.dtype_bytes / tp_degree
+    free = memory_gb * GIB - _fixed_bytes(model, tp_degree, workload, cfg, is_first, is_last) - weights
+    per_block = cfg.kv_block_tokens * kv_bytes_per_token_on_rank(model, tp_degree, num_layers, cfg)
+    return max(0, int(free // per_block))

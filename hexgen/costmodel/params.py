@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE
 from hexgen.errors import UserError
 
 
@@ -15,6 +16,7 @@ class CostConfig:
     compute_efficiency: float = 0.6  # fraction of peak tensor TFLOPS that large GEMMs reach
     memory_efficiency: float = 0.8  # fraction of peak memory bandwidth that weight/KV scans reach
     runtime_reserve_gb: float = 1.0  # GiB per GPU for the CUDA context, allocator slack and workspaces
+    kv_block_tokens: int = DEFAULT_BLOCK_SIZE  # tokens per paged KV block, as the engine's scheduler allocates
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A whole replica's step times: its stages in order plus the links between them and the token return."""
+"""A whole replica's step times: each stage, the hops between stages, the token return, and its KV pool."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from hexgen.cluster import Cluster, GpuType, Link
 from hexgen.costmodel.linear import LinearCost
+from hexgen.costmodel.memory import kv_pool_blocks
 from hexgen.costmodel.params import CostConfig, Workload
+from hexgen.costmodel.pipeline import ReplicaCost
 from hexgen.costmodel.stage import stage_cost, token_return_cost, transfer_cost
 from hexgen.models import ModelSpec
 from hexgen.plan import Replica
@@ -24,29 +26,37 @@ class StagePlacement:
 
 
 def placements_of(replica: Replica, cluster: Cluster) -> list[StagePlacement]:
-    """A plan replica's stages as placements (TP groups lie inside one machine, so their link is intra-machine)."""
+    """A plan replica's stages as placements (TP groups lie inside one machine)."""
     return [
-        StagePlacement(s.machine, cluster.machine(s.machine).gpu, s.tp, s.num_layers,
-                       cluster.link(s.machine, s.machine))
+        StagePlacement(s.machine, cluster.machine(s.machine).gpu, s.tp, s.num_layers, cluster.tp_link(s.machine))
         for s in replica.stages
     ]
+
+
+def replica_stage_costs(
+    cluster: Cluster, model: ModelSpec, stages: list[StagePlacement], cfg: CostConfig, workload: Workload | None = None
+) -> ReplicaCost:
+    """Every stage's own step time, the hop into each later stage, the token return and the KV pool in blocks
+    (the tightest stage's; every rank of a replica gets the same count). Without a workload no pool is sized."""
+    last = len(stages) - 1
+    costs, hops, pools = [], [], []
+    for j, st in enumerate(stages):
+        costs.append(stage_cost(model, st.gpu, st.tp_degree, st.num_layers, st.tp_link, cfg,
+                                is_first=j == 0, is_last=j == last))
+        if j > 0:
+            hops.append(transfer_cost(model, cluster.link(stages[j - 1].machine, st.machine), cfg))
+        if workload is not None:
+            pools.append(kv_pool_blocks(model, st.tp_degree, st.num_layers, st.gpu.memory_gb, workload, cfg,
+                                        is_first=j == 0, is_last=j == last))
+    back = token_return_cost(cluster.link(stages[last].machine, stages[0].machine)) if last > 0 else LinearCost()
+    return ReplicaCost(tuple(costs), tuple(hops), back, min(pools) if pools else None, cfg.kv_block_tokens)
 
 
 def replica_cost(
     cluster: Cluster, model: ModelSpec, stages: list[StagePlacement], cfg: CostConfig
 ) -> LinearCost:
-    """Stages run one after another for a step: sum their times, the hops between them and the token return."""
-    total = LinearCost()
-    last = len(stages) - 1
-    for j, st in enumerate(stages):
-        total = total + stage_cost(
-            model, st.gpu, st.tp_degree, st.num_layers, st.tp_link, cfg, is_first=j == 0, is_last=j == last
-        )
-        if j > 0:
-            total = total + transfer_cost(model, cluster.link(stages[j - 1].machine, st.machine), cfg)
-    if last > 0:
-        total = total + token_return_cost(cluster.link(stages[last].machine, stages[0].machine))
-    return total
+    """Stages one after another for a step (no overlap): their times, the hops between them and the token return."""
+    return replica_stage_costs(cluster, model, stages, cfg).sequential
 
 
 def request_latency_s(

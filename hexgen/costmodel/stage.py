@@ -22,18 +22,20 @@ def layer_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cf
     (compute-bound); decode also reads the cached K/V of every sequence. The two all-reduces per layer
     (after attention and after the MLP) carry one hidden vector per token.
     """
-    bandwidth_bps = gpu.bandwidth_gbs * 1e9 * cfg.memory_efficiency
-    flops = gpu.tflops_fp16 * 1e12 * cfg.compute_efficiency
+    bandwidth_bps = gpu.memory_bytes_per_s(cfg.memory_efficiency)
+    flops = gpu.flops_per_s(cfg.compute_efficiency)
     weight_scan_s = model.params_per_layer * cfg.dtype_bytes / (tp_degree * bandwidth_bps)
     gemm_per_token_s = 2 * model.params_per_layer / (tp_degree * flops)
     ar_fixed_s = 2 * allreduce_s(tp_link, tp_degree, 0.0)
     ar_per_token_s = 2 * allreduce_s(tp_link, tp_degree, model.hidden_size * cfg.dtype_bytes) - ar_fixed_s
     kv_read_s = model.kv_bytes_per_token(cfg.dtype_bytes) / (tp_degree * bandwidth_bps)
+    # Measured engine overheads (zero without a profile): kernel launches and Python per layer, per sequence.
+    layer_s, seq_s = gpu.layer_overhead_ms / 1e3, gpu.seq_overhead_ms / 1e3
     return LinearCost(
-        prefill_fixed_s=weight_scan_s + ar_fixed_s,
+        prefill_fixed_s=weight_scan_s + ar_fixed_s + layer_s + seq_s,
         prefill_per_token_s=gemm_per_token_s + ar_per_token_s,
-        decode_fixed_s=weight_scan_s + ar_fixed_s,
-        decode_per_seq_s=gemm_per_token_s + ar_per_token_s,
+        decode_fixed_s=weight_scan_s + ar_fixed_s + layer_s,
+        decode_per_seq_s=gemm_per_token_s + ar_per_token_s + seq_s,
         decode_per_ctx_token_s=kv_read_s,
     )
 
@@ -44,8 +46,8 @@ def head_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg
     Each rank scans and multiplies its ceil(V/t) rows; per sampled token the leader then receives t-1 shards of
     ceil(V/t) logits (one message each over the intra-machine link). Prefill samples once, decode once per sequence.
     """
-    bandwidth_bps = gpu.bandwidth_gbs * 1e9 * cfg.memory_efficiency
-    flops = gpu.tflops_fp16 * 1e12 * cfg.compute_efficiency
+    bandwidth_bps = gpu.memory_bytes_per_s(cfg.memory_efficiency)
+    flops = gpu.flops_per_s(cfg.compute_efficiency)
     shard_rows = -(-model.vocab_size // tp_degree)
     scan_s = shard_rows * model.hidden_size * cfg.dtype_bytes / bandwidth_bps
     gemm_s = 2 * shard_rows * model.hidden_size / flops
@@ -63,17 +65,27 @@ def broadcast_cost(model: ModelSpec, tp_degree: int, tp_link: Link, cfg: CostCon
     return LinearCost(tp_link.latency_s, per_token_s, tp_link.latency_s, per_token_s, 0.0)
 
 
-def stage_cost(
-    model: ModelSpec, gpu: GpuType, tp_degree: int, num_layers: int, tp_link: Link, cfg: CostConfig,
-    *, is_first: bool, is_last: bool,
+def stage_extras(
+    model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig, *, is_first: bool, is_last: bool,
 ) -> LinearCost:
-    """All of one stage's time: its layers, the LM head if last, the input broadcast if not first."""
-    cost = layer_cost(model, gpu, tp_degree, tp_link, cfg).scaled(num_layers)
+    """What a stage costs besides its layers: the LM head if last, the input broadcast if not first, and the
+    engine's measured fixed cost of a step (zero without a profile)."""
+    step_s = gpu.step_overhead_ms / 1e3
+    cost = LinearCost(prefill_fixed_s=step_s, decode_fixed_s=step_s)
     if is_last:
         cost = cost + head_cost(model, gpu, tp_degree, tp_link, cfg)
     if not is_first:
         cost = cost + broadcast_cost(model, tp_degree, tp_link, cfg)
     return cost
+
+
+def stage_cost(
+    model: ModelSpec, gpu: GpuType, tp_degree: int, num_layers: int, tp_link: Link, cfg: CostConfig,
+    *, is_first: bool, is_last: bool,
+) -> LinearCost:
+    """All of one stage's time: its layers plus its extras."""
+    layers = layer_cost(model, gpu, tp_degree, tp_link, cfg).scaled(num_layers)
+    return layers + stage_extras(model, gpu, tp_degree, tp_link, cfg, is_first=is_first, is_last=is_last)
 
 
 def transfer_cost(model: ModelSpec, link: Link, cfg: CostConfig) -> LinearCost:

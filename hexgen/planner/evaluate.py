@@ -1,10 +1,16 @@
-"""Score a partition (or any set of replicas): DP layout per group, then the best fastest-first subset, simulated.
+"""Score a partition (or any set of replicas): DP layout per group, then the best fastest-first subset.
 
 Replicas are put in rotation order fastest first, and the k fastest are used for the k that scores best (the
-others stay idle): at light load a few fast replicas beat a round-robin over slow ones. For batch-1 replicas
-under round-robin this makes the score monotone: replacing replicas by faster ones, or offering extra ones,
-never lowers it, since every request then finishes no later. A symmetric plan's grouping, re-laid out by the
-DP, therefore scores at least as well as the symmetric plan itself.
+others stay idle): at light load a few fast replicas beat many slow ones. For one-request-at-a-time replicas
+under round-robin the latencies come in closed form (sim/closed_form.py) and the score is monotone: replacing
+replicas by faster ones, or offering extra ones, never lowers it. A symmetric plan's grouping, re-laid out by
+the DP, therefore scores at least as well as the symmetric plan itself.
+
+Batching replicas (max_batch > 1) are scored by the analytic load model (sim/analytic.py). Each group is laid
+out by the DP once per KV reservation level (room for 1, a few, or max_batch sequences of the workload's
+length per replica): a layout with more room for KV batches more, one with less is faster alone. Every
+partition is scored at each level and keeps the best, so replica count, layout and batch size are weighed
+against each other through KV memory.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from functools import cache
 import numpy as np
 
 from hexgen.cluster import Cluster
-from hexgen.costmodel import CostConfig, LinearCost, StagePlacement, Workload, placements_of, replica_cost
+from hexgen.costmodel import CostConfig, ReplicaCost, StagePlacement, Workload, placements_of, replica_stage_costs
 from hexgen.dispatch import make_policy
 from hexgen.models import ModelSpec
 from hexgen.plan import DeploymentPlan
@@ -25,6 +31,7 @@ from hexgen.planner.genetic import Score
 from hexgen.planner.objective import Objective
 from hexgen.planner.partition import Group, Partition
 from hexgen.planner.pricing import StagePricer
+from hexgen.sim.analytic import BatchingLoad, dispatch_shares, plan_latencies_s
 from hexgen.sim.closed_form import RoundRobinQueues
 from hexgen.sim.servers import ReplicaModel
 from hexgen.sim.simulator import simulate
@@ -33,99 +40,138 @@ from hexgen.sim.workload import Request
 
 @dataclass(frozen=True)
 class Selection:
-    """The replicas to run, fastest first, and their score."""
+    """The replicas to run, fastest first, the KV reservation level they were laid out for, and their score."""
 
     score: Score
     order: tuple[int, ...]  # indices into the candidate replicas, in rotation order
+    reserve: int = 1  # sequences of KV each replica's layout reserves room for
+
+
+PATIENCE_K = 3  # batching: stop adding slower replicas after this many that do not raise the score
+
+
+def reserve_levels(max_batch: int) -> tuple[int, ...]:
+    """KV reservation levels tried for batching replicas: one sequence, an eighth of the batch, the whole batch."""
+    return tuple(sorted({1, max(1, max_batch // 8), max_batch}))
 
 
 class PlanEvaluator:
-    """Partition -> replicas (one DP layout per feasible group) -> best subset's simulated score; memoised."""
+    """Partition -> replicas (one DP layout per feasible group) -> best subset's score; memoised."""
 
     def __init__(self, cluster: Cluster, model: ModelSpec, requests: list[Request], objective: Objective,
                  cfg: CostConfig, workload: Workload, dispatch: str = "round-robin"):
         self.cluster, self.model, self.cfg, self.workload = cluster, model, cfg, workload
         self.objective, self.dispatch, self.requests = objective, dispatch, requests
-        self.solver = PipelineSolver(StagePricer(cluster, model, workload, cfg))
-        self._queues = RoundRobinQueues(requests) if self._is_closed_form else None
+        self.levels = reserve_levels(workload.max_batch) if self.is_batching else (1,)
+        self.solvers = {r: PipelineSolver(StagePricer(cluster, model, replace(workload, max_batch=r), cfg))
+                        for r in self.levels}
+        self.solver = self.solvers[self.levels[0]]
+        self._queues = RoundRobinQueues(requests) if not self.is_batching and dispatch == "round-robin" else None
+        span_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
+        self._load = BatchingLoad(workload.max_batch, workload.prompt_tokens, workload.output_tokens,
+                                  len(requests) / span_s, len(requests))
         self.replica_cost = cache(self._replica_cost)
         self.select = cache(self._select_partition)
 
     @property
-    def _is_closed_form(self) -> bool:
-        return self.dispatch == "round-robin" and self.workload.max_batch == 1
+    def is_batching(self) -> bool:
+        return self.workload.max_batch > 1
 
-    def _replica_cost(self, group: Group) -> LinearCost | None:
-        layout = self.solver.best(group)
+    def _replica_cost(self, group: Group, reserve: int = 1) -> ReplicaCost | None:
+        if reserve > 1:  # a lighter reservation's layout that already holds `reserve` sequences is kept as is
+            lighter = self.replica_cost(group, self.levels[self.levels.index(reserve) - 1])
+            wl = self.workload
+            if lighter is not None and lighter.max_running(reserve, wl.prompt_tokens, wl.output_tokens) >= reserve:
+                return lighter
+        layout = self.solvers[reserve].best(group)
         if layout is None:
             return None
         c = self.cluster
         stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
-                                 c.link(s.machine, s.machine)) for s in layout.stages]
-        return replica_cost(c, self.model, stages, self.cfg)
+                                 c.tp_link(s.machine)) for s in layout.stages]
+        cost = replica_stage_costs(c, self.model, stages, self.cfg, self.workload)
+        if self.is_batching and cost.max_running(self.workload.max_batch, self.workload.prompt_tokens,
+                                                 self.workload.output_tokens) < 1:
+            return None  # its KV pool cannot hold one sequence of the workload
+        return cost
 
     def score(self, partition: Partition) -> Score:
         return self.select(partition).score
 
     def _select_partition(self, partition: Partition) -> Selection:
-        return self.select_replicas([self.replica_cost(g) for g in partition])
+        best = None
+        for reserve in self.levels:
+            chosen = replace(self.select_replicas([self.replica_cost(g, reserve) for g in partition]), reserve=reserve)
+            if best is None or chosen.score > best.score:
+                best = chosen
+        return best
 
-    def select_replicas(self, costs: list[LinearCost | None]) -> Selection:
+    def select_replicas(self, costs: list[ReplicaCost | None]) -> Selection:
         """The best-scoring k fastest of the candidate replicas (None: a group that holds no replica)."""
         wl = self.workload
-        ranked = sorted((c.batch_time_s(wl.max_batch, wl.prompt_tokens, wl.output_tokens), i)
+        ranked = sorted((c.request_latency_s(wl.prompt_tokens, wl.output_tokens), i)
                         for i, c in enumerate(costs) if c is not None)
         if not ranked:
             return Selection(self.objective.score(np.array([])), ())
         order = [i for _, i in ranked]
         best: Selection | None = None
+        worse = 0
         for k in self._sizes([costs[i] for i in order]):
             score = self.objective.score(self.latencies_s([costs[i] for i in order[:k]]))
             if best is None or score > best.score:
-                best = Selection(score, tuple(order[:k]))
+                best, worse = Selection(score, tuple(order[:k])), 0
+            elif self.is_batching and (worse := worse + 1) >= PATIENCE_K:
+                break
         return best
 
-    def _sizes(self, ranked: list[LinearCost]) -> range:
-        """Every k for the closed form; the event simulator skips k whose capacity is below the request rate."""
-        if self._is_closed_form:
+    def _sizes(self, ranked: list[ReplicaCost]) -> range:
+        """Every k at batch 1; batching replicas start from the fewest whose full-load capacity covers the rate."""
+        if not self.is_batching:
             return range(1, len(ranked) + 1)
-        span_s = max(r.arrival_s for r in self.requests) or 1.0
-        rate = len(self.requests) / span_s
-        capacity = np.cumsum([ReplicaModel(c, self.workload.max_batch).capacity_weight(
-            self.workload.prompt_tokens, self.workload.output_tokens) for c in ranked])
-        stable = np.nonzero(capacity >= rate)[0]
+        wl = self.workload
+        capacity = np.cumsum([c.capacity_rps(max(1, c.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens)),
+                                             wl.prompt_tokens, wl.output_tokens) for c in ranked])
+        stable = np.nonzero(capacity >= self._load.rate_rps)[0]
         return range(int(stable[0]) + 1 if len(stable) else 1, len(ranked) + 1)
 
-    def latencies_s(self, costs: list[LinearCost]) -> np.ndarray:
+    def latencies_s(self, costs: list[ReplicaCost]) -> np.ndarray:
+        """Latencies of the request stream on these replicas (closed form at batch 1, the load model batching)."""
         if self._queues is not None:
-            return self._queues.latencies_s(costs)
-        models = [ReplicaModel(c, self.workload.max_batch) for c in costs]
-        return np.array([c.latency_s for c in simulate(models, self.requests, make_policy(self.dispatch))])
+            return self._queues.latencies_s([c.sequential for c in costs])
+        if not self.is_batching:
+            done = simulate([ReplicaModel(c) for c in costs], self.requests, make_policy(self.dispatch))
+            return np.array([c.latency_s for c in done])
+        return plan_latencies_s(costs, dispatch_shares(costs, self.dispatch, self._load), self._load)
 
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
         """The DP layouts of the selected replicas, in rotation order."""
-        return [self.solver.best(partition[i]) for i in self.select(partition).order]
+        chosen = self.select(partition)
+        return [self.solvers[chosen.reserve].best(partition[i]) for i in chosen.order]
 
     def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
         return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))
 
     def with_predictions(self, plan: DeploymentPlan) -> DeploymentPlan:
-        """Each replica's predicted latency of one request alone and throughput at full batch (requests/s);
-        the server's capacity-weighted dispatch reads the throughput."""
+        """Each replica's predicted latency of one request alone, its batch (the batch limit, or fewer if its KV
+        pool holds fewer sequences), KV pool and throughput at full load (requests/s); the server's
+        capacity-weighted dispatch reads the throughput."""
         wl = self.workload
         replicas = []
         for replica in plan.replicas:
-            cost = replica_cost(self.cluster, self.model, placements_of(replica, self.cluster), self.cfg)
-            batch_s = cost.batch_time_s(wl.max_batch, wl.prompt_tokens, wl.output_tokens)
+            cost = replica_stage_costs(self.cluster, self.model, placements_of(replica, self.cluster), self.cfg, wl)
+            running = max(1, cost.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens))
             predicted = {"latency_s": round(cost.request_latency_s(wl.prompt_tokens, wl.output_tokens), 6),
-                         "throughput_rps": round(wl.max_batch / batch_s, 6)}
+                         "max_batch": running, "kv_blocks": cost.kv_blocks or 0,
+                         "throughput_rps": round(cost.capacity_rps(running, wl.prompt_tokens, wl.output_tokens)
+                                                 if self.is_batching else
+                                                 1 / cost.request_latency_s(wl.prompt_tokens, wl.output_tokens), 6)}
             replicas.append(replace(replica, predicted=predicted))
         return replace(plan, replicas=tuple(replicas))
 
     def select_plan(self, plan: DeploymentPlan) -> tuple[Score, DeploymentPlan]:
         """A given plan's best fastest-first subset of replicas, and its score."""
-        costs = [replica_cost(self.cluster, self.model, placements_of(r, self.cluster), self.cfg)
-                 for r in plan.replicas]
+        costs = [replica_stage_costs(self.cluster, self.model, placements_of(r, self.cluster), self.cfg,
+                                     self.workload) for r in plan.replicas]
         chosen = self.select_replicas(costs)
         kept = DeploymentPlan(plan.model, tuple(plan.replicas[i] for i in chosen.order), dict(plan.meta))
         return chosen.score, kept

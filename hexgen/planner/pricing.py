@@ -6,7 +6,7 @@ from functools import cache
 
 from hexgen.cluster import Cluster
 from hexgen.costmodel import CostConfig, Workload, max_stage_layers
-from hexgen.costmodel.stage import broadcast_cost, head_cost, layer_cost, token_return_cost, transfer_cost
+from hexgen.costmodel.stage import layer_cost, stage_extras, token_return_cost, transfer_cost
 from hexgen.models import ModelSpec
 
 
@@ -31,7 +31,7 @@ class StagePricer:
         return self.model.valid_tp_degrees(self.cluster.machine(machine).count)
 
     def _per_layer_s(self, machine: str, tp_degree: int) -> float:
-        gpu, link = self.cluster.machine(machine).gpu, self.cluster.link(machine, machine)
+        gpu, link = self.cluster.machine(machine).gpu, self.cluster.tp_link(machine)
         return self._latency(layer_cost(self.model, gpu, tp_degree, link, self.cfg))
 
     def _max_layers(self, machine: str, tp_degree: int, is_first: bool, is_last: bool) -> int:
@@ -41,12 +41,10 @@ class StagePricer:
         )
 
     def _stage_extra_s(self, machine: str, tp_degree: int, is_first: bool, is_last: bool) -> float:
-        """The LM head when last, the input broadcast inside the TP group when not first."""
-        gpu, link = self.cluster.machine(machine).gpu, self.cluster.link(machine, machine)
-        extra = self._latency(head_cost(self.model, gpu, tp_degree, link, self.cfg)) if is_last else 0.0
-        if not is_first:
-            extra += self._latency(broadcast_cost(self.model, tp_degree, link, self.cfg))
-        return extra
+        """The LM head when last, the input broadcast inside the TP group when not first, the step overhead."""
+        gpu, link = self.cluster.machine(machine).gpu, self.cluster.tp_link(machine)
+        return self._latency(stage_extras(self.model, gpu, tp_degree, link, self.cfg, is_first=is_first,
+                                          is_last=is_last))
 
     def _hop_s(self, src: str, dst: str) -> float:
         return self._latency(transfer_cost(self.model, self.cluster.link(src, dst), self.cfg))

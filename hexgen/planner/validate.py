@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hexgen.cluster import GIB, Cluster
 from hexgen.costmodel import CostConfig, Workload, stage_memory_bytes
@@ -26,6 +26,9 @@ def validate_plan(
 ) -> list[StageMemory]:
     """Raise PlanError naming the replica, stage and rule broken; return per-stage memory when all hold."""
     plan.validate_structure(model)
+    # The engine's paged KV pool takes what memory is left, so a stage must hold its weights, activations and
+    # reserve plus the KV cache of at least one sequence of the workload; a smaller pool just batches less.
+    workload = replace(workload, max_batch=1)
     out = []
     for r, replica in enumerate(plan.replicas):
         last = len(replica.stages) - 1
@@ -40,7 +43,7 @@ def validate_plan(
                 raise PlanError(
                     f"{where}: needs {used / GIB:.1f} GiB per GPU but {stage.machine}'s {gpu.name} has "
                     f"{gpu.memory_gb:.1f} GiB (rule: memory fits; {stage.num_layers} layers at TP {stage.tp} with "
-                    f"batch {workload.max_batch} x {workload.context_tokens} tokens of KV cache)"
+                    f"KV cache for one sequence of {workload.context_tokens} tokens)"
                 )
             out.append(StageMemory(r, s, used, gpu.memory_bytes))
     return out

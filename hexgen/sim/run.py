@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from hexgen.cluster import Cluster
-from hexgen.costmodel import CostConfig, placements_of, replica_cost
+from hexgen.costmodel import CostConfig, Workload, placements_of, replica_stage_costs
 from hexgen.dispatch import make_policy
 from hexgen.models import ModelSpec
 from hexgen.plan import DeploymentPlan
@@ -16,10 +16,18 @@ from hexgen.sim.workload import WorkloadSpec, generate_requests
 
 
 def replica_models(
-    plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, cfg: CostConfig, max_batch: int = 1
+    plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, cfg: CostConfig, max_batch: int = 1,
+    sizing: Workload | None = None,
 ) -> list[ReplicaModel]:
-    costs = [replica_cost(cluster, model, placements_of(r, cluster), cfg) for r in plan.replicas]
+    """Step-time models of the plan's replicas; `sizing` (the longest request shape) sizes their KV pools the way
+    the engine does, from the memory left after weights and activations."""
+    costs = [replica_stage_costs(cluster, model, placements_of(r, cluster), cfg, sizing) for r in plan.replicas]
     return [ReplicaModel(cost, max_batch) for cost in costs]
+
+
+def sizing_of(spec: WorkloadSpec, max_batch: int) -> Workload:
+    """The request shape memory is sized for: the longest prompt and output the workload draws."""
+    return Workload(spec.prompt.high, spec.output.high, max_batch)
 
 
 def plan_cost_per_hour(plan: DeploymentPlan, cluster: Cluster) -> float:
@@ -37,7 +45,7 @@ def run_plan(
     seed: int = 0, cfg: CostConfig | None = None, max_batch: int = 1,
 ) -> list[Completion]:
     requests = generate_requests(spec, random.Random(seed))
-    models = replica_models(plan, cluster, model, cfg or CostConfig(), max_batch)
+    models = replica_models(plan, cluster, model, cfg or CostConfig(), max_batch, sizing_of(spec, max_batch))
     return simulate(models, requests, make_policy(dispatch))
 
 

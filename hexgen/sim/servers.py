@@ -1,7 +1,8 @@
 """A replica inside the simulator: a queue plus a service model whose step times come from the cost model.
 
-Batching replicas are scheduled by the engine's own continuous-batching Scheduler (torch-free), so the
-simulator and the server share one batching policy.
+Batching replicas are scheduled by the engine's own continuous-batching Scheduler over a paged KV pool
+(torch-free), so the simulator and the server share one batching policy. A replica of S stages keeps up to S
+micro-batches in flight; each stage works on them in order, one at a time.
 """
 
 from __future__ import annotations
@@ -9,24 +10,28 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from hexgen.costmodel import LinearCost
+from hexgen.costmodel import LinearCost, ReplicaCost
+from hexgen.engine.block_manager import blocks_for
 from hexgen.engine.messages import GenerationRequest, SamplingParams, StepPlan
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.sim.workload import Request
 
-UNBOUNDED_CONTEXT = 1 << 30  # the workload, not the simulator, bounds sequence lengths
+UNBOUNDED_CONTEXT = 1 << 30  # the workload and the KV pool, not the simulator, bound sequence lengths
 
 
 @dataclass(frozen=True)
 class ReplicaModel:
-    """A replica's step-time coefficients and how many sequences it batches (1: one request at a time)."""
+    """A replica's step-time model and how many sequences it batches (1: one request at a time, the paper's)."""
 
-    cost: LinearCost
+    cost: ReplicaCost
     max_batch: int = 1
 
     def capacity_weight(self, prompt_tokens: float, output_tokens: float) -> float:
-        """Requests per second it can finish at full batch, for capacity-weighted dispatch."""
-        return self.max_batch / self.cost.request_latency_s(round(prompt_tokens), round(output_tokens))
+        """Requests per second it can finish at full batch (KV pool permitting), for capacity-weighted dispatch."""
+        p, o = round(prompt_tokens), round(output_tokens)
+        if self.max_batch == 1:
+            return 1.0 / self.cost.request_latency_s(p, o)
+        return self.cost.capacity_rps(max(1, self.cost.max_running(self.max_batch, p, o)), p, o)
 
 
 class SequentialServer:
@@ -44,12 +49,12 @@ class SequentialServer:
     def add(self, request: Request) -> None:
         self._queue.append(request)
 
-    def start(self, now_s: float) -> float | None:
-        """Begin the next request if idle; returns when it finishes (None if nothing was started)."""
+    def start(self, now_s: float) -> list[float]:
+        """Begin the next request if idle; returns when what was started finishes."""
         if self._current is not None or not self._queue:
-            return None
+            return []
         self._current = self._queue.popleft()
-        return now_s + self._cost.request_latency_s(self._current.prompt_tokens, self._current.output_tokens)
+        return [now_s + self._cost.request_latency_s(self._current.prompt_tokens, self._current.output_tokens)]
 
     def finish(self) -> list[Request]:
         done, self._current = [self._current], None
@@ -57,56 +62,86 @@ class SequentialServer:
 
 
 class BatchingServer:
-    """Continuous batching by the engine's own Scheduler: one event per engine step, timed by the cost model."""
+    """Continuous batching by the engine's Scheduler: one event per micro-batch, each stage in turn.
 
-    def __init__(self, cost: LinearCost, max_batch: int):
+    Each micro-batch takes at most ceil(max_batch / stages) sequences, so a full replica keeps every stage busy.
+    """
+
+    def __init__(self, cost: ReplicaCost, max_batch: int, pool_blocks: int):
         self._cost = cost
-        self._scheduler = Scheduler(SchedulerConfig(max_running_seqs=max_batch, max_context=UNBOUNDED_CONTEXT))
+        self._depth = cost.num_stages
+        self._micro_limit = -(-max_batch // self._depth)
+        config = SchedulerConfig(max_running_seqs=max_batch, max_context=UNBOUNDED_CONTEXT,
+                                 block_size=cost.kv_block_tokens, num_kv_blocks=pool_blocks)
+        self._scheduler = Scheduler(config)
         self._requests: dict[str, Request] = {}
-        self._plan: StepPlan | None = None
+        self._in_flight: deque[StepPlan] = deque()
+        self._stage_free_s = [0.0] * self._depth
 
     @property
     def outstanding(self) -> int:
-        return len(self._scheduler.waiting) + len(self._scheduler.running)
+        return len(self._requests)
 
     def add(self, request: Request) -> None:
         key = str(request.request_id)
         self._requests[key] = request
         # Token values do not matter to the schedule: only counts do.
-        params = SamplingParams(max_new_tokens=request.output_tokens, ignore_eos=True)
+        params = SamplingParams(max_new_tokens=request.output_tokens, ignore_eos=True, seed=0)
         self._scheduler.add(GenerationRequest(key, (0,) * request.prompt_tokens, params))
 
-    def start(self, now_s: float) -> float | None:
-        if self._plan is not None:
-            return None
-        self._plan = self._scheduler.schedule()
-        if self._plan is None:
-            return None
-        return now_s + step_time_s(self._cost, self._plan, self._decoding(self._plan))
+    def start(self, now_s: float) -> list[float]:
+        """Launch micro-batches while fewer than `stages` are in flight; returns when each comes back."""
+        ends = []
+        while len(self._in_flight) < self._depth:
+            plan = self._scheduler.schedule(self._micro_limit)
+            if plan is None:
+                break
+            self._in_flight.append(plan)
+            ends.append(self._pass_through(now_s, plan))
+        return ends
 
-    def _decoding(self, plan: StepPlan) -> list[bool]:
-        prompt_len = {seq.slot: seq.prompt_len for seq in self._scheduler.running.values()}
-        return [start >= prompt_len[slot] for slot, start in zip(plan.slots, plan.starts, strict=True)]
+    def _pass_through(self, now_s: float, plan: StepPlan) -> float:
+        """Each stage starts the micro-batch once it has arrived and the stage is free; then the hop onward."""
+        t = now_s
+        for j, stage in enumerate(self._cost.stages):
+            t = max(t, self._stage_free_s[j]) + step_time_s(stage, plan)
+            self._stage_free_s[j] = t
+            if j < len(self._cost.hops):
+                t += step_time_s(self._cost.hops[j], plan)
+        return t + step_time_s(self._cost.token_return, plan)
 
     def finish(self) -> list[Request]:
-        assert self._plan is not None
-        events = self._scheduler.update(self._plan, [0] * self._plan.num_sampled)
-        self._plan = None
+        """The oldest micro-batch came back (stages are first in, first out)."""
+        plan = self._in_flight.popleft()
+        events = self._scheduler.update(plan, [0] * plan.num_sampled)
         return [self._requests.pop(e.request_id) for e in events if e.finish_reason is not None]
 
 
-def step_time_s(cost: LinearCost, plan: StepPlan, decoding: list[bool]) -> float:
-    """Seconds of one engine step: prompt tokens being prefilled plus one token for each decoding sequence.
+def step_time_s(cost: LinearCost, plan: StepPlan) -> float:
+    """Seconds of one step of a stage (or hop): prompt chunks being prefilled plus one token of each decoding
+    sequence (an entry of one token that ends its sequence's known tokens), which attends over start + 1 tokens.
 
     A step that does both scans the weights once, so it pays the larger of the two fixed costs.
     """
-    prefill_tokens = sum(n for n, d in zip(plan.lengths, decoding, strict=True) if not d)
-    decode_seqs = sum(decoding)
-    context = sum(start + 1 for start, d in zip(plan.starts, decoding, strict=True) if d)
+    prefill_tokens = decode_seqs = context = 0
+    for start, length, sample in zip(plan.starts, plan.lengths, plan.sample, strict=True):
+        if length == 1 and sample and start > 0:
+            decode_seqs += 1
+            context += start + 1
+        else:
+            prefill_tokens += length
     fixed = max(cost.prefill_fixed_s if prefill_tokens else 0.0, cost.decode_fixed_s if decode_seqs else 0.0)
     return (fixed + cost.prefill_per_token_s * prefill_tokens + cost.decode_per_seq_s * decode_seqs
             + cost.decode_per_ctx_token_s * context)
 
 
-def make_server(model: ReplicaModel) -> SequentialServer | BatchingServer:
-    return SequentialServer(model.cost) if model.max_batch == 1 else BatchingServer(model.cost, model.max_batch)
+def make_server(model: ReplicaModel, longest_request_tokens: int) -> SequentialServer | BatchingServer:
+    """The paper's one-at-a-time replica for max_batch 1, else the engine's batching; an unsized KV pool gets
+    room for max_batch of the longest requests, so only the batch limit binds."""
+    if model.max_batch == 1:
+        return SequentialServer(model.cost.sequential)
+    pool = model.cost.kv_blocks
+    if pool is None:
+        # the scheduler admits a sequence only while a block per running sequence stays free: one spare each
+        pool = model.max_batch * (blocks_for(longest_request_tokens, model.cost.kv_block_tokens) + 1)
+    return BatchingServer(model.cost, model.max_batch, pool)

@@ -28,7 +28,8 @@ def simulate(replicas: list[ReplicaModel], requests: list[Request], policy: Disp
     """
     if not replicas:
         return []
-    servers = [make_server(r) for r in replicas]
+    longest = max((r.prompt_tokens + r.output_tokens for r in requests), default=1)
+    servers = [make_server(r, longest) for r in replicas]
     mean_prompt = sum(r.prompt_tokens for r in requests) / max(len(requests), 1)
     mean_output = sum(r.output_tokens for r in requests) / max(len(requests), 1)
     states = [ReplicaState(0, True, r.capacity_weight(mean_prompt, mean_output)) for r in replicas]
@@ -48,7 +49,6 @@ def simulate(replicas: list[ReplicaModel], requests: list[Request], policy: Disp
             i = policy.choose(states)
             states[i].outstanding += 1
             servers[i].add(req)
-        end = servers[i].start(now)
-        if end is not None:
+        for end in servers[i].start(now):
             heapq.heappush(busy, (end, i))
     return done

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from hexgen.costmodel import CostConfig, LinearCost, Workload
+from hexgen.costmodel import CostConfig, LinearCost, ReplicaCost, Workload
 from hexgen.dispatch import RoundRobin
 from hexgen.models import load_model_spec
 from hexgen.planner.genetic import GAConfig
@@ -49,7 +49,7 @@ def test_closed_form_round_robin_equals_the_event_simulator():
              LinearCost(0.2, 0.001, 0.04, 0.01, 1e-4)]
     spec = WorkloadSpec(4.0, 400, TokenLengths(10, 200), TokenLengths(1, 40))
     requests = generate_requests(spec, random.Random(3))
-    done = simulate([ReplicaModel(c) for c in costs], requests, RoundRobin())
+    done = simulate([ReplicaModel(ReplicaCost.one_stage(c)) for c in costs], requests, RoundRobin())
     by_id = {c.request.request_id: c.latency_s for c in done}
     expected = [by_id[r.request_id] for r in sorted(requests, key=lambda r: (r.arrival_s, r.request_id))]
     assert RoundRobinQueues(requests).latencies_s(costs) == pytest.approx(expected, rel=1e-9, abs=1e-9)
@@ -60,7 +60,7 @@ def test_selection_keeps_only_fast_replicas_at_light_load(tiny_cluster):
     request = PlanRequest(0.05, 30.0, Workload(128, 32), num_requests=200, objective="tail")
     ev = make_evaluator(tiny_cluster, model, request, CostConfig())
     fast, slow = LinearCost(decode_fixed_s=0.01), LinearCost(decode_fixed_s=1.0)
-    chosen = ev.select_replicas([slow, None, fast])
+    chosen = ev.select_replicas([ReplicaCost.one_stage(slow), None, ReplicaCost.one_stage(fast)])
     assert chosen.order == (2,)  # one fast replica alone: requests 20 s apart never queue
 
 

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from hexgen.costmodel import LinearCost
+from hexgen.costmodel import LinearCost, ReplicaCost
 from hexgen.dispatch import RoundRobin
 from hexgen.sim.metrics import summarise
 from hexgen.sim.servers import BatchingServer, ReplicaModel, SequentialServer
@@ -17,6 +17,7 @@ from hexgen.sim.workload import Request, TokenLengths, WorkloadSpec, generate_re
 
 COST = LinearCost(prefill_fixed_s=0.3, prefill_per_token_s=0.002, decode_fixed_s=0.05, decode_per_seq_s=0.01,
                   decode_per_ctx_token_s=0.0001)
+ONE = ReplicaCost.one_stage(COST)  # a one-stage replica with an unsized KV pool
 
 
 def test_one_request_equals_prefill_plus_decode_steps():
@@ -24,7 +25,7 @@ def test_one_request_equals_prefill_plus_decode_steps():
     # prefill 0.3 + 0.002*50 = 0.4; decode steps attend over 51 and 52 tokens: 0.06 + 0.0051, 0.06 + 0.0052
     expected = 0.4 + 0.0651 + 0.0652
     for max_batch in (1, 8):
-        (done,) = simulate([ReplicaModel(COST, max_batch)], [req], RoundRobin())
+        (done,) = simulate([ReplicaModel(ONE, max_batch)], [req], RoundRobin())
         assert done.latency_s == pytest.approx(expected, abs=1e-12)
 
 
@@ -32,17 +33,18 @@ def _finish_times(server, requests) -> list[float]:
     """Drive one server with every request queued at time 0; returns finish times in order."""
     for r in requests:
         server.add(r)
-    now, out = 0.0, []
-    while (nxt := server.start(now)) is not None:
-        now = nxt
+    out, pending = [], server.start(0.0)
+    while pending:
+        now = pending.pop(0)
         out += [now] * len(server.finish())
+        pending += server.start(now)
     return out
 
 
 def test_stepwise_batching_at_one_equals_sequential_server():
     reqs = generate_requests(WorkloadSpec(3.0, 5, TokenLengths(10, 200), TokenLengths(1, 40)), random.Random(7))
     sequential = _finish_times(SequentialServer(COST), reqs)
-    stepwise = _finish_times(BatchingServer(COST, 1), reqs)
+    stepwise = _finish_times(BatchingServer(ONE, 1, 1000), reqs)
     assert len(sequential) == 5
     assert stepwise == pytest.approx(sequential, abs=1e-9)
 
@@ -53,7 +55,7 @@ def test_continuous_batching_decodes_together():
     # step 2 decodes both over 5 + 5 cached tokens: 0.05 + 0.01 * 2 + 0.0001 * 10 = 0.071 -> both done at 0.387
     # step 3 prefills request 2 (0.308), step 4 decodes it (0.0605) -> done at 0.7555
     reqs = [Request(i, 0.0, 4, 2) for i in range(3)]
-    assert _finish_times(BatchingServer(COST, 2), reqs) == pytest.approx([0.387, 0.387, 0.7555], abs=1e-12)
+    assert _finish_times(BatchingServer(ONE, 2, 1000), reqs) == pytest.approx([0.387, 0.387, 0.7555], abs=1e-12)
 
 
 def test_prefill_joins_a_running_decode_step():
@@ -62,7 +64,7 @@ def test_prefill_joins_a_running_decode_step():
     # + one decoding sequence over 6 tokens = 0.3 + 0.012 + 0.01 + 0.0006 = 0.3226 -> A done at 0.6911.
     # B then decodes alone over 7 tokens: 0.0607 -> done at 0.7518.
     a, b = Request(0, 0.0, 4, 3), Request(1, 0.35, 6, 2)
-    done = {c.request.request_id: c for c in simulate([ReplicaModel(COST, 2)], [a, b], RoundRobin())}
+    done = {c.request.request_id: c for c in simulate([ReplicaModel(ONE, 2)], [a, b], RoundRobin())}
     assert done[0].finish_s == pytest.approx(0.6911, abs=1e-12)
     assert done[1].finish_s == pytest.approx(0.7518, abs=1e-12)
 
@@ -81,7 +83,7 @@ def test_littles_law_and_utilisation():
     service_s = COST.request_latency_s(20, 5)
     rate = 0.6 / service_s  # utilisation 0.6 on one replica
     spec = WorkloadSpec(rate, 20000, TokenLengths.fixed(20), TokenLengths.fixed(5))
-    done = simulate([ReplicaModel(COST, 1)], generate_requests(spec, random.Random(3)), RoundRobin())
+    done = simulate([ReplicaModel(ONE, 1)], generate_requests(spec, random.Random(3)), RoundRobin())
     start = min(c.request.arrival_s for c in done)
     span = max(c.finish_s for c in done) - start
     # Little: time-average number in system = throughput x mean time in system (areas computed independently)
@@ -96,7 +98,7 @@ def test_littles_law_and_utilisation():
 
 def test_report_fields():
     reqs = [Request(i, float(i), 10, 2) for i in range(4)]
-    done = simulate([ReplicaModel(COST, 1)], reqs, RoundRobin())
+    done = simulate([ReplicaModel(ONE, 1)], reqs, RoundRobin())
     rep = summarise(done, slo_s=1.0, cost_per_hour=3.6)
     latency = 0.3 + 0.02 + 0.06 + 0.0011  # never queued: arrivals 1 s apart
     assert rep.latency_p99_s == pytest.approx(latency)

@@ -1,0 +1,75 @@
+"""A replica as the batching engine runs it: per-stage step times, micro-batches in flight, a KV pool in blocks.
+
+With S stages the engine keeps up to S micro-batches (disjoint sets of sequences) in flight: each stage works on
+one micro-batch while the next stage works on another. One micro-batch's step therefore takes the sum of its
+stage times, hops and the token return (a request's latency adds them up), while the replica's rate of steps is
+bounded by its slowest stage, which serves every micro-batch once per loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hexgen.costmodel.linear import LinearCost
+
+
+@dataclass(frozen=True)
+class ReplicaCost:
+    """Step times of each stage, of the hop into each later stage and of the token return; the KV pool of every
+    rank in blocks of `kv_block_tokens` (None: not sized, only the batch limit bounds the batch)."""
+
+    stages: tuple[LinearCost, ...]
+    hops: tuple[LinearCost, ...] = ()
+    token_return: LinearCost = LinearCost()
+    kv_blocks: int | None = None
+    kv_block_tokens: int = 16
+
+    @classmethod
+    def one_stage(cls, cost: LinearCost, kv_blocks: int | None = None, kv_block_tokens: int = 16) -> ReplicaCost:
+        return cls((cost,), (), LinearCost(), kv_blocks, kv_block_tokens)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def sequential(self) -> LinearCost:
+        """One step through every stage, hop and the token return: the time of a micro-batch's step."""
+        total = self.token_return
+        for cost in (*self.stages, *self.hops):
+            total = total + cost
+        return total
+
+    def blocks_per_seq(self, prompt_tokens: int, output_tokens: int) -> int:
+        return -(-(prompt_tokens + output_tokens) // self.kv_block_tokens)
+
+    def max_running(self, batch_limit: int, prompt_tokens: int, output_tokens: int) -> int:
+        """Sequences of this shape that run at once: the batch limit, and what the KV pool holds in full."""
+        if self.kv_blocks is None:
+            return batch_limit
+        return min(batch_limit, self.kv_blocks // self.blocks_per_seq(prompt_tokens, output_tokens))
+
+    def decode_token_s(self, running: int, context_tokens: float) -> float:
+        """Seconds between two tokens of each of `running` decoding sequences holding `context_tokens` each,
+        spread over min(stages, running) equal micro-batches: the longer of one micro-batch's loop and the
+        slowest stage serving every micro-batch once."""
+        depth = max(1, min(self.num_stages, running))
+        per_batch = running / depth
+        times = [c.decode_step_s(per_batch, per_batch * context_tokens) for c in self.stages]
+        loop = sum(times) + sum(h.decode_step_s(per_batch, 0) for h in self.hops) + self.token_return.decode_fixed_s
+        return max(loop, depth * max(times))
+
+    def capacity_rps(self, running: int, prompt_tokens: int, output_tokens: int) -> float:
+        """Requests per second with `running` sequences always decoding: each batch of them needs output-1 token
+        loops plus every prompt once on the slowest-prefilling stage (prefill's fixed cost is counted once; it
+        shares the weight scan with the decode steps it joins)."""
+        if running < 1:
+            return 0.0
+        per_token_s = self.decode_token_s(running, prompt_tokens + output_tokens / 2)
+        prompt_s = max(c.prefill_per_token_s for c in self.stages) * prompt_tokens
+        batch_s = (output_tokens - 1) * per_token_s + running * prompt_s + self.sequential.prefill_fixed_s
+        return running / batch_s
+
+    def request_latency_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        """One request alone: a single micro-batch loops through every stage for each step."""
+        return self.sequential.request_latency_s(prompt_tokens, output_tokens)
