@@ -53,8 +53,8 @@ def test_layout_and_path_errors(args, fragment):
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [
-    (["--temperature", "-0.5"], "temperature must be >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--prompt", "hello " * 100], "it must be 1 to 63 tokens (the model's context is 64)"),
 ])
 def test_sampling_and_prompt_errors(extra, fragment, tokenizer_model_dir):

@@ -1,0 +1,71 @@
+"""`hexgen --version`, defaults in every sub-command's --help, and errors that name the flag the user typed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from hexgen.cli import main
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def help_entry(help_text: str, flag: str) -> str:
+    """The lines --help shows for one option, joined into one line."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(flag + " "))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if line.lstrip().startswith("-"):
+            break
+        entry.append(line)
+    return " ".join(part.strip() for part in entry)
+
+
+def test_version_is_the_packaged_one(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"hexgen {tomllib.loads(PYPROJECT.read_text())['project']['version']}\n"
+
+
+@pytest.mark.parametrize(("command", "flag", "shown"), [
+    (["generate"], "--max-new-tokens", "(default: 64)"),
+    (["generate"], "--tp", "(default: one stage, TP 1)"),
+    (["generate"], "--device", "(default: cpu)"),
+    (["serve"], "--port", "(default: 8000)"),
+    (["bench", "engine"], "--dtype", "(default: float32 bfloat16)"),
+    (["bench", "engine"], "--repeats", "(default: 3)"),
+    (["bench", "serve"], "--warmup", "(default: 1)"),
+    (["plan"], "--generations", "(default: 150)"),
+    (["simulate"], "--cv", "(default: 2.0)"),
+])
+def test_help_shows_defaults(command, flag, shown, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    entry = help_entry(capsys.readouterr().out, flag)
+    assert entry.endswith(shown), entry
+    assert entry.count("default") == 1, entry
+
+
+def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    with pytest.raises(SystemExit):
+        main(["bench", "serve", "--help"])
+    out = capsys.readouterr().out
+    assert "sk-secret-123" not in out and "(default: $OPENAI_API_KEY)" in help_entry(out, "--api-key")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+     "hexgen generate: error: --max-new-tokens must be >= 1, got 0"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "hexgen generate: error: --top-p must be in (0, 1], got 1.5"),
+    (["generate", "--prompt", "hi", "--top-k", "-2"], "hexgen generate: error: --top-k must be >= 0 (0 = off), got -2"),
+    (["bench", "engine", "--new-tokens", "1"], "hexgen bench: error: --new-tokens must be >= 2, got 1"),
+    (["bench", "engine", "--prompt-tokens", "0"], "hexgen bench: error: --prompt-tokens must be >= 1, got 0"),
+])
+def test_errors_name_the_flag(args, line, capsys):
+    assert main(args) == 2
+    assert capsys.readouterr().err == line + "\n"
