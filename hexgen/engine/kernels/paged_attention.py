@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hexgen.engine.kernels._common import check_dtype, dot_dtype, dot_precision
+from hexgen.engine.kernels._common import check_dtype, dot_precision, dots_in_fp32
 
 BLOCK_N = 64  # key positions per tile
 ROWS_DECODE = 16  # score rows per program when every sequence brings one token (tensor-core minimum)
@@ -33,7 +33,7 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, block_size,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -55,7 +55,8 @@ def _paged_attention_kernel(
 
     q_offsets = (q_begin + token)[:, None] * stride_qt + q_head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)  # [M, D]
-    q = q.to(DOT_DTYPE)
+    if DOT_FP32:
+        q = q.to(tl.float32)
 
     # Every row sees position 0 in the first tile, so its running max is finite from then on.
     m_i = tl.full([BLOCK_Q * GROUP_P], float("-inf"), dtype=tl.float32)  # running max, base-2 units
@@ -71,7 +72,9 @@ def _paged_attention_kernel(
         kv_mask = pos_valid[:, None] & dim_valid[None, :]
         k_offsets = block * stride_kb + offset * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache_ptr + k_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        scores = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale_log2  # [M, N]
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
         visible = (pos[None, :] <= q_pos[:, None]) & pos_valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
 
@@ -81,7 +84,9 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_offsets = block * stride_vb + offset * stride_vs + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -123,6 +128,6 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0), block_size,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_DTYPE=dot_dtype(q), PRECISION=dot_precision(q),
+        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_FP32=dots_in_fp32(q), PRECISION=dot_precision(q),
     )
     return out

@@ -1,0 +1,67 @@
+"""Compile every kernel variant the engine launches for an H200 (sm_90) without a GPU; prints one line each.
+
+Run as a script in a process without TRITON_INTERPRET (test_compile.py does): triton's own front end,
+optimiser and the ptxas it ships turn each kernel into a cubin, which catches what the interpreter
+cannot — tensor-core shape rules, types that differ between branches, register and shared-memory limits.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler import compile as triton_compile
+
+from hexgen.engine.kernels import fused_norm, kv_write, paged_attention
+
+H200 = GPUTarget("cuda", 90, 32)
+FLOATS = {"scale_log2", "eps"}
+
+
+def signature(kernel, dtype: str, pointer_dtypes: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Triton type strings: tensors `*dtype` (or as overridden), floats fp32, constexprs, other ints i32."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            types[name] = pointer_dtypes.get(name, f"*{dtype}")
+        else:
+            types[name] = "fp32" if name in FLOATS else "i32"
+    return types
+
+
+def attention(dtype: str, group: int, rows: int, head_dim: int) -> tuple:
+    fp32, group_p = dtype == "fp32", triton.next_power_of_2(group)
+    constexprs = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, BLOCK_Q=rows // group_p,
+                      BLOCK_N=paged_attention.BLOCK_N, DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32")
+    ints = {p: "*i32" for p in ("block_tables_ptr", "query_start_ptr", "context_lens_ptr")}
+    return paged_attention._paged_attention_kernel, dtype, ints, constexprs
+
+
+VARIANTS = {
+    "paged attention, bf16 decode, GQA 4, D 128": attention("bf16", 4, paged_attention.ROWS_DECODE, 128),
+    "paged attention, bf16 prefill, GQA 4, D 128": attention("bf16", 4, paged_attention.ROWS_PREFILL, 128),
+    "paged attention, fp32 prefill, GQA 3 (padded to 4), D 64": attention("fp32", 3, paged_attention.ROWS_PREFILL, 64),
+    "add + RMSNorm, bf16, H 4096": (fused_norm._add_rms_norm_kernel, "bf16", {},
+                                    dict(HAS_RESIDUAL=True, BLOCK_H=4096)),
+    "KV write, bf16, 8 heads x 128": (kv_write._write_kv_kernel, "bf16", {"slot_ptr": "*i64"},
+                                      dict(HEADS_P=8, HEAD_DIM_P=128)),
+}
+
+
+def main() -> int:
+    for name, (kernel, dtype, pointer_dtypes, constexprs) in VARIANTS.items():
+        start = time.perf_counter()
+        source = ASTSource(kernel, signature(kernel, dtype, pointer_dtypes, constexprs), constexprs)
+        compiled = triton_compile(source, target=H200)
+        print(f"{name}: {len(compiled.asm['cubin'])} B cubin, {compiled.metadata.shared} B shared memory, "
+              f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
