@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from importlib.metadata import version
+from importlib.metadata import metadata, version
 
-from hexgen.commands import COMMANDS
+from hexgen.commands import COMMANDS, profile_cmd
 from hexgen.errors import UserError
 
 
@@ -38,10 +38,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="hexgen", description=__doc__)
+    parser = Parser(prog="hexgen", description=metadata("hexgen")["Summary"])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('hexgen')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS:
+    for command in [*COMMANDS, profile_cmd]:
         command.register(sub)
     return parser
 
