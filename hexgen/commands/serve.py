@@ -19,7 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "one of them two stages with unequal TP degrees).",
     )
     p.add_argument("--model", default="smollm2-135m", help="embedded model name, an HF directory, or a .gguf file")
-    p.add_argument("--plan", help="plan JSON (from `hexgen plan`); its machines must be 'localhost'")
+    p.add_argument("--plan", help="plan JSON (from `hexgen plan`); its machines are 'localhost' unless --ray")
+    p.add_argument("--ray", metavar="HEAD_HOST:PORT",
+                   help="run each stage on the Ray cluster's machine the plan names (see `hexgen node`)")
+    p.add_argument("--replan", action="store_true",
+                   help="with --ray: when a machine is lost, re-plan its replicas on the free slots of live machines")
+    p.add_argument("--cluster", help="with --replan: the cluster YAML (from `hexgen cluster probe`) to re-plan on")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="the name clients send as 'model' (default: --model)")
@@ -44,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if args.replan and not (args.ray and args.cluster):
+        raise UserError("--replan needs --ray and --cluster (the cluster YAML the planner re-plans on)")
+    if args.ray and not args.plan:
+        raise UserError("--ray needs --plan: a plan naming the cluster's machines (`hexgen cluster probe`, then "
+                        "`hexgen plan`)")
     from hexgen.server.replica_client import ReplicaStartError
     from hexgen.server.serve import serve
 

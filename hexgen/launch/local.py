@@ -44,6 +44,14 @@ class RankProcesses:
                 return rank, proc.exitcode
         return None
 
+    def first_failure(self) -> str | None:
+        """Why a rank has ended, if one has."""
+        exited = self.first_exited()
+        return None if exited is None else f"rank {exited[0]} exited with code {exited[1]}"
+
+    def placement(self, rank: int) -> dict[str, int | None]:
+        return {"pid": self.procs[rank].pid}
+
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Wait up to grace_s for a clean exit, then terminate, then kill."""
         deadline = time.monotonic() + grace_s

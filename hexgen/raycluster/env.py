@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import threading
+import socket
 
 from hexgen.errors import UserError
 
@@ -57,30 +57,23 @@ def auth_env(head_host: str) -> dict[str, str]:
 
 
 def connect(address: str) -> None:
-    """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within CONNECT_TIMEOUT_S."""
-    host, _ = split_address(address)
+    """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within CONNECT_TIMEOUT_S if nothing
+    answers there."""
+    host, port = split_address(address)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S / 2).close()
+    except OSError as err:
+        raise RayUnavailable(
+            f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
+            "`hexgen node start --head` and check the address"
+        ) from None
     os.environ.update({**RAY_ENV, **auth_env(host)})
     import ray
 
-    failure: list[BaseException] = []
-
-    def attempt() -> None:
-        try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-        except BaseException as err:  # noqa: BLE001 - reported below as one line
-            failure.append(err)
-
-    # ray.init retries a missing GCS for a long time; a daemon thread bounds the wait.
-    os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", str(int(CONNECT_TIMEOUT_S)))
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(CONNECT_TIMEOUT_S)
-    if thread.is_alive() or failure:
-        why = f"{type(failure[0]).__name__}: {str(failure[0]).splitlines()[0]}" if failure else "no answer"
-        raise RayUnavailable(
-            f"cannot reach the Ray cluster at {address} within {CONNECT_TIMEOUT_S:.0f} s ({why}); start it with "
-            "`hexgen node start --head` and check the address"
-        )
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError) as err:
+        raise RayUnavailable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
 
 
 def machine_slots() -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Start, join and stop this machine's Ray node as `ray start --block`. Every process of the node (Ray's workers
-too, which start their own sessions) inherits a marker variable naming the node, so `stop` ends exactly those."""
+"""Start, join and stop this machine's Ray node as `ray start --block` in a session of its own. Ray's daemons stay
+in that process group; its workers start sessions of their own but inherit a marker variable naming the node; so
+`stop` ends exactly the processes of the nodes it started."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _ray_executable() -> str:
 def start_node(machine: str, slots: int, node_ip: str, head_address: str | None, port: int) -> tuple[NodeRecord, str]:
     """Start a head (head_address None) or join one; returns the record and the token ('' on loopback)."""
     record_path = state_dir() / f"{machine}.json"
-    if record_path.exists() and marked_pids(json.loads(record_path.read_text())["marker"]):
+    if record_path.exists() and node_pids(NodeRecord(**json.loads(record_path.read_text()))):
         raise UserError(f"a node for machine {machine!r} is already running here; `hexgen node stop --machine "
                         f"{machine}` first")
     marker = uuid.uuid4().hex
@@ -79,7 +80,7 @@ def start_node(machine: str, slots: int, node_ip: str, head_address: str | None,
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    _wait_started(proc, marker, log_path)
+    _wait_started(proc, NodeRecord(machine, proc.pid, marker, node_ip, head_address or "", str(log_path)), log_path)
     address = head_address or f"{node_ip or _local_ip(log_path)}:{port}"
     record = NodeRecord(machine, proc.pid, marker, node_ip, address, str(log_path))
     record_path.write_text(json.dumps(asdict(record)))
@@ -94,11 +95,11 @@ def _write_bootstrap_config() -> None:
         path.write_text("{}\n")
 
 
-def _wait_started(proc: subprocess.Popen, marker: str, log_path: Path) -> None:
+def _wait_started(proc: subprocess.Popen, record: NodeRecord, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while STARTED_LINE not in log_path.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_marked(proc.pid, marker)
+            stop_node(record)
             lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
             why = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "no output")
             raise UserError(f"ray start failed: {why.strip()} (full log: {log_path})")
@@ -120,41 +121,42 @@ def stop_nodes(machine: str | None) -> list[str]:
         record = NodeRecord(**json.loads(path.read_text()))
         if machine is not None and record.machine != machine:
             continue
-        stop_marked(record.pid, record.marker)
+        stop_node(record)
         path.unlink()
         stopped.append(record.machine)
     return stopped
 
 
-def stop_marked(leader_pid: int, marker: str, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM `ray start` (Ray's own orderly shutdown), then SIGKILL every process still carrying the marker."""
-    if leader_pid in marked_pids(marker):
-        os.kill(leader_pid, signal.SIGTERM)
+def stop_node(record: NodeRecord, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM `ray start` (Ray's own orderly shutdown), then SIGKILL every process of the node still there."""
+    if record.pid in node_pids(record):
+        os.kill(record.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while leader_pid in marked_pids(marker) and time.monotonic() < deadline:
+        while record.pid in node_pids(record) and time.monotonic() < deadline:
             time.sleep(0.2)
-    for pid in marked_pids(marker):
+    for pid in node_pids(record):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Live (not zombie) processes whose environment has NODE_MARKER=marker."""
-    wanted = f"{NODE_MARKER}={marker}".encode()
+def node_pids(record: NodeRecord) -> list[int]:
+    """Live (not zombie) processes of the node: in its process group, or with its marker in their environment."""
+    wanted = f"{NODE_MARKER}={record.marker}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if wanted in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
+            stat = (entry / "stat").read_text()
+            state, _, pgid = stat[stat.rindex(")") + 2:].split()[:3]
+            if state != "Z" and (int(pgid) == record.pid or wanted in (entry / "environ").read_bytes().split(b"\0")):
                 pids.append(int(entry.name))
         except OSError:
             continue
     return pids
 
 
-def _is_zombie(entry: Path) -> bool:
-    stat = (entry / "stat").read_text()
-    return stat[stat.rindex(")") + 2] == "Z"
+def read_record(machine: str) -> NodeRecord:
+    return NodeRecord(**json.loads((state_dir() / f"{machine}.json").read_text()))

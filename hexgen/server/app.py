@@ -176,7 +176,7 @@ def _replica_status(replica) -> dict[str, Any]:
         "waiting": replica.load.get("waiting", 0),
         "peak_running": replica.load.get("peak_running", 0),  # the largest batch the replica has run
         "ranks": replica.world_size,
-        "stages": [s.to_dict() for s in replica.plan.stages],
+        "stages": replica.stage_status(),
     }
 
 

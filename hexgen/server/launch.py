@@ -14,7 +14,7 @@ from hexgen.errors import PlanError
 from hexgen.launch.spec import rank_specs
 from hexgen.models import ModelSpec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, Replica, Stage
-from hexgen.server.replica_client import ReplicaClient, ReplicaStartError
+from hexgen.server.replica_client import ReplicaClient, ReplicaStartError, local_ranks
 
 
 def default_local_plan(spec: ModelSpec) -> DeploymentPlan:
@@ -65,7 +65,8 @@ def make_replicas(
         ReplicaClient(
             i,
             replica,
-            [(spec, scheduler_config, eos_token_ids) for spec in rank_specs(source, replica, dtype, device, threads)],
+            local_ranks([(spec, scheduler_config, eos_token_ids)
+                         for spec in rank_specs(source, replica, dtype, device, threads)]),
             capacity_weight(replica),
         )
         for i, replica in enumerate(plan.replicas)

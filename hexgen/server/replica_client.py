@@ -11,11 +11,11 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from hexgen.dispatch import ReplicaState
 from hexgen.engine.messages import GenerationRequest, TokenEvent
-from hexgen.launch.channel import AsyncParentEnd
+from hexgen.launch.channel import AsyncParentEnd, ChannelAddress
 from hexgen.launch.entry import run_rank
 from hexgen.launch.local import RankProcesses, StartupTracker
 from hexgen.plan import Replica
@@ -40,12 +40,29 @@ class Rejected:
     reason: str
 
 
+class Ranks(Protocol):
+    """The ranks of a replica wherever they run: local processes (RankProcesses) or Ray actors (RayRanks)."""
+
+    def __len__(self) -> int: ...
+    def start(self) -> None: ...
+    def first_failure(self) -> str | None: ...
+    def stop(self, grace_s: float = ...) -> None: ...
+    def placement(self, rank: int) -> dict[str, Any]: ...
+
+
+def local_ranks(rank_args: list[tuple[Any, ...]]) -> Callable[[ChannelAddress], Ranks]:
+    """Ranks as processes of this machine; rank_args[r] = (RankSpec, SchedulerConfig, eos_token_ids)."""
+    return lambda address: RankProcesses(run_rank, [(*args, address) for args in rank_args])
+
+
 class ReplicaClient:
-    def __init__(self, index: int, plan: Replica, rank_args: list[tuple[Any, ...]], capacity_weight: float = 1.0):
+    def __init__(self, index: int, plan: Replica, make_ranks: Callable[[ChannelAddress], Ranks],
+                 capacity_weight: float = 1.0, channel_host: str = "127.0.0.1"):
+        """make_ranks(channel address) builds the replica's ranks; the channel binds on channel_host."""
         self.index = index
         self.plan = plan
-        self.channel = AsyncParentEnd()
-        self.processes = RankProcesses(run_rank, [(*args, self.channel.address) for args in rank_args])
+        self.channel = AsyncParentEnd(channel_host)
+        self.processes = make_ranks(self.channel.address)
         self.state = ReplicaState(outstanding=0, is_up=False, capacity_weight=capacity_weight)
         self.status = "starting"
         self.down_reason: str | None = None
@@ -60,7 +77,11 @@ class ReplicaClient:
 
     async def start(self, on_loaded: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> None:
         """Start the ranks and wait until every one holds its weights; raise ReplicaStartError on failure."""
-        self.processes.start()
+        try:
+            await asyncio.to_thread(self.processes.start)
+        except Exception as err:  # noqa: BLE001 - e.g. Ray could not place an actor
+            await self._stop_processes()
+            raise ReplicaStartError(f"replica {self.index}: {type(err).__name__}: {err}".splitlines()[0]) from None
         tracker = StartupTracker(self.world_size, on_loaded)
         deadline = time.monotonic() + timeout_s
         while not tracker.done:
@@ -73,14 +94,22 @@ class ReplicaClient:
                 raise ReplicaStartError(f"replica {self.index} rank {message[1]}: {message[2]}")
             if message is not None:
                 tracker.take(message)
-            exited = self.processes.first_exited()
-            if exited is not None or time.monotonic() > deadline:
+            failure = self.processes.first_failure()
+            if failure is not None or time.monotonic() > deadline:
                 await self._stop_processes()
-                why = f"rank {exited[0]} exited with code {exited[1]}" if exited else f"not ready after {timeout_s} s"
-                raise ReplicaStartError(f"replica {self.index}: {why}")
+                raise ReplicaStartError(f"replica {self.index}: {failure or f'not ready after {timeout_s} s'}")
         self.status, self.state.is_up = "up", True
         self._last_heard = time.monotonic()
         self._tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._watch_loop())]
+
+    def stage_status(self) -> list[dict[str, Any]]:
+        """The plan's stages, each with where its ranks run (a pid here; a Ray node's id and address elsewhere)."""
+        out, first = [], 0
+        for stage in self.plan.stages:
+            ranks = [self.processes.placement(r) for r in range(first, first + stage.tp)]
+            out.append({**stage.to_dict(), "ranks": ranks})
+            first += stage.tp
+        return out
 
     async def submit(self, request: GenerationRequest) -> asyncio.Queue:
         """Queue of TokenEvent / Rejected / ReplicaDown items for this request."""
@@ -120,9 +149,9 @@ class ReplicaClient:
     async def _watch_loop(self) -> None:
         while self.state.is_up:
             await asyncio.sleep(WATCH_PERIOD_S)
-            exited = self.processes.first_exited()
-            if exited is not None:
-                await self.mark_down(f"rank {exited[0]} exited with code {exited[1]}")
+            failure = self.processes.first_failure()
+            if failure is not None:
+                await self.mark_down(failure)
             elif time.monotonic() - self._last_heard > SILENCE_LIMIT_S:
                 await self.mark_down(f"no heartbeat for {SILENCE_LIMIT_S:.0f} s")
 

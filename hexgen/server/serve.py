@@ -1,57 +1,114 @@
-"""Assemble and run the server: model, plan, replicas, coordinator, uvicorn; stop everything on exit."""
+"""Assemble and run the server: HTTP port, model, plan, replicas, coordinator, uvicorn; stop everything on exit."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import socket
 import sys
 from dataclasses import replace
 
 import uvicorn
 
+from hexgen.cluster import load_cluster
 from hexgen.dispatch import make_policy
 from hexgen.engine.checkpoint import embedded_spec, eos_token_ids, resolve_model
 from hexgen.engine.scheduler import SchedulerConfig
-from hexgen.plan import load_plan
+from hexgen.errors import UserError
+from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
 from hexgen.server.coordinator import Coordinator, ServeConfig
 from hexgen.server.launch import check_local, default_local_plan, make_replicas, start_all
 from hexgen.server.metrics import Metrics
+from hexgen.server.replica_client import ReplicaClient
 from hexgen.tokenizer import Tokenizer
 
 
+def bind_http(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before any replica loads, so a taken port fails first."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+    return sock
+
+
 async def serve(args: argparse.Namespace) -> None:
+    sock = bind_http(args.host, args.port)
+    try:
+        await _serve(args, sock)
+    finally:
+        sock.close()
+        if args.ray:
+            import ray
+
+            ray.shutdown()
+
+
+async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     given = replace(load_plan(args.plan), model=args.model) if args.plan else None
     known = embedded_spec(args.model)
     if given is not None and known is not None:  # a bad plan fails before a first-use conversion
         given.validate_structure(known)
+    cluster = load_cluster(args.cluster) if args.replan else None
+    if args.ray:
+        from hexgen.raycluster.env import connect, machine_slots
+        from hexgen.server.ray_launch import check_against_cluster
+
+        connect(args.ray)
+        check_against_cluster(given, machine_slots())
     source = resolve_model(args.model)
     spec = source.spec
     plan = given or default_local_plan(spec)
     plan.validate_structure(spec)
-    check_local(plan)
     tokenizer = Tokenizer(source.directory)
     max_context = min(args.max_context, spec.max_context)
     scheduler_config = SchedulerConfig(max_running_seqs=args.max_batch, max_context=max_context)
-    replicas = make_replicas(source, plan, args.dtype, args.device, scheduler_config, eos_token_ids(source.directory))
+    eos = eos_token_ids(source.directory)
+    if args.ray:
+        import ray
+
+        from hexgen.server.ray_launch import make_ray_replica
+
+        host = ray.util.get_node_ip_address()
+
+        def make_replica(index: int, replica: Replica) -> ReplicaClient:
+            return make_ray_replica(index, source, replica, args.dtype, args.device, scheduler_config, eos, host)
+
+        replicas = [make_replica(i, replica) for i, replica in enumerate(plan.replicas)]
+    else:
+        check_local(plan)
+        replicas = make_replicas(source, plan, args.dtype, args.device, scheduler_config, eos)
     await start_all(replicas)
+    watcher = None
     try:
         config = ServeConfig(args.served_model_name or args.model, max_context, args.max_queue)
         coordinator = Coordinator(config, tokenizer, replicas, make_policy(args.dispatch), Metrics())
+        if cluster is not None:
+            from hexgen.raycluster.env import machine_slots
+            from hexgen.server.replan import Replanner, plan_request
+
+            replanner = Replanner(replicas, cluster, spec, plan_request(plan), make_replica, machine_slots)
+            watcher = asyncio.create_task(replanner.watch())
         app = create_app(coordinator, args.api_key, plan.to_dict())
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-        )
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
         layout = "; ".join(
             f"replica {r.index}: " + " -> ".join(f"TP {s.tp} x {s.num_layers} layers" for s in r.plan.stages)
             for r in replicas
         )
+        sock.listen(2048)
         print(
             f"hexgen serve: ready on http://{args.host}:{args.port}/v1 serving {config.model_name!r} "
             f"({layout}; dispatch {args.dispatch})",
             file=sys.stderr,
             flush=True,
         )
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for replica in replicas:
             await replica.close()

@@ -1,0 +1,120 @@
+"""The ranks of one replica as Ray actors on the machines its plan names; the same interface as RankProcesses.
+
+Each rank is an actor holding one unit of its machine's resource (and one GPU on CUDA). Rank 0's node is the
+torch.distributed master; the ranks reach the coordinator over the typed ZeroMQ channel. What an actor receives
+as arguments travels by Ray's own mechanism: Ray is the cluster's trusted control plane.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from hexgen.launch.channel import ChannelAddress
+from hexgen.launch.lifetime import free_port
+from hexgen.launch.spec import RankSpec
+from hexgen.raycluster.env import machine_resource
+
+PLACE_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class RankNode:
+    """Where a rank's actor runs."""
+
+    machine: str
+    node_id: str
+    node_ip: str
+
+
+class RankActor:
+    """One rank; `run` blocks for the rank's whole life (load, then drive or follow)."""
+
+    def node(self) -> tuple[str, str]:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        return free_port()
+
+    def run(self, spec: RankSpec, scheduler_config: Any, eos_token_ids: tuple[int, ...], address: ChannelAddress,
+            master_addr: str) -> None:
+        os.environ["MASTER_ADDR"] = master_addr  # init_rank keeps an address already set
+        if not Path(spec.source.directory).is_dir():  # an embedded model or GGUF resolves on this machine
+            from hexgen.engine.checkpoint import resolve_model
+
+            spec = replace(spec, source=resolve_model(spec.source.name, progress=False))
+        from hexgen.launch.entry import run_rank
+
+        run_rank(spec, scheduler_config, eos_token_ids, address)
+
+
+@cache
+def _remote_actor_class() -> Any:
+    return ray.remote(RankActor)
+
+
+class RayRanks:
+    """Start, watch and stop the actors of one replica (rank r on machines[r])."""
+
+    def __init__(self, machines: list[str], rank_args: list[tuple[Any, ...]], address: ChannelAddress):
+        """rank_args[r] = (RankSpec, SchedulerConfig, eos_token_ids) of rank r."""
+        self.machines = machines
+        self.rank_args = rank_args
+        self.address = address
+        self.actors: list[Any] = []
+        self.runs: list[Any] = []
+        self.nodes: list[RankNode] = []
+
+    def __len__(self) -> int:
+        return len(self.machines)
+
+    def start(self) -> None:
+        """Place every actor, pick the rendezvous port on rank 0's node, then start every rank."""
+        remote = _remote_actor_class()
+        for spec, machine in zip((a[0] for a in self.rank_args), self.machines, strict=True):
+            gpus = 1 if spec.device == "cuda" else 0
+            options = dict(num_cpus=0, num_gpus=gpus, resources={machine_resource(machine): 1}, max_restarts=0)
+            self.actors.append(remote.options(**options).remote())
+        located = ray.get([a.node.remote() for a in self.actors], timeout=PLACE_TIMEOUT_S)
+        self.nodes = [RankNode(m, node_id, ip) for m, (node_id, ip) in zip(self.machines, located, strict=True)]
+        master_addr = self.nodes[0].node_ip
+        port = ray.get(self.actors[0].free_port.remote(), timeout=PLACE_TIMEOUT_S) if len(self) > 1 else 0
+        for actor, (spec, config, eos) in zip(self.actors, self.rank_args, strict=True):
+            # On CUDA Ray shows each actor only its own GPU, as device 0.
+            spec = replace(spec, master_port=port, gpu_index=0 if spec.device == "cuda" else spec.gpu_index)
+            self.runs.append(actor.run.remote(spec, config, eos, self.address, master_addr))
+
+    def first_failure(self) -> str | None:
+        """Why a rank ended (its actor died or its run returned), if one has."""
+        if not self.runs:
+            return None
+        done, _ = ray.wait(self.runs, num_returns=1, timeout=0)
+        if not done:
+            return None
+        rank = self.runs.index(done[0])
+        where = f"rank {rank} on machine {self.machines[rank]!r} ({self.nodes[rank].node_ip})"
+        try:
+            ray.get(done[0], timeout=0)
+        except Exception as err:  # noqa: BLE001 - described in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            return f"{where}: {type(err).__name__}{': ' + first if first else ''}"
+        return f"{where}: ended"
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Wait up to grace_s for the ranks to end by themselves, then kill every actor."""
+        if self.runs and grace_s > 0:
+            ray.wait(self.runs, num_returns=len(self.runs), timeout=grace_s)
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001, S110 - an actor of a lost node is already gone
+                pass
+
+    def placement(self, rank: int) -> dict[str, str]:
+        node = self.nodes[rank] if rank < len(self.nodes) else None
+        return {"node_id": node.node_id, "node_ip": node.node_ip} if node else {}
