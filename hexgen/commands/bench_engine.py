@@ -17,7 +17,9 @@ DESCRIPTION = (
 def register(bench: argparse._SubParsersAction) -> None:
     p = bench.add_parser("engine", help="engine decode/prefill vs HF transformers, and the cost of splitting",
                          description=DESCRIPTION)
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name, an HF directory, or a .gguf file")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name, an HF directory, or a .gguf file (converted once into "
+                   "$HEXGEN_CACHE_DIR, else ~/.cache/hexgen)")
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
                    help="weight and activation dtypes to time, one set of tables each")
     p.add_argument("--prompt-tokens", type=int, default=128, metavar="N",
