@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from hexgen.engine.kernels import fused_norm, kv_write, paged_attention
+from hexgen.engine.kernels import attention, fused_norm, kv_write
 
 H200 = GPUTarget("cuda", 90, 32)
 FLOATS = {"scale_log2", "eps"}
@@ -34,18 +34,18 @@ def signature(kernel, dtype: str, pointer_dtypes: dict[str, str], constexprs: di
     return types
 
 
-def attention(dtype: str, group: int, rows: int, head_dim: int) -> tuple:
+def attention_variant(dtype: str, group: int, rows: int, head_dim: int) -> tuple:
     fp32, group_p = dtype == "fp32", triton.next_power_of_2(group)
     constexprs = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, BLOCK_Q=rows // group_p,
-                      BLOCK_N=paged_attention.BLOCK_N, DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32")
+                      BLOCK_N=attention.BLOCK_N, DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32")
     ints = {p: "*i32" for p in ("block_tables_ptr", "query_start_ptr", "context_lens_ptr")}
-    return paged_attention._paged_attention_kernel, dtype, ints, constexprs
+    return attention._paged_attention_kernel, dtype, ints, constexprs
 
 
 VARIANTS = {
-    "paged attention, bf16 decode, GQA 4, D 128": attention("bf16", 4, paged_attention.ROWS_DECODE, 128),
-    "paged attention, bf16 prefill, GQA 4, D 128": attention("bf16", 4, paged_attention.ROWS_PREFILL, 128),
-    "paged attention, fp32 prefill, GQA 3 (padded to 4), D 64": attention("fp32", 3, paged_attention.ROWS_PREFILL, 64),
+    "paged attention, bf16 decode, GQA 4, D 128": attention_variant("bf16", 4, attention.ROWS_DECODE, 128),
+    "paged attention, bf16 prefill, GQA 4, D 128": attention_variant("bf16", 4, attention.ROWS_PREFILL, 128),
+    "paged attention, fp32 prefill, GQA 3, D 64": attention_variant("fp32", 3, attention.ROWS_PREFILL, 64),
     "add + RMSNorm, bf16, H 4096": (fused_norm._add_rms_norm_kernel, "bf16", {},
                                     dict(HAS_RESIDUAL=True, BLOCK_H=4096)),
     "KV write, bf16, 8 heads x 128": (kv_write._write_kv_kernel, "bf16", {"slot_ptr": "*i64"},

@@ -22,7 +22,7 @@ def faithful_rounding(device, dtype) -> bool:
 
 
 def check(device, num_tokens, hidden, dtype, with_residual, x_stride_extra=0):
-    from hexgen.engine.kernels.fused_norm import add_rms_norm
+    from hexgen.engine.kernels import add_rms_norm
 
     gen = torch.Generator().manual_seed(num_tokens * 1000 + hidden)
     x = (3 * torch.randn(num_tokens, hidden + x_stride_extra, generator=gen)).to(dtype).to(device)[:, :hidden]
@@ -56,7 +56,7 @@ def test_shapes_and_strided_rows(device, num_tokens, hidden):
 
 
 def test_no_tokens(device):
-    from hexgen.engine.kernels.fused_norm import add_rms_norm
+    from hexgen.engine.kernels import add_rms_norm
 
     x = torch.empty(0, 64, device=device)
     normed, new_residual = add_rms_norm(x, torch.empty_like(x), torch.ones(64, device=device), 1e-5)

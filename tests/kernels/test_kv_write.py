@@ -14,7 +14,7 @@ def make_pool(num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("block_size,num_kv_heads,head_dim", [(16, 2, 32), (1, 3, 24), (32, 8, 128)])
 def test_matches_index_copy(device, dtype, block_size, num_kv_heads, head_dim):
-    from hexgen.engine.kernels.kv_write import write_kv
+    from hexgen.engine.kernels import write_kv
 
     num_blocks, num_tokens = 12, 9
     k_cache, v_cache = make_pool(num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
@@ -31,7 +31,7 @@ def test_matches_index_copy(device, dtype, block_size, num_kv_heads, head_dim):
 
 
 def test_negative_slots_write_nothing(device):
-    from hexgen.engine.kernels.kv_write import write_kv
+    from hexgen.engine.kernels import write_kv
 
     k_cache, v_cache = make_pool(4, 16, 2, 32, torch.float32, device)
     k, v = torch.randn(3, 2, 32, device=device), torch.randn(3, 2, 32, device=device)

@@ -59,7 +59,7 @@ def reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
 
 
 def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype):
-    from hexgen.engine.kernels.paged_attention import paged_attention
+    from hexgen.engine.kernels import paged_attention
 
     batch = make_batch(lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device)
     scale = head_dim**-0.5
@@ -92,7 +92,7 @@ def test_head_dim_not_power_of_two(device):
 
 def test_strided_q_from_merged_projection(device):
     """q may be a view of a merged QKV output: rows strided by the whole projection width."""
-    from hexgen.engine.kernels.paged_attention import paged_attention
+    from hexgen.engine.kernels import paged_attention
 
     q, *rest = make_batch(MIXED, 16, 4, 2, 32, torch.float32, device)
     qkv = torch.cat([q.flatten(1), torch.zeros(q.shape[0], 2 * 2 * 32, device=device)], dim=1)

@@ -1,14 +1,22 @@
 """Triton kernels for CUDA: paged attention, fused residual-add + RMSNorm, KV-cache write.
 
-Nothing here imports triton at package import: the engine asks `available()` first and, only when it
-says yes, imports `paged_attention`, `fused_norm` or `kv_write` from this package's modules. Without
-triton or without CUDA the engine keeps its torch path.
+The engine asks `available()` first; only when it says yes does it call `paged_attention`, `add_rms_norm`
+or `write_kv` from this package. Each is imported from its module on first use, so importing the package
+never imports triton, and without triton or CUDA the engine keeps its torch path.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+
+_KERNELS = {  # public name -> module that defines it
+    "paged_attention": "attention",
+    "add_rms_norm": "fused_norm",
+    "write_kv": "kv_write",
+}
+__all__ = ["available", *_KERNELS]
 
 
 @functools.cache
@@ -19,3 +27,12 @@ def available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def __getattr__(name: str):
+    """Import a kernel's module on first access (PEP 562) and keep the function as a plain attribute."""
+    if name not in _KERNELS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    function = getattr(importlib.import_module(f"{__name__}.{_KERNELS[name]}"), name)
+    globals()[name] = function
+    return function
