@@ -3,7 +3,8 @@
 The event simulator runs the engine's scheduler step by step, too slow to score thousands of candidate plans.
 This estimate treats each replica as a pool of `running` slots (its batch limit, or fewer if its KV pool holds
 fewer sequences) fed by its share of the arrivals: a request that finds k others decodes alongside them, so it
-takes T(k+1) = prefill + (output-1) x the pipelined token time at k+1 sequences; the number in a replica is
+takes T(k+1) = prefill + (output-1) x the pipelined token time at k+1 sequences, stretched by the time the
+prompts of later arrivals take from those decode steps (1 / (1 - rate x prompt work)); the number in a replica is
 Poisson with mean a = rate x T(a) (the infinite-server law, solved by fixed point); beyond the slots, a
 request waits for (k - slots + 1) completions at the replica's full-load rate. A replica offered more than it
 can finish falls behind linearly over the stream. Tested against the event simulator in tests/scheduler.
@@ -44,14 +45,15 @@ def service_table_s(cost: ReplicaCost, load: BatchingLoad) -> np.ndarray:
 
 def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, points: int) -> np.ndarray:
     """`points` latencies spread like one replica's (evenly spaced quantiles) when it gets `share` of the stream."""
-    table = service_table_s(cost, load)
-    slots = len(table)
     rate = share * load.rate_rps
     full_rps = _capacity_rps(cost, load)
-    if rate >= full_rps:  # falls behind: the j-th of its n requests waits j x (1/capacity - 1/rate)
+    stolen = rate * _prompt_work_s(cost, load)  # share of time the others' prompts take from every decode
+    if rate >= full_rps or stolen >= 1:  # falls behind: the j-th of its n requests waits j x (1/capacity - 1/rate)
         n = max(1, round(share * load.num_requests))
         lag_s = (1 / full_rps - 1 / rate) * n
-        return table[-1] + lag_s * (np.arange(points) + 0.5) / points
+        return service_table_s(cost, load)[-1] + lag_s * (np.arange(points) + 0.5) / points
+    table = service_table_s(cost, load) / (1 - stolen)
+    slots = len(table)
     offered = _offered_load(table, rate)
     top = int(offered + 8 * math.sqrt(offered + 1) + slots + 2)
     k = np.arange(top + 1)
@@ -61,6 +63,14 @@ def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, poi
     cdf = np.cumsum(pmf) / pmf.sum()
     picks = np.searchsorted(cdf, (np.arange(points) + 0.5) / points)
     return latency[np.minimum(picks, top)]
+
+
+@cache
+def _prompt_work_s(cost: ReplicaCost, load: BatchingLoad) -> float:
+    """Seconds one arrival's prompt adds to the decode step it joins, on the slowest-prefilling stage: its tokens,
+    and the part of the prefill's fixed cost beyond the decode step's."""
+    return max(c.prefill_per_token_s * load.prompt_tokens + max(0.0, c.prefill_fixed_s - c.decode_fixed_s)
+               for c in cost.stages)
 
 
 @cache

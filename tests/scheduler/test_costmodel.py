@@ -6,7 +6,7 @@ import pytest
 from scheduler_helpers import tiny_model
 
 from hexgen.cluster import GpuType, Link
-from hexgen.costmodel import CostConfig, LinearCost, Workload, allreduce_s, stage_memory_bytes
+from hexgen.costmodel import CostConfig, LinearCost, Workload, allreduce_s, kv_pool_blocks, stage_memory_bytes
 from hexgen.costmodel.stage import head_cost, layer_cost
 
 # hidden 1024, 8 heads of 128, 4 KV heads, MLP 4096, vocab 1000:
@@ -68,3 +68,13 @@ def test_lm_head_is_split_over_tp_and_gathered_on_the_leader():
     assert cost.prefill_fixed_s == pytest.approx(scan + gemm + gather_fixed + gather_per_seq)
     alone = head_cost(MODEL, GPU, 1, LINK, EXACT)  # no gather at TP 1: 1000 rows
     assert alone.decode_fixed_s == pytest.approx(4 * scan) and alone.decode_per_seq_s == pytest.approx(4 * gemm)
+
+
+def test_kv_pool_is_memory_left_after_weights_in_blocks():
+    # TP 2, 3 layers, first stage, 1 GiB GPU, reserve 0.5 GiB, prompt 100 x batch 2 of activations:
+    # fixed = embedding shard 1,024,000 + activations 4 x 200 x 1024 x 2 = 1,638,400 + 536,870,912 reserve;
+    # weights 3 x 31,461,376 / 2 = 47,192,064; free = 1,073,741,824 - 539,533,312 - 47,192,064 = 487,016,448.
+    # A 16-token block on one rank: 16 x 3 layers x 2048 bytes / TP 2 = 49,152 bytes -> 9908 blocks.
+    wl = Workload(prompt_tokens=100, output_tokens=28, max_batch=2)
+    gpu_gb = 1.0
+    assert kv_pool_blocks(MODEL, 2, 3, gpu_gb, wl, EXACT, is_first=True, is_last=False) == 9908

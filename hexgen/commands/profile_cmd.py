@@ -1,0 +1,67 @@
+"""`hexgen profile`: measure this machine as the engine uses it and write a profile file for plan / simulate."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="measure this machine's device for the planner and simulator",
+                              description=__doc__)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="what to measure: the GPU if there is one (auto), or the CPU")
+    p.add_argument("--device-type", help="GPU type name the figures stand for in cluster files "
+                                         "(default: CPU-worker on CPU, the GPU's table name on CUDA)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="element type (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("-o", "--output", required=True, help="profile file to write (.yaml or .json)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from hexgen.engine.profiler import measure_profile
+    from hexgen.machine import cpu_description
+    from hexgen.profile import profile_from_dict
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    describe = cpu_description()
+    if device == "cuda":
+        describe = f"{torch.cuda.get_device_name(0)}; host {describe}"
+    device_type = args.device_type or ("CPU-worker" if device == "cpu" else _gpu_table_name())
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; other work will make every figure low")
+    print(f"measuring {describe} as {device_type} ({dtype}); this takes about a minute")
+    figures = measure_profile(device_type, dtype, device, describe)
+    figures["load_average_1m"] = round(os.getloadavg()[0], 2)
+    profile_from_dict(figures, "measured profile")  # what we write must load
+    out = Path(args.output)
+    text = json.dumps(figures, indent=1) if out.suffix == ".json" else yaml.safe_dump(figures, sort_keys=False)
+    out.write_text(text if text.endswith("\n") else text + "\n")
+    for key in ("matmul_tflops", "memory_bandwidth_gbs", "step_overhead_ms", "layer_overhead_ms", "seq_overhead_ms",
+                "allreduce", "transfer"):
+        print(f"  {key}: {figures[key]}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _gpu_table_name() -> str:
+    """The built-in table's name for this GPU, when its device name contains one (H200, H100, A100, ...)."""
+    import torch
+
+    from hexgen.cluster import builtin_gpu_types
+    from hexgen.errors import UserError
+
+    name = torch.cuda.get_device_name(0).replace(" ", "").upper()
+    for table_name in sorted(builtin_gpu_types(), key=len, reverse=True):
+        if table_name.split("-")[0].upper() in name:
+            return table_name
+    raise UserError(f"GPU {torch.cuda.get_device_name(0)!r} is not in the built-in table; name it with --device-type")

@@ -1,0 +1,165 @@
+"""`hexgen profile`'s measurements on this machine (torch): matmul rate, weight-scan bandwidth, the engine's
+fixed costs per step, per layer and per sequence, and the all-reduce and stage-to-stage link costs.
+
+The fixed costs come from the real engine running tiny random Llamas (hidden 64, so their arithmetic is
+negligible): decode steps of 1 and 4 layers at batch 1 and 8 are fitted to t = step + layers x (layer + batch x seq).
+Links are timed with gloo (CPU) or NCCL (two GPUs or more) between two processes, and fitted to the cost model's
+own formulas: all-reduce over two ranks = 2 x latency + bytes / bandwidth, a send = latency + bytes / bandwidth.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hexgen.engine.commbench import measure_collectives
+from hexgen.engine.engine import DTYPES, Engine, build_runner, init_rank
+from hexgen.engine.messages import GenerationRequest, SamplingParams
+from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.launch.spec import Layout, RankSpec
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 256, "max_position_embeddings": 512}
+OVERHEAD_LAYERS = (1, 4)
+OVERHEAD_BATCHES = (1, 8)
+LINK_TOKENS = (1, 512)  # message sizes [T, hidden] fitted for latency (small) and bandwidth (large)
+
+
+def _timed_s(fn, seconds: float, sync) -> float:
+    """Median seconds of one call of fn, repeated for about `seconds` after a warm-up call."""
+    fn()
+    sync()
+    samples, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(samples) < 3:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
+    """Dense [size, size] x [size, size] products per second, as TFLOPS (2 size^3 FLOPs each)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    return 2 * size**3 / _timed_s(lambda: a @ b, seconds, _sync(device)) / 1e12
+
+
+def weight_scan_gbs(device: torch.device, dtype: torch.dtype, num_bytes: int, seconds: float = 1.0) -> float:
+    """Matrix-vector products over a weight matrix of `num_bytes`: the bytes a decode step streams, per second."""
+    cols = 4096
+    rows = num_bytes // (cols * torch.tensor([], dtype=dtype).element_size())
+    w = torch.randn(rows, cols, dtype=dtype, device=device)
+    x = torch.randn(cols, dtype=dtype, device=device)
+    return w.numel() * w.element_size() / _timed_s(lambda: w @ x, seconds, _sync(device)) / 1e9
+
+
+def _tiny_checkpoint(num_layers: int, folder: Path):
+    """A random Llama of `num_layers` tiny layers saved as safetensors, and its ModelSource."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hexgen.engine.checkpoint import ModelSource
+    from hexgen.models import spec_from_hf_config
+
+    config = LlamaConfig(num_hidden_layers=num_layers, **TINY)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    spec = spec_from_hf_config(json.loads((folder / "config.json").read_text()), f"tiny-{num_layers}")
+    return ModelSource(spec.name, folder, spec)
+
+
+def _decode_step_s(source, batch: int, dtype: str, device: str, steps: int = 24) -> float:
+    """Median seconds of the engine's decode steps with `batch` sequences, one in-process rank."""
+    layout = Layout((1,), ((0, source.spec.num_layers),))
+    spec = RankSpec(source, layout, 0, dtype, device)
+    config = SchedulerConfig(max_running_seqs=batch, max_context=256)
+    engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        engine.add(GenerationRequest(f"r{i}", tuple(range(10, 18)), params))
+    engine.step()  # the prefill
+    times = []
+    while engine.has_work:
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def engine_overheads_ms(dtype: str, device: str) -> dict[str, float]:
+    """Fit decode-step times of tiny models to step + layers x (layer + batch x seq), in milliseconds."""
+    rows, times = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers in OVERHEAD_LAYERS:
+            source = _tiny_checkpoint(layers, Path(tmp) / f"l{layers}")
+            for batch in OVERHEAD_BATCHES:
+                rows.append([1.0, layers, layers * batch])
+                times.append(_decode_step_s(source, batch, dtype, device))
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
+    step_s, layer_s, seq_s = (max(0.0, float(c)) for c in coef)
+    return {"step_overhead_ms": step_s * 1e3, "layer_overhead_ms": layer_s * 1e3, "seq_overhead_ms": seq_s * 1e3}
+
+
+def link_figures(hidden: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """All-reduce over two ranks and one-way sends, fitted to latency + bytes / bandwidth (gloo on loopback)."""
+    measured = measure_collectives(2, hidden, list(LINK_TOKENS), dtype)
+    element = torch.tensor([], dtype=dtype).element_size()
+    small, large = (t * hidden * element for t in LINK_TOKENS)
+
+    def fit(kind: str, latency_factor: float) -> dict[str, float]:
+        t_small, t_large = measured[(kind, LINK_TOKENS[0])], measured[(kind, LINK_TOKENS[1])]
+        per_byte = max((t_large - t_small) / (large - small), 1e-15)
+        latency = max(0.0, (t_small - small * per_byte) / latency_factor)
+        return {"latency_ms": round(latency * 1e3, 5), "bandwidth_gbps": round(8 / per_byte / 1e9, 3)}
+
+    return {"allreduce": {**fit("all_reduce", 2.0), "ranks": 2}, "transfer": fit("p2p", 1.0)}
+
+
+def _lscpu_summary() -> str:
+    """lscpu's model name, cores and the vector / matrix extensions that decide CPU matmul speed."""
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "lscpu unavailable"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    vector = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return (f"{fields.get('Model name', '?').strip()}; {fields.get('CPU(s)', '?').strip()} CPUs; "
+            f"flags: {' '.join(vector) or 'no AVX'}")
+
+
+def measure_profile(device_type: str, dtype: str, device: str, describe: str) -> dict[str, Any]:
+    """Every figure of a profile file, as written by `hexgen profile`."""
+    torch_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+    torch_dtype = DTYPES[dtype]
+    big = device == "cuda"
+    out: dict[str, Any] = {
+        "format": "hexgen-profile/1", "device_type": device_type, "device": describe, "backend": device,
+        "dtype": dtype, "measured_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch_version": str(torch.__version__), "cpu": _lscpu_summary(),
+        "matmul_tflops": round(matmul_tflops(torch_device, torch_dtype, 8192 if big else 1024), 4),
+        "memory_bandwidth_gbs": round(weight_scan_gbs(torch_device, torch_dtype, (2 << 30) if big else (256 << 20)), 3),
+    }
+    out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device).items()}
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
+    out |= link_figures(4096, torch_dtype)
+    out["method"] = (f"matmul {'8192' if big else '1024'}^2; weight scan = matrix-vector product over "
+                     f"{'2 GiB' if big else '256 MiB'}; overheads fitted on the engine's decode steps of tiny Llamas "
+                     f"({OVERHEAD_LAYERS} layers x batch {OVERHEAD_BATCHES}); links: 2 ranks, [1 and 512, 4096] "
+                     "messages")
+    return out
