@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from hexgen.cli import main
+from hexgen.cli import build_parser, main
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -15,7 +17,8 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 def help_entry(help_text: str, flag: str) -> str:
     """The lines --help shows for one option, joined into one line."""
     lines = help_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(flag + " "))
+    start = next(i for i, line in enumerate(lines)
+                 if line.lstrip().startswith("-") and flag in re.split(r"[ ,]+", line.strip()))
     entry = [lines[start]]
     for line in lines[start + 1:]:
         if line.lstrip().startswith("-"):
@@ -48,6 +51,25 @@ def test_help_shows_defaults(command, flag, shown, capsys):
     entry = help_entry(capsys.readouterr().out, flag)
     assert entry.endswith(shown), entry
     assert entry.count("default") == 1, entry
+
+
+def leaf_parsers(parser: argparse.ArgumentParser):
+    """Every sub-command parser that takes options, e.g. `hexgen bench engine`."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield parser
+    for group in groups:
+        for child in group.choices.values():
+            yield from leaf_parsers(child)
+
+
+def test_every_option_with_a_value_shows_its_default():
+    for parser in leaf_parsers(build_parser()):
+        help_text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                flag = max(action.option_strings, key=len)
+                assert "default" in help_entry(help_text, flag), f"{parser.prog} {flag}"
 
 
 def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
