@@ -99,7 +99,7 @@ def _wait_started(proc: subprocess.Popen, record: NodeRecord, log_path: Path) ->
     deadline = time.monotonic() + START_TIMEOUT_S
     while STARTED_LINE not in log_path.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_node(record)
+            stop_nodes_of([record])
             lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
             why = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "no output")
             raise UserError(f"ray start failed: {why.strip()} (full log: {log_path})")
@@ -116,29 +116,28 @@ def _local_ip(log_path: Path) -> str:
 
 def stop_nodes(machine: str | None) -> list[str]:
     """Stop the nodes this machine started (all, or the one of `machine`); returns the machines stopped."""
-    stopped = []
-    for path in sorted(state_dir().glob("*.json")):
-        record = NodeRecord(**json.loads(path.read_text()))
-        if machine is not None and record.machine != machine:
-            continue
-        stop_node(record)
+    paths = [p for p in sorted(state_dir().glob("*.json")) if machine in (None, p.stem)]
+    records = [NodeRecord(**json.loads(p.read_text())) for p in paths]
+    stop_nodes_of(records)
+    for path in paths:
         path.unlink()
-        stopped.append(record.machine)
-    return stopped
+    return [r.machine for r in records]
 
 
-def stop_node(record: NodeRecord, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM `ray start` (Ray's own orderly shutdown), then SIGKILL every process of the node still there."""
-    if record.pid in node_pids(record):
-        os.kill(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while record.pid in node_pids(record) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    for pid in node_pids(record):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def stop_nodes_of(records: list[NodeRecord], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each `ray start` (Ray's own orderly shutdown) at once, then SIGKILL every process still there."""
+    leaders = [r.pid for r in records if r.pid in node_pids(r)]
+    for pid in leaders:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(r.pid in node_pids(r) for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for record in records:
+        for pid in node_pids(record):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def node_pids(record: NodeRecord) -> list[int]:

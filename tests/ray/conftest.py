@@ -51,6 +51,14 @@ def ray_cluster():
         assert not left, f"Ray processes left after `hexgen node stop`: {left}"
 
 
+@pytest.fixture(scope="session")
+def cluster_file(ray_cluster, tmp_path_factory) -> Path:
+    """`hexgen cluster probe` output for the three machines."""
+    path = tmp_path_factory.mktemp("probe") / "cluster.yaml"
+    hexgen("cluster", "probe", "--ray", ray_cluster, "-o", str(path), "--bulk-mib", "2")
+    return path
+
+
 class Reference:
     """Greedy completions of the one-process engine (one rank, in this process)."""
 

@@ -17,15 +17,11 @@ DOWN_WITHIN_S = 15.0
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tokenizer_model_dir, tmp_path_factory):
+def served(cluster_file, tokenizer_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray-serve")
     plan = write_plan(tmp / "plan.json", tokenizer_model_dir,
                       [[("a", 0, (0, 1)), ("b", 0, (1, 2))], [("c", 0, (0, 2))]])
-    hexgen_cluster = tmp / "cluster.yaml"
-    from ray_helpers import hexgen
-
-    hexgen("cluster", "probe", "--ray", ray_cluster, "-o", str(hexgen_cluster), "--bulk-mib", "2")
-    server = RayServer(tokenizer_model_dir, plan, tmp / "serve.log", "--replan", "--cluster", str(hexgen_cluster))
+    server = RayServer(tokenizer_model_dir, plan, tmp / "serve.log", "--replan", "--cluster", str(cluster_file))
     try:
         server.wait_ready()
         yield server

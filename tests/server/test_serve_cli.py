@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 
 import pytest
 from serve_helpers import REPO_ROOT, write_plan
@@ -59,9 +61,26 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
         (["--plan", str(tmp_path / "missing.json")], "cannot read plan"),
         (["--port", "0"], "--port"),
         (["--max-queue", "0"], "--max-queue"),
+        (["--ray", "127.0.0.1:6379"], "--ray needs --plan"),
+        (["--replan"], "--replan needs --ray and --cluster"),
+        (["--ray", "127.0.0.1:1", "--plan", str(remote)], "cannot reach the Ray cluster at 127.0.0.1:1"),
     ]
     for args, words in cases:
         result = _serve("--model", str(chat_model_dir), *args)
         assert result.returncode == 2, result.stderr
         assert words in result.stderr and "Traceback" not in result.stderr
         assert result.stderr.startswith("hexgen serve: error:")
+
+
+def test_a_taken_port_fails_before_any_replica_loads(chat_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = _serve("--model", str(chat_model_dir), "--port", str(port))
+        elapsed_s = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"hexgen serve: error: cannot listen on 127.0.0.1:{port}")
+    assert "ready on" not in result.stderr and "loading" not in result.stderr
+    assert elapsed_s < 15, f"took {elapsed_s:.1f} s: the port must be checked before loading"
