@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from hexgen.errors import UserError
+from hexgen.models import preset_configs
+
+CUDA_BATCH_SIZES = (1, 8, 32, 64, 128)  # the decode-step table's rows when --device cuda gives none
 
 DESCRIPTION = (
     "Time the engine at batch 1, greedy, on one model and machine: prefill tokens/s and decode ms/token of "
@@ -37,6 +40,13 @@ def register(bench: argparse._SubParsersAction) -> None:
         "with T the largest valid TP degree <= 4)",
     )
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both engines run; cuda times decode steps only (one GPU: no multi-process layouts)")
+    p.add_argument("--shape", choices=sorted([*preset_configs(), "tiny"]), default=None,
+                   help="instead of --model, a random-weight model of this shape, built on --device (no download)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                   help="decode-step table at these batch sizes beside HF and the bandwidth floor "
+                   f"(default: {' '.join(map(str, CUDA_BATCH_SIZES))} on cuda, none on cpu)")
     p.set_defaults(run=run_engine_bench)
 
 
@@ -62,5 +72,20 @@ def run_engine_bench(args: argparse.Namespace) -> int:
         if value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
     layouts = [parse_layout(t) for t in args.layout] if args.layout else None
-    run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown)
+    batch_sizes = args.batch_sizes or (list(CUDA_BATCH_SIZES) if args.device == "cuda" else None)
+    check_device_flags(args.device, layouts, batch_sizes)
+    run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown,
+                   args.device, args.shape, batch_sizes)
     return 0
+
+
+def check_device_flags(device: str, layouts: list | None, batch_sizes: list[int] | None) -> None:
+    if batch_sizes and min(batch_sizes) < 1:
+        raise UserError(f"--batch-sizes: every size must be >= 1, got {batch_sizes}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
+        if layouts:
+            raise UserError("--layout runs on CPU only: with one GPU, multi-process layouts cannot share it")

@@ -49,10 +49,11 @@ def prompt_ids(source: ModelSource, n: int) -> list[int]:
 
 
 class HexgenSingle:
-    def __init__(self, source: ModelSource, dtype: str):
+    def __init__(self, source: ModelSource, dtype: str, device: str = "cpu", config: SchedulerConfig | None = None):
         layout = Layout((1,), ((0, source.spec.num_layers),))
-        spec = RankSpec(source, layout, 0, dtype)
-        self.engine = Engine.create(build_runner(spec, init_rank(spec)), SchedulerConfig(max_context=4096), ())
+        spec = RankSpec(source, layout, 0, dtype, device)
+        config = config or SchedulerConfig(max_context=4096)
+        self.engine = Engine.create(build_runner(spec, init_rank(spec)), config, ())
 
     def prefill_s(self, ids: list[int]) -> float:
         self.engine.add(GenerationRequest("p", tuple(ids), SamplingParams(max_new_tokens=1)))
@@ -71,15 +72,17 @@ class HexgenSingle:
 
 
 class HFGenerate:
-    def __init__(self, source: ModelSource, dtype: str):
+    def __init__(self, source: ModelSource, dtype: str, device: str = "cpu"):
         from transformers import AutoModelForCausalLM
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.model = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=DTYPES[dtype]).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=DTYPES[dtype])
+        self.model = model.to(device).eval()
+        self.device = device
 
     def _generate_s(self, ids: list[int], n: int) -> float:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=self.device)
         start = time.perf_counter()
         self.model.generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0

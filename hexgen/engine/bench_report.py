@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import tempfile
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from hexgen.engine.bench import BenchConfig, Timing, collective_costs, compare_single, time_layout
+from hexgen.engine.bench_batch import BatchedResult, run_batched
+from hexgen.engine.bench_shapes import build_random_checkpoint
 from hexgen.engine.checkpoint import ModelSource, resolve_model
+from hexgen.engine.engine import DTYPES
 from hexgen.machine import cpu_description
 from hexgen.plan import single_replica_plan
 
@@ -34,40 +39,87 @@ def run_and_report(
     repeats: int,
     layouts: Layouts | None,
     markdown_path: str | None,
+    device: str = "cpu",
+    shape: str | None = None,
+    batch_sizes: list[int] | None = None,
 ) -> None:
-    source = resolve_model(model)
-    layouts = layouts or default_layouts(source)
-    for tp, layers in layouts:  # reject a bad layout before anything runs
-        single_replica_plan(source.spec, list(tp), list(layers) if layers else None)
-    console = Console()
-    header = (
-        f"# `hexgen bench engine` — {model}, prompt {prompt_tokens} tokens, {new_tokens} new tokens, "
-        f"median of {repeats}\n\nMachine: {cpu_description()}; {datetime.date.today()}\n"
-    )
-    sections = [header]
-    for dtype in dtypes:
-        cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts))
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"bench {dtype}", total=2 * repeats + len(layouts) + 1)
-            single = compare_single(source, cfg, lambda task=task: bar.advance(task))
-            split = []
-            for tp, layers in layouts:
-                split.append(time_layout(source, cfg, tp, layers))
-                bar.advance(task)
-            widest = max(max(tp) for tp, _ in layouts)
-            costs = collective_costs(source, cfg, widest)
-            bar.advance(task)
-        tables = [
-            _speed_table(f"{dtype}: single process", single, single[1]),
-            _speed_table(f"{dtype}: multi-process layouts (one process per rank)", split, None),
-            _collective_table(f"{dtype}: cost of splitting (gloo, 1 thread per rank)", costs),
-        ]
-        for table in tables:
-            console.print(table)
-            sections.append(_markdown(table))
+    """CPU: single process vs HF, layouts, collectives; `batch_sizes` (always on CUDA): the decode-step table."""
+    with tempfile.TemporaryDirectory(prefix="hexgen-bench-") as scratch:
+        if shape:  # built in the first dtype; each run converts it to its own on load
+            source = build_random_checkpoint(shape, DTYPES[dtypes[0]], torch.device(device), Path(scratch))
+        else:
+            source = resolve_model(model)
+        console, sections = Console(), [_header(source.name, device, prompt_tokens, new_tokens, repeats)]
+        for dtype in dtypes:
+            cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts or ()))
+            tables = [] if device == "cuda" else _cpu_tables(source, cfg, layouts)
+            if batch_sizes:
+                tables.append(_batched_table(dtype, _run_batched(source, cfg, device, batch_sizes)))
+            for table in tables:
+                console.print(table)
+                sections.append(_markdown(table))
     if markdown_path:
         Path(markdown_path).write_text("\n".join(sections))
         console.print(f"wrote {markdown_path}")
+
+
+def _header(name: str, device: str, prompt_tokens: int, new_tokens: int, repeats: int) -> str:
+    machine = cpu_description()
+    if device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), host {machine}"
+    return (
+        f"# `hexgen bench engine` — {name}, prompt {prompt_tokens} tokens, {new_tokens} new tokens, "
+        f"median of {repeats}\n\nMachine: {machine}; {datetime.date.today()}\n"
+    )
+
+
+def _run_batched(source: ModelSource, cfg: BenchConfig, device: str, batch_sizes: list[int]) -> BatchedResult:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"decode steps {cfg.dtype} on {device}", total=2 * len(batch_sizes))
+        return run_batched(source, cfg, torch.device(device), batch_sizes, lambda: bar.advance(task))
+
+
+def _cpu_tables(source: ModelSource, cfg: BenchConfig, layouts: Layouts | None) -> list[Table]:
+    """Single process vs HF, multi-process layouts and the cost of splitting, as before on CPU."""
+    layouts = layouts or default_layouts(source)
+    for tp, layers in layouts:  # reject a bad layout before anything runs
+        single_replica_plan(source.spec, list(tp), list(layers) if layers else None)
+    cfg = BenchConfig(cfg.prompt_tokens, cfg.new_tokens, cfg.repeats, cfg.dtype, tuple(layouts))
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"bench {cfg.dtype}", total=2 * cfg.repeats + len(layouts) + 1)
+        single = compare_single(source, cfg, lambda: bar.advance(task))
+        split = []
+        for tp, layers in layouts:
+            split.append(time_layout(source, cfg, tp, layers))
+            bar.advance(task)
+        widest = max(max(tp) for tp, _ in layouts)
+        costs = collective_costs(source, cfg, widest)
+        bar.advance(task)
+    return [
+        _speed_table(f"{cfg.dtype}: single process", single, single[1]),
+        _speed_table(f"{cfg.dtype}: multi-process layouts (one process per rank)", split, None),
+        _collective_table(f"{cfg.dtype}: cost of splitting (gloo, 1 thread per rank)", costs),
+    ]
+
+
+def _batched_table(dtype: str, result: BatchedResult) -> Table:
+    ops = "kernels" if result.device_name != "CPU" else "torch ops"
+    weights_gb = result.weight_bytes_read / 1e9
+    table = Table(
+        title=f"{dtype} on {result.device_name}: decode steps (batch 1: ms/token); floor = {weights_gb:.3g} GB of "
+        f"weights + the KV cache, read at {result.copy_gbps:.0f} GB/s (measured copy, read + write)"
+    )
+    columns = ("batch", "hexgen ms/step", "hexgen tok/s", "HF ms/step", "HF tok/s", "floor ms/step",
+               "hexgen / floor", f"hexgen {ops} / layer / step")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for row in result.rows:
+        table.add_row(
+            str(row.batch), f"{row.hexgen_ms:.2f}", f"{1000 * row.batch / row.hexgen_ms:.0f}", f"{row.hf_ms:.2f}",
+            f"{1000 * row.batch / row.hf_ms:.0f}", f"{row.floor_ms:.2f}", f"{row.hexgen_ms / row.floor_ms:.1f}x",
+            f"{row.hexgen_ops_per_layer:.1f}",
+        )
+    return table
 
 
 def _speed_table(title: str, rows: list[Timing], reference: Timing | None) -> Table:

@@ -1,0 +1,163 @@
+"""Decode steps at several batch sizes on one device: hexgen beside HF, the bandwidth floor, kernels per layer.
+
+For a batch of B identical prompts, every sequence is prefilled first; then decode steps are timed while
+all B sequences decode, and a few more run under torch.profiler to count what each step launches. HF
+`generate` runs the same batch (decode time = (time of n + 1 tokens - time of 1 token) / n). The floor is
+the bytes one decode step must read (every weight except an untied embedding table, which is only
+gathered, plus each sequence's cached keys and values) over the device's measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hexgen.engine.bench import BenchConfig, HexgenSingle, HFGenerate, prompt_ids
+from hexgen.engine.checkpoint import ModelSource
+from hexgen.engine.engine import Engine
+from hexgen.engine.messages import GenerationRequest, SamplingParams
+from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.models import ModelSpec
+
+PROFILED_STEPS = 3
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    batch: int
+    hexgen_ms: float  # one decode step of the whole batch
+    hf_ms: float
+    floor_ms: float
+    hexgen_ops_per_layer: float  # CUDA: kernels, copies and memsets per step / layers; CPU: top-level torch ops
+
+
+@dataclass(frozen=True)
+class BatchedResult:
+    device_name: str
+    copy_gbps: float  # bytes read + written per second by a device-to-device copy, in GB/s
+    weight_bytes_read: int  # per decode step
+    rows: list[StepTiming]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def copy_gbps(device: torch.device, size_bytes: int, repeats: int = 10) -> float:
+    """Read + write bandwidth of a plain copy of `size_bytes` on `device` (median of `repeats`), GB/s."""
+    src = torch.ones(size_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size_bytes / statistics.median(times) / 1e9
+
+
+def weight_bytes_read(spec: ModelSpec, dtype_bytes: int) -> int:
+    """Weights a decode step reads: all layers, the final norm and the LM head (tied or not)."""
+    return (spec.num_layers * spec.params_per_layer + spec.hidden_size + spec.embedding_params) * dtype_bytes
+
+
+def kv_bytes_read(spec: ModelSpec, dtype_bytes: int, batch: int, context: int) -> int:
+    return batch * context * spec.num_layers * spec.kv_bytes_per_token(dtype_bytes)
+
+
+def count_ops(run, device: torch.device) -> int:
+    """GPU work items (kernels, copies, memsets) `run()` launches on CUDA; top-level torch ops on CPU."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(
+        1 for e in events
+        if e.name.startswith("aten::") and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device, layers: int):
+    """(median seconds of a decode step with `batch` sequences decoding, ops per layer per step)."""
+    prefill_steps = -(-batch * len(ids) // engine.scheduler.config.max_step_tokens) + 1  # chunked prefill, at most
+    params = SamplingParams(max_new_tokens=prefill_steps + steps + PROFILED_STEPS + 2, ignore_eos=True)
+    request_ids = [f"b{batch}-{i}" for i in range(batch)]
+    for request_id in request_ids:
+        engine.add(GenerationRequest(request_id, tuple(ids), params))
+    started: set[str] = set()
+    while len(started) < batch:  # until every sequence has its first token: from then on all of them decode
+        started.update(event.request_id for event in engine.step())
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        engine.step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    ops = count_ops(lambda: [engine.step() for _ in range(PROFILED_STEPS)], device)
+    for request_id in request_ids:
+        engine.abort(request_id)
+    while engine.has_work:
+        engine.step()
+    return statistics.median(times), ops / PROFILED_STEPS / layers
+
+
+def hf_decode(hf: HFGenerate, ids: list[int], batch: int, steps: int, repeats: int, device: torch.device) -> float:
+    """Median seconds of one decode step of HF `generate` with `batch` identical prompts."""
+    x = torch.tensor([ids] * batch, device=device)
+
+    def generate_s(n: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        hf.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    generate_s(2)  # warm-up: allocations, kernel choices
+    return statistics.median((generate_s(steps + 1) - generate_s(1)) / steps for _ in range(repeats))
+
+
+def run_batched(
+    source: ModelSource, cfg: BenchConfig, device: torch.device, batches: list[int], progress
+) -> BatchedResult:
+    """Both engines at every batch size, one engine at a time so each has the device's memory to itself."""
+    spec, dtype_bytes = source.spec, torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    ids = prompt_ids(source, cfg.prompt_tokens)
+    bandwidth = copy_gbps(device, 2**30 if device.type == "cuda" else 2**28)
+
+    hf = HFGenerate(source, cfg.dtype, device.type)
+    hf_s = {}
+    for batch in batches:
+        hf_s[batch] = hf_decode(hf, ids, batch, cfg.new_tokens, cfg.repeats, device)
+        progress()
+    del hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    context = cfg.prompt_tokens + cfg.new_tokens + 64  # covers prefill, the timed steps and the profiled ones
+    config = SchedulerConfig(max_running_seqs=max(batches), max_context=context + 64)
+    single = HexgenSingle(source, cfg.dtype, device.type, config)
+    hexgen_decode(single.engine, ids, 2, 2, device, spec.num_layers)  # warm-up: allocations, kernel compiles
+    rows = []
+    for batch in batches:
+        step_s, ops = hexgen_decode(single.engine, ids, batch, cfg.new_tokens, device, spec.num_layers)
+        mean_context = cfg.prompt_tokens + cfg.new_tokens // 2
+        floor_bytes = weight_bytes_read(spec, dtype_bytes) + kv_bytes_read(spec, dtype_bytes, batch, mean_context)
+        rows.append(StepTiming(batch, 1000 * step_s, 1000 * hf_s[batch], 1000 * floor_bytes / (bandwidth * 1e9), ops))
+        progress()
+    return BatchedResult(device_name(device), bandwidth, weight_bytes_read(spec, dtype_bytes), rows)
