@@ -1,19 +1,29 @@
-"""Build a rank of a replica and drive it: Engine.step() = schedule -> execute on every rank -> update."""
+"""Build a rank of a replica and drive it: Engine.step() = fill the pipeline -> take the oldest step back.
+
+A replica of S stages keeps up to S micro-batches (disjoint sets of sequences) in flight: while stage s+1
+runs one, stage s runs the next, so a pipeline's throughput follows its slowest stage.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from hexgen.engine import pipeline
+from hexgen.engine.kv_budget import CPU_DEFAULT_KV_BYTES, CUDA_MARGIN_FRACTION, blocks_wanted
 from hexgen.engine.messages import GenerationRequest, StepPlan, TokenEvent
 from hexgen.engine.parallel import RankContext, init_rank_context, single_process_context
 from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.stage import LlamaStage
 from hexgen.engine.weights import CheckpointReader
+from hexgen.errors import UserError
 from hexgen.launch.spec import RankSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,30 +43,65 @@ def init_rank(spec: RankSpec) -> RankContext:
     return init_rank_context(spec.layout, spec.rank, backend)
 
 
-def build_runner(spec: RankSpec, ctx: RankContext, progress=None) -> StageRunner:
-    """Allocate this rank's shard of the model and load its weights from the checkpoint."""
+def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, progress=None) -> StageRunner:
+    """Allocate this rank's shard of the model, load its weights, and size and allocate its KV pool."""
     device = torch.device("cuda", spec.gpu_index) if spec.device == "cuda" else torch.device("cpu")
-    dtype = DTYPES[spec.dtype]
-    stage = LlamaStage(spec.source.spec, ctx, dtype, device)
-    stage.load(CheckpointReader(spec.source.directory, dtype), progress)
-    return StageRunner(ctx, stage, device)
+    stage = LlamaStage(spec.source.spec, ctx, DTYPES[spec.dtype], device)
+    stage.load(CheckpointReader(spec.source.directory, DTYPES[spec.dtype]), progress)
+    runner = StageRunner(ctx, stage, device)
+    runner.allocate_kv_pool(agree_num_blocks(ctx, stage, config), config.block_size)
+    return runner
+
+
+def agree_num_blocks(ctx: RankContext, stage: LlamaStage, config: SchedulerConfig) -> int:
+    """Blocks every rank of the replica can hold (the tightest rank decides; block ids are shared)."""
+    blocks = config.num_kv_blocks or local_num_blocks(stage, config, ctx.layout.world_size)
+    if ctx.control is not None:
+        agreed = torch.tensor([blocks], dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=ctx.control)
+        blocks = int(agreed)
+    if blocks < config.max_running_seqs:
+        raise UserError(
+            f"the KV cache holds {blocks} blocks of {config.block_size} tokens, fewer than one per sequence of "
+            f"--max-batch {config.max_running_seqs}: raise --memory-gb or lower --max-batch"
+        )
+    return blocks
+
+
+def local_num_blocks(stage: LlamaStage, config: SchedulerConfig, ranks_here: int) -> int:
+    """Blocks this rank's memory budget holds once its weights are loaded, capped at what could be used."""
+    per_block = stage.kv_bytes_per_block(config.block_size)
+    if config.memory_bytes is not None:
+        kv_bytes = config.memory_bytes - stage.weight_bytes()
+    elif next(stage.parameters()).is_cuda:
+        free, total = torch.cuda.mem_get_info()
+        kv_bytes = free - int(CUDA_MARGIN_FRACTION * total)
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        kv_bytes = min(CPU_DEFAULT_KV_BYTES, available // (4 * ranks_here))
+    wanted = blocks_wanted(config.max_running_seqs, config.max_context, config.block_size)
+    return max(0, min(wanted, kv_bytes // per_block))
 
 
 class Engine:
-    """The driver (rank 0) of a replica: owns the scheduler and starts every step on every rank."""
+    """The driver (rank 0) of a replica: owns the scheduler and feeds micro-batches into the pipeline."""
 
     def __init__(self, runner: StageRunner, scheduler: Scheduler):
         assert runner.ctx.is_driver
         self.runner = runner
         self.scheduler = scheduler
+        self.num_stages = runner.ctx.layout.num_stages
+        self.outbox = pipeline.Outbox(self.num_stages)
+        self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
 
     @classmethod
     def create(cls, runner: StageRunner, config: SchedulerConfig, eos_token_ids: tuple[int, ...]) -> Engine:
-        return cls(runner, Scheduler(config, eos_token_ids))
+        blocks = runner.stage.kv_pool.shape[2] // runner.block_size
+        return cls(runner, Scheduler(replace(config, num_kv_blocks=blocks), eos_token_ids))
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.in_flight)
 
     def add(self, request: GenerationRequest) -> None:
         self.scheduler.add(request)
@@ -65,22 +110,61 @@ class Engine:
         self.scheduler.abort(request_id)
 
     def step(self) -> list[TokenEvent]:
-        plan = self.scheduler.schedule()
-        if plan is None:
+        """Launch micro-batches until S are in flight, then finish the oldest; its events."""
+        while len(self.in_flight) < self.num_stages:
+            plan = self.scheduler.schedule(self._micro_batch_limit())
+            if plan is None:
+                break
+            self.in_flight.append((plan, self._launch(plan)))
+        if not self.in_flight:
             return self.scheduler.update(StepPlan(), [])
-        plan = pipeline.broadcast_plan(self.runner.ctx, plan)
-        sampled = self.runner.execute(plan)
-        return self.scheduler.update(plan, sampled)
+        plan, tokens = self.in_flight.popleft()
+        return self.scheduler.update(plan, tokens())
+
+    def _micro_batch_limit(self) -> int | None:
+        """Split the sequences evenly over the stages, so every stage has a micro-batch to work on."""
+        if self.num_stages == 1:
+            return None
+        active = min(len(self.scheduler.running) + len(self.scheduler.waiting), self.scheduler.config.max_running_seqs)
+        return max(1, math.ceil(active / self.num_stages))
+
+    def _launch(self, plan: StepPlan) -> Callable[[], list[int]]:
+        ctx = self.runner.ctx
+        plan = pipeline.share_plan_in_stage(ctx, plan)
+        hidden, meta = self.runner.forward(plan, None)
+        if ctx.is_last_stage:
+            tokens = self.runner.sample(plan, hidden, meta)
+            assert tokens is not None
+            return lambda: tokens
+        pipeline.send_step(ctx, self.outbox, plan, hidden)
+        return pipeline.receive_tokens(ctx, plan.num_sampled)
 
     def shutdown(self) -> None:
-        """Tell the other ranks to leave their loop."""
-        pipeline.broadcast_plan(self.runner.ctx, StepPlan(shutdown=True))
+        """Finish what is in flight, then tell the other ranks to leave their loop."""
+        while self.in_flight:
+            plan, tokens = self.in_flight.popleft()
+            self.scheduler.update(plan, tokens())
+        plan = pipeline.share_plan_in_stage(self.runner.ctx, StepPlan(shutdown=True))
+        if self.num_stages > 1:
+            pipeline.send_step(self.runner.ctx, self.outbox, plan, None)
+        self.outbox.flush()
 
 
 def follow_driver(runner: StageRunner) -> None:
-    """Loop of every rank except the driver: run each plan the driver broadcasts until shutdown."""
+    """Loop of every rank but the driver: run each micro-batch as it arrives, pass it on, until shutdown."""
+    ctx, stage = runner.ctx, runner.stage
+    outbox = pipeline.Outbox(ctx.layout.num_stages)
     while True:
-        plan = pipeline.broadcast_plan(runner.ctx, None)
+        plan, hidden = pipeline.receive_step(ctx, stage.spec.hidden_size, runner.dtype, runner.device)
         if plan.shutdown:
+            if not ctx.is_last_stage:
+                pipeline.send_step(ctx, outbox, plan, None)
+            outbox.flush()
             return
-        runner.execute(plan)
+        hidden, meta = runner.forward(plan, hidden)
+        if not ctx.is_last_stage:
+            pipeline.send_step(ctx, outbox, plan, hidden)
+            continue
+        tokens = runner.sample(plan, hidden, meta)
+        if tokens is not None and plan.num_sampled:
+            pipeline.send_tokens(ctx, outbox, tokens)

@@ -44,7 +44,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         # [T, in] -> one [T, part // tp_degree] tensor per fused projection
-        return list(F.linear(x, self.weight).split(self.local_parts, dim=-1))
+        return list(self.fused(x).split(self.local_parts, dim=-1))
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)  # [T, in] -> [T, sum(parts) // tp_degree], the parts side by side
 
 
 class RowParallelLinear(nn.Module):

@@ -1,19 +1,20 @@
 """One pipeline stage of a Llama-family decoder: its layers, TP-sharded, plus embedding / final norm + head.
 
-Tokens of all sequences in a step are packed into one flat batch [T, H]; attention walks the
-sequences so each reads only its own KV cache. Layer numbering is global, as in the checkpoint.
+Tokens of all sequences in a step are packed into one flat batch [T, H]; each layer writes the step's keys
+and values into the paged pool and attends for the whole batch in one call (`engine/attention.py`). The
+residual stream is carried beside the hidden states so each residual add is fused with the RMSNorm that
+follows it. Layer numbering is global, as in the checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hexgen.engine.kv_cache import KVCache
+from hexgen.engine.attention import StepMetadata, paged_attention, write_kv
 from hexgen.engine.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -21,27 +22,6 @@ from hexgen.engine.layers import (
 from hexgen.engine.parallel import TPGroup
 from hexgen.engine.weights import CheckpointReader
 from hexgen.models import ModelSpec
-
-
-@dataclass
-class ForwardBatch:
-    """Where each sequence's new tokens sit in the flat batch and in its KV cache."""
-
-    slots: list[int]  # KV-cache slot of each sequence
-    starts: list[int]  # tokens already cached for each sequence (position of its first new token)
-    lengths: list[int]  # new tokens of each sequence in this step
-    positions: torch.Tensor  # [T] int64, position of every new token
-
-    @property
-    def last_token_index(self) -> torch.Tensor:
-        """Index in the flat batch of each sequence's last new token: [B]."""
-        ends = torch.tensor(self.lengths).cumsum(0)
-        return ends - 1
-
-    @staticmethod
-    def build(slots: list[int], starts: list[int], lengths: list[int], device: torch.device) -> ForwardBatch:
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]).to(device)
-        return ForwardBatch(slots, starts, lengths, positions)
 
 
 class RMSNorm(nn.Module):
@@ -55,6 +35,21 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused with the norm (one kernel on CUDA)."""
+        if x.is_cuda and _fused_norm_available():
+            from hexgen.engine import kernels
+
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self(residual), residual
+
+
+def _fused_norm_available() -> bool:
+    from hexgen.engine.attention import kernel_available
+
+    return kernel_available(torch.device("cuda"))
 
 
 class RotaryEmbedding:
@@ -71,13 +66,12 @@ class RotaryEmbedding:
         self._cos = self._sin = torch.empty(0)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim] for the given positions."""
+        """cos, sin [T, head_dim / 2] for the given positions (rotate-half: both halves share them)."""
         needed = int(positions.max()) + 1
         if needed > self._cos.shape[0]:
             length = max(needed, 2 * self._cos.shape[0], 256)
             freqs = torch.outer(torch.arange(length, device=self.inv_freq.device).float(), self.inv_freq)
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            self._cos, self._sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
         return self._cos[positions], self._sin[positions]
 
 
@@ -96,11 +90,14 @@ def _llama3_scaled(inv_freq: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos, sin [T, head_dim]."""
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [T, heads, head_dim] in place (rotate-half RoPE, no concatenation); cos, sin [T, head_dim / 2]."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated1 = x1 * cos - x2 * sin
+    x2.mul_(cos).addcmul_(x1, sin)
+    x1.copy_(rotated1)
 
 
 class Attention(nn.Module):
@@ -108,6 +105,7 @@ class Attention(nn.Module):
         super().__init__()
         self.tp = tp
         self.head_dim = spec.head_dim
+        self.scale = spec.head_dim**-0.5
         self.heads_local = spec.num_heads // tp.tp_degree
         self.kv_heads_local = spec.num_kv_heads // tp.tp_degree
         q_size = spec.num_heads * spec.head_dim
@@ -115,38 +113,20 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, spec.hidden_size, tp, dtype)
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int
+        self, x: torch.Tensor, meta: StepMetadata, rope: tuple[torch.Tensor, torch.Tensor], kv_pool: torch.Tensor
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = apply_rotary(q.view(tokens, self.heads_local, self.head_dim), *rope)  # [T, h_local, d]
-        k = apply_rotary(k.view(tokens, self.kv_heads_local, self.head_dim), *rope)  # [T, kv_local, d]
-        v = v.view(tokens, self.kv_heads_local, self.head_dim)
-        out = torch.empty_like(q)
-        offset = 0
-        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths, strict=True):
-            keys, values = cache.append(layer, slot, start, k[offset : offset + n], v[offset : offset + n])
-            # 4-D [1, heads, tokens, d] inputs take SDPA's fast CPU kernel; 3-D ones do not.
-            query = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, h_local, n, d]
-            mask = _prefix_causal_mask(start, n, x.device) if start > 0 and n > 1 else None
-            attended = F.scaled_dot_product_attention(
-                query,
-                keys.unsqueeze(0),
-                values.unsqueeze(0),
-                attn_mask=mask,
-                is_causal=start == 0 and n > 1,
-                enable_gqa=True,
-            )
-            out[offset : offset + n] = attended[0].transpose(0, 1)
-            offset += n
-        partial = self.o_proj(out.view(tokens, self.heads_local * self.head_dim))
+        heads, kv_heads, d = self.heads_local, self.kv_heads_local, self.head_dim
+        qkv = self.qkv_proj.fused(x)  # [T, (h + 2 kv) d]: q, k and v side by side
+        qk = qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)
+        apply_rotary_(qk, *rope)  # q and k rotated together, in place
+        q = qk[:, :heads]  # [T, h_local, d]
+        k = qk[:, heads:]  # [T, kv_local, d]
+        v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+        write_kv(kv_pool, k, v, meta)
+        out = paged_attention(q, kv_pool, meta, self.scale)  # [T, h_local, d]
+        partial = self.o_proj(out.reshape(tokens, heads * d))
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
-
-
-def _prefix_causal_mask(start: int, n: int, device: torch.device) -> torch.Tensor:
-    """Boolean [n, start+n]: new token i sees the cached prefix and new tokens up to itself."""
-    cols = torch.arange(start + n, device=device)
-    return cols.unsqueeze(0) <= (start + torch.arange(n, device=device)).unsqueeze(1)
 
 
 class MLP(nn.Module):
@@ -182,11 +162,17 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        batch: ForwardBatch,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: StepMetadata,
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        local_layer: int,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope, cache, local_layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        kv_pool: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it): their sum is the layer's usual output."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_forward(hidden, residual)
+        hidden = self.self_attn(hidden, meta, rope, kv_pool)
+        hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
+        return self.mlp(hidden), residual

@@ -49,17 +49,30 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens or context), "abort"
 
 
+@dataclass(frozen=True)
+class SampleRow:
+    """How the last stage draws one sequence's next token; position is that token's index in the sequence,
+    so a seeded draw depends only on (seed, position), never on the rest of the batch."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    position: int
+
+
 @dataclass
 class StepPlan:
-    """What every rank of a replica runs in one step; sent by the driver over the control group."""
+    """One micro-batch: what every rank of a replica runs in one step. Built by the driver's scheduler and
+    passed from stage leader to stage leader with the activations; ranks keep no per-sequence state."""
 
-    slots: list[int] = field(default_factory=list)  # KV slot of each scheduled sequence
+    seq_ids: list[int] = field(default_factory=list)  # scheduler id of each scheduled sequence
     starts: list[int] = field(default_factory=list)  # tokens already cached per sequence
     lengths: list[int] = field(default_factory=list)  # new tokens per sequence this step
     token_ids: list[int] = field(default_factory=list)  # the new tokens, flat, sequence after sequence
-    sample: list[bool] = field(default_factory=list)  # whether the step ends the sequence's prompt or decodes
-    joining: dict[int, SamplingParams] = field(default_factory=dict)  # slots whose first step this is
-    freed: list[int] = field(default_factory=list)  # slots whose KV cache and sampler state can go
+    block_tables: list[list[int]] = field(default_factory=list)  # KV blocks of each sequence, covering start+length
+    sample: list[bool] = field(default_factory=list)  # whether the step ends the sequence's known tokens
+    sampling: list[SampleRow] = field(default_factory=list)  # one per True in `sample`
     shutdown: bool = False
 
     @property
@@ -67,5 +80,13 @@ class StepPlan:
         return len(self.token_ids)
 
     @property
+    def num_seqs(self) -> int:
+        return len(self.seq_ids)
+
+    @property
     def num_sampled(self) -> int:
-        return sum(self.sample)
+        return len(self.sampling)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.lengths)

@@ -9,8 +9,9 @@ Glossary (one replica, stages numbered 0..S-1, stage s has TP degree t_s):
   leader      tp_rank 0 of a stage: the only rank that exchanges activations with neighbour stages
   driver      rank 0 (leader of stage 0): runs the batch scheduler and talks to the outside
 
-Groups, created in this order on every rank: one TP group per stage (stage 0 first), then the
-control group spanning the replica on gloo (CPU tensors and pickled step descriptions).
+Groups, created in this order on every rank: one TP group per stage (stage 0 first), then (NCCL only) one
+gloo twin of each TP group for step plans, then the control group spanning the replica on gloo (plans and
+sampled tokens between stage leaders, set-up agreements).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from hexgen.launch.spec import Layout
 
 @dataclass(frozen=True)
 class TPGroup:
-    """This rank's view of its stage's tensor-parallel group; `group` is None when tp_degree == 1."""
+    """This rank's view of its stage's tensor-parallel group; `group` is None when tp_degree == 1.
+    `cpu_group` spans the same ranks on gloo, for step plans (the same group when the backend is gloo)."""
 
     tp_rank: int
     tp_degree: int
     group: dist.ProcessGroup | None = None
+    cpu_group: dist.ProcessGroup | None = None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum partial results of a row-parallel layer across the stage (in place)."""
@@ -102,12 +105,14 @@ def single_process_context(layout: Layout) -> RankContext:
 
 def init_rank_context(layout: Layout, rank: int, backend: str) -> RankContext:
     """Create every group on this rank, in the glossary's order; call after init_process_group."""
-    tp_group: TPGroup | None = None
-    for stage in range(layout.num_stages):
-        ranks = layout.stage_ranks(stage)
-        group = dist.new_group(ranks, backend=backend)
-        if rank in ranks:
-            tp_group = TPGroup(ranks.index(rank), len(ranks), group if len(ranks) > 1 else None)
+    groups = [dist.new_group(layout.stage_ranks(s), backend=backend) for s in range(layout.num_stages)]
+    cpu_groups = groups
+    if backend != "gloo":
+        cpu_groups = [dist.new_group(layout.stage_ranks(s), backend="gloo") for s in range(layout.num_stages)]
+    stage = layout.stage_of(rank)
+    ranks = layout.stage_ranks(stage)
+    tp_group = TPGroup(0, 1)
+    if len(ranks) > 1:
+        tp_group = TPGroup(ranks.index(rank), len(ranks), groups[stage], cpu_groups[stage])
     control = dist.new_group(list(range(layout.world_size)), backend="gloo")
-    assert tp_group is not None
     return RankContext(layout, rank, tp_group, control)

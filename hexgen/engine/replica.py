@@ -30,7 +30,7 @@ class InProcessReplica:
         return 1
 
     def start(self, on_loaded=None) -> None:
-        runner = build_runner(self.spec, init_rank(self.spec), on_loaded)
+        runner = build_runner(self.spec, init_rank(self.spec), self.scheduler_config, on_loaded)
         self.engine = Engine.create(runner, self.scheduler_config, self.eos_token_ids)
 
     def submit(self, request: GenerationRequest) -> None:

@@ -1,70 +1,85 @@
-"""Token sampling on the last stage's leader: greedy, or temperature -> top-k -> top-p -> multinomial.
+"""Token sampling for a whole step on the device: greedy, or temperature -> top-k -> top-p -> a random draw.
 
-The filters follow HF transformers' logits warpers; each sequence draws from its own seeded
-torch.Generator, so its tokens do not depend on what else is in the batch.
+The filters follow HF transformers' logits warpers, with per-row parameters so the batch is filtered in one
+pass. Randomness is counter-based: the uniform number for (seed, position, token) is a hash of the three, so
+a seeded request draws the same tokens whatever shares its batch, after a preemption too, and no generator
+state lives on any rank. The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
+probability p_i. The step's token ids leave the device in one copy.
 """
 
 from __future__ import annotations
 
-import secrets
-
 import torch
 
-from hexgen.engine.messages import SamplingParams
+from hexgen.engine.messages import SampleRow
+
+_MASK32 = 0xFFFFFFFF
+_MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D  # odd multipliers below 2**31: products of 32-bit values fit in int64
+_GOLDEN = 0x9E3779B1
 
 
-def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep logits >= the k-th largest (ties kept); the rest become -inf. logits [V]."""
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, top_k).values[..., -1:]
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift / multiply rounds) of int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] float32 uniforms in (0, 1), a pure function of (seed, position, token id); seeds, positions [B]."""
+    row = _mix32((positions & _MASK32) ^ _mix32(seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _GOLDEN))
+    tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = _mix32(((row.unsqueeze(1) + tokens * _GOLDEN) & _MASK32) ^ row.unsqueeze(1))  # [B, V]
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def filter_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep logits >= each row's k-th largest (ties kept); 0 = no filter. logits [B, V], top_k [B] int64."""
+    vocab = logits.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))  # [B, 1]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Drop the least likely tokens whose total probability is <= 1 - top_p; always keep the best."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=False)
+def filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Drop each row's least likely tokens whose total probability is <= 1 - top_p; always keep the best.
+    logits [B, V], top_p [B] float; 1.0 = no filter."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= (1 - top_p)
-    drop_sorted[..., -1] = False
+    drop_sorted = cumulative <= (1 - top_p).unsqueeze(-1)
+    drop_sorted[:, -1] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Apply temperature, top-k and top-p in HF's order; logits [V] fp32."""
-    return filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
+    """logits [B, V] on the device, one SampleRow each -> B token ids (one device-to-host copy)."""
+    return sample_on_device(logits, rows).tolist()
 
 
-class Sampler:
-    """Per-slot sampling state of the sequences in flight."""
+def warp(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Temperature, top-k and top-p in HF's order, each row with its own settings; logits [B, V] fp32."""
+    device = logits.device
+    temperature = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=device)
+    scaled = logits / temperature.unsqueeze(-1)
+    if any(r.top_k > 0 for r in rows):
+        scaled = filter_top_k(scaled, torch.tensor([r.top_k for r in rows], device=device))
+    if any(r.top_p < 1.0 for r in rows):
+        scaled = filter_top_p(scaled, torch.tensor([r.top_p for r in rows], device=device))
+    return scaled
 
-    def __init__(self) -> None:
-        self.params: dict[int, SamplingParams] = {}
-        self.generators: dict[int, torch.Generator] = {}
 
-    def join(self, slot: int, params: SamplingParams) -> None:
-        self.params[slot] = params
-        if not params.is_greedy:
-            generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-            self.generators[slot] = generator
-
-    def leave(self, slot: int) -> None:
-        self.params.pop(slot, None)
-        self.generators.pop(slot, None)
-
-    def sample(self, logits: torch.Tensor, slots: list[int]) -> list[int]:
-        """logits [B, V] fp32 on any device, one row per slot -> one token per slot."""
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
-        for row, slot in enumerate(slots):
-            params = self.params[slot]
-            if params.is_greedy:
-                tokens.append(greedy[row])
-                continue
-            probs = warp(logits[row].float().cpu(), params).softmax(dim=-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=self.generators[slot])))
-        return tokens
+def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """[B] int64 token ids on logits' device."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    is_greedy = [r.temperature == 0 or r.top_k == 1 for r in rows]
+    if all(is_greedy):
+        return greedy
+    device = logits.device
+    seeds = torch.tensor([r.seed for r in rows], device=device, dtype=torch.int64)
+    positions = torch.tensor([r.position for r in rows], device=device, dtype=torch.int64)
+    race = warp(logits, rows).softmax(dim=-1) / -torch.log(uniform_noise(seeds, positions, logits.shape[-1]))
+    return torch.where(torch.tensor(is_greedy, device=device), greedy, race.argmax(dim=-1))

@@ -1,23 +1,38 @@
-"""Continuous-batching scheduler of one replica (plain Python, no torch).
+"""Continuous-batching scheduler of one replica over a paged KV cache (plain Python, no torch).
 
-Every step runs all running sequences' next token plus as much waiting prompt as the token budget
-allows; sequences join and leave at step boundaries, and long prompts are prefilled in chunks.
+Every step runs the next token of running sequences plus as much waiting prompt as the token budget
+allows; sequences join and leave at step boundaries and long prompts are prefilled in chunks. A sequence
+is admitted only when its first chunk's blocks are free; when blocks run out mid-generation the most
+recently admitted sequence is preempted (its blocks freed) and later recomputed from its prompt and the
+tokens it had produced, so it is never failed. A pipelined replica keeps several steps (micro-batches of
+disjoint sequences) in flight: `schedule` skips sequences whose step has not come back through `update`.
 """
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from collections import deque
 from dataclasses import dataclass, field
 
-from hexgen.engine.messages import GenerationRequest, StepPlan, TokenEvent
+from hexgen.engine.block_manager import BlockManager, blocks_for
+from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, TokenEvent
+
+DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
+MAX_BLOCK_SIZE = 256
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request's sequence is one object
 class Sequence:
     request: GenerationRequest
-    slot: int
+    seq_id: int
+    seed: int  # the request's seed, or one drawn at admission: every draw is then reproducible
     output_token_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the KV cache
+    block_table: list[int] = field(default_factory=list)
+    in_flight: bool = False  # its step is somewhere in the pipeline
+    aborted: bool = False
     finish_reason: str | None = None
 
     @property
@@ -25,98 +40,165 @@ class Sequence:
         return len(self.request.prompt_token_ids)
 
     @property
-    def is_prefilling(self) -> bool:
-        return self.num_cached < self.prompt_len
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_token_ids)
 
-    def next_tokens(self, budget: int) -> list[int]:
-        if self.is_prefilling:
-            return list(self.request.prompt_token_ids[self.num_cached : self.num_cached + budget])
-        return [self.output_token_ids[-1]]
+    def uncached_tokens(self, budget: int) -> list[int]:
+        """Up to `budget` of the tokens whose keys/values are not cached yet (prompt, then outputs)."""
+        end = min(self.num_tokens, self.num_cached + budget)
+        prompt = self.request.prompt_token_ids
+        return [prompt[i] if i < self.prompt_len else self.output_token_ids[i - self.prompt_len]
+                for i in range(self.num_cached, end)]
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_running_seqs: int = 32  # sequences holding a KV cache at once
+    max_running_seqs: int = DEFAULT_MAX_RUNNING_SEQS  # sequences holding KV blocks at once
     max_step_tokens: int = 2048  # new tokens in one forward pass (decode tokens + prompt chunks)
     max_context: int = 2048  # prompt + generated tokens of one sequence
+    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
+    num_kv_blocks: int | None = None  # blocks in each rank's pool; None = sized by the engine from memory
+    memory_bytes: int | None = None  # weights + KV pool per rank; None = what is left after weights, capped
 
     def __post_init__(self) -> None:
         if self.max_running_seqs < 1 or self.max_step_tokens < 1:
             raise ValueError("max_running_seqs and max_step_tokens must be >= 1")
+        if not 1 <= self.block_size <= MAX_BLOCK_SIZE or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @property
+    def blocks_per_seq(self) -> int:
+        return blocks_for(self.max_context, self.block_size)
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, eos_token_ids: tuple[int, ...] = ()):
+        if config.num_kv_blocks is None:
+            raise ValueError("the scheduler needs num_kv_blocks (the engine sizes it from memory)")
         self.config = config
         self.eos_token_ids = eos_token_ids
-        self.waiting: deque[GenerationRequest] = deque()
-        self.running: dict[str, Sequence] = {}
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
+        # A sequence longer than the whole pool could never run: the pool caps the context.
+        self.max_context = min(config.max_context, config.num_kv_blocks * config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # by seq_id, in admission order
         self.peak_running = 0  # the most sequences ever batched in one step (continuous batching at work)
-        self._free_slots = list(range(config.max_running_seqs - 1, -1, -1))
-        self._freed: list[int] = []  # slots to release on every rank with the next step
+        self.num_preemptions = 0
+        self._ids = itertools.count()
+        self._by_request: dict[str, Sequence] = {}
         self._aborted: list[TokenEvent] = []
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._freed or self._aborted)
+        return bool(self.waiting or self.running or self._aborted)
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(seq.in_flight for seq in self.running.values())
 
     def add(self, request: GenerationRequest) -> None:
         total = len(request.prompt_token_ids) + 1
-        if not request.prompt_token_ids or total > self.config.max_context:
+        if not request.prompt_token_ids or total > self.max_context:
             raise ValueError(
                 f"request {request.request_id}: prompt of {len(request.prompt_token_ids)} tokens must be non-empty "
-                f"and leave room for one new token within the context of {self.config.max_context}"
+                f"and leave room for one new token within the context of {self.max_context}"
             )
-        self.waiting.append(request)
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request, next(self._ids), seed)
+        self._by_request[request.request_id] = seq
+        self.waiting.append(seq)
 
     def abort(self, request_id: str) -> None:
-        for request in list(self.waiting):
-            if request.request_id == request_id:
-                self.waiting.remove(request)
-                self._aborted.append(TokenEvent(request_id, None, "abort"))
-        seq = self.running.pop(request_id, None)
-        if seq is not None:
+        seq = self._by_request.pop(request_id, None)
+        if seq is None:
+            return
+        self._aborted.append(TokenEvent(request_id, None, "abort"))
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq.in_flight:
+            seq.aborted = True  # its blocks are in use until its step comes back
+        else:
             self._release(seq)
-            self._aborted.append(TokenEvent(request_id, None, "abort"))
 
-    def schedule(self) -> StepPlan | None:
-        """The next step, or None when there is nothing to run or release."""
-        plan = StepPlan(freed=self._freed)
-        self._freed = []
+    def schedule(self, max_seqs: int | None = None) -> StepPlan | None:
+        """The next micro-batch (at most max_seqs sequences not already in flight), or None."""
+        plan = StepPlan()
         budget = self.config.max_step_tokens
-        for seq in self.running.values():
-            if budget <= 0:
+        limit = max_seqs or self.config.max_running_seqs
+        for seq in list(self.running.values()):
+            if budget <= 0 or plan.num_seqs >= limit:
                 break
-            budget -= self._add_to_plan(plan, seq, budget)
-        while self.waiting and self._free_slots and budget > 0:
-            request = self.waiting.popleft()
-            seq = Sequence(request, self._free_slots.pop())
-            self.running[request.request_id] = seq
-            plan.joining[seq.slot] = request.params
-            budget -= self._add_to_plan(plan, seq, budget)
-        if not plan.slots and not plan.freed:
+            if not seq.in_flight and seq.seq_id in self.running:
+                budget -= self._try_add(plan, seq, budget)
+        while self.waiting and len(self.running) < self.config.max_running_seqs and budget > 0 \
+                and plan.num_seqs < limit and self._admit(self.waiting[0], budget):
+            seq = self.waiting.popleft()
+            self.running[seq.seq_id] = seq
+            budget -= self._try_add(plan, seq, budget)
+        if plan.num_seqs == 0:
             return None
-        self.peak_running = max(self.peak_running, len(plan.slots))
+        self.peak_running = max(self.peak_running, plan.num_seqs)
         return plan
 
-    def _add_to_plan(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
-        tokens = seq.next_tokens(budget)
-        plan.slots.append(seq.slot)
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        """Admit only when the first chunk fits and a block per running sequence stays free for decodes."""
+        tokens = seq.num_cached + min(budget, seq.num_tokens - seq.num_cached)
+        return self.blocks.can_grow(seq.block_table, tokens, reserve=len(self.running))
+
+    def _try_add(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
+        """Add seq's next tokens to the plan, preempting newer sequences if blocks are short; tokens added."""
+        tokens = seq.uncached_tokens(budget)
+        while not self.blocks.can_grow(seq.block_table, seq.num_cached + len(tokens)):
+            victim = self._newest_preemptible(plan, seq)
+            if victim is None:
+                # Nothing left to free: run as many tokens as the blocks it has and the free ones hold.
+                room = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_cached
+                tokens = tokens[: max(0, room)]
+                break
+            self._preempt(victim)
+        if not tokens:
+            return 0
+        self.blocks.grow(seq.block_table, seq.num_cached + len(tokens))
+        samples = seq.num_cached + len(tokens) == seq.num_tokens
+        plan.seq_ids.append(seq.seq_id)
         plan.starts.append(seq.num_cached)
         plan.lengths.append(len(tokens))
         plan.token_ids.extend(tokens)
-        plan.sample.append(seq.num_cached + len(tokens) >= seq.prompt_len)
+        plan.block_tables.append(list(seq.block_table))
+        plan.sample.append(samples)
+        if samples:
+            p = seq.request.params
+            plan.sampling.append(SampleRow(p.temperature, p.top_k, p.top_p, seq.seed, seq.num_tokens))
+        seq.in_flight = True
         return len(tokens)
+
+    def _newest_preemptible(self, plan: StepPlan, keep: Sequence) -> Sequence | None:
+        in_plan = set(plan.seq_ids)
+        for seq in reversed(self.running.values()):
+            if seq is not keep and not seq.in_flight and seq.seq_id not in in_plan:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and put it first in line; it will be recomputed (prompt + outputs so far)."""
+        del self.running[seq.seq_id]
+        self.blocks.release(seq.block_table)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def update(self, plan: StepPlan, sampled: list[int]) -> list[TokenEvent]:
         """Apply a finished step's sampled tokens (one per True in plan.sample); return the events."""
         events, self._aborted = self._aborted, []
-        by_slot = {seq.slot: seq for seq in self.running.values()}
         tokens = iter(sampled)
-        for slot, n, samples in zip(plan.slots, plan.lengths, plan.sample, strict=True):
-            seq = by_slot.get(slot)
+        for seq_id, n, samples in zip(plan.seq_ids, plan.lengths, plan.sample, strict=True):
+            seq = self.running[seq_id]
             token = next(tokens) if samples else None
-            if seq is None:  # aborted while its step ran
+            seq.in_flight = False
+            if seq.aborted:
+                self._release(seq)
                 continue
             seq.num_cached += n
             if token is None:
@@ -125,7 +207,7 @@ class Scheduler:
             seq.finish_reason = self._finish_reason(seq, token)
             events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason))
             if seq.finish_reason is not None:
-                del self.running[seq.request.request_id]
+                del self._by_request[seq.request.request_id]
                 self._release(seq)
         return events
 
@@ -135,10 +217,10 @@ class Scheduler:
             return "stop"
         if len(seq.output_token_ids) >= params.max_new_tokens:
             return "length"
-        if seq.prompt_len + len(seq.output_token_ids) >= self.config.max_context:
+        if seq.num_tokens >= self.max_context:
             return "length"
         return None
 
     def _release(self, seq: Sequence) -> None:
-        self._freed.append(seq.slot)
-        self._free_slots.append(seq.slot)
+        self.running.pop(seq.seq_id, None)
+        self.blocks.release(seq.block_table)

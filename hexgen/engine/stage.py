@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hexgen.engine.kv_cache import KVCache
+from hexgen.engine.attention import StepMetadata
 from hexgen.engine.layers import ParallelLMHead, VocabParallelEmbedding
-from hexgen.engine.llama import DecoderLayer, ForwardBatch, RMSNorm, RotaryEmbedding
+from hexgen.engine.llama import DecoderLayer, RMSNorm, RotaryEmbedding
 from hexgen.engine.parallel import RankContext
 from hexgen.engine.weights import CheckpointReader
 from hexgen.models import ModelSpec
@@ -28,7 +28,26 @@ class LlamaStage(nn.Module):
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype) if ctx.is_last_stage else None
             self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if ctx.is_last_stage else None
         self.rope = RotaryEmbedding(spec, dtype, device)
-        self.cache = KVCache(len(self.layers), spec.num_kv_heads // tp.tp_degree, spec.head_dim, dtype, device)
+        self.kv_heads_local = spec.num_kv_heads // tp.tp_degree
+        self.kv_pool = torch.empty(0)  # [layers, 2, blocks * block_size, kv_heads_local, head_dim] once allocated
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one KV block takes in this rank's pool (keys and values of all its layers)."""
+        element = torch.empty(0, dtype=self.kv_pool_dtype).element_size()
+        return len(self.layers) * 2 * block_size * self.kv_heads_local * self.spec.head_dim * element
+
+    @property
+    def kv_pool_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.parameters()}.values())
+
+    def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
+        """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""
+        device = next(self.parameters()).device
+        shape = (len(self.layers), 2, num_blocks * block_size, self.kv_heads_local, self.spec.head_dim)
+        self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=device)
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, progress=None) -> None:
@@ -51,13 +70,12 @@ class LlamaStage(nn.Module):
         assert self.embed_tokens is not None
         return self.embed_tokens(token_ids)  # [T] -> [T, H]
 
-    def forward_layers(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        for slot, start, n in zip(batch.slots, batch.starts, batch.lengths, strict=True):
-            self.cache.reserve(slot, start + n)
-        rope = self.rope.tables(batch.positions)
+    def forward_layers(self, hidden: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        rope = self.rope.tables(meta.positions)
+        residual = None
         for local, layer in enumerate(self.layers):
-            hidden = layer(hidden, batch, rope, self.cache, local)
-        return hidden  # [T, H]
+            hidden, residual = layer(hidden, residual, meta, rope, self.kv_pool[local])
+        return hidden if residual is None else hidden + residual  # [T, H], the residual stream
 
     def local_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """Logits of this rank's vocabulary shard for each sequence's last token: [B, padded_rows]."""

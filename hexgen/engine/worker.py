@@ -31,7 +31,7 @@ def rank_main(
     channel = RankEnd(address, receives_commands=spec.rank == 0)
     try:
         ctx = init_rank(spec)
-        runner = build_runner(spec, ctx, progress=lambda n: channel.put(("loaded", spec.rank, n)))
+        runner = build_runner(spec, ctx, scheduler_config, progress=lambda n: channel.put(("loaded", spec.rank, n)))
         channel.put(("ready", spec.rank))
         if ctx.is_driver:
             serve_driver(Engine.create(runner, scheduler_config, eos_token_ids), channel)
@@ -76,6 +76,7 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
         if now - last_beat >= HEARTBEAT_S:
             scheduler = engine.scheduler
             stats = {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
-                     "peak_running": scheduler.peak_running}
+                     "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
+                     "kv_blocks_free": scheduler.blocks.num_free, "preemptions": scheduler.num_preemptions}
             channel.put(("heartbeat", stats))
             last_beat = now

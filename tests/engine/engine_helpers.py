@@ -63,9 +63,10 @@ def run_in_process(source, requests: list[GenerationRequest], config: SchedulerC
     """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V]."""
     plan = single_replica_plan(source.spec, [1], None)
     spec = RankSpec(source, layout_of(plan.replicas[0]), 0)
-    runner = build_runner(spec, init_rank(spec))
+    config = config or SchedulerConfig(max_context=source.spec.max_context)
+    runner = build_runner(spec, init_rank(spec), config)
     runner.record_logits = True
-    engine = Engine.create(runner, config or SchedulerConfig(max_context=source.spec.max_context), eos_token_ids)
+    engine = Engine.create(runner, config, eos_token_ids)
     for request in requests:
         engine.add(request)
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
@@ -114,21 +115,22 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
     plan = single_replica_plan(source.spec, tp, layers)
     spec = RankSpec(source, layout_of(plan.replicas[0]), rank, num_threads=1, master_port=port)
     ctx = init_rank(spec)
-    runner = build_runner(spec, ctx)
+    config = SchedulerConfig(max_context=source.spec.max_context)
+    runner = build_runner(spec, ctx, config)
     runner.record_logits = True
     recorded: list[torch.Tensor] = []
-    execute = runner.execute
+    sample = runner.sample
 
-    def execute_and_record(plan):
-        sampled = execute(plan)
+    def sample_and_record(plan, hidden, meta):
+        sampled = sample(plan, hidden, meta)
         if runner.last_logits is not None:
             recorded.append(runner.last_logits.clone())
             runner.last_logits = None
         return sampled
 
-    runner.execute = execute_and_record
+    runner.sample = sample_and_record
     if ctx.is_driver:
-        engine = Engine.create(runner, SchedulerConfig(max_context=source.spec.max_context), ())
+        engine = Engine.create(runner, config, ())
         for request in requests:
             engine.add(request)
         steps = []

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from hexgen.engine.messages import SamplingParams
-from hexgen.engine.sampler import Sampler, filter_top_k, filter_top_p, warp
+from hexgen.engine.messages import SampleRow
+from hexgen.engine.sampler import filter_top_k, filter_top_p, sample, uniform_noise, warp
 
 
 def hf_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -36,58 +36,71 @@ def random_logits(seed: int, vocab: int, with_ties: bool) -> torch.Tensor:
     (1.0, 1000, 0.3), (0.8, 0, 0.05),
 ])
 def test_warp_matches_hf_warpers(temperature, top_k, top_p, with_ties):
-    for seed in range(20):
-        logits = random_logits(seed, 64, with_ties)
-        ours = warp(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
-        theirs = hf_warp(logits, temperature, top_k, top_p)
-        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), f"seed {seed}"
-        torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+    logits = torch.stack([random_logits(seed, 64, with_ties) for seed in range(20)])
+    # Each row beside rows with other settings: the batched filters must keep rows apart.
+    others = [SampleRow(1.0, 0, 1.0, 0, 0), SampleRow(0.9, 7, 0.8, 0, 0)]
+    rows = [SampleRow(temperature, top_k, top_p, 0, 0) if i % 2 == 0 else others[i % 4 // 2] for i in range(20)]
+    ours = warp(logits, rows)
+    for i, row in enumerate(rows):
+        theirs = hf_warp(logits[i], row.temperature, row.top_k, row.top_p)
+        assert torch.equal(torch.isinf(ours[i]), torch.isinf(theirs)), f"row {i}"
+        torch.testing.assert_close(ours[i][~torch.isinf(ours[i])], theirs[~torch.isinf(theirs)])
 
 
 def test_filters_hand_computed():
     logits = torch.tensor([1.0, 3.0, 3.0, 2.0, 0.0])
-    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [True, False, False, True, True]  # tie at k kept
+    k = lambda n: torch.tensor([n])  # noqa: E731
+    p = lambda x: torch.tensor([x])  # noqa: E731
+    logits = logits.unsqueeze(0)
+    assert torch.isinf(filter_top_k(logits, k(2)))[0].tolist() == [True, False, False, True, True]  # tie at k kept
     # probabilities of [3, 3, 2, 1, 0] are about .40, .40, .15, .05, .02: top_p .5 keeps both 3s
-    assert torch.isinf(filter_top_p(logits, 0.5)).tolist() == [True, False, False, True, True]
-    assert torch.equal(filter_top_p(logits, 1.0), logits) and torch.equal(filter_top_k(logits, 0), logits)
+    assert torch.isinf(filter_top_p(logits, p(0.5)))[0].tolist() == [True, False, False, True, True]
+    assert torch.equal(filter_top_p(logits, p(1.0)), logits) and torch.equal(filter_top_k(logits, k(0)), logits)
 
 
-def sample_many(params: SamplingParams, logits: torch.Tensor, draws: int, others: int = 0) -> list[int]:
-    """Draw from slot 0, with `others` extra slots sampled in the same batch each time."""
-    sampler = Sampler()
-    sampler.join(0, params)
-    for slot in range(1, others + 1):
-        sampler.join(slot, SamplingParams(temperature=1.0, seed=100 + slot))
-    slots = list(range(others + 1))
-    batch = logits.expand(len(slots), -1)
-    return [sampler.sample(batch, slots)[0] for _ in range(draws)]
+def sample_many(row: SampleRow, logits: torch.Tensor, draws: int, others: int = 0) -> list[int]:
+    """Draw `row` at positions 0..draws-1, with `others` extra rows sampled in the same batch each time."""
+    tokens = []
+    for position in range(draws):
+        rows = [SampleRow(row.temperature, row.top_k, row.top_p, row.seed, position)]
+        rows += [SampleRow(1.0, 0, 1.0, 100 + i, position + i) for i in range(others)]
+        tokens.append(sample(logits.expand(len(rows), -1), rows)[0])
+    return tokens
 
 
 def test_temperature_zero_and_top_k_one_are_greedy():
     logits = torch.stack([random_logits(s, 50, False) for s in range(8)])
     expected = logits.argmax(dim=-1).tolist()  # hand reference: argmax per row
-    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, top_k=1, seed=3)):
-        sampler = Sampler()
-        for slot in range(8):
-            sampler.join(slot, params)
-        assert sampler.sample(logits, list(range(8))) == expected
+    for row in (SampleRow(0.0, 0, 1.0, 0, 0), SampleRow(1.5, 1, 1.0, 3, 0)):
+        assert sample(logits, [row] * 8) == expected
+    mixed = [SampleRow(0.0, 0, 1.0, 0, 0) if i % 2 else SampleRow(1.0, 0, 1.0, i, 0) for i in range(8)]
+    assert sample(logits, mixed)[1::2] == expected[1::2]  # greedy rows stay greedy beside sampled ones
 
 
 def test_same_seed_same_tokens_and_batch_independence():
     logits = random_logits(0, 50, False) / 3  # flat enough that draws vary
-    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
-    alone = sample_many(params, logits, 30)
-    assert sample_many(params, logits, 30) == alone
-    assert sample_many(params, logits, 30, others=3) == alone  # neighbours in the batch change nothing
+    row = SampleRow(1.0, 0, 0.95, 1234, 0)
+    alone = sample_many(row, logits, 30)
+    assert sample_many(row, logits, 30) == alone
+    assert sample_many(row, logits, 30, others=3) == alone  # neighbours in the batch change nothing
     assert len(set(alone)) > 5
-    assert sample_many(SamplingParams(temperature=1.0, top_p=0.95, seed=1235), logits, 30) != alone
+    assert sample_many(SampleRow(1.0, 0, 0.95, 1235, 0), logits, 30) != alone
+    big_seed = SampleRow(1.0, 0, 0.95, (1 << 62) + 1234, 0)  # the seed's high bits matter too
+    assert sample_many(big_seed, logits, 30) != alone
+
+
+def test_noise_is_uniform_and_distinct_per_coordinate():
+    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 20000)
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005  # U(0,1): 1/2, 1/12
+    assert not torch.equal(u[0], u[1])
+    assert not torch.equal(uniform_noise(torch.tensor([1]), torch.tensor([1]), 50)[0], u[0, :50])
 
 
 def test_sampled_frequencies_follow_hf_probabilities():
     logits = random_logits(5, 12, False) / 2
-    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9, seed=0)
     expected = hf_warp(logits, 0.8, 6, 0.9).softmax(dim=-1)
-    draws = torch.tensor(sample_many(params, logits, 4000))
+    draws = torch.tensor(sample_many(SampleRow(0.8, 6, 0.9, 0, 0), logits, 4000))
     observed = torch.bincount(draws, minlength=12).float() / 4000
     assert observed[expected == 0].sum() == 0  # never a filtered token
     torch.testing.assert_close(observed, expected, atol=0.03, rtol=0)

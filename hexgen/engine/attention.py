@@ -1,0 +1,133 @@
+"""Attention over the paged KV pool for a whole step: one key/value write and one attention call per layer.
+
+A step packs the new tokens of B sequences (prefill chunks and decodes mixed) into one flat batch [T, ...].
+`StepMetadata` is built once per step from the plan and shared by every layer. On CUDA with Triton the
+paged-attention kernel reads keys through the block tables; elsewhere keys are gathered through the block
+tables into [B, K] and one SDPA call with a causal/length mask serves the batch (decode-only steps skip the
+query padding). The op count of a step does not depend on B: there is no per-sequence loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hexgen.engine.messages import StepPlan
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    positions: torch.Tensor  # [T] int64: position of every new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64: flat pool slot (block * block_size + offset) of every new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with block 0
+    query_start: torch.Tensor  # [B+1] int32: cumulative new tokens
+    context_lens: torch.Tensor  # [B] int32: cached tokens after this step's writes
+    last_token_index: torch.Tensor  # [B] int64: each sequence's last new token in the flat batch
+    max_query_len: int
+    block_size: int
+    gather_index: torch.Tensor | None  # [B, K] int64 flat slots of every key (gather path only)
+    mask: torch.Tensor | None  # [B, 1, Q, K] bool: which keys each (padded) query sees (gather path only)
+    query_index: torch.Tensor | None  # [T] int64: each token's row in the padded [B*Q] queries (mixed steps)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+
+def build_metadata(plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool) -> StepMetadata:
+    """Everything the layers need about a step's layout, built with a fixed number of tensor ops."""
+    positions = [s + i for s, n in zip(plan.starts, plan.lengths, strict=True) for i in range(n)]
+    seq_of_token = [b for b, n in enumerate(plan.lengths) for _ in range(n)]
+    slots = [plan.block_tables[b][p // block_size] * block_size + p % block_size
+             for b, p in zip(seq_of_token, positions, strict=True)]
+    max_blocks = max(len(t) for t in plan.block_tables)
+    tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
+    starts = [0]
+    for n in plan.lengths:
+        starts.append(starts[-1] + n)
+    lengths_t = torch.tensor(plan.lengths, dtype=torch.int64)
+    context = torch.tensor(plan.starts, dtype=torch.int64) + lengths_t
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    q_max = max(plan.lengths)
+    gather_index = mask = query_index = None
+    if not use_kernel:
+        gather_index, mask = _gather_layout(block_tables, context, lengths_t, q_max, block_size)
+        if q_max > 1:
+            query_index = torch.tensor([b * q_max + p - s for b, p, s in zip(
+                seq_of_token, positions, [plan.starts[b] for b in seq_of_token], strict=True)])
+    to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return StepMetadata(
+        positions=to(torch.tensor(positions)),
+        slot_mapping=to(torch.tensor(slots)),
+        block_tables=to(block_tables),
+        query_start=to(torch.tensor(starts, dtype=torch.int32)),
+        context_lens=to(context.int()),
+        last_token_index=to(torch.tensor(starts[1:]) - 1),
+        max_query_len=q_max,
+        block_size=block_size,
+        gather_index=to(gather_index),
+        mask=to(mask),
+        query_index=to(query_index),
+    )
+
+
+def _gather_layout(
+    block_tables: torch.Tensor, context: torch.Tensor, lengths: torch.Tensor, q_max: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat slots of every key position [B, K] and the boolean mask [B, 1, Q, K] of the gather path."""
+    batch, max_blocks = block_tables.shape
+    offsets = torch.arange(block_size)
+    gather_index = (block_tables.long().unsqueeze(-1) * block_size + offsets).view(batch, max_blocks * block_size)
+    key_pos = torch.arange(max_blocks * block_size)  # [K]
+    q_row = torch.arange(q_max)  # [Q]
+    query_pos = (context - lengths).unsqueeze(1) + q_row  # [B, Q]
+    mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # causal, and never past the context
+    padded = q_row.unsqueeze(0) >= lengths.unsqueeze(1)  # [B, Q] rows with no token: see key 0 only (no NaN)
+    mask = mask & ~padded.unsqueeze(-1) | (padded.unsqueeze(-1) & (key_pos == 0))
+    return gather_index, mask.unsqueeze(1)
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the Triton paged-attention kernel can serve this device (CUDA with triton installed)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from hexgen.engine import kernels
+    except ImportError:
+        return False
+    return kernels.available()
+
+
+def write_kv(kv_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
+    """Store the step's keys and values: kv_pool [2, slots, kv_heads, d]; k, v [T, kv_heads, d]."""
+    kv_pool[0].index_copy_(0, meta.slot_mapping, k)
+    kv_pool[1].index_copy_(0, meta.slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of the step's queries q [T, h, d] over their sequences' cached keys -> [T, h, d]."""
+    if meta.gather_index is None:
+        from hexgen.engine import kernels  # Triton: only on CUDA, only when installed
+
+        slots_total, kv_heads, head_dim = kv_pool.shape[1:]
+        shape = (slots_total // meta.block_size, meta.block_size, kv_heads, head_dim)
+        return kernels.paged_attention(
+            q, kv_pool[0].view(shape), kv_pool[1].view(shape), meta.block_tables, meta.query_start,
+            meta.context_lens, meta.max_query_len, scale,
+        )
+    batch, q_max = meta.num_seqs, meta.max_query_len
+    heads, head_dim = q.shape[1:]
+    kv = kv_pool[:, meta.gather_index]  # [2, B, K, kv_heads, d]
+    if meta.query_index is None:  # every sequence brings one token: T == B
+        query = q.view(batch, 1, heads, head_dim)
+    else:
+        query = q.new_zeros(batch * q_max, heads, head_dim).index_copy_(0, meta.query_index, q)
+        query = query.view(batch, q_max, heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), kv[0].transpose(1, 2), kv[1].transpose(1, 2),
+        attn_mask=meta.mask, scale=scale, enable_gqa=True,
+    )  # [B, h, Q, d]
+    out = out.transpose(1, 2).reshape(batch * q_max, heads, head_dim)
+    return out if meta.query_index is None else out.index_select(0, meta.query_index)
