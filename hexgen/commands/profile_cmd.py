@@ -14,6 +14,9 @@ def register(subparsers) -> None:
                                          "(default: CPU-worker on CPU, the GPU's table name on CUDA)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="element type (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads to measure with (0: torch's default, as a one-rank replica runs; a rank of a "
+                        "W-rank replica gets cores / W)")
     p.add_argument("-o", "--output", required=True, help="profile file to write (.yaml or .json)")
     p.set_defaults(run=run)
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; other work will make every figure low")
     print(f"measuring {describe} as {device_type} ({dtype}); this takes about a minute")
-    figures = measure_profile(device_type, dtype, device, describe)
+    figures = measure_profile(device_type, dtype, device, describe, args.threads)
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
     profile_from_dict(figures, "measured profile")  # what we write must load
     out = Path(args.output)

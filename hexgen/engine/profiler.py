@@ -80,10 +80,10 @@ def _tiny_checkpoint(num_layers: int, folder: Path):
     return ModelSource(spec.name, folder, spec)
 
 
-def _decode_step_s(source, batch: int, dtype: str, device: str, steps: int = 24) -> float:
+def _decode_step_s(source, batch: int, dtype: str, device: str, threads: int, steps: int = 24) -> float:
     """Median seconds of the engine's decode steps with `batch` sequences, one in-process rank."""
     layout = Layout((1,), ((0, source.spec.num_layers),))
-    spec = RankSpec(source, layout, 0, dtype, device)
+    spec = RankSpec(source, layout, 0, dtype, device, num_threads=threads)
     config = SchedulerConfig(max_running_seqs=batch, max_context=256)
     engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
@@ -98,7 +98,7 @@ def _decode_step_s(source, batch: int, dtype: str, device: str, steps: int = 24)
     return statistics.median(times[2:])
 
 
-def engine_overheads_ms(dtype: str, device: str) -> dict[str, float]:
+def engine_overheads_ms(dtype: str, device: str, threads: int) -> dict[str, float]:
     """Fit decode-step times of tiny models to step + layers x (layer + batch x seq), in milliseconds."""
     rows, times = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +106,7 @@ def engine_overheads_ms(dtype: str, device: str) -> dict[str, float]:
             source = _tiny_checkpoint(layers, Path(tmp) / f"l{layers}")
             for batch in OVERHEAD_BATCHES:
                 rows.append([1.0, layers, layers * batch])
-                times.append(_decode_step_s(source, batch, dtype, device))
+                times.append(_decode_step_s(source, batch, dtype, device, threads))
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
     step_s, layer_s, seq_s = (max(0.0, float(c)) for c in coef)
     return {"step_overhead_ms": step_s * 1e3, "layer_overhead_ms": layer_s * 1e3, "seq_overhead_ms": seq_s * 1e3}
@@ -142,19 +142,22 @@ def _lscpu_summary() -> str:
             f"flags: {' '.join(vector) or 'no AVX'}")
 
 
-def measure_profile(device_type: str, dtype: str, device: str, describe: str) -> dict[str, Any]:
-    """Every figure of a profile file, as written by `hexgen profile`."""
+def measure_profile(device_type: str, dtype: str, device: str, describe: str, threads: int = 0) -> dict[str, Any]:
+    """Every figure of a profile file, as written by `hexgen profile`; `threads` torch threads (0: torch's default,
+    which is what a one-rank replica gets; a rank of a W-rank replica gets cores / W)."""
+    if threads:
+        torch.set_num_threads(threads)
     torch_device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     torch_dtype = DTYPES[dtype]
     big = device == "cuda"
     out: dict[str, Any] = {
         "format": "hexgen-profile/1", "device_type": device_type, "device": describe, "backend": device,
         "dtype": dtype, "measured_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch_version": str(torch.__version__), "cpu": _lscpu_summary(),
+        "torch_version": str(torch.__version__), "cpu": _lscpu_summary(), "threads": torch.get_num_threads(),
         "matmul_tflops": round(matmul_tflops(torch_device, torch_dtype, 8192 if big else 1024), 4),
         "memory_bandwidth_gbs": round(weight_scan_gbs(torch_device, torch_dtype, (2 << 30) if big else (256 << 20)), 3),
     }
-    out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device).items()}
+    out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device, threads).items()}
     if device == "cuda" and torch.cuda.device_count() < 2:
         raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
     out |= link_figures(4096, torch_dtype)

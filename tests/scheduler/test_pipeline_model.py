@@ -9,7 +9,7 @@ import pytest
 from hexgen.costmodel import LinearCost, ReplicaCost
 from hexgen.dispatch import RoundRobin
 from hexgen.sim.servers import BatchingServer, ReplicaModel
-from hexgen.sim.simulator import simulate
+from hexgen.sim.simulator import simulate, simulate_streams
 from hexgen.sim.workload import Request
 
 STAGE_A = LinearCost(prefill_fixed_s=0.3, prefill_per_token_s=0.01, decode_fixed_s=0.1, decode_per_seq_s=0.01)
@@ -81,3 +81,12 @@ def _run(server, requests):
 class Finished:
     request: Request
     finish_s: float
+
+
+def test_one_stream_sends_each_request_when_the_last_ends():
+    # closed loop, one client: three requests back to back, each alone on the replica: finish at L, 2L, 3L
+    pipe = ReplicaCost((STAGE_A, STAGE_B), (HOP,), BACK)
+    alone_s = pipe.request_latency_s(4, 3)  # 0.68 + 2 x 0.39 = 1.46 (first test)
+    done = simulate_streams([ReplicaModel(pipe, 16)], 1, 3, 4, 3, RoundRobin())
+    assert [c.finish_s for c in done] == pytest.approx([1.46, 2.92, 4.38], abs=1e-12)
+    assert all(c.latency_s == pytest.approx(alone_s) for c in done)
