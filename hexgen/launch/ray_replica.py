@@ -20,8 +20,6 @@ from hexgen.launch.lifetime import free_port
 from hexgen.launch.spec import RankSpec
 from hexgen.raycluster.env import machine_resource
 
-PLACE_TIMEOUT_S = 60.0
-
 
 @dataclass(frozen=True)
 class RankNode:
@@ -38,12 +36,16 @@ class RankActor:
     def node(self) -> tuple[str, str]:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
-    def free_port(self) -> int:
-        return free_port()
+    def rendezvous(self, needs_port: bool) -> tuple[str, int]:
+        """torch.distributed master address of the replica: this node's address and a free port on it."""
+        return ray.util.get_node_ip_address(), free_port() if needs_port else 0
 
     def run(self, spec: RankSpec, scheduler_config: Any, eos_token_ids: tuple[int, ...], address: ChannelAddress,
-            master_addr: str) -> None:
+            rendezvous: tuple[str, int]) -> None:
+        master_addr, port = rendezvous
         os.environ["MASTER_ADDR"] = master_addr  # init_rank keeps an address already set
+        # On CUDA Ray shows each actor only its own GPU, as device 0.
+        spec = replace(spec, master_port=port, gpu_index=0 if spec.device == "cuda" else spec.gpu_index)
         if not Path(spec.source.directory).is_dir():  # an embedded model or GGUF resolves on this machine
             from hexgen.engine.checkpoint import resolve_model
 
@@ -68,26 +70,24 @@ class RayRanks:
         self.address = address
         self.actors: list[Any] = []
         self.runs: list[Any] = []
-        self.nodes: list[RankNode] = []
+        self._located: list[Any] = []
+        self._nodes: list[RankNode] = []
 
     def __len__(self) -> int:
         return len(self.machines)
 
     def start(self) -> None:
-        """Place every actor, pick the rendezvous port on rank 0's node, then start every rank."""
+        """Place every actor and start every rank without waiting: rank 0's actor picks the rendezvous address,
+        which Ray hands to every rank's run call once it is known."""
         remote = _remote_actor_class()
         for spec, machine in zip((a[0] for a in self.rank_args), self.machines, strict=True):
             gpus = 1 if spec.device == "cuda" else 0
             options = dict(num_cpus=0, num_gpus=gpus, resources={machine_resource(machine): 1}, max_restarts=0)
             self.actors.append(remote.options(**options).remote())
-        located = ray.get([a.node.remote() for a in self.actors], timeout=PLACE_TIMEOUT_S)
-        self.nodes = [RankNode(m, node_id, ip) for m, (node_id, ip) in zip(self.machines, located, strict=True)]
-        master_addr = self.nodes[0].node_ip
-        port = ray.get(self.actors[0].free_port.remote(), timeout=PLACE_TIMEOUT_S) if len(self) > 1 else 0
+        self._located = [actor.node.remote() for actor in self.actors]
+        rendezvous = self.actors[0].rendezvous.remote(len(self) > 1)
         for actor, (spec, config, eos) in zip(self.actors, self.rank_args, strict=True):
-            # On CUDA Ray shows each actor only its own GPU, as device 0.
-            spec = replace(spec, master_port=port, gpu_index=0 if spec.device == "cuda" else spec.gpu_index)
-            self.runs.append(actor.run.remote(spec, config, eos, self.address, master_addr))
+            self.runs.append(actor.run.remote(spec, config, eos, self.address, rendezvous))
 
     def first_failure(self) -> str | None:
         """Why a rank ended (its actor died or its run returned), if one has."""
@@ -97,7 +97,8 @@ class RayRanks:
         if not done:
             return None
         rank = self.runs.index(done[0])
-        where = f"rank {rank} on machine {self.machines[rank]!r} ({self.nodes[rank].node_ip})"
+        node_ip = self.placement(rank).get("node_ip", "node unknown")
+        where = f"rank {rank} on machine {self.machines[rank]!r} ({node_ip})"
         try:
             ray.get(done[0], timeout=0)
         except Exception as err:  # noqa: BLE001 - described in one line
@@ -116,5 +117,11 @@ class RayRanks:
                 pass
 
     def placement(self, rank: int) -> dict[str, str]:
-        node = self.nodes[rank] if rank < len(self.nodes) else None
-        return {"node_id": node.node_id, "node_ip": node.node_ip} if node else {}
+        """The rank's Ray node, once its actor has been placed ({} before)."""
+        if not self._nodes and self._located and len(ray.wait(self._located, num_returns=len(self), timeout=0)[0]) \
+                == len(self):
+            located = ray.get(self._located)
+            self._nodes = [RankNode(m, node_id, ip) for m, (node_id, ip) in zip(self.machines, located, strict=True)]
+        if not self._nodes:
+            return {}
+        return {"node_id": self._nodes[rank].node_id, "node_ip": self._nodes[rank].node_ip}

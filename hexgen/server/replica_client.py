@@ -78,7 +78,7 @@ class ReplicaClient:
     async def start(self, on_loaded: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> None:
         """Start the ranks and wait until every one holds its weights; raise ReplicaStartError on failure."""
         try:
-            await asyncio.to_thread(self.processes.start)
+            self.processes.start()  # returns at once: spawned processes, or actors Ray places in the background
         except Exception as err:  # noqa: BLE001 - e.g. Ray could not place an actor
             await self._stop_processes()
             raise ReplicaStartError(f"replica {self.index}: {type(err).__name__}: {err}".splitlines()[0]) from None
