@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from hexgen.cluster import parse_cluster
-    from hexgen.raycluster.probe import cluster_yaml, probe
+    from hexgen.raycluster.cluster_file import cluster_yaml
+    from hexgen.raycluster.probe import probe
 
     try:
         reports, links = probe(args.bulk_mib * 2**20)
