@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
-from hexgen.engine.kernels import attention, fused_norm, kv_write
+from hexgen.engine.kernels import attention, fused_norm, kv_write, rotary
 
 H200 = GPUTarget("cuda", 90, 32)
 FLOATS = {"scale_log2", "eps"}
@@ -50,6 +50,8 @@ VARIANTS = {
                                     dict(HAS_RESIDUAL=True, BLOCK_H=4096)),
     "KV write, bf16, 8 heads x 128": (kv_write._write_kv_kernel, "bf16", {"slot_ptr": "*i64"},
                                       dict(HEADS_P=8, HEAD_DIM_P=128)),
+    "RoPE + KV write, bf16, 32 / 8 heads x 128": (rotary._rotary_write_kv_kernel, "bf16", {"slot_ptr": "*i64"},
+                                                  dict(Q_HEADS_P=32, KV_HEADS_P=8, HALF_P=64)),
 }
 
 

@@ -1,8 +1,8 @@
-"""Triton kernels for CUDA: paged attention, fused residual-add + RMSNorm, KV-cache write.
+"""Triton kernels for CUDA: paged attention, fused residual-add + RMSNorm, RoPE + KV-cache write, KV write.
 
-The engine asks `available()` first; only when it says yes does it call `paged_attention`, `add_rms_norm`
-or `write_kv` from this package. Each is imported from its module on first use, so importing the package
-never imports triton, and without triton or CUDA the engine keeps its torch path.
+The engine asks `available()` first; only when it says yes does it call `paged_attention`, `add_rms_norm`,
+`rotary_write_kv` or `write_kv` from this package. Each is imported from its module on first use, so
+importing the package never imports triton, and without triton or CUDA the engine keeps its torch path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ _KERNELS = {  # public name -> module that defines it
     "paged_attention": "attention",
     "add_rms_norm": "fused_norm",
     "write_kv": "kv_write",
+    "rotary_write_kv": "rotary",
 }
 __all__ = ["available", *_KERNELS]
 
