@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from hexgen.commands.engine_args import add_engine_args
 from hexgen.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed of the sampling; prompt i uses seed + i (default: fresh randomness)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (benchmarks)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    add_engine_args(p)
     p.set_defaults(run=run)
 
 

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import sys
 
+from hexgen.commands.engine_args import add_engine_args, check_engine_args
+from hexgen.engine.scheduler import DEFAULT_MAX_RUNNING_SEQS
 from hexgen.errors import UserError
 
 POLICIES = ("least-outstanding", "round-robin", "capacity-weighted")
@@ -36,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="least-outstanding",
         help="how the coordinator picks a replica (the simulator's policies)",
     )
-    p.add_argument("--max-batch", type=int, default=16, help="sequences a replica runs at once")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_RUNNING_SEQS, help="sequences a replica runs at once")
+    add_engine_args(p)
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (capped by the model's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    check_engine_args(args)
     if args.replan and not (args.ray and args.cluster):
         raise UserError("--replan needs --ray and --cluster (the cluster YAML the planner re-plans on)")
     if args.ray and not args.plan:

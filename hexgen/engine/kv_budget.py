@@ -13,7 +13,7 @@ from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 
 GIB = 1 << 30
-CPU_DEFAULT_KV_BYTES = 4 * GIB  # the most a CPU rank takes for KV blocks unless --memory-gb says otherwise
+CPU_DEFAULT_KV_BYTES = 2 * GIB  # the most a CPU rank takes for KV blocks unless --memory-gb says otherwise
 CUDA_MARGIN_FRACTION = 0.10  # of the GPU's memory kept free for activations and the allocator
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.progress import Progress
 
+from hexgen.commands.engine_args import check_engine_args, check_memory, scheduler_config
 from hexgen.engine.checkpoint import ModelSource, embedded_spec, eos_token_ids, resolve_model
 from hexgen.engine.generation import Completion, run_requests
 from hexgen.engine.messages import GenerationRequest, SamplingParams
@@ -42,12 +43,14 @@ class GenerationJob:
     dtype: str
     device: str
     eos_token_ids: tuple[int, ...]
+    config: SchedulerConfig  # every prompt runs at once; the context as long as the longest request needs
 
     def open_replica(self):
         from hexgen.engine.replica import open_local_replica  # torch loads only once every check has passed
 
-        config = SchedulerConfig(max_running_seqs=max(32, len(self.requests)), max_context=self.source.spec.max_context)
-        return open_local_replica(self.source, self.replica_plan, self.dtype, self.device, config, self.eos_token_ids)
+        return open_local_replica(
+            self.source, self.replica_plan, self.dtype, self.device, self.config, self.eos_token_ids
+        )
 
     def start(self, replica) -> None:
         total = sum(s.num_layers * s.tp for s in self.replica_plan.stages)
@@ -73,9 +76,10 @@ class GenerationJob:
 
 def load_for_generation(args: argparse.Namespace) -> GenerationJob:
     layers = list(args.tp), list(args.layers) if args.layers else None
+    check_engine_args(args)
     known = embedded_spec(args.model)
-    if known is not None:  # check the layout before a first-use conversion of the embedded model
-        single_replica_plan(known, *layers)
+    if known is not None:  # check the layout and memory before a first-use conversion of the embedded model
+        check_memory(args, known, single_replica_plan(known, *layers).replicas, max_running_seqs=1)
     try:
         base = SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -89,6 +93,7 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
         raise UserError(f"--{field.replace('_', '-')} {rest}") from None
     source = resolve_model(args.model)
     plan = single_replica_plan(source.spec, *layers)
+    check_memory(args, source.spec, plan.replicas, max_running_seqs=1)
     if args.device == "cuda":
         _check_cuda(plan.replicas[0].world_size)
     tokenizer = load_tokenizer(source)
@@ -103,6 +108,9 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
         seed = None if args.seed is None else args.seed + i
         params = SamplingParams(**{**base.__dict__, "seed": seed})
         requests.append(GenerationRequest(f"{i}-{uuid.uuid4().hex[:8]}", tuple(ids), params))
+    check_memory(args, source.spec, plan.replicas, max_running_seqs=len(requests))
+    longest = max(len(r.prompt_token_ids) for r in requests) + args.max_new_tokens
+    config = scheduler_config(args, len(requests), min(source.spec.max_context, longest))
     return GenerationJob(
         source,
         plan.replicas[0],
@@ -112,6 +120,7 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
         args.dtype,
         args.device,
         eos_token_ids(source.directory),
+        config,
     )
 
 

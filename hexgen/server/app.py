@@ -175,6 +175,9 @@ def _replica_status(replica) -> dict[str, Any]:
         "running": replica.load.get("running", 0),
         "waiting": replica.load.get("waiting", 0),
         "peak_running": replica.load.get("peak_running", 0),  # the largest batch the replica has run
+        "kv_blocks_used": replica.load.get("kv_blocks_used", 0),  # paged KV cache, the same on every rank
+        "kv_blocks_free": replica.load.get("kv_blocks_free", 0),
+        "preemptions": replica.load.get("preemptions", 0),  # sequences that gave their blocks back and recomputed
         "ranks": replica.world_size,
         "stages": replica.stage_status(),
     }

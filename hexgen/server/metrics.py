@@ -42,6 +42,14 @@ class Metrics:
         self.replica_waiting = Gauge(
             "hexgen_replica_waiting_sequences", "Sequences queued inside the replica", ["replica"], registry=r
         )
+        self.replica_kv_blocks = Gauge(
+            "hexgen_replica_kv_blocks", "KV-cache blocks of the replica's pool, by state", ["replica", "state"],
+            registry=r,
+        )
+        self.replica_preemptions = Gauge(
+            "hexgen_replica_preemptions", "Sequences preempted (blocks freed, recomputed later) so far", ["replica"],
+            registry=r,
+        )
 
     def render(self, replicas) -> bytes:
         """Prometheus text format, with the per-replica gauges read fresh."""
@@ -51,4 +59,8 @@ class Metrics:
             self.replica_outstanding.labels(label).set(replica.state.outstanding)
             self.replica_running.labels(label).set(replica.load.get("running", 0) if replica.state.is_up else 0)
             self.replica_waiting.labels(label).set(replica.load.get("waiting", 0) if replica.state.is_up else 0)
+            for state in ("used", "free"):
+                blocks = replica.load.get(f"kv_blocks_{state}", 0) if replica.state.is_up else 0
+                self.replica_kv_blocks.labels(label, state).set(blocks)
+            self.replica_preemptions.labels(label).set(replica.load.get("preemptions", 0))
         return generate_latest(self.registry)

@@ -11,9 +11,10 @@ from dataclasses import replace
 import uvicorn
 
 from hexgen.cluster import load_cluster
+from hexgen.commands.engine_args import check_memory
+from hexgen.commands.engine_args import scheduler_config as engine_scheduler_config
 from hexgen.dispatch import make_policy
 from hexgen.engine.checkpoint import embedded_spec, eos_token_ids, resolve_model
-from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import UserError
 from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
@@ -36,6 +37,17 @@ def bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_cuda_devices(plan) -> None:
+    """--device cuda needs CUDA and every GPU index the plan names, before any process starts."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = max(g for replica in plan.replicas for stage in replica.stages for g in stage.gpus) + 1
+    if visible < wanted:
+        raise UserError(f"--device cuda: the plan uses GPU indices up to {wanted - 1} but {visible} CUDA device(s) "
+                        "are visible; use --device cpu or a plan for this machine")
+
+
 async def serve(args: argparse.Namespace) -> None:
     sock = bind_http(args.host, args.port)
     try:
@@ -53,6 +65,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     known = embedded_spec(args.model)
     if given is not None and known is not None:  # a bad plan fails before a first-use conversion
         given.validate_structure(known)
+        check_memory(args, known, given.replicas, args.max_batch)
     cluster = load_cluster(args.cluster) if args.replan else None
     if args.ray:
         from hexgen.raycluster.env import connect, machine_slots
@@ -64,9 +77,12 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     spec = source.spec
     plan = given or default_local_plan(spec)
     plan.validate_structure(spec)
+    check_memory(args, spec, plan.replicas, args.max_batch)
+    if args.device == "cuda" and not args.ray:
+        check_cuda_devices(plan)
     tokenizer = Tokenizer(source.directory)
     max_context = min(args.max_context, spec.max_context)
-    scheduler_config = SchedulerConfig(max_running_seqs=args.max_batch, max_context=max_context)
+    scheduler_config = engine_scheduler_config(args, args.max_batch, max_context)
     eos = eos_token_ids(source.directory)
     if args.ray:
         import ray

@@ -62,6 +62,17 @@ def test_sampling_and_prompt_errors(extra, fragment, tokenizer_model_dir):
     assert_user_error(["--model", str(tokenizer_model_dir), *prompt, *extra, "--max-new-tokens", "2"], fragment)
 
 
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--block-size", "12"], "--block-size must be a power of two in 1..256, got 12"),
+    (["--block-size", "512"], "--block-size must be a power of two in 1..256, got 512"),
+    (["--memory-gb", "0"], "--memory-gb must be in (0, 1048576], got 0.0"),
+    (["--memory-gb", "0.01"], "--memory-gb 0.01 cannot hold a rank's weights plus one KV block"),
+])
+def test_kv_cache_flag_errors(extra, fragment):
+    # The embedded model's weights alone are ~0.5 GB: the budget is checked before its first-use conversion.
+    assert_user_error(["--model", "smollm2-135m", "--prompt", "hi", *extra], fragment)
+
+
 def test_unsupported_architecture(broken_models):
     assert_user_error(["--model", str(broken_models["gpt2"]), "--prompt", "hi"], "'GPT2LMHeadModel' is not supported")
 

@@ -1,0 +1,51 @@
+"""Engine flags shared by `hexgen generate` and `hexgen serve`: KV-cache memory and block size (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hexgen.engine.kv_budget import GIB, RankShape, check_memory_budget
+from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig
+from hexgen.errors import UserError
+from hexgen.models import ModelSpec
+from hexgen.plan import Replica
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_MEMORY_GB = 1 << 20
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory-gb", type=float, default=None, metavar="GB",
+        help="memory of each rank for its weights plus its KV cache, in GiB (default: on CUDA what is left after "
+        "the weights less 10%% of the GPU; on CPU up to 2 GiB of KV cache per rank)",
+    )
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="TOKENS",
+                   help=f"tokens per KV-cache block, a power of two in 1..{MAX_BLOCK_SIZE}")
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Ranges of the engine flags, before anything is loaded."""
+    if args.memory_gb is not None and not 0 < args.memory_gb <= MAX_MEMORY_GB:
+        raise UserError(f"--memory-gb must be in (0, {MAX_MEMORY_GB}], got {args.memory_gb}")
+    size = args.block_size
+    if not 1 <= size <= MAX_BLOCK_SIZE or size & (size - 1):
+        raise UserError(f"--block-size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {size}")
+
+
+def check_memory(args: argparse.Namespace, spec: ModelSpec, replicas: list[Replica], max_running_seqs: int) -> None:
+    """--memory-gb must hold every rank's weights plus one KV block per running sequence."""
+    if args.memory_gb is None:
+        return
+    ranks = [
+        RankShape(stage.num_layers, stage.tp, i == 0, i == len(replica.stages) - 1)
+        for replica in replicas for i, stage in enumerate(replica.stages)
+    ]
+    check_memory_budget(spec, ranks, int(args.memory_gb * GIB), max_running_seqs, args.block_size,
+                        DTYPE_BYTES[args.dtype])
+
+
+def scheduler_config(args: argparse.Namespace, max_running_seqs: int, max_context: int) -> SchedulerConfig:
+    memory = None if args.memory_gb is None else int(args.memory_gb * GIB)
+    return SchedulerConfig(max_running_seqs=max_running_seqs, max_context=max_context, block_size=args.block_size,
+                           memory_bytes=memory)

@@ -1,0 +1,108 @@
+"""Batched paged attention vs a per-sequence reference on ragged mixes; one op count whatever the batch size."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hexgen.engine.attention import build_metadata, paged_attention, write_kv
+from hexgen.engine.checkpoint import resolve_model
+from hexgen.engine.engine import build_runner, init_rank
+from hexgen.engine.kv_budget import RankShape, kv_bytes_per_block, rank_weight_bytes
+from hexgen.engine.messages import SampleRow, StepPlan
+from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.launch.spec import Layout, RankSpec
+
+
+def ragged_plan(rng: random.Random, starts: list[int], lengths: list[int], block_size: int, num_blocks: int):
+    """A plan whose sequences own shuffled, disjoint blocks covering start + length tokens."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = []
+    for s, n in zip(starts, lengths, strict=True):
+        tables.append([free.pop() for _ in range(-(-(s + n) // block_size))])
+    tokens = [rng.randrange(100) for _ in range(sum(lengths))]
+    return StepPlan(seq_ids=list(range(len(starts))), starts=starts, lengths=lengths, token_ids=tokens,
+                    block_tables=tables, sample=[True] * len(starts))
+
+
+def reference_attention(q, k_new, v_new, history, plan, scale):
+    """Per sequence: its cached prefix + new keys, explicit causal mask, SDPA on one sequence at a time."""
+    out, offset = [], 0
+    for b, (s, n) in enumerate(zip(plan.starts, plan.lengths, strict=True)):
+        keys = torch.cat([history[b][0], k_new[offset:offset + n]])  # [s + n, kv, d]
+        values = torch.cat([history[b][1], v_new[offset:offset + n]])
+        mask = torch.arange(s + n).unsqueeze(0) <= (s + torch.arange(n)).unsqueeze(1)  # [n, s + n]
+        o = F.scaled_dot_product_attention(
+            q[offset:offset + n].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=mask, scale=scale, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+        offset += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(("starts", "lengths", "block_size", "heads", "kv_heads"), [
+    ([5, 0, 17, 3], [1, 1, 1, 1], 4, 4, 2),  # decode only
+    ([0, 0, 0], [7, 1, 16], 8, 6, 3),  # prefill only, one of them a single token
+    ([12, 0, 31, 8, 0], [1, 9, 1, 5, 4], 4, 4, 1),  # chunks after a cached prefix, mixed with decodes
+    ([15, 16, 0], [1, 16, 32], 16, 2, 2),  # block boundaries: the token that opens / fills a block
+])
+def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads):
+    rng = random.Random(sum(starts) + len(lengths))
+    gen = torch.Generator().manual_seed(7)
+    d, num_blocks = 8, 64
+    plan = ragged_plan(rng, starts, lengths, block_size, num_blocks)
+    pool = torch.zeros(2, num_blocks * block_size, kv_heads, d)
+    history = []
+    for s, table in zip(starts, plan.block_tables, strict=True):  # the cached prefix, written where it belongs
+        kv = torch.randn(2, s, kv_heads, d, generator=gen)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(s)], dtype=torch.long)
+        pool[:, slots] = kv
+        history.append(kv)
+    total = sum(lengths)
+    q = torch.randn(total, heads, d, generator=gen)
+    k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
+    meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
+    write_kv(pool, k_new, v_new, meta)
+    ours = paged_attention(q, pool, meta, d**-0.5)
+    torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_ops_do_not_grow_with_batch(tiny_model_dirs):
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    spec = RankSpec(source, Layout((1,), ((0, source.spec.num_layers),)), 0)
+    runner = build_runner(spec, init_rank(spec), SchedulerConfig(max_running_seqs=16, num_kv_blocks=64, block_size=4))
+    counts = {}
+    for batch in (16, 1, 16):  # the first pass fills the RoPE tables (once per process), so it is not counted
+        plan = ragged_plan(random.Random(batch), [3 + b % 5 for b in range(batch)], [1] * batch, 4, 64)
+        plan.sampling = [SampleRow(0.7, 5, 0.9, b, 4) for b in range(batch)]  # sampled, not greedy
+        with OpCounter() as ops:
+            hidden, meta = runner.forward(plan, None)
+            runner.sample(plan, hidden, meta)
+        counts[batch] = ops.count
+    assert counts[1] == counts[16], counts
+
+
+def test_weight_and_block_bytes_match_the_loaded_stage(tiny_model_dirs):
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    layers = source.spec.num_layers
+    spec = RankSpec(source, Layout((1,), ((0, layers),)), 0)
+    runner = build_runner(spec, init_rank(spec), SchedulerConfig(max_running_seqs=2, num_kv_blocks=3, block_size=8))
+    shape = RankShape(layers, 1, True, True)
+    assert rank_weight_bytes(source.spec, shape, 4) == runner.stage.weight_bytes()
+    pool = runner.stage.kv_pool
+    assert kv_bytes_per_block(source.spec, shape, 8, 4) * 3 == pool.numel() * pool.element_size()
