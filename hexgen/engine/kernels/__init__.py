@@ -1,7 +1,7 @@
-"""Triton kernels for CUDA: paged attention, fused residual-add + RMSNorm, RoPE + KV-cache write, KV write.
+"""Triton kernels for CUDA: paged attention, residual-add + RMSNorm, RoPE + KV-cache write, KV write, SiLU * up.
 
 The engine asks `available()` first; only when it says yes does it call `paged_attention`, `add_rms_norm`,
-`rotary_write_kv` or `write_kv` from this package. Each is imported from its module on first use, so
+`rotary_write_kv`, `write_kv` or `silu_mul` from this package. Each is imported from its module on first use, so
 importing the package never imports triton, and without triton or CUDA the engine keeps its torch path.
 """
 
@@ -16,6 +16,7 @@ _KERNELS = {  # public name -> module that defines it
     "add_rms_norm": "fused_norm",
     "write_kv": "kv_write",
     "rotary_write_kv": "rotary",
+    "silu_mul": "activation",
 }
 __all__ = ["available", *_KERNELS]
 
