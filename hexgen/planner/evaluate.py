@@ -141,7 +141,11 @@ class PlanEvaluator:
         if not self.is_batching:
             done = simulate([ReplicaModel(c) for c in costs], self.requests, make_policy(self.dispatch))
             return np.array([c.latency_s for c in done])
-        return plan_latencies_s(costs, dispatch_shares(costs, self.dispatch, self._load), self._load)
+        return self._batching_latencies_s(tuple(costs))
+
+    @cache  # noqa: B019 - one evaluator per search; the same replica sets recur across partitions
+    def _batching_latencies_s(self, costs: tuple[ReplicaCost, ...]) -> np.ndarray:
+        return plan_latencies_s(list(costs), dispatch_shares(list(costs), self.dispatch, self._load), self._load)
 
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
         """The DP layouts of the selected replicas, in rotation order."""

@@ -107,7 +107,7 @@ def best_symmetric_plan(
     if not scored:
         raise UserError(_no_replica_message(cluster, model, request.workload, evaluator.cfg))
     score, plan = max(scored, key=lambda x: x[0])
-    return plan, score
+    return evaluator.with_predictions(plan), score
 
 
 def _no_replica_message(cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig) -> str:

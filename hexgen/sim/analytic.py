@@ -48,10 +48,13 @@ def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, poi
     rate = share * load.rate_rps
     full_rps = _capacity_rps(cost, load)
     stolen = rate * _prompt_work_s(cost, load)  # share of time the others' prompts take from every decode
-    if rate >= full_rps or stolen >= 1:  # falls behind: the j-th of its n requests waits j x (1/capacity - 1/rate)
+    if rate >= full_rps or stolen >= 1:
+        # Falls behind: a full batch turns over at capacity, so each request spends slots / capacity in it (Little),
+        # and the j-th of its n requests also waits j x (1/capacity - 1/rate) for a slot.
+        slots = len(service_table_s(cost, load))
         n = max(1, round(share * load.num_requests))
         lag_s = (1 / full_rps - 1 / rate) * n
-        return service_table_s(cost, load)[-1] + lag_s * (np.arange(points) + 0.5) / points
+        return slots / full_rps + lag_s * (np.arange(points) + 0.5) / points
     table = service_table_s(cost, load) / (1 - stolen)
     slots = len(table)
     offered = _offered_load(table, rate)
