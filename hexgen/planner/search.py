@@ -17,7 +17,7 @@ from hexgen.planner.baselines import symmetric_candidates
 from hexgen.planner.evaluate import PlanEvaluator
 from hexgen.planner.genetic import GAConfig, Score, SearchResult, evolve
 from hexgen.planner.objective import Objective
-from hexgen.planner.partition import Partition, by_machine, by_region, make_partition
+from hexgen.planner.partition import Group, Partition, by_machine, by_region, make_group, make_partition
 from hexgen.sim.metrics import attainment, tail_latency_s
 from hexgen.sim.workload import TokenLengths, WorkloadSpec, generate_requests
 
@@ -58,13 +58,31 @@ class PlanResult:
     elapsed_s: float
 
 
-def initial_partitions(cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig) -> list[Partition]:
-    """Network-aware starts (a group per region, per machine, or one for all) plus the groupings of every
-    symmetric layout, so the search starts no worse than the best symmetric plan."""
+def initial_partitions(
+    cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig,
+    holds_replica: Callable[[Group], bool] | None = None,
+) -> list[Partition]:
+    """Network-aware starts (a group per region, per machine, or one for all; with `holds_replica`, also every
+    machine that holds a replica alone as its own group and the rest pooled per region) plus the groupings of
+    every symmetric layout, so the search starts no worse than the best symmetric plan."""
     everything = make_partition([{m.name: m.count for m in cluster.machines}])
     starts = [by_region(cluster), by_machine(cluster), everything]
+    if holds_replica is not None:
+        starts.append(machines_then_region_pools(cluster, holds_replica))
     starts += [partition_of(p, cluster) for p in symmetric_candidates(cluster, model, workload, cfg)]
     return list(dict.fromkeys(starts))
+
+
+def machines_then_region_pools(cluster: Cluster, holds_replica: Callable[[Group], bool]) -> Partition:
+    """Machines that hold a replica alone, one group each; the others pooled per region (they may hold a pipeline
+    together that none of them holds alone)."""
+    groups, pools = [], {}
+    for m in cluster.machines:
+        if holds_replica(make_group({m.name: m.count})):
+            groups.append({m.name: m.count})
+        else:
+            pools.setdefault(m.region, {})[m.name] = m.count
+    return make_partition(groups + list(pools.values()))
 
 
 def partition_of(plan: DeploymentPlan, cluster: Cluster) -> Partition:
@@ -82,7 +100,8 @@ def plan_cluster(
     """Search for the plan with the highest simulated SLO attainment; raise if no replica fits at all."""
     start = time.perf_counter()
     evaluator = make_evaluator(cluster, model, request, cfg or CostConfig())
-    starts = initial_partitions(cluster, model, request.workload, evaluator.cfg)
+    starts = initial_partitions(cluster, model, request.workload, evaluator.cfg,
+                                lambda g: evaluator.replica_cost(g, evaluator.levels[-1]) is not None)
     if not any(evaluator.layouts(p) for p in starts):
         raise UserError(_no_replica_message(cluster, model, request.workload, evaluator.cfg))
     result = evolve(starts, evaluator.score, request.ga, random.Random(request.seed), on_generation)
