@@ -61,7 +61,7 @@ def cluster_yaml(reports: list[MachineReport], links: dict[tuple[str, str], tupl
                "latency_ms": max((r["latency_ms"] for r in rows), default=0.5)}
     intra = DEFAULT_LINKS["intra_machine"]
     network = {"intra_machine": {"bandwidth_gbps": intra.bandwidth_gbps, "latency_ms": intra.latency_ms},
-               "intra_region": slowest, "inter_region": slowest, "links": rows}
+               "intra_region": slowest, "inter_region": dict(slowest), "links": rows}
     data = {"machines": machines, **({"gpu_types": gpu_types} if gpu_types else {}), "network": network}
     header = ("# Written by `hexgen cluster probe`: machines and slots from the Ray cluster, links measured between\n"
               "# probe actors (median ping / 2; one bulk transfer). Regions are not measured: edit them if needed.\n")

@@ -67,13 +67,15 @@ def connect(address: str) -> None:
             f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
             "`hexgen node start --head` and check the address"
         ) from None
-    os.environ.update({**RAY_ENV, **auth_env(host)})
+    auth = auth_env(host)
+    os.environ.update({**RAY_ENV, **auth})
     import ray
 
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError) as err:
-        raise RayUnavailable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+        hint = " (is RAY_AUTH_TOKEN the head's token?)" if auth["RAY_AUTH_MODE"] == "token" else ""
+        raise RayUnavailable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}{hint}") from None
 
 
 def machine_slots() -> dict[str, float]:
