@@ -44,7 +44,8 @@ def test_no_torch_on_the_scheduler_path(tmp_path):
     code = f"""
 import sys
 import hexgen.planner, hexgen.sim, hexgen.dispatch, hexgen.costmodel, hexgen.cluster
-import hexgen.planner.search, hexgen.sim.run, hexgen.sim.plots
+import hexgen.planner.search, hexgen.sim.run, hexgen.sim.plots, hexgen.sim.analytic, hexgen.profile
+import hexgen.commands.profile_cmd
 from hexgen.cli import main
 rc = main(["plan", "--cluster", {str(cluster)!r}, "--model", "llama-2-7b", "--rate", "1", "--slo", "10",
            "--generations", "2", "--requests", "50"])
