@@ -99,8 +99,12 @@ def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device
     for request_id in request_ids:
         engine.add(GenerationRequest(request_id, tuple(ids), params))
     started: set[str] = set()
-    while len(started) < batch:  # until every sequence has its first token: from then on all of them decode
+    for _ in range(4 * prefill_steps + 16):  # until every sequence has its first token: then all of them decode
         started.update(event.request_id for event in engine.step())
+        if len(started) == batch:
+            break
+    else:
+        raise RuntimeError(f"only {len(started)} of {batch} sequences started; is the KV pool big enough?")
     times = []
     for _ in range(steps):
         synchronize(device)
