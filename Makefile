@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	sh tests/ray/run_isolated.sh $(BIN)/python -m pytest -q tests/ray
 
 lint: $(STAMP)
 	$(BIN)/ruff check hexgen tests

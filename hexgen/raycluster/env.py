@@ -80,13 +80,25 @@ def connect(address: str) -> None:
 
 def machine_slots() -> dict[str, float]:
     """Machine name -> slots over the live nodes of the connected cluster."""
+    return {name: slots for name, (slots, _) in _machines().items()}
+
+
+def machine_threads() -> dict[str, int]:
+    """Machine name -> torch threads for each CPU rank: the machine's cores shared by its slots."""
+    return {name: max(1, int(cpus // max(slots, 1))) for name, (slots, cpus) in _machines().items()}
+
+
+def _machines() -> dict[str, tuple[float, float]]:
+    """Machine name -> (slots, CPU cores) over the live nodes of the connected cluster."""
     import ray
 
-    totals: dict[str, float] = {}
+    totals: dict[str, tuple[float, float]] = {}
     for node in ray.nodes():
         if node.get("Alive"):
-            for key, amount in node.get("Resources", {}).items():
+            resources = node.get("Resources", {})
+            for key, amount in resources.items():
                 if key.startswith(MACHINE_RESOURCE_PREFIX):
-                    name = key.removeprefix(MACHINE_RESOURCE_PREFIX)
-                    totals[name] = totals.get(name, 0.0) + amount
+                    slots, cpus = totals.get(key.removeprefix(MACHINE_RESOURCE_PREFIX), (0.0, 0.0))
+                    totals[key.removeprefix(MACHINE_RESOURCE_PREFIX)] = (slots + amount,
+                                                                         cpus + resources.get("CPU", 0.0))
     return totals

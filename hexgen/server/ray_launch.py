@@ -4,6 +4,7 @@ live cluster first (machines present, enough slots) so a bad plan fails in one l
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.scheduler import SchedulerConfig
@@ -38,12 +39,14 @@ def check_against_cluster(plan: DeploymentPlan, slots: dict[str, float]) -> None
 
 def make_ray_replica(
     index: int, source: ModelSource, replica: Replica, dtype: str, device: str, scheduler_config: SchedulerConfig,
-    eos_token_ids: tuple[int, ...], channel_host: str, threads_per_rank: int = 1,
+    eos_token_ids: tuple[int, ...], channel_host: str, threads: dict[str, int],
 ) -> ReplicaClient:
+    """threads[machine]: torch threads of each CPU rank there."""
     from hexgen.launch.ray_replica import RayRanks
 
-    specs = rank_specs(source, replica, dtype, device, threads_per_rank)
     machines = [stage.machine for stage in replica.stages for _ in stage.gpus]
+    specs = [replace(spec, num_threads=threads.get(machine, 1) if device == "cpu" else 1)
+             for spec, machine in zip(rank_specs(source, replica, dtype, device, 1), machines, strict=True)]
     rank_args = [(spec, scheduler_config, eos_token_ids) for spec in specs]
     return ReplicaClient(index, replica, lambda address: RayRanks(machines, rank_args, address),
                          capacity_weight(replica), channel_host)

@@ -87,12 +87,14 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     if args.ray:
         import ray
 
+        from hexgen.raycluster.env import machine_threads
         from hexgen.server.ray_launch import make_ray_replica
 
-        host = ray.util.get_node_ip_address()
+        host, threads = ray.util.get_node_ip_address(), machine_threads()
 
         def make_replica(index: int, replica: Replica) -> ReplicaClient:
-            return make_ray_replica(index, source, replica, args.dtype, args.device, scheduler_config, eos, host)
+            return make_ray_replica(index, source, replica, args.dtype, args.device, scheduler_config, eos, host,
+                                    threads)
 
         replicas = [make_replica(i, replica) for i, replica in enumerate(plan.replicas)]
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from ray_helpers import MACHINES, RayServer, rank_actor_pids, write_plan
@@ -44,16 +45,22 @@ def test_status_shows_each_stage_machine_and_node(served):
 
 
 def test_lost_machine_downs_its_replica_only_and_replan_replaces_it(served, reference):
-    """SIGKILL every process of machine b's Ray node (a crashed machine)."""
+    """SIGKILL machine b's raylet (its node is lost), then every other process of its node."""
     from hexgen.raycluster.node import node_pids, read_record
 
-    machine_b = read_record("b")
-    assert len(rank_actor_pids()) == 3
+    b_pids = node_pids(read_record("b"))
+    rank_on_b = [pid for pid in rank_actor_pids() if pid in b_pids]
+    raylet = [pid for pid in b_pids if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"raylet")]
+    assert len(rank_actor_pids()) == 3 and len(rank_on_b) == 1 and len(raylet) == 1
     killed_at = time.monotonic()
-    for pid in node_pids(machine_b):
-        os.kill(pid, signal.SIGKILL)
+    os.kill(raylet[0], signal.SIGKILL)
     status = served.wait_for(lambda s: s["replicas"][0]["status"] == "down", DOWN_WITHIN_S, "marked down")
     down_after_s = time.monotonic() - killed_at
+    time.sleep(1.0)
+    assert not os.path.exists(f"/proc/{rank_on_b[0]}/cmdline") or rank_on_b[0] not in rank_actor_pids(), \
+        "the rank on the lost node outlived its raylet"
+    for pid in node_pids(read_record("b")):
+        os.kill(pid, signal.SIGKILL)
     assert status["replicas"][1]["status"] == "up", status["replicas"]
     assert "'b'" in status["replicas"][0]["down_reason"], status["replicas"][0]
     expected = reference.text(PROMPTS[0], MAX_TOKENS)
