@@ -89,17 +89,6 @@ def _gather_layout(
     return gather_index, mask.unsqueeze(1)
 
 
-def kernel_available(device: torch.device) -> bool:
-    """Whether the Triton paged-attention kernel can serve this device (CUDA with triton installed)."""
-    if device.type != "cuda":
-        return False
-    try:
-        from hexgen.engine import kernels
-    except ImportError:
-        return False
-    return kernels.available()
-
-
 def write_kv(kv_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
     """Store the step's keys and values: kv_pool [2, slots, kv_heads, d]; k, v [T, kv_heads, d]."""
     kv_pool[0].index_copy_(0, meta.slot_mapping, k)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hexgen.engine.attention import StepMetadata, paged_attention, write_kv
+from hexgen.engine.attention import StepMetadata, paged_attention
 from hexgen.engine.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
 )
+from hexgen.engine.ops import add_rms_norm, rotary_write_kv, silu_mul
 from hexgen.engine.parallel import TPGroup
 from hexgen.engine.weights import CheckpointReader
 from hexgen.models import ModelSpec
@@ -31,25 +31,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32 whatever the compute dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return add_rms_norm(x, None, self.weight, self.eps)[0]
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual add fused with the norm (one kernel on CUDA)."""
-        if x.is_cuda and _fused_norm_available():
-            from hexgen.engine import kernels
-
-            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
-        residual = x + residual
-        return self(residual), residual
-
-
-def _fused_norm_available() -> bool:
-    from hexgen.engine.attention import kernel_available
-
-    return kernel_available(torch.device("cuda"))
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding:
@@ -90,16 +76,6 @@ def _llama3_scaled(inv_freq: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate x [T, heads, head_dim] in place (rotate-half RoPE, no concatenation); cos, sin [T, head_dim / 2]."""
-    half = x.shape[-1] // 2
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated1 = x1 * cos - x2 * sin
-    x2.mul_(cos).addcmul_(x1, sin)
-    x1.copy_(rotated1)
-
-
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
@@ -119,12 +95,9 @@ class Attention(nn.Module):
         heads, kv_heads, d = self.heads_local, self.kv_heads_local, self.head_dim
         qkv = self.qkv_proj.fused(x)  # [T, (h + 2 kv) d]: q, k and v side by side
         qk = qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)
-        apply_rotary_(qk, *rope)  # q and k rotated together, in place
-        q = qk[:, :heads]  # [T, h_local, d]
-        k = qk[:, heads:]  # [T, kv_local, d]
         v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
-        write_kv(kv_pool, k, v, meta)
-        out = paged_attention(q, kv_pool, meta, self.scale)  # [T, h_local, d]
+        rotary_write_kv(qk, v, heads, rope, kv_pool, meta)  # q, k rotated; k, v into the pool
+        out = paged_attention(qk[:, :heads], kv_pool, meta, self.scale)  # [T, h_local, d]
         partial = self.o_proj(out.reshape(tokens, heads * d))
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
@@ -138,7 +111,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x)
-        partial = self.down_proj(F.silu(gate) * up)
+        partial = self.down_proj(silu_mul(gate, up))
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hexgen.engine.attention import StepMetadata, build_metadata, kernel_available
+from hexgen.engine.attention import StepMetadata, build_metadata
 from hexgen.engine.messages import StepPlan
+from hexgen.engine.ops import triton_serves
 from hexgen.engine.parallel import RankContext
 from hexgen.engine.sampler import sample
 from hexgen.engine.stage import LlamaStage
@@ -17,7 +18,7 @@ class StageRunner:
         self.stage = stage
         self.device = device
         self.dtype = next(stage.parameters()).dtype
-        self.use_kernel = kernel_available(device)
+        self.use_kernel = triton_serves(device)
         self.block_size = 0  # set with the KV pool
         self.record_logits = False  # keep the last step's full logits on the last leader (for tests)
         self.last_logits: torch.Tensor | None = None

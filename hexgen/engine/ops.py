@@ -1,0 +1,78 @@
+"""The few fused operations of a decoder layer, each on the Triton kernel on CUDA (when triton is installed)
+and on plain torch elsewhere; both paths compute the same thing, tested against each other."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from hexgen.engine.attention import StepMetadata, write_kv
+
+
+@functools.cache
+def _triton_ready() -> bool:
+    try:
+        from hexgen.engine import kernels
+    except ImportError:
+        return False
+    return kernels.available()
+
+
+def triton_serves(device: torch.device) -> bool:
+    """Whether the Triton kernels run this device's steps (CUDA with triton installed)."""
+    return device.type == "cuda" and _triton_ready()
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton_ready()
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual) * weight, x + residual), statistics in fp32; no residual: x alone."""
+    if use_triton(x):
+        from hexgen.engine import kernels
+
+        return kernels.add_rms_norm(x, residual, weight, eps)
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate):
+        from hexgen.engine import kernels
+
+        return kernels.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [T, heads, head_dim] in place (rotate-half RoPE, no concatenation); cos, sin [T, head_dim / 2]."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated1 = x1 * cos - x2 * sin
+    x2.mul_(cos).addcmul_(x1, sin)
+    x1.copy_(rotated1)
+
+
+def rotary_write_kv(
+    qk: torch.Tensor, v: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor], kv_pool: torch.Tensor,
+    meta: StepMetadata,
+) -> None:
+    """Rotate q = qk[:, :heads] in place and store rotated k = qk[:, heads:] and v in the pool [2, slots, kv, d]."""
+    if use_triton(qk):
+        from hexgen.engine import kernels
+
+        slots_total, kv_heads, head_dim = kv_pool.shape[1:]
+        shape = (slots_total // meta.block_size, meta.block_size, kv_heads, head_dim)
+        kernels.rotary_write_kv(qk[:, :heads], qk[:, heads:], v, *rope, kv_pool[0].view(shape),
+                                kv_pool[1].view(shape), meta.slot_mapping)
+        return
+    apply_rotary_(qk, *rope)  # q and k rotated together, in place
+    write_kv(kv_pool, qk[:, heads:], v, meta)
