@@ -1,0 +1,32 @@
+"""The decode-step table of `hexgen bench engine`: its floor by hand, and one tiny run end to end on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from hexgen.engine.bench import BenchConfig
+from hexgen.engine.bench_batch import kv_bytes_read, run_batched, weight_bytes_read
+from hexgen.engine.bench_shapes import build_random_checkpoint
+from hexgen.models import load_model_spec
+
+
+def test_llama3_8b_bytes_read_per_decode_step():
+    spec = load_model_spec("llama-3-8b")
+    # per layer: q and o 4096 x 4096, k and v 4096 x 1024, gate/up/down 3 x 4096 x 14336, two norms of 4096
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+    params = 32 * per_layer + 4096 + 128256 * 4096  # + final norm + LM head; the embedding is only gathered
+    assert weight_bytes_read(spec, 2) == 2 * params == 15_009_849_344
+    # 8 kv heads x 128 x (K and V) x 2 bytes x 32 layers per cached token
+    assert kv_bytes_read(spec, 2, batch=4, context=100) == 4 * 100 * 32 * 2 * 8 * 128 * 2
+
+
+def test_tiny_shape_runs_end_to_end(tmp_path):
+    source = build_random_checkpoint("tiny", torch.float32, torch.device("cpu"), tmp_path)
+    assert source.spec.num_layers == 4 and (tmp_path / "config.json").is_file()
+    cfg = BenchConfig(prompt_tokens=8, new_tokens=2, repeats=1, dtype="float32")
+    ticks = []
+    result = run_batched(source, cfg, torch.device("cpu"), [1, 3], lambda: ticks.append(1))
+    assert [row.batch for row in result.rows] == [1, 3] and len(ticks) == 4
+    assert result.copy_gbps > 0 and result.weight_bytes_read == weight_bytes_read(source.spec, 4)
+    for row in result.rows:
+        assert row.hexgen_ms > 0 and row.floor_ms > 0 and row.hexgen_ops_per_layer > 0
