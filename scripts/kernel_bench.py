@@ -2,7 +2,8 @@
 
     python scripts/kernel_bench.py [--tiny] [--markdown FILE]
 
-On CUDA the times are triton.testing.do_bench medians. Without a GPU the kernels run in Triton's
+On CUDA the times are triton.testing.do_bench medians, and the host column is the CPU time to issue one call
+(the cost per launch a step pays outside a CUDA graph). Without a GPU the kernels run in Triton's
 interpreter on small shapes (--tiny is implied): that checks the script, not the speed.
 """
 
@@ -39,6 +40,20 @@ def time_ms(fn) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """CPU time to issue one call (kernels queue without waiting): what a step pays per call outside a CUDA graph."""
+    if not ON_GPU:
+        return float("nan")
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * issued / calls
 
 
 def randn(*shape) -> torch.Tensor:
@@ -131,11 +146,13 @@ def main() -> None:
     bandwidth = copy_gbps(DEVICE, 2**30 if ON_GPU else 2**24)
     name = torch.cuda.get_device_name() if ON_GPU else "CPU (Triton interpreter: not a speed measurement)"
     lines = [f"Kernels on {name}, bf16; floor = bytes moved at the measured copy bandwidth {bandwidth:.0f} GB/s", "",
-             "| operation | triton µs | torch µs | floor µs | torch / triton |", "|---|---|---|---|---|"]
+             "| operation | triton µs | torch µs | floor µs | torch / triton | host µs per call, triton / torch |",
+             "|---|---|---|---|---|---|"]
     for label, (triton_fn, torch_fn, nbytes) in cases(args.tiny or not ON_GPU).items():
         triton_us, torch_us = 1000 * time_ms(triton_fn), 1000 * time_ms(torch_fn)
         floor_us = 1e6 * nbytes / (bandwidth * 1e9)
-        lines.append(f"| {label} | {triton_us:.1f} | {torch_us:.1f} | {floor_us:.1f} | {torch_us / triton_us:.2f}x |")
+        speedup, host = torch_us / triton_us, f"{host_us(triton_fn):.1f} / {host_us(torch_fn):.1f}"
+        lines.append(f"| {label} | {triton_us:.1f} | {torch_us:.1f} | {floor_us:.1f} | {speedup:.2f}x | {host} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
