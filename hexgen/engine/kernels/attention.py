@@ -26,7 +26,9 @@ ROWS_DECODE = 16  # score rows per program when every sequence brings one token 
 ROWS_PREFILL = 64  # score rows per program when some sequence brings a chunk of prompt
 
 
-@triton.jit
+# The block-table row stride is the batch's longest table, which changes from step to step; specialising on it
+# (triton does for values of 1 and multiples of 16) would compile new variants in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
     scale_log2,  # softmax scale * log2(e): exp2 of scaled scores equals exp of the true ones
