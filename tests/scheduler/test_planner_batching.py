@@ -72,3 +72,15 @@ def test_load_model_follows_the_event_simulator(load_fraction):
     simulated = np.array([c.latency_s for c in done])
     assert np.mean(predicted) == pytest.approx(np.mean(simulated), rel=0.10)
     assert np.percentile(predicted, 90) == pytest.approx(np.percentile(simulated, 90), rel=0.15)
+
+
+def test_machines_that_hold_a_replica_alone_start_as_their_own_groups(tiny_cluster):
+    from hexgen.planner.partition import make_partition
+    from hexgen.planner.search import machines_then_region_pools
+
+    # big-0 (4 x A6000) holds a replica alone; mid-0 and small-0 do not: mid-0 is pooled with nothing else of
+    # region east, small-0 alone in west
+    alone = machines_then_region_pools(tiny_cluster, lambda g: g == (("big-0", 4),))
+    assert alone == make_partition([{"big-0": 4}, {"mid-0": 2}, {"small-0": 2}])
+    pooled = machines_then_region_pools(tiny_cluster, lambda g: False)
+    assert pooled == make_partition([{"big-0": 4, "mid-0": 2}, {"small-0": 2}])
