@@ -15,7 +15,8 @@ from hexgen.commands.engine_args import check_memory
 from hexgen.commands.engine_args import scheduler_config as engine_scheduler_config
 from hexgen.dispatch import make_policy
 from hexgen.engine.checkpoint import embedded_spec, eos_token_ids, resolve_model
-from hexgen.errors import UserError
+from hexgen.errors import PlanError, UserError
+from hexgen.models import ModelSpec, load_model_spec
 from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
 from hexgen.server.coordinator import Coordinator, ServeConfig
@@ -60,10 +61,27 @@ async def serve(args: argparse.Namespace) -> None:
             ray.shutdown()
 
 
+def check_plan_model(planned: str, served: str, model: ModelSpec) -> None:
+    """PlanError when the plan names a model (a preset or a readable config) whose shape is not the served one's."""
+    try:
+        shape = load_model_spec(planned)
+    except (UserError, OSError, ValueError):
+        return  # e.g. a path that exists only on the planning machine: the structure check still applies
+    fields = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "vocab_size")
+    if any(getattr(shape, f) != getattr(model, f) for f in fields):
+        raise PlanError(
+            f"the plan is for model {planned!r} ({shape.num_layers} layers, hidden size {shape.hidden_size}) but "
+            f"--model {served!r} has {model.num_layers} layers, hidden size {model.hidden_size}; make a plan for "
+            f"it with `hexgen plan --model {served}`"
+        )
+
+
 async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
-    given = replace(load_plan(args.plan), model=args.model) if args.plan else None
+    loaded = load_plan(args.plan) if args.plan else None
+    given = replace(loaded, model=args.model) if loaded else None
     known = embedded_spec(args.model)
-    if given is not None and known is not None:  # a bad plan fails before a first-use conversion
+    if loaded is not None and known is not None:  # a bad plan fails before a first-use conversion
+        check_plan_model(loaded.model, args.model, known)
         given.validate_structure(known)
         check_memory(args, known, given.replicas, args.max_batch)
     cluster = load_cluster(args.cluster) if args.replan else None
@@ -75,6 +93,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
         check_against_cluster(given, machine_slots())
     source = resolve_model(args.model)
     spec = source.spec
+    if loaded is not None:
+        check_plan_model(loaded.model, args.model, spec)
     plan = given or default_local_plan(spec)
     plan.validate_structure(spec)
     check_memory(args, spec, plan.replicas, args.max_batch)

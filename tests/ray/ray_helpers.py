@@ -39,9 +39,9 @@ def rank_actor_pids() -> list[int]:
     return pids
 
 
-def write_plan(path: Path, model_dir: Path, replicas: list[list[tuple[str, int, tuple[int, int]]]]) -> Path:
-    """replicas -> stages of (machine, GPU index, (first layer, end layer)), all TP 1."""
-    data = {"model": str(model_dir), "replicas": [
+def write_plan(path: Path, model: Path | str, replicas: list[list[tuple[str, int, tuple[int, int]]]]) -> Path:
+    """A plan for `model`: replicas -> stages of (machine, GPU index, (first layer, end layer)), all TP 1."""
+    data = {"model": str(model), "replicas": [
         {"stages": [{"machine": m, "gpus": [g], "tp": 1, "layers": list(lay)} for m, g, lay in stages]}
         for stages in replicas]}
     path.write_text(json.dumps(data))

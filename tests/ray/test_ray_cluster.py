@@ -31,12 +31,13 @@ def test_probe_finds_every_machine_and_link(cluster_file, tokenizer_model_dir, t
 def test_bad_plans_fail_in_one_line_leaving_nothing(case, ray_cluster, tokenizer_model_dir, tmp_path):
     stages = {"unknown machine": [[("z", 0, (0, 2))]],
               "too many GPUs": [[("a", 0, (0, 1)), ("b", 1, (1, 2))]],
-              "other model": [[("a", 0, (0, 6))]]}[case]
+              "other model": [[("a", 0, (0, 2))]]}[case]
     expected = {"unknown machine": "machine 'z' is not in the Ray cluster; machines there: a (2 slots), b (1 slots), "
                                    "c (2 slots)",
                 "too many GPUs": "uses GPU 1 of machine 'b', which has 1 slots",
-                "other model": "layers"}[case]
-    plan = write_plan(tmp_path / "plan.json", tokenizer_model_dir, stages)
+                "other model": "the plan is for model 'llama-2-70b' (80 layers"}[case]
+    model = "llama-2-70b" if case == "other model" else tokenizer_model_dir
+    plan = write_plan(tmp_path / "plan.json", model, stages)
     started = time.monotonic()
     result = hexgen("serve", "--model", str(tokenizer_model_dir), "--plan", str(plan), "--ray", HEAD, "--port", "8124",
                     check=False)

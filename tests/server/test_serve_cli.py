@@ -55,9 +55,12 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
     remote = write_plan(tmp_path / "remote.json", chat_model_dir, [[([0], (0, 4))]])
     remote.write_text(remote.read_text().replace('"localhost"', '"gpu-box-7"'))
     bad_layers = write_plan(tmp_path / "layers.json", chat_model_dir, [[([0], (0, 3))]])
+    other_model = write_plan(tmp_path / "other.json", chat_model_dir, [[([0], (0, 4))]])
+    other_model.write_text(other_model.read_text().replace(str(chat_model_dir), "llama-2-70b"))
     cases = [
         (["--plan", str(remote)], "gpu-box-7"),
         (["--plan", str(bad_layers)], "layers"),
+        (["--plan", str(other_model)], "the plan is for model 'llama-2-70b' (80 layers, hidden size 8192)"),
         (["--plan", str(tmp_path / "missing.json")], "cannot read plan"),
         (["--port", "0"], "--port"),
         (["--max-queue", "0"], "--max-queue"),
