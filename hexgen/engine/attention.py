@@ -26,6 +26,7 @@ class StepMetadata:
     context_lens: torch.Tensor  # [B] int32: cached tokens after this step's writes
     last_token_index: torch.Tensor  # [B] int64: each sequence's last new token in the flat batch
     max_query_len: int
+    max_position: int  # the step's largest position (known on the host: no device sync to size RoPE tables)
     block_size: int
     gather_index: torch.Tensor | None  # [B, K] int64 flat slots of every key (gather path only)
     mask: torch.Tensor | None  # [B, 1, Q, K] bool: which keys each (padded) query sees (gather path only)
@@ -66,6 +67,7 @@ def build_metadata(plan: StepPlan, block_size: int, device: torch.device, use_ke
         context_lens=to(context.int()),
         last_token_index=to(torch.tensor(starts[1:]) - 1),
         max_query_len=q_max,
+        max_position=max(positions),
         block_size=block_size,
         gather_index=to(gather_index),
         mask=to(mask),

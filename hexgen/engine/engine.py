@@ -50,6 +50,8 @@ def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, prog
     stage.load(CheckpointReader(spec.source.directory, DTYPES[spec.dtype]), progress)
     runner = StageRunner(ctx, stage, device)
     runner.allocate_kv_pool(agree_num_blocks(ctx, stage, config), config.block_size)
+    if not config.enforce_eager:
+        runner.capture_decode_graphs(config.max_running_seqs, config.max_context)
     return runner
 
 
@@ -131,9 +133,9 @@ class Engine:
     def _launch(self, plan: StepPlan) -> Callable[[], list[int]]:
         ctx = self.runner.ctx
         plan = pipeline.share_plan_in_stage(ctx, plan)
-        hidden, meta = self.runner.forward(plan, None)
+        hidden, last_rows = self.runner.forward(plan, None)
         if ctx.is_last_stage:
-            tokens = self.runner.sample(plan, hidden, meta)
+            tokens = self.runner.sample(plan, hidden, last_rows)
             assert tokens is not None
             return lambda: tokens
         pipeline.send_step(ctx, self.outbox, plan, hidden)
@@ -161,10 +163,10 @@ def follow_driver(runner: StageRunner) -> None:
                 pipeline.send_step(ctx, outbox, plan, None)
             outbox.flush()
             return
-        hidden, meta = runner.forward(plan, hidden)
+        hidden, last_rows = runner.forward(plan, hidden)
         if not ctx.is_last_stage:
             pipeline.send_step(ctx, outbox, plan, hidden)
             continue
-        tokens = runner.sample(plan, hidden, meta)
+        tokens = runner.sample(plan, hidden, last_rows)
         if tokens is not None and plan.num_sampled:
             pipeline.send_tokens(ctx, outbox, tokens)

@@ -51,13 +51,16 @@ class RotaryEmbedding:
         self.dtype = dtype
         self._cos = self._sin = torch.empty(0)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim / 2] for the given positions (rotate-half: both halves share them)."""
-        needed = int(positions.max()) + 1
-        if needed > self._cos.shape[0]:
-            length = max(needed, 2 * self._cos.shape[0], 256)
+    def reserve(self, num_positions: int) -> None:
+        """Tables for positions [0, num_positions) at least (grown by doubling; never inside a CUDA graph)."""
+        if num_positions > self._cos.shape[0]:
+            length = max(num_positions, 2 * self._cos.shape[0], 256)
             freqs = torch.outer(torch.arange(length, device=self.inv_freq.device).float(), self.inv_freq)
             self._cos, self._sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_dim / 2] for the given positions (rotate-half: both halves share them);
+        the positions must be below what `reserve` covered."""
         return self._cos[positions], self._sin[positions]
 
 

@@ -59,6 +59,7 @@ class SchedulerConfig:
     block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
     num_kv_blocks: int | None = None  # blocks in each rank's pool; None = sized by the engine from memory
     memory_bytes: int | None = None  # weights + KV pool per rank; None = what is left after weights, capped
+    enforce_eager: bool = False  # engine option carried to every rank: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.max_running_seqs < 1 or self.max_step_tokens < 1:

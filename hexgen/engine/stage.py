@@ -71,6 +71,7 @@ class LlamaStage(nn.Module):
         return self.embed_tokens(token_ids)  # [T] -> [T, H]
 
     def forward_layers(self, hidden: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        """hidden [T, H] through this stage's layers; the positions must be below `rope.reserve`'s."""
         rope = self.rope.tables(meta.positions)
         residual = None
         for local, layer in enumerate(self.layers):

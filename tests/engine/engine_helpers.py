@@ -59,10 +59,11 @@ def load_hf(model_dir: Path):
 # ---------------------------------------------------------------- our engine, one process
 
 def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
-                   eos_token_ids: tuple[int, ...] = ()) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+                   eos_token_ids: tuple[int, ...] = (), device: str = "cpu",
+                   ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V]."""
     plan = single_replica_plan(source.spec, [1], None)
-    spec = RankSpec(source, layout_of(plan.replicas[0]), 0)
+    spec = RankSpec(source, layout_of(plan.replicas[0]), 0, device=device)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, init_rank(spec), config)
     runner.record_logits = True
@@ -76,7 +77,7 @@ def run_in_process(source, requests: list[GenerationRequest], config: SchedulerC
         sampled = [e for e in events if e.token_id is not None]
         for row, event in enumerate(sampled):
             tokens[event.request_id].append(event.token_id)
-            logits[event.request_id].append(runner.last_logits[row].clone())
+            logits[event.request_id].append(runner.last_logits[row].cpu().clone())
     return tokens, {rid: torch.stack(rows) for rid, rows in logits.items()}
 
 
@@ -121,8 +122,8 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
     recorded: list[torch.Tensor] = []
     sample = runner.sample
 
-    def sample_and_record(plan, hidden, meta):
-        sampled = sample(plan, hidden, meta)
+    def sample_and_record(plan, hidden, last_rows):
+        sampled = sample(plan, hidden, last_rows)
         if runner.last_logits is not None:
             recorded.append(runner.last_logits.clone())
             runner.last_logits = None

@@ -20,3 +20,20 @@ def test_cuda_matches_cpu(layout, tokenizer_model_dir):
     assert code_cpu == 0 and code_gpu == 0, err_cpu + err_gpu
     assert out_gpu == out_cpu and out_cpu.strip()
     assert left == []
+
+
+def test_cuda_graphs_match_eager(tiny_model_dirs):
+    """Decode steps replayed from CUDA graphs give the eager run's greedy tokens (batches of several buckets)."""
+    from engine_helpers import greedy_requests, random_prompts, run_in_process
+
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.scheduler import SchedulerConfig
+
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    requests = greedy_requests(random_prompts(source.spec.vocab_size, [5, 9, 3, 12, 7], seed=2), 12)
+    config = SchedulerConfig(max_running_seqs=8, max_context=64)
+    graphs, _ = run_in_process(source, requests, config, device="cuda")
+    eager, _ = run_in_process(source, requests, SchedulerConfig(max_running_seqs=8, max_context=64,
+                                                                 enforce_eager=True), device="cuda")
+    cpu, _ = run_in_process(source, requests, config)
+    assert graphs == eager == cpu

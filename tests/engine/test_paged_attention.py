@@ -91,8 +91,8 @@ def test_decode_step_ops_do_not_grow_with_batch(tiny_model_dirs):
         plan = ragged_plan(random.Random(batch), [3 + b % 5 for b in range(batch)], [1] * batch, 4, 64)
         plan.sampling = [SampleRow(0.7, 5, 0.9, b, 4) for b in range(batch)]  # sampled, not greedy
         with OpCounter() as ops:
-            hidden, meta = runner.forward(plan, None)
-            runner.sample(plan, hidden, meta)
+            hidden, last_rows = runner.forward(plan, None)
+            runner.sample(plan, hidden, last_rows)
         counts[batch] = ops.count
     assert counts[1] == counts[16], counts
 
