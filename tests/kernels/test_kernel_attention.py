@@ -10,6 +10,10 @@ import torch.nn.functional as F
 DECODE_ONLY = [(1, 1), (1, 16), (1, 17), (1, 64), (1, 65), (1, 97)]
 PREFILL_ONLY = [(5, 5), (16, 16), (33, 33), (70, 70)]
 MIXED = [(1, 40), (20, 52), (1, 1), (64, 64), (3, 3), (1, 129)]  # (20, 52): a chunk after 32 cached tokens
+# Sequences with no tokens (a CUDA graph's padding rows) and chunks of exactly 1 and 2 query tiles (16 tokens
+# each at GQA 4), so the flat grid's tile-to-sequence search meets every boundary case.
+PADDED = [(0, 0), (3, 10), (0, 0), (16, 40), (1, 5), (32, 32), (17, 50), (0, 0)]
+PADDED_DECODE = [(1, 7), (0, 0), (1, 20), (0, 0)]
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -17,7 +21,7 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 def make_batch(lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
     """Random q, a pool whose blocks are handed out in shuffled order, and the batch's index tensors."""
     gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [-(-ctx // block_size) for _, ctx in lengths]
+    blocks_per_seq = [max(1, -(-ctx // block_size)) for _, ctx in lengths]
     num_blocks = sum(blocks_per_seq) + 3  # a few blocks nobody owns
     order = torch.randperm(num_blocks, generator=gen)
     tables = torch.full((len(lengths), max(blocks_per_seq)), -1, dtype=torch.int32)  # unused entries: -1
@@ -45,6 +49,8 @@ def reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
     out = torch.empty_like(q)
     for b in range(len(context_lens)):
         begin, end, ctx = int(query_start[b]), int(query_start[b + 1]), int(context_lens[b])
+        if begin == end:
+            continue
         pos = torch.arange(ctx)
         blocks = tables[b, pos // block_size].long()
         k = k_cache[blocks, pos % block_size].repeat_interleave(group, dim=1)  # [ctx, Hq, D]
@@ -74,6 +80,11 @@ def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, d
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (6, 2), (8, 2)], ids=["gqa1", "gqa3", "gqa4"])
 def test_ragged_mixes_and_gqa(device, lengths, num_q_heads, num_kv_heads):
     run_case(device, lengths, 16, num_q_heads, num_kv_heads, 32, torch.float32)
+
+
+@pytest.mark.parametrize("lengths", [PADDED, PADDED_DECODE], ids=["mixed", "decode"])
+def test_sequences_without_tokens(device, lengths):
+    run_case(device, lengths, 16, 8, 2, 32, torch.float32)
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32])

@@ -5,10 +5,15 @@ tokens' included, already sit in the block pool. Query i (0-based among the n_b)
 context_lens[b] - n_b + i and attends causally to positions 0..that position. Position p of sequence b
 lives in block block_tables[b, p // block_size] at offset p % block_size.
 
-One program handles one sequence, one tile of its query tokens and one key-value head: the rows of its
+One program handles one tile of BLOCK_Q query tokens of one sequence and one key-value head: the rows of its
 score matrix are (query token, query head of that kv head's group) pairs, so a decode step with GQA still
 fills the 16 rows a tensor-core product needs. Keys are visited in tiles of BLOCK_N positions with an
 online softmax (FlashAttention's rescaling), in base 2, accumulating in float32.
+
+The grid is flat over query tiles, T // BLOCK_Q + B of them: sequence b owns the tiles from
+query_start[b] // BLOCK_Q + b on (at least the ceil(n_b / BLOCK_Q) it needs), and a program finds its
+sequence by binary search. A 2,000-token prompt chunk beside 60 decodes thus launches ~190 programs per
+head, not 60 x 2,000 / BLOCK_Q mostly idle ones.
 """
 
 from __future__ import annotations
@@ -26,6 +31,19 @@ ROWS_DECODE = 16  # score rows per program when every sequence brings one token 
 ROWS_PREFILL = 64  # score rows per program when some sequence brings a chunk of prompt
 
 
+@triton.jit
+def _sequence_of_tile(query_start_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """The last sequence b whose first tile, query_start[b] // BLOCK_Q + b, is at or before `tile`."""
+    lo = 0
+    hi = num_seqs  # first tile of lo <= tile < first tile of hi (hi = num_seqs: past the end)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first_tile <= tile, mid, lo)
+        hi = tl.where(first_tile <= tile, hi, mid)
+    return lo
+
+
 # The block-table row stride is the batch's longest table, which changes from step to step; specialising on it
 # (triton does for values of 1 and multiples of 16) would compile new variants in the middle of serving.
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -33,16 +51,17 @@ def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
     scale_log2,  # softmax scale * log2(e): exp2 of scaled scores equals exp of the true ones
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt, block_size,
+    stride_ot, stride_oh, stride_bt, block_size, num_seqs,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _sequence_of_tile(query_start_ptr, num_seqs, tile, BLOCK_Q)
     q_begin = tl.load(query_start_ptr + seq)
     n_new = tl.load(query_start_ptr + seq + 1) - q_begin
-    if q_tile * BLOCK_Q >= n_new:  # a shorter sequence than the batch's longest, or a padding row
+    q_tile = tile - (q_begin // BLOCK_Q + seq)  # this program's tile among its sequence's
+    if q_tile * BLOCK_Q >= n_new:  # a spare tile slot, or a padding sequence with no tokens
         return
     context = tl.load(context_lens_ptr + seq)
 
@@ -122,13 +141,13 @@ def paged_attention(
     group_p = triton.next_power_of_2(group)
     rows = max(ROWS_DECODE if max_query_len == 1 else ROWS_PREFILL, group_p)
     block_q = rows // group_p
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start, context_lens,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), block_tables.stride(0), block_size,
+        out.stride(0), out.stride(1), block_tables.stride(0), block_size, num_seqs,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_FP32=dots_in_fp32(q), PRECISION=dot_precision(q),
     )
