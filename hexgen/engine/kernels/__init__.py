@@ -23,12 +23,16 @@ __all__ = ["available", *_KERNELS]
 
 @functools.cache
 def available() -> bool:
-    """Whether the Triton kernels can run on this machine: triton importable and a CUDA device visible."""
-    if importlib.util.find_spec("triton") is None:
-        return False
+    """Whether the Triton kernels can run on this machine: a CUDA device visible and triton importable."""
     import torch
 
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return False
+    try:  # a triton that does not match the installed torch/CUDA fails here, not in the middle of a step
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def __getattr__(name: str):
