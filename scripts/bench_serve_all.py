@@ -29,6 +29,8 @@ def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, 
     plans = REPO / "examples" / "plans"
     rows = [("**hexgen serve** (one replica, one process)", "fp32", BASELINES / "start_hexgen.sh",
              {"PLAN": str(plans / "local-single.json")}),
+            ("**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)", "fp32",
+             BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-two-stage.json")}),
             ("**hexgen serve** (default plan: TP 3 + TP 1 stages, and TP 1; 5 processes)", "fp32",
              BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-default.json")}),
             ("HF transformers `transformers serve` (one request at a time)", "fp32", BASELINES / "start_hf.sh", {})]
