@@ -25,14 +25,16 @@ import numpy as np
 from hexgen.benchserve.config import BenchConfig
 from hexgen.benchserve.loadgen import run_benchmark
 from hexgen.benchserve.metrics import summarize
-from hexgen.cluster import load_cluster
+from hexgen.cluster import Cluster, load_cluster
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import make_policy
 from hexgen.launch.lifetime import free_port
 from hexgen.machine import cpu_description
 from hexgen.models import load_model_spec
-from hexgen.plan import plan_from_dict, single_replica_plan
+from hexgen.plan import DeploymentPlan, plan_from_dict, single_replica_plan
+from hexgen.planner.evaluate import with_predictions
 from hexgen.profile import apply_profiles, load_profile
+from hexgen.server.launch import default_local_plan
 from hexgen.sim.run import replica_models
 from hexgen.sim.simulator import simulate_streams
 from hexgen.tokenizer import Tokenizer
@@ -44,7 +46,8 @@ PLANS = {"one process": [1], "two stages TP 1 | TP 1": [1, 1], "default plan": N
 STREAMS = (1, 16)
 CLUSTER = ROOT / "examples/clusters/local-cpu.yaml"
 # A rank of a W-rank replica gets cores / W torch threads (launch/spec.py): one profile per thread count.
-PROFILES = {2: ROOT / "examples/profiles/cpu-epyc-2core.yaml", 1: ROOT / "examples/profiles/cpu-epyc-2core-1thread.yaml"}
+PROFILES = {2: ROOT / "examples/profiles/cpu-epyc-2core.yaml",
+            1: ROOT / "examples/profiles/cpu-epyc-2core-1thread.yaml"}
 
 
 def start_server(port: int, plan_path: str | None, max_batch: int) -> subprocess.Popen:
@@ -73,14 +76,27 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def measure_plan(name: str, tp_degrees: list[int] | None, args) -> dict:
+def local_cluster(plan: DeploymentPlan) -> Cluster:
+    """This machine with the CPU profile measured at the thread count the plan's ranks get (cores / ranks)."""
+    world = sum(r.world_size for r in plan.replicas)
+    return apply_profiles(load_cluster(CLUSTER), [load_profile(PROFILES[2 if world == 1 else 1])])
+
+
+def served_plan(tp_degrees: list[int] | None, prompt_tokens: int, args) -> DeploymentPlan:
+    """The plan with the planner's predictions, so the server's capacity-weighted dispatch gets the same replica
+    weights as the simulator's; None = `hexgen serve`'s default local plan."""
+    spec = load_model_spec(MODEL)
+    plan = default_local_plan(spec) if tp_degrees is None else single_replica_plan(spec, tp_degrees, None)
+    sizing = Workload(prompt_tokens, args.max_tokens, args.max_batch)
+    return with_predictions(plan, local_cluster(plan), spec, sizing, CostConfig(dtype_bytes=4))
+
+
+def measure_plan(name: str, tp_degrees: list[int] | None, prompt_tokens: int, args) -> dict:
     """Serve one plan and measure it at every stream count; returns the plan as served and the rows."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        plan_path = None
-        if tp_degrees is not None:
-            plan_path = str(Path(tmp) / "plan.json")
-            single_replica_plan(load_model_spec(MODEL), tp_degrees, None).save(plan_path)
+        plan_path = str(Path(tmp) / "plan.json")
+        served_plan(tp_degrees, prompt_tokens, args).save(plan_path)
         proc = start_server(port, plan_path, args.max_batch)
         try:
             served = httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()["plan"]
@@ -92,8 +108,8 @@ def measure_plan(name: str, tp_degrees: list[int] | None, args) -> dict:
 
 def measure(port: int, streams: int, args) -> dict:
     config = BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, prompt=PROMPT,
-                         max_tokens=args.max_tokens, concurrency=streams, num_requests=streams * args.requests_per_stream,
-                         ignore_eos=True, seed=0)
+                         max_tokens=args.max_tokens, concurrency=streams,
+                         num_requests=streams * args.requests_per_stream, ignore_eos=True, seed=0)
     summary = summarize(run_benchmark(config))
     return {"streams": streams, "requests": config.num_requests, "e2e_mean_s": summary.e2e_s.mean,
             "e2e_p90_s": summary.e2e_s.p90, "output_tps": summary.output_throughput_tps}
@@ -102,9 +118,7 @@ def measure(port: int, streams: int, args) -> dict:
 def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int) -> dict:
     """The simulator on the same plan and closed-loop load, with the CPU profile of the ranks' thread count."""
     plan = plan_from_dict(entry["plan"], entry["name"])
-    world = sum(r.world_size for r in plan.replicas)
-    threads = 2 if world == 1 else 1
-    cluster = apply_profiles(load_cluster(CLUSTER), [load_profile(PROFILES[threads])])
+    cluster = local_cluster(plan)
     spec, cfg = load_model_spec(MODEL), CostConfig(dtype_bytes=4)  # the server runs fp32
     sizing = Workload(prompt_tokens, measured["max_tokens"], measured["max_batch"])
     models = replica_models(plan, cluster, spec, cfg, measured["max_batch"], sizing)
@@ -125,18 +139,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs/fidelity.md"))
     args = parser.parse_args()
     store = Path(args.out).with_suffix(".json")
+    from hexgen.engine.checkpoint import resolve_model
+
+    prompt_tokens = len(Tokenizer(resolve_model(MODEL).directory).encode(PROMPT))
     if args.predict_only:
         measured = json.loads(store.read_text())
     else:
         started = time.monotonic()
-        plans = [measure_plan(name, tp, args) for name, tp in PLANS.items()]
+        plans = [measure_plan(name, tp, prompt_tokens, args) for name, tp in PLANS.items()]
         measured = {"plans": plans, "cpu": cpu_description(), "date": str(datetime.date.today()),
                     "seconds": round(time.monotonic() - started), "max_tokens": args.max_tokens,
                     "max_batch": args.max_batch}
         store.write_text(json.dumps(measured, indent=1) + "\n")
-    from hexgen.engine.checkpoint import resolve_model
-
-    prompt_tokens = len(Tokenizer(resolve_model(MODEL).directory).encode(PROMPT))
     predicted = [[predict(entry, row, measured, prompt_tokens) for row in entry["rows"]] for entry in measured["plans"]]
     write_report(Path(args.out), measured, predicted, prompt_tokens)
 

@@ -156,21 +156,7 @@ class PlanEvaluator:
         return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))
 
     def with_predictions(self, plan: DeploymentPlan) -> DeploymentPlan:
-        """Each replica's predicted latency of one request alone, its batch (the batch limit, or fewer if its KV
-        pool holds fewer sequences), KV pool and throughput at full load (requests/s); the server's
-        capacity-weighted dispatch reads the throughput."""
-        wl = self.workload
-        replicas = []
-        for replica in plan.replicas:
-            cost = replica_stage_costs(self.cluster, self.model, placements_of(replica, self.cluster), self.cfg, wl)
-            running = max(1, cost.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens))
-            predicted = {"latency_s": round(cost.request_latency_s(wl.prompt_tokens, wl.output_tokens), 6),
-                         "max_batch": running, "kv_blocks": cost.kv_blocks or 0,
-                         "throughput_rps": round(cost.capacity_rps(running, wl.prompt_tokens, wl.output_tokens)
-                                                 if self.is_batching else
-                                                 1 / cost.request_latency_s(wl.prompt_tokens, wl.output_tokens), 6)}
-            replicas.append(replace(replica, predicted=predicted))
-        return replace(plan, replicas=tuple(replicas))
+        return with_predictions(plan, self.cluster, self.model, self.workload, self.cfg)
 
     def select_plan(self, plan: DeploymentPlan) -> tuple[Score, DeploymentPlan]:
         """A given plan's best fastest-first subset of replicas, and its score."""
@@ -179,3 +165,22 @@ class PlanEvaluator:
         chosen = self.select_replicas(costs)
         kept = DeploymentPlan(plan.model, tuple(plan.replicas[i] for i in chosen.order), dict(plan.meta))
         return chosen.score, kept
+
+
+def with_predictions(
+    plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, workload: Workload, cfg: CostConfig
+) -> DeploymentPlan:
+    """Each replica's predicted latency of one request alone, its batch (the batch limit, or fewer if its KV pool
+    holds fewer sequences), KV pool and throughput at full load (requests/s; one at a time: 1 / latency); the
+    server's capacity-weighted dispatch reads the throughput."""
+    p, o = workload.prompt_tokens, workload.output_tokens
+    replicas = []
+    for replica in plan.replicas:
+        cost = replica_stage_costs(cluster, model, placements_of(replica, cluster), cfg, workload)
+        running = max(1, cost.max_running(workload.max_batch, p, o))
+        alone_s = cost.request_latency_s(p, o)
+        throughput = cost.capacity_rps(running, p, o) if workload.max_batch > 1 else 1 / alone_s
+        predicted = {"latency_s": round(alone_s, 6), "max_batch": running, "kv_blocks": cost.kv_blocks or 0,
+                     "throughput_rps": round(throughput, 6)}
+        replicas.append(replace(replica, predicted=predicted))
+    return replace(plan, replicas=tuple(replicas))
