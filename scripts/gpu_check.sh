@@ -8,7 +8,8 @@
 #   bash scripts/gpu_check.sh --dry-run        here, on CPU: the same steps on a tiny shape, in about a minute
 #
 # The GPU image has its own torch, transformers and triton (see ../shared/reference/gpu-h200.md): the
-# checkout goes on PYTHONPATH instead of `pip install -e .`, and only the missing packages travel as wheels.
+# checkout goes on PYTHONPATH, hexgen is installed without its pinned dependencies (only for its metadata),
+# and only the packages the image lacks travel, as wheels. Device call: carry [".whl"], timeout_s 540.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,12 +39,15 @@ elif [[ -n "${1:-}" ]]; then
 fi
 OUT="${OUT:-$(mktemp -d)}"
 export PYTHONUNBUFFERED=1
-if [[ -d .whl ]] && [[ "${1:-}" != "--dry-run" ]]; then
-    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH="/tmp/site:$PWD"
-else
-    export PYTHONPATH="$PWD"
+export PYTHONPATH="$PWD"
+if [[ "${1:-}" != "--dry-run" ]]; then
+    if [[ -d .whl ]]; then
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH="/tmp/site:$PWD"
+    fi
+    # The CLI reads hexgen's package metadata (--version, description); pins are for the CPU machines: no deps.
+    $PYTHON -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 fi
 
 echo "== machine"
