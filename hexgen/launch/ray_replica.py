@@ -8,6 +8,7 @@ as arguments travels by Ray's own mechanism: Ray is the cluster's trusted contro
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -19,6 +20,8 @@ from hexgen.launch.channel import ChannelAddress
 from hexgen.launch.lifetime import free_port
 from hexgen.launch.spec import RankSpec
 from hexgen.raycluster.env import machine_resource
+
+PLACE_TIMEOUT_S = 60.0  # a rank's actor not placed by then: its machine's slots are taken
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class RayRanks:
         self.runs: list[Any] = []
         self._located: list[Any] = []
         self._nodes: list[RankNode] = []
+        self._started_at = 0.0
 
     def __len__(self) -> int:
         return len(self.machines)
@@ -80,6 +84,7 @@ class RayRanks:
         """Place every actor and start every rank without waiting: rank 0's actor picks the rendezvous address,
         which Ray hands to every rank's run call once it is known."""
         remote = _remote_actor_class()
+        self._started_at = time.monotonic()
         for spec, machine in zip((a[0] for a in self.rank_args), self.machines, strict=True):
             gpus = 1 if spec.device == "cuda" else 0
             options = dict(num_cpus=0, num_gpus=gpus, resources={machine_resource(machine): 1}, max_restarts=0)
@@ -90,12 +95,12 @@ class RayRanks:
             self.runs.append(actor.run.remote(spec, config, eos, self.address, rendezvous))
 
     def first_failure(self) -> str | None:
-        """Why a rank ended (its actor died or its run returned), if one has."""
+        """Why a rank ended (its actor died or its run returned) or could not be placed in time, if so."""
         if not self.runs:
             return None
         done, _ = ray.wait(self.runs, num_returns=1, timeout=0)
         if not done:
-            return None
+            return self._unplaced()
         rank = self.runs.index(done[0])
         node_ip = self.placement(rank).get("node_ip", "node unknown")
         where = f"rank {rank} on machine {self.machines[rank]!r} ({node_ip})"
@@ -105,6 +110,14 @@ class RayRanks:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             return f"{where}: {type(err).__name__}{': ' + first if first else ''}"
         return f"{where}: ended"
+
+    def _unplaced(self) -> str | None:
+        if time.monotonic() - self._started_at < PLACE_TIMEOUT_S or self.placement(0):
+            return None
+        placed, _ = ray.wait(self._located, num_returns=len(self), timeout=0)
+        rank = next(r for r, ref in enumerate(self._located) if ref not in placed)
+        return (f"rank {rank}: no free slot on machine {self.machines[rank]!r} after {PLACE_TIMEOUT_S:.0f} s "
+                "(does another server hold its slots?)")
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Wait up to grace_s for the ranks to end by themselves, then kill every actor."""

@@ -20,6 +20,11 @@ RAY_ENV = {
 }
 
 
+# An HTTP/2 client's first bytes (preface, empty SETTINGS frame); a gRPC server answers with a SETTINGS frame.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = bytes([4])
+
+
 class RayUnavailable(UserError):
     """The Ray cluster cannot be reached or refused the connection."""
 
@@ -58,15 +63,18 @@ def auth_env(head_host: str) -> dict[str, str]:
 
 def connect(address: str) -> None:
     """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within CONNECT_TIMEOUT_S if nothing
-    answers there."""
+    that speaks gRPC answers there (ray.init itself would retry for minutes)."""
     host, port = split_address(address)
+    hint = "start it with `hexgen node start --head` and check the address"
     try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S / 2).close()
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S / 2) as sock:
+            sock.settimeout(CONNECT_TIMEOUT_S / 2)
+            sock.sendall(HTTP2_PREFACE)
+            speaks_grpc = sock.recv(9)[3:4] == HTTP2_SETTINGS
     except OSError as err:
-        raise RayUnavailable(
-            f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with "
-            "`hexgen node start --head` and check the address"
-        ) from None
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); {hint}") from None
+    if not speaks_grpc:
+        raise RayUnavailable(f"{address} answers, but not as a Ray head (no gRPC); {hint}")
     auth = auth_env(host)
     os.environ.update({**RAY_ENV, **auth})
     import ray

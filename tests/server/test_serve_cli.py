@@ -87,3 +87,18 @@ def test_a_taken_port_fails_before_any_replica_loads(chat_model_dir):
     assert result.stderr.startswith(f"hexgen serve: error: cannot listen on 127.0.0.1:{port}")
     assert "ready on" not in result.stderr and "loading" not in result.stderr
     assert elapsed_s < 15, f"took {elapsed_s:.1f} s: the port must be checked before loading"
+
+
+def test_ray_address_of_something_else_fails_within_10_s(chat_model_dir, tmp_path):
+    remote = write_plan(tmp_path / "remote.json", chat_model_dir, [[([0], (0, 4))]])
+    with socket.socket() as other:  # listens, accepts, never speaks gRPC
+        other.bind(("127.0.0.1", 0))
+        other.listen(4)
+        started = time.monotonic()
+        result = _serve("--model", str(chat_model_dir), "--plan", str(remote), "--ray",
+                        f"127.0.0.1:{other.getsockname()[1]}")
+        elapsed_s = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("hexgen serve: error:") and "Ray" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert elapsed_s < 10
