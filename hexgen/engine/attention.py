@@ -29,7 +29,7 @@ class StepMetadata:
     max_position: int  # the step's largest position (known on the host: no device sync to size RoPE tables)
     block_size: int
     gather_index: torch.Tensor | None  # [B, K] int64 flat slots of every key (gather path only)
-    mask: torch.Tensor | None  # [B, 1, Q, K] bool: which keys each (padded) query sees (gather path only)
+    mask: torch.Tensor | None  # [B, 1, Q, K] additive: 0 where a (padded) query sees a key, else -inf (gather path)
     query_index: torch.Tensor | None  # [T] int64: each token's row in the padded [B*Q] queries (mixed steps)
 
     @property
@@ -37,7 +37,9 @@ class StepMetadata:
         return self.context_lens.shape[0]
 
 
-def build_metadata(plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool) -> StepMetadata:
+def build_metadata(
+    plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool, dtype: torch.dtype = torch.float32
+) -> StepMetadata:
     """Everything the layers need about a step's layout, built with a fixed number of tensor ops."""
     positions = [s + i for s, n in zip(plan.starts, plan.lengths, strict=True) for i in range(n)]
     seq_of_token = [b for b, n in enumerate(plan.lengths) for _ in range(n)]
@@ -54,7 +56,9 @@ def build_metadata(plan: StepPlan, block_size: int, device: torch.device, use_ke
     q_max = max(plan.lengths)
     gather_index = mask = query_index = None
     if not use_kernel:
-        gather_index, mask = _gather_layout(block_tables, context, lengths_t, q_max, block_size)
+        gather_index, allowed = _gather_layout(block_tables, context, lengths_t, q_max, block_size)
+        # An additive mask: SDPA's CPU kernel runs up to twice as fast with it as with a boolean one.
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
         if q_max > 1:
             query_index = torch.tensor([b * q_max + p - s for b, p, s in zip(
                 seq_of_token, positions, [plan.starts[b] for b in seq_of_token], strict=True)])
@@ -110,7 +114,10 @@ def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: StepMetadata, 
         )
     batch, q_max = meta.num_seqs, meta.max_query_len
     heads, head_dim = q.shape[1:]
-    kv = kv_pool[:, meta.gather_index]  # [2, B, K, kv_heads, d]
+    slots_total, kv_heads = kv_pool.shape[1:3]
+    # index_select over flat [slot, kv_heads * d] rows: an order of magnitude faster on CPU than advanced indexing
+    rows = kv_pool.view(2, slots_total, -1).index_select(1, meta.gather_index.view(-1))
+    kv = rows.view(2, batch, -1, kv_heads, head_dim)  # [2, B, K, kv_heads, d]
     if meta.query_index is None:  # every sequence brings one token: T == B
         query = q.view(batch, 1, heads, head_dim)
     else:

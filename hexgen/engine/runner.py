@@ -45,7 +45,7 @@ class StageRunner:
         if self.graphs is not None and self.graphs.can_run(plan):
             out = self.graphs.run(plan, hidden)
             return out, torch.arange(plan.num_seqs, device=self.device)
-        meta = build_metadata(plan, self.block_size, self.device, self.use_kernel)
+        meta = build_metadata(plan, self.block_size, self.device, self.use_kernel, self.dtype)
         self.stage.rope.reserve(meta.max_position + 1)
         return self.stage.forward_layers(hidden, meta), meta.last_token_index
 
