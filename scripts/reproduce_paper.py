@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from hexgen.cluster import Cluster, builtin_gpu_types, load_cluster
-from hexgen.costmodel import CostConfig, Workload
+from hexgen.costmodel import CostConfig, StagePlacement, Workload, allreduce_s, replica_stage_costs
+from hexgen.costmodel.stage import layer_cost
 from hexgen.dispatch import make_policy
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.machine import cpu_description
@@ -233,21 +234,45 @@ def run_setting(setting: Setting, model: ModelSpec, reference_s: float, progress
             "plan_times_s": ctx.plan_times_s, "runtime_s": time.perf_counter() - start}
 
 
+def replica_figures(model: ModelSpec) -> dict[str, dict[str, float]]:
+    """Why the batching results come out as they do: a TP-8 replica's decode step on each GPU type, in ms."""
+    out = {}
+    for path, machine in (("a100-homogeneous.yaml", "p4d-0"), ("hetero-full.yaml", "is-3090ti-0"),
+                          ("hetero-full.yaml", "il-a6000-0"), ("hetero-full.yaml", "nv-a5000-0")):
+        cluster = load_cluster(CLUSTERS / path)
+        gpu, link = cluster.machine(machine).gpu, cluster.tp_link(machine)
+        stage = StagePlacement(machine, gpu, 8, model.num_layers, link)
+        cost = replica_stage_costs(cluster, model, [stage], CFG, SETTINGS["batching"].workload)
+        layer = layer_cost(model, gpu, 8, link, CFG)
+        out[gpu.name] = {
+            "scan_ms": model.num_layers * model.params_per_layer * CFG.dtype_bytes / (
+                8 * gpu.memory_bytes_per_s(CFG.memory_efficiency)) * 1e3,
+            "allreduce_ms": model.num_layers * 2 * allreduce_s(link, 8, 0.0) * 1e3,
+            "per_seq_ms": model.num_layers * layer.decode_per_seq_s * 1e3,
+            "token_1_ms": cost.decode_token_s(1, 160) * 1e3, "token_64_ms": cost.decode_token_s(64, 160) * 1e3,
+            "capacity_rps": cost.capacity_rps(64, 128, 64), "alone_s": cost.request_latency_s(128, 64),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where results.md, results.json and figures/ go")
     parser.add_argument("--only", choices=sorted(SETTINGS), help="re-run one setting, keep the other's stored results")
+    parser.add_argument("--report-only", action="store_true", help="re-write results.md from results.json")
     args = parser.parse_args()
     out = Path(args.out)
     store = out / "results.json"
-    stored = json.loads(store.read_text()) if args.only and store.is_file() else {}
+    stored = json.loads(store.read_text()) if (args.only or args.report_only) and store.is_file() else {}
     model = load_model_spec("llama-2-70b")
-    reference_s = reference_latency_s(model, SETTINGS["paper"].workload, CFG, builtin_gpu_types()["A100-40G"])
-    with Progress(console=Console()) as progress:
-        for name in [args.only] if args.only else list(SETTINGS):
-            stored[name] = run_setting(SETTINGS[name], model, reference_s, progress, out)
-    stored["reference_s"], stored["cpu"] = reference_s, cpu_description()
-    stored["load_average_1m"] = round(os.getloadavg()[0], 1)  # other work on the machine slows the searches
+    if not args.report_only:
+        reference_s = reference_latency_s(model, SETTINGS["paper"].workload, CFG, builtin_gpu_types()["A100-40G"])
+        with Progress(console=Console()) as progress:
+            for name in [args.only] if args.only else list(SETTINGS):
+                stored[name] = run_setting(SETTINGS[name], model, reference_s, progress, out)
+        stored["reference_s"], stored["cpu"] = reference_s, cpu_description()
+        stored["load_average_1m"] = round(os.getloadavg()[0], 1)  # other work on the machine slows the searches
+    stored["replica_figures"] = replica_figures(model)
     store.write_text(json.dumps(stored, indent=1) + "\n")
     write_report(out / "results.md", stored)
 
