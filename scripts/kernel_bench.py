@@ -23,6 +23,7 @@ if not ON_GPU:
 
 from hexgen.engine import kernels  # noqa: E402
 from hexgen.engine.bench_batch import copy_gbps  # noqa: E402
+from hexgen.engine.kernels.attention import choose_kv_splits  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16
@@ -60,8 +61,9 @@ def randn(*shape) -> torch.Tensor:
     return torch.randn(*shape, device=DEVICE).to(DTYPE)
 
 
-def attention_case(batch: int, new: int, context: int):
-    """(triton fn, torch fn, bytes) for `batch` sequences of `new` query tokens over `context` cached ones."""
+def attention_case(batch: int, new: int, context: int, split: bool = False):
+    """(triton fn, torch fn, bytes) for `batch` sequences of `new` query tokens over `context` cached ones;
+    `split`: with the key splits choose_kv_splits picks for this decode step."""
     blocks_per_seq = -(-context // BLOCK)
     k_cache, v_cache = randn(batch * blocks_per_seq, BLOCK, HKV, D), randn(batch * blocks_per_seq, BLOCK, HKV, D)
     tables = torch.randperm(batch * blocks_per_seq, device=DEVICE).view(batch, -1).int()
@@ -72,8 +74,10 @@ def attention_case(batch: int, new: int, context: int):
     dense_q = q.view(batch, new, HQ, D).transpose(1, 2)
     assert new in (1, context), "a decode step or a whole prompt: SDPA needs no explicit mask for either"
 
+    splits = choose_kv_splits(batch, HKV, context, DEVICE) if split else 1
+
     def triton_fn():
-        kernels.paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, new, D**-0.5)
+        kernels.paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, new, D**-0.5, splits)
 
     def torch_fn():  # SDPA (the backend torch picks) on contiguous keys: what a dense, unpaged cache costs
         F.scaled_dot_product_attention(dense_q, dense_k, dense_v, is_causal=new > 1, enable_gqa=True)
@@ -123,9 +127,12 @@ def silu_case(tokens: int):
 def cases(tiny: bool):
     if tiny:
         return {"decode attention, B 2 x ctx 40": attention_case(2, 1, 40), "add + RMSNorm, T 2": norm_case(2),
+                "decode attention, B 1 x ctx 300, key splits": attention_case(1, 1, 300, split=True),
                 "RoPE + KV write, T 2": rotary_case(2), "silu * up, T 1": silu_case(1)}
     return {
         "decode attention, B 1 x ctx 4096": attention_case(1, 1, 4096),
+        "decode attention, B 1 x ctx 4096, key splits": attention_case(1, 1, 4096, split=True),
+        "decode attention, B 4 x ctx 2048, key splits": attention_case(4, 1, 2048, split=True),
         "decode attention, B 32 x ctx 1024": attention_case(32, 1, 1024),
         "decode attention, B 128 x ctx 512": attention_case(128, 1, 512),
         "prefill attention, 1 x 2048 new": attention_case(1, 2048, 2048),

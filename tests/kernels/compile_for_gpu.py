@@ -34,18 +34,24 @@ def signature(kernel, dtype: str, pointer_dtypes: dict[str, str], constexprs: di
     return types
 
 
-def attention_variant(dtype: str, group: int, rows: int, head_dim: int) -> tuple:
+def attention_variant(dtype: str, group: int, rows: int, head_dim: int, splits: int = 1) -> tuple:
     fp32, group_p = dtype == "fp32", triton.next_power_of_2(group)
     constexprs = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim, BLOCK_Q=rows // group_p,
-                      BLOCK_N=attention.BLOCK_N, DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32")
-    ints = {p: "*i32" for p in ("block_tables_ptr", "query_start_ptr", "context_lens_ptr")}
-    return attention._paged_attention_kernel, dtype, ints, constexprs
+                      BLOCK_N=attention.BLOCK_N, DOT_FP32=fp32, PRECISION="ieee" if fp32 else "tf32",
+                      NUM_SPLITS=splits)
+    pointers = {p: "*i32" for p in ("block_tables_ptr", "query_start_ptr", "context_lens_ptr")}
+    pointers |= {"partial_ptr": "*fp32", "lse_ptr": "*fp32"}
+    return attention._paged_attention_kernel, dtype, pointers, constexprs
 
 
 VARIANTS = {
     "paged attention, bf16 decode, GQA 4, D 128": attention_variant("bf16", 4, attention.ROWS_DECODE, 128),
     "paged attention, bf16 prefill, GQA 4, D 128": attention_variant("bf16", 4, attention.ROWS_PREFILL, 128),
     "paged attention, fp32 prefill, GQA 3, D 64": attention_variant("fp32", 3, attention.ROWS_PREFILL, 64),
+    "paged attention, bf16 decode, 16 key splits": attention_variant("bf16", 4, attention.ROWS_DECODE, 128, 16),
+    "merge of 16 key splits, bf16, D 128": (attention._merge_splits_kernel, "bf16",
+                                           {"partial_ptr": "*fp32", "lse_ptr": "*fp32"},
+                                           dict(HEAD_DIM=128, HEAD_DIM_P=128, NUM_SPLITS=16, SPLITS_P=16)),
     "add + RMSNorm, bf16, H 4096": (fused_norm._add_rms_norm_kernel, "bf16", {},
                                     dict(HAS_RESIDUAL=True, BLOCK_H=4096)),
     "KV write, bf16, 8 heads x 128": (kv_write._write_kv_kernel, "bf16", {"slot_ptr": "*i64"},

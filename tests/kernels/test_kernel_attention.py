@@ -64,12 +64,12 @@ def reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
     return out
 
 
-def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype):
+def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, num_kv_splits=1):
     from hexgen.engine.kernels import paged_attention
 
     batch = make_batch(lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device)
     scale = head_dim**-0.5
-    out = paged_attention(*batch, max_query_len=max(n for n, _ in lengths), scale=scale)
+    out = paged_attention(*batch, max_query_len=max(n for n, _ in lengths), scale=scale, num_kv_splits=num_kv_splits)
     assert out.shape == batch[0].shape and out.dtype == dtype and out.device == batch[0].device
     expected = reference(*batch, scale)
     tol = TOLERANCE[dtype]
@@ -85,6 +85,23 @@ def test_ragged_mixes_and_gqa(device, lengths, num_q_heads, num_kv_heads):
 @pytest.mark.parametrize("lengths", [PADDED, PADDED_DECODE], ids=["mixed", "decode"])
 def test_sequences_without_tokens(device, lengths):
     run_case(device, lengths, 16, 8, 2, 32, torch.float32)
+
+
+@pytest.mark.parametrize("num_kv_splits", [2, 5])
+def test_decode_with_key_splits(device, num_kv_splits):
+    """Key ranges are whole 64-position tiles: most ranges of the short contexts here are empty."""
+    run_case(device, PADDED_DECODE + [(1, 17), (1, 65), (1, 300)], 16, 8, 2, 32, torch.float32, num_kv_splits)
+
+
+def test_key_splits_refuse_prefill(device):
+    with pytest.raises(ValueError, match="decode-only"):
+        run_case(device, MIXED, 16, 8, 2, 32, torch.float32, num_kv_splits=2)
+
+
+def test_no_key_splits_off_cuda():
+    from hexgen.engine.kernels.attention import choose_kv_splits
+
+    assert choose_kv_splits(1, 8, 8192, torch.device("cpu")) == 1
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32])
@@ -120,3 +137,8 @@ def test_llama3_8b_shape_decode_and_prefill():
         pytest.skip("needs CUDA")
     lengths = [(1, 1000)] * 24 + [(1, 4097), (256, 256), (128, 700)]
     run_case(torch.device("cuda"), lengths, 16, 32, 8, 128, torch.bfloat16)
+    from hexgen.engine.kernels.attention import choose_kv_splits
+
+    splits = choose_kv_splits(1, 8, 4097, torch.device("cuda"))
+    assert splits > 1
+    run_case(torch.device("cuda"), [(1, 4097)], 16, 32, 8, 128, torch.bfloat16, splits)

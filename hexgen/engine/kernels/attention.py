@@ -14,6 +14,10 @@ The grid is flat over query tiles, T // BLOCK_Q + B of them: sequence b owns the
 query_start[b] // BLOCK_Q + b on (at least the ceil(n_b / BLOCK_Q) it needs), and a program finds its
 sequence by binary search. A 2,000-token prompt chunk beside 60 decodes thus launches ~190 programs per
 head, not 60 x 2,000 / BLOCK_Q mostly idle ones.
+
+A decode step of few sequences over long contexts can split each sequence's keys into `num_kv_splits`
+ranges handled by separate programs (flash-decoding), so that more than B x Hkv programs share the GPU; a
+second, small launch merges the ranges by their log-sum-exp. `choose_kv_splits` says when that pays.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from hexgen.engine.kernels._common import check_dtype, dot_precision, dots_in_fp
 BLOCK_N = 64  # key positions per tile
 ROWS_DECODE = 16  # score rows per program when every sequence brings one token (tensor-core minimum)
 ROWS_PREFILL = 64  # score rows per program when some sequence brings a chunk of prompt
+MAX_KV_SPLITS = 16
+SPLIT_MIN_POSITIONS = 256  # keys per split at least: below that the merge launch costs more than it saves
 
 
 @triton.jit
@@ -49,14 +55,17 @@ def _sequence_of_tile(query_start_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
+    partial_ptr, lse_ptr,  # split-KV only: float32 [T, Hq, S, D] outputs and [T, Hq, S] log2-sum-exp2 per range
     scale_log2,  # softmax scale * log2(e): exp2 of scaled scores equals exp of the true ones
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, block_size, num_seqs,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq = _sequence_of_tile(query_start_ptr, num_seqs, tile, BLOCK_Q)
     q_begin = tl.load(query_start_ptr + seq)
     n_new = tl.load(query_start_ptr + seq + 1) - q_begin
@@ -79,12 +88,18 @@ def _paged_attention_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    # Every row sees position 0 in the first tile, so its running max is finite from then on.
+    # Every row sees the first position of its range (position 0, or with splits a decode's whole range), so
+    # its running max is finite after the first tile; an empty split range leaves m_i = -inf and l_i = 0.
     m_i = tl.full([BLOCK_Q * GROUP_P], float("-inf"), dtype=tl.float32)  # running max, base-2 units
     l_i = tl.zeros([BLOCK_Q * GROUP_P], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_Q * GROUP_P, HEAD_DIM_P], dtype=tl.float32)
     kv_end = tl.minimum(context, context - n_new + (q_tile + 1) * BLOCK_Q)  # last query's position + 1
-    for start in range(0, kv_end, BLOCK_N):
+    kv_begin = 0
+    if NUM_SPLITS > 1:  # this program's range: whole tiles, the last range possibly shorter or empty
+        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_begin = split * per_split
+        kv_end = tl.minimum(kv_end, kv_begin + per_split)
+    for start in range(kv_begin, kv_end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)  # [N]
         pos_valid = pos < kv_end
         block = tl.load(block_tables_ptr + seq * stride_bt + pos // block_size, mask=pos_valid, other=0)
@@ -111,8 +126,46 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    out_offsets = (q_begin + token)[:, None] * stride_ot + q_head[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    out_mask = row_valid[:, None] & dim_valid[None, :]
+    if NUM_SPLITS == 1:
+        out_offsets = (q_begin + token)[:, None] * stride_ot + q_head[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        lse_offsets = ((q_begin + token) * (GROUP * tl.num_programs(1)) + q_head) * NUM_SPLITS + split  # [M]
+        tl.store(partial_ptr + lse_offsets[:, None].to(tl.int64) * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + lse_offsets, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr, lse_ptr, out_ptr, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+):
+    """out[t, h] = sum_s 2^(lse_s - max) partial_s / sum_s 2^(lse_s - max), over the key ranges s."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P)
+    dims = tl.arange(0, HEAD_DIM_P)
+    row = token * tl.num_programs(1) + head
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))  # [S]
+    weight = tl.exp2(lse - tl.max(lse, 0))  # the first range is never empty, so the max is finite
+    mask = (splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :]
+    partial = tl.load(partial_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask,
+                      other=0.0)  # [S, D]
+    out = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+def choose_kv_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Key ranges per sequence for a decode step: enough programs for every SM, each range >= 256 keys."""
+    if device.type != "cuda":
+        return 1
+    programs = num_seqs * num_kv_heads
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-2 * sms // programs)  # about two programs per SM
+    return max(1, min(MAX_KV_SPLITS, wanted, max_context_len // SPLIT_MIN_POSITIONS))
 
 
 def paged_attention(
@@ -124,8 +177,10 @@ def paged_attention(
     context_lens: torch.Tensor,  # [B] int32, cached tokens per sequence after this step's write
     max_query_len: int,
     scale: float,
+    num_kv_splits: int = 1,  # > 1 only for decode steps (max_query_len 1): see choose_kv_splits
 ) -> torch.Tensor:
-    """Causal attention of every new token over its sequence's paged cache, in one launch; returns [T, Hq, D]."""
+    """Causal attention of every new token over its sequence's paged cache, in one launch (two with key
+    splits); returns [T, Hq, D]."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_dtype("q", q)
@@ -133,6 +188,8 @@ def paged_attention(
         raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} key-value heads")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the head dimension of q, k_cache and v_cache must be contiguous")
+    if num_kv_splits > 1 and max_query_len != 1:
+        raise ValueError(f"num_kv_splits={num_kv_splits} needs a decode-only step (max_query_len 1)")
     out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     num_seqs = context_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
@@ -141,14 +198,26 @@ def paged_attention(
     group_p = triton.next_power_of_2(group)
     rows = max(ROWS_DECODE if max_query_len == 1 else ROWS_PREFILL, group_p)
     block_q = rows // group_p
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)
+    partial = lse = out  # unused without splits
+    if num_kv_splits > 1:
+        partial = torch.empty((num_tokens, num_q_heads, num_kv_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_tokens, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start, context_lens,
+        q, k_cache, v_cache, out, block_tables, query_start, context_lens, partial, lse,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0), block_size, num_seqs,
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_FP32=dots_in_fp32(q), PRECISION=dot_precision(q),
+        NUM_SPLITS=num_kv_splits,
     )
+    if num_kv_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            partial, lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, NUM_SPLITS=num_kv_splits,
+            SPLITS_P=triton.next_power_of_2(num_kv_splits),
+        )
     return out
