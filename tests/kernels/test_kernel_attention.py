@@ -87,6 +87,18 @@ def test_sequences_without_tokens(device, lengths):
     run_case(device, lengths, 16, 8, 2, 32, torch.float32)
 
 
+def test_graph_padding_rows_give_zeros(device):
+    """A CUDA graph pads its batch with one-token sequences of context 0: their rows come out 0, not NaN."""
+    from hexgen.engine.kernels import paged_attention
+
+    q, k_cache, v_cache, tables, _, _ = make_batch([(1, 20), (1, 1), (1, 1)], 16, 4, 2, 32, torch.float32, device)
+    query_start = torch.arange(4, dtype=torch.int32, device=device)
+    context_lens = torch.tensor([20, 0, 0], dtype=torch.int32, device=device)
+    for splits in (1, 3):
+        out = paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, 1, 0.2, splits)
+        assert torch.equal(out[1:], torch.zeros_like(out[1:])) and out[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("num_kv_splits", [2, 5])
 def test_decode_with_key_splits(device, num_kv_splits):
     """Key ranges are whole 64-position tiles: most ranges of the short contexts here are empty."""

@@ -149,11 +149,13 @@ def _merge_splits_kernel(
     dims = tl.arange(0, HEAD_DIM_P)
     row = token * tl.num_programs(1) + head
     lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))  # [S]
-    weight = tl.exp2(lse - tl.max(lse, 0))  # the first range is never empty, so the max is finite
+    top = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [S]; all zero for a context-0 padding row
     mask = (splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :]
     partial = tl.load(partial_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask,
                       other=0.0)  # [S, D]
-    out = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < HEAD_DIM)
 
