@@ -13,6 +13,7 @@ import importlib.util
 
 _KERNELS = {  # public name -> module that defines it
     "paged_attention": "attention",
+    "choose_kv_splits": "attention",
     "add_rms_norm": "fused_norm",
     "write_kv": "kv_write",
     "rotary_write_kv": "rotary",
