@@ -67,6 +67,9 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
         (["--ray", "127.0.0.1:6379"], "--ray needs --plan"),
         (["--replan"], "--replan needs --ray and --cluster"),
         (["--ray", "127.0.0.1:1", "--plan", str(remote)], "cannot reach the Ray cluster at 127.0.0.1:1"),
+        (["--block-size", "24"], "--block-size must be a power of two in 1..256, got 24"),
+        (["--memory-gb", "1e-6"], "cannot hold a rank's weights plus one KV block for each of --max-batch 64"),
+        (["--device", "cuda"], "--device cuda: the plan uses GPU indices up to"),
     ]
     for args, words in cases:
         result = _serve("--model", str(chat_model_dir), *args)
