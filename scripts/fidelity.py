@@ -42,7 +42,7 @@ from hexgen.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who told stories."
-PLANS = {"one process": [1], "two stages TP 1 | TP 1": [1, 1], "default plan": None}
+PLANS = {"one process": [1], "two stages, TP 1 -> TP 1": [1, 1], "default plan": None}
 STREAMS = (1, 16)
 CLUSTER = ROOT / "examples/clusters/local-cpu.yaml"
 # A rank of a W-rank replica gets cores / W torch threads (launch/spec.py): one profile per thread count.
@@ -106,13 +106,20 @@ def measure_plan(name: str, tp_degrees: list[int] | None, prompt_tokens: int, ar
     return {"name": name, "plan": served, "rows": rows}
 
 
+def _load() -> float:
+    """The machine's 1-minute load average: other work on the cores slows every rank of the server."""
+    return round(os.getloadavg()[0], 2)
+
+
 def measure(port: int, streams: int, args) -> dict:
     config = BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, prompt=PROMPT,
                          max_tokens=args.max_tokens, concurrency=streams,
                          num_requests=streams * args.requests_per_stream, ignore_eos=True, seed=0)
+    load_before = _load()
     summary = summarize(run_benchmark(config))
     return {"streams": streams, "requests": config.num_requests, "e2e_mean_s": summary.e2e_s.mean,
-            "e2e_p90_s": summary.e2e_s.p90, "output_tps": summary.output_throughput_tps}
+            "e2e_p90_s": summary.e2e_s.p90, "output_tps": summary.output_throughput_tps,
+            "load_average_1m": [load_before, _load()]}
 
 
 def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int) -> dict:
@@ -179,20 +186,51 @@ def write_report(path: Path, measured: dict, predicted: list, prompt_tokens: int
         "measured CPU profile (`examples/profiles/`, one thread per rank for multi-rank replicas, two for one rank). "
         "Targets: mean latency and throughput within 10%, p90 within 20%.",
         "",
-        "| plan | streams | measured e2e mean (s) | predicted | error | measured p90 (s) | predicted | error |"
-        " measured output tok/s | predicted | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| plan | streams | load avg | measured e2e mean (s) | predicted | error | measured p90 (s) | predicted |"
+        " error | measured output tok/s | predicted | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry, sims in zip(measured["plans"], predicted, strict=True):
         for row, sim in zip(entry["rows"], sims, strict=True):
+            load = "–".join(f"{x:.1f}" for x in row.get("load_average_1m", [])) or "not recorded"
             lines.append(
-                f"| {entry['name']} ({_shape(entry['plan'])}) | {row['streams']} | {row['e2e_mean_s']:.2f} | "
+                f"| {entry['name']} ({_shape(entry['plan'])}) | {row['streams']} | {load} | {row['e2e_mean_s']:.2f} | "
                 f"{sim['e2e_mean_s']:.2f} | {_err(sim['e2e_mean_s'], row['e2e_mean_s'])} | {row['e2e_p90_s']:.2f} | "
                 f"{sim['e2e_p90_s']:.2f} | {_err(sim['e2e_p90_s'], row['e2e_p90_s'])} | {row['output_tps']:.1f} | "
                 f"{sim['output_tps']:.1f} | {_err(sim['output_tps'], row['output_tps'])} |"
             )
+    lines += reading(measured, predicted)
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def reading(measured: dict, predicted: list) -> list[str]:
+    """What the table says, in the last measurement's figures."""
+    rows = [(e, r, p) for e, sims in zip(measured["plans"], predicted, strict=True)
+            for r, p in zip(e["rows"], sims, strict=True)]
+    within = [f"{e['name']} at {r['streams']} stream(s)" for e, r, p in rows
+              if abs(p["e2e_mean_s"] / r["e2e_mean_s"] - 1) <= 0.1 and abs(p["output_tps"] / r["output_tps"] - 1) <= 0.1
+              and abs(p["e2e_p90_s"] / r["e2e_p90_s"] - 1) <= 0.2]
+    loads = [x for _, r, _ in rows for x in r.get("load_average_1m", [])] or measured.get("load_average_1m_observed")
+    one, one_sim = rows[0][1], rows[0][2]
+    tokens = measured["max_tokens"]
+    return [
+        "",
+        "## Reading the errors",
+        "",
+        f"- **Within the targets:** {', '.join(within) if within else 'none of the six rows'}.",
+        f"- **The machine was not ours alone.** Load average during the runs: "
+        f"{min(loads):.1f}-{max(loads):.1f} on 2 cores." if loads else "- Load average: not recorded.",
+        f"  One process at one stream took {one['e2e_mean_s'] / tokens * 1e3:.0f} ms per output token against "
+        f"{one_sim['e2e_mean_s'] / tokens * 1e3:.0f} ms predicted from the profile (itself measured with other work "
+        "running; see its `load_average_1m`). The cost model has no term for cores taken by other processes, and "
+        "torch's two intra-op threads wait on each other when one core is busy elsewhere (the two-thread profile's "
+        "fixed cost per step is far above the one-thread profile's), so the one-rank plan suffers most.",
+        "- Co-located ranks share 2 cores: the default plan's 5 ranks run on 2 cores, but the simulator treats each "
+        "as a device of its own; on a machine of one GPU per rank this error source disappears.",
+        "- To re-measure on a quiet machine: `hexgen profile -o examples/profiles/cpu-epyc-2core.yaml`, "
+        "`hexgen profile --threads 1 -o examples/profiles/cpu-epyc-2core-1thread.yaml`, then this script.",
+    ]
 
 
 if __name__ == "__main__":
