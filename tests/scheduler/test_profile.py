@@ -76,3 +76,11 @@ def test_measured_rates_ignore_the_efficiencies_and_add_the_overheads():
 def test_the_committed_cpu_profile_loads():
     profile = load_profile("examples/profiles/cpu-epyc-2core.yaml")
     assert profile.device_type == "CPU-worker" and profile.memory_bandwidth_gbs > 0
+
+
+def test_example_cluster_names_its_profile():
+    from hexgen.cluster import load_cluster
+
+    gpu = load_cluster("examples/clusters/local-cpu-profiled.yaml").machine("localhost").gpu
+    profile = load_profile("examples/profiles/cpu-epyc-2core-1thread.yaml")
+    assert gpu.measured_bandwidth_gbs == profile.memory_bandwidth_gbs
