@@ -22,6 +22,7 @@ from hexgen.launch.spec import RankSpec
 from hexgen.raycluster.env import machine_resource
 
 PLACE_TIMEOUT_S = 60.0  # a rank's actor not placed by then: its machine's slots are taken
+MAX_REASON_CHARS = 120
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class RayRanks:
         try:
             ray.get(done[0], timeout=0)
         except Exception as err:  # noqa: BLE001 - described in one line
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            first = str(err).strip().splitlines()[0][:MAX_REASON_CHARS] if str(err).strip() else ""
             return f"{where}: {type(err).__name__}{': ' + first if first else ''}"
         return f"{where}: ended"
 

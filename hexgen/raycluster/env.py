@@ -77,6 +77,8 @@ def connect(address: str) -> None:
         raise RayUnavailable(f"{address} answers, but not as a Ray head (no gRPC); {hint}")
     auth = auth_env(host)
     os.environ.update({**RAY_ENV, **auth})
+    # One attempt at the GCS (it answered gRPC above): a refused token then fails in seconds, not after 20 retries.
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
     import ray
 
     try:

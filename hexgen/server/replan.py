@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from hexgen.planner.search import PlanRequest, plan_cluster
 from hexgen.server.replica_client import ReplicaClient, ReplicaStartError
 
 WATCH_PERIOD_S = 1.0
+NODE_DEATH_WAIT_S = 15.0  # Ray declares a node dead after ~3 s of failed 1 s health checks; margin for busy hosts
 REPLAN_GENERATIONS = 20
 
 
@@ -76,7 +78,7 @@ class Replanner:
                 await self.replan(lost)
 
     async def replan(self, lost: set[int]) -> None:
-        slots = await asyncio.to_thread(self.live_slots)
+        slots = await self._settled_slots(lost)
         cluster, free = free_cluster(self.cluster, slots, self.replicas)
         where = ", ".join(f"{m.name} ({m.count})" for m in cluster.machines) or "nothing"
         _say(f"replicas {sorted(lost)} down; re-planning on the free slots of live machines: {where}")
@@ -98,6 +100,18 @@ class Replanner:
             self.replicas.append(client)
             _say(f"replica {client.index} up: " + " -> ".join(f"{s.machine} TP {s.tp} x {s.num_layers} layers"
                                                              for s in client.plan.stages))
+
+
+    async def _settled_slots(self, lost: set[int]) -> dict[str, float]:
+        """Live slots once Ray has declared a machine of the lost replicas dead (an actor often dies seconds before
+        its node is declared dead), or after NODE_DEATH_WAIT_S if none is (a rank failed on a healthy machine)."""
+        machines = {s.machine for r in self.replicas if r.index in lost for s in r.plan.stages}
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        while True:
+            slots = await asyncio.to_thread(self.live_slots)
+            if not machines <= set(slots) or time.monotonic() > deadline:
+                return slots
+            await asyncio.sleep(WATCH_PERIOD_S)
 
 
 def _say(text: str) -> None:
