@@ -27,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hexgen.commands.plan_table import plan_table
-    from hexgen.commands.workload_args import dispatch_policy, load_profiled_cluster
-    from hexgen.costmodel import CostConfig
+    from hexgen.commands.workload_args import cost_config, dispatch_policy, load_profiled_cluster
     from hexgen.models import load_model_spec
     from hexgen.planner.genetic import GAConfig
     from hexgen.planner.search import PlanRequest, plan_cluster
@@ -37,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)
-    cluster, model, cfg = load_profiled_cluster(args), load_model_spec(args.model), CostConfig()
+    cluster, model, cfg = load_profiled_cluster(args), load_model_spec(args.model), cost_config(args)
     workload = sizing_workload(args)
     slo_s, reference_s = slo_seconds(args, model, cfg)
     dispatch = dispatch_policy(args, workload.max_batch)

@@ -27,13 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from hexgen.commands.workload_args import (
+        cost_config,
         dispatch_policy,
         load_profiled_cluster,
         sizing_workload,
         slo_seconds,
         token_lengths,
     )
-    from hexgen.costmodel import CostConfig
     from hexgen.models import load_model_spec
     from hexgen.plan import load_plan
     from hexgen.planner.validate import validate_plan
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from hexgen.sim.run import plan_cost_per_hour, run_plan
     from hexgen.sim.workload import WorkloadSpec
 
-    console, cfg = Console(), CostConfig()
+    console, cfg = Console(), cost_config(args)
     cluster, plan = load_profiled_cluster(args), load_plan(args.plan)
     model = load_model_spec(args.model or plan.model)
     workload = sizing_workload(args, plan.meta)

@@ -13,6 +13,7 @@ from hexgen.models import ModelSpec
 from hexgen.sim.workload import TokenLengths
 
 DEFAULT_MAX_BATCH = SchedulerConfig().max_running_seqs  # one default for `hexgen serve` and the planner
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +32,15 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="replica choice policy (default: capacity-weighted when replicas batch, round-robin at "
                         "batch 1, as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request stream and the search")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16",
+                   help="weight and activation type the replicas run (hexgen serve on CPU runs float32)")
     p.add_argument("--profile", action="append", default=[], metavar="FILE",
                    help="measured device profile from `hexgen profile` (repeatable); its figures replace the "
                         "datasheet ones for its device type")
+
+
+def cost_config(args: argparse.Namespace) -> CostConfig:
+    return CostConfig(dtype_bytes=DTYPE_BYTES[args.dtype])
 
 
 def load_profiled_cluster(args: argparse.Namespace) -> Cluster:
