@@ -40,7 +40,7 @@ def default_slots() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hexgen.raycluster.env import split_address
+    from hexgen.raycluster.env import check_head
     from hexgen.raycluster.node import start_node, stop_nodes
 
     if args.action == "stop":
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"join other machines with:\n  {env}hexgen node join {record.head_address} --machine NAME")
         print(f"serve with:\n  {env}hexgen serve --ray {record.head_address} --plan plan.json")
         return 0
-    split_address(args.address)
+    check_head(args.address)
     record, _ = start_node(args.machine, slots, args.node_ip_address, args.address, 0)
     print(f"hexgen node: machine {record.machine!r} ({slots} slots) joined {record.head_address}")
     return 0

@@ -127,15 +127,16 @@ class RayRanks:
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001, S110 - an actor of a lost node is already gone
+            except Exception:  # noqa: BLE001 - an actor of a lost node is already gone
                 pass
 
     def placement(self, rank: int) -> dict[str, str]:
         """The rank's Ray node, once its actor has been placed ({} before)."""
-        if not self._nodes and self._located and len(ray.wait(self._located, num_returns=len(self), timeout=0)[0]) \
-                == len(self):
-            located = ray.get(self._located)
-            self._nodes = [RankNode(m, node_id, ip) for m, (node_id, ip) in zip(self.machines, located, strict=True)]
+        if not self._nodes and self._located:
+            placed, _ = ray.wait(self._located, num_returns=len(self), timeout=0)
+            if len(placed) == len(self):
+                located = zip(self.machines, ray.get(self._located), strict=True)
+                self._nodes = [RankNode(machine, node_id, ip) for machine, (node_id, ip) in located]
         if not self._nodes:
             return {}
         return {"node_id": self._nodes[rank].node_id, "node_ip": self._nodes[rank].node_ip}

@@ -61,9 +61,9 @@ def auth_env(head_host: str) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token"}
 
 
-def connect(address: str) -> None:
-    """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within CONNECT_TIMEOUT_S if nothing
-    that speaks gRPC answers there (ray.init itself would retry for minutes)."""
+def check_head(address: str) -> None:
+    """RayUnavailable within CONNECT_TIMEOUT_S unless something that speaks gRPC answers at HOST:PORT (Ray itself
+    would retry for minutes)."""
     host, port = split_address(address)
     hint = "start it with `hexgen node start --head` and check the address"
     try:
@@ -75,6 +75,12 @@ def connect(address: str) -> None:
         raise RayUnavailable(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); {hint}") from None
     if not speaks_grpc:
         raise RayUnavailable(f"{address} answers, but not as a Ray head (no gRPC); {hint}")
+
+
+def connect(address: str) -> None:
+    """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within seconds if it cannot."""
+    check_head(address)
+    host, _ = split_address(address)
     auth = auth_env(host)
     os.environ.update({**RAY_ENV, **auth})
     # One attempt at the GCS (it answered gRPC above): a refused token then fails in seconds, not after 20 retries.

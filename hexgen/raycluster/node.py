@@ -74,8 +74,9 @@ def start_node(machine: str, slots: int, node_ip: str, head_address: str | None,
     if head_address is None:
         cmd += ["--head", "--port", str(port), "--include-dashboard=false"]
         _write_bootstrap_config()
-    else:
+    else:  # the head answered gRPC already: one attempt, so a refused token fails in seconds
         cmd += ["--address", head_address]
+        env.setdefault("RAY_gcs_server_port_wait_time_s", "1")
     log_path = state_dir() / f"{machine}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -141,7 +142,8 @@ def stop_nodes_of(records: list[NodeRecord], grace_s: float = STOP_GRACE_S) -> N
 
 
 def node_pids(record: NodeRecord) -> list[int]:
-    """Live (not zombie) processes of the node: in its process group, or with its marker in their environment."""
+    """Live (not zombie) processes of the node: with its marker in their environment, or Ray processes in its
+    process group (Ray's agents do not keep the environment)."""
     wanted = f"{NODE_MARKER}={record.marker}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
@@ -150,7 +152,10 @@ def node_pids(record: NodeRecord) -> list[int]:
         try:
             stat = (entry / "stat").read_text()
             state, _, pgid = stat[stat.rindex(")") + 2:].split()[:3]
-            if state != "Z" and (int(pgid) == record.pid or wanted in (entry / "environ").read_bytes().split(b"\0")):
+            if state == "Z":
+                continue
+            in_group = int(pgid) == record.pid and b"ray" in (entry / "cmdline").read_bytes()
+            if in_group or wanted in (entry / "environ").read_bytes().split(b"\0"):
                 pids.append(int(entry.name))
         except OSError:
             continue
