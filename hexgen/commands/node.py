@@ -56,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < args.port < 65536:
             raise UserError(f"--port must be in 1..65535, got {args.port}")
         record, token = start_node(args.machine, slots, args.node_ip_address, None, args.port)
-        env = f"RAY_AUTH_TOKEN={token} " if token else ""
         print(f"hexgen node: head of machine {record.machine!r} ({slots} slots) at {record.head_address}")
-        print(f"join other machines with:\n  {env}hexgen node join {record.head_address} --machine NAME")
-        print(f"serve with:\n  {env}hexgen serve --ray {record.head_address} --plan plan.json")
+        print(f"join other machines with:\n  RAY_AUTH_TOKEN={token} hexgen node join {record.head_address} "
+              "--machine NAME")
+        print(f"then, here: hexgen cluster probe --ray {record.head_address} -o cluster.yaml; hexgen plan ...; "
+              f"hexgen serve --ray {record.head_address} --plan plan.json (the token is in ~/.ray/auth_token)")
         return 0
     check_head(args.address)
     record, _ = start_node(args.machine, slots, args.node_ip_address, args.address, 0)

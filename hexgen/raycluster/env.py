@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
+from pathlib import Path
 
 from hexgen.errors import UserError
 
@@ -34,13 +34,6 @@ def machine_resource(machine: str) -> str:
     return MACHINE_RESOURCE_PREFIX + machine
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def split_address(address: str) -> tuple[str, int]:
     """HOST:PORT -> (host, port); one-line error otherwise."""
     host, _, port = address.rpartition(":")
@@ -49,16 +42,25 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def auth_env(head_host: str) -> dict[str, str]:
-    """Token authentication unless the cluster is on loopback; the token comes from RAY_AUTH_TOKEN."""
-    if is_loopback(head_host):
-        return {"RAY_AUTH_MODE": "disabled"}
-    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        raise UserError(
-            f"the Ray cluster at {head_host} uses token authentication: set RAY_AUTH_TOKEN to the token that "
-            "`hexgen node start --head` printed"
-        )
-    return {"RAY_AUTH_MODE": "token"}
+def token_file() -> Path:
+    """Where Ray looks for its token when RAY_AUTH_TOKEN is not set (the head writes it there)."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def cluster_token() -> str:
+    """The cluster's token: RAY_AUTH_TOKEN, else Ray's token file (on the head); a one-line error if neither."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and token_file().is_file():
+        token = token_file().read_text().strip()
+    if not token:
+        raise UserError("the Ray cluster uses token authentication: set RAY_AUTH_TOKEN to the token that "
+                        "`hexgen node start --head` printed")
+    return token
+
+
+def auth_env() -> dict[str, str]:
+    """Ray's token authentication, always: Ray's processes listen on every interface, loopback node IP or not."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster_token()}
 
 
 def check_head(address: str) -> None:
@@ -80,9 +82,7 @@ def check_head(address: str) -> None:
 def connect(address: str) -> None:
     """ray.init() as a driver of the cluster at HOST:PORT; RayUnavailable within seconds if it cannot."""
     check_head(address)
-    host, _ = split_address(address)
-    auth = auth_env(host)
-    os.environ.update({**RAY_ENV, **auth})
+    os.environ.update({**RAY_ENV, **auth_env()})
     # One attempt at the GCS (it answered gRPC above): a refused token then fails in seconds, not after 20 retries.
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
     import ray
@@ -90,8 +90,8 @@ def connect(address: str) -> None:
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError) as err:
-        hint = " (is RAY_AUTH_TOKEN the head's token?)" if auth["RAY_AUTH_MODE"] == "token" else ""
-        raise RayUnavailable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}{hint}") from None
+        raise RayUnavailable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]} "
+                             "(is RAY_AUTH_TOKEN the head's token?)") from None
 
 
 def machine_slots() -> dict[str, float]:

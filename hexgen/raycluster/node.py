@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hexgen.errors import UserError
-from hexgen.raycluster.env import RAY_ENV, is_loopback, machine_resource
+from hexgen.raycluster.env import RAY_ENV, cluster_token, machine_resource, token_file
 
 START_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
@@ -48,7 +48,7 @@ def _ray_executable() -> str:
 
 
 def start_node(machine: str, slots: int, node_ip: str, head_address: str | None, port: int) -> tuple[NodeRecord, str]:
-    """Start a head (head_address None) or join one; returns the record and the token ('' on loopback)."""
+    """Start a head (head_address None) or join one, with token authentication; returns the record and the token."""
     record_path = state_dir() / f"{machine}.json"
     if record_path.exists() and node_pids(NodeRecord(**json.loads(record_path.read_text()))):
         raise UserError(f"a node for machine {machine!r} is already running here; `hexgen node stop --machine "
@@ -60,17 +60,8 @@ def start_node(machine: str, slots: int, node_ip: str, head_address: str | None,
         cmd += ["--node-ip-address", node_ip]
     if slots:
         cmd += ["--resources", json.dumps({machine_resource(machine): slots})]
-    token = ""
-    head_host = node_ip if head_address is None else head_address.rpartition(":")[0]
-    if is_loopback(head_host or "127.0.0.1"):
-        env["RAY_AUTH_MODE"] = "disabled"
-    else:
-        env["RAY_AUTH_MODE"] = "token"
-        token = env.get("RAY_AUTH_TOKEN", "") if head_address else secrets.token_hex(32)
-        if not token:
-            raise UserError("this cluster uses token authentication: set RAY_AUTH_TOKEN to the token that "
-                            "`hexgen node start --head` printed")
-        env["RAY_AUTH_TOKEN"] = token
+    token = cluster_token() if head_address else _head_token()
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     if head_address is None:
         cmd += ["--head", "--port", str(port), "--include-dashboard=false"]
         _write_bootstrap_config()
@@ -87,6 +78,17 @@ def start_node(machine: str, slots: int, node_ip: str, head_address: str | None,
     record_path.write_text(json.dumps(asdict(record)))
     record_path.chmod(0o600)
     return record, token
+
+
+def _head_token() -> str:
+    """The token of a new cluster: RAY_AUTH_TOKEN, else Ray's token file here, else a new random one saved there."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip() or token_file().is_file():
+        return cluster_token()
+    token = secrets.token_hex(32)
+    token_file().parent.mkdir(parents=True, exist_ok=True)
+    token_file().write_text(token)
+    token_file().chmod(0o600)
+    return token
 
 
 def _write_bootstrap_config() -> None:

@@ -1,6 +1,6 @@
-"""A head whose address is not loopback turns Ray's token authentication on: `node start --head` prints the token,
-and joining or probing without it (or with a wrong one) fails in one line. The address lives on this namespace's
-loopback interface, so nothing leaves it."""
+"""Ray's token authentication guards every cluster: `node start --head` prints the token (and keeps it in Ray's token
+file on the head); another machine joining or probing without it, or with a wrong one, fails in one line. The head
+uses a non-loopback address that lives on this namespace's loopback interface, so nothing leaves it."""
 
 from __future__ import annotations
 
@@ -26,13 +26,15 @@ def private_addresses():
             subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], check=False)
 
 
-def test_token_guards_a_head_beyond_loopback(private_addresses, tmp_path, monkeypatch):
+def test_token_guards_the_cluster(private_addresses, tmp_path, monkeypatch):
     started = hexgen("node", "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(PORT), "--machine", "ta",
                      "--slots", "1")
     token = re.search(r"RAY_AUTH_TOKEN=([0-9a-f]{64}) hexgen node join " + re.escape(f"{HEAD_IP}:{PORT}"),
                       started.stdout)
     assert token, started.stdout
     address = f"{HEAD_IP}:{PORT}"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))  # another machine: no token file
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     refused = hexgen("node", "join", address, "--machine", "tb", "--slots", "1", "--node-ip-address", NODE_IP,
                      check=False)
