@@ -133,8 +133,9 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
             watcher = asyncio.create_task(replanner.watch())
         app = create_app(coordinator, args.api_key, plan.to_dict())
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        where = (lambda s: f" on {s.machine}") if args.ray else (lambda s: "")
         layout = "; ".join(
-            f"replica {r.index}: " + " -> ".join(f"TP {s.tp} x {s.num_layers} layers" for s in r.plan.stages)
+            f"replica {r.index}: " + " -> ".join(f"TP {s.tp} x {s.num_layers} layers{where(s)}" for s in r.plan.stages)
             for r in replicas
         )
         sock.listen(2048)
