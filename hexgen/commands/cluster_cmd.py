@@ -10,8 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="probe the machines of a Ray cluster into a cluster YAML",
                        description=__doc__)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    probe = actions.add_parser("probe", help="find machines, GPUs and links; write the cluster YAML",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    probe = actions.add_parser("probe", help="find machines, GPUs and links; write the cluster YAML")
     probe.add_argument("--ray", required=True, metavar="HEAD_HOST:PORT", help="the cluster's head address")
     probe.add_argument("-o", "--output", required=True, help="cluster YAML to write")
     probe.add_argument("--bulk-mib", type=int, default=16, help="MiB sent between each pair to measure bandwidth")

@@ -13,21 +13,20 @@ DEFAULT_PORT = 6379
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="start, join or stop this machine's node of a Ray cluster",
-                       description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    start = actions.add_parser("start", help="start the head node of a new cluster on this machine",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    start.add_argument("--head", action="store_true", required=True, help="start a head node (join with `join`)")
+    start = actions.add_parser("start", help="start the head node of a new cluster on this machine")
+    start.add_argument("--head", action="store_true", required=True,
+                       help="start a head node (other machines use `join`)")
     start.add_argument("--port", type=int, default=DEFAULT_PORT, help="the head's port (Ray's GCS)")
-    join = actions.add_parser("join", help="join this machine to a cluster",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    join = actions.add_parser("join", help="join this machine to a cluster")
     join.add_argument("address", metavar="HEAD_HOST:PORT", help="the address `node start --head` printed")
     for q in (start, join):
         q.add_argument("--machine", default=socket.gethostname(), help="the machine name plans use")
         q.add_argument("--slots", type=int, help="GPUs for hexgen ranks (default: the GPUs torch sees, "
                                                  "else CPU worker slots = cores)")
-        q.add_argument("--node-ip-address", default="", help="the address other machines reach this one at "
-                                                             "(default: Ray's choice)")
+        q.add_argument("--node-ip-address", default="",
+                       help="the address other machines reach this one at (default: Ray's choice)")
     stop = actions.add_parser("stop", help="stop the Ray processes this machine's node(s) started")
     stop.add_argument("--machine", help="only the node of this machine name (default: every node started here)")
     p.set_defaults(run=run)
