@@ -53,7 +53,7 @@ class HexgenSingle:
         layout = Layout((1,), ((0, source.spec.num_layers),))
         spec = RankSpec(source, layout, 0, dtype, device)
         config = config or SchedulerConfig(max_context=4096)
-        self.engine = Engine.create(build_runner(spec, init_rank(spec)), config, ())
+        self.engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
 
     def prefill_s(self, ids: list[int]) -> float:
         self.engine.add(GenerationRequest("p", tuple(ids), SamplingParams(max_new_tokens=1)))
