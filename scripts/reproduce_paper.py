@@ -68,7 +68,7 @@ SETTINGS = {
     "paper": Setting("paper", 1, "round-robin", (0.25, 0.5, 1.0, 2.0), (0.5, 1.0, 2.0, 4.0), (0.05, 16.0),
                      (0.25, 0.5, 1, 1.5, 2, 3, 4)),
     "batching": Setting("batching", SchedulerConfig().max_running_seqs, "capacity-weighted", (0.5, 2.0, 8.0, 16.0),
-                        (16.0,), (0.5, 128.0), (1, 2, 4, 8, 16, 32, 64), num_requests=600, min_stream_s=60.0),
+                        (16.0, 48.0), (0.5, 128.0), (1, 2, 4, 8, 16, 32, 64), num_requests=600, min_stream_s=60.0),
 }
 
 

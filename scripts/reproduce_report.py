@@ -207,14 +207,14 @@ and 4x rate would need the heterogeneous GPUs to deliver far more per dollar tha
 prices give them (its per-type prices are not published; ours only match the totals), and its baseline ran one
 request at a time, as section 1 does.
 
-**Asymmetric against symmetric (2d): {sym5:.1f} and {sym10:.1f} req/s for the symmetric plan, the same as the
-planner's.** With batching the best replicas are still single-machine TP-8 groups (TP stays inside a machine, and a
-cross-machine pipeline pays a hop of 0.5-100 ms per token loop), and those are symmetric. Asymmetry appears where
-memory decides and the rate needs every GPU: the six Norway 3090 Tis, which hold no replica alone, become a
-TP 2 / 1 / 1 / 2 pipeline of 27 / 13 / 13 / 27 layers whose memory-fitted stages leave KV for 64 sequences (4.6 req/s
-at full load), and an A6000 machine splits into two TP-4 replicas; `hexgen plan --cluster
-examples/clusters/hetero-full.yaml --model llama-2-70b --rate 64 --slo 8.1` returns that 9-replica plan. Below
-about 45 req/s these replicas (7.8 s alone for the pipeline) only lengthen the tail, and the objective leaves them idle.
+**Asymmetric against symmetric (2d).** The planner's plans sustain {p5:.1f} and {p10:.1f} req/s at SLO scales 5
+and 10 against the best symmetric plan's {sym5:.1f} and {sym10:.1f}; at the rates of the lowest-scale rows both are
+the same single-machine TP-8 replicas (TP stays inside a machine, and a cross-machine pipeline pays a hop of
+0.5-100 ms per token loop), so those rows are 1.00x. Asymmetry appears where memory decides and the rate needs every
+GPU: the six Norway 3090 Tis, which hold no replica alone, become a TP 2 / 1 / 1 / 2 pipeline of 27 / 13 / 13 / 27
+layers whose memory-fitted stages leave KV for 64 sequences (4.6 req/s at full load), and A6000 machines split into
+TP-4 replicas next to the A40s (see the plans above). At a tight deadline those replicas are too slow (7.8 s alone
+for the pipeline), and the search leaves them idle.
 
 **What the comparison leaves out.** The cost model has no measured profile for these GPUs (fixed efficiencies of
 the datasheets, no per-step engine overhead: `../shared/reference/gpu-h200.md` measured 27 ms per decode step on an
