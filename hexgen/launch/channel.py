@@ -7,7 +7,8 @@ when ranks run on other machines):
   events    every rank PUSH -> parent PULL  ("loaded", rank, n) / ("ready", rank) / ("error", rank, text)
                                             / ("events", [TokenEvent]) / ("rejected", id, text) / ("heartbeat", stats)
 Over TCP, so a replica on another machine can use the same code with the parent's address. A message that does
-not decode to a registered type is dropped.
+not decode to a registered type is dropped. A channel that leaves loopback (`secure`) is encrypted with CurveZMQ:
+only a peer given the parent's server key, which travels to the ranks through Ray only, completes the handshake.
 """
 
 from __future__ import annotations
@@ -24,9 +25,27 @@ LINGER_MS = 1000  # let a dying rank's last message (its error) leave before the
 
 
 @dataclass(frozen=True)
+class CurveKeys:
+    """CurveZMQ keys (Z85) of a secure channel: the parent's public key and the ranks' own key pair."""
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+
+@dataclass(frozen=True)
 class ChannelAddress:
     commands: str
     events: str
+    keys: CurveKeys | None = None  # None: plain TCP (loopback only)
+
+
+def _connect(sock: zmq.Socket, endpoint: str, keys: CurveKeys | None) -> None:
+    if keys is not None:
+        sock.curve_serverkey = keys.server_public
+        sock.curve_publickey = keys.client_public
+        sock.curve_secretkey = keys.client_secret
+    sock.connect(endpoint)
 
 
 class RankEnd:
@@ -36,11 +55,11 @@ class RankEnd:
         self._ctx = zmq.Context()
         self._events = self._ctx.socket(zmq.PUSH)
         self._events.setsockopt(zmq.LINGER, LINGER_MS)
-        self._events.connect(address.events)
+        _connect(self._events, address.events, address.keys)
         self._commands = None
         if receives_commands:
             self._commands = self._ctx.socket(zmq.PULL)
-            self._commands.connect(address.commands)
+            _connect(self._commands, address.commands, address.keys)
 
     def put(self, message: Any) -> None:
         self._events.send(encode(message))
@@ -66,14 +85,23 @@ def _drain(sock: zmq.Socket, timeout_s: float) -> list[Any]:
     return out
 
 
-def _bind_parent_sockets(ctx: zmq.Context, host: str) -> tuple[zmq.Socket, zmq.Socket, ChannelAddress]:
+def _bind_parent_sockets(
+    ctx: zmq.Context, host: str, secure: bool = False
+) -> tuple[zmq.Socket, zmq.Socket, ChannelAddress]:
     commands = ctx.socket(zmq.PUSH)
     events = ctx.socket(zmq.PULL)
+    keys = None
+    if secure:
+        server_public, server_secret = zmq.curve_keypair()
+        keys = CurveKeys(server_public, *zmq.curve_keypair())
     for sock in (commands, events):
         sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = server_public, server_secret
     commands_port = commands.bind_to_random_port(f"tcp://{host}")
     events_port = events.bind_to_random_port(f"tcp://{host}")
-    return commands, events, ChannelAddress(f"tcp://{host}:{commands_port}", f"tcp://{host}:{events_port}")
+    return commands, events, ChannelAddress(f"tcp://{host}:{commands_port}", f"tcp://{host}:{events_port}", keys)
 
 
 class ParentEnd:
@@ -97,8 +125,10 @@ class ParentEnd:
 class AsyncParentEnd:
     """The parent side for an asyncio coordinator."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self._commands, self._events, self.address = _bind_parent_sockets(zmq.asyncio.Context.instance(), host)
+    def __init__(self, host: str = "127.0.0.1", secure: bool = False) -> None:
+        self._commands, self._events, self.address = _bind_parent_sockets(
+            zmq.asyncio.Context.instance(), host, secure
+        )
 
     async def send(self, message: Any) -> None:
         await self._commands.send(encode(message))

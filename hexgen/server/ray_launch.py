@@ -49,4 +49,4 @@ def make_ray_replica(
              for spec, machine in zip(rank_specs(source, replica, dtype, device, 1), machines, strict=True)]
     rank_args = [(spec, scheduler_config, eos_token_ids) for spec in specs]
     return ReplicaClient(index, replica, lambda address: RayRanks(machines, rank_args, address),
-                         capacity_weight(replica), channel_host)
+                         capacity_weight(replica), channel_host, secure=True)

@@ -57,11 +57,12 @@ def local_ranks(rank_args: list[tuple[Any, ...]]) -> Callable[[ChannelAddress], 
 
 class ReplicaClient:
     def __init__(self, index: int, plan: Replica, make_ranks: Callable[[ChannelAddress], Ranks],
-                 capacity_weight: float = 1.0, channel_host: str = "127.0.0.1"):
-        """make_ranks(channel address) builds the replica's ranks; the channel binds on channel_host."""
+                 capacity_weight: float = 1.0, channel_host: str = "127.0.0.1", secure: bool = False):
+        """make_ranks(channel address) builds the replica's ranks; the channel binds on channel_host, encrypted
+        with CurveZMQ when secure."""
         self.index = index
         self.plan = plan
-        self.channel = AsyncParentEnd(channel_host)
+        self.channel = AsyncParentEnd(channel_host, secure)
         self.processes = make_ranks(self.channel.address)
         self.state = ReplicaState(outstanding=0, is_up=False, capacity_weight=capacity_weight)
         self.status = "starting"
