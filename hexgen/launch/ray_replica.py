@@ -107,6 +107,8 @@ class RayRanks:
         where = f"rank {rank} on machine {self.machines[rank]!r} ({node_ip})"
         try:
             ray.get(done[0], timeout=0)
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as err:
+            return f"{where}: its actor is gone ({type(err).__name__}: machine down or cut off, or process killed)"
         except Exception as err:  # noqa: BLE001 - described in one line
             first = str(err).strip().splitlines()[0][:MAX_REASON_CHARS] if str(err).strip() else ""
             return f"{where}: {type(err).__name__}{': ' + first if first else ''}"
