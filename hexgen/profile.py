@@ -24,7 +24,8 @@ LINK_FIELDS = ("latency_ms", "bandwidth_gbps")
 REQUIRED = ("format", "device_type", *RATES, *OVERHEADS, *LINKS)
 # Descriptive fields: kept in the file for people, never read by the cost model.
 DESCRIPTIVE = ("device", "backend", "dtype", "measured_at", "torch_version", "cpu", "notes", "memory_gb",
-               "allreduce_ranks", "method", "load_average_1m", "threads")
+               "allreduce_ranks", "method", "load_average_1m", "threads",
+               "calibrated_on")
 # A field without its unit is the most likely slip; name the right one.
 UNITLESS = {"matmul": "matmul_tflops", "tflops": "matmul_tflops", "memory_bandwidth": "memory_bandwidth_gbs",
             "bandwidth": "memory_bandwidth_gbs", "step_overhead": "step_overhead_ms",

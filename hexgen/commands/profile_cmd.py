@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads to measure with (0: torch's default, as a one-rank replica runs; a rank of a "
                         "W-rank replica gets cores / W)")
+    p.add_argument("--model", help="also fit the per-layer and per-sequence overheads to this model's decode steps "
+                                   "(embedded name, HF directory or .gguf), so the profile matches what it serves")
     p.add_argument("-o", "--output", required=True, help="profile file to write (.yaml or .json)")
     p.set_defaults(run=run)
 
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; other work will make every figure low")
     print(f"measuring {describe} as {device_type} ({dtype}); this takes about a minute")
-    figures = measure_profile(device_type, dtype, device, describe, args.threads)
+    figures = measure_profile(device_type, dtype, device, describe, args.threads, args.model)
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
     profile_from_dict(figures, "measured profile")  # what we write must load
     out = Path(args.output)

@@ -26,6 +26,7 @@ from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.launch.spec import Layout, RankSpec
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 256, "max_position_embeddings": 512}
 OVERHEAD_LAYERS = (1, 4)
@@ -115,6 +116,27 @@ def engine_overheads_ms(dtype: str, device: str, threads: int) -> dict[str, floa
     return {"step_overhead_ms": step_s * 1e3, "layer_overhead_ms": layer_s * 1e3, "seq_overhead_ms": seq_s * 1e3}
 
 
+def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threads: int) -> dict[str, float]:
+    """Per-layer and per-sequence overheads that make the cost model match the engine's decode steps on `source`
+    (one rank, batch 1 and 8): what the real model adds beyond its matmuls and weight scan (attention over the
+    paged pool, norms, RoPE, sampling), spread over its layers. The step overhead of the tiny fit is kept."""
+    from hexgen.cluster import GpuType, Link
+    from hexgen.costmodel import CostConfig
+    from hexgen.costmodel.stage import stage_cost
+
+    gpu = GpuType("measured", 1e6, 1.0, 1.0, measured_bandwidth_gbs=figures["memory_bandwidth_gbs"],
+                  measured_tflops=figures["matmul_tflops"], step_overhead_ms=figures["step_overhead_ms"])
+    spec = source.spec
+    cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=DTYPE_BYTES[dtype]),
+                      is_first=True, is_last=True)
+    context = 8 + 12  # the measured sequences: 8 prompt tokens, decode steps 2..24 (median near 12)
+    residual = {b: min(_decode_step_s(source, b, dtype, device, threads) for _ in range(2))
+                - cost.decode_step_s(b, b * context) for b in (1, 8)}
+    per_seq_s = max(0.0, (residual[8] - residual[1]) / 7)
+    fixed_s = max(0.0, residual[1] - per_seq_s)
+    return {"layer_overhead_ms": fixed_s / spec.num_layers * 1e3, "seq_overhead_ms": per_seq_s / spec.num_layers * 1e3}
+
+
 def link_figures(hidden: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     """All-reduce over two ranks and one-way sends, fitted to latency + bytes / bandwidth (gloo on loopback)."""
     measured = measure_collectives(2, hidden, list(LINK_TOKENS), dtype)
@@ -145,7 +167,8 @@ def _lscpu_summary() -> str:
             f"flags: {' '.join(vector) or 'no AVX'}")
 
 
-def measure_profile(device_type: str, dtype: str, device: str, describe: str, threads: int = 0) -> dict[str, Any]:
+def measure_profile(device_type: str, dtype: str, device: str, describe: str, threads: int = 0,
+                    model: str | None = None) -> dict[str, Any]:
     """Every figure of a profile file, as written by `hexgen profile`; `threads` torch threads (0: torch's default,
     which is what a one-rank replica gets; a rank of a W-rank replica gets cores / W)."""
     if threads:
@@ -161,6 +184,11 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
         "memory_bandwidth_gbs": round(weight_scan_gbs(torch_device, torch_dtype, (2 << 30) if big else (256 << 20)), 3),
     }
     out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device, threads).items()}
+    if model is not None:
+        from hexgen.engine.checkpoint import resolve_model
+
+        out |= {k: round(v, 4) for k, v in fit_to_model(out, resolve_model(model), dtype, device, threads).items()}
+        out["calibrated_on"] = model
     if device == "cuda" and torch.cuda.device_count() < 2:
         raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
     out |= link_figures(4096, torch_dtype)
