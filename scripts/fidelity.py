@@ -214,27 +214,29 @@ def reading(measured: dict, predicted: list) -> list[str]:
     loads = [x for _, r, _ in rows for x in r.get("load_average_1m", [])] or measured.get("load_average_1m_observed")
     tokens = measured["max_tokens"]
     per_token = [(r["e2e_mean_s"] / tokens * 1e3, p["e2e_mean_s"] / tokens * 1e3) for _, r, p in rows]
+    ratios = [m / p for m, p in per_token]
     return [
         "",
         "## Reading the errors",
         "",
-        f"- **Within the targets:** {', '.join(within) if within else 'none of the six rows'}. Every prediction is "
-        f"low: per output token the server took {min(m / p for m, p in per_token):.1f}-"
-        f"{max(m / p for m, p in per_token):.1f}x the predicted time.",
+        f"- **Within the targets:** {', '.join(within) if within else 'none of the six rows'}. Per output token the "
+        f"server took {min(ratios):.2f}-{max(ratios):.2f}x the predicted time.",
         f"- **The machine was not ours alone:** load average {min(loads):.1f}-{max(loads):.1f} on its 2 cores while "
         "measuring (other sessions' builds and tests). The profile reports what the cores do when they are free "
-        "(the fastest of repeated timings), and the cost model has no term for cores taken by other processes; the "
-        "one-process plan, whose two torch threads need both cores, suffers most."
-        if loads else "- Load: not recorded.",
-        "- **What the profile misses on the real model.** Its fixed costs are fitted on a 64-wide model, where a "
-        "step is almost all launch and Python overhead; SmolLM2's per-sequence work beyond the matmuls (attention over "
-        "the paged pool, norms, RoPE, sampling) is not in the fit, so batched steps (16 streams) are predicted far "
-        "faster than one-stream ones relative to the measurement.",
-        "- **Co-located ranks share 2 cores:** the default plan's 5 ranks and the two-stage plan's 2 ranks run on 2 "
-        "cores, but the simulator treats each rank as a device of its own; with one GPU per rank this source of "
-        "error goes away.",
-        "- To re-measure: `hexgen profile -o examples/profiles/cpu-epyc-2core.yaml`, `hexgen profile --threads 1 -o "
-        "examples/profiles/cpu-epyc-2core-1thread.yaml`, then this script (about 3 minutes on a quiet machine).",
+        "(the fastest of repeated timings), and the cost model has no term for cores taken by other processes. "
+        "A one-rank replica runs two torch threads that need both cores; with a third process on one of them its "
+        "steps stall (compare the one-process and two-stage rows at one stream), and its two-thread profile is "
+        "the least stable figure we have." if loads else "- Load: not recorded.",
+        "- **Co-located ranks share 2 cores:** the default plan's 5 ranks (one TP-3 group) run on 2 cores, but the "
+        "simulator treats each rank as a device of its own, so it predicts that plan far too fast; the two-stage "
+        "plan (2 ranks, one core each) is the case the model describes, and it comes closest. With one GPU per rank "
+        "this source of error goes away.",
+        "- The profiles' per-layer and per-sequence overheads are fitted to SmolLM2's own decode steps on one rank "
+        "(`hexgen profile --model smollm2-135m`); without that fit (a tiny model's overheads only) every prediction "
+        "was 1.4-5.8x too fast.",
+        "- To re-measure: `hexgen profile --model smollm2-135m -o examples/profiles/cpu-epyc-2core.yaml`, the same "
+        "with `--threads 1 -o examples/profiles/cpu-epyc-2core-1thread.yaml`, then this script (about 3 minutes on "
+        "a quiet machine).",
     ]
 
 if __name__ == "__main__":
