@@ -90,9 +90,8 @@ class PlanEvaluator:
         stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
                                  c.tp_link(s.machine)) for s in layout.stages]
         cost = replica_stage_costs(c, self.model, stages, self.cfg, self.workload)
-        if self.is_batching and cost.max_running(self.workload.max_batch, self.workload.prompt_tokens,
-                                                 self.workload.output_tokens) < 1:
-            return None  # its KV pool cannot hold one sequence of the workload
+        if self.is_batching and (cost.kv_blocks or 0) < self.workload.max_batch:
+            return None  # the engine needs a KV block per running sequence of the batch limit
         return cost
 
     def score(self, partition: Partition) -> Score:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from hexgen.cluster import GIB, Cluster
-from hexgen.costmodel import CostConfig, Workload, stage_memory_bytes
+from hexgen.costmodel import CostConfig, Workload, placements_of, replica_stage_costs, stage_memory_bytes
 from hexgen.errors import PlanError
 from hexgen.models import ModelSpec
-from hexgen.plan import DeploymentPlan, Stage
+from hexgen.plan import DeploymentPlan, Replica, Stage
 
 
 @dataclass(frozen=True)
@@ -28,25 +28,47 @@ def validate_plan(
     plan.validate_structure(model)
     # The engine's paged KV pool takes what memory is left, so a stage must hold its weights, activations and
     # reserve plus the KV cache of at least one sequence of the workload; a smaller pool just batches less.
-    workload = replace(workload, max_batch=1)
+    batch, workload = workload.max_batch, replace(workload, max_batch=1)
     out = []
     for r, replica in enumerate(plan.replicas):
-        last = len(replica.stages) - 1
-        for s, stage in enumerate(replica.stages):
-            where = f"replica {r} stage {s}"
-            _check_placement(stage, where, cluster)
-            gpu = cluster.machine(stage.machine).gpu
-            used = stage_memory_bytes(
-                model, stage.tp, stage.num_layers, workload, cfg, is_first=s == 0, is_last=s == last
-            )
-            if used > gpu.memory_bytes:
-                raise PlanError(
-                    f"{where}: needs {used / GIB:.1f} GiB per GPU but {stage.machine}'s {gpu.name} has "
-                    f"{gpu.memory_gb:.1f} GiB (rule: memory fits; {stage.num_layers} layers at TP {stage.tp} with "
-                    f"KV cache for one sequence of {workload.context_tokens} tokens)"
-                )
-            out.append(StageMemory(r, s, used, gpu.memory_bytes))
+        out += _check_replica_memory(replica, r, model, cluster, workload, cfg)
+        _check_pool(replica, r, model, cluster, replace(workload, max_batch=batch), cfg)
     return out
+
+
+def _check_replica_memory(
+    replica: Replica, r: int, model: ModelSpec, cluster: Cluster, workload: Workload, cfg: CostConfig
+) -> list[StageMemory]:
+    out = []
+    last = len(replica.stages) - 1
+    for s, stage in enumerate(replica.stages):
+        where = f"replica {r} stage {s}"
+        _check_placement(stage, where, cluster)
+        gpu = cluster.machine(stage.machine).gpu
+        used = stage_memory_bytes(model, stage.tp, stage.num_layers, workload, cfg, is_first=s == 0, is_last=s == last)
+        if used > gpu.memory_bytes:
+            raise PlanError(
+                f"{where}: needs {used / GIB:.1f} GiB per GPU but {stage.machine}'s {gpu.name} has "
+                f"{gpu.memory_gb:.1f} GiB (rule: memory fits; {stage.num_layers} layers at TP {stage.tp} with "
+                f"KV cache for one sequence of {workload.context_tokens} tokens)"
+            )
+        out.append(StageMemory(r, s, used, gpu.memory_bytes))
+    return out
+
+
+def _check_pool(
+    replica: Replica, r: int, model: ModelSpec, cluster: Cluster, workload: Workload, cfg: CostConfig
+) -> None:
+    """The engine refuses a batch limit above its KV pool's block count (one block per running sequence)."""
+    if workload.max_batch == 1:
+        return
+    blocks = replica_stage_costs(cluster, model, placements_of(replica, cluster), cfg, workload).kv_blocks or 0
+    if blocks < workload.max_batch:
+        raise PlanError(
+            f"replica {r}: its KV pool holds {blocks} blocks of {cfg.kv_block_tokens} tokens on every rank, fewer "
+            f"than one per sequence of the batch limit {workload.max_batch} (rule: the engine needs a block per "
+            "running sequence); lower --max-batch or give the replica's tightest stage more memory"
+        )
 
 
 def _check_placement(stage: Stage, where: str, cluster: Cluster) -> None:

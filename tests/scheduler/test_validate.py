@@ -43,3 +43,14 @@ def test_valid_plan_reports_memory(tiny_cluster):
 def test_invalid_plans_name_stage_and_rule(tiny_cluster, stages, pattern):
     with pytest.raises(PlanError, match=pattern):
         _check(tiny_cluster, stages)
+
+
+def test_batch_limit_above_the_kv_pool_is_refused(tiny_cluster):
+    # llama-2-70b at TP 4 on big-0 (4 x A6000, 48 GiB): about 33 GiB of weights and embeddings per GPU leave ~14 GiB,
+    # i.e. thousands of 16-token blocks of 80 layers x 2 x 2 KV heads x 128 x 2 bytes = 80 KiB per token per rank,
+    # far fewer than a batch limit of a million sequences
+    plan = plan_from_dict({"model": "llama-2-70b", "replicas": [{"stages": [
+        {"machine": "big-0", "gpus": [0, 1, 2, 3], "tp": 4, "layers": [0, 80]}]}]})
+    validate_plan(plan, MODEL, tiny_cluster, Workload(128, 64, 64), CostConfig())
+    with pytest.raises(PlanError, match=r"replica 0: its KV pool holds \d+ blocks of 16 tokens .* limit 1000000"):
+        validate_plan(plan, MODEL, tiny_cluster, Workload(128, 64, 1_000_000), CostConfig())
