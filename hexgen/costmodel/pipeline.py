@@ -61,14 +61,19 @@ class ReplicaCost:
 
     def capacity_rps(self, running: int, prompt_tokens: int, output_tokens: int) -> float:
         """Requests per second with `running` sequences always decoding: each batch of them needs output-1 token
-        loops plus every prompt once on the slowest-prefilling stage (prefill's fixed cost is counted once; it
-        shares the weight scan with the decode steps it joins)."""
+        loops plus every prompt's work once on the stage it costs most (a prompt shares the weight scan with the
+        decode step it joins; the first prefill's fixed cost is counted once)."""
         if running < 1:
             return 0.0
         per_token_s = self.decode_token_s(running, prompt_tokens + output_tokens / 2)
-        prompt_s = max(c.prefill_per_token_s for c in self.stages) * prompt_tokens
-        batch_s = (output_tokens - 1) * per_token_s + running * prompt_s + self.sequential.prefill_fixed_s
-        return running / batch_s
+        batch_s = (output_tokens - 1) * per_token_s + running * self.prompt_work_s(prompt_tokens)
+        return running / (batch_s + self.sequential.prefill_fixed_s)
+
+    def prompt_work_s(self, prompt_tokens: int) -> float:
+        """Seconds one prompt adds to the decode step it joins, on the stage where that is most: its tokens, and
+        the part of the prefill's fixed cost beyond the decode step's."""
+        return max(c.prefill_per_token_s * prompt_tokens + max(0.0, c.prefill_fixed_s - c.decode_fixed_s)
+                   for c in self.stages)
 
     def request_latency_s(self, prompt_tokens: int, output_tokens: int) -> float:
         """One request alone: a single micro-batch loops through every stage for each step."""

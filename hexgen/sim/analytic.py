@@ -47,7 +47,7 @@ def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, poi
     """`points` latencies spread like one replica's (evenly spaced quantiles) when it gets `share` of the stream."""
     rate = share * load.rate_rps
     full_rps = _capacity_rps(cost, load)
-    stolen = rate * _prompt_work_s(cost, load)  # share of time the others' prompts take from every decode
+    stolen = rate * cost.prompt_work_s(load.prompt_tokens)  # time the others' prompts take from decodes
     if rate >= full_rps or stolen >= 1:
         # Falls behind: a full batch turns over at capacity, so each request spends slots / capacity in it (Little),
         # and the j-th of its n requests also waits j x (1/capacity - 1/rate) for a slot.
@@ -66,14 +66,6 @@ def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, poi
     cdf = np.cumsum(pmf) / pmf.sum()
     picks = np.searchsorted(cdf, (np.arange(points) + 0.5) / points)
     return latency[np.minimum(picks, top)]
-
-
-@cache
-def _prompt_work_s(cost: ReplicaCost, load: BatchingLoad) -> float:
-    """Seconds one arrival's prompt adds to the decode step it joins, on the slowest-prefilling stage: its tokens,
-    and the part of the prefill's fixed cost beyond the decode step's."""
-    return max(c.prefill_per_token_s * load.prompt_tokens + max(0.0, c.prefill_fixed_s - c.decode_fixed_s)
-               for c in cost.stages)
 
 
 @cache

@@ -32,9 +32,11 @@ def test_token_time_is_the_loop_alone_and_the_slowest_stage_when_full():
 
 def test_capacity_counts_decode_loops_and_prompts_on_the_slowest_stage():
     pipe = ReplicaCost((STAGE_A, STAGE_B), (HOP,), BACK)
-    # 4 running, 10-token prompts, 5 outputs: 4 loops of 0.48, 4 prompts x 10 x 0.02 on B, one prefill fixed
-    # cost of the whole pipeline (0.3 + 0.2 + 0.05 + 0.01)
-    assert pipe.capacity_rps(4, 10, 5) == pytest.approx(4 / (4 * 0.48 + 0.8 + 0.56))
+    # 4 running, 10-token prompts, 5 outputs: 4 loops of 0.48; a prompt costs A 10 x 0.01 + (0.3 - 0.1) = 0.3 and
+    # B 10 x 0.02 + 0 = 0.2 beyond the decode step it joins, so 4 x 0.3 on A; one prefill fixed cost of the whole
+    # pipeline (0.3 + 0.2 + 0.05 + 0.01)
+    assert pipe.prompt_work_s(10) == pytest.approx(0.3)
+    assert pipe.capacity_rps(4, 10, 5) == pytest.approx(4 / (4 * 0.48 + 4 * 0.3 + 0.56))
 
 
 def test_simulated_pipeline_overlaps_micro_batches():
