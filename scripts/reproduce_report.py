@@ -193,8 +193,8 @@ value.
 
 **Against 16 x A100 (2b, 2c): the deadline goes the other way, the rate only at a loose deadline.** The A100s
 meet 99% at {r_min:.2f}-{r_max:.2f}x the full budget's deadline at every rate ({low} req/s: {h_low:.2f} against
-{f_low:.2f}; {high} req/s: {h_high:.2f} against {f_high:.2f}; paper: the full budget up to 2.3x tighter). Peak rates: at SLO scale
-5 the full budget sustains {p5:.1f} req/s against the A100s' {hp5:.1f}, at scale 10 {p10:.1f} against {hp10:.1f}
+{f_low:.2f}; {high} req/s: {h_high:.2f} against {f_high:.2f}; paper: the full budget up to 2.3x tighter). Peak
+rates: at SLO scale 5 the full budget sustains {p5:.1f} req/s against the A100s' {hp5:.1f}, at scale 10 {p10:.1f} against {hp10:.1f}
 (paper: up to 4x); the half budget sustains {half5:.1f} and {half10:.1f} (paper: slightly better than the A100s).
 In the cost model a decode step has three parts; for a TP-8 replica of A100s against one of 3090 Tis: the weight
 scan {a_scan:.1f} against {t_scan:.1f} ms (memory bandwidth), the all-reduces' latency {a_ar:.1f} against
