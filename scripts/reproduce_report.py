@@ -194,20 +194,20 @@ value.
 **Against 16 x A100 (2b, 2c): the deadline goes the other way, the rate only at a loose deadline.** The A100s
 meet 99% at {r_min:.2f}-{r_max:.2f}x the full budget's deadline at every rate ({low} req/s: {h_low:.2f} against
 {f_low:.2f}; {high} req/s: {h_high:.2f} against {f_high:.2f}; paper: the full budget up to 2.3x tighter). Peak
-rates: at SLO scale 5 the full budget sustains {p5:.1f} req/s against the A100s' {hp5:.1f}, at scale 10 {p10:.1f} against {hp10:.1f}
-(paper: up to 4x); the half budget sustains {half5:.1f} and {half10:.1f} (paper: slightly better than the A100s).
-In the cost model a decode step has three parts; for a TP-8 replica of A100s against one of 3090 Tis: the weight
-scan {a_scan:.1f} against {t_scan:.1f} ms (memory bandwidth), the all-reduces' latency {a_ar:.1f} against
-{t_ar:.1f} ms (two per layer, 14 ring steps each, over NVLink at 5 us against PCIe at 10 us), and per sequence
-{a_seq:.3f} against {t_seq:.3f} ms (312 against 80 dense TFLOPS with FP32 accumulate). Batching multiplies the last
-term by the batch, so the 3.9x compute gap per GPU takes over: {a64:.1f} against {ti64:.1f} ms per token at 64
-sequences, {a_cap:.1f} against {ti_cap:.1f} req/s per replica. Each A100 replica is also faster per request
-({a_alone:.2f} s alone against {t_alone:.2f} s on 3090 Tis and {a6_alone:.2f} s on A6000s), so at a tight deadline the
-two A100 replicas win; the heterogeneous cluster holds more replicas (nine at scale 10, about 60 req/s of capacity
-against 45), and once the deadline leaves room for its slower ones, its capacity wins. The paper's larger gains would
-need the heterogeneous GPUs to deliver more per dollar than the datasheets and our assumed prices give them (its
-per-type prices are not published; ours only match the totals), and its baseline ran one request at a time, as
-section 1 does.
+rates: at SLO scale 5 the full budget sustains {p5:.1f} req/s against the A100s' {hp5:.1f}, at scale 10
+{p10:.1f} against {hp10:.1f} (paper: up to 4x); the half budget sustains {half5:.1f} and {half10:.1f} (paper:
+slightly better than the A100s). In the cost model a decode step has three parts; for a TP-8 replica of A100s
+against one of 3090 Tis: the weight scan {a_scan:.1f} against {t_scan:.1f} ms (memory bandwidth), the
+all-reduces' latency {a_ar:.1f} against {t_ar:.1f} ms (two per layer, 14 ring steps each, over NVLink at 5 us
+against PCIe at 10 us), and per sequence {a_seq:.3f} against {t_seq:.3f} ms (312 against 80 dense TFLOPS with
+FP32 accumulate). Batching multiplies the last term by the batch, so the 3.9x compute gap per GPU takes over:
+{a64:.1f} against {ti64:.1f} ms per token at 64 sequences, {a_cap:.1f} against {ti_cap:.1f} req/s per replica.
+Each A100 replica is also faster per request ({a_alone:.2f} s alone against {t_alone:.2f} s on 3090 Tis and
+{a6_alone:.2f} s on A6000s), so at a tight deadline the two A100 replicas win; the heterogeneous cluster holds
+more replicas (nine at scale 10, about 60 req/s of capacity against 45), and once the deadline leaves room for
+its slower ones, its capacity wins. The paper's larger gains would need the heterogeneous GPUs to deliver more
+per dollar than the datasheets and our assumed prices give them (its per-type prices are not published; ours
+only match the totals), and its baseline ran one request at a time, as section 1 does.
 
 **Asymmetric against symmetric (2d).** The planner's plans sustain {p5:.1f} and {p10:.1f} req/s at SLO scales 5
 and 10 against the best symmetric plan's {sym5:.1f} and {sym10:.1f}; at the rates of the lowest-scale rows both are
