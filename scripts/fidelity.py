@@ -199,7 +199,7 @@ def write_report(path: Path, measured: dict, predicted: list, prompt_tokens: int
                 f"{sim['e2e_p90_s']:.2f} | {_err(sim['e2e_p90_s'], row['e2e_p90_s'])} | {row['output_tps']:.1f} | "
                 f"{sim['output_tps']:.1f} | {_err(sim['output_tps'], row['output_tps'])} |"
             )
-    lines += reading(measured, predicted)
+    lines += reading(measured, predicted) + [f"- {note}" for note in measured.get("notes", [])]
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
