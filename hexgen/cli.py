@@ -7,7 +7,7 @@ import copy
 import sys
 from importlib.metadata import metadata, version
 
-from hexgen.commands import COMMANDS, profile_cmd
+from hexgen.commands import COMMANDS
 from hexgen.errors import UserError
 
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hexgen", description=metadata("hexgen")["Summary"])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('hexgen')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in [*COMMANDS, profile_cmd]:
+    for command in COMMANDS:
         command.register(sub)
     return parser
 

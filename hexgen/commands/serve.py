@@ -35,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dispatch",
         choices=POLICIES,
-        default="least-outstanding",
-        help="how the coordinator picks a replica (the simulator's policies)",
+        default=None,
+        help="how the coordinator picks a replica (the simulator's policies); default: the plan's choice "
+        "(meta.dispatch), else capacity-weighted when the replicas differ, else least-outstanding",
     )
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_RUNNING_SEQS, help="sequences a replica runs at once")
     add_engine_args(p)

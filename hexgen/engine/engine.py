@@ -6,7 +6,6 @@ runs one, stage s runs the next, so a pipeline's throughput follows its slowest 
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -114,7 +113,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Launch micro-batches until S are in flight, then finish the oldest; its events."""
         while len(self.in_flight) < self.num_stages:
-            plan = self.scheduler.schedule(self._micro_batch_limit())
+            plan = self.scheduler.schedule(self.scheduler.micro_batch_limit(self.num_stages))
             if plan is None:
                 break
             self.in_flight.append((plan, self._launch(plan)))
@@ -122,13 +121,6 @@ class Engine:
             return self.scheduler.update(StepPlan(), [])
         plan, tokens = self.in_flight.popleft()
         return self.scheduler.update(plan, tokens())
-
-    def _micro_batch_limit(self) -> int | None:
-        """Split the sequences evenly over the stages, so every stage has a micro-batch to work on."""
-        if self.num_stages == 1:
-            return None
-        active = min(len(self.scheduler.running) + len(self.scheduler.waiting), self.scheduler.config.max_running_seqs)
-        return max(1, math.ceil(active / self.num_stages))
 
     def _launch(self, plan: StepPlan) -> Callable[[], list[int]]:
         ctx = self.runner.ctx

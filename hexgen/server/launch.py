@@ -42,6 +42,16 @@ def check_local(plan: DeploymentPlan) -> None:
                 )
 
 
+def default_dispatch(plan: DeploymentPlan) -> str:
+    """The plan's dispatch policy, else capacity-weighted when its replicas differ, else least-outstanding."""
+    chosen = plan.meta.get("dispatch")
+    if chosen:
+        return str(chosen)
+    shapes = {tuple((s.tp, s.layers) for s in r.stages) for r in plan.replicas}
+    weights = {capacity_weight(r) for r in plan.replicas}
+    return "capacity-weighted" if len(shapes) > 1 or len(weights) > 1 else "least-outstanding"
+
+
 def capacity_weight(replica: Replica) -> float:
     """Relative speed for capacity-weighted dispatch: the planner's predicted throughput, else the inverse of its
     predicted latency, else 1."""

@@ -20,7 +20,7 @@ from hexgen.models import ModelSpec, load_model_spec
 from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
 from hexgen.server.coordinator import Coordinator, ServeConfig
-from hexgen.server.launch import check_local, default_local_plan, make_replicas, start_all
+from hexgen.server.launch import check_local, default_dispatch, default_local_plan, make_replicas, start_all
 from hexgen.server.metrics import Metrics
 from hexgen.server.replica_client import ReplicaClient
 from hexgen.tokenizer import Tokenizer
@@ -124,6 +124,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     watcher = None
     try:
         config = ServeConfig(args.served_model_name or args.model, max_context, args.max_queue)
+        args.dispatch = args.dispatch or default_dispatch(plan)
         coordinator = Coordinator(config, tokenizer, replicas, make_policy(args.dispatch), Metrics())
         if cluster is not None:
             from hexgen.raycluster.env import machine_slots

@@ -64,8 +64,8 @@ class SequentialServer:
 class BatchingServer:
     """Continuous batching by the engine's Scheduler: one event per micro-batch, each stage in turn.
 
-    As the engine's driver does, each micro-batch takes ceil(active / stages) sequences, active being the running
-    and waiting sequences up to the batch limit, so every stage has a micro-batch to work on.
+    As the engine's driver does, each micro-batch takes `Scheduler.micro_batch_limit(stages)` sequences, so every
+    stage has a micro-batch to work on.
     """
 
     def __init__(self, cost: ReplicaCost, max_batch: int, pool_blocks: int):
@@ -93,19 +93,12 @@ class BatchingServer:
         """Launch micro-batches while fewer than `stages` are in flight; returns when each comes back."""
         ends = []
         while len(self._in_flight) < self._depth:
-            plan = self._scheduler.schedule(self._micro_batch_limit())
+            plan = self._scheduler.schedule(self._scheduler.micro_batch_limit(self._depth))
             if plan is None:
                 break
             self._in_flight.append(plan)
             ends.append(self._pass_through(now_s, plan))
         return ends
-
-    def _micro_batch_limit(self) -> int | None:
-        if self._depth == 1:
-            return None
-        sched = self._scheduler
-        active = min(len(sched.running) + len(sched.waiting), sched.config.max_running_seqs)
-        return max(1, -(-active // self._depth))
 
     def _pass_through(self, now_s: float, plan: StepPlan) -> float:
         """Each stage starts the micro-batch once it has arrived and the stage is free; then the hop onward."""

@@ -145,6 +145,15 @@ def test_micro_batches_in_flight_are_disjoint():
     assert scheduler.blocks.num_used == used - 1 and 3 not in scheduler.running
 
 
+def test_micro_batch_limit_splits_active_sequences_over_stages():
+    scheduler = Scheduler(config(max_running_seqs=8))
+    for i in range(11):
+        scheduler.add(request(f"r{i}", 2))
+    # 11 active, capped at the batch limit 8: 8 / 3 stages -> 3 per micro-batch; one stage: no limit
+    assert [scheduler.micro_batch_limit(stages) for stages in (3, 2, 1)] == [3, 4, None]
+    assert Scheduler(config()).micro_batch_limit(4) == 1  # nothing active: still one sequence per micro-batch
+
+
 def test_abort_of_waiting_request():
     scheduler = Scheduler(config(max_running_seqs=1))
     scheduler.add(request("a", 3, max_new_tokens=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from dataclasses import replace
 
 import pytest
 from serve_helpers import REPO_ROOT, write_plan
@@ -13,18 +14,27 @@ from hexgen.cli import build_parser
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.models import load_model_spec
 from hexgen.plan import LOCAL_MACHINE
-from hexgen.server.launch import default_local_plan
+from hexgen.server.launch import default_dispatch, default_local_plan
 
 
 def test_defaults_listen_on_loopback_8000():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.dispatch, args.api_key, args.plan) == (
-        "127.0.0.1", 8000, "least-outstanding", None, None
+        "127.0.0.1", 8000, None, None, None
     )  # fmt: skip
     for policy in ("round-robin", "least-outstanding", "capacity-weighted"):
         assert build_parser().parse_args(["serve", "--dispatch", policy]).dispatch == policy
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--dispatch", "random"])
+
+
+def test_default_dispatch_follows_the_plan():
+    spec = resolve_model("smollm2-135m", progress=False).spec
+    unequal = default_local_plan(spec)  # a TP 3 | TP 1 replica beside a TP 1 one
+    assert default_dispatch(unequal) == "capacity-weighted"
+    same = replace(unequal, replicas=(unequal.replicas[-1], unequal.replicas[-1]))
+    assert default_dispatch(same) == "least-outstanding"
+    assert default_dispatch(replace(same, meta={"dispatch": "round-robin"})) == "round-robin"
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm2-135m"])
