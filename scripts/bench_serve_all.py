@@ -31,6 +31,8 @@ def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, 
              {"PLAN": str(plans / "local-single.json")}),
             ("**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)", "fp32",
              BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-two-stage.json")}),
+            ("**hexgen serve** (two-stage pipeline TP 1 | TP 1, 19 + 11 layers: balanced; 2 processes)", "fp32",
+             BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-two-stage-balanced.json")}),
             ("**hexgen serve** (default plan: TP 3 + TP 1 stages, and TP 1; 5 processes)", "fp32",
              BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-default.json")}),
             ("HF transformers `transformers serve` (one request at a time)", "fp32", BASELINES / "start_hf.sh", {})]
