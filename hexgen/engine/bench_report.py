@@ -69,7 +69,8 @@ def _header(name: str, device: str, prompt_tokens: int, new_tokens: int, repeats
         machine = f"{torch.cuda.get_device_name()} (torch {torch.__version__}), host {machine}"
     return (
         f"# `hexgen bench engine` — {name}, prompt {prompt_tokens} tokens, {new_tokens} new tokens, "
-        f"median of {repeats}\n\nMachine: {machine}; {datetime.date.today()}\n"
+        f"median of {repeats}\n\nMade by `hexgen bench engine` (`make bench` writes this file); its options: "
+        f"`hexgen bench engine --help`.\n\nMachine: {machine}; {datetime.date.today()}\n"
     )
 
 
