@@ -61,7 +61,7 @@ def complete(server: Server, prompt, max_tokens: int, **extra) -> dict:
 
 def test_status_shows_the_plan_and_every_replica_up(idle):
     status = idle.status()
-    assert status["dispatch"] == "LeastOutstanding"  # the default --dispatch
+    assert status["dispatch"] == "CapacityWeighted"  # the default --dispatch where replicas differ
     layouts = [[(s["tp"], tuple(s["layers"])) for s in r["stages"]] for r in status["replicas"]]
     assert layouts == [[(2, (0, 1)), (1, (1, 4))], [(1, (0, 4))]]
     assert [r["ranks"] for r in status["replicas"]] == [3, 1]
