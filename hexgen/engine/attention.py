@@ -62,7 +62,9 @@ def build_metadata(
         if q_max > 1:
             query_index = torch.tensor([b * q_max + p - s for b, p, s in zip(
                 seq_of_token, positions, [plan.starts[b] for b in seq_of_token], strict=True)])
-    to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
     return StepMetadata(
         positions=to(torch.tensor(positions)),
         slot_mapping=to(torch.tensor(slots)),
