@@ -43,8 +43,9 @@ def check_memory(args: argparse.Namespace, spec: ModelSpec, replicas: list[Repli
         RankShape(stage.num_layers, stage.tp, i == 0, i == len(replica.stages) - 1)
         for replica in replicas for i, stage in enumerate(replica.stages)
     ]
+    cpu_packed = args.device == "cpu" and args.dtype == "float32"  # see hexgen/engine/layers.py:pack_for_cpu
     check_memory_budget(spec, ranks, int(args.memory_gb * GIB), max_running_seqs, args.block_size,
-                        DTYPE_BYTES[args.dtype])
+                        DTYPE_BYTES[args.dtype], cpu_packed)
 
 
 def scheduler_config(args: argparse.Namespace, max_running_seqs: int, max_context: int) -> SchedulerConfig:

@@ -47,6 +47,7 @@ def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, prog
     device = torch.device("cuda", spec.gpu_index) if spec.device == "cuda" else torch.device("cpu")
     stage = LlamaStage(spec.source.spec, ctx, DTYPES[spec.dtype], device)
     stage.load(CheckpointReader(spec.source.directory, DTYPES[spec.dtype]), progress)
+    stage.pack_weights()
     runner = StageRunner(ctx, stage, device)
     runner.allocate_kv_pool(agree_num_blocks(ctx, stage, config), config.block_size)
     if not config.enforce_eager:

@@ -27,17 +27,20 @@ class RankShape:
     is_last: bool
 
 
-def rank_weight_bytes(spec: ModelSpec, rank: RankShape, dtype_bytes: int) -> int:
-    """Bytes of the weights one rank loads (TP shards; vocabulary rows padded to equal shards)."""
+def rank_weight_bytes(spec: ModelSpec, rank: RankShape, dtype_bytes: int, cpu_packed: bool = False) -> int:
+    """Bytes of the weights one rank loads (TP shards; vocabulary rows padded to equal shards); with cpu_packed,
+    plus the oneDNN copies of its linear layers and LM head that a CPU fp32 rank keeps."""
     h, tp = spec.hidden_size, rank.tp_degree
     q_size = spec.num_heads * spec.head_dim
-    per_layer = (h * (q_size + 2 * spec.kv_dim) + q_size * h + 3 * h * spec.intermediate_size) // tp + 2 * h
+    linears = (h * (q_size + 2 * spec.kv_dim) + q_size * h + 3 * h * spec.intermediate_size) // tp
     vocab_rows = -(-spec.vocab_size // tp)
-    total = rank.num_layers * per_layer
+    total = rank.num_layers * (linears + 2 * h)
     if rank.is_first:
         total += vocab_rows * h
     if rank.is_last:
         total += h + (0 if spec.tie_word_embeddings and rank.is_first else vocab_rows * h)
+    if cpu_packed:
+        total += rank.num_layers * linears + (vocab_rows * h if rank.is_last else 0)
     return total * dtype_bytes
 
 
@@ -53,11 +56,11 @@ def blocks_wanted(max_running_seqs: int, max_context: int, block_size: int) -> i
 
 def check_memory_budget(
     spec: ModelSpec, ranks: list[RankShape], memory_bytes: int, max_running_seqs: int, block_size: int,
-    dtype_bytes: int,
+    dtype_bytes: int, cpu_packed: bool = False,
 ) -> None:
     """Raise a UserError naming --memory-gb when some rank cannot hold its weights and one block per sequence."""
     need = max(
-        rank_weight_bytes(spec, r, dtype_bytes)
+        rank_weight_bytes(spec, r, dtype_bytes, cpu_packed)
         + max_running_seqs * kv_bytes_per_block(spec, r, block_size, dtype_bytes)
         for r in ranks
     )

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hexgen.engine.attention import StepMetadata
-from hexgen.engine.layers import ParallelLMHead, VocabParallelEmbedding
+from hexgen.engine.layers import PackableLinear, ParallelLMHead, VocabParallelEmbedding
 from hexgen.engine.llama import DecoderLayer, RMSNorm, RotaryEmbedding
 from hexgen.engine.parallel import RankContext
 from hexgen.engine.weights import CheckpointReader
@@ -41,7 +41,15 @@ class LlamaStage(nn.Module):
         return next(self.parameters()).dtype
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in {id(p): p for p in self.parameters()}.values())
+        """Bytes of this rank's weights, with the CPU-packed copies of its linear layers."""
+        dense = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.parameters()}.values())
+        return dense + sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackableLinear))
+
+    def pack_weights(self) -> None:
+        """Keep each linear layer's weight in oneDNN's layout too (CPU fp32 only; elsewhere a no-op)."""
+        for module in self.modules():
+            if isinstance(module, PackableLinear):
+                module.pack()
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""

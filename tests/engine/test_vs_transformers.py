@@ -10,7 +10,9 @@ from hexgen.engine.checkpoint import resolve_model
 
 MAX_NEW = 8
 PROMPT_LENGTHS = [7, 12, 3]
-LOGITS_ATOL = 1e-4
+# fp32 on CPU: hexgen's linear layers run on oneDNN's blocked weights, which sum in another order than HF's MKL
+# products; the tiny models' logits then differ by up to 1.4e-4 (measured, rope3), the greedy tokens not at all.
+LOGITS_ATOL = 3e-4
 LOGITS_RTOL = 1e-4
 
 
