@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hexgen.engine.kv_budget import GIB, RankShape, check_memory_budget
-from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig
+from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig, is_valid_block_size
 from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 from hexgen.plan import Replica
@@ -30,9 +30,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
     """Ranges of the engine flags, before anything is loaded."""
     if args.memory_gb is not None and not 0 < args.memory_gb <= MAX_MEMORY_GB:
         raise UserError(f"--memory-gb must be in (0, {MAX_MEMORY_GB}], got {args.memory_gb}")
-    size = args.block_size
-    if not 1 <= size <= MAX_BLOCK_SIZE or size & (size - 1):
-        raise UserError(f"--block-size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {size}")
+    if not is_valid_block_size(args.block_size):
+        raise UserError(f"--block-size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {args.block_size}")
 
 
 def check_memory(args: argparse.Namespace, spec: ModelSpec, replicas: list[Replica], max_running_seqs: int) -> None:

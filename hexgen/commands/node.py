@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def default_slots() -> int:
-    import torch
+    from hexgen.engine.devices import cuda_device_count
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    return cuda_device_count() or (os.cpu_count() or 1)
 
 
 def run(args: argparse.Namespace) -> int:

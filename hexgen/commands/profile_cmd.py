@@ -28,17 +28,17 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    import torch
     import yaml
 
+    from hexgen.engine.devices import cuda_device_count, cuda_device_name
     from hexgen.engine.profiler import measure_profile
     from hexgen.machine import cpu_description
     from hexgen.profile import profile_from_dict
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device != "auto" else ("cuda" if cuda_device_count() else "cpu")
     describe = cpu_description()
     if device == "cuda":
-        describe = f"{torch.cuda.get_device_name(0)}; host {describe}"
+        describe = f"{cuda_device_name()}; host {describe}"
     device_type = args.device_type or ("CPU-worker" if device == "cpu" else _gpu_table_name())
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     load = os.getloadavg()[0]
@@ -60,13 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _gpu_table_name() -> str:
     """The built-in table's name for this GPU, when its device name contains one (H200, H100, A100, ...)."""
-    import torch
-
     from hexgen.cluster import builtin_gpu_types
+    from hexgen.engine.devices import cuda_device_name
     from hexgen.errors import UserError
 
-    name = torch.cuda.get_device_name(0).replace(" ", "").upper()
+    name = cuda_device_name().replace(" ", "").upper()
     for table_name in sorted(builtin_gpu_types(), key=len, reverse=True):
         if table_name.split("-")[0].upper() in name:
             return table_name
-    raise UserError(f"GPU {torch.cuda.get_device_name(0)!r} is not in the built-in table; name it with --device-type")
+    raise UserError(f"GPU {cuda_device_name()!r} is not in the built-in table; name it with --device-type")

@@ -15,12 +15,17 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 
-from hexgen.engine.block_manager import BlockManager, blocks_for
+from hexgen.engine.block_manager import BlockManager
 from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, TokenEvent
 
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 MAX_BLOCK_SIZE = 256
+
+
+def is_valid_block_size(size: int) -> bool:
+    """Block sizes are powers of two in 1..MAX_BLOCK_SIZE (the Triton kernels tile by them)."""
+    return 1 <= size <= MAX_BLOCK_SIZE and not size & (size - 1)
 
 
 @dataclass(eq=False)  # identity: a request's sequence is one object
@@ -64,14 +69,10 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_running_seqs < 1 or self.max_step_tokens < 1:
             raise ValueError("max_running_seqs and max_step_tokens must be >= 1")
-        if not 1 <= self.block_size <= MAX_BLOCK_SIZE or self.block_size & (self.block_size - 1):
+        if not is_valid_block_size(self.block_size):
             raise ValueError(f"block_size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
-
-    @property
-    def blocks_per_seq(self) -> int:
-        return blocks_for(self.max_context, self.block_size)
 
 
 class Scheduler:
@@ -94,10 +95,6 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborted)
-
-    @property
-    def num_in_flight(self) -> int:
-        return sum(seq.in_flight for seq in self.running.values())
 
     def add(self, request: GenerationRequest) -> None:
         total = len(request.prompt_token_ids) + 1

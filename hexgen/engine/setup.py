@@ -125,8 +125,8 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
 
 
 def _check_cuda(world_size: int) -> None:
-    import torch
+    from hexgen.engine.devices import cuda_device_count
 
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = cuda_device_count()
     if available < world_size:
         raise UserError(f"--device cuda needs {world_size} GPUs for this layout; {available} visible")

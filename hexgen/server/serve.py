@@ -40,9 +40,9 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 def check_cuda_devices(plan) -> None:
     """--device cuda needs CUDA and every GPU index the plan names, before any process starts."""
-    import torch
+    from hexgen.engine.devices import cuda_device_count
 
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = cuda_device_count()
     wanted = max(g for replica in plan.replicas for stage in replica.stages for g in stage.gpus) + 1
     if visible < wanted:
         raise UserError(f"--device cuda: the plan uses GPU indices up to {wanted - 1} but {visible} CUDA device(s) "

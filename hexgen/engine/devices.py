@@ -1,0 +1,14 @@
+"""What CUDA devices this machine has, for the checks that run before any rank starts (torch stays in engine/)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch sees; 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cuda_device_name(index: int = 0) -> str:
+    return torch.cuda.get_device_name(index)
