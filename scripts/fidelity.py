@@ -28,15 +28,20 @@ from hexgen.benchserve.metrics import summarize
 from hexgen.cluster import Cluster, load_cluster
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import make_policy
+from hexgen.engine.messages import TokenEvent
+from hexgen.launch import wire
 from hexgen.launch.lifetime import free_port
 from hexgen.machine import cpu_description
 from hexgen.models import load_model_spec
-from hexgen.plan import DeploymentPlan, plan_from_dict, single_replica_plan
+from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, plan_from_dict, single_replica_plan
 from hexgen.planner.evaluate import with_predictions
 from hexgen.profile import apply_profiles, load_profile
 from hexgen.server.launch import default_local_plan
+from hexgen.server.responses import ResponseShape, sse
+from hexgen.sim.host import CpuHost, engine_threads_per_rank
 from hexgen.sim.run import replica_models
 from hexgen.sim.simulator import simulate_streams
+from hexgen.textstream import TextStream
 from hexgen.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +87,29 @@ def local_cluster(plan: DeploymentPlan) -> Cluster:
     return apply_profiles(load_cluster(CLUSTER), [load_profile(PROFILES[2 if world == 1 else 1])])
 
 
+def local_hosts(plan: DeploymentPlan, coordinator_s_per_token: float) -> dict[str, CpuHost]:
+    """This machine's cores, shared by all the plan's ranks (threads per rank as `hexgen serve` sets them) and the
+    coordinator."""
+    cores = os.cpu_count() or 1
+    world = sum(r.world_size for r in plan.replicas)
+    return {LOCAL_MACHINE: CpuHost(cores, engine_threads_per_rank(cores, world), coordinator_s_per_token)}
+
+
+def coordinator_s_per_token(tokenizer: Tokenizer, output_tokens: int, repeats: int = 200) -> float:
+    """CPU seconds the coordinator spends on one streamed token, timed in-process (a few milliseconds) on its
+    per-token path: the token event off the wire, incremental detokenization and the SSE chunk. The HTTP stack,
+    asyncio and the benchmark client are not included, so this is a lower bound."""
+    ids = (tokenizer.encode(PROMPT) * output_tokens)[:output_tokens]
+    shape = ResponseShape(chat=False, model=MODEL, prompt_tokens=len(ids))
+    started = time.process_time()
+    for _ in range(repeats):
+        stream = TextStream(tokenizer)
+        for i, token_id in enumerate(ids):
+            event = wire.decode(wire.encode(TokenEvent("request", token_id, None)))
+            sse(shape.chunk(stream.add(event.token_id), None, first=i == 0))
+    return (time.process_time() - started) / (repeats * len(ids))
+
+
 def served_plan(tp_degrees: list[int] | None, prompt_tokens: int, args) -> DeploymentPlan:
     """The plan with the planner's predictions, so the server's capacity-weighted dispatch gets the same replica
     weights as the simulator's; None = `hexgen serve`'s default local plan."""
@@ -122,15 +150,16 @@ def measure(port: int, streams: int, args) -> dict:
             "load_average_1m": [load_before, _load()]}
 
 
-def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int) -> dict:
-    """The simulator on the same plan and closed-loop load, with the CPU profile of the ranks' thread count."""
+def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int, coordinator_s: float) -> dict:
+    """The simulator on the same plan and closed-loop load, with the CPU profile of the ranks' thread count, every
+    rank and the coordinator (`coordinator_s` CPU seconds per token) sharing this machine's cores."""
     plan = plan_from_dict(entry["plan"], entry["name"])
     cluster = local_cluster(plan)
     spec, cfg = load_model_spec(MODEL), CostConfig(dtype_bytes=4)  # the server runs fp32
     sizing = Workload(prompt_tokens, measured["max_tokens"], measured["max_batch"])
     models = replica_models(plan, cluster, spec, cfg, measured["max_batch"], sizing)
     done = simulate_streams(models, row["streams"], row["requests"], prompt_tokens, measured["max_tokens"],
-                            make_policy("capacity-weighted"))
+                            make_policy("capacity-weighted"), local_hosts(plan, coordinator_s))
     latency = np.array([c.latency_s for c in done])
     span = max(c.finish_s for c in done)
     return {"e2e_mean_s": float(latency.mean()), "e2e_p90_s": float(np.percentile(latency, 90)),
@@ -148,7 +177,8 @@ def main() -> None:
     store = Path(args.out).with_suffix(".json")
     from hexgen.engine.checkpoint import resolve_model
 
-    prompt_tokens = len(Tokenizer(resolve_model(MODEL).directory).encode(PROMPT))
+    tokenizer = Tokenizer(resolve_model(MODEL).directory)
+    prompt_tokens = len(tokenizer.encode(PROMPT))
     if args.predict_only:
         measured = json.loads(store.read_text())
     else:
@@ -158,7 +188,9 @@ def main() -> None:
                     "seconds": round(time.monotonic() - started), "max_tokens": args.max_tokens,
                     "max_batch": args.max_batch}
         store.write_text(json.dumps(measured, indent=1) + "\n")
-    predicted = [[predict(entry, row, measured, prompt_tokens) for row in entry["rows"]] for entry in measured["plans"]]
+    coordinator_s = coordinator_s_per_token(tokenizer, measured["max_tokens"])
+    predicted = [[predict(entry, row, measured, prompt_tokens, coordinator_s) for row in entry["rows"]]
+                 for entry in measured["plans"]]
     write_report(Path(args.out), measured, predicted, prompt_tokens)
 
 

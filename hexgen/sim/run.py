@@ -22,7 +22,8 @@ def replica_models(
     """Step-time models of the plan's replicas; `sizing` (the longest request shape) sizes their KV pools the way
     the engine does, from the memory left after weights and activations."""
     costs = [replica_stage_costs(cluster, model, placements_of(r, cluster), cfg, sizing) for r in plan.replicas]
-    return [ReplicaModel(cost, max_batch) for cost in costs]
+    return [ReplicaModel(cost, max_batch, tuple((s.machine, s.tp) for s in r.stages))
+            for cost, r in zip(costs, plan.replicas, strict=True)]
 
 
 def sizing_of(spec: WorkloadSpec, max_batch: int) -> Workload:

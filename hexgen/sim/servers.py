@@ -2,7 +2,8 @@
 
 Batching replicas are scheduled by the engine's own continuous-batching Scheduler over a paged KV pool
 (torch-free), so the simulator and the server share one batching policy. A replica of S stages keeps up to S
-micro-batches in flight; each stage works on them in order, one at a time.
+micro-batches in flight; each stage works on them in order, one at a time. Stages on a machine whose CPU ranks
+share its cores (hexgen/sim/host.py) take longer while other ranks there are busy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hexgen.costmodel import LinearCost, ReplicaCost
 from hexgen.engine.block_manager import blocks_for
 from hexgen.engine.messages import GenerationRequest, SamplingParams, StepPlan
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
+from hexgen.sim.host import SharedCores
 from hexgen.sim.workload import Request
 
 UNBOUNDED_CONTEXT = 1 << 30  # the workload and the KV pool, not the simulator, bound sequence lengths
@@ -21,10 +23,12 @@ UNBOUNDED_CONTEXT = 1 << 30  # the workload and the KV pool, not the simulator, 
 
 @dataclass(frozen=True)
 class ReplicaModel:
-    """A replica's step-time model and how many sequences it batches (1: one request at a time, the paper's)."""
+    """A replica's step-time model, how many sequences it batches (1: one request at a time, the paper's) and the
+    (machine, TP degree) of each stage, which the simulator needs only where ranks share a machine's cores."""
 
     cost: ReplicaCost
     max_batch: int = 1
+    placement: tuple[tuple[str, int], ...] = ()
 
     def capacity_weight(self, prompt_tokens: float, output_tokens: float) -> float:
         """Requests per second it can finish at full batch (KV pool permitting), for capacity-weighted dispatch."""
@@ -65,11 +69,15 @@ class BatchingServer:
     """Continuous batching by the engine's Scheduler: one event per micro-batch, each stage in turn.
 
     As the engine's driver does, each micro-batch takes `Scheduler.micro_batch_limit(stages)` sequences, so every
-    stage has a micro-batch to work on.
+    stage has a micro-batch to work on. `cores[j]` is the shared machine stage j runs on (None: a device of its
+    own) and `tp_degrees[j]` its ranks; the driver's machine (stage 0) also runs the coordinator.
     """
 
-    def __init__(self, cost: ReplicaCost, max_batch: int, pool_blocks: int):
+    def __init__(self, cost: ReplicaCost, max_batch: int, pool_blocks: int,
+                 cores: tuple[SharedCores | None, ...] = (), tp_degrees: tuple[int, ...] = ()):
         self._cost = cost
+        self._cores = cores or (None,) * cost.num_stages
+        self._tp_degrees = tp_degrees or (1,) * cost.num_stages
         self._depth = cost.num_stages
         config = SchedulerConfig(max_running_seqs=max_batch, max_context=UNBOUNDED_CONTEXT,
                                  block_size=cost.kv_block_tokens, num_kv_blocks=pool_blocks)
@@ -92,6 +100,8 @@ class BatchingServer:
     def start(self, now_s: float) -> list[float]:
         """Launch micro-batches while fewer than `stages` are in flight; returns when each comes back."""
         ends = []
+        for shared in set(self._cores) - {None}:
+            shared.forget_before(now_s)
         while len(self._in_flight) < self._depth:
             plan = self._scheduler.schedule(self._scheduler.micro_batch_limit(self._depth))
             if plan is None:
@@ -104,11 +114,18 @@ class BatchingServer:
         """Each stage starts the micro-batch once it has arrived and the stage is free; then the hop onward."""
         t = now_s
         for j, stage in enumerate(self._cost.stages):
-            t = max(t, self._stage_free_s[j]) + step_time_s(stage, plan)
+            t = self._run_stage(j, max(t, self._stage_free_s[j]), step_time_s(stage, plan))
             self._stage_free_s[j] = t
             if j < len(self._cost.hops):
                 t += step_time_s(self._cost.hops[j], plan)
-        return t + step_time_s(self._cost.token_return, plan)
+        t += step_time_s(self._cost.token_return, plan)
+        if self._cores[0] is not None:
+            self._cores[0].run_coordinator(t, plan.num_sampled)
+        return t
+
+    def _run_stage(self, j: int, start_s: float, work_s: float) -> float:
+        shared = self._cores[j]
+        return start_s + work_s if shared is None else shared.run_stage(start_s, work_s, self._tp_degrees[j])
 
     def finish(self) -> list[Request]:
         """The oldest micro-batch came back (stages are first in, first out)."""
@@ -135,13 +152,18 @@ def step_time_s(cost: LinearCost, plan: StepPlan) -> float:
             + cost.decode_per_ctx_token_s * context)
 
 
-def make_server(model: ReplicaModel, longest_request_tokens: int) -> SequentialServer | BatchingServer:
+def make_server(model: ReplicaModel, longest_request_tokens: int, shared: dict[str, SharedCores] | None = None,
+                ) -> SequentialServer | BatchingServer:
     """The paper's one-at-a-time replica for max_batch 1, else the engine's batching; an unsized KV pool gets
-    room for max_batch of the longest requests, so only the batch limit binds."""
+    room for max_batch of the longest requests, so only the batch limit binds. `shared`: the machines whose CPU
+    ranks share cores (batching replicas only: the engine we run)."""
     if model.max_batch == 1:
         return SequentialServer(model.cost.sequential)
     pool = model.cost.kv_blocks
     if pool is None:
         # the scheduler admits a sequence only while a block per running sequence stays free: one spare each
         pool = model.max_batch * (blocks_for(longest_request_tokens, model.cost.kv_block_tokens) + 1)
-    return BatchingServer(model.cost, model.max_batch, pool)
+    if not shared or not model.placement:
+        return BatchingServer(model.cost, model.max_batch, pool)
+    cores = tuple(shared.get(machine) for machine, _ in model.placement)
+    return BatchingServer(model.cost, model.max_batch, pool, cores, tuple(tp for _, tp in model.placement))

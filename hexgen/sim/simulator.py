@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hexgen.dispatch import DispatchPolicy, ReplicaState
+from hexgen.sim.host import CpuHost, SharedCores
 from hexgen.sim.servers import ReplicaModel, make_server
 from hexgen.sim.workload import Request
 
@@ -24,17 +25,19 @@ class Completion:
 
 def simulate(
     replicas: list[ReplicaModel], requests: list[Request], policy: DispatchPolicy,
-    follow_up: Callable[[Completion], Request | None] | None = None,
+    follow_up: Callable[[Completion], Request | None] | None = None, hosts: dict[str, CpuHost] | None = None,
 ) -> list[Completion]:
     """Run every request to completion; returns completions in finishing order.
 
     `follow_up` turns a completion into the next request of its client (closed-loop load), or None.
+    `hosts`: machines whose CPU ranks (of every replica) share cores; other machines have a device per rank.
     Events at equal times: step completions are handled before arrivals, so a freed replica counts as free.
     """
     if not replicas:
         return []
     longest = max((r.prompt_tokens + r.output_tokens for r in requests), default=1)
-    servers = [make_server(r, longest) for r in replicas]
+    shared = {name: SharedCores(host) for name, host in (hosts or {}).items()}
+    servers = [make_server(r, longest, shared) for r in replicas]
     mean_prompt = sum(r.prompt_tokens for r in requests) / max(len(requests), 1)
     mean_output = sum(r.output_tokens for r in requests) / max(len(requests), 1)
     states = [ReplicaState(0, True, r.capacity_weight(mean_prompt, mean_output)) for r in replicas]
@@ -63,7 +66,7 @@ def simulate(
 
 def simulate_streams(
     replicas: list[ReplicaModel], streams: int, num_requests: int, prompt_tokens: int, output_tokens: int,
-    policy: DispatchPolicy,
+    policy: DispatchPolicy, hosts: dict[str, CpuHost] | None = None,
 ) -> list[Completion]:
     """Closed-loop load, as `hexgen bench serve --concurrency`: `streams` clients start at time 0 and each sends
     its next request the moment its previous one finishes, until `num_requests` have been sent."""
@@ -77,4 +80,4 @@ def simulate_streams(
         sent += 1
         return Request(sent - 1, done.finish_s, prompt_tokens, output_tokens)
 
-    return simulate(replicas, first, policy, next_request)
+    return simulate(replicas, first, policy, next_request, hosts)
