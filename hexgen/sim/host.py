@@ -2,16 +2,18 @@
 
 On a GPU machine every rank has a device of its own. CPU ranks (and the coordinator process) are threads on the
 same cores: while more threads are busy than the machine has cores, the kernel time-shares the cores among them.
-Two effects follow, and a step's slowdown is the larger of them:
+A step is slowed by the larger of two effects:
 
-- fair share: with D threads busy on C cores, each gets C / D of a core, so work takes D / C times as long;
+- fair share: threads get at most the cores that are free, so k threads on L < k free cores take k / L times as
+  long (with nothing else busy, L = C);
 - the pace of the slowest member: a TP group (or a rank's own OpenMP team) meets at a barrier every few hundred
   microseconds, far shorter than a scheduler time slice, so with k threads of the group on C < k cores the group
   runs in ceil(k / C) waves between barriers and waits for the last one.
 
-Each machine keeps the busy intervals already committed by the event loop. A new step advances through them at
-the pace each moment allows (slowed while the committed ones overlap it, full speed once they end); committed
-intervals keep their times, so the newcomer absorbs the contention and the cores' total work is conserved. The
+Each machine keeps the steps already committed by the event loop, as stretches of time each using some cores (a
+group slowed to pace p uses k / p of them). A new step advances through the cores left free, stretch by stretch:
+committed steps keep their times, so the total work the cores do is conserved (first come, first served, where
+the kernel would share fairly: throughput is the same, single steps' times are spread differently). The
 coordinator's CPU time per output token is one more busy thread.
 """
 
@@ -47,38 +49,42 @@ def engine_threads_per_rank(cores: int, ranks: int) -> int:
     return max(1, cores // ranks)
 
 
-def slowdown(cores: int, group_threads: int, other_busy_threads: int) -> float:
-    """How many times longer a step of a barrier-synchronised group of `group_threads` threads takes while
-    `other_busy_threads` other threads are busy on the machine: max(1, ceil(k / C), (k + others) / C)."""
-    return max(1.0, float(ceil(group_threads / cores)), (group_threads + other_busy_threads) / cores)
+def pace(cores: int, group_threads: int, free_cores: float) -> float:
+    """How many times longer a step of a barrier-synchronised group of `group_threads` threads takes with
+    `free_cores` of the machine's `cores` left to it: max(1, ceil(k / C), k / free); infinite with none free."""
+    if free_cores <= 0:
+        return float("inf")
+    return max(1.0, float(ceil(group_threads / cores)), group_threads / free_cores)
 
 
 class SharedCores:
-    """The busy intervals committed on one machine's cores; a step starting among them is slowed accordingly."""
+    """The steps committed on one machine's cores; a new step runs on the cores they leave free."""
 
     def __init__(self, host: CpuHost):
         self.host = host
-        self._busy: list[tuple[float, float, int]] = []  # (start_s, end_s, threads)
+        self._used: list[tuple[float, float, float]] = []  # (start_s, end_s, cores in use)
 
-    def busy_threads_at(self, time_s: float) -> int:
-        return sum(threads for start, end, threads in self._busy if start <= time_s < end)
+    def free_cores_at(self, time_s: float) -> float:
+        return self.host.cores - sum(cores for start, end, cores in self._used if start <= time_s < end)
 
     def run(self, start_s: float, work_s: float, threads: int) -> float:
         """Commit a step of `work_s` seconds (alone on free cores) for `threads` threads starting at `start_s`;
-        returns its end, each stretch between two changes of the busy threads slowed by their slowdown."""
+        returns its end. Between two changes of the free cores it advances at their pace (not at all with none)."""
         if work_s <= 0:
             return start_s
-        changes = sorted({t for b in self._busy for t in b[:2] if t > start_s})
+        changes = sorted({t for u in self._used for t in u[:2] if t > start_s}) + [float("inf")]
         t, left_s = start_s, work_s
         for change_s in changes:
-            pace = slowdown(self.host.cores, threads, self.busy_threads_at(t))
-            if left_s * pace <= change_s - t:
-                break
-            left_s -= (change_s - t) / pace
+            slow = pace(self.host.cores, threads, self.free_cores_at(t))
+            end_s = t + left_s * slow if slow < float("inf") else float("inf")
+            if end_s <= change_s:
+                self._used.append((t, end_s, threads / slow))
+                return end_s
+            if slow < float("inf"):
+                left_s -= (change_s - t) / slow
+                self._used.append((t, change_s, threads / slow))
             t = change_s
-        end_s = t + left_s * slowdown(self.host.cores, threads, self.busy_threads_at(t))
-        self._busy.append((start_s, end_s, threads))
-        return end_s
+        raise AssertionError("unreachable: the last stretch has every core free")
 
     def run_stage(self, start_s: float, work_s: float, tp_degree: int) -> float:
         """A stage step: `tp_degree` ranks of `threads_per_rank` threads each."""
@@ -89,5 +95,5 @@ class SharedCores:
         self.run(start_s, tokens * self.host.coordinator_s_per_token, COORDINATOR_THREADS)
 
     def forget_before(self, now_s: float) -> None:
-        """Drop intervals over by `now_s`: every step committed from now on starts at `now_s` or later."""
-        self._busy = [b for b in self._busy if b[1] > now_s]
+        """Drop stretches over by `now_s`: every step committed from now on starts at `now_s` or later."""
+        self._used = [u for u in self._used if u[1] > now_s]
