@@ -19,8 +19,9 @@ def replica_models(
     plan: DeploymentPlan, cluster: Cluster, model: ModelSpec, cfg: CostConfig, max_batch: int = 1,
     sizing: Workload | None = None,
 ) -> list[ReplicaModel]:
-    """Step-time models of the plan's replicas; `sizing` (the longest request shape) sizes their KV pools the way
-    the engine does, from the memory left after weights and activations."""
+    """Step-time models of the plan's replicas, with each stage's machine and TP degree; `sizing` (the longest
+    request shape) sizes their KV pools the way the engine does, from the memory left after weights and
+    activations."""
     costs = [replica_stage_costs(cluster, model, placements_of(r, cluster), cfg, sizing) for r in plan.replicas]
     return [ReplicaModel(cost, max_batch, tuple((s.machine, s.tp) for s in r.stages))
             for cost, r in zip(costs, plan.replicas, strict=True)]
