@@ -101,7 +101,7 @@ class Attention(nn.Module):
         v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
         rotary_write_kv(qk, v, heads, rope, kv_pool, meta)  # q, k rotated; k, v into the pool
         out = paged_attention(qk[:, :heads], kv_pool, meta, self.scale)  # [T, h_local, d]
-        partial = self.o_proj(out.reshape(tokens, heads * d))
+        partial = self.o_proj.forward(out.reshape(tokens, heads * d))
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
 
@@ -113,8 +113,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, tp, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        partial = self.down_proj(silu_mul(gate, up))
+        gate, up = self.gate_up_proj.forward(x)
+        partial = self.down_proj.forward(silu_mul(gate, up))
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
 
@@ -146,9 +146,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it): their sum is the layer's usual output."""
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_forward(hidden, residual)
-        hidden = self.self_attn(hidden, meta, rope, kv_pool)
+        # .forward, not __call__: nn.Module's hooks machinery costs more than a small decode op (CPU)
+        hidden = self.self_attn.forward(hidden, meta, rope, kv_pool)
         hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp.forward(hidden), residual

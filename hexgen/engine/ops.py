@@ -39,6 +39,8 @@ def add_rms_norm(
         return kernels.add_rms_norm(x, residual, weight, eps)
     if residual is not None:
         x = x + residual
+    if x.dtype == torch.float32:  # one fused CPU op; other dtypes keep HF's order of roundings below
+        return F.rms_norm(x, weight.shape, weight, eps), x
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), x
 

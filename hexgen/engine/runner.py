@@ -59,7 +59,7 @@ class StageRunner:
         parts = self.ctx.tp.gather_to_leader(local)
         if parts is None:
             return None
-        logits = torch.cat(parts, dim=-1)[:, : self.stage.spec.vocab_size]  # [B, V]
+        logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))[:, : self.stage.spec.vocab_size]  # [B, V]
         if self.record_logits:
             self.last_logits = logits.float()
         return sample(logits, plan.sampling)

@@ -83,7 +83,7 @@ class LlamaStage(nn.Module):
         rope = self.rope.tables(meta.positions)
         residual = None
         for local, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, meta, rope, self.kv_pool[local])
+            hidden, residual = layer.forward(hidden, residual, meta, rope, self.kv_pool[local])
         return hidden if residual is None else hidden + residual  # [T, H], the residual stream
 
     def local_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
