@@ -1,7 +1,8 @@
 """Build a rank of a replica and drive it: Engine.step() = fill the pipeline -> take the oldest step back.
 
 A replica of S stages keeps up to S micro-batches (disjoint sets of sequences) in flight: while stage s+1
-runs one, stage s runs the next, so a pipeline's throughput follows its slowest stage.
+runs one, stage s runs the next, so a pipeline's throughput follows its slowest stage. Stages that share a
+machine's CPU cores take turns instead (Layout.depth, set by launch/spec.py:pipeline_depth).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.num_stages = runner.ctx.layout.num_stages
-        self.outbox = pipeline.Outbox(self.num_stages)
+        self.depth = runner.ctx.layout.micro_batches  # micro-batches kept in flight
+        self.outbox = pipeline.Outbox(self.depth)
         self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
 
     @classmethod
@@ -112,9 +114,9 @@ class Engine:
         self.scheduler.abort(request_id)
 
     def step(self) -> list[TokenEvent]:
-        """Launch micro-batches until S are in flight, then finish the oldest; its events."""
-        while len(self.in_flight) < self.num_stages:
-            plan = self.scheduler.schedule(self.scheduler.micro_batch_limit(self.num_stages))
+        """Launch micro-batches until `depth` are in flight, then finish the oldest; its events."""
+        while len(self.in_flight) < self.depth:
+            plan = self.scheduler.schedule(self.scheduler.micro_batch_limit(self.depth))
             if plan is None:
                 break
             self.in_flight.append((plan, self._launch(plan)))
@@ -148,7 +150,7 @@ class Engine:
 def follow_driver(runner: StageRunner) -> None:
     """Loop of every rank but the driver: run each micro-batch as it arrives, pass it on, until shutdown."""
     ctx, stage = runner.ctx, runner.stage
-    outbox = pipeline.Outbox(ctx.layout.num_stages)
+    outbox = pipeline.Outbox(ctx.layout.micro_batches)
     while True:
         plan, hidden = pipeline.receive_step(ctx, stage.spec.hidden_size, runner.dtype, runner.device)
         if plan.shutdown:

@@ -108,13 +108,13 @@ class Scheduler:
         self._by_request[request.request_id] = seq
         self.waiting.append(seq)
 
-    def micro_batch_limit(self, num_stages: int) -> int | None:
-        """Sequences per micro-batch on a pipeline of num_stages: the active ones (up to the batch limit) split
-        evenly, so every stage has a micro-batch to work on; None (no limit) for one stage."""
-        if num_stages == 1:
+    def micro_batch_limit(self, depth: int) -> int | None:
+        """Sequences per micro-batch when `depth` micro-batches are kept in flight: the active ones (up to the
+        batch limit) split evenly, so every stage has a micro-batch to work on; None (no limit) for depth 1."""
+        if depth == 1:
             return None
         active = min(len(self.running) + len(self.waiting), self.config.max_running_seqs)
-        return max(1, -(-active // num_stages))
+        return max(1, -(-active // depth))
 
     def abort(self, request_id: str) -> None:
         seq = self._by_request.pop(request_id, None)

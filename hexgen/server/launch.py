@@ -11,7 +11,7 @@ from rich.progress import Progress
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import PlanError
-from hexgen.launch.spec import rank_specs
+from hexgen.launch.spec import cpu_threads_per_rank, rank_specs
 from hexgen.models import ModelSpec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, Replica, Stage
 from hexgen.server.replica_client import ReplicaClient, ReplicaStartError, local_ranks
@@ -69,8 +69,7 @@ def make_replicas(
     scheduler_config: SchedulerConfig,
     eos_token_ids: tuple[int, ...],
 ) -> list[ReplicaClient]:
-    total_ranks = sum(r.world_size for r in plan.replicas)
-    threads = max(1, (os.cpu_count() or 1) // total_ranks) if device == "cpu" else 1
+    threads = cpu_threads_per_rank(plan.replicas, os.cpu_count() or 1) if device == "cpu" else 1
     return [
         ReplicaClient(
             i,

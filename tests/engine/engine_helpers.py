@@ -6,6 +6,7 @@ inherit it), so everything a child runs lives here rather than in a test module.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -63,7 +64,7 @@ def run_in_process(source, requests: list[GenerationRequest], config: SchedulerC
                    ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V]."""
     plan = single_replica_plan(source.spec, [1], None)
-    spec = RankSpec(source, layout_of(plan.replicas[0]), 0, device=device)
+    spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, device=device)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, init_rank(spec), config)
     runner.record_logits = True
@@ -91,11 +92,12 @@ def spawn_ranks(fn, world_size: int, args: tuple) -> None:
 
 
 def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], requests: list[GenerationRequest],
-                           out_dir: Path) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
-    """Run `requests` on a spawned replica of the given layout; tokens from the driver, per-step logits
-    recorded on the last stage's leader (StageRunner.record_logits), matched by step."""
+                           out_dir: Path, depth: int = 0) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """Run `requests` on a spawned replica of the given layout, `depth` micro-batches in flight (0: one per
+    stage, as on GPUs); tokens from the driver, per-step logits recorded on the last stage's leader
+    (StageRunner.record_logits), matched by step."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir)))
+    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth))
     steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token)] in row order
     layout_leader = sum(tp[:-1])
     step_logits = torch.load(out_dir / f"logits{layout_leader}.pt")
@@ -111,10 +113,11 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
 
 
 def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
-                 requests: list[GenerationRequest], out_dir: str) -> None:
+                 requests: list[GenerationRequest], out_dir: str, depth: int) -> None:
     source = resolve_model(model_dir, progress=False)
     plan = single_replica_plan(source.spec, tp, layers)
-    spec = RankSpec(source, layout_of(plan.replicas[0]), rank, num_threads=1, master_port=port)
+    layout = dataclasses.replace(layout_of(plan.replicas[0], "cpu"), depth=depth)
+    spec = RankSpec(source, layout, rank, num_threads=1, master_port=port)
     ctx = init_rank(spec)
     config = SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, ctx, config)

@@ -12,11 +12,15 @@ from hexgen.engine.scheduler import SchedulerConfig
 LENGTHS = [5, 17, 3, 9, 12, 1, 8, 20, 6, 11, 4, 14]  # 12 requests with ragged prompts
 
 
-@pytest.mark.parametrize(("tp", "layers"), [([1, 1], [3, 3]), ([1, 2, 1], [2, 2, 2])])
-def test_pipelined_layout_matches_one_process(tp, layers, tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize(("tp", "layers", "depth"), [
+    ([1, 1], [3, 3], 0),  # one micro-batch in flight per stage (stages on their own devices)
+    ([1, 2, 1], [2, 2, 2], 0),
+    ([1, 2, 1], [2, 2, 2], 1),  # stages taking turns (one CPU machine's cores)
+])
+def test_pipelined_layout_matches_one_process(tp, layers, depth, tiny_model_dirs, tmp_path):
     directory = tiny_model_dirs["gqa"]
     source = resolve_model(str(directory), progress=False)
     requests = greedy_requests(random_prompts(source.spec.vocab_size, LENGTHS, seed=11), 10)
     expected, _ = run_in_process(source, requests, SchedulerConfig(max_context=source.spec.max_context))
-    tokens, _ = run_layout_with_logits(directory, tp, layers, requests, tmp_path)
+    tokens, _ = run_layout_with_logits(directory, tp, layers, requests, tmp_path, depth)
     assert tokens == expected

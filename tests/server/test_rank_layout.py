@@ -1,0 +1,32 @@
+"""How a replica's ranks are laid out on their machines: micro-batches in flight and CPU threads per rank."""
+
+from __future__ import annotations
+
+from hexgen.launch.spec import cpu_threads_per_rank, pipeline_depth
+from hexgen.plan import Replica, Stage
+
+
+def replica(*stages: tuple[str, int]) -> Replica:
+    """Stages given as (machine, tp), 4 layers each."""
+    return Replica(tuple(Stage(m, tuple(range(tp)), tp, (4 * i, 4 * i + 4)) for i, (m, tp) in enumerate(stages)))
+
+
+def test_gpu_stages_each_keep_a_micro_batch_in_flight():
+    assert pipeline_depth(replica(("a", 1), ("a", 2), ("b", 1)), "cuda") == 3
+
+
+def test_cpu_stages_on_one_machine_take_turns():
+    assert pipeline_depth(replica(("localhost", 1), ("localhost", 1)), "cpu") == 1
+    assert pipeline_depth(replica(("a", 1), ("a", 1), ("b", 2)), "cpu") == 2  # one per machine
+    assert pipeline_depth(replica(("a", 4)), "cpu") == 1
+
+
+def test_cpu_threads_split_over_the_largest_tp_group_of_each_replica():
+    one_process = replica(("localhost", 1))
+    two_stages = replica(("localhost", 1), ("localhost", 1))
+    tp3_then_tp1 = replica(("localhost", 3), ("localhost", 1))
+    assert cpu_threads_per_rank([one_process], 2) == 2
+    assert cpu_threads_per_rank([two_stages], 2) == 2  # the stages take turns: each gets both cores
+    assert cpu_threads_per_rank([two_stages], 16) == 16
+    assert cpu_threads_per_rank([tp3_then_tp1, one_process], 8) == 2  # 3 + 1 ranks at once on 8 cores
+    assert cpu_threads_per_rank([tp3_then_tp1, one_process], 2) == 1  # never below one
