@@ -31,6 +31,7 @@ from hexgen.dispatch import make_policy
 from hexgen.engine.messages import TokenEvent
 from hexgen.launch import wire
 from hexgen.launch.lifetime import free_port
+from hexgen.launch.spec import cpu_threads_per_rank
 from hexgen.machine import cpu_description
 from hexgen.models import load_model_spec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, plan_from_dict, single_replica_plan
@@ -38,7 +39,7 @@ from hexgen.planner.evaluate import with_predictions
 from hexgen.profile import apply_profiles, load_profile
 from hexgen.server.launch import default_local_plan
 from hexgen.server.responses import ResponseShape, sse
-from hexgen.sim.host import CpuHost, engine_threads_per_rank
+from hexgen.sim.host import CpuHost
 from hexgen.sim.run import replica_models
 from hexgen.sim.simulator import simulate_streams
 from hexgen.textstream import TextStream
@@ -50,7 +51,7 @@ PROMPT = "Once upon a time, in a small village by the sea, there lived an old fi
 PLANS = {"one process": [1], "two stages, TP 1 -> TP 1": [1, 1], "default plan": None}
 STREAMS = (1, 16)
 CLUSTER = ROOT / "examples/clusters/local-cpu.yaml"
-# A rank of a W-rank replica gets cores / W torch threads (launch/spec.py): one profile per thread count.
+# A CPU rank's torch threads follow launch/spec.py:cpu_threads_per_rank: one profile per thread count.
 PROFILES = {2: ROOT / "examples/profiles/cpu-epyc-2core.yaml",
             1: ROOT / "examples/profiles/cpu-epyc-2core-1thread.yaml"}
 
@@ -81,17 +82,17 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def local_cluster(plan: DeploymentPlan) -> Cluster:
-    """This machine with the CPU profile measured at the thread count the plan's ranks get (cores / ranks)."""
-    world = sum(r.world_size for r in plan.replicas)
-    return apply_profiles(load_cluster(CLUSTER), [load_profile(PROFILES[2 if world == 1 else 1])])
+def local_cluster(plan: DeploymentPlan, cores: int) -> Cluster:
+    """This machine with the CPU profile measured at the thread count `hexgen serve` gives the plan's ranks."""
+    threads = cpu_threads_per_rank(list(plan.replicas), cores)
+    return apply_profiles(load_cluster(CLUSTER), [load_profile(PROFILES[min(threads, max(PROFILES))])])
 
 
 def local_hosts(plan: DeploymentPlan, cores: int, coordinator_s_per_token: float) -> dict[str, CpuHost]:
     """The measuring machine's cores, shared by all the plan's ranks (threads per rank as `hexgen serve` sets them)
     and the coordinator."""
-    world = sum(r.world_size for r in plan.replicas)
-    return {LOCAL_MACHINE: CpuHost(cores, engine_threads_per_rank(cores, world), coordinator_s_per_token)}
+    threads = cpu_threads_per_rank(list(plan.replicas), cores)
+    return {LOCAL_MACHINE: CpuHost(cores, threads, coordinator_s_per_token)}
 
 
 def coordinator_s_per_token(tokenizer: Tokenizer, output_tokens: int, repeats: int = 200) -> float:
@@ -115,7 +116,7 @@ def served_plan(tp_degrees: list[int] | None, prompt_tokens: int, args) -> Deplo
     spec = load_model_spec(MODEL)
     plan = default_local_plan(spec) if tp_degrees is None else single_replica_plan(spec, tp_degrees, None)
     sizing = Workload(prompt_tokens, args.max_tokens, args.max_batch)
-    return with_predictions(plan, local_cluster(plan), spec, sizing, CostConfig(dtype_bytes=4))
+    return with_predictions(plan, local_cluster(plan, os.cpu_count() or 1), spec, sizing, CostConfig(dtype_bytes=4))
 
 
 def measure_plan(name: str, tp_degrees: list[int] | None, prompt_tokens: int, args) -> dict:
@@ -158,7 +159,7 @@ def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int, coordina
     """The simulator on the same plan and closed-loop load, with the CPU profile of the ranks' thread count, every
     rank and the coordinator (`coordinator_s` CPU seconds per token) sharing this machine's cores."""
     plan = plan_from_dict(entry["plan"], entry["name"])
-    cluster = local_cluster(plan)
+    cluster = local_cluster(plan, measured_cores(measured))
     spec, cfg = load_model_spec(MODEL), CostConfig(dtype_bytes=4)  # the server runs fp32
     sizing = Workload(prompt_tokens, measured["max_tokens"], measured["max_batch"])
     models = replica_models(plan, cluster, spec, cfg, measured["max_batch"], sizing)

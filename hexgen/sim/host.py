@@ -43,12 +43,6 @@ class CpuHost:
                               f"({self.coordinator_s_per_token})")
 
 
-def engine_threads_per_rank(cores: int, ranks: int) -> int:
-    """Torch threads of each CPU rank when `ranks` ranks run on `cores` cores: the machine's cores split evenly,
-    at least one (the rule `hexgen serve` applies to local CPU ranks)."""
-    return max(1, cores // ranks)
-
-
 def pace(cores: int, group_threads: int, free_cores: float) -> float:
     """How many times longer a step of a barrier-synchronised group of `group_threads` threads takes with
     `free_cores` of the machine's `cores` left to it: max(1, ceil(k / C), k / free); infinite with none free."""

@@ -68,9 +68,10 @@ class SequentialServer:
 class BatchingServer:
     """Continuous batching by the engine's Scheduler: one event per micro-batch, each stage in turn.
 
-    As the engine's driver does, each micro-batch takes `Scheduler.micro_batch_limit(stages)` sequences, so every
-    stage has a micro-batch to work on. `cores[j]` is the shared machine stage j runs on (None: a device of its
-    own) and `tp_degrees[j]` its ranks; the driver's machine (stage 0) also runs the coordinator.
+    As the engine's driver does, it keeps one micro-batch in flight per stage with devices of its own and one per
+    shared CPU machine (launch/spec.py:pipeline_depth), each taking `Scheduler.micro_batch_limit(depth)`
+    sequences. `cores[j]` is the shared machine stage j runs on (None: a device of its own) and `tp_degrees[j]`
+    its ranks; the driver's machine (stage 0) also runs the coordinator.
     """
 
     def __init__(self, cost: ReplicaCost, max_batch: int, pool_blocks: int,
@@ -78,13 +79,14 @@ class BatchingServer:
         self._cost = cost
         self._cores = cores or (None,) * cost.num_stages
         self._tp_degrees = tp_degrees or (1,) * cost.num_stages
-        self._depth = cost.num_stages
+        shared_machines = {c for c in self._cores if c is not None}
+        self._depth = sum(c is None for c in self._cores) + len(shared_machines)
         config = SchedulerConfig(max_running_seqs=max_batch, max_context=UNBOUNDED_CONTEXT,
                                  block_size=cost.kv_block_tokens, num_kv_blocks=pool_blocks)
         self._scheduler = Scheduler(config)
         self._requests: dict[str, Request] = {}
         self._in_flight: deque[StepPlan] = deque()
-        self._stage_free_s = [0.0] * self._depth
+        self._stage_free_s = [0.0] * cost.num_stages
 
     @property
     def outstanding(self) -> int:
@@ -98,7 +100,7 @@ class BatchingServer:
         self._scheduler.add(GenerationRequest(key, (0,) * request.prompt_tokens, params))
 
     def start(self, now_s: float) -> list[float]:
-        """Launch micro-batches while fewer than `stages` are in flight; returns when each comes back."""
+        """Launch micro-batches while fewer than `depth` are in flight; returns when each comes back."""
         ends = []
         for shared in set(self._cores) - {None}:
             shared.forget_before(now_s)

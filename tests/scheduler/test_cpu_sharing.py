@@ -6,7 +6,7 @@ import pytest
 
 from hexgen.costmodel import LinearCost, ReplicaCost
 from hexgen.dispatch import RoundRobin
-from hexgen.sim.host import CpuHost, SharedCores, engine_threads_per_rank
+from hexgen.sim.host import CpuHost, SharedCores
 from hexgen.sim.servers import ReplicaModel
 from hexgen.sim.simulator import simulate
 from hexgen.sim.workload import Request
@@ -50,13 +50,6 @@ def test_a_step_waits_while_no_core_is_free_then_runs():
     assert cores.run(0.5, 0.25, threads=1) == pytest.approx(1.25)
 
 
-def test_threads_per_rank_split_the_cores_as_serve_does():
-    assert engine_threads_per_rank(cores=2, ranks=1) == 2
-    assert engine_threads_per_rank(cores=2, ranks=2) == 1
-    assert engine_threads_per_rank(cores=2, ranks=5) == 1
-    assert engine_threads_per_rank(cores=16, ranks=4) == 4
-
-
 STEP = LinearCost(prefill_fixed_s=0.1, decode_fixed_s=0.1)  # 0.1 s per step whatever the batch
 PIPELINE = ReplicaCost((STEP, STEP))  # two stages, no hop costs
 
@@ -83,8 +76,8 @@ def test_tp2_stage_on_one_core_takes_twice_as_long_in_the_simulator():
 def test_two_busy_stages_on_one_core_halve_a_pipelines_throughput():
     # Two requests of one token each (prefill only) in two micro-batches through two 0.1 s one-thread stages.
     # Own devices: stage 0 runs A then B (0-0.1, 0.1-0.2), stage 1 runs A 0.1-0.2, B 0.2-0.3 -> done at 0.2, 0.3.
-    # One shared core: A's pass is committed first (stage 0 0-0.1, stage 1 0.1-0.2); B's stage 0 then waits for
-    # the core until 0.2 (0.2-0.3) and its stage 1 follows (0.3-0.4): 0.4 s of work on one core.
+    # One shared machine: its stages take turns (one micro-batch in flight, as the engine runs them there): A
+    # passes both stages (0-0.2), then B (0.2-0.4): 0.4 s of work on one core.
     requests = [Request(0, 0.0, 5, 1), Request(1, 0.0, 5, 1)]
     model = ReplicaModel(PIPELINE, 2, (("cpu-box", 1), ("cpu-box", 1)))
     alone = sorted(c.finish_s for c in simulate([model], requests, RoundRobin()))
