@@ -15,8 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="element type (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads to measure with (0: torch's default, as a one-rank replica runs; a rank of a "
-                        "W-rank replica gets cores / W)")
+                   help="CPU threads to measure with (0: torch's default, as a one-rank replica runs; ranks of "
+                        "multi-rank replicas get the machine's cores over the replicas' largest TP groups)")
     p.add_argument("--model", help="also fit the per-layer and per-sequence overheads to this model's decode steps "
                                    "(embedded name, HF directory or .gguf), so the profile matches what it serves")
     p.add_argument("-o", "--output", required=True, help="profile file to write (.yaml or .json)")
