@@ -2,7 +2,9 @@
 
 A profile describes one device type as the engine achieved on it: matmul rate, memory bandwidth, the engine's
 fixed costs per step, per layer and per sequence, and the all-reduce and stage-to-stage links between its ranks
-on one machine. Every field name carries its unit. No torch here: the measuring code is hexgen/engine/profiler.py.
+on one machine; a CPU profile calibrated on a model may add what a handoff between two stages sharing the
+machine's cores costs per step (`colocated_handoff_ms`, plus `colocated_handoff_seq_ms` per sequence). Every
+field name carries its unit. No torch here: the measuring code is hexgen/engine/profiler.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ OVERHEADS = ("step_overhead_ms", "layer_overhead_ms", "seq_overhead_ms")
 LINKS = ("allreduce", "transfer")
 LINK_FIELDS = ("latency_ms", "bandwidth_gbps")
 REQUIRED = ("format", "device_type", *RATES, *OVERHEADS, *LINKS)
+OPTIONAL = ("colocated_handoff_ms", "colocated_handoff_seq_ms")  # CPU: stages taking turns on one machine
 # Descriptive fields: kept in the file for people, never read by the cost model.
 DESCRIPTIVE = ("device", "backend", "dtype", "measured_at", "torch_version", "cpu", "notes", "memory_gb",
                "allreduce_ranks", "method", "load_average_1m", "threads",
@@ -45,6 +48,8 @@ class DeviceProfile:
     allreduce: Link
     transfer: Link
     source: str = "profile"
+    colocated_handoff_ms: float = 0.0
+    colocated_handoff_seq_ms: float = 0.0
 
     def applied_to(self, gpu_types: dict[str, GpuType], where: str) -> GpuType:
         """The known GPU type this profile measures, with the measured figures in place of datasheet ones."""
@@ -94,11 +99,12 @@ def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
     """Validate one profile mapping; every mistake names the file and the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a profile is a mapping of measured figures (run `hexgen profile` to write one)")
-    _check_keys(data, REQUIRED, {*REQUIRED, *DESCRIPTIVE}, source)
+    _check_keys(data, REQUIRED, {*REQUIRED, *OPTIONAL, *DESCRIPTIVE}, source)
     if data["format"] != FORMAT:
         raise ConfigError(f"{source}: format {data['format']!r} is not {FORMAT!r}")
     figures = {k: _positive(data, k, source) for k in RATES}
     figures |= {k: _positive(data, k, source, allow_zero=True) for k in OVERHEADS}
+    figures |= {k: _positive(data, k, source, allow_zero=True) for k in OPTIONAL if k in data}
     links = {k: _link(data[k], f"{source}: {k}") for k in LINKS}
     return DeviceProfile(str(data["device_type"]), **figures, **links, source=source)
 

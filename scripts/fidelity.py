@@ -36,7 +36,7 @@ from hexgen.machine import cpu_description
 from hexgen.models import load_model_spec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, plan_from_dict, single_replica_plan
 from hexgen.planner.evaluate import with_predictions
-from hexgen.profile import apply_profiles, load_profile
+from hexgen.profile import DeviceProfile, apply_profiles, load_profile
 from hexgen.server.launch import default_local_plan
 from hexgen.server.responses import ResponseShape, sse
 from hexgen.sim.host import CpuHost
@@ -82,17 +82,22 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def local_profile(plan: DeploymentPlan, cores: int) -> DeviceProfile:
+    """This machine's CPU profile measured at the thread count `hexgen serve` gives the plan's ranks."""
+    return load_profile(PROFILES[min(cpu_threads_per_rank(list(plan.replicas), cores), max(PROFILES))])
+
+
 def local_cluster(plan: DeploymentPlan, cores: int) -> Cluster:
-    """This machine with the CPU profile measured at the thread count `hexgen serve` gives the plan's ranks."""
-    threads = cpu_threads_per_rank(list(plan.replicas), cores)
-    return apply_profiles(load_cluster(CLUSTER), [load_profile(PROFILES[min(threads, max(PROFILES))])])
+    return apply_profiles(load_cluster(CLUSTER), [local_profile(plan, cores)])
 
 
 def local_hosts(plan: DeploymentPlan, cores: int, coordinator_s_per_token: float) -> dict[str, CpuHost]:
     """The measuring machine's cores, shared by all the plan's ranks (threads per rank as `hexgen serve` sets them)
-    and the coordinator."""
+    and the coordinator; handoffs between its stages as the profile measured them."""
     threads = cpu_threads_per_rank(list(plan.replicas), cores)
-    return {LOCAL_MACHINE: CpuHost(cores, threads, coordinator_s_per_token)}
+    profile = local_profile(plan, cores)
+    return {LOCAL_MACHINE: CpuHost(cores, threads, coordinator_s_per_token, profile.colocated_handoff_ms / 1e3,
+                                   profile.colocated_handoff_seq_ms / 1e3)}
 
 
 def coordinator_s_per_token(tokenizer: Tokenizer, output_tokens: int, repeats: int = 200) -> float:
@@ -255,6 +260,8 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
     per_token = [(r["e2e_mean_s"] / tokens * 1e3, p["e2e_mean_s"] / tokens * 1e3) for _, r, p in rows]
     ratios = [m / p for m, p in per_token]
     bandwidth = {threads: load_profile(path).memory_bandwidth_gbs for threads, path in PROFILES.items()}
+    handoff = {threads: f"{p.colocated_handoff_ms:.2f} ms + {p.colocated_handoff_seq_ms:.3f} ms per sequence"
+               for threads, p in ((t, load_profile(path)) for t, path in PROFILES.items())}
     return [
         "",
         "## Reading the errors",
@@ -272,7 +279,11 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "ranks meet at a barrier every few hundred microseconds, runs in ceil(k / cores) waves and waits for the last "
         "(the default plan's TP-3 group of one-thread ranks takes twice its alone time on 2 cores). The coordinator's "
         f"per-token work, timed in-process ({coordinator_us:.0f} µs of CPU per token: wire decode, detokenization, SSE "
-        "chunk; HTTP and asyncio not included), is one more busy thread. Steps already committed keep their cores "
+        "chunk; HTTP and asyncio not included), is one more busy thread. As the engine runs them, a replica's stages "
+        "on this machine take turns (one micro-batch in flight), each rank with the cores over the replicas' largest "
+        "TP groups as threads, and each handoff between them costs what `hexgen profile --model` measured by serving "
+        f"the model as TP 1 | TP 1 beside one process ({handoff[2]}; with 1 thread {handoff[1]}). "
+        "Steps already committed keep their cores "
         "(first come, first served, where the kernel shares fairly): throughput is right, single steps' times are "
         "spread differently. Not modelled: memory bandwidth, which one thread nearly saturates here (profiles: "
         f"{bandwidth[1]:.1f} GB/s with 1 thread, {bandwidth[2]:.1f} with 2), so two busy one-thread stages each "

@@ -3,6 +3,9 @@ fixed costs per step, per layer and per sequence, and the all-reduce and stage-t
 
 The fixed costs come from the real engine running tiny random Llamas (hidden 64, so their arithmetic is
 negligible): decode steps of 1 and 4 layers at batch 1 and 8 are fitted to t = step + layers x (layer + batch x seq).
+With --model on a CPU, the model is also served as two stages taking turns on this machine's cores (as `hexgen
+serve` runs a CPU pipeline) beside one process, at batch 1 and 8: the difference per step is the co-located
+handoff, fitted to t = handoff + batch x handoff_seq.
 Links are timed with gloo (CPU) or NCCL (two GPUs or more) between two processes, and fitted to the cost model's
 own formulas: all-reduce over two ranks = 2 x latency + bytes / bandwidth, a send = latency + bytes / bandwidth.
 """
@@ -31,6 +34,7 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "
         "vocab_size": 256, "max_position_embeddings": 512}
 OVERHEAD_LAYERS = (1, 4)
 OVERHEAD_BATCHES = (1, 8)
+HANDOFF_BATCHES = (1, 8)
 LINK_TOKENS = (1, 512)  # message sizes [T, hidden] fitted for latency (small) and bandwidth (large)
 
 
@@ -137,6 +141,40 @@ def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threa
     return {"layer_overhead_ms": fixed_s / spec.num_layers * 1e3, "seq_overhead_ms": per_seq_s / spec.num_layers * 1e3}
 
 
+def _served_decode_s(source, tp_degrees: list[int], batch: int, dtype: str, threads: int, steps: int = 24) -> float:
+    """Median seconds between tokens of `batch` concurrent requests on a local CPU replica of `tp_degrees` stages
+    (layers split evenly; one process, or a process per rank with `threads` threads each)."""
+    from hexgen.engine.generation import run_requests
+    from hexgen.engine.replica import open_local_replica
+    from hexgen.plan import single_replica_plan
+
+    replica_plan = single_replica_plan(source.spec, tp_degrees, None).replicas[0]
+    config = SchedulerConfig(max_running_seqs=batch, max_context=256)
+    replica = open_local_replica(source, replica_plan, dtype, "cpu", config, (), threads or None)
+    params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    try:
+        replica.start()
+        run_requests(replica, [GenerationRequest("warm", tuple(range(10, 18)), SamplingParams(max_new_tokens=3))])
+        runs = []
+        for attempt in range(2):  # the faster of two: other work on the machine only ever adds time
+            requests = [GenerationRequest(f"a{attempt}-{i}", tuple(range(10, 18)), params) for i in range(batch)]
+            runs.append(statistics.median(c.decode_s_per_token for c in run_requests(replica, requests)))
+    finally:
+        replica.close()
+    return min(runs)
+
+
+def colocated_handoff_ms(source, dtype: str, threads: int) -> dict[str, float]:
+    """What a decode step costs beyond one process when the model runs as two stages taking turns on this machine
+    (plan and activations over gloo, the other process waking): fitted to handoff + batch x handoff_seq."""
+    extra = {b: _served_decode_s(source, [1, 1], b, dtype, threads) - _served_decode_s(source, [1], b, dtype, threads)
+             for b in HANDOFF_BATCHES}
+    low, high = HANDOFF_BATCHES
+    per_seq_s = max(0.0, (extra[high] - extra[low]) / (high - low))
+    return {"colocated_handoff_ms": max(0.0, extra[low] - low * per_seq_s) * 1e3,
+            "colocated_handoff_seq_ms": per_seq_s * 1e3}
+
+
 def link_figures(hidden: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     """All-reduce over two ranks and one-way sends, fitted to latency + bytes / bandwidth (gloo on loopback)."""
     measured = measure_collectives(2, hidden, list(LINK_TOKENS), dtype)
@@ -187,7 +225,10 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
     if model is not None:
         from hexgen.engine.checkpoint import resolve_model
 
-        out |= {k: round(v, 4) for k, v in fit_to_model(out, resolve_model(model), dtype, device, threads).items()}
+        source = resolve_model(model)
+        out |= {k: round(v, 4) for k, v in fit_to_model(out, source, dtype, device, threads).items()}
+        if device == "cpu" and source.spec.num_layers >= 2:
+            out |= {k: round(v, 4) for k, v in colocated_handoff_ms(source, dtype, threads).items()}
         out["calibrated_on"] = model
     if device == "cuda" and torch.cuda.device_count() < 2:
         raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
@@ -195,5 +236,6 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
     out["method"] = (f"matmul {'8192' if big else '1024'}^2; weight scan = matrix-vector product over "
                      f"{'2 GiB' if big else '256 MiB'}; overheads fitted on the engine's decode steps of tiny Llamas "
                      f"({OVERHEAD_LAYERS} layers x batch {OVERHEAD_BATCHES}); links: 2 ranks, [1 and 512, 4096] "
-                     "messages")
+                     "messages" + ("; co-located handoff: the model as TP 1 | TP 1 vs one process, batch "
+                                   f"{HANDOFF_BATCHES}" if "colocated_handoff_ms" in out else ""))
     return out

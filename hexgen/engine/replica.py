@@ -66,8 +66,10 @@ def open_local_replica(
     device: str,
     scheduler_config: SchedulerConfig,
     eos_token_ids: tuple[int, ...],
+    threads_per_rank: int | None = None,
 ):
-    specs = rank_specs(source, replica, dtype, device)
+    """The replica's ranks on this machine; CPU threads per rank as `rank_specs` sets them unless given."""
+    specs = rank_specs(source, replica, dtype, device, threads_per_rank)
     if len(specs) == 1:
         return InProcessReplica(specs[0], scheduler_config, eos_token_ids)
     return LocalReplica(run_rank, [(spec, scheduler_config, eos_token_ids) for spec in specs])

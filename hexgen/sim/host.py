@@ -30,17 +30,25 @@ COORDINATOR_THREADS = 1  # one Python process: HTTP server, token routing, detok
 @dataclass(frozen=True)
 class CpuHost:
     """A machine whose ranks are CPU processes on `cores` cores, `threads_per_rank` torch threads each, next to
-    a coordinator that spends `coordinator_s_per_token` CPU seconds on each output token."""
+    a coordinator that spends `coordinator_s_per_token` CPU seconds on each output token. A micro-batch handed
+    from one stage to the next on this machine costs `handoff_s` + `handoff_seq_s` per sequence (measured by
+    `hexgen profile --model` on a CPU)."""
 
     cores: int
     threads_per_rank: int
     coordinator_s_per_token: float = 0.0
+    handoff_s: float = 0.0
+    handoff_seq_s: float = 0.0
+
+    def handoff_time_s(self, num_seqs: int) -> float:
+        return self.handoff_s + self.handoff_seq_s * num_seqs
 
     def __post_init__(self) -> None:
-        if self.cores < 1 or self.threads_per_rank < 1 or self.coordinator_s_per_token < 0:
+        if self.cores < 1 or self.threads_per_rank < 1 or min(
+                self.coordinator_s_per_token, self.handoff_s, self.handoff_seq_s) < 0:
             raise ConfigError(f"a CPU host needs cores >= 1 ({self.cores}), threads per rank >= 1 "
-                              f"({self.threads_per_rank}) and coordinator seconds per token >= 0 "
-                              f"({self.coordinator_s_per_token})")
+                              f"({self.threads_per_rank}) and coordinator and handoff seconds >= 0 "
+                              f"({self.coordinator_s_per_token}, {self.handoff_s}, {self.handoff_seq_s})")
 
 
 def pace(cores: int, group_threads: int, free_cores: float) -> float:

@@ -120,6 +120,9 @@ class BatchingServer:
             self._stage_free_s[j] = t
             if j < len(self._cost.hops):
                 t += step_time_s(self._cost.hops[j], plan)
+            shared = self._cores[j]
+            if shared is not None and j + 1 < len(self._cores) and shared is self._cores[j + 1]:  # taking turns
+                t += shared.host.handoff_time_s(plan.num_seqs)
         t += step_time_s(self._cost.token_return, plan)
         if self._cores[0] is not None:
             self._cores[0].run_coordinator(t, plan.num_sampled)

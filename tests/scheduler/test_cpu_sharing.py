@@ -66,6 +66,18 @@ def test_gpu_machines_and_machines_without_shared_cores_are_unchanged():
     assert _latency(placement, {"cpu-box": CpuHost(cores=1, threads_per_rank=1)}) == pytest.approx(0.6)
 
 
+def test_a_handoff_between_stages_on_one_machine_adds_the_measured_cost():
+    # 3 steps of one sequence, each 0.1 s + handoff + 0.1 s on 2 cores (nothing else busy)
+    placement = (("cpu-box", 1), ("cpu-box", 1))
+    fixed = CpuHost(cores=2, threads_per_rank=1, handoff_s=0.05)
+    per_seq = CpuHost(cores=2, threads_per_rank=1, handoff_s=0.05, handoff_seq_s=0.01)
+    assert _latency(placement, {"cpu-box": fixed}) == pytest.approx(3 * 0.25)
+    assert _latency(placement, {"cpu-box": per_seq}) == pytest.approx(3 * 0.26)
+    # stages on different machines hand off over the link only
+    apart = (("cpu-box", 1), ("other-box", 1))
+    assert _latency(apart, {"cpu-box": fixed, "other-box": fixed}) == pytest.approx(0.6)
+
+
 def test_tp2_stage_on_one_core_takes_twice_as_long_in_the_simulator():
     # stage 0 is TP 2 of one-thread ranks on 1 core: 2 waves -> 0.2 s; stage 1 (one rank) 0.1 s; 3 steps -> 0.9 s
     placement = (("cpu-box", 2), ("cpu-box", 1))

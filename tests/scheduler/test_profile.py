@@ -35,10 +35,17 @@ def _without(key):
     ({**GOOD, "allreduce": {"latency": 0.2, "bandwidth_gbps": 8}}, r"allreduce: field 'latency' lacks its unit"),
     ({**GOOD, "colour": "red"}, r"unknown field\(s\) colour"),
     ({**GOOD, "format": "something-else"}, r"format 'something-else' is not 'hexgen-profile/1'"),
+    ({**GOOD, "colocated_handoff_ms": -0.5}, r"colocated_handoff_ms must be a number >= 0, got -0.5"),
 ])
 def test_bad_profiles_name_the_field(data, pattern):
     with pytest.raises(ConfigError, match=pattern):
         profile_from_dict(data, "p.yaml")
+
+
+def test_colocated_handoff_is_optional():
+    assert profile_from_dict(GOOD).colocated_handoff_ms == 0.0
+    profile = profile_from_dict({**GOOD, "colocated_handoff_ms": 3.5, "colocated_handoff_seq_ms": 0.25})
+    assert (profile.colocated_handoff_ms, profile.colocated_handoff_seq_ms) == (3.5, 0.25)
 
 
 def test_unknown_device_type_lists_the_known_ones(tmp_path):
