@@ -28,8 +28,6 @@ from hexgen.benchserve.metrics import summarize
 from hexgen.cluster import Cluster, load_cluster
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import make_policy
-from hexgen.engine.messages import TokenEvent
-from hexgen.launch import wire
 from hexgen.launch.lifetime import free_port
 from hexgen.launch.spec import cpu_threads_per_rank
 from hexgen.machine import cpu_description
@@ -38,11 +36,9 @@ from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, plan_from_dict, single_re
 from hexgen.planner.evaluate import with_predictions
 from hexgen.profile import DeviceProfile, apply_profiles, load_profile
 from hexgen.server.launch import default_local_plan
-from hexgen.server.responses import ResponseShape, sse
 from hexgen.sim.host import CpuHost
 from hexgen.sim.run import replica_models
 from hexgen.sim.simulator import simulate_streams
-from hexgen.textstream import TextStream
 from hexgen.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +46,7 @@ MODEL = "smollm2-135m"
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who told stories."
 PLANS = {"one process": [1], "two stages, TP 1 -> TP 1": [1, 1], "default plan": None}
 STREAMS = (1, 16)
+CALIBRATION_STREAMS = 4  # the load of the run that measures the CPU time beside the ranks (not a measured row)
 CLUSTER = ROOT / "examples/clusters/local-cpu.yaml"
 # A CPU rank's torch threads follow launch/spec.py:cpu_threads_per_rank: one profile per thread count.
 PROFILES = {2: ROOT / "examples/profiles/cpu-epyc-2core.yaml",
@@ -100,19 +97,31 @@ def local_hosts(plan: DeploymentPlan, cores: int, coordinator_s_per_token: float
                                    profile.colocated_handoff_seq_ms / 1e3)}
 
 
-def coordinator_s_per_token(tokenizer: Tokenizer, output_tokens: int, repeats: int = 200) -> float:
-    """CPU seconds the coordinator spends on one streamed token, timed in-process (a few milliseconds) on its
-    per-token path: the token event off the wire, incremental detokenization and the SSE chunk. The HTTP stack,
-    asyncio and the benchmark client are not included, so this is a lower bound."""
-    ids = (tokenizer.encode(PROMPT) * output_tokens)[:output_tokens]
-    shape = ResponseShape(chat=False, model=MODEL, prompt_tokens=len(ids))
-    started = time.process_time()
-    for _ in range(repeats):
-        stream = TextStream(tokenizer)
-        for i, token_id in enumerate(ids):
-            event = wire.decode(wire.encode(TokenEvent("request", token_id, None)))
-            sse(shape.chunk(stream.add(event.token_id), None, first=i == 0))
-    return (time.process_time() - started) / (repeats * len(ids))
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def beside_ranks_cpu_s_per_token(prompt_tokens: int, args) -> float:
+    """CPU seconds per streamed output token of the processes that share the cores with the ranks while measuring:
+    the HTTP coordinator (`hexgen serve`'s main process) and the load generator (this process). Measured on a run
+    of its own, not one of the rows: the one-process plan at CALIBRATION_STREAMS streams."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_path = str(Path(tmp) / "plan.json")
+        served_plan([1], prompt_tokens, args).save(plan_path)
+        proc = start_server(port, plan_path, args.max_batch)
+        try:
+            config = BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, prompt=PROMPT,
+                                 max_tokens=args.max_tokens, concurrency=CALIBRATION_STREAMS,
+                                 num_requests=2 * CALIBRATION_STREAMS, ignore_eos=True, seed=1)
+            coordinator_before, client_before = _cpu_s(proc.pid), time.process_time()
+            summarize(run_benchmark(config))
+            spent = _cpu_s(proc.pid) - coordinator_before + time.process_time() - client_before
+        finally:
+            stop_server(proc)
+    return spent / (config.num_requests * args.max_tokens)
 
 
 def served_plan(tp_degrees: list[int] | None, prompt_tokens: int, args) -> DeploymentPlan:
@@ -162,7 +171,7 @@ def measured_cores(measured: dict) -> int:
 
 def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int, coordinator_s: float) -> dict:
     """The simulator on the same plan and closed-loop load, with the CPU profile of the ranks' thread count, every
-    rank and the coordinator (`coordinator_s` CPU seconds per token) sharing this machine's cores."""
+    rank and the processes beside them (`coordinator_s` CPU seconds per token) sharing this machine's cores."""
     plan = plan_from_dict(entry["plan"], entry["name"])
     cluster = local_cluster(plan, measured_cores(measured))
     spec, cfg = load_model_spec(MODEL), CostConfig(dtype_bytes=4)  # the server runs fp32
@@ -194,12 +203,16 @@ def main() -> None:
         measured = json.loads(store.read_text())
     else:
         started = time.monotonic()
+        beside_s = beside_ranks_cpu_s_per_token(prompt_tokens, args)
         plans = [measure_plan(name, tp, prompt_tokens, args) for name, tp in PLANS.items()]
-        measured = {"plans": plans, "cpu": cpu_description(), "date": str(datetime.date.today()),
+        measured = {"plans": plans, "beside_ranks_cpu_s_per_token": beside_s,
+                    "cpu": cpu_description(), "date": str(datetime.date.today()),
                     "seconds": round(time.monotonic() - started), "max_tokens": args.max_tokens,
                     "max_batch": args.max_batch, "cores": os.cpu_count()}
         store.write_text(json.dumps(measured, indent=1) + "\n")
-    coordinator_s = coordinator_s_per_token(tokenizer, measured["max_tokens"])
+    if "beside_ranks_cpu_s_per_token" not in measured:
+        sys.exit(f"{store} predates the measured CPU time beside the ranks: run without --predict-only")
+    coordinator_s = measured["beside_ranks_cpu_s_per_token"]
     predicted = [[predict(entry, row, measured, prompt_tokens, coordinator_s) for row in entry["rows"]]
                  for entry in measured["plans"]]
     write_report(Path(args.out), measured, predicted, prompt_tokens, coordinator_s)
@@ -278,8 +291,9 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "free by the steps already running (k threads on L free cores take k / L times as long), and a TP group, whose "
         "ranks meet at a barrier every few hundred microseconds, runs in ceil(k / cores) waves and waits for the last "
         "(the default plan's TP-3 group of one-thread ranks takes twice its alone time on 2 cores). The coordinator's "
-        f"per-token work, timed in-process ({coordinator_us:.0f} µs of CPU per token: wire decode, detokenization, SSE "
-        "chunk; HTTP and asyncio not included), is one more busy thread. As the engine runs them, a replica's stages "
+        f"per-token work and the load generator's, which share the cores while measuring ({coordinator_us:.0f} µs of "
+        f"CPU per output token, measured on a run at {CALIBRATION_STREAMS} streams that is not one of the rows), are "
+        "one more busy thread. As the engine runs them, a replica's stages "
         "on this machine take turns (one micro-batch in flight), each rank with the cores over the replicas' largest "
         "TP groups as threads, and each handoff between them costs what `hexgen profile --model` measured by serving "
         f"the model as TP 1 | TP 1 beside one process ({handoff[2]}; with 1 thread {handoff[1]}). "
