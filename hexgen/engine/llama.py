@@ -18,7 +18,7 @@ from hexgen.engine.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
 )
-from hexgen.engine.ops import add_rms_norm, rotary_write_kv, silu_mul
+from hexgen.engine.ops import Rope, add_rms_norm, rotary_write_kv, silu_mul
 from hexgen.engine.parallel import TPGroup
 from hexgen.engine.weights import CheckpointReader
 from hexgen.models import ModelSpec
@@ -58,9 +58,12 @@ class RotaryEmbedding:
             freqs = torch.outer(torch.arange(length, device=self.inv_freq.device).float(), self.inv_freq)
             self._cos, self._sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim / 2] for the given positions (rotate-half: both halves share them);
-        the positions must be below what `reserve` covered."""
+    def tables(self, positions: torch.Tensor, interleaved: bool = False) -> Rope:
+        """cos, sin [T, head_dim / 2] for the given positions (rotate-half: both halves share them), or for
+        interleaved pairs one complex tensor cos + i sin [T, head_dim / 2]; the positions must be below what
+        `reserve` covered."""
+        if interleaved:
+            return torch.complex(self._cos[positions], self._sin[positions])
         return self._cos[positions], self._sin[positions]
 
 
@@ -90,10 +93,27 @@ class Attention(nn.Module):
         q_size = spec.num_heads * spec.head_dim
         self.qkv_proj = ColumnParallelLinear(spec.hidden_size, [q_size, spec.kv_dim, spec.kv_dim], tp, dtype)
         self.o_proj = RowParallelLinear(q_size, spec.hidden_size, tp, dtype)
+        self.rope_interleaved = False
+
+    @torch.no_grad()
+    def interleave_rope(self) -> None:
+        """Reorder each q and k head's rows from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1), so
+        RoPE is one complex multiplication in place (4x faster than rotate-half on the 2-core EPYC). Queries and
+        keys are permuted alike, so their dot products, the attention and the output are unchanged; the cached
+        keys are stored in this order."""
+        d, half = self.head_dim, self.head_dim // 2
+        order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()  # [d]
+        qk_rows = (self.heads_local + self.kv_heads_local) * d
+        head_base = torch.arange(0, qk_rows, d).unsqueeze(1)  # [q and k heads, 1]
+        rows = (head_base + order.to(self.qkv_proj.weight.device)).flatten()
+        self.qkv_proj.weight[:qk_rows] = self.qkv_proj.weight[rows]
+        self.rope_interleaved = True
 
     def forward(
-        self, x: torch.Tensor, meta: StepMetadata, rope: tuple[torch.Tensor, torch.Tensor], kv_pool: torch.Tensor
+        self, x: torch.Tensor, meta: StepMetadata, rope: Rope, kv_pool: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output [T, H] summed over the TP group, plus `residual` when given."""
         tokens = x.shape[0]
         heads, kv_heads, d = self.heads_local, self.kv_heads_local, self.head_dim
         qkv = self.qkv_proj.fused(x)  # [T, (h + 2 kv) d]: q, k and v side by side
@@ -101,7 +121,7 @@ class Attention(nn.Module):
         v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
         rotary_write_kv(qk, v, heads, rope, kv_pool, meta)  # q, k rotated; k, v into the pool
         out = paged_attention(qk[:, :heads], kv_pool, meta, self.scale)  # [T, h_local, d]
-        partial = self.o_proj.forward(out.reshape(tokens, heads * d))
+        partial = self.o_proj.forward(out.reshape(tokens, heads * d), residual)
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
 
@@ -112,9 +132,10 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, tp, dtype)
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, tp, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """MLP output [T, H] summed over the TP group, plus `residual` when given."""
         gate, up = self.gate_up_proj.forward(x)
-        partial = self.down_proj.forward(silu_mul(gate, up))
+        partial = self.down_proj.forward(silu_mul(gate, up), residual)
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
 
@@ -141,10 +162,18 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         meta: StepMetadata,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
         kv_pool: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's output, the residual stream before it): their sum is the layer's usual output."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(this layer's output, the residual stream before it): their sum is the layer's usual output.
+
+        With oneDNN-packed weights (CPU) the residual adds run in the output projections' GEMM epilogues instead,
+        and the layer returns (its whole output, None). Elsewhere (CUDA) each add is fused with the norm after it.
+        """
+        if self.self_attn.o_proj.packed is not None:
+            stream = hidden if residual is None else hidden + residual
+            mid = self.self_attn.forward(self.input_layernorm.forward(stream), meta, rope, kv_pool, stream)
+            return self.mlp.forward(self.post_attention_layernorm.forward(mid), mid), None
         if residual is None:
             residual, hidden = hidden, self.input_layernorm.forward(hidden)
         else:

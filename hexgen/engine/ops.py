@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from hexgen.engine.attention import StepMetadata, write_kv
 
+# RoPE tables of a step: (cos, sin) for rotate-half pairs, or one complex table for interleaved pairs
+Rope = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
 
 @functools.cache
 def _triton_ready() -> bool:
@@ -63,11 +66,21 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None
     x1.copy_(rotated1)
 
 
+def apply_rotary_interleaved_(x: torch.Tensor, rope: torch.Tensor) -> None:
+    """Rotate x [T, heads, head_dim] in place, pairs (2i, 2i + 1) as complex numbers; rope [T, head_dim / 2] complex."""
+    tokens, heads, head_dim = x.shape
+    torch.view_as_complex(x.view(tokens, heads, head_dim // 2, 2)).mul_(rope.unsqueeze(1))
+
+
 def rotary_write_kv(
-    qk: torch.Tensor, v: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor], kv_pool: torch.Tensor,
-    meta: StepMetadata,
+    qk: torch.Tensor, v: torch.Tensor, heads: int, rope: Rope, kv_pool: torch.Tensor, meta: StepMetadata,
 ) -> None:
-    """Rotate q = qk[:, :heads] in place and store rotated k = qk[:, heads:] and v in the pool [2, slots, kv, d]."""
+    """Rotate q = qk[:, :heads] in place and store rotated k = qk[:, heads:] and v in the pool [2, slots, kv, d].
+    rope: (cos, sin) for rotate-half pairs, or one complex table for interleaved pairs (CPU, packed weights)."""
+    if isinstance(rope, torch.Tensor):
+        apply_rotary_interleaved_(qk, rope)
+        write_kv(kv_pool, qk[:, heads:], v, meta)
+        return
     if use_triton(qk):
         from hexgen.engine import kernels
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hexgen.engine.attention import StepMetadata
-from hexgen.engine.layers import PackableLinear, ParallelLMHead, VocabParallelEmbedding
+from hexgen.engine.layers import PackableLinear, ParallelLMHead, VocabParallelEmbedding, packs_for_cpu
 from hexgen.engine.llama import DecoderLayer, RMSNorm, RotaryEmbedding
 from hexgen.engine.parallel import RankContext
 from hexgen.engine.weights import CheckpointReader
@@ -29,6 +29,7 @@ class LlamaStage(nn.Module):
             self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if ctx.is_last_stage else None
         self.rope = RotaryEmbedding(spec, dtype, device)
         self.kv_heads_local = spec.num_kv_heads // tp.tp_degree
+        self.rope_interleaved = False  # set by pack_weights
         self.kv_pool = torch.empty(0)  # [layers, 2, blocks * block_size, kv_heads_local, head_dim] once allocated
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -46,10 +47,15 @@ class LlamaStage(nn.Module):
         return dense + sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackableLinear))
 
     def pack_weights(self) -> None:
-        """Keep each linear layer's weight in oneDNN's layout too (CPU fp32 only; elsewhere a no-op)."""
+        """Keep each linear layer's weight in oneDNN's layout too (CPU fp32 only; elsewhere a no-op). Packed
+        attention layers also take their q and k rows in interleaved-RoPE order (see Attention.interleave_rope)."""
+        for layer in self.layers:
+            if packs_for_cpu(layer.self_attn.qkv_proj.weight):
+                layer.self_attn.interleave_rope()
         for module in self.modules():
             if isinstance(module, PackableLinear):
                 module.pack()
+        self.rope_interleaved = bool(self.layers) and self.layers[0].self_attn.rope_interleaved
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""
@@ -80,7 +86,7 @@ class LlamaStage(nn.Module):
 
     def forward_layers(self, hidden: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         """hidden [T, H] through this stage's layers; the positions must be below `rope.reserve`'s."""
-        rope = self.rope.tables(meta.positions)
+        rope = self.rope.tables(meta.positions, self.rope_interleaved)
         residual = None
         for local, layer in enumerate(self.layers):
             hidden, residual = layer.forward(hidden, residual, meta, rope, self.kv_pool[local])
