@@ -273,6 +273,7 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
     per_token = [(r["e2e_mean_s"] / tokens * 1e3, p["e2e_mean_s"] / tokens * 1e3) for _, r, p in rows]
     ratios = [m / p for m, p in per_token]
     bandwidth = {threads: load_profile(path).memory_bandwidth_gbs for threads, path in PROFILES.items()}
+    one_thread = load_profile(PROFILES[1])
     handoff = {threads: f"{p.colocated_handoff_ms:.2f} ms + {p.colocated_handoff_seq_ms:.3f} ms per sequence"
                for threads, p in ((t, load_profile(path)) for t, path in PROFILES.items())}
     return [
@@ -305,6 +306,14 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "the scheduler's wake-up delays inside a TP group's all-reduces; and an unequal share between a TP group "
         "and independent ranks (ranks that never wait at barriers take more than their share). GPU machines (a "
         "device per rank) are unaffected.",
+        "- **TP groups on fewer cores than ranks.** The cost model prices an all-reduce over t ranks by the ring "
+        f"formula from a two-rank measurement (2(t - 1) x {one_thread.allreduce.latency_s * 1e3:.2f} ms for a "
+        "decode-sized one with the one-thread profile) and the simulator then runs a TP-3 group of one-thread ranks "
+        "on 2 cores in two waves; measured, the default plan's TP 3 -> TP 1 replica alone takes about 160 ms per "
+        "token at batch 1 (`hexgen bench engine --layout \"3 1:20 10\"`, docs/bench-engine.md), well under what "
+        "that prices. gloo's small all-reduce on this machine varies several-fold between runs (0.4-2.8 ms over two "
+        "ranks in `hexgen bench engine`), and the profile measures two ranks only, so where a TP group outnumbers "
+        "the cores the prediction is the weakest part of this table.",
         "- The profiles' per-layer and per-sequence overheads are fitted to SmolLM2's own decode steps on one rank "
         "(`hexgen profile --model smollm2-135m`); with a tiny model's overheads only, every prediction was 1.4-5.8x "
         "too fast (first measurement, kept in git history).",
