@@ -54,8 +54,10 @@ def rank_main(
 
 
 def serve_driver(engine: Engine, channel: RankEnd) -> None:
-    """Apply commands between steps; step while there is work; heartbeat while idle or busy."""
-    last_beat = 0.0
+    """Apply commands between steps; step while there is work; heartbeat while idle or busy, and at once when the
+    number of running or waiting sequences changed (so /status and /metrics never lag a finished request by a
+    heartbeat period)."""
+    last_beat, last_load = 0.0, (0, 0)
     while True:
         for command in channel.get_all(0.0 if engine.has_work else IDLE_POLL_S):
             if command[0] == "add":
@@ -73,10 +75,11 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
             if events:
                 channel.put(("events", events))
         now = time.monotonic()
-        if now - last_beat >= HEARTBEAT_S:
-            scheduler = engine.scheduler
+        scheduler = engine.scheduler
+        load = (len(scheduler.running), len(scheduler.waiting))
+        if now - last_beat >= HEARTBEAT_S or load != last_load:
             stats = {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
                      "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
                      "kv_blocks_free": scheduler.blocks.num_free, "preemptions": scheduler.num_preemptions}
             channel.put(("heartbeat", stats))
-            last_beat = now
+            last_beat, last_load = now, load

@@ -377,6 +377,8 @@ def test_metrics_count_requests_and_tokens(idle):
     assert after["prompt"] - before["prompt"] == sum(a["usage"]["prompt_tokens"] for a in answers)
     assert after["ttft"] - before["ttft"] == 3
     assert after["tpot"] - before["tpot"] == 2  # a one-token answer has no time per output token
+    idle.wait_idle(timeout_s=5)  # the replicas' own counts arrive with their heartbeats, just after the answers
+    text = idle.get("/metrics").text
     for replica in ("0", "1"):
         assert metric_value(text, "hexgen_replica_up", f'replica="{replica}"') == 1.0
         assert metric_value(text, "hexgen_replica_outstanding_requests", f'replica="{replica}"') == 0.0
