@@ -35,7 +35,7 @@ from hexgen.models import load_model_spec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, plan_from_dict, single_replica_plan
 from hexgen.planner.evaluate import with_predictions
 from hexgen.profile import DeviceProfile, apply_profiles, load_profile
-from hexgen.server.launch import default_local_plan
+from hexgen.server.launch import capacity_weight, default_local_plan
 from hexgen.sim.host import CpuHost
 from hexgen.sim.run import replica_models
 from hexgen.sim.simulator import simulate_streams
@@ -178,8 +178,9 @@ def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int, coordina
     sizing = Workload(prompt_tokens, measured["max_tokens"], measured["max_batch"])
     models = replica_models(plan, cluster, spec, cfg, measured["max_batch"], sizing)
     hosts = local_hosts(plan, measured_cores(measured), coordinator_s)
+    weights = [capacity_weight(r) for r in plan.replicas]  # what the server dispatched by: the served plan's
     done = simulate_streams(models, row["streams"], row["requests"], prompt_tokens, measured["max_tokens"],
-                            make_policy("capacity-weighted"), hosts)
+                            make_policy("capacity-weighted"), hosts, weights)
     latency = np.array([c.latency_s for c in done])
     span = max(c.finish_s for c in done)
     return {"e2e_mean_s": float(latency.mean()), "e2e_p90_s": float(np.percentile(latency, 90)),
@@ -306,14 +307,15 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "the scheduler's wake-up delays inside a TP group's all-reduces; and an unequal share between a TP group "
         "and independent ranks (ranks that never wait at barriers take more than their share). GPU machines (a "
         "device per rank) are unaffected.",
-        "- **TP groups on fewer cores than ranks.** The cost model prices an all-reduce over t ranks by the ring "
-        f"formula from a two-rank measurement (2(t - 1) x {one_thread.allreduce.latency_s * 1e3:.2f} ms for a "
-        "decode-sized one with the one-thread profile) and the simulator then runs a TP-3 group of one-thread ranks "
-        "on 2 cores in two waves; measured, the default plan's TP 3 -> TP 1 replica alone takes about 160 ms per "
-        "token at batch 1 (`hexgen bench engine --layout \"3 1:20 10\"`, docs/bench-engine.md), well under what "
-        "that prices. gloo's small all-reduce on this machine varies several-fold between runs (0.4-2.8 ms over two "
-        "ranks in `hexgen bench engine`), and the profile measures two ranks only, so where a TP group outnumbers "
-        "the cores the prediction is the weakest part of this table.",
+        "- **TP groups on more ranks than cores** (the default plan at 16 streams, the row furthest off). The cost "
+        "model prices an all-reduce over t ranks by the ring formula from a two-rank measurement (2(t - 1) x "
+        f"{one_thread.allreduce.latency_s * 1e3:.2f} ms for a decode-sized one with the one-thread profile), and the "
+        "simulator runs a TP-3 group of one-thread ranks on 2 cores in two waves. On this machine a two-rank gloo "
+        "all-reduce measures either about 0.2 ms or 1-1.6 ms per ring step from one run to the next (runs whose "
+        "processes the kernel leaves on one core; the profile keeps the fastest of 3 rounds), and this row's "
+        "prediction moves from 15-30% too fast to 35-50% too slow with it; measured alone, that TP 3 -> TP 1 "
+        "replica takes about 160 ms per token at batch 1 (`hexgen bench engine --layout \"3 1:20 10\"`). Modelling "
+        "it properly needs all-reduces measured at each TP degree and the waves applied to compute only.",
         "- The profiles' per-layer and per-sequence overheads are fitted to SmolLM2's own decode steps on one rank "
         "(`hexgen profile --model smollm2-135m`); with a tiny model's overheads only, every prediction was 1.4-5.8x "
         "too fast (first measurement, kept in git history).",

@@ -26,11 +26,14 @@ class Completion:
 def simulate(
     replicas: list[ReplicaModel], requests: list[Request], policy: DispatchPolicy,
     follow_up: Callable[[Completion], Request | None] | None = None, hosts: dict[str, CpuHost] | None = None,
+    weights: list[float] | None = None,
 ) -> list[Completion]:
     """Run every request to completion; returns completions in finishing order.
 
     `follow_up` turns a completion into the next request of its client (closed-loop load), or None.
     `hosts`: machines whose CPU ranks (of every replica) share cores; other machines have a device per rank.
+    `weights`: the replicas' capacity weights for dispatch, as a server was given them (default: each model's
+    requests per second at full batch).
     Events at equal times: step completions are handled before arrivals, so a freed replica counts as free.
     """
     if not replicas:
@@ -40,7 +43,9 @@ def simulate(
     servers = [make_server(r, longest, shared) for r in replicas]
     mean_prompt = sum(r.prompt_tokens for r in requests) / max(len(requests), 1)
     mean_output = sum(r.output_tokens for r in requests) / max(len(requests), 1)
-    states = [ReplicaState(0, True, r.capacity_weight(mean_prompt, mean_output)) for r in replicas]
+    if weights is None:
+        weights = [r.capacity_weight(mean_prompt, mean_output) for r in replicas]
+    states = [ReplicaState(0, True, w) for w in weights]
     busy: list[tuple[float, int]] = []  # (finish time of a step in flight, replica index)
     done: list[Completion] = []
     arrivals = [(r.arrival_s, r.request_id, r) for r in requests]
@@ -66,7 +71,7 @@ def simulate(
 
 def simulate_streams(
     replicas: list[ReplicaModel], streams: int, num_requests: int, prompt_tokens: int, output_tokens: int,
-    policy: DispatchPolicy, hosts: dict[str, CpuHost] | None = None,
+    policy: DispatchPolicy, hosts: dict[str, CpuHost] | None = None, weights: list[float] | None = None,
 ) -> list[Completion]:
     """Closed-loop load, as `hexgen bench serve --concurrency`: `streams` clients start at time 0 and each sends
     its next request the moment its previous one finishes, until `num_requests` have been sent."""
@@ -80,4 +85,4 @@ def simulate_streams(
         sent += 1
         return Request(sent - 1, done.finish_s, prompt_tokens, output_tokens)
 
-    return simulate(replicas, first, policy, next_request, hosts)
+    return simulate(replicas, first, policy, next_request, hosts, weights)

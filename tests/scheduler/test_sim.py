@@ -104,3 +104,17 @@ def test_report_fields():
     assert rep.latency_p99_s == pytest.approx(latency)
     assert rep.slo_attainment == 1.0
     assert rep.tokens_per_dollar == pytest.approx(rep.output_tokens_per_s * 3600 / 3.6)
+
+
+def test_dispatch_weights_given_as_a_server_had_them():
+    # Four requests at once to two identical replicas weighted 1 : 3 by capacity: (outstanding + 1) / weight picks
+    # replica 1 (1/3), replica 1 (2/3), replica 0 on the tie at 1 (lower index), then replica 1 (4/3 < 2).
+    from hexgen.dispatch import CapacityWeighted
+
+    step = LinearCost(prefill_fixed_s=0.1, decode_fixed_s=0.1)
+    models = [ReplicaModel(ReplicaCost((step,)), 4), ReplicaModel(ReplicaCost((step,)), 4)]
+    requests = [Request(i, 0.0, 4, 2) for i in range(4)]
+    done = simulate(models, requests, CapacityWeighted(), weights=[1.0, 3.0])
+    assert sorted(c.replica for c in done) == [0, 1, 1, 1]
+    alike = simulate(models, requests, CapacityWeighted())  # equal models, equal weights: alternate
+    assert sorted(c.replica for c in alike) == [0, 0, 1, 1]
