@@ -78,7 +78,7 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
         scheduler = engine.scheduler
         load = (len(scheduler.running), len(scheduler.waiting))
         if now - last_beat >= HEARTBEAT_S or load != last_load:
-            stats = {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+            stats = {"running": load[0], "waiting": load[1],
                      "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
                      "kv_blocks_free": scheduler.blocks.num_free, "preemptions": scheduler.num_preemptions}
             channel.put(("heartbeat", stats))
