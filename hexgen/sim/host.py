@@ -13,8 +13,9 @@ A step is slowed by the larger of two effects:
 Each machine keeps the steps already committed by the event loop, as stretches of time each using some cores (a
 group slowed to pace p uses k / p of them). A new step advances through the cores left free, stretch by stretch:
 committed steps keep their times, so the total work the cores do is conserved (first come, first served, where
-the kernel would share fairly: throughput is the same, single steps' times are spread differently). The
-coordinator's CPU time per output token is one more busy thread.
+the kernel would share fairly: throughput is the same, single steps' times are spread differently). The CPU time
+per output token of the processes beside the ranks (the coordinator; while measuring, the load generator too) is
+one more busy thread, and stages of one replica on the machine take turns, paying a measured handoff between them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ COORDINATOR_THREADS = 1  # one Python process: HTTP server, token routing, detok
 @dataclass(frozen=True)
 class CpuHost:
     """A machine whose ranks are CPU processes on `cores` cores, `threads_per_rank` torch threads each, next to
-    a coordinator that spends `coordinator_s_per_token` CPU seconds on each output token. A micro-batch handed
+    processes (the coordinator, a load generator) that spend `coordinator_s_per_token` CPU seconds on each output
+    token. A micro-batch handed
     from one stage to the next on this machine costs `handoff_s` + `handoff_seq_s` per sequence (measured by
     `hexgen profile --model` on a CPU)."""
 
