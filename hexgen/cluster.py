@@ -56,6 +56,8 @@ class GpuType:
     seq_overhead_ms: float = 0.0  # per sequence per layer per step
     allreduce_link: Link | None = None
     transfer_link: Link | None = None
+    colocated_handoff_ms: float = 0.0  # per step, between stages sharing a CPU machine's cores
+    colocated_handoff_seq_ms: float = 0.0  # the same, per sequence
 
     @property
     def memory_bytes(self) -> float:
@@ -76,13 +78,16 @@ class GpuType:
 
 @dataclass(frozen=True)
 class Machine:
-    """A host with `count` GPUs of one type in one region; `price_per_hour` (whole machine) overrides the table."""
+    """A host with `count` GPUs of one type in one region; `price_per_hour` (whole machine) overrides the table.
+    `cpu_cores`: the "GPUs" are CPU worker slots sharing this many cores (the simulator then shares them among the
+    ranks it runs there, as `hexgen serve` does); None: a device per slot."""
 
     name: str
     gpu: GpuType
     count: int
     region: str
     price_per_hour: float | None = None
+    cpu_cores: int | None = None
 
     @property
     def cost_per_hour(self) -> float:
@@ -235,7 +240,7 @@ def _machines(rows: Any, gpu_types: dict[str, GpuType], source: str) -> tuple[Ma
         where = f"{source}: machines[{i}]"
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: expected a mapping with name, gpu, count, region")
-        _reject_unknown(row, {"name", "gpu", "count", "region", "price_per_hour"}, where)
+        _reject_unknown(row, {"name", "gpu", "count", "region", "price_per_hour", "cpu_cores"}, where)
         for key in ("name", "gpu", "count"):
             if key not in row:
                 raise ConfigError(f"{where}: missing {key!r}")
@@ -251,7 +256,11 @@ def _machines(rows: Any, gpu_types: dict[str, GpuType], source: str) -> tuple[Ma
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"{where}: count must be a positive integer, got {count!r}")
         price = _number(row, "price_per_hour", where) if "price_per_hour" in row else None
-        machines.append(Machine(name, gpu_types[gpu], count, str(row.get("region", "default")), price))
+        cores = row.get("cpu_cores")
+        if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):
+            raise ConfigError(f"{where}: cpu_cores must be a positive integer (the cores its CPU worker slots "
+                              f"share), got {cores!r}")
+        machines.append(Machine(name, gpu_types[gpu], count, str(row.get("region", "default")), price, cores))
         seen.add(name)
     return tuple(machines)
 

@@ -63,6 +63,7 @@ class DeviceProfile:
             measured_tflops=self.matmul_tflops, step_overhead_ms=self.step_overhead_ms,
             layer_overhead_ms=self.layer_overhead_ms, seq_overhead_ms=self.seq_overhead_ms,
             allreduce_link=self.allreduce, transfer_link=self.transfer,
+            colocated_handoff_ms=self.colocated_handoff_ms, colocated_handoff_seq_ms=self.colocated_handoff_seq_ms,
         )
 
 

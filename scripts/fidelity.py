@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -32,12 +33,11 @@ from hexgen.launch.lifetime import free_port
 from hexgen.launch.spec import cpu_threads_per_rank
 from hexgen.machine import cpu_description
 from hexgen.models import load_model_spec
-from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, plan_from_dict, single_replica_plan
+from hexgen.plan import DeploymentPlan, plan_from_dict, single_replica_plan
 from hexgen.planner.evaluate import with_predictions
 from hexgen.profile import DeviceProfile, apply_profiles, load_profile
 from hexgen.server.launch import capacity_weight, default_local_plan
-from hexgen.sim.host import CpuHost
-from hexgen.sim.run import replica_models
+from hexgen.sim.run import replica_models, shared_hosts
 from hexgen.sim.simulator import simulate_streams
 from hexgen.tokenizer import Tokenizer
 
@@ -85,16 +85,9 @@ def local_profile(plan: DeploymentPlan, cores: int) -> DeviceProfile:
 
 
 def local_cluster(plan: DeploymentPlan, cores: int) -> Cluster:
-    return apply_profiles(load_cluster(CLUSTER), [local_profile(plan, cores)])
-
-
-def local_hosts(plan: DeploymentPlan, cores: int, coordinator_s_per_token: float) -> dict[str, CpuHost]:
-    """The measuring machine's cores, shared by all the plan's ranks (threads per rank as `hexgen serve` sets them)
-    and the coordinator; handoffs between its stages as the profile measured them."""
-    threads = cpu_threads_per_rank(list(plan.replicas), cores)
-    profile = local_profile(plan, cores)
-    return {LOCAL_MACHINE: CpuHost(cores, threads, coordinator_s_per_token, profile.colocated_handoff_ms / 1e3,
-                                   profile.colocated_handoff_seq_ms / 1e3)}
+    """This machine: its worker slots share `cores` CPU cores, with the profile of the ranks' thread count."""
+    cluster = apply_profiles(load_cluster(CLUSTER), [local_profile(plan, cores)])
+    return Cluster(tuple(replace(m, cpu_cores=cores) for m in cluster.machines), cluster.network)
 
 
 def _cpu_s(pid: int) -> float:
@@ -177,7 +170,7 @@ def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int, coordina
     spec, cfg = load_model_spec(MODEL), CostConfig(dtype_bytes=4)  # the server runs fp32
     sizing = Workload(prompt_tokens, measured["max_tokens"], measured["max_batch"])
     models = replica_models(plan, cluster, spec, cfg, measured["max_batch"], sizing)
-    hosts = local_hosts(plan, measured_cores(measured), coordinator_s)
+    hosts = shared_hosts(plan, cluster, coordinator_s)
     weights = [capacity_weight(r) for r in plan.replicas]  # what the server dispatched by: the served plan's
     done = simulate_streams(models, row["streams"], row["requests"], prompt_tokens, measured["max_tokens"],
                             make_policy("capacity-weighted"), hosts, weights)

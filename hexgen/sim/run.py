@@ -7,8 +7,10 @@ import random
 from hexgen.cluster import Cluster
 from hexgen.costmodel import CostConfig, Workload, placements_of, replica_stage_costs
 from hexgen.dispatch import make_policy
+from hexgen.launch.spec import cpu_threads_per_rank
 from hexgen.models import ModelSpec
 from hexgen.plan import DeploymentPlan
+from hexgen.sim.host import CpuHost
 from hexgen.sim.metrics import SimReport, summarise
 from hexgen.sim.servers import ReplicaModel
 from hexgen.sim.simulator import Completion, simulate
@@ -25,6 +27,22 @@ def replica_models(
     costs = [replica_stage_costs(cluster, model, placements_of(r, cluster), cfg, sizing) for r in plan.replicas]
     return [ReplicaModel(cost, max_batch, tuple((s.machine, s.tp) for s in r.stages))
             for cost, r in zip(costs, plan.replicas, strict=True)]
+
+
+def shared_hosts(plan: DeploymentPlan, cluster: Cluster, beside_s_per_token: float = 0.0) -> dict[str, CpuHost]:
+    """The plan's machines whose ranks share CPU cores (`cpu_cores` in the cluster file), as `hexgen serve` would
+    run them there: threads per rank by `cpu_threads_per_rank` over the replicas with a stage on the machine, the
+    handoff between co-located stages from the machine's profile, and `beside_s_per_token` CPU seconds per output
+    token of other processes on it (the coordinator)."""
+    hosts = {}
+    for name in sorted({s.machine for r in plan.replicas for s in r.stages}):
+        machine = cluster.machine(name)
+        if machine.cpu_cores is None:
+            continue
+        here = [r for r in plan.replicas if any(s.machine == name for s in r.stages)]
+        hosts[name] = CpuHost(machine.cpu_cores, cpu_threads_per_rank(here, machine.cpu_cores), beside_s_per_token,
+                              machine.gpu.colocated_handoff_ms / 1e3, machine.gpu.colocated_handoff_seq_ms / 1e3)
+    return hosts
 
 
 def sizing_of(spec: WorkloadSpec, max_batch: int) -> Workload:
@@ -48,7 +66,7 @@ def run_plan(
 ) -> list[Completion]:
     requests = generate_requests(spec, random.Random(seed))
     models = replica_models(plan, cluster, model, cfg or CostConfig(), max_batch, sizing_of(spec, max_batch))
-    return simulate(models, requests, make_policy(dispatch))
+    return simulate(models, requests, make_policy(dispatch), hosts=shared_hosts(plan, cluster))
 
 
 def simulate_plan(

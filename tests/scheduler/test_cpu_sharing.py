@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from hexgen.costmodel import LinearCost, ReplicaCost
@@ -97,3 +99,66 @@ def test_two_busy_stages_on_one_core_halve_a_pipelines_throughput():
                                                   hosts={"cpu-box": CpuHost(cores=1, threads_per_rank=1)}))
     assert alone == pytest.approx([0.2, 0.3])
     assert shared == pytest.approx([0.2, 0.4])
+
+
+CPU_BOXES = """
+machines:
+  - {name: cpu-box, gpu: CPU-worker, count: 5, cpu_cores: 8}
+  - {name: gpu-box, gpu: A100-80G, count: 2}
+gpu_types:
+  CPU-worker: {memory_gb: 4, bandwidth_gbs: 10, tflops_fp16: 0.1}
+"""
+
+
+def test_cpu_cores_in_the_cluster_file_make_a_shared_host_as_serve_runs_it():
+    from dataclasses import replace
+
+    from hexgen.cluster import parse_cluster
+    from hexgen.plan import DeploymentPlan, Replica, Stage
+    from hexgen.sim.run import shared_hosts
+
+    cluster = parse_cluster(CPU_BOXES)
+    cpu = cluster.machine("cpu-box")
+    cluster = type(cluster)(tuple(replace(m, gpu=replace(m.gpu, colocated_handoff_ms=3.0)) if m is cpu else m
+                                  for m in cluster.machines), cluster.network)
+    tp3_then_tp1 = Replica((Stage("cpu-box", (0, 1, 2), 3, (0, 20)), Stage("cpu-box", (3,), 1, (20, 30))))
+    single = Replica((Stage("cpu-box", (4,), 1, (0, 30)),))
+    on_gpus = Replica((Stage("gpu-box", (0, 1), 2, (0, 30)),))
+    hosts = shared_hosts(DeploymentPlan("m", (tp3_then_tp1, single, on_gpus)), cluster, 0.001)
+    # 8 cores over the largest TP groups of the two CPU replicas (3 + 1): 2 threads per rank; GPUs not shared
+    assert hosts == {"cpu-box": CpuHost(8, 2, 0.001, 0.003, 0.0)}
+
+
+@pytest.mark.parametrize("cores", [0, -2, True, 1.5, "8"])
+def test_cpu_cores_must_be_a_positive_integer(cores):
+    from hexgen.cluster import parse_cluster
+    from hexgen.errors import ConfigError
+
+    text = CPU_BOXES.replace("cpu_cores: 8", f"cpu_cores: {cores!r}" if isinstance(cores, str) else
+                             f"cpu_cores: {str(cores).lower()}")
+    with pytest.raises(ConfigError, match=r"machines\[0\]: cpu_cores must be a positive integer"):
+        parse_cluster(text)
+
+
+def test_hexgen_simulate_shares_the_cores_of_a_cpu_cores_machine():
+    # The same two-stage plan under the same load, with its machine's slots as devices of their own and as ranks
+    # sharing one core: sharing can only add time, and must here (two stages, coordinator-free, one core).
+    from dataclasses import replace
+
+    from scheduler_helpers import tiny_model
+
+    from hexgen.cluster import parse_cluster
+    from hexgen.plan import single_replica_plan
+    from hexgen.sim.run import run_plan
+    from hexgen.sim.workload import TokenLengths, WorkloadSpec
+
+    model = tiny_model(num_layers=4, hidden=256, heads=4, kv_heads=2, vocab=1000)
+    plan = single_replica_plan(model, [1, 1], None)
+    plan = type(plan)(plan.model, tuple(type(r)(tuple(replace(s, machine="cpu-box") for s in r.stages))
+                                        for r in plan.replicas))
+    spec = WorkloadSpec(50.0, 40, TokenLengths(16, 16), TokenLengths(8, 8))
+    apart = parse_cluster(CPU_BOXES.replace(", cpu_cores: 8", ""))
+    shared = parse_cluster(CPU_BOXES.replace("cpu_cores: 8", "cpu_cores: 1"))
+    mean = {name: statistics.mean(c.latency_s for c in run_plan(plan, cluster, model, spec, max_batch=8))
+            for name, cluster in (("apart", apart), ("shared", shared))}
+    assert mean["shared"] > mean["apart"]
