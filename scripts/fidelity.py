@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,21 +102,31 @@ def beside_ranks_cpu_s_per_token(prompt_tokens: int, args) -> float:
     """CPU seconds per streamed output token of the processes that share the cores with the ranks while measuring:
     the HTTP coordinator (`hexgen serve`'s main process) and the load generator (this process). Measured on a run
     of its own, not one of the rows: the one-process plan at CALIBRATION_STREAMS streams."""
+    with serving([1], prompt_tokens, args) as (port, proc):
+        config = bench_config(port, CALIBRATION_STREAMS, 2 * CALIBRATION_STREAMS, args, seed=1)
+        coordinator_before, client_before = _cpu_s(proc.pid), time.process_time()
+        run_benchmark(config)
+        spent = _cpu_s(proc.pid) - coordinator_before + time.process_time() - client_before
+    return spent / (config.num_requests * args.max_tokens)
+
+
+@contextmanager
+def serving(tp_degrees: list[int] | None, prompt_tokens: int, args) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`hexgen serve` on the plan (see served_plan) for the duration of the block: (its port, its process)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = str(Path(tmp) / "plan.json")
-        served_plan([1], prompt_tokens, args).save(plan_path)
+        served_plan(tp_degrees, prompt_tokens, args).save(plan_path)
         proc = start_server(port, plan_path, args.max_batch)
         try:
-            config = BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, prompt=PROMPT,
-                                 max_tokens=args.max_tokens, concurrency=CALIBRATION_STREAMS,
-                                 num_requests=2 * CALIBRATION_STREAMS, ignore_eos=True, seed=1)
-            coordinator_before, client_before = _cpu_s(proc.pid), time.process_time()
-            summarize(run_benchmark(config))
-            spent = _cpu_s(proc.pid) - coordinator_before + time.process_time() - client_before
+            yield port, proc
         finally:
             stop_server(proc)
-    return spent / (config.num_requests * args.max_tokens)
+
+
+def bench_config(port: int, streams: int, num_requests: int, args, seed: int) -> BenchConfig:
+    return BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, prompt=PROMPT, max_tokens=args.max_tokens,
+                       concurrency=streams, num_requests=num_requests, ignore_eos=True, seed=seed)
 
 
 def served_plan(tp_degrees: list[int] | None, prompt_tokens: int, args) -> DeploymentPlan:
@@ -128,16 +140,9 @@ def served_plan(tp_degrees: list[int] | None, prompt_tokens: int, args) -> Deplo
 
 def measure_plan(name: str, tp_degrees: list[int] | None, prompt_tokens: int, args) -> dict:
     """Serve one plan and measure it at every stream count; returns the plan as served and the rows."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        plan_path = str(Path(tmp) / "plan.json")
-        served_plan(tp_degrees, prompt_tokens, args).save(plan_path)
-        proc = start_server(port, plan_path, args.max_batch)
-        try:
-            served = httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()["plan"]
-            rows = [measure(port, streams, args) for streams in STREAMS]
-        finally:
-            stop_server(proc)
+    with serving(tp_degrees, prompt_tokens, args) as (port, _):
+        served = httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()["plan"]
+        rows = [measure(port, streams, args) for streams in STREAMS]
     return {"name": name, "plan": served, "rows": rows}
 
 
@@ -147,9 +152,7 @@ def _load() -> float:
 
 
 def measure(port: int, streams: int, args) -> dict:
-    config = BenchConfig(base_url=f"http://127.0.0.1:{port}/v1", model=MODEL, prompt=PROMPT,
-                         max_tokens=args.max_tokens, concurrency=streams,
-                         num_requests=streams * args.requests_per_stream, ignore_eos=True, seed=0)
+    config = bench_config(port, streams, streams * args.requests_per_stream, args, seed=0)
     load_before = _load()
     summary = summarize(run_benchmark(config))
     return {"streams": streams, "requests": config.num_requests, "e2e_mean_s": summary.e2e_s.mean,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from hexgen.commands.workload_args import DTYPE_BYTES
 from hexgen.engine.kv_budget import GIB, RankShape, check_memory_budget
 from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig, is_valid_block_size
 from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 from hexgen.plan import Replica
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_MEMORY_GB = 1 << 20
 
 

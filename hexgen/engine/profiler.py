@@ -29,7 +29,6 @@ from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.launch.spec import Layout, RankSpec
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 256, "max_position_embeddings": 512}
 OVERHEAD_LAYERS = (1, 4)
@@ -132,7 +131,7 @@ def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threa
     gpu = GpuType("measured", 1e6, 1.0, 1.0, measured_bandwidth_gbs=figures["memory_bandwidth_gbs"],
                   measured_tflops=figures["matmul_tflops"], step_overhead_ms=figures["step_overhead_ms"])
     spec = source.spec
-    cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=DTYPE_BYTES[dtype]),
+    cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=DTYPES[dtype].itemsize),
                       is_first=True, is_last=True)
     context = 8 + 12  # the measured sequences: 8 prompt tokens, decode steps 2..24 (median near 12)
     residual = {b: min(_decode_step_s(source, b, dtype, device, threads) for _ in range(2))

@@ -32,9 +32,8 @@ COORDINATOR_THREADS = 1  # one Python process: HTTP server, token routing, detok
 class CpuHost:
     """A machine whose ranks are CPU processes on `cores` cores, `threads_per_rank` torch threads each, next to
     processes (the coordinator, a load generator) that spend `coordinator_s_per_token` CPU seconds on each output
-    token. A micro-batch handed
-    from one stage to the next on this machine costs `handoff_s` + `handoff_seq_s` per sequence (measured by
-    `hexgen profile --model` on a CPU)."""
+    token. A micro-batch handed from one stage to the next on this machine costs `handoff_s` + `handoff_seq_s` per
+    sequence (measured by `hexgen profile --model` on a CPU)."""
 
     cores: int
     threads_per_rank: int
