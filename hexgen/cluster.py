@@ -58,6 +58,13 @@ class GpuType:
     transfer_link: Link | None = None
     colocated_handoff_ms: float = 0.0  # per step, between stages sharing a CPU machine's cores
     colocated_handoff_seq_ms: float = 0.0  # the same, per sequence
+    # (TP degree, ms): the fixed time of one decode all-reduce over that many ranks as the engine met it on this
+    # device type (CPU: ranks sharing the cores); replaces the ring formula's 2 (t - 1) x latency at that degree
+    allreduce_ms_by_ranks: tuple[tuple[int, float], ...] = ()
+
+    def allreduce_fixed_ms(self, tp_degree: int) -> float | None:
+        """The measured fixed time of an all-reduce over `tp_degree` ranks, None where not measured."""
+        return dict(self.allreduce_ms_by_ranks).get(tp_degree)
 
     @property
     def memory_bytes(self) -> float:

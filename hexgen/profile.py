@@ -3,7 +3,8 @@
 A profile describes one device type as the engine achieved on it: matmul rate, memory bandwidth, the engine's
 fixed costs per step, per layer and per sequence, and the all-reduce and stage-to-stage links between its ranks
 on one machine; a CPU profile calibrated on a model may add what a handoff between two stages sharing the
-machine's cores costs per step (`colocated_handoff_ms`, plus `colocated_handoff_seq_ms` per sequence). Every
+machine's cores costs per step (`colocated_handoff_ms`, plus `colocated_handoff_seq_ms` per sequence) and the
+fixed time of a decode all-reduce at each TP degree it served (`allreduce_ms_by_ranks`, {degree: ms}). Every
 field name carries its unit. No torch here: the measuring code is hexgen/engine/profiler.py.
 """
 
@@ -25,6 +26,7 @@ LINKS = ("allreduce", "transfer")
 LINK_FIELDS = ("latency_ms", "bandwidth_gbps")
 REQUIRED = ("format", "device_type", *RATES, *OVERHEADS, *LINKS)
 OPTIONAL = ("colocated_handoff_ms", "colocated_handoff_seq_ms")  # CPU: stages taking turns on one machine
+BY_RANKS = "allreduce_ms_by_ranks"  # optional {TP degree: ms}: all-reduces as served (CPU: ranks sharing cores)
 # Descriptive fields: kept in the file for people, never read by the cost model.
 DESCRIPTIVE = ("device", "backend", "dtype", "measured_at", "torch_version", "cpu", "notes", "memory_gb",
                "allreduce_ranks", "method", "load_average_1m", "threads",
@@ -50,6 +52,7 @@ class DeviceProfile:
     source: str = "profile"
     colocated_handoff_ms: float = 0.0
     colocated_handoff_seq_ms: float = 0.0
+    allreduce_ms_by_ranks: tuple[tuple[int, float], ...] = ()
 
     def applied_to(self, gpu_types: dict[str, GpuType], where: str) -> GpuType:
         """The known GPU type this profile measures, with the measured figures in place of datasheet ones."""
@@ -64,6 +67,7 @@ class DeviceProfile:
             layer_overhead_ms=self.layer_overhead_ms, seq_overhead_ms=self.seq_overhead_ms,
             allreduce_link=self.allreduce, transfer_link=self.transfer,
             colocated_handoff_ms=self.colocated_handoff_ms, colocated_handoff_seq_ms=self.colocated_handoff_seq_ms,
+            allreduce_ms_by_ranks=self.allreduce_ms_by_ranks,
         )
 
 
@@ -96,18 +100,31 @@ def _link(data: Any, where: str) -> Link:
     return Link(_positive(data, "bandwidth_gbps", where), _positive(data, "latency_ms", where, allow_zero=True))
 
 
+def _by_ranks(data: Any, where: str) -> tuple[tuple[int, float], ...]:
+    """{TP degree >= 2: milliseconds >= 0}, sorted by degree."""
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{where}: expected a mapping of TP degree to milliseconds, e.g. {{3: 1.4}}")
+    out = []
+    for degree, ms in data.items():
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
+            raise ConfigError(f"{where}: TP degree {degree!r} must be an integer >= 2")
+        out.append((degree, _positive({str(degree): ms}, str(degree), where, allow_zero=True)))
+    return tuple(sorted(out))
+
+
 def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
     """Validate one profile mapping; every mistake names the file and the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a profile is a mapping of measured figures (run `hexgen profile` to write one)")
-    _check_keys(data, REQUIRED, {*REQUIRED, *OPTIONAL, *DESCRIPTIVE}, source)
+    _check_keys(data, REQUIRED, {*REQUIRED, *OPTIONAL, BY_RANKS, *DESCRIPTIVE}, source)
     if data["format"] != FORMAT:
         raise ConfigError(f"{source}: format {data['format']!r} is not {FORMAT!r}")
     figures = {k: _positive(data, k, source) for k in RATES}
     figures |= {k: _positive(data, k, source, allow_zero=True) for k in OVERHEADS}
     figures |= {k: _positive(data, k, source, allow_zero=True) for k in OPTIONAL if k in data}
     links = {k: _link(data[k], f"{source}: {k}") for k in LINKS}
-    return DeviceProfile(str(data["device_type"]), **figures, **links, source=source)
+    by_ranks = _by_ranks(data[BY_RANKS], f"{source}: {BY_RANKS}") if BY_RANKS in data else ()
+    return DeviceProfile(str(data["device_type"]), **figures, **links, source=source, allreduce_ms_by_ranks=by_ranks)
 
 
 def load_profile(path: str | Path) -> DeviceProfile:

@@ -8,11 +8,13 @@ from hexgen.costmodel.params import CostConfig
 from hexgen.models import ModelSpec
 
 
-def allreduce_s(link: Link, tp_degree: int, num_bytes: float) -> float:
-    """Ring all-reduce (reduce-scatter + all-gather): 2(t-1) steps, each one latency plus a 1/t slice."""
+def allreduce_s(link: Link, tp_degree: int, num_bytes: float, fixed_ms: float | None = None) -> float:
+    """Ring all-reduce (reduce-scatter + all-gather): 2(t-1) steps, each one latency plus a 1/t slice. A measured
+    `fixed_ms` at this degree (GpuType.allreduce_fixed_ms) replaces the 2(t-1) latencies."""
     if tp_degree <= 1:
         return 0.0
-    return 2 * (tp_degree - 1) * (link.latency_s + num_bytes / (tp_degree * link.bytes_per_s))
+    fixed_s = 2 * (tp_degree - 1) * link.latency_s if fixed_ms is None else fixed_ms / 1e3
+    return fixed_s + 2 * (tp_degree - 1) * num_bytes / (tp_degree * link.bytes_per_s)
 
 
 def layer_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
@@ -26,8 +28,10 @@ def layer_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cf
     flops = gpu.flops_per_s(cfg.compute_efficiency)
     weight_scan_s = model.params_per_layer * cfg.dtype_bytes / (tp_degree * bandwidth_bps)
     gemm_per_token_s = 2 * model.params_per_layer / (tp_degree * flops)
-    ar_fixed_s = 2 * allreduce_s(tp_link, tp_degree, 0.0)
-    ar_per_token_s = 2 * allreduce_s(tp_link, tp_degree, model.hidden_size * cfg.dtype_bytes) - ar_fixed_s
+    measured_ms = gpu.allreduce_fixed_ms(tp_degree)
+    ar_fixed_s = 2 * allreduce_s(tp_link, tp_degree, 0.0, measured_ms)
+    token_bytes = model.hidden_size * cfg.dtype_bytes
+    ar_per_token_s = 2 * allreduce_s(tp_link, tp_degree, token_bytes, measured_ms) - ar_fixed_s
     kv_read_s = model.kv_bytes_per_token(cfg.dtype_bytes) / (tp_degree * bandwidth_bps)
     # Measured engine overheads (zero without a profile): kernel launches and Python per layer, per sequence.
     layer_s, seq_s = gpu.layer_overhead_ms / 1e3, gpu.seq_overhead_ms / 1e3

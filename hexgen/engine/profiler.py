@@ -5,7 +5,10 @@ The fixed costs come from the real engine running tiny random Llamas (hidden 64,
 negligible): decode steps of 1 and 4 layers at batch 1 and 8 are fitted to t = step + layers x (layer + batch x seq).
 With --model on a CPU, the model is also served as two stages taking turns on this machine's cores (as `hexgen
 serve` runs a CPU pipeline) beside one process, at batch 1 and 8: the difference per step is the co-located
-handoff, fitted to t = handoff + batch x handoff_seq.
+handoff, fitted to t = handoff + batch x handoff_seq; and the model is served as one TP-t stage for each of its
+valid TP degrees t from 2 to 4 at batch 1: what the step takes beyond the cost model's compute, over its 2 x layers
+all-reduces, is the fixed time of an all-reduce at degree t as the engine meets it (ranks sharing the cores run in
+waves, as the simulator has it: hexgen/sim/host.py).
 Links are timed with gloo (CPU) or NCCL (two GPUs or more) between two processes, and fitted to the cost model's
 own formulas: all-reduce over two ranks = 2 x latency + bytes / bandwidth, a send = latency + bytes / bandwidth.
 """
@@ -36,6 +39,8 @@ OVERHEAD_BATCHES = (1, 8)
 HANDOFF_BATCHES = (1, 8)
 LINK_TOKENS = (1, 512)  # message sizes [T, hidden] fitted for latency (small) and bandwidth (large)
 LINK_ROUNDS = 3
+MAX_SERVED_TP = 4  # TP degrees served to fit the all-reduce per degree (as `hexgen serve`'s default plan's widest)
+SERVED_CONTEXT = 8 + 12  # the served sequences: 8 prompt tokens, decode steps 2..24 (median near 12)
 
 
 def _timed_s(fn, seconds: float, sync) -> float:
@@ -133,9 +138,8 @@ def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threa
     spec = source.spec
     cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=DTYPES[dtype].itemsize),
                       is_first=True, is_last=True)
-    context = 8 + 12  # the measured sequences: 8 prompt tokens, decode steps 2..24 (median near 12)
     residual = {b: min(_decode_step_s(source, b, dtype, device, threads) for _ in range(2))
-                - cost.decode_step_s(b, b * context) for b in (1, 8)}
+                - cost.decode_step_s(b, b * SERVED_CONTEXT) for b in (1, 8)}
     per_seq_s = max(0.0, (residual[8] - residual[1]) / 7)
     fixed_s = max(0.0, residual[1] - per_seq_s)
     return {"layer_overhead_ms": fixed_s / spec.num_layers * 1e3, "seq_overhead_ms": per_seq_s / spec.num_layers * 1e3}
@@ -173,6 +177,34 @@ def colocated_handoff_ms(source, dtype: str, threads: int) -> dict[str, float]:
     per_seq_s = max(0.0, (extra[high] - extra[low]) / (high - low))
     return {"colocated_handoff_ms": max(0.0, extra[low] - low * per_seq_s) * 1e3,
             "colocated_handoff_seq_ms": per_seq_s * 1e3}
+
+
+def served_allreduce_ms(figures: dict[str, Any], source, dtype: str) -> dict[int, float]:
+    """{t: fixed ms of one decode all-reduce over t ranks} for each valid TP degree 2..MAX_SERVED_TP of the model,
+    fitted to the model served as one TP-t stage of `threads`-thread ranks on this machine's cores at batch 1:
+    served step / waves = compute (the cost model with these figures and a free all-reduce) + 2 x layers x it."""
+    import os
+    from dataclasses import replace
+
+    from hexgen.cluster import GpuType
+    from hexgen.costmodel import CostConfig
+    from hexgen.costmodel.stage import stage_cost
+    from hexgen.profile import profile_from_dict
+    from hexgen.sim.host import pace
+
+    cores = os.cpu_count() or 1
+    spec, cfg = source.spec, CostConfig(dtype_bytes=DTYPES[dtype].itemsize)
+    degrees = [t for t in spec.valid_tp_degrees(MAX_SERVED_TP) if t > 1]
+    base = profile_from_dict({**figures, "device_type": "measured"}).applied_to(
+        {"measured": GpuType("measured", 1e6, 1.0, 1.0)}, "measured profile")
+    out = {}
+    for t in degrees:
+        gpu = replace(base, allreduce_ms_by_ranks=((t, 0.0),))
+        compute = stage_cost(spec, gpu, t, spec.num_layers, base.allreduce_link, cfg, is_first=True, is_last=True)
+        served_s = _served_decode_s(source, [t], 1, dtype, figures["threads"])
+        waves = pace(cores, t * figures["threads"], cores)
+        out[t] = max(0.0, served_s / waves - compute.decode_step_s(1, SERVED_CONTEXT)) / (2 * spec.num_layers) * 1e3
+    return out
 
 
 def link_figures(hidden: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
@@ -225,6 +257,9 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
         "memory_bandwidth_gbs": round(weight_scan_gbs(torch_device, torch_dtype, (2 << 30) if big else (256 << 20)), 3),
     }
     out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device, threads).items()}
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
+    out |= link_figures(4096, torch_dtype)
     if model is not None:
         from hexgen.engine.checkpoint import resolve_model
 
@@ -232,13 +267,15 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
         out |= {k: round(v, 4) for k, v in fit_to_model(out, source, dtype, device, threads).items()}
         if device == "cpu" and source.spec.num_layers >= 2:
             out |= {k: round(v, 4) for k, v in colocated_handoff_ms(source, dtype, threads).items()}
+            by_ranks = served_allreduce_ms(out, source, dtype)
+            if by_ranks:
+                out["allreduce_ms_by_ranks"] = {t: round(ms, 4) for t, ms in by_ranks.items()}
         out["calibrated_on"] = model
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
-    out |= link_figures(4096, torch_dtype)
     out["method"] = (f"matmul {'8192' if big else '1024'}^2; weight scan = matrix-vector product over "
                      f"{'2 GiB' if big else '256 MiB'}; overheads fitted on the engine's decode steps of tiny Llamas "
                      f"({OVERHEAD_LAYERS} layers x batch {OVERHEAD_BATCHES}); links: 2 ranks, [1 and 512, 4096] "
                      "messages" + ("; co-located handoff: the model as TP 1 | TP 1 vs one process, batch "
-                                   f"{HANDOFF_BATCHES}" if "colocated_handoff_ms" in out else ""))
+                                   f"{HANDOFF_BATCHES}" if "colocated_handoff_ms" in out else "")
+                     + ("; all-reduce by degree: the model served as one TP-t stage, batch 1"
+                        if "allreduce_ms_by_ranks" in out else ""))
     return out

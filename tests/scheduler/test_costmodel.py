@@ -27,6 +27,17 @@ def test_allreduce_is_ring_cost():
     assert allreduce_s(LINK, 1, 1e6) == 0.0
 
 
+def test_measured_allreduce_time_replaces_the_ring_latencies_at_its_degree_only():
+    # fixed 1.5 ms measured at t = 4 in place of 6 x 0.01 ms; the bandwidth term stays the ring's
+    assert allreduce_s(LINK, 4, 1e6, fixed_ms=1.5) == pytest.approx(1.5e-3 + 6 * 1e6 / (4 * 12.5e9))
+    gpu = GpuType("round", memory_gb=80, bandwidth_gbs=1000, tflops_fp16=100, allreduce_ms_by_ranks=((4, 1.5),))
+    at_four, ring_four = layer_cost(MODEL, gpu, 4, LINK, EXACT), layer_cost(MODEL, GPU, 4, LINK, EXACT)
+    # two all-reduces per layer: + 2 x (1.5 ms - 6 x 0.01 ms) on the fixed costs, per-token costs unchanged
+    assert at_four.decode_fixed_s - ring_four.decode_fixed_s == pytest.approx(2 * (1.5e-3 - 6e-5))
+    assert at_four.decode_per_seq_s == pytest.approx(ring_four.decode_per_seq_s)
+    assert layer_cost(MODEL, gpu, 2, LINK, EXACT) == layer_cost(MODEL, GPU, 2, LINK, EXACT)  # not measured at 2
+
+
 def test_layer_cost_at_tp2_matches_hand_values():
     cost = layer_cost(MODEL, GPU, 2, LINK, EXACT)
     scan = 31_461_376 / (2 * 1e12)  # weight bytes / (tp * bandwidth)  = 1.5730688e-5 s

@@ -36,6 +36,10 @@ def _without(key):
     ({**GOOD, "colour": "red"}, r"unknown field\(s\) colour"),
     ({**GOOD, "format": "something-else"}, r"format 'something-else' is not 'hexgen-profile/1'"),
     ({**GOOD, "colocated_handoff_ms": -0.5}, r"colocated_handoff_ms must be a number >= 0, got -0.5"),
+    ({**GOOD, "allreduce_ms_by_ranks": {1: 0.5}}, r"allreduce_ms_by_ranks: TP degree 1 must be an integer >= 2"),
+    ({**GOOD, "allreduce_ms_by_ranks": {"three": 0.5}}, r"TP degree 'three' must be an integer >= 2"),
+    ({**GOOD, "allreduce_ms_by_ranks": {3: -1}}, r"allreduce_ms_by_ranks: 3 must be a number >= 0, got -1"),
+    ({**GOOD, "allreduce_ms_by_ranks": [1.5]}, r"allreduce_ms_by_ranks: expected a mapping of TP degree"),
 ])
 def test_bad_profiles_name_the_field(data, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -46,6 +50,14 @@ def test_colocated_handoff_is_optional():
     assert profile_from_dict(GOOD).colocated_handoff_ms == 0.0
     profile = profile_from_dict({**GOOD, "colocated_handoff_ms": 3.5, "colocated_handoff_seq_ms": 0.25})
     assert (profile.colocated_handoff_ms, profile.colocated_handoff_seq_ms) == (3.5, 0.25)
+
+
+def test_allreduce_by_degree_is_optional_and_reaches_the_gpu_type(tmp_path):
+    assert profile_from_dict(GOOD).allreduce_ms_by_ranks == ()
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**GOOD, "allreduce_ms_by_ranks": {4: 2.5, 3: 1.25}}))
+    gpu = parse_cluster(CPU_CLUSTER + "profiles: [p.yaml]\n", "c.yaml", tmp_path).machine("localhost").gpu
+    assert gpu.allreduce_ms_by_ranks == ((3, 1.25), (4, 2.5))
+    assert (gpu.allreduce_fixed_ms(3), gpu.allreduce_fixed_ms(2)) == (1.25, None)
 
 
 def test_unknown_device_type_lists_the_known_ones(tmp_path):
