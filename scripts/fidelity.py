@@ -154,10 +154,11 @@ def _load() -> float:
 def measure(port: int, streams: int, args) -> dict:
     config = bench_config(port, streams, streams * args.requests_per_stream, args, seed=0)
     load_before = _load()
-    summary = summarize(run_benchmark(config))
+    result = run_benchmark(config)
+    summary = summarize(result)
     return {"streams": streams, "requests": config.num_requests, "e2e_mean_s": summary.e2e_s.mean,
             "e2e_p90_s": summary.e2e_s.p90, "output_tps": summary.output_throughput_tps,
-            "load_average_1m": [load_before, _load()]}
+            "load_average_1m": [load_before, _load()], "e2e_s": sorted(round(r.e2e_s, 3) for r in result.requests)}
 
 
 def measured_cores(measured: dict) -> int:
@@ -179,8 +180,10 @@ def predict(entry: dict, row: dict, measured: dict, prompt_tokens: int, coordina
                             make_policy("capacity-weighted"), hosts, weights)
     latency = np.array([c.latency_s for c in done])
     span = max(c.finish_s for c in done)
+    by_replica = [[c.latency_s for c in done if c.replica == r] for r in range(len(models))]
     return {"e2e_mean_s": float(latency.mean()), "e2e_p90_s": float(np.percentile(latency, 90)),
-            "output_tps": row["requests"] * measured["max_tokens"] / span}
+            "output_tps": row["requests"] * measured["max_tokens"] / span,
+            "replica_e2e_s": [(len(x), float(np.mean(x)) if x else 0.0) for x in by_replica]}
 
 
 def main() -> None:
@@ -258,6 +261,21 @@ def write_report(path: Path, measured: dict, predicted: list, prompt_tokens: int
     print("\n".join(lines))
 
 
+def _replica_split(rows: list) -> str:
+    """The most loaded multi-replica row's requests by replica: the simulator's count and mean per replica beside
+    the measured requests split the same way by latency (the slowest N measured for the replica sent N)."""
+    for entry, row, sim in sorted(rows, key=lambda x: -x[1]["streams"]):
+        split = sim.get("replica_e2e_s", [])
+        if len(split) < 2 or "e2e_s" not in row:
+            continue
+        measured, parts = sorted(row["e2e_s"]), []
+        for count, mean_s in sorted(split, key=lambda x: -x[1]):
+            taken, measured = measured[len(measured) - count:], measured[:len(measured) - count]
+            parts.append(f"{count} requests: {mean_s:.2f} s predicted, {np.mean(taken):.2f} s measured")
+        return f"({entry['name']} at {row['streams']} streams, by replica, slower first: {'; '.join(parts)})"
+    return ""
+
+
 def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]:
     """What the table says, in the last measurement's figures."""
     rows = [(e, r, p) for e, sims in zip(measured["plans"], predicted, strict=True)
@@ -273,6 +291,8 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
     one_thread = load_profile(PROFILES[1])
     handoff = {threads: f"{p.colocated_handoff_ms:.2f} ms + {p.colocated_handoff_seq_ms:.3f} ms per sequence"
                for threads, p in ((t, load_profile(path)) for t, path in PROFILES.items())}
+    by_ranks = "; ".join(f"TP {t}: {ms:.2f} ms with one thread per rank" for t, ms in one_thread.allreduce_ms_by_ranks)
+    slow_fast = _replica_split(rows)
     return [
         "",
         "## Reading the errors",
@@ -303,15 +323,16 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "the scheduler's wake-up delays inside a TP group's all-reduces; and an unequal share between a TP group "
         "and independent ranks (ranks that never wait at barriers take more than their share). GPU machines (a "
         "device per rank) are unaffected.",
-        "- **TP groups on more ranks than cores** (the default plan at 16 streams, the row furthest off). The cost "
-        "model prices an all-reduce over t ranks by the ring formula from a two-rank measurement (2(t - 1) x "
-        f"{one_thread.allreduce.latency_s * 1e3:.2f} ms for a decode-sized one with the one-thread profile), and the "
-        "simulator runs a TP-3 group of one-thread ranks on 2 cores in two waves. On this machine a two-rank gloo "
-        "all-reduce measures either about 0.2 ms or 1-1.6 ms per ring step from one run to the next (runs whose "
-        "processes the kernel leaves on one core; the profile keeps the fastest of 3 rounds), and this row's "
-        "prediction moves from 15-30% too fast to 35-50% too slow with it; measured alone, that TP 3 -> TP 1 "
-        "replica takes about 160 ms per token at batch 1 (`hexgen bench engine --layout \"3 1:20 10\"`). Modelling "
-        "it properly needs all-reduces measured at each TP degree and the waves applied to compute only.",
+        "- **TP groups on more ranks than cores** (the default plan's TP-3 group of one-thread ranks on 2 cores). "
+        "A TP group's all-reduce is priced at each degree the profile served: `hexgen profile --model` serves the "
+        "model as one TP-t stage for every valid t up to 4 and fits the fixed time of an all-reduce at that degree "
+        f"to the step ({by_ranks}), in place of the ring formula from a two-rank measurement (2(t - 1) x "
+        f"{one_thread.allreduce.latency_s * 1e3:.2f} ms, which on this machine is either about 0.2 ms or about 1 ms "
+        "per ring step from one run to the next). Under load the default plan's two replicas share the cores, and the "
+        "simulator gives a step already running its cores first, where the kernel gives every runnable thread an "
+        "equal share: the TP-3 replica's requests come out too fast and the TP-1 replica's too slow "
+        f"{slow_fast}, which is what the p90 of this row shows. A fair-share model needs steps whose end moves "
+        "when later steps start, which the event loop does not have.",
         "- The profiles' per-layer and per-sequence overheads are fitted to SmolLM2's own decode steps on one rank "
         "(`hexgen profile --model smollm2-135m`); with a tiny model's overheads only, every prediction was 1.4-5.8x "
         "too fast (first measurement, kept in git history).",

@@ -17,31 +17,37 @@ def allreduce_s(link: Link, tp_degree: int, num_bytes: float, fixed_ms: float | 
     return fixed_s + 2 * (tp_degree - 1) * num_bytes / (tp_degree * link.bytes_per_s)
 
 
+def allreduce_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
+    """The two all-reduces of one decoder layer (after attention and after the MLP), one hidden vector per token:
+    time a TP group's ranks spend waiting on each other rather than computing."""
+    measured_ms = gpu.allreduce_fixed_ms(tp_degree)
+    fixed_s = 2 * allreduce_s(tp_link, tp_degree, 0.0, measured_ms)
+    per_token_s = 2 * allreduce_s(tp_link, tp_degree, model.hidden_size * cfg.dtype_bytes, measured_ms) - fixed_s
+    return LinearCost(prefill_fixed_s=fixed_s, prefill_per_token_s=per_token_s, decode_fixed_s=fixed_s,
+                      decode_per_seq_s=per_token_s)
+
+
 def layer_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
-    """One decoder layer on a TP group of `tp_degree` GPUs of type `gpu`.
+    """One decoder layer on a TP group of `tp_degree` GPUs of type `gpu`: its compute plus its all-reduces.
 
     Each step scans the layer's weight shard once (memory-bound) and does 2 FLOPs per weight per token
-    (compute-bound); decode also reads the cached K/V of every sequence. The two all-reduces per layer
-    (after attention and after the MLP) carry one hidden vector per token.
+    (compute-bound); decode also reads the cached K/V of every sequence.
     """
     bandwidth_bps = gpu.memory_bytes_per_s(cfg.memory_efficiency)
     flops = gpu.flops_per_s(cfg.compute_efficiency)
     weight_scan_s = model.params_per_layer * cfg.dtype_bytes / (tp_degree * bandwidth_bps)
     gemm_per_token_s = 2 * model.params_per_layer / (tp_degree * flops)
-    measured_ms = gpu.allreduce_fixed_ms(tp_degree)
-    ar_fixed_s = 2 * allreduce_s(tp_link, tp_degree, 0.0, measured_ms)
-    token_bytes = model.hidden_size * cfg.dtype_bytes
-    ar_per_token_s = 2 * allreduce_s(tp_link, tp_degree, token_bytes, measured_ms) - ar_fixed_s
     kv_read_s = model.kv_bytes_per_token(cfg.dtype_bytes) / (tp_degree * bandwidth_bps)
     # Measured engine overheads (zero without a profile): kernel launches and Python per layer, per sequence.
     layer_s, seq_s = gpu.layer_overhead_ms / 1e3, gpu.seq_overhead_ms / 1e3
-    return LinearCost(
-        prefill_fixed_s=weight_scan_s + ar_fixed_s + layer_s + seq_s,
-        prefill_per_token_s=gemm_per_token_s + ar_per_token_s,
-        decode_fixed_s=weight_scan_s + ar_fixed_s + layer_s,
-        decode_per_seq_s=gemm_per_token_s + ar_per_token_s + seq_s,
+    compute = LinearCost(
+        prefill_fixed_s=weight_scan_s + layer_s + seq_s,
+        prefill_per_token_s=gemm_per_token_s,
+        decode_fixed_s=weight_scan_s + layer_s,
+        decode_per_seq_s=gemm_per_token_s + seq_s,
         decode_per_ctx_token_s=kv_read_s,
     )
+    return compute + allreduce_cost(model, gpu, tp_degree, tp_link, cfg)
 
 
 def head_cost(model: ModelSpec, gpu: GpuType, tp_degree: int, tp_link: Link, cfg: CostConfig) -> LinearCost:
