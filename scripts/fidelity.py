@@ -328,11 +328,13 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "model as one TP-t stage for every valid t up to 4 and fits the fixed time of an all-reduce at that degree "
         f"to the step ({by_ranks}), in place of the ring formula from a two-rank measurement (2(t - 1) x "
         f"{one_thread.allreduce.latency_s * 1e3:.2f} ms, which on this machine is either about 0.2 ms or about 1 ms "
-        "per ring step from one run to the next). Under load the default plan's two replicas share the cores, and the "
-        "simulator gives a step already running its cores first, where the kernel gives every runnable thread an "
-        "equal share: the TP-3 replica's requests come out too fast and the TP-1 replica's too slow "
-        f"{slow_fast}, which is what the p90 of this row shows. A fair-share model needs steps whose end moves "
-        "when later steps start, which the event loop does not have.",
+        "per ring step from one run to the next). Under load the default plan's two replicas share the cores. In the "
+        "simulator a step keeps the cores it started with (first come, first served); on the machine the TP-1 "
+        "replica's one-thread rank, always runnable, gets more than the TP-3 group, whose ranks sleep at every "
+        "all-reduce and then wait for the last of them to be scheduled: measured, the TP-1 replica's requests are "
+        f"faster and the TP-3 replica's slower than predicted {slow_fast}, which is what this row's p90 shows. An "
+        "equal share per runnable thread would be further off (it would halve the TP-1 rank's speed); what is "
+        "missing is a model of how the kernel schedules a group that sleeps at barriers beside ranks that never do.",
         "- The profiles' per-layer and per-sequence overheads are fitted to SmolLM2's own decode steps on one rank "
         "(`hexgen profile --model smollm2-135m`); with a tiny model's overheads only, every prediction was 1.4-5.8x "
         "too fast (first measurement, kept in git history).",

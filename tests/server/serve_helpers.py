@@ -145,10 +145,11 @@ class Server:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        """SIGINT (as Ctrl-C), then SIGTERM / SIGKILL of the group if needed; assert nothing is left."""
+        """SIGINT to the whole process group (as Ctrl-C in a terminal), then SIGTERM / SIGKILL of the group if
+        needed; assert nothing is left and no process printed a traceback."""
         try:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
+                _signal_group(self.proc.pid, signal.SIGINT)
                 try:
                     self.proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
