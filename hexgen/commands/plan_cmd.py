@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"planned {cluster.num_gpus} GPUs in {result.elapsed_s:.1f} s "
                   f"({result.search.generations_run} generations, {result.search.evaluations} plans simulated)")
+    shared = [m.name for m in cluster.machines if m.cpu_cores is not None]
+    if shared:
+        console.print(f"note: the search prices the worker slots of {', '.join(shared)} as devices of their own; "
+                      "their ranks share the machine's cpu_cores, which `hexgen simulate --plan` models")
     if args.output:
         result.plan.save(args.output)
         console.print(f"wrote {args.output}")

@@ -162,3 +162,15 @@ def test_hexgen_simulate_shares_the_cores_of_a_cpu_cores_machine():
     mean = {name: statistics.mean(c.latency_s for c in run_plan(plan, cluster, model, spec, max_batch=8))
             for name, cluster in (("apart", apart), ("shared", shared))}
     assert mean["shared"] > mean["apart"]
+
+
+def test_plan_says_which_machines_its_search_does_not_share(tmp_path, capsys):
+    from hexgen.cli import main
+
+    for text, shared in ((CPU_BOXES, True), (CPU_BOXES.replace(", cpu_cores: 8", ""), False)):
+        cluster = tmp_path / "c.yaml"
+        cluster.write_text(text)
+        rc = main(["plan", "--cluster", str(cluster), "--model", "llama-2-7b", "--rate", "0.5", "--slo", "20",
+                   "--generations", "2", "--requests", "50"])
+        out = capsys.readouterr().out
+        assert rc == 0 and ("the worker slots of cpu-box as devices of their own" in out) == shared, out
