@@ -50,7 +50,7 @@ def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, 
         if f32.exists():
             rows.append(("llama.cpp (llama-cpp-python 0.3.36 server)", "f32 GGUF", BASELINES / "start_llamacpp.sh",
                          {"GGUF": str(f32)}))
-    return [r for r in rows if args.only is None or any(k in r[2].name for k in args.only)]
+    return [r for r in rows if args.only is None or any(k in r[2].name or k in r[0] for k in args.only)]
 
 
 def start(script: Path, env_extra: dict[str, str], timeout_s: float) -> tuple[subprocess.Popen, str, str]:
@@ -132,7 +132,8 @@ def main() -> int:
     p.add_argument("--hexgen-model", default="smollm2-135m")
     p.add_argument("--hf-continuous-batching", action="store_true", help="add a row for HF's continuous batching")
     p.add_argument("--only", nargs="+",
-                   help="substrings of start scripts to run, e.g. `hf vllm`; keeps the stored rows of the others "
+                   help="substrings of start scripts or row labels to run, e.g. `hf vllm` or `'default plan'`; "
+                        "keeps the stored rows of the others "
                         "(`--only hexgen --hexgen-url URL` adds hexgen serve alone)")
     p.add_argument("--rounds", type=int, default=1, help="measure every server this many times, round-robin")
     p.add_argument("--out", default=str(REPO / "docs" / "bench-serve.md"))

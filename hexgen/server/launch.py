@@ -43,13 +43,14 @@ def check_local(plan: DeploymentPlan) -> None:
 
 
 def default_dispatch(plan: DeploymentPlan) -> str:
-    """The plan's dispatch policy, else capacity-weighted when its replicas differ, else least-outstanding."""
+    """The plan's dispatch policy, else capacity-weighted when the planner predicted its replicas' throughputs and
+    they differ, else least-outstanding (ties to the fastest replica: server/calibrate.py measures speeds where the
+    plan has no predictions)."""
     chosen = plan.meta.get("dispatch")
     if chosen:
         return str(chosen)
-    shapes = {tuple((s.tp, s.layers) for s in r.stages) for r in plan.replicas}
     weights = {capacity_weight(r) for r in plan.replicas}
-    return "capacity-weighted" if len(shapes) > 1 or len(weights) > 1 else "least-outstanding"
+    return "capacity-weighted" if len(weights) > 1 else "least-outstanding"
 
 
 def capacity_weight(replica: Replica) -> float:

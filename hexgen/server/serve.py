@@ -19,6 +19,7 @@ from hexgen.errors import PlanError, UserError
 from hexgen.models import ModelSpec, load_model_spec
 from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
+from hexgen.server.calibrate import measure_speeds, needs_measured_speeds
 from hexgen.server.coordinator import Coordinator, ServeConfig
 from hexgen.server.launch import check_local, default_dispatch, default_local_plan, make_replicas, start_all
 from hexgen.server.metrics import Metrics
@@ -125,6 +126,11 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     try:
         config = ServeConfig(args.served_model_name or args.model, max_context, args.max_queue)
         args.dispatch = args.dispatch or default_dispatch(plan)
+        if needs_measured_speeds([r.predicted for r in plan.replicas], args.dispatch):
+            speeds = await measure_speeds(replicas)
+            print("hexgen serve: the plan has no predictions; replica speeds measured (decode tokens/s alone), "
+                  "the fastest idle one takes a lone request: "
+                  + ", ".join(f"replica {i}: {w:.1f}" for i, w in speeds.items()), file=sys.stderr, flush=True)
         coordinator = Coordinator(config, tokenizer, replicas, make_policy(args.dispatch), Metrics())
         if cluster is not None:
             from hexgen.raycluster.env import machine_slots

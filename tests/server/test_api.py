@@ -61,12 +61,33 @@ def complete(server: Server, prompt, max_tokens: int, **extra) -> dict:
 
 def test_status_shows_the_plan_and_every_replica_up(idle):
     status = idle.status()
-    assert status["dispatch"] == "CapacityWeighted"  # the default --dispatch where replicas differ
+    assert status["dispatch"] == "LeastOutstanding"  # the default --dispatch of a plan without predictions
     layouts = [[(s["tp"], tuple(s["layers"])) for s in r["stages"]] for r in status["replicas"]]
     assert layouts == [[(2, (0, 1)), (1, (1, 4))], [(1, (0, 4))]]
     assert [r["ranks"] for r in status["replicas"]] == [3, 1]
     assert len(idle.ranks_seen) == 4  # one process per rank
     assert [r["status"] for r in status["replicas"]] == ["up", "up"]
+
+
+def test_a_plan_without_predictions_gets_replica_speeds_measured_at_start_up(idle):
+    # the plan file carries no predictions: each replica decoded a probe alone, its weight is tokens/s, and a lone
+    # request goes to the fastest idle replica
+    line = next(x for x in idle.log().splitlines() if "replica speeds measured" in x)
+    status = idle.status()
+    weights = [r["capacity_weight"] for r in status["replicas"]]
+    assert all(w > 1.0 for w in weights), weights  # a tiny model decodes far more than 1 token/s
+    assert line.endswith(f"replica 0: {weights[0]:.1f}, replica 1: {weights[1]:.1f}")
+    fastest = max(range(2), key=weights.__getitem__)
+    body = {"model": model_name(idle), "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    busy = []
+    with httpx.stream("POST", idle.url + "/v1/completions", json=body, headers=idle.headers, timeout=60) as response:
+        for line in response.iter_lines():  # while it streams, the request is outstanding on its replica
+            outstanding = [r["outstanding_requests"] for r in idle.status()["replicas"]]
+            if line.startswith("data: ") and any(outstanding):
+                busy = [i for i, n in enumerate(outstanding) if n]
+                break
+    assert busy == [fastest], (weights, busy)
 
 
 def test_server_process_imports_no_torch(idle):

@@ -30,9 +30,12 @@ def test_defaults_listen_on_loopback_8000():
 
 def test_default_dispatch_follows_the_plan():
     spec = resolve_model("smollm2-135m", progress=False).spec
-    unequal = default_local_plan(spec)  # a TP 3 | TP 1 replica beside a TP 1 one
-    assert default_dispatch(unequal) == "capacity-weighted"
-    same = replace(unequal, replicas=(unequal.replicas[-1], unequal.replicas[-1]))
+    unequal = default_local_plan(spec)  # a TP 3 | TP 1 replica beside a TP 1 one, no predictions
+    assert default_dispatch(unequal) == "least-outstanding"  # ties to the fastest: speeds measured at start-up
+    predicted = replace(unequal, replicas=tuple(replace(r, predicted={"throughput_rps": rps})
+                                                for r, rps in zip(unequal.replicas, (2.5, 3.5), strict=True)))
+    assert default_dispatch(predicted) == "capacity-weighted"
+    same = replace(predicted, replicas=(predicted.replicas[-1], predicted.replicas[-1]))
     assert default_dispatch(same) == "least-outstanding"
     assert default_dispatch(replace(same, meta={"dispatch": "round-robin"})) == "round-robin"
 
