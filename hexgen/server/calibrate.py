@@ -6,8 +6,8 @@ a lone request) goes to the replica with the highest capacity weight: without a 
 
 Each replica in turn decodes one short probe request alone (one at a time, so replicas sharing a machine do not
 slow each other while measured); its weight is the decode tokens per second it reached, the speed a lone request
-gets. It is not a capacity under load: weighting load by it (capacity-weighted dispatch) sent 16 streams 11 / 5
-to those two replicas, which share 2 cores, and served 30% less than least-outstanding's 8 / 8.
+gets. It is not a capacity under load: weighting load by it (capacity-weighted dispatch) served 16 streams on
+those two replicas, which share 2 cores, at 72 tok/s against least-outstanding's 103 (medians of three rounds).
 """
 
 from __future__ import annotations
