@@ -6,9 +6,9 @@ negligible): decode steps of 1 and 4 layers at batch 1 and 8 are fitted to t = s
 With --model on a CPU, the model is also served as two stages taking turns on this machine's cores (as `hexgen
 serve` runs a CPU pipeline) beside one process, at batch 1 and 8: the difference per step is the co-located
 handoff, fitted to t = handoff + batch x handoff_seq; and the model is served as one TP-t stage for each of its
-valid TP degrees t from 2 to 4 at batch 1: what the step takes beyond the cost model's compute, over its 2 x layers
-all-reduces, is the fixed time of an all-reduce at degree t as the engine meets it (ranks sharing the cores run in
-waves, as the simulator has it: hexgen/sim/host.py).
+valid TP degrees t from 2 to 4 at batch 1: (the step / the waves its ranks run in on the cores, as the simulator
+has it in hexgen/sim/host.py, - the cost model's compute) / (2 x layers) is the fixed time of an all-reduce at
+degree t as the engine meets it.
 Links are timed with gloo (CPU) or NCCL (two GPUs or more) between two processes, and fitted to the cost model's
 own formulas: all-reduce over two ranks = 2 x latency + bytes / bandwidth, a send = latency + bytes / bandwidth.
 """
