@@ -16,27 +16,33 @@ sampled tokens between stage leaders, set-up agreements).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from hexgen.engine.shm_allreduce import SharedMemoryAllReduce, make_shared_allreduce, usable
 from hexgen.launch.spec import Layout
 
 
 @dataclass(frozen=True)
 class TPGroup:
     """This rank's view of its stage's tensor-parallel group; `group` is None when tp_degree == 1.
-    `cpu_group` spans the same ranks on gloo, for step plans (the same group when the backend is gloo)."""
+    `cpu_group` spans the same ranks on gloo, for step plans (the same group when the backend is gloo). `shared`:
+    on CPU, the group's shared-memory all-reduce (engine/shm_allreduce.py), used for tensors that fit its slots."""
 
     tp_rank: int
     tp_degree: int
     group: dist.ProcessGroup | None = None
     cpu_group: dist.ProcessGroup | None = None
+    shared: SharedMemoryAllReduce | None = None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum partial results of a row-parallel layer across the stage (in place)."""
         if self.tp_degree > 1:
+            if self.shared is not None and self.shared.fits(tensor):
+                return self.shared.all_reduce(tensor)
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
@@ -113,6 +119,10 @@ def init_rank_context(layout: Layout, rank: int, backend: str) -> RankContext:
     ranks = layout.stage_ranks(stage)
     tp_group = TPGroup(0, 1)
     if len(ranks) > 1:
-        tp_group = TPGroup(ranks.index(rank), len(ranks), groups[stage], cpu_groups[stage])
+        tp_rank = ranks.index(rank)
+        shared = None
+        if backend == "gloo" and usable() and os.environ.get("HEXGEN_SHM_ALLREDUCE", "1") != "0":
+            shared = make_shared_allreduce(groups[stage], tp_rank, len(ranks))
+        tp_group = TPGroup(tp_rank, len(ranks), groups[stage], cpu_groups[stage], shared)
     control = dist.new_group(list(range(layout.world_size)), backend="gloo")
     return RankContext(layout, rank, tp_group, control)
