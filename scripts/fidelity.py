@@ -272,7 +272,7 @@ def _replica_split(rows: list) -> str:
         for count, mean_s in sorted(split, key=lambda x: -x[1]):
             taken, measured = measured[len(measured) - count:], measured[:len(measured) - count]
             parts.append(f"{count} requests: {mean_s:.2f} s predicted, {np.mean(taken):.2f} s measured")
-        return f"({entry['name']} at {row['streams']} streams, by replica, slower first: {'; '.join(parts)})"
+        return f"({entry['name']} at {row['streams']} streams, slower replica first): {'; '.join(parts)}"
     return ""
 
 
@@ -324,17 +324,16 @@ def reading(measured: dict, predicted: list, coordinator_us: float) -> list[str]
         "and independent ranks (ranks that never wait at barriers take more than their share). GPU machines (a "
         "device per rank) are unaffected.",
         "- **TP groups on more ranks than cores** (the default plan's TP-3 group of one-thread ranks on 2 cores). "
-        "A TP group's all-reduce is priced at each degree the profile served: `hexgen profile --model` serves the "
-        "model as one TP-t stage for every valid t up to 4 and fits the fixed time of an all-reduce at that degree "
-        f"to the step ({by_ranks}), in place of the ring formula from a two-rank measurement (2(t - 1) x "
-        f"{one_thread.allreduce.latency_s * 1e3:.2f} ms, which on this machine is either about 0.2 ms or about 1 ms "
-        "per ring step from one run to the next). Under load the default plan's two replicas share the cores. In the "
-        "simulator a step keeps the cores it started with (first come, first served); on the machine the TP-1 "
-        "replica's one-thread rank, always runnable, gets more than the TP-3 group, whose ranks sleep at every "
-        "all-reduce and then wait for the last of them to be scheduled: measured, the TP-1 replica's requests are "
-        f"faster and the TP-3 replica's slower than predicted {slow_fast}, which is what this row's p90 shows. An "
-        "equal share per runnable thread would be further off (it would halve the TP-1 rank's speed); what is "
-        "missing is a model of how the kernel schedules a group that sleeps at barriers beside ranks that never do.",
+        "Its all-reduces go through shared memory (`engine/shm_allreduce.py`), and the cost model prices them at each "
+        "degree the profile served: `hexgen profile --model` serves the model as one TP-t stage for every valid t up "
+        f"to 4 and fits the fixed time of an all-reduce at that degree to the step ({by_ranks}), in place of the ring "
+        "formula from the two-rank gloo link (2(t - 1) x "
+        f"{one_thread.allreduce.latency_s * 1e3:.2f} ms). By replica, the busiest multi-replica row {slow_fast}. "
+        "Under load the two replicas share the cores; the simulator gives a step that started first its cores "
+        "(first come, first served), where the kernel shares them among runnable threads. With gloo's all-reduce "
+        "(about 1.2 ms here, before shared memory) this row's p90 came out 21% under the measurement: the kernel gave "
+        "the TP-3 group, whose ranks then slept at every all-reduce, less than its share (8.6 s measured against "
+        "7.2 s predicted for its requests).",
         "- The profiles' per-layer and per-sequence overheads are fitted to SmolLM2's own decode steps on one rank "
         "(`hexgen profile --model smollm2-135m`); with a tiny model's overheads only, every prediction was 1.4-5.8x "
         "too fast (first measurement, kept in git history).",
