@@ -2,10 +2,11 @@
 
 A profile describes one device type as the engine achieved on it: matmul rate, memory bandwidth, the engine's
 fixed costs per step, per layer and per sequence, and the all-reduce and stage-to-stage links between its ranks
-on one machine; a CPU profile calibrated on a model may add what a handoff between two stages sharing the
-machine's cores costs per step (`colocated_handoff_ms`, plus `colocated_handoff_seq_ms` per sequence) and the
-fixed time of a decode all-reduce at each TP degree it served (`allreduce_ms_by_ranks`, {degree: ms}). Every
-field name carries its unit. No torch here: the measuring code is hexgen/engine/profiler.py.
+on one machine (absent from a one-GPU machine's profile: the cluster file's intra-machine link applies); a CPU
+profile calibrated on a model may add what a handoff between two stages sharing the machine's cores costs per step
+(`colocated_handoff_ms`, plus `colocated_handoff_seq_ms` per sequence) and the fixed time of a decode all-reduce
+at each TP degree it served (`allreduce_ms_by_ranks`, {degree: ms}). Every field name carries its unit. No torch
+here: the measuring code is hexgen/engine/profiler.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ RATES = ("matmul_tflops", "memory_bandwidth_gbs")
 OVERHEADS = ("step_overhead_ms", "layer_overhead_ms", "seq_overhead_ms")
 LINKS = ("allreduce", "transfer")
 LINK_FIELDS = ("latency_ms", "bandwidth_gbps")
-REQUIRED = ("format", "device_type", *RATES, *OVERHEADS, *LINKS)
+REQUIRED = ("format", "device_type", *RATES, *OVERHEADS)  # links too, except on a one-GPU machine (nothing to link)
 OPTIONAL = ("colocated_handoff_ms", "colocated_handoff_seq_ms")  # CPU: stages taking turns on one machine
 BY_RANKS = "allreduce_ms_by_ranks"  # optional {TP degree: ms}: all-reduces as served (CPU: ranks sharing cores)
 # Descriptive fields: kept in the file for people, never read by the cost model.
@@ -47,8 +48,8 @@ class DeviceProfile:
     step_overhead_ms: float
     layer_overhead_ms: float
     seq_overhead_ms: float
-    allreduce: Link
-    transfer: Link
+    allreduce: Link | None  # None: not measured (one GPU); the cluster file's intra-machine link applies
+    transfer: Link | None
     source: str = "profile"
     colocated_handoff_ms: float = 0.0
     colocated_handoff_seq_ms: float = 0.0
@@ -116,13 +117,16 @@ def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
     """Validate one profile mapping; every mistake names the file and the field."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a profile is a mapping of measured figures (run `hexgen profile` to write one)")
-    _check_keys(data, REQUIRED, {*REQUIRED, *OPTIONAL, BY_RANKS, *DESCRIPTIVE}, source)
+    _check_keys(data, REQUIRED, {*REQUIRED, *LINKS, *OPTIONAL, BY_RANKS, *DESCRIPTIVE}, source)
     if data["format"] != FORMAT:
         raise ConfigError(f"{source}: format {data['format']!r} is not {FORMAT!r}")
     figures = {k: _positive(data, k, source) for k in RATES}
     figures |= {k: _positive(data, k, source, allow_zero=True) for k in OVERHEADS}
     figures |= {k: _positive(data, k, source, allow_zero=True) for k in OPTIONAL if k in data}
-    links = {k: _link(data[k], f"{source}: {k}") for k in LINKS}
+    if not set(LINKS) <= set(data) and data.get("backend") != "cuda":
+        missing = ", ".join(k for k in LINKS if k not in data)
+        raise ConfigError(f"{source}: missing field(s) {missing} (only a one-GPU machine's profile has no links)")
+    links = {k: _link(data[k], f"{source}: {k}") if k in data else None for k in LINKS}
     by_ranks = _by_ranks(data[BY_RANKS], f"{source}: {BY_RANKS}") if BY_RANKS in data else ()
     return DeviceProfile(str(data["device_type"]), **figures, **links, source=source, allreduce_ms_by_ranks=by_ranks)
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out.write_text(text if text.endswith("\n") else text + "\n")
     for key in ("matmul_tflops", "memory_bandwidth_gbs", "step_overhead_ms", "layer_overhead_ms", "seq_overhead_ms",
                 "allreduce", "transfer"):
-        print(f"  {key}: {figures[key]}")
+        print(f"  {key}: {figures.get(key, 'not measured (one GPU: no link to time)')}")
     print(f"wrote {out}")
     return 0
 

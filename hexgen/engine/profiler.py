@@ -257,9 +257,9 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
         "memory_bandwidth_gbs": round(weight_scan_gbs(torch_device, torch_dtype, (2 << 30) if big else (256 << 20)), 3),
     }
     out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device, threads).items()}
-    if device == "cuda" and torch.cuda.device_count() < 2:
-        raise RuntimeError("link costs need two GPUs on this machine (NCCL runs one rank per GPU)")
-    out |= link_figures(4096, torch_dtype)
+    links_measured = device != "cuda" or torch.cuda.device_count() >= 2  # NCCL runs one rank per GPU
+    if links_measured:
+        out |= link_figures(4096, torch_dtype)
     if model is not None:
         from hexgen.engine.checkpoint import resolve_model
 
@@ -271,11 +271,13 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
             if by_ranks:
                 out["allreduce_ms_by_ranks"] = {t: round(ms, 4) for t, ms in by_ranks.items()}
         out["calibrated_on"] = model
+    links = ("links: 2 ranks, [1 and 512, 4096] messages" if links_measured
+             else "links: not measured (one GPU; the cluster file's intra-machine link applies)")
+    handoff = (f"; co-located handoff: the model as TP 1 | TP 1 vs one process, batch {HANDOFF_BATCHES}"
+               if "colocated_handoff_ms" in out else "")
+    by_degree = ("; all-reduce by degree: the model served as one TP-t stage, batch 1"
+                 if "allreduce_ms_by_ranks" in out else "")
     out["method"] = (f"matmul {'8192' if big else '1024'}^2; weight scan = matrix-vector product over "
                      f"{'2 GiB' if big else '256 MiB'}; overheads fitted on the engine's decode steps of tiny Llamas "
-                     f"({OVERHEAD_LAYERS} layers x batch {OVERHEAD_BATCHES}); links: 2 ranks, [1 and 512, 4096] "
-                     "messages" + ("; co-located handoff: the model as TP 1 | TP 1 vs one process, batch "
-                                   f"{HANDOFF_BATCHES}" if "colocated_handoff_ms" in out else "")
-                     + ("; all-reduce by degree: the model served as one TP-t stage, batch 1"
-                        if "allreduce_ms_by_ranks" in out else ""))
+                     f"({OVERHEAD_LAYERS} layers x batch {OVERHEAD_BATCHES}); {links}{handoff}{by_degree}")
     return out

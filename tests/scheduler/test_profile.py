@@ -52,6 +52,17 @@ def test_colocated_handoff_is_optional():
     assert (profile.colocated_handoff_ms, profile.colocated_handoff_seq_ms) == (3.5, 0.25)
 
 
+def test_a_one_gpu_profile_has_no_links_and_the_cluster_link_applies(tmp_path):
+    one_gpu = {**_without("allreduce"), "backend": "cuda"}
+    del one_gpu["transfer"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(one_gpu))
+    cluster = parse_cluster(CPU_CLUSTER + "profiles: [p.yaml]\n", "c.yaml", tmp_path)
+    assert cluster.machine("localhost").gpu.measured_tflops == 0.1
+    assert cluster.tp_link("localhost") == cluster.network.intra_machine  # no measured link: the network's
+    with pytest.raises(ConfigError, match=r"missing field\(s\) allreduce, transfer \(only a one-GPU machine"):
+        profile_from_dict({**one_gpu, "backend": "cpu"}, "p.yaml")
+
+
 def test_allreduce_by_degree_is_optional_and_reaches_the_gpu_type(tmp_path):
     assert profile_from_dict(GOOD).allreduce_ms_by_ranks == ()
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({**GOOD, "allreduce_ms_by_ranks": {4: 2.5, 3: 1.25}}))
