@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call (under 8 minutes on an H200): gpu-marked tests, each Triton kernel
-# beside torch (scripts/kernel_bench.py), then `hexgen bench engine --device cuda` on a random-weight
-# Llama-3-8B-shaped model it builds itself.
+# beside torch (scripts/kernel_bench.py), `hexgen bench engine --device cuda` on a random-weight
+# Llama-3-8B-shaped model it builds itself, then `hexgen profile` of the GPU for the planner (not part of the
+# pass / fail: a bonus if time is left).
 #
 #   bash scripts/gpu_check.sh --fetch-wheels   here, once: the Python packages the GPU image lacks -> .whl/
 #   bash scripts/gpu_check.sh                  on the GPU machine (carry .whl); tables and logs under $OUT
@@ -29,7 +30,9 @@ fi
 PYTHON=python3
 SHAPE=llama-3-8b
 BENCH_ARGS=(--device cuda --dtype bfloat16)
+PROFILE_DEVICE=cuda
 if [[ "${1:-}" == "--dry-run" ]]; then
+    PROFILE_DEVICE=cpu
     PYTHON=.venv/bin/python
     SHAPE=tiny
     BENCH_ARGS=(--device cpu --dtype bfloat16 --batch-sizes 1 4 --new-tokens 4 --repeats 1 --layout 1)
@@ -72,6 +75,10 @@ timeout 240 $PYTHON -m hexgen.cli bench engine --shape "$SHAPE" "${BENCH_ARGS[@]
     > "$OUT/bench-engine.log" 2>&1
 bench_rc=$?
 tail -5 "$OUT/bench-engine.log"
+
+echo "== hexgen profile --device $PROFILE_DEVICE (for hexgen plan / simulate; commit as examples/profiles/)"
+timeout 75 $PYTHON -m hexgen.cli profile --device "$PROFILE_DEVICE" -o "$OUT/profile-$PROFILE_DEVICE.yaml" \
+    > "$OUT/profile.log" 2>&1 && cat "$OUT/profile-$PROFILE_DEVICE.yaml" || tail -5 "$OUT/profile.log"
 
 echo "== results (pytest exit $tests_rc, $tests_failed failed; kernel bench exit $kernels_rc;" \
     "engine bench exit $bench_rc; files in $OUT)"
