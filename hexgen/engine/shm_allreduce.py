@@ -73,10 +73,15 @@ class SharedMemoryAllReduce:
         self._map = mapping
         self._flags = np.frombuffer(mapping, dtype=np.int64, count=tp_degree)
         self._calls = 0
+        self._slots: dict[torch.dtype, list[list[torch.Tensor]]] = {}  # dtype -> [set][rank] whole-slot views
 
     def _slot(self, which: int, rank: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        offset = FLAGS_BYTES + (which * self.tp_degree + rank) * SLOT_BYTES
-        return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset)
+        """The first `numel` elements of a slot; the views are made once per dtype (not on every call)."""
+        if dtype not in self._slots:
+            count = SLOT_BYTES // torch.tensor([], dtype=dtype).element_size()
+            self._slots[dtype] = [[torch.frombuffer(self._map, dtype=dtype, count=count, offset=FLAGS_BYTES + (
+                w * self.tp_degree + r) * SLOT_BYTES) for r in range(self.tp_degree)] for w in range(2)]
+        return self._slots[dtype][which][rank][:numel]
 
     def fits(self, tensor: torch.Tensor) -> bool:
         return tensor.numel() * tensor.element_size() <= SLOT_BYTES and tensor.is_contiguous()
