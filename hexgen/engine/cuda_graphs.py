@@ -47,7 +47,6 @@ class DecodeGraphs:
             block_tables=self.block_tables[:batch], query_start=self.query_start[: batch + 1],
             context_lens=self.context_lens[:batch], last_token_index=self.positions[:batch],
             max_query_len=1, max_position=self.max_context - 1, block_size=self.block_size,
-            gather_index=None, mask=None, query_index=None,
         )
 
     @torch.inference_mode()

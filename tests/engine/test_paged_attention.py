@@ -50,6 +50,7 @@ def reference_attention(q, k_new, v_new, history, plan, scale):
     ([0, 0, 0], [7, 1, 16], 8, 6, 3),  # prefill only, one of them a single token
     ([12, 0, 31, 8, 0], [1, 9, 1, 5, 4], 4, 4, 1),  # chunks after a cached prefix, mixed with decodes
     ([15, 16, 0], [1, 16, 32], 16, 2, 2),  # block boundaries: the token that opens / fills a block
+    ([0, 20, 0, 7, 40], [6, 1, 3, 1, 1], 4, 6, 2),  # decodes after and between chunks: two groups, rows interleaved
 ])
 def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads):
     rng = random.Random(sum(starts) + len(lengths))
@@ -67,6 +68,7 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     q = torch.randn(total, heads, d, generator=gen)
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
+    assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
     write_kv(pool, k_new, v_new, meta)
     ours = paged_attention(q, pool, meta, d**-0.5)
     torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
