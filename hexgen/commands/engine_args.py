@@ -22,6 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="TOKENS",
                    help=f"tokens per KV-cache block, a power of two in 1..{MAX_BLOCK_SIZE}")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full instead of sharing the KV blocks of prefixes already cached "
+                   "(common system prompts, a conversation's earlier turns); default: prefix caching on")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps kernel by kernel instead of replaying captured CUDA graphs")
 
@@ -50,4 +53,5 @@ def check_memory(args: argparse.Namespace, spec: ModelSpec, replicas: list[Repli
 def scheduler_config(args: argparse.Namespace, max_running_seqs: int, max_context: int) -> SchedulerConfig:
     memory = None if args.memory_gb is None else int(args.memory_gb * GIB)
     return SchedulerConfig(max_running_seqs=max_running_seqs, max_context=max_context, block_size=args.block_size,
-                           memory_bytes=memory, enforce_eager=args.enforce_eager)
+                           memory_bytes=memory, enforce_eager=args.enforce_eager,
+                           prefix_caching=args.prefix_caching)

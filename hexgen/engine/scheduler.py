@@ -4,7 +4,7 @@ Every step runs the next token of running sequences plus as much waiting prompt 
 allows; sequences join and leave at step boundaries and long prompts are prefilled in chunks. A sequence
 is admitted only when its first chunk's blocks are free; when blocks run out mid-generation the most
 recently admitted sequence is preempted (its blocks freed) and later recomputed from its prompt and the
-tokens it had produced, so it is never failed. A pipelined replica keeps several steps (micro-batches of
+tokens it had produced, so it is never failed (with prefix caching, from its blocks still cached). A pipelined replica keeps several steps (micro-batches of
 disjoint sequences) in flight: `schedule` skips sequences whose step has not come back through `update`.
 """
 
@@ -15,7 +15,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field
 
-from hexgen.engine.block_manager import BlockManager
+from hexgen.engine.block_manager import BlockKey, BlockManager, block_keys
 from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, TokenEvent
 
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
@@ -36,6 +36,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the KV cache
     block_table: list[int] = field(default_factory=list)
+    block_keys: list[BlockKey] = field(default_factory=list)  # prefix-cache keys of its computed full blocks
     in_flight: bool = False  # its step is somewhere in the pipeline
     aborted: bool = False
     finish_reason: str | None = None
@@ -47,6 +48,9 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return self.prompt_len + len(self.output_token_ids)
+
+    def all_tokens(self) -> list[int]:
+        return [*self.request.prompt_token_ids, *self.output_token_ids]
 
     def uncached_tokens(self, budget: int) -> list[int]:
         """Up to `budget` of the tokens whose keys/values are not cached yet (prompt, then outputs)."""
@@ -65,6 +69,7 @@ class SchedulerConfig:
     num_kv_blocks: int | None = None  # blocks in each rank's pool; None = sized by the engine from memory
     memory_bytes: int | None = None  # weights + KV pool per rank; None = what is left after weights, capped
     enforce_eager: bool = False  # engine option carried to every rank: no CUDA graphs for decode steps
+    prefix_caching: bool = False  # share the KV blocks of common prefixes (`hexgen serve` / `generate` turn it on)
 
     def __post_init__(self) -> None:
         if self.max_running_seqs < 1 or self.max_step_tokens < 1:
@@ -88,6 +93,7 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}  # by seq_id, in admission order
         self.peak_running = 0  # the most sequences ever batched in one step (continuous batching at work)
         self.num_preemptions = 0
+        self.num_prefix_hit_tokens = 0  # prompt (or resumed) tokens whose keys/values came from the prefix cache
         self._ids = itertools.count()
         self._by_request: dict[str, Sequence] = {}
         self._aborted: list[TokenEvent] = []
@@ -149,9 +155,36 @@ class Scheduler:
         return plan
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
-        """Admit only when the first chunk fits and a block per running sequence stays free for decodes."""
-        tokens = seq.num_cached + min(budget, seq.num_tokens - seq.num_cached)
-        return self.blocks.can_grow(seq.block_table, tokens, reserve=len(self.running))
+        """Admit only when the first chunk fits and a block per running sequence stays free for decodes. With
+        prefix caching the sequence first takes the cached blocks of its longest cached prefix (at least one
+        token is left to compute: its logits are needed)."""
+        cached: list[int] = []
+        keys: list[BlockKey] = []
+        if self.config.prefix_caching and not seq.block_table:
+            tokens = seq.all_tokens()
+            keys = block_keys(tokens, self.blocks.block_size, (len(tokens) - 1) // self.blocks.block_size)
+            cached = self.blocks.match(keys)
+        start = len(cached) * self.blocks.block_size
+        end = start + min(budget, seq.num_tokens - start)
+        if not self.blocks.can_take_and_grow(cached, end, reserve=len(self.running)):
+            return False
+        if cached:
+            seq.block_table = self.blocks.take(cached)
+            seq.block_keys = keys[: len(cached)]
+            seq.num_cached = start
+            self.num_prefix_hit_tokens += start
+        return True
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that this step filled with computed keys/values in the prefix cache."""
+        full = seq.num_cached // self.blocks.block_size
+        first = len(seq.block_keys)
+        if full <= first:
+            return
+        previous = seq.block_keys[-1] if seq.block_keys else None
+        seq.block_keys += block_keys(seq.all_tokens(), self.blocks.block_size, full, first, previous)
+        for b in range(first, full):
+            self.blocks.register(seq.block_table[b], seq.block_keys[b])
 
     def _try_add(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
         """Add seq's next tokens to the plan, preempting newer sequences if blocks are short; tokens added."""
@@ -192,6 +225,7 @@ class Scheduler:
         del self.running[seq.seq_id]
         self.blocks.release(seq.block_table)
         seq.num_cached = 0
+        seq.block_keys = []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -207,6 +241,8 @@ class Scheduler:
                 self._release(seq)
                 continue
             seq.num_cached += n
+            if self.config.prefix_caching:
+                self._register_full_blocks(seq)
             if token is None:
                 continue
             seq.output_token_ids.append(token)

@@ -80,6 +80,7 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
         if now - last_beat >= HEARTBEAT_S or load != last_load:
             stats = {"running": load[0], "waiting": load[1],
                      "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
-                     "kv_blocks_free": scheduler.blocks.num_free, "preemptions": scheduler.num_preemptions}
+                     "kv_blocks_free": scheduler.blocks.num_free, "kv_blocks_cached": scheduler.blocks.num_cached,
+                     "prefix_hit_tokens": scheduler.num_prefix_hit_tokens, "preemptions": scheduler.num_preemptions}
             channel.put(("heartbeat", stats))
             last_beat, last_load = now, load

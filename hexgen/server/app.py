@@ -176,7 +176,9 @@ def _replica_status(replica) -> dict[str, Any]:
         "waiting": replica.load.get("waiting", 0),
         "peak_running": replica.load.get("peak_running", 0),  # the largest batch the replica has run
         "kv_blocks_used": replica.load.get("kv_blocks_used", 0),  # paged KV cache, the same on every rank
-        "kv_blocks_free": replica.load.get("kv_blocks_free", 0),
+        "kv_blocks_free": replica.load.get("kv_blocks_free", 0),  # cached prefix blocks included: reusable
+        "kv_blocks_cached": replica.load.get("kv_blocks_cached", 0),  # free blocks still holding a cached prefix
+        "prefix_hit_tokens": replica.load.get("prefix_hit_tokens", 0),  # tokens served from the prefix cache
         "preemptions": replica.load.get("preemptions", 0),  # sequences that gave their blocks back and recomputed
         "ranks": replica.world_size,
         "stages": replica.stage_status(),

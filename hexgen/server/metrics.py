@@ -46,6 +46,10 @@ class Metrics:
             "hexgen_replica_kv_blocks", "KV-cache blocks of the replica's pool, by state", ["replica", "state"],
             registry=r,
         )
+        self.replica_prefix_hit_tokens = Gauge(
+            "hexgen_replica_prefix_cache_hit_tokens", "Prompt tokens whose keys/values came from the prefix cache so far",
+            ["replica"], registry=r,
+        )
         self.replica_preemptions = Gauge(
             "hexgen_replica_preemptions", "Sequences preempted (blocks freed, recomputed later) so far", ["replica"],
             registry=r,
@@ -59,8 +63,9 @@ class Metrics:
             self.replica_outstanding.labels(label).set(replica.state.outstanding)
             self.replica_running.labels(label).set(replica.load.get("running", 0) if replica.state.is_up else 0)
             self.replica_waiting.labels(label).set(replica.load.get("waiting", 0) if replica.state.is_up else 0)
-            for state in ("used", "free"):
+            for state in ("used", "free", "cached"):
                 blocks = replica.load.get(f"kv_blocks_{state}", 0) if replica.state.is_up else 0
                 self.replica_kv_blocks.labels(label, state).set(blocks)
             self.replica_preemptions.labels(label).set(replica.load.get("preemptions", 0))
+            self.replica_prefix_hit_tokens.labels(label).set(replica.load.get("prefix_hit_tokens", 0))
         return generate_latest(self.registry)

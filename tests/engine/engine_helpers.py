@@ -60,15 +60,18 @@ def load_hf(model_dir: Path):
 # ---------------------------------------------------------------- our engine, one process
 
 def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
-                   eos_token_ids: tuple[int, ...] = (), device: str = "cpu",
+                   eos_token_ids: tuple[int, ...] = (), device: str = "cpu", engines: list | None = None,
                    ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
-    """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V]."""
+    """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V].
+    `engines`, when given, receives the engine (to read its scheduler's counters afterwards)."""
     plan = single_replica_plan(source.spec, [1], None)
     spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, device=device)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, init_rank(spec), config)
     runner.record_logits = True
     engine = Engine.create(runner, config, eos_token_ids)
+    if engines is not None:
+        engines.append(engine)
     for request in requests:
         engine.add(request)
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
@@ -92,12 +95,13 @@ def spawn_ranks(fn, world_size: int, args: tuple) -> None:
 
 
 def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], requests: list[GenerationRequest],
-                           out_dir: Path, depth: int = 0) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+                           out_dir: Path, depth: int = 0, config: SchedulerConfig | None = None,
+                           ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Run `requests` on a spawned replica of the given layout, `depth` micro-batches in flight (0: one per
     stage, as on GPUs); tokens from the driver, per-step logits recorded on the last stage's leader
-    (StageRunner.record_logits), matched by step."""
+    (StageRunner.record_logits), matched by step. The driver's prefix-cache hits go to out_dir/hits.pt."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth))
+    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config))
     steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token)] in row order
     layout_leader = sum(tp[:-1])
     step_logits = torch.load(out_dir / f"logits{layout_leader}.pt")
@@ -113,13 +117,14 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
 
 
 def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
-                 requests: list[GenerationRequest], out_dir: str, depth: int) -> None:
+                 requests: list[GenerationRequest], out_dir: str, depth: int,
+                 config: SchedulerConfig | None) -> None:
     source = resolve_model(model_dir, progress=False)
     plan = single_replica_plan(source.spec, tp, layers)
     layout = dataclasses.replace(layout_of(plan.replicas[0], "cpu"), depth=depth)
     spec = RankSpec(source, layout, rank, num_threads=1, master_port=port)
     ctx = init_rank(spec)
-    config = SchedulerConfig(max_context=source.spec.max_context)
+    config = config or SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, ctx, config)
     runner.record_logits = True
     recorded: list[torch.Tensor] = []
@@ -144,6 +149,7 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
                 steps.append(events)
         engine.shutdown()
         torch.save(steps, Path(out_dir) / "events.pt")
+        torch.save(engine.scheduler.num_prefix_hit_tokens, Path(out_dir) / "hits.pt")
     else:
         follow_driver(runner)
     if recorded:

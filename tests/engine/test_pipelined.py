@@ -4,6 +4,7 @@ same greedy tokens as the one-process engine (which runs one step at a time)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from engine_helpers import greedy_requests, random_prompts, run_in_process, run_layout_with_logits
 
 from hexgen.engine.checkpoint import resolve_model
@@ -24,3 +25,19 @@ def test_pipelined_layout_matches_one_process(tp, layers, depth, tiny_model_dirs
     expected, _ = run_in_process(source, requests, SchedulerConfig(max_context=source.spec.max_context))
     tokens, _ = run_layout_with_logits(directory, tp, layers, requests, tmp_path, depth)
     assert tokens == expected
+
+
+def test_pipelined_prefix_caching_matches_one_process(tiny_model_dirs, tmp_path):
+    """Micro-batches in flight that share cached prefix blocks (four at a time, so later requests find the
+    blocks of earlier ones) give the one-process engine's tokens computed without a prefix cache."""
+    directory = tiny_model_dirs["gqa"]
+    source = resolve_model(str(directory), progress=False)
+    prefix = random_prompts(source.spec.vocab_size, [9], seed=12)[0]
+    tails = random_prompts(source.spec.vocab_size, LENGTHS[:8], seed=13)
+    requests = greedy_requests([prefix + tail for tail in tails], 8)
+    expected, _ = run_in_process(source, requests, SchedulerConfig(max_context=source.spec.max_context))
+    config = SchedulerConfig(max_running_seqs=4, block_size=4, max_context=source.spec.max_context,
+                             prefix_caching=True)
+    tokens, _ = run_layout_with_logits(directory, [1, 2, 1], [2, 2, 2], requests, tmp_path, 0, config)
+    assert tokens == expected
+    assert torch.load(tmp_path / "hits.pt") > 0
