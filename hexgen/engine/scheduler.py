@@ -4,8 +4,9 @@ Every step runs the next token of running sequences plus as much waiting prompt 
 allows; sequences join and leave at step boundaries and long prompts are prefilled in chunks. A sequence
 is admitted only when its first chunk's blocks are free; when blocks run out mid-generation the most
 recently admitted sequence is preempted (its blocks freed) and later recomputed from its prompt and the
-tokens it had produced, so it is never failed (with prefix caching, from its blocks still cached). A pipelined replica keeps several steps (micro-batches of
-disjoint sequences) in flight: `schedule` skips sequences whose step has not come back through `update`.
+tokens it had produced, so it is never failed (with prefix caching, from its blocks still cached). A
+pipelined replica keeps several steps (micro-batches of disjoint sequences) in flight: `schedule` skips
+sequences whose step has not come back through `update`.
 """
 
 from __future__ import annotations

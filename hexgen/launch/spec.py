@@ -69,6 +69,12 @@ def cpu_threads_per_rank(replicas: list[Replica], cores: int) -> int:
     return max(1, cores // sum(max(s.tp for s in r.stages) for r in replicas))
 
 
+def alone_on_cpu(replicas: list[Replica], device: str) -> bool:
+    """Whether the replicas sharing one CPU machine are a single rank (it may let its threads spin at barriers:
+    nothing else needs the cores between its parallel regions; see launch/entry.py)."""
+    return device == "cpu" and sum(s.tp for r in replicas for s in r.stages) == 1
+
+
 @dataclass(frozen=True)
 class RankSpec:
     """Everything one worker process needs to become a rank of a replica."""
@@ -81,13 +87,15 @@ class RankSpec:
     gpu_index: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     master_port: int = 0  # rendezvous port on 127.0.0.1 (multi-rank only)
+    spin_wait: bool = False  # the only rank on its CPU machine: its threads spin briefly at barriers (launch/entry.py)
 
 
 def rank_specs(
-    source: ModelSource, replica: Replica, dtype: str, device: str, threads_per_rank: int | None = None
+    source: ModelSource, replica: Replica, dtype: str, device: str, threads_per_rank: int | None = None,
+    spin_wait: bool = False,
 ) -> list[RankSpec]:
     """One RankSpec per rank. CPU threads: given, else this machine's cores as the replica alone would use them
-    (a one-rank replica keeps torch's default)."""
+    (a one-rank replica keeps torch's default). spin_wait: for a rank alone on its CPU machine."""
     layout = layout_of(replica, device)
     world = layout.world_size
     if threads_per_rank is None:
@@ -96,5 +104,5 @@ def rank_specs(
     specs = []
     for stage in replica.stages:
         for gpu in stage.gpus:
-            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port))
+            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port, spin_wait))
     return specs

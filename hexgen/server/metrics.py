@@ -47,8 +47,8 @@ class Metrics:
             registry=r,
         )
         self.replica_prefix_hit_tokens = Gauge(
-            "hexgen_replica_prefix_cache_hit_tokens", "Prompt tokens whose keys/values came from the prefix cache so far",
-            ["replica"], registry=r,
+            "hexgen_replica_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys/values came from the prefix cache so far", ["replica"], registry=r,
         )
         self.replica_preemptions = Gauge(
             "hexgen_replica_preemptions", "Sequences preempted (blocks freed, recomputed later) so far", ["replica"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hexgen.launch.spec import cpu_threads_per_rank, pipeline_depth
+from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, pipeline_depth
 from hexgen.plan import Replica, Stage
 
 
@@ -30,3 +30,12 @@ def test_cpu_threads_split_over_the_largest_tp_group_of_each_replica():
     assert cpu_threads_per_rank([two_stages], 16) == 16
     assert cpu_threads_per_rank([tp3_then_tp1, one_process], 8) == 2  # 3 + 1 ranks at once on 8 cores
     assert cpu_threads_per_rank([tp3_then_tp1, one_process], 2) == 1  # never below one
+
+
+def test_only_a_rank_alone_on_a_cpu_machine_spins_at_barriers():
+    one_process = replica(("localhost", 1))
+    assert alone_on_cpu([one_process], "cpu")
+    assert not alone_on_cpu([one_process, one_process], "cpu")  # two replicas share the cores
+    assert not alone_on_cpu([replica(("localhost", 1), ("localhost", 1))], "cpu")  # two stages take turns
+    assert not alone_on_cpu([replica(("localhost", 2))], "cpu")
+    assert not alone_on_cpu([one_process], "cuda")
