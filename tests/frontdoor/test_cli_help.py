@@ -91,3 +91,14 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
 def test_errors_name_the_flag(args, line, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_prefix_caching_is_on_unless_turned_off(command):
+    from hexgen.commands.engine_args import scheduler_config
+
+    parser = build_parser()
+    base = [command, "--model", "smollm2-135m"] + (["--prompt", "hi"] if command == "generate" else [])
+    on = scheduler_config(parser.parse_args(base), 4, 256)
+    off = scheduler_config(parser.parse_args(base + ["--no-prefix-caching"]), 4, 256)
+    assert on.prefix_caching and not off.prefix_caching
