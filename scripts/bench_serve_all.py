@@ -256,6 +256,9 @@ its last one ends. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (
 - Precision differs: HF and vLLM serve the fp32 safetensors that hexgen converts from the shipped GGUF; llama.cpp
   serves the shipped Q4_1 GGUF itself (4-bit weights, much less memory traffic per token), and an f32 GGUF where the
   row says so.
+- Every request sends the same prompt, so a server that caches prefixes computes only its last partial block after
+  the first request: vLLM (prefix caching on by default) and `hexgen serve` (on unless `--no-prefix-caching`, rows
+  measured from 2026-11-30 10:16 UTC on); HF and llama.cpp recompute it.
 - Neither HF's `transformers serve` (default path) nor llama-cpp-python's server batches requests: they serve one at
   a time, so at concurrency 16 TTFT is mostly queueing. llama-cpp-python's server by default cuts off the stream in
   progress when a new request arrives (5 of 64 tokens per request in a first run here); `start_llamacpp.sh` turns
