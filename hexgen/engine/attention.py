@@ -29,11 +29,34 @@ class GatherGroup:
     """
 
     rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
-    gather_index: torch.Tensor  # [b, K] int64 flat slots of every key
+    gather_index: torch.Tensor  # [b * K] int64 flat slots of every key, sequence by sequence
     mask: torch.Tensor  # [b, 1, Q, K] additive: 0 where a (padded) query sees a key, else -inf
     query_index: torch.Tensor | None  # [n] int64: each token's row in the padded [b * Q] queries; None when Q == 1
     num_seqs: int
     max_query_len: int
+
+
+@dataclass(frozen=True)
+class LayerPool:
+    """One layer's part of the paged pool as views made once at allocation: on CPU each view made inside a decode
+    step costs about as much as a small kernel, and a layer would make six of them."""
+
+    keys: torch.Tensor  # [slots, kv_heads, d], slot = block * block_size + offset
+    values: torch.Tensor  # [slots, kv_heads, d]
+    key_rows: torch.Tensor  # the keys' memory as [slots, kv_heads * d] (the gather path selects whole rows)
+    value_rows: torch.Tensor
+
+    @staticmethod
+    def of(pool: torch.Tensor) -> LayerPool:
+        """Views of a layer's pool [2, slots, kv_heads, d] (keys, then values)."""
+        keys, values = pool.unbind(0)
+        return LayerPool(keys, values, keys.flatten(1), values.flatten(1))
+
+    def paged(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as [blocks, block_size, kv_heads, d] (the Triton kernels' layout)."""
+        slots, kv_heads, head_dim = self.keys.shape
+        shape = (slots // block_size, block_size, kv_heads, head_dim)
+        return self.keys.view(shape), self.values.view(shape)
 
 
 @dataclass(frozen=True)
@@ -124,10 +147,10 @@ def _gather_group(
 def _gather_layout(
     block_tables: torch.Tensor, context: torch.Tensor, lengths: torch.Tensor, q_max: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat slots of every key position [B, K] and the boolean mask [B, 1, Q, K] of the gather path."""
+    """Flat slots of every key position [B * K] and the boolean mask [B, 1, Q, K] of the gather path."""
     batch, max_blocks = block_tables.shape
     offsets = torch.arange(block_size)
-    gather_index = (block_tables.unsqueeze(-1) * block_size + offsets).view(batch, max_blocks * block_size)
+    gather_index = (block_tables.unsqueeze(-1) * block_size + offsets).view(batch * max_blocks * block_size)
     key_pos = torch.arange(max_blocks * block_size)  # [K]
     q_row = torch.arange(q_max)  # [Q]
     query_pos = (context - lengths).unsqueeze(1) + q_row  # [B, Q]
@@ -137,42 +160,39 @@ def _gather_layout(
     return gather_index, mask.unsqueeze(1)
 
 
-def write_kv(kv_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
-    """Store the step's keys and values: kv_pool [2, slots, kv_heads, d]; k, v [T, kv_heads, d]."""
-    kv_pool[0].index_copy_(0, meta.slot_mapping, k)
-    kv_pool[1].index_copy_(0, meta.slot_mapping, v)
+def write_kv(pool: LayerPool, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
+    """Store the step's keys and values k, v [T, kv_heads, d] in their slots."""
+    pool.keys.index_copy_(0, meta.slot_mapping, k)
+    pool.values.index_copy_(0, meta.slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, kv_pool: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, pool: LayerPool, meta: StepMetadata, scale: float) -> torch.Tensor:
     """Causal attention of the step's queries q [T, h, d] over their sequences' cached keys -> [T, h, d]."""
     if not meta.groups:
         from hexgen.engine import kernels  # Triton: only on CUDA, only when installed
 
-        slots_total, kv_heads, head_dim = kv_pool.shape[1:]
-        shape = (slots_total // meta.block_size, meta.block_size, kv_heads, head_dim)
         return kernels.paged_attention(
-            q, kv_pool[0].view(shape), kv_pool[1].view(shape), meta.block_tables, meta.query_start,
-            meta.context_lens, meta.max_query_len, scale,
+            q, *pool.paged(meta.block_size), meta.block_tables, meta.query_start, meta.context_lens,
+            meta.max_query_len, scale,
         )
     if len(meta.groups) == 1:
-        return _attend_group(q, kv_pool, meta.groups[0], scale)
+        return _attend_group(q, pool, meta.groups[0], scale)
     out = torch.empty_like(q)
     for group in meta.groups:  # decodes, then prefill chunks: two calls whatever the batch size
         assert group.rows is not None
-        out.index_copy_(0, group.rows, _attend_group(q.index_select(0, group.rows), kv_pool, group, scale))
+        out.index_copy_(0, group.rows, _attend_group(q.index_select(0, group.rows), pool, group, scale))
     return out
 
 
-def _attend_group(q: torch.Tensor, kv_pool: torch.Tensor, group: GatherGroup, scale: float) -> torch.Tensor:
+def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: float) -> torch.Tensor:
     """The gather path for one group: q [n, h, d] -> [n, h, d]."""
     batch, q_max = group.num_seqs, group.max_query_len
     heads, head_dim = q.shape[1:]
-    slots_total, kv_heads = kv_pool.shape[1:3]
+    kv_heads = pool.keys.shape[1]
     # index_select over flat [slot, kv_heads * d] rows, keys and values apart: an order of magnitude faster on
     # CPU than advanced indexing, and 1.4x one index_select over both
-    flat = kv_pool.view(2, slots_total, -1)
-    keys = flat[0].index_select(0, group.gather_index.view(-1)).view(batch, -1, kv_heads, head_dim)
-    values = flat[1].index_select(0, group.gather_index.view(-1)).view(batch, -1, kv_heads, head_dim)
+    keys = pool.key_rows.index_select(0, group.gather_index).view(batch, -1, kv_heads, head_dim)
+    values = pool.value_rows.index_select(0, group.gather_index).view(batch, -1, kv_heads, head_dim)
     if group.query_index is None:  # every sequence brings one token
         query = q.view(batch, 1, heads, head_dim)
     else:

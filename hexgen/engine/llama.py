@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from hexgen.engine.attention import StepMetadata, paged_attention
+from hexgen.engine.attention import LayerPool, StepMetadata, paged_attention
 from hexgen.engine.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -60,10 +60,10 @@ class RotaryEmbedding:
 
     def tables(self, positions: torch.Tensor, interleaved: bool = False) -> Rope:
         """cos, sin [T, head_dim / 2] for the given positions (rotate-half: both halves share them), or for
-        interleaved pairs one complex tensor cos + i sin [T, head_dim / 2]; the positions must be below what
+        interleaved pairs one complex tensor cos + i sin [T, 1, head_dim / 2]; the positions must be below what
         `reserve` covered."""
         if interleaved:
-            return torch.complex(self._cos[positions], self._sin[positions])
+            return torch.complex(self._cos[positions], self._sin[positions]).unsqueeze(1)  # [T, 1, d / 2]
         return self._cos[positions], self._sin[positions]
 
 
@@ -112,17 +112,15 @@ class Attention(nn.Module):
         self.rope_interleaved = True
 
     def forward(
-        self, x: torch.Tensor, meta: StepMetadata, rope: Rope, kv_pool: torch.Tensor,
+        self, x: torch.Tensor, meta: StepMetadata, rope: Rope, pool: LayerPool,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention output [T, H] summed over the TP group, plus `residual` when given."""
         tokens = x.shape[0]
         heads, kv_heads, d = self.heads_local, self.kv_heads_local, self.head_dim
-        qkv = self.qkv_proj.fused(x)  # [T, (h + 2 kv) d]: q, k and v side by side
-        qk = qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)
-        v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
-        rotary_write_kv(qk, v, heads, rope, kv_pool, meta)  # q, k rotated; k, v into the pool
-        out = paged_attention(qk[:, :heads], kv_pool, meta, self.scale)  # [T, h_local, d]
+        qkv = self.qkv_proj.fused(x).view(tokens, heads + 2 * kv_heads, d)  # q, k and v heads side by side
+        q = rotary_write_kv(qkv, heads, rope, pool, meta)  # q, k rotated; k, v into the pool
+        out = paged_attention(q, pool, meta, self.scale)  # [T, h_local, d]
         partial = self.o_proj.forward(out.reshape(tokens, heads * d), residual)
         return self.tp.all_reduce(partial)  # row-parallel output: sum over the stage's TP group
 
@@ -165,22 +163,25 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         meta: StepMetadata,
         rope: Rope,
-        kv_pool: torch.Tensor,
+        pool: LayerPool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(this layer's output, the residual stream before it): their sum is the layer's usual output.
 
-        With oneDNN-packed weights (CPU) the residual adds run in the output projections' GEMM epilogues instead,
-        and the layer returns (its whole output, None). Elsewhere (CUDA) each add is fused with the norm after it.
+        With oneDNN-packed weights (CPU) the residual adds run in the output projections' GEMM epilogues and the
+        norms inside the input projections (folded into their packed weights: the projections take the residual
+        stream itself), and the layer returns (its whole output, None). Elsewhere (CUDA) each add is fused with
+        the norm after it.
         """
-        if self.self_attn.o_proj.packed is not None:
+        if self.self_attn.qkv_proj.folds_norm():
+            assert self.mlp.gate_up_proj.folds_norm() and self.self_attn.o_proj.packed is not None
             stream = hidden if residual is None else hidden + residual
-            mid = self.self_attn.forward(self.input_layernorm.forward(stream), meta, rope, kv_pool, stream)
-            return self.mlp.forward(self.post_attention_layernorm.forward(mid), mid), None
+            mid = self.self_attn.forward(stream, meta, rope, pool, stream)  # input_layernorm inside qkv_proj
+            return self.mlp.forward(mid, mid), None  # post_attention_layernorm inside gate_up_proj
         if residual is None:
             residual, hidden = hidden, self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_forward(hidden, residual)
         # .forward, not __call__: nn.Module's hooks machinery costs more than a small decode op (CPU)
-        hidden = self.self_attn.forward(hidden, meta, rope, kv_pool)
+        hidden = self.self_attn.forward(hidden, meta, rope, pool)
         hidden, residual = self.post_attention_layernorm.add_forward(hidden, residual)
         return self.mlp.forward(hidden), residual

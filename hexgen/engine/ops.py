@@ -8,9 +8,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from hexgen.engine.attention import StepMetadata, write_kv
+from hexgen.engine.attention import LayerPool, StepMetadata, write_kv
 
-# RoPE tables of a step: (cos, sin) for rotate-half pairs, or one complex table for interleaved pairs
+# RoPE tables of a step: (cos, sin) [T, d / 2] for rotate-half pairs, or one complex [T, 1, d / 2] for interleaved
 Rope = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 
 
@@ -67,27 +67,29 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None
 
 
 def apply_rotary_interleaved_(x: torch.Tensor, rope: torch.Tensor) -> None:
-    """Rotate x [T, heads, head_dim] in place, pairs (2i, 2i + 1) as complex numbers; rope [T, head_dim / 2] complex."""
+    """Rotate x [T, heads, head_dim] in place, pairs (2i, 2i + 1) as complex numbers; rope [T, 1, head_dim / 2]
+    complex (one row per token, broadcast over the heads)."""
     tokens, heads, head_dim = x.shape
-    torch.view_as_complex(x.view(tokens, heads, head_dim // 2, 2)).mul_(rope.unsqueeze(1))
+    torch.view_as_complex(x.view(tokens, heads, head_dim // 2, 2)).mul_(rope)
 
 
 def rotary_write_kv(
-    qk: torch.Tensor, v: torch.Tensor, heads: int, rope: Rope, kv_pool: torch.Tensor, meta: StepMetadata,
-) -> None:
-    """Rotate q = qk[:, :heads] in place and store rotated k = qk[:, heads:] and v in the pool [2, slots, kv, d].
-    rope: (cos, sin) for rotate-half pairs, or one complex table for interleaved pairs (CPU, packed weights)."""
+    qkv: torch.Tensor, heads: int, rope: Rope, pool: LayerPool, meta: StepMetadata,
+) -> torch.Tensor:
+    """qkv [T, heads + 2 kv_heads, d]: rotate its q and k heads in place, store the rotated k and the v in the
+    pool, and return q [T, heads, d] (a view). rope: (cos, sin) [T, d / 2] for rotate-half pairs, or one complex
+    table [T, 1, d / 2] for interleaved pairs (CPU, packed weights)."""
+    kv_heads = (qkv.shape[1] - heads) // 2
+    q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=1)
     if isinstance(rope, torch.Tensor):
-        apply_rotary_interleaved_(qk, rope)
-        write_kv(kv_pool, qk[:, heads:], v, meta)
-        return
-    if use_triton(qk):
+        apply_rotary_interleaved_(qkv[:, : heads + kv_heads], rope)  # q and k rotated together, in place
+        write_kv(pool, k, v, meta)
+        return q
+    if use_triton(qkv):
         from hexgen.engine import kernels
 
-        slots_total, kv_heads, head_dim = kv_pool.shape[1:]
-        shape = (slots_total // meta.block_size, meta.block_size, kv_heads, head_dim)
-        kernels.rotary_write_kv(qk[:, :heads], qk[:, heads:], v, *rope, kv_pool[0].view(shape),
-                                kv_pool[1].view(shape), meta.slot_mapping)
-        return
-    apply_rotary_(qk, *rope)  # q and k rotated together, in place
-    write_kv(kv_pool, qk[:, heads:], v, meta)
+        kernels.rotary_write_kv(q, k, v, *rope, *pool.paged(meta.block_size), meta.slot_mapping)
+        return q
+    apply_rotary_(qkv[:, : heads + kv_heads], *rope)  # q and k rotated together, in place
+    write_kv(pool, k, v, meta)
+    return q

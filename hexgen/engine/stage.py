@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hexgen.engine.attention import StepMetadata
+from hexgen.engine.attention import LayerPool, StepMetadata
 from hexgen.engine.layers import PackableLinear, ParallelLMHead, VocabParallelEmbedding, packs_for_cpu
 from hexgen.engine.llama import DecoderLayer, RMSNorm, RotaryEmbedding
 from hexgen.engine.parallel import RankContext
@@ -31,6 +31,7 @@ class LlamaStage(nn.Module):
         self.kv_heads_local = spec.num_kv_heads // tp.tp_degree
         self.rope_interleaved = False  # set by pack_weights
         self.kv_pool = torch.empty(0)  # [layers, 2, blocks * block_size, kv_heads_local, head_dim] once allocated
+        self.layer_pools: list[LayerPool] = []  # views of kv_pool, one per layer
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one KV block takes in this rank's pool (keys and values of all its layers)."""
@@ -48,13 +49,19 @@ class LlamaStage(nn.Module):
 
     def pack_weights(self) -> None:
         """Keep each linear layer's weight in oneDNN's layout too (CPU fp32 only; elsewhere a no-op). Packed
-        attention layers also take their q and k rows in interleaved-RoPE order (see Attention.interleave_rope)."""
+        attention layers also take their q and k rows in interleaved-RoPE order (see Attention.interleave_rope),
+        and each RMSNorm is folded into the packed projection after it (see layers.rms_normed_linear)."""
         for layer in self.layers:
             if packs_for_cpu(layer.self_attn.qkv_proj.weight):
                 layer.self_attn.interleave_rope()
-        for module in self.modules():
-            if isinstance(module, PackableLinear):
-                module.pack()
+            attention_norm, mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
+            layer.self_attn.qkv_proj.pack(attention_norm.weight, attention_norm.eps)
+            layer.mlp.gate_up_proj.pack(mlp_norm.weight, mlp_norm.eps)
+            layer.self_attn.o_proj.pack()
+            layer.mlp.down_proj.pack()
+        if self.lm_head is not None:
+            assert self.norm is not None
+            self.lm_head.pack(self.norm.weight, self.norm.eps)
         self.rope_interleaved = bool(self.layers) and self.layers[0].self_attn.rope_interleaved
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
@@ -62,6 +69,7 @@ class LlamaStage(nn.Module):
         device = next(self.parameters()).device
         shape = (len(self.layers), 2, num_blocks * block_size, self.kv_heads_local, self.spec.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=device)
+        self.layer_pools = [LayerPool.of(layer_pool) for layer_pool in self.kv_pool]
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, progress=None) -> None:
@@ -88,11 +96,13 @@ class LlamaStage(nn.Module):
         """hidden [T, H] through this stage's layers; the positions must be below `rope.reserve`'s."""
         rope = self.rope.tables(meta.positions, self.rope_interleaved)
         residual = None
-        for local, layer in enumerate(self.layers):
-            hidden, residual = layer.forward(hidden, residual, meta, rope, self.kv_pool[local])
+        for layer, pool in zip(self.layers, self.layer_pools, strict=True):
+            hidden, residual = layer.forward(hidden, residual, meta, rope, pool)
         return hidden if residual is None else hidden + residual  # [T, H], the residual stream
 
     def local_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         """Logits of this rank's vocabulary shard for each sequence's last token: [B, padded_rows]."""
         assert self.norm is not None and self.lm_head is not None
+        if self.lm_head.folds_norm():
+            return self.lm_head(hidden_last)  # the final norm runs inside the packed head
         return self.lm_head(self.norm(hidden_last))

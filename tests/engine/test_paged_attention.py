@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hexgen.engine.attention import build_metadata, paged_attention, write_kv
+from hexgen.engine.attention import LayerPool, build_metadata, paged_attention, write_kv
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.engine.engine import build_runner, init_rank
 from hexgen.engine.kv_budget import RankShape, kv_bytes_per_block, rank_weight_bytes
@@ -69,8 +69,8 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
     assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
-    write_kv(pool, k_new, v_new, meta)
-    ours = paged_attention(q, pool, meta, d**-0.5)
+    write_kv(LayerPool.of(pool), k_new, v_new, meta)
+    ours = paged_attention(q, LayerPool.of(pool), meta, d**-0.5)
     torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
 
 

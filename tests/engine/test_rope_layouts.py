@@ -31,7 +31,7 @@ def test_interleaved_rotation_is_rotate_half_in_another_order():
     angles = torch.rand(5, 8, generator=gen) * 50
     expected = interleave(rotate_half_reference(x, angles.cos(), angles.sin()))
     got = interleave(x).contiguous()
-    apply_rotary_interleaved_(got, torch.polar(torch.ones_like(angles), angles))
+    apply_rotary_interleaved_(got, torch.polar(torch.ones_like(angles), angles).unsqueeze(1))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -57,7 +57,7 @@ def test_reordered_rows_give_the_same_attention_scores():
 
     def rotate_interleaved(t):
         t = t.contiguous()
-        apply_rotary_interleaved_(t, torch.polar(torch.ones_like(angles), angles))
+        apply_rotary_interleaved_(t, torch.polar(torch.ones_like(angles), angles).unsqueeze(1))
         return t
 
     after = scores(attn.qkv_proj.fused(x), rotate_interleaved)

@@ -1,0 +1,61 @@
+"""The CPU path's RMSNorm folded into the packed projection after it, against transformers' LlamaRMSNorm followed
+by a plain product; and the layers where it must not fold (no oneDNN packing: bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from hexgen.engine.layers import ColumnParallelLinear, ParallelLMHead, packs_for_cpu
+from hexgen.engine.parallel import TPGroup
+
+HIDDEN, EPS = 48, 1e-5
+
+
+def reference_norm(weight: torch.Tensor, eps: float) -> LlamaRMSNorm:
+    norm = LlamaRMSNorm(weight.shape[0], eps=eps)
+    norm.weight.data.copy_(weight)
+    return norm
+
+
+@pytest.mark.skipif(not packs_for_cpu(torch.empty(1)), reason="oneDNN packing is not available in this torch")
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_folded_norm_projection_matches_norm_then_product(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    projection = ColumnParallelLinear(HIDDEN, [32, 16, 16], TPGroup(0, 1), torch.float32)
+    projection.weight.data.copy_(torch.randn(64, HIDDEN, generator=gen))
+    norm_weight = torch.rand(HIDDEN, generator=gen) + 0.5
+    x = torch.randn(tokens, HIDDEN, generator=gen) * 4  # a residual stream's scale, far from the eps
+    x[0] *= 1e-3  # and one row where eps matters
+    expected = F.linear(reference_norm(norm_weight, EPS)(x), projection.weight)
+
+    projection.pack(norm_weight, EPS)
+    assert projection.folds_norm()
+    got = projection.fused(x)  # takes the norm's input
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    assert [part.shape[1] for part in projection.forward(x)] == [32, 16, 16]
+
+
+@pytest.mark.skipif(not packs_for_cpu(torch.empty(1)), reason="oneDNN packing is not available in this torch")
+def test_folded_final_norm_in_the_lm_head_leaves_the_tied_weight_alone():
+    gen = torch.Generator().manual_seed(5)
+    head = ParallelLMHead(100, HIDDEN, TPGroup(0, 1), torch.float32)
+    head.weight.data.copy_(torch.randn(100, HIDDEN, generator=gen))
+    dense = head.weight.detach().clone()
+    norm_weight = torch.rand(HIDDEN, generator=gen) + 0.5
+    x = torch.randn(3, HIDDEN, generator=gen)
+
+    head.pack(norm_weight, EPS)
+    torch.testing.assert_close(head(x), F.linear(reference_norm(norm_weight, EPS)(x), dense), atol=1e-4, rtol=1e-5)
+    assert torch.equal(head.weight, dense)  # the embedding it may share is untouched
+
+
+def test_norm_is_not_folded_where_nothing_is_packed():
+    projection = ColumnParallelLinear(HIDDEN, [HIDDEN], TPGroup(0, 1), torch.bfloat16)
+    projection.weight.data.copy_(torch.randn(HIDDEN, HIDDEN))
+    projection.pack(torch.full((HIDDEN,), 2.0, dtype=torch.bfloat16), EPS)
+    assert not projection.folds_norm() and projection.packed is None
+    x = torch.randn(2, HIDDEN, dtype=torch.bfloat16)
+    torch.testing.assert_close(projection.fused(x), F.linear(x, projection.weight))  # a plain product: the caller norms
