@@ -194,13 +194,18 @@ def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: f
     keys = pool.key_rows.index_select(0, group.gather_index).view(batch, -1, kv_heads, head_dim)
     values = pool.value_rows.index_select(0, group.gather_index).view(batch, -1, kv_heads, head_dim)
     if group.query_index is None:  # every sequence brings one token
-        query = q.view(batch, 1, heads, head_dim)
-    else:
-        query = q.new_zeros(batch * q_max, heads, head_dim).index_copy_(0, group.query_index, q)
-        query = query.view(batch, q_max, heads, head_dim)
+        # each KV head's query heads (heads i*g .. i*g+g-1 share KV head i) attend as g query rows of that head:
+        # no GQA expansion, and the output [B, kv, g, d] is already [B, h, d] (B=16, SmolLM2: 243 -> 202 µs)
+        grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask, scale=scale,
+        )  # [B, kv, g, d]; the mask [B, 1, 1, K] holds for every row
+        return out.reshape(batch, heads, head_dim)
+    query = q.new_zeros(batch * q_max, heads, head_dim).index_copy_(0, group.query_index, q)
+    query = query.view(batch, q_max, heads, head_dim)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=group.mask, scale=scale, enable_gqa=True,
     )  # [B, h, Q, d]
     out = out.transpose(1, 2).reshape(batch * q_max, heads, head_dim)
-    return out if group.query_index is None else out.index_select(0, group.query_index)
+    return out.index_select(0, group.query_index)
