@@ -12,12 +12,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HEXGEN_CACHE_DIR", str(REPO_ROOT / ".hexgen-cache"))
 
 
-def cuda_device_count() -> int:
+def _cuda_visible() -> bool:
     try:
         import torch
     except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Triton reads TRITON_INTERPRET when a kernel is defined, and other imports load triton early (transformers' Llama
+# modelling pulls in torch's inductor, which imports it): so the kernel tests' interpreter mode is chosen here,
+# before any test module is collected, not in tests/kernels/conftest.py alone (a worker that collected such a
+# module first then failed every interpreted kernel with "Cannot call @triton.jit'd outside of ... a kernel").
+if not _cuda_visible():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cuda_device_count() -> int:
+    if not _cuda_visible():
         return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from hexgen.engine.layers import ColumnParallelLinear, ParallelLMHead, packs_for_cpu
 from hexgen.engine.parallel import TPGroup
@@ -14,7 +13,10 @@ from hexgen.engine.parallel import TPGroup
 HIDDEN, EPS = 48, 1e-5
 
 
-def reference_norm(weight: torch.Tensor, eps: float) -> LlamaRMSNorm:
+def reference_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
+    """transformers' LlamaRMSNorm with this weight (imported here: the module loads torch's inductor and triton)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     norm = LlamaRMSNorm(weight.shape[0], eps=eps)
     norm.weight.data.copy_(weight)
     return norm

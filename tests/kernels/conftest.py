@@ -1,7 +1,8 @@
 """Kernel tests run twice: on CPU tensors under Triton's interpreter, and (marked `gpu`) compiled on CUDA.
 
-Triton reads TRITON_INTERPRET when a kernel is defined, so it is set here, before any kernel module is
-imported, and only where no GPU is visible: a process either interprets or compiles, never both.
+Triton reads TRITON_INTERPRET when a kernel is defined, so it is set before any kernel module is imported, and
+only where no GPU is visible: a process either interprets or compiles, never both. tests/conftest.py sets it first
+(other test modules may load triton at collection); the setdefault here covers running this folder alone.
 """
 
 from __future__ import annotations
