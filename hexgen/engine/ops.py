@@ -83,13 +83,12 @@ def rotary_write_kv(
     q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=1)
     if isinstance(rope, torch.Tensor):
         apply_rotary_interleaved_(qkv[:, : heads + kv_heads], rope)  # q and k rotated together, in place
-        write_kv(pool, k, v, meta)
-        return q
-    if use_triton(qkv):
+    elif use_triton(qkv):
         from hexgen.engine import kernels
 
         kernels.rotary_write_kv(q, k, v, *rope, *pool.paged(meta.block_size), meta.slot_mapping)
         return q
-    apply_rotary_(qkv[:, : heads + kv_heads], *rope)  # q and k rotated together, in place
-    write_kv(pool, k, v, meta)
+    else:
+        apply_rotary_(qkv[:, : heads + kv_heads], *rope)  # q and k rotated together, in place
+    write_kv(pool, qkv[:, heads:], meta)  # k and v heads are adjacent, as a slot stores them
     return q

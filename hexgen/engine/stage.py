@@ -30,7 +30,7 @@ class LlamaStage(nn.Module):
         self.rope = RotaryEmbedding(spec, dtype, device)
         self.kv_heads_local = spec.num_kv_heads // tp.tp_degree
         self.rope_interleaved = False  # set by pack_weights
-        self.kv_pool = torch.empty(0)  # [layers, 2, blocks * block_size, kv_heads_local, head_dim] once allocated
+        self.kv_pool = torch.empty(0)  # [layers, blocks * block_size, 2, kv_heads_local, head_dim] once allocated
         self.layer_pools: list[LayerPool] = []  # views of kv_pool, one per layer
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -67,7 +67,7 @@ class LlamaStage(nn.Module):
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""
         device = next(self.parameters()).device
-        shape = (len(self.layers), 2, num_blocks * block_size, self.kv_heads_local, self.spec.head_dim)
+        shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads_local, self.spec.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=device)
         self.layer_pools = [LayerPool.of(layer_pool) for layer_pool in self.kv_pool]
 

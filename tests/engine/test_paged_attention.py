@@ -57,19 +57,19 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     gen = torch.Generator().manual_seed(7)
     d, num_blocks = 8, 64
     plan = ragged_plan(rng, starts, lengths, block_size, num_blocks)
-    pool = torch.zeros(2, num_blocks * block_size, kv_heads, d)
+    pool = torch.zeros(num_blocks * block_size, 2, kv_heads, d)  # each slot: its keys, then its values
     history = []
     for s, table in zip(starts, plan.block_tables, strict=True):  # the cached prefix, written where it belongs
         kv = torch.randn(2, s, kv_heads, d, generator=gen)
         slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(s)], dtype=torch.long)
-        pool[:, slots] = kv
+        pool[slots] = kv.transpose(0, 1)
         history.append(kv)
     total = sum(lengths)
     q = torch.randn(total, heads, d, generator=gen)
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
     assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
-    write_kv(LayerPool.of(pool), k_new, v_new, meta)
+    write_kv(LayerPool.of(pool), torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
     ours = paged_attention(q, LayerPool.of(pool), meta, d**-0.5)
     torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
 
