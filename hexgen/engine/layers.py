@@ -44,7 +44,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     return F.linear(x, weight) if add is None else torch.addmm(add, x, weight.t())
 
 
-def rms_normed_linear(x: torch.Tensor, packed: torch.Tensor, norm_root: torch.Tensor) -> torch.Tensor:
+def rms_normed_linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, norm_root: torch.Tensor
+) -> torch.Tensor:
     """rmsnorm(x) @ W.T for a packed W' = W * (norm weight * sqrt(n)) (n = x's features, norm_root = sqrt(n * eps)):
 
         rmsnorm(x) @ W.T = (x / sqrt(|x|^2 / n + eps) * weight) @ W.T = (x / sqrt(|x|^2 + n * eps)) @ W'.T
@@ -55,7 +57,7 @@ def rms_normed_linear(x: torch.Tensor, packed: torch.Tensor, norm_root: torch.Te
     [T, 1] divisor at T > 1: 1,000x slower.)
     """
     denominator = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), norm_root)  # [T, 1]
-    return torch.ops.mkldnn._linear_pointwise(x / denominator, packed, None, "none", [], "")
+    return linear(x / denominator, weight, packed)  # on the packed W' (the dense weight is only linear()'s fallback)
 
 
 class PackableLinear(nn.Module):
@@ -83,7 +85,7 @@ class PackableLinear(nn.Module):
         """x @ weight.T, or rmsnorm(x) @ weight.T when the norm is folded in."""
         if self.norm_root is not None:
             assert self.packed is not None
-            return rms_normed_linear(x, self.packed, self.norm_root)
+            return rms_normed_linear(x, self.weight, self.packed, self.norm_root)
         return linear(x, self.weight, self.packed)
 
     def packed_bytes(self) -> int:
