@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call (under 8 minutes on an H200): gpu-marked tests, each Triton kernel
-# beside torch (scripts/kernel_bench.py), `hexgen bench engine --device cuda` on a random-weight
-# Llama-3-8B-shaped model it builds itself, then `hexgen profile` of the GPU for the planner (not part of the
-# pass / fail: a bonus if time is left).
+# The whole GPU check in one device call (under 8 minutes on an H200, steps cut to a budget of $BUDGET_S s):
+# gpu-marked tests, `hexgen bench engine --device cuda` on a random-weight Llama-3-8B-shaped model it builds
+# itself (kept, with a word-level tokenizer of its vocabulary), `hexgen serve` of that model on the GPU under
+# `hexgen bench serve` at 64 streams x 128 tokens and at 1 stream, each Triton kernel beside torch
+# (scripts/kernel_bench.py), then `hexgen profile` of the GPU for the planner (not part of the pass / fail: a
+# bonus if time is left).
 #
 #   bash scripts/gpu_check.sh --fetch-wheels   here, once: the Python packages the GPU image lacks -> .whl/
 #   bash scripts/gpu_check.sh                  on the GPU machine (carry .whl); tables and logs under $OUT
@@ -29,18 +31,24 @@ fi
 
 PYTHON=python3
 SHAPE=llama-3-8b
+DEVICE=cuda
 BENCH_ARGS=(--device cuda --dtype bfloat16)
-PROFILE_DEVICE=cuda
+SERVE_LOADS=("64 256 128" "1 8 128")  # streams, requests, tokens each: the issue's 64 x 128 target, then latency
 if [[ "${1:-}" == "--dry-run" ]]; then
-    PROFILE_DEVICE=cpu
+    DEVICE=cpu
     PYTHON=.venv/bin/python
     SHAPE=tiny
     BENCH_ARGS=(--device cpu --dtype bfloat16 --batch-sizes 1 4 --new-tokens 4 --repeats 1 --layout 1)
+    SERVE_LOADS=("8 16 16" "1 2 16")
 elif [[ -n "${1:-}" ]]; then
     echo "usage: bash scripts/gpu_check.sh [--fetch-wheels | --dry-run]" >&2
     exit 2
 fi
 OUT="${OUT:-$(mktemp -d)}"
+MODEL_DIR="$(mktemp -d)/random-$SHAPE"  # the engine bench keeps its checkpoint here for the serving step
+BUDGET_S="${BUDGET_S:-500}"  # the device call's timeout_s is 540
+# seconds a step may take: at most $1, leaving $2 for the steps after it (at least 1)
+cap() { local left=$(( BUDGET_S - SECONDS - $2 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD"
 if [[ "${1:-}" != "--dry-run" ]]; then
@@ -60,28 +68,36 @@ print("torch", torch.__version__, "| cuda", torch.cuda.is_available(), "| transf
       "| triton", __import__("triton").__version__ if u.find_spec("triton") else "absent")'
 
 echo "== gpu-marked tests"
-timeout 150 $PYTHON -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 \
+timeout "$(cap 150 300)" $PYTHON -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests 2>&1 \
     | tee "$OUT/pytest-gpu.log" | tail -40
 tests_rc=${PIPESTATUS[0]}
 # A module the GPU image cannot import (e.g. ray's tests) is a collection error, not a failed GPU test.
 tests_failed=$(grep -c '^FAILED' "$OUT/pytest-gpu.log")
 
-echo "== kernels beside torch"
-timeout 60 $PYTHON scripts/kernel_bench.py --markdown "$OUT/kernels.md" 2>&1 | tail -20
-kernels_rc=${PIPESTATUS[0]}
-
 echo "== hexgen bench engine --shape $SHAPE ${BENCH_ARGS[*]}"
-timeout 240 $PYTHON -m hexgen.cli bench engine --shape "$SHAPE" "${BENCH_ARGS[@]}" --markdown "$OUT/bench-engine.md" \
-    > "$OUT/bench-engine.log" 2>&1
+timeout "$(cap 220 110)" $PYTHON -m hexgen.cli bench engine --shape "$SHAPE" "${BENCH_ARGS[@]}" \
+    --save-model "$MODEL_DIR" --markdown "$OUT/bench-engine.md" > "$OUT/bench-engine.log" 2>&1
 bench_rc=$?
 tail -5 "$OUT/bench-engine.log"
 
-echo "== hexgen profile --device $PROFILE_DEVICE (for hexgen plan / simulate; commit as examples/profiles/)"
-timeout 75 $PYTHON -m hexgen.cli profile --device "$PROFILE_DEVICE" -o "$OUT/profile-$PROFILE_DEVICE.yaml" \
-    > "$OUT/profile.log" 2>&1 && cat "$OUT/profile-$PROFILE_DEVICE.yaml" || tail -5 "$OUT/profile.log"
+echo "== hexgen serve --device $DEVICE (random $SHAPE) under hexgen bench serve"
+bash scripts/serve_check.sh "$PYTHON" "$MODEL_DIR" "$DEVICE" "$OUT" "$(cap 110 40)" "${SERVE_LOADS[@]}"
+serve_rc=$?
+rm -rf "$MODEL_DIR"
 
-echo "== results (pytest exit $tests_rc, $tests_failed failed; kernel bench exit $kernels_rc;" \
-    "engine bench exit $bench_rc; files in $OUT)"
-cat "$OUT/kernels.md" 2>/dev/null
+echo "== kernels beside torch"
+timeout "$(cap 45 0)" $PYTHON scripts/kernel_bench.py --markdown "$OUT/kernels.md" 2>&1 | tail -20
+kernels_rc=${PIPESTATUS[0]}
+
+if (( BUDGET_S - SECONDS > 40 )); then
+    echo "== hexgen profile --device $DEVICE (for hexgen plan / simulate; commit as examples/profiles/)"
+    timeout "$(cap 75 0)" $PYTHON -m hexgen.cli profile --device "$DEVICE" -o "$OUT/profile-$DEVICE.yaml" \
+        > "$OUT/profile.log" 2>&1 && cat "$OUT/profile-$DEVICE.yaml" || tail -5 "$OUT/profile.log"
+fi
+
+echo "== results after ${SECONDS} s (pytest exit $tests_rc, $tests_failed failed; engine bench exit $bench_rc;" \
+    "serving exit $serve_rc; kernel bench exit $kernels_rc; files in $OUT)"
 cat "$OUT/bench-engine.md" 2>/dev/null || tail -40 "$OUT/bench-engine.log"
-[[ $tests_failed -eq 0 && $tests_rc -ne 124 && $kernels_rc -eq 0 && $bench_rc -eq 0 ]]
+cat "$OUT/serve.md" 2>/dev/null
+cat "$OUT/kernels.md" 2>/dev/null
+[[ $tests_failed -eq 0 && $tests_rc -ne 124 && $bench_rc -eq 0 && $serve_rc -eq 0 && $kernels_rc -eq 0 ]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from hexgen.errors import UserError
 from hexgen.models import preset_configs
@@ -44,6 +45,9 @@ def register(bench: argparse._SubParsersAction) -> None:
                    help="where both engines run; cuda times decode steps only (one GPU: no multi-process layouts)")
     p.add_argument("--shape", choices=sorted([*preset_configs(), "tiny"]), default=None,
                    help="instead of --model, a random-weight model of this shape, built on --device (no download)")
+    p.add_argument("--save-model", metavar="DIR", default=None,
+                   help="with --shape: keep the random checkpoint (and a word-level tokenizer of its vocabulary) in "
+                   "DIR, a new or empty folder, e.g. to serve it with `hexgen serve --model DIR`")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                    help="decode-step table at these batch sizes beside HF and the bandwidth floor "
                    f"(default: {' '.join(map(str, CUDA_BATCH_SIZES))} on cuda, none on cpu)")
@@ -74,8 +78,9 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     layouts = [parse_layout(t) for t in args.layout] if args.layout else None
     batch_sizes = args.batch_sizes or (list(CUDA_BATCH_SIZES) if args.device == "cuda" else None)
     check_device_flags(args.device, layouts, batch_sizes)
+    check_save_model(args.save_model, args.shape)
     run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown,
-                   args.device, args.shape, batch_sizes)
+                   args.device, args.shape, batch_sizes, args.save_model)
     return 0
 
 
@@ -89,3 +94,13 @@ def check_device_flags(device: str, layouts: list | None, batch_sizes: list[int]
             raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
         if layouts:
             raise UserError("--layout runs on CPU only: with one GPU, multi-process layouts cannot share it")
+
+
+def check_save_model(folder: str | None, shape: str | None) -> None:
+    if folder is None:
+        return
+    if shape is None:
+        raise UserError("--save-model keeps the random checkpoint of --shape; give --shape too")
+    path = Path(folder)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"--save-model {folder}: must be a new or empty folder (it would mix two checkpoints)")

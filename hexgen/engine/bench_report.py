@@ -42,11 +42,15 @@ def run_and_report(
     device: str = "cpu",
     shape: str | None = None,
     batch_sizes: list[int] | None = None,
+    save_model: str | None = None,
 ) -> None:
-    """CPU: single process vs HF, layouts, collectives; `batch_sizes` (always on CUDA): the decode-step table."""
+    """CPU: single process vs HF, layouts, collectives; `batch_sizes` (always on CUDA): the decode-step table.
+    With `shape`, the random checkpoint is built in a scratch folder, or kept in `save_model` (for `hexgen serve`)."""
     with tempfile.TemporaryDirectory(prefix="hexgen-bench-") as scratch:
         if shape:  # built in the first dtype; each run converts it to its own on load
-            source = build_random_checkpoint(shape, DTYPES[dtypes[0]], torch.device(device), Path(scratch))
+            folder = Path(save_model or scratch)
+            folder.mkdir(parents=True, exist_ok=True)
+            source = build_random_checkpoint(shape, DTYPES[dtypes[0]], torch.device(device), folder)
         else:
             source = resolve_model(model)
         console, sections = Console(), [_header(source.name, device, prompt_tokens, new_tokens, repeats)]

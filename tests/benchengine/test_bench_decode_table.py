@@ -8,6 +8,7 @@ from hexgen.engine.bench import BenchConfig
 from hexgen.engine.bench_batch import kv_bytes_read, run_batched, weight_bytes_read
 from hexgen.engine.bench_shapes import build_random_checkpoint
 from hexgen.models import load_model_spec
+from hexgen.tokenizer import Tokenizer
 
 
 def test_llama3_8b_bytes_read_per_decode_step():
@@ -23,6 +24,11 @@ def test_llama3_8b_bytes_read_per_decode_step():
 def test_tiny_shape_runs_end_to_end(tmp_path):
     source = build_random_checkpoint("tiny", torch.float32, torch.device("cpu"), tmp_path)
     assert source.spec.num_layers == 4 and (tmp_path / "config.json").is_file()
+    # its word-level tokenizer covers exactly the model's vocabulary, so `hexgen serve` can serve it
+    tokenizer = Tokenizer(tmp_path)
+    assert tokenizer.vocab_size == source.spec.vocab_size == 1024
+    assert tokenizer.encode("w5 hello w1023") == [5, 0, 1023]
+    assert tokenizer.decode([5, 7, 1023]) == "w5 w7 w1023"
     cfg = BenchConfig(prompt_tokens=8, new_tokens=2, repeats=1, dtype="float32")
     ticks = []
     result = run_batched(source, cfg, torch.device("cpu"), [1, 3], lambda: ticks.append(1))

@@ -79,3 +79,44 @@ def test_real_tokenizer_stop_string(tokenizer):
     ids = tokenizer("Paris is the capital of France. It is big.")["input_ids"]
     stream = TextStream(tokenizer, ("capital of",))
     assert "".join(feed(stream, ids)) == "Paris is the " and stream.stopped
+
+
+class CountingDecoder(ByteDecoder):
+    """Records how many tokens each decode call was given."""
+
+    def __init__(self, pieces: list[bytes]):
+        super().__init__(pieces)
+        self.lengths: list[int] = []
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.lengths.append(len(token_ids))
+        return super().decode(token_ids, skip_special_tokens)
+
+
+def test_each_token_decodes_a_short_window_whatever_the_length():
+    euro = "€".encode()
+    pieces = [b"word ", euro[:1], euro[1:2], euro[2:]]
+    ids = [0, 1, 2, 3] * 500  # 2,000 tokens with characters split over three tokens
+    decoder = CountingDecoder(pieces)
+    stream = TextStream(decoder, ("STOP",))
+    text = "".join(feed(stream, ids)) + stream.finish()
+    assert text == ByteDecoder(pieces).decode(ids)
+    assert max(decoder.lengths) <= 4  # one token of context + an incomplete character's 3 tokens
+
+
+class LeadingSpaceDecoder:
+    """Like SentencePiece: '_' marks a space, and a decoded text never starts with one."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in token_ids).replace("_", " ").lstrip(" ")
+
+
+def test_a_token_that_decodes_differently_at_the_start_keeps_its_space():
+    pieces = ["_The", "_cat", "_sat", ".", "_It", "_pur", "red"]
+    ids = [0, 1, 2, 3, 4, 5, 6]
+    stream = TextStream(LeadingSpaceDecoder(pieces))
+    text = "".join(feed(stream, ids)) + stream.finish()
+    assert text == "The cat sat. It purred"

@@ -87,10 +87,20 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
     (["generate", "--prompt", "hi", "--top-k", "-2"], "hexgen generate: error: --top-k must be >= 0 (0 = off), got -2"),
     (["bench", "engine", "--new-tokens", "1"], "hexgen bench: error: --new-tokens must be >= 2, got 1"),
     (["bench", "engine", "--prompt-tokens", "0"], "hexgen bench: error: --prompt-tokens must be >= 1, got 0"),
+    (["bench", "engine", "--save-model", "/tmp/x"],
+     "hexgen bench: error: --save-model keeps the random checkpoint of --shape; give --shape too"),
 ])
 def test_errors_name_the_flag(args, line, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_save_model_refuses_a_folder_with_files(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["bench", "engine", "--shape", "tiny", "--save-model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"hexgen bench: error: --save-model {tmp_path}: must be a new or empty folder "
+                                       "(it would mix two checkpoints)\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# `hexgen serve` of a checkpoint folder on one device (one replica, one stage, bf16) under closed-loop loads of
+# `hexgen bench serve`; then the server is stopped with everything it started. Used by scripts/gpu_check.sh.
+#
+#   bash scripts/serve_check.sh PYTHON MODEL_DIR DEVICE OUT LIMIT_S "STREAMS REQUESTS TOKENS" ...
+#
+# Writes under OUT: serve.log (the server), serve-<streams>.json / .log (each load) and serve.md (the table).
+# Exit 0 only when the server came up, every load ran without a failed request, and nothing was left behind.
+set -uo pipefail
+if (( $# < 6 )); then
+    echo "usage: bash scripts/serve_check.sh PYTHON MODEL_DIR DEVICE OUT LIMIT_S 'STREAMS REQUESTS TOKENS' ..." >&2
+    exit 2
+fi
+PYTHON=$1 MODEL_DIR=$2 DEVICE=$3 OUT=$4 LIMIT_S=$5
+shift 5
+PORT="${SERVE_PORT:-8311}"
+deadline=$(( SECONDS + LIMIT_S ))
+layers=$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' \
+    "$MODEL_DIR/config.json") || exit 1
+plan="$OUT/plan-one-device.json"
+printf '{"model": "%s", "replicas": [{"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, %d]}]}]}\n' \
+    "$MODEL_DIR" "$layers" > "$plan"
+
+# In its own session, so that whatever is left of it at the end can be stopped as one process group.
+setsid $PYTHON -m hexgen.cli serve --model "$MODEL_DIR" --plan "$plan" --device "$DEVICE" --dtype bfloat16 \
+    --host 127.0.0.1 --port "$PORT" --max-batch 64 --served-model-name random > "$OUT/serve.log" 2>&1 &
+server=$!
+stop_server() {
+    kill -TERM "$server" 2>/dev/null  # the server stops its ranks itself
+    for _ in $(seq 60); do pgrep -g "$server" > /dev/null || break; sleep 0.5; done  # its whole group, 30 s
+    if pgrep -g "$server" > /dev/null; then
+        echo "left behind after the server stopped (killed): $(pgrep -g "$server" | tr '\n' ' ')"
+        pkill -KILL -g "$server"
+        return 1
+    fi
+}
+
+remaining() { echo $(( deadline - SECONDS > 1 ? deadline - SECONDS : 1 )); }
+until grep -q "ready on" "$OUT/serve.log"; do
+    if ! kill -0 "$server" 2>/dev/null || (( SECONDS >= deadline )); then
+        echo "the server did not become ready in ${SECONDS} s:"
+        tail -5 "$OUT/serve.log"
+        stop_server
+        exit 1
+    fi
+    sleep 1
+done
+echo "server ready after ${SECONDS} s"
+
+rc=0
+files=()
+for load in "$@"; do
+    read -r streams requests tokens <<< "$load"
+    echo "-- $streams streams, $requests requests of $tokens tokens"
+    timeout "$(remaining)" $PYTHON -m hexgen.cli bench serve --url "http://127.0.0.1:$PORT/v1" --model random \
+        --concurrency "$streams" --num-requests "$requests" --max-tokens "$tokens" --ignore-eos --warmup 2 \
+        --json "$OUT/serve-$streams.json" > "$OUT/serve-$streams.log" 2>&1 || rc=1
+    grep -E "TTFT|TPOT|ok / failed|output tokens/s" "$OUT/serve-$streams.log" || tail -3 "$OUT/serve-$streams.log"
+    [[ -f "$OUT/serve-$streams.json" ]] && files+=("$OUT/serve-$streams.json")
+done
+stop_server || rc=1
+(( ${#files[@]} == $# )) || rc=1
+(( ${#files[@]} )) || exit 1
+
+# The table (serve.md); exit 1 when a load had a failed request.
+$PYTHON - "$DEVICE" "${files[@]}" > "$OUT/serve.md" <<'EOF' || rc=1
+import json, sys
+
+print(f"`hexgen serve --device {sys.argv[1]} --dtype bfloat16 --max-batch 64` (one replica, one stage) under "
+      "`hexgen bench serve --ignore-eos`\n")
+print("| streams | requests ok / failed | output tok/s | TPOT p50 (ms) | TPOT p90 (ms) | TTFT p50 (ms) |")
+print("|---|---|---|---|---|---|")
+failed = 0
+for path in sys.argv[2:]:
+    document = json.load(open(path))
+    config, summary = document["config"], document["summary"]
+    tpot, ttft = summary["tpot_s"], summary["ttft_s"]
+    ms = lambda value: "-" if value is None else f"{1000 * value:.1f}"  # noqa: E731
+    print(f"| {config['concurrency']} | {summary['completed']} / {summary['failed']} | "
+          f"{summary['output_throughput_tps']:.0f} | {ms(tpot['p50'])} | {ms(tpot['p90'])} | {ms(ttft['p50'])} |")
+    failed += summary["failed"]
+sys.exit(1 if failed else 0)
+EOF
+cat "$OUT/serve.md"
+exit $rc
