@@ -37,3 +37,25 @@ def test_cuda_graphs_match_eager(tiny_model_dirs):
                                                                  enforce_eager=True), device="cuda")
     cpu, _ = run_in_process(source, requests, config)
     assert graphs == eager == cpu
+
+
+def test_cuda_graphs_match_eager_as_sequences_come_and_go(tiny_model_dirs):
+    """Sequences of unequal lengths finish at different steps, so a graph row later holds a shorter sequence's
+    table than before (4-token blocks: wide tables): only the columns the batch fills are copied in, and the
+    tokens still equal the eager run's and the CPU's."""
+    from engine_helpers import random_prompts, run_in_process
+
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.messages import GenerationRequest, SamplingParams
+    from hexgen.engine.scheduler import SchedulerConfig
+
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    prompts = random_prompts(source.spec.vocab_size, [30, 5, 9, 3, 12, 7], seed=3)
+    requests = [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=n, ignore_eos=True))
+                for i, (p, n) in enumerate(zip(prompts, [3, 12, 4, 20, 6, 16], strict=True))]
+    config = SchedulerConfig(max_running_seqs=8, max_context=64, block_size=4)
+    graphs, _ = run_in_process(source, requests, config, device="cuda")
+    eager, _ = run_in_process(source, requests, SchedulerConfig(max_running_seqs=8, max_context=64, block_size=4,
+                                                                 enforce_eager=True), device="cuda")
+    cpu, _ = run_in_process(source, requests, config)
+    assert graphs == eager == cpu
