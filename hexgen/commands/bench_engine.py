@@ -104,3 +104,7 @@ def check_save_model(folder: str | None, shape: str | None) -> None:
     path = Path(folder)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(f"--save-model {folder}: must be a new or empty folder (it would mix two checkpoints)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--save-model {folder}: cannot create the folder ({err.strerror})") from None

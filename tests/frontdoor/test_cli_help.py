@@ -103,6 +103,14 @@ def test_save_model_refuses_a_folder_with_files(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
+def test_save_model_names_a_folder_it_cannot_create(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "engine", "--shape", "tiny", "--save-model", str(tmp_path / "file" / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hexgen bench: error: --save-model {tmp_path}/file/model: cannot create the folder (")
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_prefix_caching_is_on_unless_turned_off(command):
     from hexgen.commands.engine_args import scheduler_config
