@@ -83,7 +83,7 @@ tail -5 "$OUT/bench-engine.log"
 echo "== hexgen serve --device $DEVICE (random $SHAPE) under hexgen bench serve"
 bash scripts/serve_check.sh "$PYTHON" "$MODEL_DIR" "$DEVICE" "$OUT" "$(cap 110 40)" "${SERVE_LOADS[@]}"
 serve_rc=$?
-rm -rf "$MODEL_DIR"
+rm -rf "$(dirname "$MODEL_DIR")"
 
 echo "== kernels beside torch"
 timeout "$(cap 45 0)" $PYTHON scripts/kernel_bench.py --markdown "$OUT/kernels.md" 2>&1 | tail -20
