@@ -48,8 +48,7 @@ def run_and_report(
     With `shape`, the random checkpoint is built in a scratch folder, or kept in `save_model` (for `hexgen serve`)."""
     with tempfile.TemporaryDirectory(prefix="hexgen-bench-") as scratch:
         if shape:  # built in the first dtype; each run converts it to its own on load
-            folder = Path(save_model or scratch)
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = Path(save_model or scratch)  # save_pretrained creates a missing folder
             source = build_random_checkpoint(shape, DTYPES[dtypes[0]], torch.device(device), folder)
         else:
             source = resolve_model(model)
