@@ -10,6 +10,7 @@ kernels (the torch attention path sizes tensors by the batch's contents).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import torch
 
@@ -37,8 +38,9 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(width, dtype=torch.int32, device=device)
         self.query_start = torch.arange(width + 1, dtype=torch.int32, device=device)
         stage.rope.reserve(max_context)  # the tables must not move once graphs point at them
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self._pool = None  # the graphs' shared memory pool, once the first is captured
+        self.replays: dict[int, Callable[[], None]] = {}  # bucket -> replay of its graph
+        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> the static output [bucket, H] its replay fills
         self._capture(device)
 
     def _meta(self, batch: int) -> StepMetadata:
@@ -51,16 +53,22 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self, device: torch.device) -> None:
-        pool = None
         for batch in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
             meta = self._meta(batch)
             self.stage.forward_layers(self.hidden[:batch], meta)  # warm-up: kernel compilation, NCCL set-up
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[batch] = self.stage.forward_layers(self.hidden[:batch], meta)
-            pool = graph.pool()
-            self.graphs[batch] = graph
+            self.replays[batch], self.outputs[batch] = self._record(
+                lambda batch=batch, meta=meta: self.stage.forward_layers(self.hidden[:batch], meta), device
+            )
+
+    def _record(self, run: Callable[[], torch.Tensor], device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
+        """Capture `run` (the layers over the static buffers) into a graph: (its replay, its static output). All
+        graphs share one memory pool, the first (largest) graph's."""
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = run()
+        self._pool = graph.pool()
+        return graph.replay, output  # the bound replay keeps the graph alive
 
     def can_run(self, plan: StepPlan) -> bool:
         return (plan.is_decode_only and plan.num_seqs <= self.buckets[-1]
@@ -84,5 +92,5 @@ class DecodeGraphs:
         self.slot_mapping[:batch].copy_(torch.tensor(slots), non_blocking=True)
         self.context_lens[:batch].copy_(torch.tensor([p + 1 for p in plan.starts] + [0] * pad), non_blocking=True)
         self.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        self.graphs[batch].replay()
+        self.replays[batch]()
         return self.outputs[batch][:n]

@@ -1,0 +1,118 @@
+"""The engine's CUDA path, run on CPU: every Triton kernel under Triton's interpreter, wired together as on a GPU.
+
+On CUDA a decoder layer runs five Triton kernels (fused add + RMSNorm, RoPE + KV write, paged attention, SiLU * up)
+between its projections, reads keys through the block tables instead of gathering them, and decode steps replay
+CUDA graphs over static buffers. Here the same code runs on CPU tensors: `kernel_path` makes the engine take its
+kernel path (no oneDNN packing, no folded norms), and graphs are stood in for by re-running the captured layers
+over the same static buffers at each replay, so everything the graphs' host side does (bucket choice, padding
+rows, block-table columns left over from longer sequences) is checked against the CPU's own gather path. What a
+real graph adds (capture itself, replay of recorded launches) is left to the `gpu` tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+import torch
+from engine_helpers import random_prompts, run_in_process
+
+from hexgen.engine import cuda_graphs
+from hexgen.engine.messages import GenerationRequest, SamplingParams
+from hexgen.engine.scheduler import SchedulerConfig
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or torch.cuda.is_available()
+    or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton's interpreter (TRITON_INTERPRET=1, no GPU visible)",
+)
+
+
+@pytest.fixture(scope="module")
+def two_layer_dir(tmp_path_factory):
+    """A 2-layer GQA Llama (8 heads over 4 KV heads, head_dim 8): the interpreter runs each kernel in Python."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hexgen.engine.checkpoint import resolve_model
+
+    torch.manual_seed(11)
+    config = LlamaConfig(vocab_size=192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+                         initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)  # a wrong norm cannot hide behind all-ones
+    directory = tmp_path_factory.mktemp("two-layer") / "model"
+    model.save_pretrained(directory)
+    return resolve_model(str(directory), progress=False)
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """Route CPU steps through the Triton kernels and the kernel metadata, as on CUDA."""
+    from hexgen.engine import layers, ops, runner, stage
+
+    monkeypatch.setattr(ops, "use_triton", lambda t: True)
+    monkeypatch.setattr(runner, "triton_serves", lambda device: True)
+    monkeypatch.setattr(layers, "packs_for_cpu", lambda weight: False)  # no oneDNN copies, no folded norms
+    monkeypatch.setattr(stage, "packs_for_cpu", lambda weight: False)
+
+
+class EagerReplays(cuda_graphs.DecodeGraphs):
+    """DecodeGraphs whose replay re-runs the captured layers over the static buffers into the static output."""
+
+    replayed: list[int] = []  # bucket of every replay, across instances
+
+    def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
+        output = run()
+        bucket = output.shape[0]
+
+        def replay() -> None:
+            EagerReplays.replayed.append(bucket)
+            output.copy_(run())
+
+        return replay, output
+
+
+def requests_of_unequal_lengths(vocab_size: int) -> list[GenerationRequest]:
+    """Six sequences that finish at different steps: graph rows later hold shorter sequences than before."""
+    prompts = random_prompts(vocab_size, [13, 5, 9, 3, 11, 7], seed=5)
+    return [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts, [3, 9, 4, 12, 6, 2], strict=True))]
+
+
+CONFIG = SchedulerConfig(max_running_seqs=8, max_context=64, block_size=4, max_step_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(two_layer_dir):
+    """The reference: the CPU path (oneDNN projections, folded norms, keys gathered through the block tables)."""
+    return run_in_process(two_layer_dir, requests_of_unequal_lengths(two_layer_dir.spec.vocab_size), CONFIG)
+
+
+def test_kernel_path_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path):
+    """The kernels between the projections and attention through the block tables, eager: the CPU path's greedy
+    tokens and logits, with prefill chunks and decodes mixed (4-token blocks, at most 16 tokens a step)."""
+    requests = requests_of_unequal_lengths(two_layer_dir.spec.vocab_size)
+    tokens, logits = run_in_process(two_layer_dir, requests, replace(CONFIG, enforce_eager=True))
+    cpu_tokens, cpu_logits = cpu_run
+    assert [len(t) for t in tokens.values()] == [r.params.max_new_tokens for r in requests]
+    assert tokens == cpu_tokens
+    for request_id, rows in logits.items():
+        torch.testing.assert_close(rows, cpu_logits[request_id], rtol=1e-4, atol=1e-4)
+
+
+def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch):
+    """Decode steps through DecodeGraphs (static buffers, buckets, padding rows with slot -1, only the filled
+    block-table columns copied), replayed eagerly: the CPU path's tokens, over several buckets as sequences end."""
+    monkeypatch.setattr(cuda_graphs, "DecodeGraphs", EagerReplays)
+    EagerReplays.replayed.clear()
+    tokens, _ = run_in_process(two_layer_dir, requests_of_unequal_lengths(two_layer_dir.spec.vocab_size), CONFIG)
+    assert tokens == cpu_run[0]
+    # six sequences decoding, then fewer as they finish: buckets 8 (6 rows), 4 (4 and 3 rows), 2 and 1
+    assert {8, 4, 2, 1} <= set(EagerReplays.replayed), EagerReplays.replayed
