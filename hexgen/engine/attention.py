@@ -177,9 +177,12 @@ def paged_attention(q: torch.Tensor, pool: LayerPool, meta: StepMetadata, scale:
     if not meta.groups:
         from hexgen.engine import kernels  # Triton: only on CUDA, only when installed
 
+        # decode steps of few sequences over long contexts split each sequence's keys over several programs
+        splits = 1 if meta.max_query_len > 1 else kernels.choose_kv_splits(
+            meta.num_seqs, pool.kv_heads, meta.max_position + 1, q.device)
         return kernels.paged_attention(
             q, *pool.paged(meta.block_size), meta.block_tables, meta.query_start, meta.context_lens,
-            meta.max_query_len, scale,
+            meta.max_query_len, scale, splits,
         )
     if len(meta.groups) == 1:
         return _attend_group(q, pool, meta.groups[0], scale)

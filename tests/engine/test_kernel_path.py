@@ -95,9 +95,15 @@ def cpu_run(two_layer_dir):
     return run_in_process(two_layer_dir, requests_of_unequal_lengths(two_layer_dir.spec.vocab_size), CONFIG)
 
 
-def test_kernel_path_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path):
+@pytest.mark.parametrize("kv_splits", [1, 3])
+def test_kernel_path_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch, kv_splits):
     """The kernels between the projections and attention through the block tables, eager: the CPU path's greedy
-    tokens and logits, with prefill chunks and decodes mixed (4-token blocks, at most 16 tokens a step)."""
+    tokens and logits, with prefill chunks and decodes mixed (4-token blocks, at most 16 tokens a step). Decode
+    steps split each sequence's keys over `kv_splits` programs, as on a GPU when few sequences decode (on CPU the
+    engine picks 1)."""
+    from hexgen.engine import kernels
+
+    monkeypatch.setattr(kernels, "choose_kv_splits", lambda *args: kv_splits)
     requests = requests_of_unequal_lengths(two_layer_dir.spec.vocab_size)
     tokens, logits = run_in_process(two_layer_dir, requests, replace(CONFIG, enforce_eager=True))
     cpu_tokens, cpu_logits = cpu_run

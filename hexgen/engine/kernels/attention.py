@@ -22,6 +22,7 @@ second, small launch merges the ranges by their log-sum-exp. `choose_kv_splits` 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -160,12 +161,17 @@ def _merge_splits_kernel(
              mask=dims < HEAD_DIM)
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_kv_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Key ranges per sequence for a decode step: enough programs for every SM, each range >= 256 keys."""
     if device.type != "cuda":
         return 1
     programs = num_seqs * num_kv_heads
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     wanted = -(-2 * sms // programs)  # about two programs per SM
     return max(1, min(MAX_KV_SPLITS, wanted, max_context_len // SPLIT_MIN_POSITIONS))
 
