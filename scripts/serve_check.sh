@@ -5,6 +5,7 @@
 #   bash scripts/serve_check.sh PYTHON MODEL_DIR DEVICE OUT LIMIT_S "STREAMS REQUESTS TOKENS" ...
 #
 # Writes under OUT: serve.log (the server), serve-<streams>.json / .log (each load) and serve.md (the table).
+# SERVE_ARGS in the environment: more `hexgen serve` flags (e.g. --enforce-eager).
 # Exit 0 only when the server came up, every load ran without a failed request, and nothing was left behind.
 set -uo pipefail
 if (( $# < 6 )); then
@@ -23,7 +24,7 @@ printf '{"model": "%s", "replicas": [{"stages": [{"machine": "localhost", "gpus"
 
 # In its own session, so that whatever is left of it at the end can be stopped as one process group.
 setsid $PYTHON -m hexgen.cli serve --model "$MODEL_DIR" --plan "$plan" --device "$DEVICE" --dtype bfloat16 \
-    --host 127.0.0.1 --port "$PORT" --max-batch 64 --served-model-name random > "$OUT/serve.log" 2>&1 &
+    --host 127.0.0.1 --port "$PORT" --max-batch 64 --served-model-name random ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
 server=$!
 stop_server() {
     kill -TERM "$server" 2>/dev/null  # the server stops its ranks itself

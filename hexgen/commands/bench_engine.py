@@ -51,6 +51,8 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                    help="decode-step table at these batch sizes beside HF and the bandwidth floor "
                    f"(default: {' '.join(map(str, CUDA_BATCH_SIZES))} on cuda, none on cpu)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="cuda: time decode steps without CUDA graphs (what the graphs bring, or when capture fails)")
     p.set_defaults(run=run_engine_bench)
 
 
@@ -80,7 +82,7 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     check_device_flags(args.device, layouts, batch_sizes)
     check_save_model(args.save_model, args.shape)
     run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown,
-                   args.device, args.shape, batch_sizes, args.save_model)
+                   args.device, args.shape, batch_sizes, args.save_model, args.enforce_eager)
     return 0
 
 

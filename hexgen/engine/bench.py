@@ -34,6 +34,7 @@ class BenchConfig:
     repeats: int = 3
     dtype: str = "float32"
     layouts: tuple[tuple[tuple[int, ...], tuple[int, ...] | None], ...] = ()
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps
 
 
 @dataclass(frozen=True)

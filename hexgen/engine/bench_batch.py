@@ -42,6 +42,7 @@ class BatchedResult:
     copy_gbps: float  # bytes read + written per second by a device-to-device copy, in GB/s
     weight_bytes_read: int  # per decode step
     rows: list[StepTiming]
+    engine_mode: str = ""  # how hexgen ran its decode steps, e.g. "CUDA graphs, Triton kernels"
 
 
 def synchronize(device: torch.device) -> None:
@@ -156,7 +157,7 @@ def run_batched(
         torch.cuda.empty_cache()
 
     context = cfg.prompt_tokens + cfg.new_tokens + 64  # covers prefill, the timed steps and the profiled ones
-    config = SchedulerConfig(max_running_seqs=max(batches), max_context=context + 64)
+    config = SchedulerConfig(max_running_seqs=max(batches), max_context=context + 64, enforce_eager=cfg.enforce_eager)
     single = HexgenSingle(source, cfg.dtype, device.type, config)
     hexgen_decode(single.engine, ids, 2, 2, device, spec.num_layers)  # warm-up: allocations, kernel compiles
     rows = []
@@ -166,4 +167,12 @@ def run_batched(
         floor_bytes = weight_bytes_read(spec, dtype_bytes) + kv_bytes_read(spec, dtype_bytes, batch, mean_context)
         rows.append(StepTiming(batch, 1000 * step_s, 1000 * hf_s[batch], 1000 * floor_bytes / (bandwidth * 1e9), ops))
         progress()
-    return BatchedResult(device_name(device), bandwidth, weight_bytes_read(spec, dtype_bytes), rows)
+    return BatchedResult(device_name(device), bandwidth, weight_bytes_read(spec, dtype_bytes), rows,
+                         engine_mode(single.engine))
+
+
+def engine_mode(engine: Engine) -> str:
+    """How an engine runs its decode steps: graphs or eager; Triton kernels or torch ops."""
+    runner = engine.runner
+    steps = "CUDA graphs" if runner.graphs is not None else "eager"
+    return f"{steps}, {'Triton kernels' if runner.use_kernel else 'torch ops'}"

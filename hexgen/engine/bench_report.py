@@ -43,6 +43,7 @@ def run_and_report(
     shape: str | None = None,
     batch_sizes: list[int] | None = None,
     save_model: str | None = None,
+    enforce_eager: bool = False,
 ) -> None:
     """CPU: single process vs HF, layouts, collectives; `batch_sizes` (always on CUDA): the decode-step table.
     With `shape`, the random checkpoint is built in a scratch folder, or kept in `save_model` (for `hexgen serve`)."""
@@ -54,7 +55,7 @@ def run_and_report(
             source = resolve_model(model)
         console, sections = Console(), [_header(source.name, device, prompt_tokens, new_tokens, repeats)]
         for dtype in dtypes:
-            cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts or ()))
+            cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts or ()), enforce_eager)
             tables = [] if device == "cuda" else _cpu_tables(source, cfg, layouts)
             if batch_sizes:
                 tables.append(_batched_table(dtype, _run_batched(source, cfg, device, batch_sizes)))
@@ -110,7 +111,8 @@ def _batched_table(dtype: str, result: BatchedResult) -> Table:
     ops = "kernels" if result.device_name != "CPU" else "torch ops"
     weights_gb = result.weight_bytes_read / 1e9
     table = Table(
-        title=f"{dtype} on {result.device_name}: decode steps (batch 1: ms/token); floor = {weights_gb:.3g} GB of "
+        title=f"{dtype} on {result.device_name}, hexgen {result.engine_mode}: decode steps (batch 1: ms/token); "
+        f"floor = {weights_gb:.3g} GB of "
         f"weights + the KV cache, read at {result.copy_gbps:.0f} GB/s (measured copy, read + write)"
     )
     columns = ("batch", "hexgen ms/step", "hexgen tok/s", "HF ms/step", "HF tok/s", "floor ms/step",

@@ -36,3 +36,26 @@ def test_tiny_shape_runs_end_to_end(tmp_path):
     assert result.copy_gbps > 0 and result.weight_bytes_read == weight_bytes_read(source.spec, 4)
     for row in result.rows:
         assert row.hexgen_ms > 0 and row.floor_ms > 0 and row.hexgen_ops_per_layer > 0
+    assert result.engine_mode == "eager, torch ops"  # CPU: no graphs, no Triton (the table's title says so)
+
+
+def test_hexgen_triton_0_keeps_cuda_on_torch_ops(monkeypatch):
+    """HEXGEN_TRITON=0 turns the kernels off on a machine where they would run (CUDA visible, triton importable):
+    the fallback scripts/gpu_check.sh takes when a kernel fails on the GPU."""
+    import importlib.util
+
+    import pytest
+
+    from hexgen.engine import kernels
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for setting, expected in (("1", True), ("0", False), (None, True)):
+        if setting is None:
+            monkeypatch.delenv("HEXGEN_TRITON", raising=False)
+        else:
+            monkeypatch.setenv("HEXGEN_TRITON", setting)
+        kernels.available.cache_clear()
+        assert kernels.available() is expected, setting
+    kernels.available.cache_clear()
