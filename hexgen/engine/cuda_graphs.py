@@ -93,4 +93,6 @@ class DecodeGraphs:
         self.context_lens[:batch].copy_(torch.tensor([p + 1 for p in plan.starts] + [0] * pad), non_blocking=True)
         self.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         self.replays[batch]()
-        return self.outputs[batch][:n]
+        # A copy, not a view of the static output: the next replay overwrites that, and on a pipeline the send of
+        # this step's activations to the next stage (asynchronous, on NCCL's stream) may still be reading it.
+        return self.outputs[batch][:n].clone()

@@ -67,6 +67,13 @@ class EagerReplays(cuda_graphs.DecodeGraphs):
     """DecodeGraphs whose replay re-runs the captured layers over the static buffers into the static output."""
 
     replayed: list[int] = []  # bucket of every replay, across instances
+    aliased = 0  # outputs returned that share memory with a static output (the next replay would overwrite them)
+
+    def run(self, plan, hidden: torch.Tensor) -> torch.Tensor:
+        out = super().run(plan, hidden)
+        static = {o.untyped_storage().data_ptr() for o in self.outputs.values()}
+        EagerReplays.aliased += out.untyped_storage().data_ptr() in static
+        return out
 
     def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
         output = run()
@@ -115,10 +122,14 @@ def test_kernel_path_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_p
 
 def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch):
     """Decode steps through DecodeGraphs (static buffers, buckets, padding rows with slot -1, only the filled
-    block-table columns copied), replayed eagerly: the CPU path's tokens, over several buckets as sequences end."""
+    block-table columns copied), replayed eagerly: the CPU path's tokens, over several buckets as sequences end;
+    and no step's output is a view of a graph's static output."""
     monkeypatch.setattr(cuda_graphs, "DecodeGraphs", EagerReplays)
     EagerReplays.replayed.clear()
+    EagerReplays.aliased = 0
     tokens, _ = run_in_process(two_layer_dir, requests_of_unequal_lengths(two_layer_dir.spec.vocab_size), CONFIG)
     assert tokens == cpu_run[0]
     # six sequences decoding, then fewer as they finish: buckets 8 (6 rows), 4 (4 and 3 rows), 2 and 1
     assert {8, 4, 2, 1} <= set(EagerReplays.replayed), EagerReplays.replayed
+    # what a step returns is its own: a pipeline stage's asynchronous send of it may outlast the next replay
+    assert EagerReplays.aliased == 0
