@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 
 
-def cpu_description() -> str:
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
     model, flags = platform.processor() or "unknown CPU", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -17,5 +17,21 @@ def cpu_description() -> str:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
+    return model, flags
+
+
+def cpu_description() -> str:
+    model, flags = _cpu_model_and_flags()
     vector = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags]
     return f"{model} ({', '.join(vector) or 'no AVX'}), {os.cpu_count()} cores"
+
+
+def cpu_lacks_bf16_matmul() -> bool:
+    """Whether this x86 CPU lacks what oneDNN's bf16 matrix products need (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or
+    AMX): torch then multiplies bf16 on a slow generic path. False where /proc/cpuinfo says nothing (not x86
+    Linux): no claim either way."""
+    _, flags = _cpu_model_and_flags()
+    if not flags or "avx2" not in flags:
+        return False
+    avx512 = {"avx512bw", "avx512vl", "avx512dq"} <= flags
+    return not (avx512 or "avx_ne_convert" in flags or "amx_bf16" in flags)
