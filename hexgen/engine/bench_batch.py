@@ -1,7 +1,8 @@
 """Decode steps at several batch sizes on one device: hexgen beside HF, the bandwidth floor, kernels per layer.
 
 For a batch of B identical prompts, every sequence is prefilled first; then decode steps are timed while
-all B sequences decode, and a few more run under torch.profiler to count what each step launches. HF
+all B sequences decode, and a few more run under torch.profiler: what each step launches, how long the device
+is busy, and which kernels take the time. HF
 `generate` runs the same batch (decode time = (time of n + 1 tokens - time of 1 token) / n). The floor is
 the bytes one decode step must read (every weight except an untied embedding table, which is only
 gathered, plus each sequence's cached keys and values) over the device's measured copy bandwidth.
@@ -24,6 +25,26 @@ from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.models import ModelSpec
 
 PROFILED_STEPS = 3
+TOP_KERNELS = 8  # kernels (ops) listed per profiled batch size
+NAME_CHARS = 70  # kernel names are cut to this many characters (templated GEMM names run to hundreds)
+
+
+@dataclass(frozen=True)
+class KernelShare:
+    """One kernel (CUDA) or top-level torch op (CPU) name's share of a decode step."""
+
+    name: str
+    ms_per_step: float
+    calls_per_step: float
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """What torch.profiler saw over some decode steps, per step."""
+
+    ops: float  # CUDA: kernels launched (copies and memsets not counted); CPU: top-level torch ops
+    busy_ms: float  # their summed durations: the device's busy time (CUDA) or the time inside torch ops (CPU)
+    largest: list[KernelShare]  # the TOP_KERNELS names with the most time, largest first
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,8 @@ class StepTiming:
     floor_ms: float
     hexgen_ops_per_layer: float  # per step / layers, embedding, head and sampling included. CUDA: kernels;
     # CPU: top-level torch ops
+    busy_ms: float = 0.0  # per step: see StepProfile.busy_ms
+    largest: tuple[KernelShare, ...] = ()  # per step: see StepProfile.largest
 
 
 @dataclass(frozen=True)
@@ -78,24 +101,35 @@ def kv_bytes_read(spec: ModelSpec, dtype_bytes: int, batch: int, context: int) -
     return batch * context * spec.num_layers * spec.kv_bytes_per_token(dtype_bytes)
 
 
-def count_ops(run, device: torch.device) -> int:
-    """Kernels `run()` launches on CUDA (copies and memsets not counted); top-level torch ops on CPU."""
+def profile_steps(run, device: torch.device, steps: int) -> StepProfile:
+    """Profile `run()` (which runs `steps` decode steps): kernels on CUDA (copies and memsets not counted),
+    top-level torch ops on CPU; counts and times per step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run()
         synchronize(device)
     events = prof.events()
     if device.type == "cuda":
-        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.name.startswith(("Memcpy", "Memset")))
-    return sum(
-        1 for e in events
-        if e.name.startswith("aten::") and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))
+        chosen = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not e.name.startswith(("Memcpy", "Memset"))]
+    else:  # the ops called from Python (aten and mkldnn alike), not what they call
+        chosen = [e for e in events if e.cpu_parent is None]
+    by_name: dict[str, list[float]] = {}  # name -> [microseconds, calls]
+    for event in chosen:
+        totals = by_name.setdefault(event.name[:NAME_CHARS], [0.0, 0])
+        totals[0] += event.time_range.elapsed_us()
+        totals[1] += 1
+    largest = sorted(by_name.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+    return StepProfile(
+        ops=len(chosen) / steps,
+        busy_ms=sum(us for us, _ in by_name.values()) / steps / 1000,
+        largest=[KernelShare(name, us / steps / 1000, calls / steps) for name, (us, calls) in largest],
     )
 
 
-def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device, layers: int):
-    """(median seconds of a decode step with `batch` sequences decoding, ops per layer per step)."""
+def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device
+                  ) -> tuple[float, StepProfile]:
+    """(median seconds of a decode step with `batch` sequences decoding, a profile of a few more steps)."""
     prefill_steps = -(-batch * len(ids) // engine.scheduler.config.max_step_tokens) + 1  # chunked prefill, at most
     params = SamplingParams(max_new_tokens=prefill_steps + steps + PROFILED_STEPS + 2, ignore_eos=True)
     request_ids = [f"b{batch}-{i}" for i in range(batch)]
@@ -115,12 +149,12 @@ def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device
         engine.step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    ops = count_ops(lambda: [engine.step() for _ in range(PROFILED_STEPS)], device)
+    profiled = profile_steps(lambda: [engine.step() for _ in range(PROFILED_STEPS)], device, PROFILED_STEPS)
     for request_id in request_ids:
         engine.abort(request_id)
     while engine.has_work:
         engine.step()
-    return statistics.median(times), ops / PROFILED_STEPS / layers
+    return statistics.median(times), profiled
 
 
 def hf_decode(hf: HFGenerate, ids: list[int], batch: int, steps: int, repeats: int, device: torch.device) -> float:
@@ -159,13 +193,14 @@ def run_batched(
     context = cfg.prompt_tokens + cfg.new_tokens + 64  # covers prefill, the timed steps and the profiled ones
     config = SchedulerConfig(max_running_seqs=max(batches), max_context=context + 64, enforce_eager=cfg.enforce_eager)
     single = HexgenSingle(source, cfg.dtype, device.type, config)
-    hexgen_decode(single.engine, ids, 2, 2, device, spec.num_layers)  # warm-up: allocations, kernel compiles
+    hexgen_decode(single.engine, ids, 2, 2, device)  # warm-up: allocations, kernel compiles
     rows = []
     for batch in batches:
-        step_s, ops = hexgen_decode(single.engine, ids, batch, cfg.new_tokens, device, spec.num_layers)
+        step_s, profiled = hexgen_decode(single.engine, ids, batch, cfg.new_tokens, device)
         mean_context = cfg.prompt_tokens + cfg.new_tokens // 2
         floor_bytes = weight_bytes_read(spec, dtype_bytes) + kv_bytes_read(spec, dtype_bytes, batch, mean_context)
-        rows.append(StepTiming(batch, 1000 * step_s, 1000 * hf_s[batch], 1000 * floor_bytes / (bandwidth * 1e9), ops))
+        rows.append(StepTiming(batch, 1000 * step_s, 1000 * hf_s[batch], 1000 * floor_bytes / (bandwidth * 1e9),
+                               profiled.ops / spec.num_layers, profiled.busy_ms, tuple(profiled.largest)))
         progress()
     return BatchedResult(device_name(device), bandwidth, weight_bytes_read(spec, dtype_bytes), rows,
                          engine_mode(single.engine))

@@ -58,7 +58,8 @@ def run_and_report(
             cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts or ()), enforce_eager)
             tables = [] if device == "cuda" else _cpu_tables(source, cfg, layouts)
             if batch_sizes:
-                tables.append(_batched_table(dtype, _run_batched(source, cfg, device, batch_sizes)))
+                batched = _run_batched(source, cfg, device, batch_sizes)
+                tables += [_batched_table(dtype, batched), _largest_kernels_table(dtype, batched)]
             for table in tables:
                 console.print(table)
                 sections.append(_markdown(table))
@@ -115,16 +116,32 @@ def _batched_table(dtype: str, result: BatchedResult) -> Table:
         f"floor = {weights_gb:.3g} GB of "
         f"weights + the KV cache, read at {result.copy_gbps:.0f} GB/s (measured copy, read + write)"
     )
+    busy = "hexgen GPU busy ms/step" if result.device_name != "CPU" else "hexgen ms in torch ops / step"
     columns = ("batch", "hexgen ms/step", "hexgen tok/s", "HF ms/step", "HF tok/s", "floor ms/step",
-               "hexgen / floor", f"hexgen {ops} / layer / step")
+               "hexgen / floor", f"hexgen {ops} / layer / step", busy)
     for col in columns:
         table.add_column(col, justify="right")
     for row in result.rows:
         table.add_row(
             str(row.batch), f"{row.hexgen_ms:.2f}", f"{1000 * row.batch / row.hexgen_ms:.0f}", f"{row.hf_ms:.2f}",
             f"{1000 * row.batch / row.hf_ms:.0f}", f"{row.floor_ms:.2f}", f"{row.hexgen_ms / row.floor_ms:.1f}x",
-            f"{row.hexgen_ops_per_layer:.1f}",
+            f"{row.hexgen_ops_per_layer:.1f}", f"{row.busy_ms:.2f}",
         )
+    return table
+
+
+def _largest_kernels_table(dtype: str, result: BatchedResult) -> Table:
+    """Where a decode step's time goes, at the smallest and the largest batch timed."""
+    what = "kernels" if result.device_name != "CPU" else "top-level torch ops"
+    table = Table(title=f"{dtype} on {result.device_name}, hexgen {result.engine_mode}: the {what} with the most "
+                  "time in a decode step (torch.profiler over a few steps; times inclusive of what they call)")
+    for col in ("batch", "name", "ms / step", "calls / step", "share of the step"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    rows = result.rows if len(result.rows) < 3 else [result.rows[0], result.rows[-1]]
+    for row in rows:
+        for share in row.largest:
+            table.add_row(str(row.batch), share.name, f"{share.ms_per_step:.3f}", f"{share.calls_per_step:.0f}",
+                          f"{100 * share.ms_per_step / row.hexgen_ms:.0f}%")
     return table
 
 
