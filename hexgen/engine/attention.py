@@ -23,13 +23,14 @@ from hexgen.engine.messages import StepPlan
 class GatherGroup:
     """Sequences that the gather path attends in one SDPA call: a step's decodes, or its prefill chunks.
 
-    Keys are gathered through the block tables into [b, K]; queries of chunks are padded to [b, Q]. Decodes and
+    Keys are gathered through the block tables, whole blocks at a time, into [b, K] (K = max_blocks * block_size);
+    queries of chunks are padded to [b, Q]. Decodes and
     chunks go in separate groups so that a step mixing 15 decodes with one 35-token chunk pads 15 + 35 queries,
     not 16 x 35 (measured on the 2-core EPYC, SmolLM2-135M: such a step's attention 33 -> 13 ms).
     """
 
     rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
-    gather_index: torch.Tensor  # [b * K] int64 flat slots of every key, sequence by sequence
+    block_index: torch.Tensor  # [b * max_blocks] int64: every sequence's block table, padded with block 0
     mask: torch.Tensor  # [b, 1, Q, K] additive: 0 where a (padded) query sees a key, else -inf
     query_index: torch.Tensor | None  # [n] int64: each token's row in the padded [b * Q] queries; None when Q == 1
     num_seqs: int
@@ -44,15 +45,17 @@ class LayerPool:
     k and v (adjacent in the qkv projection's output) and one index_select gather both: on the 2-core EPYC, alone,
     the gather and SDPA of a decode layer take 58 µs instead of 67 at batch 1 and 368 instead of 416 at batch 16;
     inside a decode step (SmolLM2, 128-token prompts) RoPE, KV write and attention 18.0 -> 17.8 ms at batch 16.
-    The Triton kernels take keys and values as strided views (`paged`)."""
+    The gather path copies whole blocks (one row of `blocks` each), not slot by slot: SmolLM2 on the 2-core EPYC,
+    a decode step at batch 16 75.7-76.7 -> 72.1-76.1 ms, at batch 1 33.7-36.4 -> 33.6-34.6 (three runs each way,
+    alternating), and the step's gather index is its block tables as they are. The Triton kernels take keys and values as strided views (`paged`)."""
 
     entries: torch.Tensor  # [slots, 2 kv_heads, d]
-    rows: torch.Tensor  # the same memory as [slots, 2 kv_heads * d] (the gather path selects whole rows)
+    blocks: torch.Tensor  # the same memory as [blocks, block_size * 2 kv_heads * d] (the gather path's rows)
 
     @staticmethod
-    def of(pool: torch.Tensor) -> LayerPool:
+    def of(pool: torch.Tensor, block_size: int) -> LayerPool:
         """Views of a layer's pool [slots, 2, kv_heads, d] (keys, then values, of each slot)."""
-        return LayerPool(pool.flatten(1, 2), pool.flatten(1))
+        return LayerPool(pool.flatten(1, 2), pool.view(pool.shape[0] // block_size, -1))
 
     @property
     def kv_heads(self) -> int:
@@ -134,7 +137,7 @@ def _gather_group(
                                  for b in members], dtype=torch.int64)
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
-    gather_index, allowed = _gather_layout(block_tables, context, lengths_t, q_max, block_size)
+    allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)
     # An additive mask: SDPA's CPU kernel runs up to twice as fast with it as with a boolean one.
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     query_index = None
@@ -145,25 +148,21 @@ def _gather_group(
     def to(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
-    return GatherGroup(rows=None if rows is None else to(rows), gather_index=to(gather_index), mask=to(mask),
+    return GatherGroup(rows=None if rows is None else to(rows), block_index=to(block_tables.view(-1)), mask=to(mask),
                        query_index=None if query_index is None else to(query_index), num_seqs=len(members),
                        max_query_len=q_max)
 
 
-def _gather_layout(
-    block_tables: torch.Tensor, context: torch.Tensor, lengths: torch.Tensor, q_max: int, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat slots of every key position [B * K] and the boolean mask [B, 1, Q, K] of the gather path."""
-    batch, max_blocks = block_tables.shape
-    offsets = torch.arange(block_size)
-    gather_index = (block_tables.unsqueeze(-1) * block_size + offsets).view(batch * max_blocks * block_size)
-    key_pos = torch.arange(max_blocks * block_size)  # [K]
+def _gather_mask(keys: int, context: torch.Tensor, lengths: torch.Tensor, q_max: int) -> torch.Tensor:
+    """The boolean mask [B, 1, Q, K] of the gather path: which of its `keys` gathered positions each (padded)
+    query sees."""
+    key_pos = torch.arange(keys)  # [K]
     q_row = torch.arange(q_max)  # [Q]
     query_pos = (context - lengths).unsqueeze(1) + q_row  # [B, Q]
     mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # causal, and never past the context
     padded = q_row.unsqueeze(0) >= lengths.unsqueeze(1)  # [B, Q] rows with no token: see key 0 only (no NaN)
     mask = mask & ~padded.unsqueeze(-1) | (padded.unsqueeze(-1) & (key_pos == 0))
-    return gather_index, mask.unsqueeze(1)
+    return mask.unsqueeze(1)
 
 
 def write_kv(pool: LayerPool, kv: torch.Tensor, meta: StepMetadata) -> None:
@@ -198,9 +197,9 @@ def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: f
     batch, q_max = group.num_seqs, group.max_query_len
     heads, head_dim = q.shape[1:]
     kv_heads = pool.kv_heads
-    # one index_select over whole [slot, 2 kv_heads * d] rows: an order of magnitude faster on CPU than advanced
-    # indexing; keys and values are then strided views of the gathered rows
-    gathered = pool.rows.index_select(0, group.gather_index).view(batch, -1, 2, kv_heads, head_dim)
+    # one index_select over whole blocks: an order of magnitude faster on CPU than advanced indexing; keys and
+    # values are then strided views of the gathered rows
+    gathered = pool.blocks.index_select(0, group.block_index).view(batch, -1, 2, kv_heads, head_dim)
     keys, values = gathered[:, :, 0], gathered[:, :, 1]  # [b, K, kv_heads, d] each
     if group.query_index is None:  # every sequence brings one token
         # each KV head's query heads (heads i*g .. i*g+g-1 share KV head i) attend as g query rows of that head:

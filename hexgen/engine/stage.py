@@ -69,7 +69,7 @@ class LlamaStage(nn.Module):
         device = next(self.parameters()).device
         shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads_local, self.spec.head_dim)
         self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=device)
-        self.layer_pools = [LayerPool.of(layer_pool) for layer_pool in self.kv_pool]
+        self.layer_pools = [LayerPool.of(layer_pool, block_size) for layer_pool in self.kv_pool]
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, progress=None) -> None:

@@ -69,8 +69,8 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
     assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
-    write_kv(LayerPool.of(pool), torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
-    ours = paged_attention(q, LayerPool.of(pool), meta, d**-0.5)
+    write_kv(LayerPool.of(pool, block_size), torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
+    ours = paged_attention(q, LayerPool.of(pool, block_size), meta, d**-0.5)
     torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
 
 
