@@ -42,8 +42,8 @@ def check_engine_args(args: argparse.Namespace) -> None:
         print(BF16_SLOW_NOTE, file=sys.stderr)
 
 
-# Measured on a 2-core AVX2 EPYC, SmolLM2-135M (README, "Engine"): bf16 decoded one sequence 1.16x faster than fp32
-# (half the bytes to read) but batches of 16 3.3x slower and prefill 6x slower.
+# Measured on a 2-core AVX2 EPYC, SmolLM2-135M (README, "Engine"): bf16 decoded one sequence 1.16-1.28x faster than fp32
+# (half the bytes to read) but batches of 16 3.3-3.5x slower and prefill 6x slower.
 BF16_SLOW_NOTE = ("hexgen: note: --dtype bfloat16 on a CPU without bf16 matrix arithmetic (no AVX-512 BW/VL/DQ, "
                   "AVX-NE-CONVERT or AMX): one sequence decodes a little faster than float32, but batches and "
                   "prompts run 3-6x slower; --dtype float32 serves more")

@@ -47,7 +47,8 @@ class LayerPool:
     inside a decode step (SmolLM2, 128-token prompts) RoPE, KV write and attention 18.0 -> 17.8 ms at batch 16.
     The gather path copies whole blocks (one row of `blocks` each), not slot by slot: SmolLM2 on the 2-core EPYC,
     a decode step at batch 16 75.7-76.7 -> 72.1-76.1 ms, at batch 1 33.7-36.4 -> 33.6-34.6 (three runs each way,
-    alternating), and the step's gather index is its block tables as they are. The Triton kernels take keys and values as strided views (`paged`)."""
+    alternating), and the step's gather index is its block tables as they are. The Triton kernels take keys and
+    values as strided views (`paged`)."""
 
     entries: torch.Tensor  # [slots, 2 kv_heads, d]
     blocks: torch.Tensor  # the same memory as [blocks, block_size * 2 kv_heads * d] (the gather path's rows)
