@@ -44,7 +44,7 @@ class StepProfile:
 
     ops: float  # CUDA: kernels launched (copies and memsets not counted); CPU: top-level torch ops
     busy_ms: float  # their summed durations: the device's busy time (CUDA) or the time inside torch ops (CPU)
-    largest: list[KernelShare]  # the TOP_KERNELS names with the most time, largest first
+    largest: tuple[KernelShare, ...]  # the TOP_KERNELS names with the most time, largest first
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,7 @@ class StepTiming:
     floor_ms: float
     hexgen_ops_per_layer: float  # per step / layers, embedding, head and sampling included. CUDA: kernels;
     # CPU: top-level torch ops
-    busy_ms: float = 0.0  # per step: see StepProfile.busy_ms
-    largest: tuple[KernelShare, ...] = ()  # per step: see StepProfile.largest
+    profile: StepProfile  # torch.profiler over a few more steps of the same batch
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def profile_steps(run, device: torch.device, steps: int) -> StepProfile:
     return StepProfile(
         ops=len(chosen) / steps,
         busy_ms=sum(us for us, _ in by_name.values()) / steps / 1000,
-        largest=[KernelShare(name, us / steps / 1000, calls / steps) for name, (us, calls) in largest],
+        largest=tuple(KernelShare(name, us / steps / 1000, calls / steps) for name, (us, calls) in largest),
     )
 
 
@@ -200,7 +199,7 @@ def run_batched(
         mean_context = cfg.prompt_tokens + cfg.new_tokens // 2
         floor_bytes = weight_bytes_read(spec, dtype_bytes) + kv_bytes_read(spec, dtype_bytes, batch, mean_context)
         rows.append(StepTiming(batch, 1000 * step_s, 1000 * hf_s[batch], 1000 * floor_bytes / (bandwidth * 1e9),
-                               profiled.ops / spec.num_layers, profiled.busy_ms, tuple(profiled.largest)))
+                               profiled.ops / spec.num_layers, profiled))
         progress()
     return BatchedResult(device_name(device), bandwidth, weight_bytes_read(spec, dtype_bytes), rows,
                          engine_mode(single.engine))

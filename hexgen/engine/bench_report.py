@@ -125,7 +125,7 @@ def _batched_table(dtype: str, result: BatchedResult) -> Table:
         table.add_row(
             str(row.batch), f"{row.hexgen_ms:.2f}", f"{1000 * row.batch / row.hexgen_ms:.0f}", f"{row.hf_ms:.2f}",
             f"{1000 * row.batch / row.hf_ms:.0f}", f"{row.floor_ms:.2f}", f"{row.hexgen_ms / row.floor_ms:.1f}x",
-            f"{row.hexgen_ops_per_layer:.1f}", f"{row.busy_ms:.2f}",
+            f"{row.hexgen_ops_per_layer:.1f}", f"{row.profile.busy_ms:.2f}",
         )
     return table
 
@@ -139,7 +139,7 @@ def _largest_kernels_table(dtype: str, result: BatchedResult) -> Table:
         table.add_column(col, justify="left" if col == "name" else "right")
     rows = result.rows if len(result.rows) < 3 else [result.rows[0], result.rows[-1]]
     for row in rows:
-        for share in row.largest:
+        for share in row.profile.largest:
             table.add_row(str(row.batch), share.name, f"{share.ms_per_step:.3f}", f"{share.calls_per_step:.0f}",
                           f"{100 * share.ms_per_step / row.hexgen_ms:.0f}%")
     return table

@@ -38,9 +38,9 @@ def test_tiny_shape_runs_end_to_end(tmp_path):
         assert row.hexgen_ms > 0 and row.floor_ms > 0 and row.hexgen_ops_per_layer > 0
     assert result.engine_mode == "eager, torch ops"  # CPU: no graphs, no Triton (the table's title says so)
     for row in result.rows:  # where a step's time goes: the linear layers' oneDNN products are among the largest
-        shares = [share.ms_per_step for share in row.largest]
-        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= row.busy_ms + 1e-9
-        by_name = {share.name: share for share in row.largest}
+        shares = [share.ms_per_step for share in row.profile.largest]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= row.profile.busy_ms + 1e-9
+        by_name = {share.name: share for share in row.profile.largest}
         # 4 layers x (qkv, o, gate_up, down) + the LM head, in each step
         assert by_name["mkldnn::_linear_pointwise"].calls_per_step == 4 * 4 + 1
 
