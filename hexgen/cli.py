@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from importlib.metadata import metadata, version
+from importlib.metadata import PackageNotFoundError, metadata, version
 
 from hexgen.commands import COMMANDS
 from hexgen.errors import UserError
@@ -37,9 +37,21 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _summary_and_version() -> tuple[str, str]:
+    """hexgen's one-line description and version from its package metadata; a source checkout on PYTHONPATH
+    that was never installed (as on the GPU machine, whose image has its own torch) has none."""
+    try:
+        return metadata("hexgen")["Summary"], version("hexgen")
+    except PackageNotFoundError:
+        import hexgen
+
+        return (hexgen.__doc__ or "hexgen").strip(), "(source checkout, not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="hexgen", description=metadata("hexgen")["Summary"])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('hexgen')}")
+    summary, installed_version = _summary_and_version()
+    parser = Parser(prog="hexgen", description=summary)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)

@@ -12,15 +12,16 @@
 #   bash scripts/gpu_check.sh --dry-run        here, on CPU: the same steps on a tiny shape, in about a minute
 #
 # The GPU image has its own torch, transformers and triton (see ../shared/reference/gpu-h200.md): the
-# checkout goes on PYTHONPATH, hexgen is installed without its pinned dependencies (only for its metadata),
-# and only the packages the image lacks travel, as wheels. Device call: carry [".whl"], timeout_s 540.
+# checkout goes on PYTHONPATH, never installed (the image may lack setuptools; the CLI runs without package
+# metadata), and only the packages the image lacks travel, as wheels. Device call: carry [".whl"], timeout_s 540.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # Pinned as in pyproject.toml / the venv; --no-deps, so every missing dependency is named.
 WHEELS="pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
   typing-extensions==4.16.0 fastapi==0.165.0 starlette==1.10.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2
-  uvicorn==0.54.0 gguf==0.19.0 pyzmq==27.3.0"
+  uvicorn==0.54.0 gguf==0.19.0 pyzmq==27.3.0
+  click==8.5.1 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 Pygments==2.21.0"  # the last five: in case the image lacks them
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -58,8 +59,6 @@ if [[ "${1:-}" != "--dry-run" ]]; then
             .whl/*.whl || exit 1
         export PYTHONPATH="/tmp/site:$PWD"
     fi
-    # The CLI reads hexgen's package metadata (--version, description); pins are for the CPU machines: no deps.
-    $PYTHON -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 fi
 
 echo "== machine"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import tomllib
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,24 @@ def test_version_is_the_packaged_one(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"hexgen {tomllib.loads(PYPROJECT.read_text())['project']['version']}\n"
+
+
+def test_a_source_checkout_without_package_metadata_still_runs(monkeypatch, capsys):
+    """The GPU machine runs the checkout from PYTHONPATH, never installed: no metadata must not break the CLI."""
+    import hexgen.cli
+
+    def absent(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(hexgen.cli, "metadata", absent)
+    monkeypatch.setattr(hexgen.cli, "version", absent)
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == "hexgen (source checkout, not installed)\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "heterogeneous GPUs" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("command", "flag", "shown"), [
