@@ -69,16 +69,22 @@ import json, sys
 
 print(f"`hexgen serve --device {sys.argv[1]} --dtype bfloat16 --max-batch 64` (one replica, one stage) under "
       "`hexgen bench serve --ignore-eos`\n")
-print("| streams | requests ok / failed | output tok/s | TPOT p50 (ms) | TPOT p90 (ms) | TTFT p50 (ms) |")
-print("|---|---|---|---|---|---|")
+print("| streams | requests ok / failed | output tok/s | TPOT p50 (ms) | TPOT p90 (ms) | TTFT p50 (ms) "
+      "| engine step (ms) | tokens / step | driver busy |")
+print("|---|---|---|---|---|---|---|---|---|")
 failed = 0
 for path in sys.argv[2:]:
     document = json.load(open(path))
     config, summary = document["config"], document["summary"]
     tpot, ttft = summary["tpot_s"], summary["ttft_s"]
     ms = lambda value: "-" if value is None else f"{1000 * value:.1f}"  # noqa: E731
+    engine = summary.get("engine") or {}  # the server's own step figures (hexgen/benchserve/server_engine.py)
+    step = f"{engine['mean_step_ms']:.1f}" if engine else "-"
+    tokens = f"{engine['tokens_per_step']:.1f}" if engine else "-"
+    busy = f"{engine['busy_fraction']:.0%}" if engine else "-"
     print(f"| {config['concurrency']} | {summary['completed']} / {summary['failed']} | "
-          f"{summary['output_throughput_tps']:.0f} | {ms(tpot['p50'])} | {ms(tpot['p90'])} | {ms(ttft['p50'])} |")
+          f"{summary['output_throughput_tps']:.0f} | {ms(tpot['p50'])} | {ms(tpot['p90'])} | {ms(ttft['p50'])} "
+          f"| {step} | {tokens} | {busy} |")
     failed += summary["failed"]
 sys.exit(1 if failed else 0)
 EOF

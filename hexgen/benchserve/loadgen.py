@@ -14,6 +14,7 @@ import httpx
 from hexgen.benchserve.arrivals import poisson_arrivals_s
 from hexgen.benchserve.client import RequestResult, describe_exception, send_request
 from hexgen.benchserve.config import BenchConfig
+from hexgen.benchserve.server_engine import EngineFigures, engine_figures, engine_totals
 from hexgen.errors import UserError
 
 OnResult = Callable[[RequestResult], None]
@@ -21,11 +22,13 @@ OnResult = Callable[[RequestResult], None]
 
 @dataclass(frozen=True)
 class RunResult:
-    """Every measured request (warm-up excluded) and the wall time from the first send to the last answer."""
+    """Every measured request (warm-up excluded) and the wall time from the first send to the last answer; from a
+    hexgen server, also what its engines did meanwhile."""
 
     config: BenchConfig
     requests: tuple[RequestResult, ...]
     duration_s: float
+    engine: EngineFigures | None = None
 
 
 def run_benchmark(config: BenchConfig, on_result: OnResult | None = None,
@@ -42,13 +45,17 @@ async def _run(config: BenchConfig, on_result: OnResult, transport: httpx.AsyncB
             warm = await send_request(client, config, time.perf_counter())
             if not warm.is_ok:
                 raise UserError(f"warm-up request to {config.base_url}{config.endpoint} failed: {warm.error}")
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        before = await engine_totals(client, config.base_url, headers)
         run_start = time.perf_counter()
         if config.concurrency is not None:
             results = await _closed_loop(client, config, run_start, on_result)
         else:
             results = await _open_loop(client, config, run_start, on_result)
         duration_s = time.perf_counter() - run_start
-    return RunResult(config, tuple(sorted(results, key=lambda r: r.start_s)), duration_s)
+        after = await engine_totals(client, config.base_url, headers) if before is not None else None
+    return RunResult(config, tuple(sorted(results, key=lambda r: r.start_s)), duration_s,
+                     engine_figures(before, after, duration_s))
 
 
 async def _check_reachable(client: httpx.AsyncClient, config: BenchConfig) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from hexgen.benchserve.client import RequestResult
 from hexgen.benchserve.config import SloTargets
 from hexgen.benchserve.loadgen import RunResult
+from hexgen.benchserve.server_engine import EngineFigures
 
 PERCENTILES = (50, 90, 99)
 
@@ -68,6 +69,7 @@ class Summary:
     e2e_s: Distribution
     slo_attainment: float | None
     errors: tuple[tuple[str, int], ...]
+    engine: EngineFigures | None = None  # a hexgen server's engines during the run (server_engine.py)
 
 
 def summarize(run: RunResult) -> Summary:
@@ -95,4 +97,5 @@ def summarize(run: RunResult) -> Summary:
         slo_attainment=(sum(meets_slo(r, slo) for r in run.requests) / len(run.requests))
         if slo.is_set() and run.requests else None,
         errors=tuple(sorted(errors.items(), key=lambda kv: -kv[1])),
+        engine=run.engine,
     )

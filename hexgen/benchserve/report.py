@@ -49,6 +49,15 @@ def render_table(config: BenchConfig, summary: Summary) -> Table:
         targets = ", ".join(f"{n} <= {v:g} s" for n, v in (("TTFT", slo.ttft_s), ("TPOT", slo.tpot_s),
                                                             ("e2e", slo.e2e_s)) if v is not None)
         table.add_row(f"SLO attainment ({targets})", f"{summary.slo_attainment:.1%}", "", "", "")
+    engine = summary.engine
+    if engine is not None:
+        table.add_section()
+        replicas = f"{engine.replicas} replica{'s' if engine.replicas > 1 else ''}"
+        table.add_row(f"server: engine steps ({replicas})", str(engine.steps), "", "", "")
+        table.add_row("server: mean step (ms)", f"{engine.mean_step_ms:.2f}", "", "", "")
+        table.add_row("server: tokens per step (sampled)",
+                      f"{engine.tokens_per_step:.1f} ({engine.sampled_per_step:.1f})", "", "", "")
+        table.add_row("server: drivers busy stepping", f"{engine.busy_fraction:.0%}", "", "", "")
     return table
 
 
@@ -78,6 +87,8 @@ def write_json(path: str | Path, run: RunResult, summary: Summary) -> None:
     config = dataclasses.asdict(run.config)
     if config["api_key"]:
         config["api_key"] = "***"
-    document = {"config": config, "summary": dataclasses.asdict(summary),
+    summary_fields = dataclasses.asdict(summary)
+    summary_fields["engine"] = summary.engine.as_dict() if summary.engine is not None else None
+    document = {"config": config, "summary": summary_fields,
                 "requests": [_request_row(r) for r in run.requests]}
     Path(path).write_text(json.dumps(_finite(document), indent=2) + "\n")

@@ -8,9 +8,10 @@ machine's CPU cores take turns instead (Layout.depth, set by launch/spec.py:pipe
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,21 @@ def local_num_blocks(stage: LlamaStage, config: SchedulerConfig, ranks_here: int
     return max(0, min(wanted, kv_bytes // per_block))
 
 
+@dataclass
+class StepTotals:
+    """What a driver's steps have done since it started (reported in its heartbeats; /status, /metrics and `hexgen
+    bench serve` turn differences of two reports into mean step time, batch size and how busy the driver was)."""
+
+    steps: int = 0  # micro-batches finished
+    step_tokens: int = 0  # tokens they computed: prompt chunks and decodes
+    sampled_tokens: int = 0  # tokens they sampled (one per sequence that reached its prompt's end)
+    busy_s: float = 0.0  # wall seconds inside Engine.step with work to do: launching, waiting for, finishing steps
+
+    def as_stats(self) -> dict[str, float]:
+        return {"engine_steps": self.steps, "engine_step_tokens": self.step_tokens,
+                "engine_sampled_tokens": self.sampled_tokens, "engine_busy_s": round(self.busy_s, 6)}
+
+
 class Engine:
     """The driver (rank 0) of a replica: owns the scheduler and feeds micro-batches into the pipeline."""
 
@@ -97,6 +113,7 @@ class Engine:
         self.depth = runner.ctx.layout.micro_batches  # micro-batches kept in flight
         self.outbox = pipeline.Outbox(self.depth)
         self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
+        self.totals = StepTotals()
 
     @classmethod
     def create(cls, runner: StageRunner, config: SchedulerConfig, eos_token_ids: tuple[int, ...]) -> Engine:
@@ -115,6 +132,7 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """Launch micro-batches until `depth` are in flight, then finish the oldest; its events."""
+        started = time.perf_counter()
         while len(self.in_flight) < self.depth:
             plan = self.scheduler.schedule(self.scheduler.micro_batch_limit(self.depth))
             if plan is None:
@@ -123,7 +141,13 @@ class Engine:
         if not self.in_flight:
             return self.scheduler.update(StepPlan(), [])
         plan, tokens = self.in_flight.popleft()
-        return self.scheduler.update(plan, tokens())
+        events = self.scheduler.update(plan, tokens())
+        totals = self.totals
+        totals.steps += 1
+        totals.step_tokens += plan.num_tokens
+        totals.sampled_tokens += plan.num_sampled
+        totals.busy_s += time.perf_counter() - started
+        return events
 
     def _launch(self, plan: StepPlan) -> Callable[[], list[int]]:
         ctx = self.runner.ctx

@@ -55,9 +55,9 @@ def rank_main(
 
 def serve_driver(engine: Engine, channel: RankEnd) -> None:
     """Apply commands between steps; step while there is work; heartbeat while idle or busy, and at once when the
-    number of running or waiting sequences changed (so /status and /metrics never lag a finished request by a
-    heartbeat period)."""
-    last_beat, last_load = 0.0, (0, 0)
+    number of running or waiting sequences changed or the replica has just run out of work (so /status and /metrics
+    never lag a finished request by a heartbeat period)."""
+    last_beat, last_load, last_steps = 0.0, (0, 0), 0
     while True:
         for command in channel.get_all(0.0 if engine.has_work else IDLE_POLL_S):
             if command[0] == "add":
@@ -77,10 +77,12 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
         now = time.monotonic()
         scheduler = engine.scheduler
         load = (len(scheduler.running), len(scheduler.waiting))
-        if now - last_beat >= HEARTBEAT_S or load != last_load:
+        went_idle = not engine.has_work and engine.totals.steps != last_steps
+        if now - last_beat >= HEARTBEAT_S or load != last_load or went_idle:
             stats = {"running": load[0], "waiting": load[1],
                      "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
                      "kv_blocks_free": scheduler.blocks.num_free, "kv_blocks_cached": scheduler.blocks.num_cached,
-                     "prefix_hit_tokens": scheduler.num_prefix_hit_tokens, "preemptions": scheduler.num_preemptions}
+                     "prefix_hit_tokens": scheduler.num_prefix_hit_tokens, "preemptions": scheduler.num_preemptions,
+                     **engine.totals.as_stats()}
             channel.put(("heartbeat", stats))
-            last_beat, last_load = now, load
+            last_beat, last_load, last_steps = now, load, engine.totals.steps

@@ -165,6 +165,18 @@ async def _sse_stream(
     yield sse("[DONE]")
 
 
+def engine_totals(load: dict[str, Any]) -> dict[str, Any]:
+    """The driver's step totals since it started (engine/engine.py:StepTotals), and the means they give."""
+    steps, busy_s = load.get("engine_steps", 0), load.get("engine_busy_s", 0.0)
+    step_tokens = load.get("engine_step_tokens", 0)
+    return {
+        "steps": steps, "step_tokens": step_tokens, "sampled_tokens": load.get("engine_sampled_tokens", 0),
+        "busy_s": busy_s,  # the driver's wall time inside its steps
+        "mean_step_ms": round(1000 * busy_s / steps, 3) if steps else None,
+        "mean_tokens_per_step": round(step_tokens / steps, 3) if steps else None,
+    }
+
+
 def _replica_status(replica) -> dict[str, Any]:
     return {
         "index": replica.index,
@@ -180,6 +192,7 @@ def _replica_status(replica) -> dict[str, Any]:
         "kv_blocks_cached": replica.load.get("kv_blocks_cached", 0),  # free blocks still holding a cached prefix
         "prefix_hit_tokens": replica.load.get("prefix_hit_tokens", 0),  # tokens served from the prefix cache
         "preemptions": replica.load.get("preemptions", 0),  # sequences that gave their blocks back and recomputed
+        "engine": engine_totals(replica.load),
         "ranks": replica.world_size,
         "stages": replica.stage_status(),
     }

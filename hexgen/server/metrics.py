@@ -55,6 +55,18 @@ class Metrics:
             registry=r,
         )
 
+        # The driver's step totals (engine/engine.py:StepTotals): rate() of busy seconds over rate() of steps is the
+        # mean step time; of step tokens over steps, the mean batch in tokens.
+        self.replica_engine = {
+            key: Gauge(f"hexgen_replica_engine_{name}", text, ["replica"], registry=r)
+            for key, name, text in (
+                ("engine_steps", "steps", "Micro-batches the replica's driver has finished so far"),
+                ("engine_step_tokens", "step_tokens", "Tokens (prompt chunks and decodes) those steps computed"),
+                ("engine_sampled_tokens", "sampled_tokens", "Tokens those steps sampled"),
+                ("engine_busy_s", "busy_seconds", "Wall seconds the driver spent inside its steps"),
+            )
+        }
+
     def render(self, replicas) -> bytes:
         """Prometheus text format, with the per-replica gauges read fresh."""
         for replica in replicas:
@@ -68,4 +80,6 @@ class Metrics:
                 self.replica_kv_blocks.labels(label, state).set(blocks)
             self.replica_preemptions.labels(label).set(replica.load.get("preemptions", 0))
             self.replica_prefix_hit_tokens.labels(label).set(replica.load.get("prefix_hit_tokens", 0))
+            for key, gauge in self.replica_engine.items():
+                gauge.labels(label).set(replica.load.get(key, 0))
         return generate_latest(self.registry)

@@ -38,3 +38,7 @@ def test_serve_check_serves_a_random_shape_and_tabulates_each_load(tmp_path):
     rows = [line for line in (out / "serve.md").read_text().splitlines() if line.startswith("| ") and "/" in line]
     assert [row.split(" | ")[:2] for row in rows[1:]] == [["| 3", "6 / 0"], ["| 1", "2 / 0"]]
     assert (out / "serve-3.json").is_file() and (out / "serve-1.json").is_file()
+    for row in rows[1:]:  # the server's own figures: mean engine step, tokens per step, how busy its driver was
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        assert len(cells) == 9, row
+        assert float(cells[6]) > 0 and float(cells[7]) >= 1.0 and cells[8].endswith("%"), row

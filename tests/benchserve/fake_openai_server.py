@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -22,6 +23,7 @@ class FakeServer:
     send_done: bool = True
     fail_every: int = 0
     drop_after: int = 0
+    status: Callable[[], dict] | None = None  # what GET /status answers (hexgen's shape); None: 404, as vLLM
     payloads: list[dict] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -32,6 +34,10 @@ class FakeServer:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": "fake"}]})
+        if request.url.path == "/status":
+            if self.status is None:
+                return httpx.Response(404, json={"detail": "Not Found"})
+            return httpx.Response(200, json=self.status())
         payload = json.loads(request.content)
         self.payloads.append(payload)
         if self.fail_every and len(self.payloads) % self.fail_every == 0:

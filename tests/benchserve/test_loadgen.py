@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
 from fake_openai_server import FakeServer
+from rich.console import Console
 
 from hexgen.benchserve.config import BenchConfig
 from hexgen.benchserve.loadgen import run_benchmark
 from hexgen.benchserve.metrics import summarize
+from hexgen.benchserve.report import render_table, write_json
 from hexgen.errors import UserError
 
 URL = "http://fake.test/v1"
@@ -95,3 +98,42 @@ def test_a_refused_connection_is_one_clear_error():
         port = s.getsockname()[1]
     with pytest.raises(UserError, match="cannot connect .* is the server running"):
         run_benchmark(config(base_url=f"http://127.0.0.1:{port}/v1"))
+
+
+def hexgen_status(server: FakeServer) -> dict:
+    """/status of a hexgen server whose replica 0 steps 4 times per request (3 tokens each, 10 ms busy) and whose
+    replica 1 (down) has not stepped since before the run."""
+    n = len(server.payloads)
+    engine0 = {"steps": 4 * n, "step_tokens": 12 * n, "sampled_tokens": 4 * n, "busy_s": 0.01 * n}
+    engine1 = {"steps": 7, "step_tokens": 70, "sampled_tokens": 7, "busy_s": 1.0}
+    return {"replicas": [{"index": 0, "status": "up", "running": 0, "waiting": 0, "engine": engine0},
+                         {"index": 1, "status": "down", "running": 3, "waiting": 0, "engine": engine1}]}
+
+
+def test_a_hexgen_server_reports_what_its_engines_did_during_the_run(tmp_path):
+    server = FakeServer(tokens=2)
+    server.status = lambda: hexgen_status(server)
+    run = run_benchmark(config(num_requests=4, warmup_requests=1), transport=server.transport())
+    engine = run.engine
+    assert engine is not None
+    # 4 measured requests (the warm-up's steps were counted before the run): replica 0 alone stepped
+    assert (engine.replicas, engine.steps, engine.step_tokens, engine.sampled_tokens) == (1, 16, 48, 16)
+    assert engine.busy_s == pytest.approx(0.04)
+    assert engine.mean_step_ms == pytest.approx(2.5)
+    assert (engine.tokens_per_step, engine.sampled_per_step) == (3.0, 1.0)
+    assert engine.busy_fraction == pytest.approx(0.04 / run.duration_s)
+    summary = summarize(run)
+    assert summary.engine == engine
+    console = Console(width=200, record=True)
+    console.print(render_table(run.config, summary))
+    text = console.export_text()
+    assert "server: mean step (ms)" in text and "2.50" in text and "3.0 (1.0)" in text
+    write_json(tmp_path / "run.json", run, summary)
+    saved = json.loads((tmp_path / "run.json").read_text())["summary"]["engine"]
+    assert saved["steps"] == 16 and saved["mean_step_ms"] == pytest.approx(2.5)
+
+
+def test_other_servers_have_no_engine_figures():
+    server = FakeServer(tokens=2)  # /status answers 404, as vLLM's does
+    run = run_benchmark(config(num_requests=2), transport=server.transport())
+    assert run.engine is None and summarize(run).engine is None

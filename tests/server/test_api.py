@@ -97,6 +97,45 @@ def test_server_process_imports_no_torch(idle):
     assert all("libtorch" in m for m in ranks)  # the check would see torch where it is
 
 
+
+def test_status_and_metrics_count_the_engine_steps_of_each_request(idle):
+    """A request of P prompt tokens and n output tokens (alone, shorter than a KV block: no prefix-cache hit) takes
+    n steps: one computes its P prompt tokens and samples the first token, then n - 1 steps compute one token each
+    and sample the next."""
+    def totals():
+        replicas = idle.status()["replicas"]
+        return [r["engine"] for r in replicas]
+
+    before = totals()
+    started = time.monotonic()
+    answers = [complete(idle, p, n, ignore_eos=True) for p, n in zip(PROMPTS[:3], (3, 5, 1), strict=True)]
+    elapsed_s = time.monotonic() - started
+
+    def delta_of(after) -> dict[str, float]:
+        return {key: sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
+                for key in ("steps", "step_tokens", "sampled_tokens", "busy_s")}
+
+    deadline = time.monotonic() + 5  # the totals arrive with the replicas' heartbeats, just after the answers
+    while delta_of(after := totals())["sampled_tokens"] < 9 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    delta = delta_of(after)
+    prompts = [a["usage"]["prompt_tokens"] for a in answers]
+    assert all(p + n < 16 for p, n in zip(prompts, (3, 5, 1), strict=True))  # the premise: no full KV block
+    assert delta["steps"] == 3 + 5 + 1
+    assert delta["sampled_tokens"] == 3 + 5 + 1
+    assert delta["step_tokens"] == sum(prompts) + (3 - 1) + (5 - 1) + (1 - 1)
+    assert 0 < delta["busy_s"] < elapsed_s
+    for replica in after:
+        assert replica["mean_step_ms"] == pytest.approx(1000 * replica["busy_s"] / replica["steps"], abs=1e-3)
+        assert replica["mean_tokens_per_step"] == pytest.approx(replica["step_tokens"] / replica["steps"], abs=1e-3)
+    text = idle.get("/metrics").text
+    for index, replica in enumerate(after):
+        label = f'replica="{index}"'
+        assert metric_value(text, "hexgen_replica_engine_steps", label) == replica["steps"]
+        assert metric_value(text, "hexgen_replica_engine_step_tokens", label) == replica["step_tokens"]
+        assert metric_value(text, "hexgen_replica_engine_sampled_tokens", label) == replica["sampled_tokens"]
+        assert metric_value(text, "hexgen_replica_engine_busy_seconds", label) == pytest.approx(replica["busy_s"])
+
 # ---- API key ----
 
 
