@@ -90,7 +90,9 @@ def local_num_blocks(stage: LlamaStage, config: SchedulerConfig, ranks_here: int
 @dataclass
 class StepTotals:
     """What a driver's steps have done since it started (reported in its heartbeats; /status, /metrics and `hexgen
-    bench serve` turn differences of two reports into mean step time, batch size and how busy the driver was)."""
+    bench serve` turn differences of two reports into mean step time, batch size and how busy the driver was). With
+    several micro-batches in flight (a pipeline on separate devices), busy seconds over steps is the time between two
+    micro-batches finishing, which is what sets the replica's throughput."""
 
     steps: int = 0  # micro-batches finished
     step_tokens: int = 0  # tokens they computed: prompt chunks and decodes
