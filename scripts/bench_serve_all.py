@@ -105,10 +105,12 @@ def table_row(row: dict) -> str:
     label = label.replace("|", "\\|")  # a pipe inside a Markdown table cell
     mean_tokens = s["output_tokens"] / s["completed"] if s["completed"] else 0
     rounds = f" ({' / '.join(f'{x:.1f}' for x in row['rounds_tps'])})" if "rounds_tps" in row else ""
+    engine = s.get("engine")  # hexgen's own step figures (hexgen/benchserve/server_engine.py); other servers: none
+    steps = f"{engine['mean_step_ms']:.1f} / {engine['sampled_per_step']:.1f}" if engine else "-"
     return (f"| {label} | {precision} | {concurrency} | {s['completed']}/{s['failed']} | {mean_tokens:.0f} | "
             f"**{s['output_throughput_tps']:.1f}**{rounds} | {s['request_throughput_rps']:.2f} | "
             f"{ms(s['ttft_s']['p50'])} | {ms(s['tpot_s']['p50'])} | "
-            f"{ms(s['e2e_s']['p50'])} / {ms(s['e2e_s']['p99'])} |")
+            f"{ms(s['e2e_s']['p50'])} / {ms(s['e2e_s']['p99'])} | {steps} |")
 
 
 def cpu_line() -> str:
@@ -228,14 +230,15 @@ def versus(rows: list[dict]) -> str:
 
 def write_doc(path: Path, args, rows: list[dict], notes: list[str]) -> None:
     placeholder = ("| **hexgen serve** | fp32 | 1, 16 | _placeholder: run this script with `--hexgen-url "
-                   "http://127.0.0.1:PORT/v1` once `hexgen serve` exists_ | | | | | | |")
+                   "http://127.0.0.1:PORT/v1` once `hexgen serve` exists_ | | | | | | | |")
     has_hexgen = any(r["label"].startswith("**hexgen serve**") for r in rows)
     lines = ([] if has_hexgen else [placeholder]) + [table_row(r) for r in rows]
     loads = ", ".join(f"{r['label'].split(' (')[0]} {r['precision']} c{r['concurrency']}: {r['load_before']}"
                       for r in rows)
     dates = sorted({r["date"] for r in rows}) or [datetime.date.today().isoformat()]
     header = ("| server | weights | concurrency | ok/failed | out tokens/req | **output tok/s** | req/s "
-              "| TTFT p50 (ms) | TPOT p50 (ms) | e2e p50 / p99 (ms) |\n|---|---|---|---|---|---|---|---|---|---|")
+              "| TTFT p50 (ms) | TPOT p50 (ms) | e2e p50 / p99 (ms) | hexgen step (ms) / batch |"
+              "\n|---|---|---|---|---|---|---|---|---|---|---|")
     text = f"""# Serving benchmark: hexgen serve beside other servers
 
 Same embedded model (SmolLM2-135M-Instruct), same prompt (the default of `hexgen bench serve`, a story opening sent
@@ -259,6 +262,9 @@ its last one ends. TTFT = first non-empty content chunk; TPOT = (e2e - TTFT) / (
 - Every request sends the same prompt, so a server that caches prefixes computes only its last partial block after
   the first request: vLLM (prefix caching on by default) and `hexgen serve` (on unless `--no-prefix-caching`, rows
   measured from 2026-11-30 10:16 UTC on); HF and llama.cpp recompute it.
+- The last column, for hexgen's rows measured since 2026-11-30 18:00 UTC: the replica's mean engine step and the
+  sequences sampled per step over the run, from the server's `/status` (`hexgen bench serve` reads it before and
+  after).
 - Neither HF's `transformers serve` (default path) nor llama-cpp-python's server batches requests: they serve one at
   a time, so at concurrency 16 TTFT is mostly queueing. llama-cpp-python's server by default cuts off the stream in
   progress when a new request arrives (5 of 64 tokens per request in a first run here); `start_llamacpp.sh` turns

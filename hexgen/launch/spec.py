@@ -69,10 +69,32 @@ def cpu_threads_per_rank(replicas: list[Replica], cores: int) -> int:
     return max(1, cores // sum(max(s.tp for s in r.stages) for r in replicas))
 
 
+# libgomp spin iterations at a barrier before a CPU rank's OpenMP threads sleep (GOMP_SPINCOUNT, set by
+# launch/entry.py before torch loads; hexgen/engine/__init__.py makes 0, sleeping at once, the default otherwise).
+# Serving SmolLM2-135M fp32 on the 2-core EPYC:
+# - a rank alone on the machine: ~2 ms (libgomp's own default when no wait policy is set is 300000). Two runs each:
+#   26.3 / 27.2 -> 27.7 / 28.2 tok/s at 1 stream and 194 / 197 -> 202 / 203 at 16 over sleeping at once.
+# - ranks that share the cores (stages taking turns, replicas side by side): ~0.1 ms, long enough to bridge the gaps
+#   between one turn's parallel regions, short enough that a stage whose turn has ended soon leaves the cores to
+#   the next. The two-stage TP 1 | TP 1 pipeline at 16 streams, five rounds, each against sleeping at once
+#   (mean engine step from /status): +2.4, +2.9, +2.7, +0.8, +0.6% tok/s; at 1 stream +1.6, +5.9%; 1,000 and
+#   3,000 spins gained less, 30,000 nothing, ~2 ms lost (the idle stage's threads take the other's cores).
+ALONE_SPIN_COUNT = 200_000
+SHARED_SPIN_COUNT = 10_000
+
+
 def alone_on_cpu(replicas: list[Replica], device: str) -> bool:
-    """Whether the replicas sharing one CPU machine are a single rank (it may let its threads spin at barriers:
-    nothing else needs the cores between its parallel regions; see launch/entry.py)."""
+    """Whether the replicas sharing one CPU machine are a single rank (nothing else needs the cores between its
+    parallel regions)."""
     return device == "cpu" and sum(s.tp for r in replicas for s in r.stages) == 1
+
+
+def omp_spin_count(replicas: list[Replica], device: str) -> int:
+    """GOMP_SPINCOUNT for the CPU ranks of `replicas` sharing one machine (0 on GPUs: their ranks' CPU threads
+    only launch kernels)."""
+    if device != "cpu":
+        return 0
+    return ALONE_SPIN_COUNT if alone_on_cpu(replicas, device) else SHARED_SPIN_COUNT
 
 
 @dataclass(frozen=True)
@@ -87,22 +109,24 @@ class RankSpec:
     gpu_index: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     master_port: int = 0  # rendezvous port on 127.0.0.1 (multi-rank only)
-    spin_wait: bool = False  # the only rank on its CPU machine: its threads spin briefly at barriers (launch/entry.py)
+    spin_count: int = 0  # GOMP_SPINCOUNT of its OpenMP threads (omp_spin_count; 0 = sleep at barriers at once)
 
 
 def rank_specs(
     source: ModelSource, replica: Replica, dtype: str, device: str, threads_per_rank: int | None = None,
-    spin_wait: bool = False,
+    spin_count: int | None = None,
 ) -> list[RankSpec]:
     """One RankSpec per rank. CPU threads: given, else this machine's cores as the replica alone would use them
-    (a one-rank replica keeps torch's default). spin_wait: for a rank alone on its CPU machine."""
+    (a one-rank replica keeps torch's default). Spin count: given, else as for this replica alone."""
     layout = layout_of(replica, device)
     world = layout.world_size
     if threads_per_rank is None:
         threads_per_rank = 0 if world == 1 else cpu_threads_per_rank([replica], os.cpu_count() or 1)
+    if spin_count is None:
+        spin_count = omp_spin_count([replica], device)
     port = free_port() if world > 1 else 0
     specs = []
     for stage in replica.stages:
         for gpu in stage.gpus:
-            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port, spin_wait))
+            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port, spin_count))
     return specs

@@ -11,7 +11,7 @@ from rich.progress import Progress
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import PlanError
-from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, rank_specs
+from hexgen.launch.spec import cpu_threads_per_rank, omp_spin_count, rank_specs
 from hexgen.models import ModelSpec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, Replica, Stage
 from hexgen.server.replica_client import ReplicaClient, ReplicaStartError, local_ranks
@@ -71,13 +71,13 @@ def make_replicas(
     eos_token_ids: tuple[int, ...],
 ) -> list[ReplicaClient]:
     threads = cpu_threads_per_rank(plan.replicas, os.cpu_count() or 1) if device == "cpu" else 1
-    alone = alone_on_cpu(plan.replicas, device)
+    spin_count = omp_spin_count(plan.replicas, device)
     return [
         ReplicaClient(
             i,
             replica,
             local_ranks([(spec, scheduler_config, eos_token_ids)
-                         for spec in rank_specs(source, replica, dtype, device, threads, alone)]),
+                         for spec in rank_specs(source, replica, dtype, device, threads, spin_count)]),
             capacity_weight(replica),
         )
         for i, replica in enumerate(plan.replicas)

@@ -45,8 +45,10 @@ def make_ray_replica(
     from hexgen.launch.ray_replica import RayRanks
 
     machines = [stage.machine for stage in replica.stages for _ in stage.gpus]
+    # spin_count 0: what else runs on a Ray machine's cores is not known here, so threads sleep at barriers at once
+    base = rank_specs(source, replica, dtype, device, 1, spin_count=0)
     specs = [replace(spec, num_threads=threads.get(machine, 1) if device == "cpu" else 1)
-             for spec, machine in zip(rank_specs(source, replica, dtype, device, 1), machines, strict=True)]
+             for spec, machine in zip(base, machines, strict=True)]
     rank_args = [(spec, scheduler_config, eos_token_ids) for spec in specs]
     return ReplicaClient(index, replica, lambda address: RayRanks(machines, rank_args, address),
                          capacity_weight(replica), channel_host, secure=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, pipeline_depth
+from hexgen.engine.checkpoint import ModelSource
+from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, omp_spin_count, pipeline_depth, rank_specs
+from hexgen.models import load_model_spec
 from hexgen.plan import Replica, Stage
 
 
@@ -32,10 +34,22 @@ def test_cpu_threads_split_over_the_largest_tp_group_of_each_replica():
     assert cpu_threads_per_rank([tp3_then_tp1, one_process], 2) == 1  # never below one
 
 
-def test_only_a_rank_alone_on_a_cpu_machine_spins_at_barriers():
+def test_a_rank_alone_on_a_cpu_machine_spins_at_barriers_longest_ranks_sharing_it_briefly():
     one_process = replica(("localhost", 1))
+    two_stages = replica(("localhost", 1), ("localhost", 1))
     assert alone_on_cpu([one_process], "cpu")
     assert not alone_on_cpu([one_process, one_process], "cpu")  # two replicas share the cores
-    assert not alone_on_cpu([replica(("localhost", 1), ("localhost", 1))], "cpu")  # two stages take turns
+    assert not alone_on_cpu([two_stages], "cpu")  # two stages take turns
     assert not alone_on_cpu([replica(("localhost", 2))], "cpu")
     assert not alone_on_cpu([one_process], "cuda")
+    assert omp_spin_count([one_process], "cpu") == 200_000
+    for shared in ([one_process, one_process], [two_stages], [replica(("localhost", 2))]):
+        assert omp_spin_count(shared, "cpu") == 10_000
+    assert omp_spin_count([one_process], "cuda") == 0
+
+
+def test_rank_specs_carry_the_spin_count_of_their_replica_unless_told(tmp_path):
+    source = ModelSource("m", tmp_path, load_model_spec("smollm2-135m"))
+    two_stages = Replica(tuple(Stage("localhost", (i,), 1, (15 * i, 15 * i + 15)) for i in range(2)))
+    assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu")] == [10_000, 10_000]
+    assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu", spin_count=0)] == [0, 0]
