@@ -9,7 +9,12 @@ from hexgen.errors import UserError
 
 
 def register(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("serve", help="drive an OpenAI-compatible server (this one or any other) and time it")
+    p = bench.add_parser(
+        "serve", help="drive an OpenAI-compatible server (this one or any other) and time it",
+        description="Drive an OpenAI-compatible server with streamed requests and report TTFT, TPOT, latency "
+        "percentiles, tokens/s and SLO attainment; from a hexgen server also its engines' share of the run (steps, "
+        "mean step time, tokens per step, how busy its drivers were), read from its /status before and after.",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL, ending in /v1")
     p.add_argument("--model", required=True, help="model name the server expects")
     p.add_argument("--concurrency", type=int, help="closed loop: N streams, each sending when its last one ends "
