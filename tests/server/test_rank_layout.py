@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, omp_spin_count, pipeline_depth, rank_specs
 from hexgen.models import load_model_spec
@@ -53,3 +55,23 @@ def test_rank_specs_carry_the_spin_count_of_their_replica_unless_told(tmp_path):
     two_stages = Replica(tuple(Stage("localhost", (i,), 1, (15 * i, 15 * i + 15)) for i in range(2)))
     assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu")] == [10_000, 10_000]
     assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu", spin_count=0)] == [0, 0]
+
+
+def test_a_rank_process_sets_its_spin_count_before_torch_loads_unless_the_user_did(monkeypatch, tmp_path):
+    import signal
+
+    import hexgen.engine.worker
+    from hexgen.launch import entry
+
+    seen = []
+    monkeypatch.setattr(hexgen.engine.worker, "rank_main", lambda *args: seen.append(os.environ.get("GOMP_SPINCOUNT")))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # run_rank ignores SIGINT in its own process
+    source = ModelSource("m", tmp_path, load_model_spec("smollm2-135m"))
+    two_stages = Replica(tuple(Stage("localhost", (i,), 1, (15 * i, 15 * i + 15)) for i in range(2)))
+    spec = rank_specs(source, two_stages, "float32", "cpu")[0]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "")  # records the variable's state before the test, restored after it
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    entry.run_rank(spec)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")  # the user's own setting wins
+    entry.run_rank(spec)
+    assert seen == ["10000", "0"]
