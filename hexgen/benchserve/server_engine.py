@@ -70,9 +70,11 @@ async def engine_totals(client: httpx.AsyncClient, base_url: str, headers: dict[
     while True:
         try:
             response = await client.get(status_url(base_url), headers=headers, timeout=5.0)
-            replicas = response.json()["replicas"] if response.status_code == 200 else None
-            totals = {r["index"]: {k: r["engine"][k] for k in TOTALS} for r in replicas or ()}
-            idle = all(r["running"] == 0 and r["waiting"] == 0 for r in replicas or () if r["status"] == "up")
+            if response.status_code != 200:
+                return None
+            replicas = response.json()["replicas"]
+            totals = {r["index"]: {k: r["engine"][k] for k in TOTALS} for r in replicas}
+            idle = all(r["running"] == 0 and r["waiting"] == 0 for r in replicas if r["status"] == "up")
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
         if not totals:

@@ -52,7 +52,7 @@ def test_a_rank_alone_on_a_cpu_machine_spins_at_barriers_longest_ranks_sharing_i
 
 def test_rank_specs_carry_the_spin_count_of_their_replica_unless_told(tmp_path):
     source = ModelSource("m", tmp_path, load_model_spec("smollm2-135m"))
-    two_stages = Replica(tuple(Stage("localhost", (i,), 1, (15 * i, 15 * i + 15)) for i in range(2)))
+    two_stages = replica(("localhost", 1), ("localhost", 1))
     assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu")] == [10_000, 10_000]
     assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu", spin_count=0)] == [0, 0]
 
@@ -67,8 +67,7 @@ def test_a_rank_process_sets_its_spin_count_before_torch_loads_unless_the_user_d
     monkeypatch.setattr(hexgen.engine.worker, "rank_main", lambda *args: seen.append(os.environ.get("GOMP_SPINCOUNT")))
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # run_rank ignores SIGINT in its own process
     source = ModelSource("m", tmp_path, load_model_spec("smollm2-135m"))
-    two_stages = Replica(tuple(Stage("localhost", (i,), 1, (15 * i, 15 * i + 15)) for i in range(2)))
-    spec = rank_specs(source, two_stages, "float32", "cpu")[0]
+    spec = rank_specs(source, replica(("localhost", 1), ("localhost", 1)), "float32", "cpu")[0]
     monkeypatch.setenv("GOMP_SPINCOUNT", "")  # records the variable's state before the test, restored after it
     monkeypatch.delenv("GOMP_SPINCOUNT")
     entry.run_rank(spec)
