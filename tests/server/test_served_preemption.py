@@ -1,0 +1,92 @@
+"""`hexgen serve` with a KV pool too small for its batch: sequences are preempted and recomputed, never failed.
+
+One two-stage replica (TP 1 | TP 1, 2 + 2 layers) whose --memory-gb leaves each rank about POOL_BLOCKS blocks of
+BLOCK_SIZE tokens. Four concurrent streams of PROMPT + MAX_TOKENS tokens need ~4 x 15 blocks at their end, so
+the pool runs out mid-generation: every answer must still equal the one the engine gives the request alone,
+and /status and /metrics must count the preemptions and show the pool emptied afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from serve_helpers import Server, metric_value, write_plan
+
+BLOCK_SIZE = 4
+POOL_BLOCKS = 20  # about: the parent sizes the budget, each rank measures its own weights
+MAX_BATCH = 4
+MAX_TOKENS = 48
+PROMPTS = ["Once upon a time", "The weather today is", "def fibonacci(n):", "Paris is the capital of"]
+
+
+def budget_gib(model_dir) -> str:
+    """--memory-gb for POOL_BLOCKS blocks beside the heavier rank's weights (the last stage: layers 2-3, its own
+    LM head and the head's oneDNN copy), from the parent's own estimate of a rank's weights."""
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.kv_budget import GIB, RankShape, kv_bytes_per_block, rank_weight_bytes
+
+    spec = resolve_model(str(model_dir)).spec
+    ranks = [RankShape(2, 1, True, False), RankShape(2, 1, False, True)]
+    need = max(rank_weight_bytes(spec, r, 4, cpu_packed=True) + POOL_BLOCKS * kv_bytes_per_block(spec, r, BLOCK_SIZE, 4)
+               for r in ranks)
+    return f"{need / GIB:.12f}"
+
+
+@pytest.fixture(scope="module")
+def tight(chat_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-preempt")
+    plan = write_plan(tmp / "plan.json", chat_model_dir, [[([0], (0, 2)), ([1], (2, 4))]])
+    srv = Server(
+        chat_model_dir, tmp / "serve.log",
+        "--plan", str(plan), "--max-batch", str(MAX_BATCH), "--block-size", str(BLOCK_SIZE),
+        "--memory-gb", budget_gib(chat_model_dir), "--no-prefix-caching",
+    )  # fmt: skip
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def _stream(server: Server, prompt: str) -> tuple[str, str]:
+    """(text, finish_reason) of one streamed greedy completion."""
+    body = {"model": server.status()["model"], "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text, finish = [], None
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text.append(choice["text"])
+                    finish = choice.get("finish_reason") or finish
+    return "".join(text), finish
+
+
+def test_a_pool_too_small_for_the_batch_preempts_and_every_answer_is_still_the_requests_alone(tight, reference):
+    replica = tight.status()["replicas"][0]
+    pool = replica["kv_blocks_used"] + replica["kv_blocks_free"]
+    tokens_at_end = [len(reference.tokenizer.encode(p)) + MAX_TOKENS for p in PROMPTS]
+    needed = sum(-(-t // BLOCK_SIZE) for t in tokens_at_end)
+    assert MAX_BATCH <= pool < needed, (pool, needed)  # admitted together, and cannot all finish together
+
+    async def run_all():
+        return await asyncio.gather(*(_stream(tight, p) for p in PROMPTS))
+
+    results = asyncio.run(run_all())
+    for prompt, (text, finish) in zip(PROMPTS, results, strict=True):
+        assert finish == "length"
+        assert text == reference.text(prompt, MAX_TOKENS, ignore_eos=True).text  # beside others, preempted == alone
+
+    tight.wait_idle()
+    replica = tight.status()["replicas"][0]
+    assert replica["preemptions"] >= 1
+    assert replica["peak_running"] >= 2
+    assert (replica["kv_blocks_used"], replica["kv_blocks_free"]) == (0, pool)  # every block given back
+    metrics = tight.get("/metrics").text
+    assert metric_value(metrics, "hexgen_replica_preemptions", 'replica="0"') == replica["preemptions"]
+    assert metric_value(metrics, "hexgen_replica_kv_blocks", 'replica="0",state="free"') == pool
