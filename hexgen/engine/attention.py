@@ -118,7 +118,7 @@ def build_metadata(
         block_tables=to(torch.tensor(tables, dtype=torch.int32)),
         query_start=to(torch.tensor(starts, dtype=torch.int32)),
         context_lens=to(torch.tensor(context, dtype=torch.int32)),
-        last_token_index=to(torch.tensor(starts[1:]) - 1),
+        last_token_index=to(torch.tensor([s - 1 for s in starts[1:]])),  # built on the host: no kernel
         max_query_len=max(plan.lengths),
         max_position=max(positions),
         block_size=block_size,

@@ -27,11 +27,29 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] float32 uniforms in (0, 1), a pure function of (seed, position, token id); seeds, positions [B]."""
-    row = _mix32((positions & _MASK32) ^ _mix32(seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _GOLDEN))
-    tokens = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    x = _mix32(((row.unsqueeze(1) + tokens * _GOLDEN) & _MASK32) ^ row.unsqueeze(1))  # [B, V]
+def _mix32_int(x: int) -> int:
+    """_mix32 of one Python int in [0, 2**32), on the host."""
+    x ^= x >> 16
+    x = (x * _MIX1) & _MASK32
+    x ^= x >> 15
+    x = (x * _MIX2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int, position: int) -> int:
+    """The 32-bit key of a row's noise: a hash of its request's 64-bit seed and the token's position. Computed on
+    the host, where both are known: on a GPU the ~30 tiny launches of hashing [B] tensors would cost more than
+    copying B keys."""
+    seed &= (1 << 64) - 1
+    seed_hash = _mix32_int(seed & _MASK32) ^ _mix32_int(((seed >> 32) & _MASK32) ^ _GOLDEN)
+    return _mix32_int((position & _MASK32) ^ seed_hash)
+
+
+def uniform_noise(row_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] float32 uniforms in (0, 1), a pure function of (row key, token id); row_keys [B] int64 (row_key)."""
+    tokens = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64)
+    row = row_keys.unsqueeze(1)
+    x = _mix32(((row + tokens * _GOLDEN) & _MASK32) ^ row)  # [B, V]
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -73,13 +91,12 @@ def warp(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 
 def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """[B] int64 token ids on logits' device."""
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1)  # in the logits' own dtype: widening them changes no order
     is_greedy = [r.temperature == 0 or r.top_k == 1 for r in rows]
     if all(is_greedy):
         return greedy
+    logits = logits.float()
     device = logits.device
-    seeds = torch.tensor([r.seed for r in rows], device=device, dtype=torch.int64)
-    positions = torch.tensor([r.position for r in rows], device=device, dtype=torch.int64)
-    race = warp(logits, rows).softmax(dim=-1) / -torch.log(uniform_noise(seeds, positions, logits.shape[-1]))
+    keys = torch.tensor([row_key(r.seed, r.position) for r in rows], device=device, dtype=torch.int64)
+    race = warp(logits, rows).softmax(dim=-1) / -torch.log(uniform_noise(keys, logits.shape[-1]))
     return torch.where(torch.tensor(is_greedy, device=device), greedy, race.argmax(dim=-1))

@@ -133,3 +133,28 @@ def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_r
     assert {8, 4, 2, 1} <= set(EagerReplays.replayed), EagerReplays.replayed
     # what a step returns is its own: a pipeline stage's asynchronous send of it may outlast the next replay
     assert EagerReplays.aliased == 0
+
+
+def test_a_decode_step_launches_nine_kernels_per_layer_whatever_the_batch(two_layer_dir):
+    """What a decode step launches on a GPU, counted on the CUDA path run here (hexgen/engine/launch_count.py): per
+    layer the four projections, two fused add + RMSNorm, RoPE + KV write, attention and SiLU * up, plus the merge
+    when keys are split; outside the layers the embedding, the gathers of RoPE rows and of each sequence's last
+    row, the last residual add, the final norm, the LM head and the argmax. No count grows with the batch, and a
+    32-layer model (Llama-3-8B) stays within 12 launches per layer per step, greedy or sampled."""
+    from hexgen.engine.launch_count import count_decode_launches
+
+    directory = str(two_layer_dir.directory)
+    per_layer = {"aten.linear": 4, "triton add_rms_norm_kernel": 2, "triton rotary_write_kv_kernel": 1,
+                 "triton paged_attention_kernel": 1, "triton merge_splits_kernel": 1, "triton silu_mul_kernel": 1}
+    greedy_outside = {"aten.embedding": 1, "aten.index.Tensor": 4, "aten.add.Tensor": 1,
+                      "triton add_rms_norm_kernel": 1, "aten.linear": 1, "aten.argmax": 1}
+    sampled_outside = {}
+    for batch in (1, 16):
+        greedy = count_decode_launches(directory, batch, kv_splits=2)
+        assert {name: n / greedy.num_layers for name, n in greedy.in_layers.items()} == per_layer
+        assert greedy.outside == greedy_outside
+        sampled = count_decode_launches(directory, batch, sampled=True, kv_splits=2)
+        assert sampled.in_layers == greedy.in_layers
+        sampled_outside[batch] = sampled.outside
+        assert greedy.per_layer_of_model(32) < sampled.per_layer_of_model(32) <= 12
+    assert sampled_outside[1] == sampled_outside[16]

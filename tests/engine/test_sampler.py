@@ -7,7 +7,17 @@ import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from hexgen.engine.messages import SampleRow
-from hexgen.engine.sampler import filter_top_k, filter_top_p, sample, uniform_noise, warp
+from hexgen.engine.sampler import (
+    _GOLDEN,
+    _MASK32,
+    _mix32,
+    filter_top_k,
+    filter_top_p,
+    row_key,
+    sample,
+    uniform_noise,
+    warp,
+)
 
 
 def hf_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -90,11 +100,21 @@ def test_same_seed_same_tokens_and_batch_independence():
 
 
 def test_noise_is_uniform_and_distinct_per_coordinate():
-    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 20000)
+    u = uniform_noise(torch.tensor([row_key(1, 0), row_key(2, 0)]), 20000)
     assert 0 < float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005  # U(0,1): 1/2, 1/12
     assert not torch.equal(u[0], u[1])
-    assert not torch.equal(uniform_noise(torch.tensor([1]), torch.tensor([1]), 50)[0], u[0, :50])
+    assert not torch.equal(uniform_noise(torch.tensor([row_key(1, 1)]), 50)[0], u[0, :50])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 1234, (1 << 62) + 1234, (1 << 63) - 1])
+def test_row_keys_on_the_host_equal_the_hash_of_seed_and_position_on_the_device(seed):
+    """The per-row part of the noise moved to the host (fewer GPU launches): the same bits as hashing the seed and
+    position tensors elementwise, as the device did before, so a seed draws the tokens it drew then."""
+    positions = torch.tensor([0, 7, 4095, (1 << 31) + 5])
+    seeds = torch.full_like(positions, seed)
+    on_device = _mix32((positions & _MASK32) ^ _mix32(seeds & _MASK32) ^ _mix32(((seeds >> 32) & _MASK32) ^ _GOLDEN))
+    assert [row_key(seed, int(p)) for p in positions] == on_device.tolist()
 
 
 def test_sampled_frequencies_follow_hf_probabilities():
