@@ -53,14 +53,13 @@ def two_layer_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def kernel_path(monkeypatch):
-    """Route CPU steps through the Triton kernels and the kernel metadata, as on CUDA."""
-    from hexgen.engine import layers, ops, runner, stage
+def kernel_path():
+    """Route CPU steps through the Triton kernels and the kernel metadata, as on CUDA (no oneDNN copies, no
+    folded norms)."""
+    from hexgen.engine.launch_count import cuda_path_on_cpu
 
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    monkeypatch.setattr(runner, "triton_serves", lambda device: True)
-    monkeypatch.setattr(layers, "packs_for_cpu", lambda weight: False)  # no oneDNN copies, no folded norms
-    monkeypatch.setattr(stage, "packs_for_cpu", lambda weight: False)
+    with cuda_path_on_cpu():
+        yield
 
 
 class EagerReplays(cuda_graphs.DecodeGraphs):
