@@ -43,6 +43,34 @@ READING = ("What these figures say and what keeps overlapping stages under twice
            "\"Stages on their own devices work at once\".")
 
 
+def predicted_tok_s(spec, case: Case, args) -> float:
+    """The simulator's output tokens per second for `case` under the same closed-loop load: each stage on a core
+    of its own (examples/clusters/local-two-cores.yaml) with this machine's one-thread profile."""
+    from hexgen.cluster import load_cluster
+    from hexgen.costmodel import CostConfig, Workload
+    from hexgen.dispatch import make_policy
+    from hexgen.plan import plan_from_dict
+    from hexgen.profile import apply_profiles, load_profile
+    from hexgen.sim.run import replica_models
+    from hexgen.sim.simulator import simulate_streams
+
+    cluster = apply_profiles(load_cluster(REPO / "examples/clusters/local-two-cores.yaml"),
+                             [load_profile(REPO / "examples/profiles/cpu-epyc-2core-1thread.yaml")])
+    bounds = [0]
+    for n in case.layers:
+        bounds.append(bounds[-1] + n)
+    stages = [{"machine": machine, "gpus": [0], "tp": 1, "layers": [bounds[i], bounds[i + 1]]}
+              for i, machine in enumerate(["core-a", "core-b"][: len(case.layers)])]
+    plan = plan_from_dict({"model": "smollm2-135m", "replicas": [{"stages": stages}]}, case.label)
+    if case.depth == 1 and len(stages) > 1:
+        return float("nan")  # taking turns on one machine's cores: the simulator runs that for shared machines only
+    models = replica_models(plan, cluster, spec, CostConfig(dtype_bytes=4), args.streams,
+                            Workload(args.prompt_tokens, args.new_tokens, args.streams))
+    done = simulate_streams(models, args.streams, args.requests, args.prompt_tokens, args.new_tokens,
+                            make_policy("least-outstanding"), {}, [1.0])
+    return args.requests * args.new_tokens / max(c.finish_s for c in done)
+
+
 def serve_once(source, case: Case, requests, max_running: int) -> float:
     """Output tokens per second of `requests` on a fresh replica of `case` (load excluded)."""
     from hexgen.engine.generation import run_requests
@@ -104,20 +132,27 @@ def main() -> int:
                 bar.advance(task)
 
     base = results[CASES[0].label]
+
+    def predicted(case: Case) -> str:
+        tok_s = predicted_tok_s(source.spec, case, args)
+        if tok_s != tok_s:  # nan
+            return "-"
+        return f"{tok_s:.1f} ({tok_s / statistics.median(results[case.label]) - 1:+.0%})"
+
     lines = [
         f"Machine: {cpu_description()}; {datetime.date.today()}; SmolLM2-135M fp32, {args.requests} requests of "
         f"{args.prompt_tokens} prompt + {args.new_tokens} output tokens, at most {args.streams} running, one thread "
         f"per rank, median of {args.rounds} rounds (command: `.venv/bin/python scripts/bench_pipeline_overlap.py "
         f"--rounds {args.rounds}`).",
         "",
-        "| case | output tok/s (median) | rounds | vs one rank on one core, round by round |",
-        "|---|---|---|---|",
+        "| case | output tok/s (median) | rounds | vs one rank on one core, round by round | simulator's prediction |",
+        "|---|---|---|---|---|",
     ]
     for case in CASES:
         values = results[case.label]
         ratios = ", ".join(f"{v / b:.2f}" for v, b in zip(values, base, strict=True))
         lines.append(f"| {case.label} | {statistics.median(values):.1f} | "
-                     f"{' / '.join(f'{v:.1f}' for v in values)} | {ratios} |")
+                     f"{' / '.join(f'{v:.1f}' for v in values)} | {ratios} | {predicted(case)} |")
     table = "\n".join(lines)
     print(table)
     if args.markdown:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -170,6 +172,16 @@ class Server:
             assert "Traceback" not in self.log(), self.log()
         finally:
             self._log.close()
+
+
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    """The server once ready; stopped (and checked to have left nothing behind) however the block ends."""
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def _signal_group(pgid: int, sig: int) -> None:

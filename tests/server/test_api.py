@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serve_helpers import EOS_AT, EOS_PROMPT, Server, metric_value, sse_events, write_plan
+from serve_helpers import EOS_AT, EOS_PROMPT, Server, metric_value, serving, sse_events, write_plan
 
 API_KEY = "test-key"
 MAX_CONTEXT = 2048
@@ -32,11 +32,8 @@ def server(chat_model_dir, tmp_path_factory):
         "--plan", str(plan), "--max-context", str(MAX_CONTEXT), "--max-queue", str(MAX_QUEUE), "--max-batch", "8",
         api_key=API_KEY,
     )  # fmt: skip
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import Server, metric_value, write_plan
+from serve_helpers import Server, metric_value, serving, write_plan
 
 BLOCK_SIZE = 4
 POOL_BLOCKS = 20  # about: the parent sizes the budget, each rank measures its own weights
@@ -44,11 +44,8 @@ def tight(chat_model_dir, tmp_path_factory):
         "--plan", str(plan), "--max-batch", str(MAX_BATCH), "--block-size", str(BLOCK_SIZE),
         "--memory-gb", budget_gib(chat_model_dir), "--no-prefix-caching",
     )  # fmt: skip
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 async def _stream(server: Server, prompt: str) -> tuple[str, str]:
