@@ -3,6 +3,11 @@
 A replica of S stages keeps up to S micro-batches (disjoint sets of sequences) in flight: while stage s+1
 runs one, stage s runs the next, so a pipeline's throughput follows its slowest stage. Stages that share a
 machine's CPU cores take turns instead (Layout.depth, set by launch/spec.py:pipeline_depth).
+
+Between steps the other ranks wait for the next plan in gloo receives and broadcasts, which fail once they have
+waited dist_timeout_s(); an idle driver therefore sends an empty keep-alive plan down the pipeline every
+keepalive_interval_s() (Engine.keep_alive), so an idle replica stays up however long it idles, while a rank that
+really hangs is still found.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +34,27 @@ from hexgen.errors import UserError
 from hexgen.launch.spec import RankSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DIST_TIMEOUT_S = 1800.0  # torch's own default for gloo; HEXGEN_DIST_TIMEOUT_S overrides it (seconds)
+KEEPALIVE_MAX_S = 60.0
+
+
+def dist_timeout_s() -> float:
+    """How long a rank may wait in a gloo operation before it fails: HEXGEN_DIST_TIMEOUT_S, else DIST_TIMEOUT_S."""
+    text = os.environ.get("HEXGEN_DIST_TIMEOUT_S")
+    if text is None:
+        return DIST_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UserError(f"HEXGEN_DIST_TIMEOUT_S={text!r}: must be a number of seconds above 0")
+    return value
+
+
+def keepalive_interval_s() -> float:
+    """How often an idle driver sends a keep-alive plan: well inside the timeout its peers wait with."""
+    return min(KEEPALIVE_MAX_S, dist_timeout_s() / 4)
 
 
 def init_rank(spec: RankSpec) -> RankContext:
@@ -41,7 +68,7 @@ def init_rank(spec: RankSpec) -> RankContext:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(spec.master_port)
     dist.init_process_group(backend, rank=spec.rank, world_size=spec.layout.world_size)
-    return init_rank_context(spec.layout, spec.rank, backend)
+    return init_rank_context(spec.layout, spec.rank, backend, timedelta(seconds=dist_timeout_s()))
 
 
 def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, progress=None) -> StageRunner:
@@ -116,6 +143,8 @@ class Engine:
         self.outbox = pipeline.Outbox(self.depth)
         self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
         self.totals = StepTotals()
+        self.keepalive_s = keepalive_interval_s()
+        self._last_plan_s = time.monotonic()  # when the other ranks last got a plan
 
     @classmethod
     def create(cls, runner: StageRunner, config: SchedulerConfig, eos_token_ids: tuple[int, ...]) -> Engine:
@@ -151,8 +180,20 @@ class Engine:
         totals.busy_s += time.perf_counter() - started
         return events
 
+    def keep_alive(self) -> None:
+        """While idle, send the other ranks an empty plan once keepalive_s has passed since their last one (see
+        the module's docstring); a no-op for a one-rank replica."""
+        ctx = self.runner.ctx
+        if ctx.layout.world_size == 1 or self.has_work or time.monotonic() - self._last_plan_s < self.keepalive_s:
+            return
+        plan = pipeline.share_plan_in_stage(ctx, StepPlan(keepalive=True))
+        if self.num_stages > 1:
+            pipeline.send_step(ctx, self.outbox, plan, None)
+        self._last_plan_s = time.monotonic()
+
     def _launch(self, plan: StepPlan) -> Callable[[], list[int]]:
         ctx = self.runner.ctx
+        self._last_plan_s = time.monotonic()
         plan = pipeline.share_plan_in_stage(ctx, plan)
         hidden, last_rows = self.runner.forward(plan, None)
         if ctx.is_last_stage:
@@ -179,9 +220,11 @@ def follow_driver(runner: StageRunner) -> None:
     outbox = pipeline.Outbox(ctx.layout.micro_batches)
     while True:
         plan, hidden = pipeline.receive_step(ctx, stage.spec.hidden_size, runner.dtype, runner.device)
-        if plan.shutdown:
+        if plan.shutdown or plan.keepalive:
             if not ctx.is_last_stage:
                 pipeline.send_step(ctx, outbox, plan, None)
+            if plan.keepalive:
+                continue
             outbox.flush()
             return
         hidden, last_rows = runner.forward(plan, hidden)

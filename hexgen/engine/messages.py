@@ -74,6 +74,7 @@ class StepPlan:
     sample: list[bool] = field(default_factory=list)  # whether the step ends the sequence's known tokens
     sampling: list[SampleRow] = field(default_factory=list)  # one per True in `sample`
     shutdown: bool = False
+    keepalive: bool = False  # no work: it only completes the other ranks' waits for a plan (Engine.keep_alive)
 
     @property
     def num_tokens(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -109,12 +110,15 @@ def single_process_context(layout: Layout) -> RankContext:
     return RankContext(layout, 0, TPGroup(0, 1), None)
 
 
-def init_rank_context(layout: Layout, rank: int, backend: str) -> RankContext:
-    """Create every group on this rank, in the glossary's order; call after init_process_group."""
-    groups = [dist.new_group(layout.stage_ranks(s), backend=backend) for s in range(layout.num_stages)]
+def init_rank_context(layout: Layout, rank: int, backend: str, gloo_timeout: timedelta | None = None) -> RankContext:
+    """Create every group on this rank, in the glossary's order; call after init_process_group. `gloo_timeout`:
+    how long a rank may wait in a gloo group's operation (torch's default when None)."""
+    gloo = {"backend": "gloo", "timeout": gloo_timeout}
+    groups = [dist.new_group(layout.stage_ranks(s), **(gloo if backend == "gloo" else {"backend": backend}))
+              for s in range(layout.num_stages)]
     cpu_groups = groups
     if backend != "gloo":
-        cpu_groups = [dist.new_group(layout.stage_ranks(s), backend="gloo") for s in range(layout.num_stages)]
+        cpu_groups = [dist.new_group(layout.stage_ranks(s), **gloo) for s in range(layout.num_stages)]
     stage = layout.stage_of(rank)
     ranks = layout.stage_ranks(stage)
     tp_group = TPGroup(0, 1)
@@ -124,5 +128,5 @@ def init_rank_context(layout: Layout, rank: int, backend: str) -> RankContext:
         if backend == "gloo" and usable() and os.environ.get("HEXGEN_SHM_ALLREDUCE", "1") != "0":
             shared = make_shared_allreduce(groups[stage], tp_rank, len(ranks))
         tp_group = TPGroup(tp_rank, len(ranks), groups[stage], cpu_groups[stage], shared)
-    control = dist.new_group(list(range(layout.world_size)), backend="gloo")
+    control = dist.new_group(list(range(layout.world_size)), **gloo)
     return RankContext(layout, rank, tp_group, control)

@@ -80,7 +80,7 @@ def receive_step(
         dist.recv(payload, ctx.prev_leader, group=ctx.control, tag=PLAN_TAG)
         plan = pickle.loads(payload.numpy().tobytes())
     plan = share_plan_in_stage(ctx, plan)
-    if ctx.is_first_stage or plan.shutdown:
+    if ctx.is_first_stage or plan.shutdown or plan.keepalive:
         return plan, None
     hidden = torch.empty(plan.num_tokens, hidden_size, dtype=dtype, device=device)  # [T, H]
     if ctx.is_leader:

@@ -74,6 +74,8 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
             events = engine.step()
             if events:
                 channel.put(("events", events))
+        else:
+            engine.keep_alive()
         now = time.monotonic()
         scheduler = engine.scheduler
         load = (len(scheduler.running), len(scheduler.waiting))
