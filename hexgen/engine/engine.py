@@ -218,8 +218,9 @@ def follow_driver(runner: StageRunner) -> None:
     """Loop of every rank but the driver: run each micro-batch as it arrives, pass it on, until shutdown."""
     ctx, stage = runner.ctx, runner.stage
     outbox = pipeline.Outbox(ctx.layout.micro_batches)
+    inbox = pipeline.PlanInbox(ctx) if ctx.is_leader and not ctx.is_first_stage else None
     while True:
-        plan, hidden = pipeline.receive_step(ctx, stage.spec.hidden_size, runner.dtype, runner.device)
+        plan, hidden = pipeline.receive_step(ctx, inbox, stage.spec.hidden_size, runner.dtype, runner.device)
         if plan.shutdown or plan.keepalive:
             if not ctx.is_last_stage:
                 pipeline.send_step(ctx, outbox, plan, None)

@@ -196,3 +196,26 @@ def tagged_processes(tag: str) -> list[int]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
+
+
+def plan_messages_rank(rank: int, port: int, plans: list, out_path: str) -> None:
+    """Rank 0 sends `plans` leader to leader as a stage does (pipeline.send_step); rank 1 takes them in through a
+    PlanInbox and pickles what it got to `out_path`."""
+    import pickle
+
+    from hexgen.engine import pipeline
+    from hexgen.engine.parallel import init_rank_context
+    from hexgen.launch.spec import Layout
+
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ctx = init_rank_context(Layout((1, 1), ((0, 1), (1, 2))), rank, "gloo")
+    if rank == 0:
+        outbox = pipeline.Outbox(2)
+        for plan in plans:
+            pipeline.send_step(ctx, outbox, plan, None)
+        outbox.flush()
+    else:
+        inbox = pipeline.PlanInbox(ctx)
+        Path(out_path).write_bytes(pickle.dumps([inbox.next_plan() for _ in plans]))
+    dist.destroy_process_group()

@@ -41,3 +41,26 @@ def test_pipelined_prefix_caching_matches_one_process(tiny_model_dirs, tmp_path)
     tokens, _ = run_layout_with_logits(directory, [1, 2, 1], [2, 2, 2], requests, tmp_path, 0, config)
     assert tokens == expected
     assert torch.load(tmp_path / "hits.pt") > 0
+
+
+def test_plans_of_any_size_reach_the_next_stage_whole_and_in_order(tmp_path):
+    """A plan travels in one fixed-size message, the rest of a larger one in a second, while the next stage keeps
+    its next receive posted: a small plan, one far over PLAN_BYTES (long block tables), a keep-alive, a small one
+    and the shutdown arrive equal to what was sent, in order."""
+    import pickle
+
+    from engine_helpers import plan_messages_rank, spawn_ranks
+
+    from hexgen.engine.messages import StepPlan
+    from hexgen.engine.pipeline import PLAN_BYTES
+
+    def plan(seqs: int, blocks: int) -> StepPlan:
+        return StepPlan(seq_ids=list(range(seqs)), starts=[blocks * 16] * seqs, lengths=[1] * seqs,
+                        token_ids=list(range(seqs)), block_tables=[list(range(b * blocks, (b + 1) * blocks))
+                                                                   for b in range(seqs)], sample=[True] * seqs)
+
+    plans = [plan(2, 3), plan(64, 300), StepPlan(keepalive=True), plan(5, 1), StepPlan(shutdown=True)]
+    assert len(pickle.dumps(plans[1])) > 2 * PLAN_BYTES
+    out = tmp_path / "received.pkl"
+    spawn_ranks(plan_messages_rank, 2, (plans, str(out)))
+    assert pickle.loads(out.read_bytes()) == plans
