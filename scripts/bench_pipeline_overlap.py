@@ -43,9 +43,12 @@ READING = ("What these figures say and what keeps overlapping stages under twice
            "\"Stages on their own devices work at once\".")
 
 
-def predicted_tok_s(spec, case: Case, args) -> float:
+def predicted_tok_s(spec, case: Case, args) -> float | None:
     """The simulator's output tokens per second for `case` under the same closed-loop load: each stage on a core
-    of its own (examples/clusters/local-two-cores.yaml) with this machine's one-thread profile."""
+    of its own (examples/clusters/local-two-cores.yaml) with this machine's one-thread profile. None for stages
+    taking turns on one machine's cores (the simulator runs that for shared machines only)."""
+    if case.depth == 1 and len(case.layers) > 1:
+        return None
     from hexgen.cluster import load_cluster
     from hexgen.costmodel import CostConfig, Workload
     from hexgen.dispatch import make_policy
@@ -62,8 +65,6 @@ def predicted_tok_s(spec, case: Case, args) -> float:
     stages = [{"machine": machine, "gpus": [0], "tp": 1, "layers": [bounds[i], bounds[i + 1]]}
               for i, machine in enumerate(["core-a", "core-b"][: len(case.layers)])]
     plan = plan_from_dict({"model": "smollm2-135m", "replicas": [{"stages": stages}]}, case.label)
-    if case.depth == 1 and len(stages) > 1:
-        return float("nan")  # taking turns on one machine's cores: the simulator runs that for shared machines only
     models = replica_models(plan, cluster, spec, CostConfig(dtype_bytes=4), args.streams,
                             Workload(args.prompt_tokens, args.new_tokens, args.streams))
     done = simulate_streams(models, args.streams, args.requests, args.prompt_tokens, args.new_tokens,
@@ -135,7 +136,7 @@ def main() -> int:
 
     def predicted(case: Case) -> str:
         tok_s = predicted_tok_s(source.spec, case, args)
-        if tok_s != tok_s:  # nan
+        if tok_s is None:
             return "-"
         return f"{tok_s:.1f} ({tok_s / statistics.median(results[case.label]) - 1:+.0%})"
 

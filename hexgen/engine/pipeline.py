@@ -19,7 +19,6 @@ import pickle
 from collections import deque
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,7 +26,8 @@ from hexgen.engine.messages import StepPlan
 from hexgen.engine.parallel import RankContext
 
 PLAN_TAG, ACTIVATION_TAG, TOKENS_TAG = 1, 2, 3
-PLAN_BYTES = 16384  # a plan message: its pickle's length (int64), the pickle, zeros; a longer pickle's rest follows
+# a plan message: its pickle's length (8 bytes, little-endian), the pickle, zeros; a longer pickle's rest follows
+PLAN_BYTES = 16384
 _LENGTH_BYTES = 8
 
 
@@ -75,11 +75,11 @@ def send_step(ctx: RankContext, outbox: Outbox, plan: StepPlan, hidden: torch.Te
 def encode_plan(plan: StepPlan) -> list[torch.Tensor]:
     """[PLAN_BYTES message] or, for a pickle longer than fits, [message, rest] (uint8 tensors)."""
     data = pickle.dumps(plan)
-    head = np.zeros(PLAN_BYTES, dtype=np.uint8)
-    head[:_LENGTH_BYTES] = np.frombuffer(np.int64(len(data)).tobytes(), dtype=np.uint8)
     first = min(len(data), PLAN_BYTES - _LENGTH_BYTES)
-    head[_LENGTH_BYTES : _LENGTH_BYTES + first] = np.frombuffer(data, dtype=np.uint8, count=first)
-    parts = [torch.from_numpy(head)]
+    head = bytearray(PLAN_BYTES)
+    head[:_LENGTH_BYTES] = len(data).to_bytes(_LENGTH_BYTES, "little")
+    head[_LENGTH_BYTES : _LENGTH_BYTES + first] = data[:first]
+    parts = [torch.frombuffer(head, dtype=torch.uint8)]
     if len(data) > first:
         parts.append(torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8))
     return parts
@@ -99,10 +99,10 @@ class PlanInbox:
 
     def next_plan(self) -> StepPlan:
         self._work.wait()
-        head = self._head.numpy()
-        length = int(np.frombuffer(head[:_LENGTH_BYTES].tobytes(), dtype=np.int64)[0])
+        head = self._head.numpy().tobytes()
+        length = int.from_bytes(head[:_LENGTH_BYTES], "little")
         first = min(length, PLAN_BYTES - _LENGTH_BYTES)
-        data = head[_LENGTH_BYTES : _LENGTH_BYTES + first].tobytes()
+        data = head[_LENGTH_BYTES : _LENGTH_BYTES + first]
         if length > first:  # the rest, before the next message's receive is posted (same source and tag)
             rest = torch.empty(length - first, dtype=torch.uint8)
             dist.recv(rest, self.ctx.prev_leader, group=self.ctx.control, tag=PLAN_TAG)
