@@ -36,12 +36,14 @@ SHAPE=llama-3-8b
 DEVICE=cuda
 BENCH_ARGS=(--device cuda --dtype bfloat16)
 SERVE_LOADS=("64 256 128" "1 8 128")  # streams, requests, tokens each: the issue's 64 x 128 target, then latency
+BREAKDOWN_ARGS=""
 if [[ "${1:-}" == "--dry-run" ]]; then
     DEVICE=cpu
     PYTHON=.venv/bin/python
     SHAPE=tiny
     BENCH_ARGS=(--device cpu --dtype bfloat16 --batch-sizes 1 4 --new-tokens 4 --repeats 1 --layout 1)
     SERVE_LOADS=("8 16 16" "1 2 16")
+    BREAKDOWN_ARGS="--batches 1 4 --contexts 288 --steps 3"
 elif [[ -n "${1:-}" ]]; then
     echo "usage: bash scripts/gpu_check.sh [--fetch-wheels | --dry-run]" >&2
     exit 2
@@ -97,8 +99,13 @@ export SERVE_ARGS="${mode_flags[$i]}"
 [[ -n "${mode_env[$i]}" ]] && export "${mode_env[$i]}"
 
 echo "== hexgen serve --device $DEVICE (random $SHAPE) under hexgen bench serve"
-bash scripts/serve_check.sh "$PYTHON" "$MODEL_DIR" "$DEVICE" "$OUT" "$(cap 110 40)" "${SERVE_LOADS[@]}"
+bash scripts/serve_check.sh "$PYTHON" "$MODEL_DIR" "$DEVICE" "$OUT" "$(cap 110 90)" "${SERVE_LOADS[@]}"
 serve_rc=$?
+
+echo "== where a decode step's time goes (graph replay against the rest; not part of the pass / fail)"
+# shellcheck disable=SC2086
+timeout "$(cap 80 40)" $PYTHON scripts/gpu_step_breakdown.py "$MODEL_DIR" --device "$DEVICE" $BREAKDOWN_ARGS \
+    --markdown "$OUT/step-breakdown.md" > "$OUT/step-breakdown.log" 2>&1 || tail -5 "$OUT/step-breakdown.log"
 rm -rf "$(dirname "$MODEL_DIR")"
 
 echo "== kernels beside torch"
@@ -117,5 +124,8 @@ echo "== results after ${SECONDS} s (pytest exit $tests_rc, $tests_failed failed
 cat "$OUT/bench-engine.md" 2>/dev/null || tail -40 "$OUT/bench-engine-$bench_mode.log"
 cat "$OUT/serve.md" 2>/dev/null
 cat "$OUT/kernels.md" 2>/dev/null
+cat "$OUT/step-breakdown.md" 2>/dev/null
+# At most 8 files come back from a device call: the logs and JSON travel as one archive.
+(cd "$OUT" && tar czf logs.tar.gz --remove-files -- *.log *.json 2>/dev/null)
 [[ $tests_failed -eq 0 && $tests_rc -ne 124 && $bench_rc -eq 0 && $bench_mode == graphs && $serve_rc -eq 0 \
     && $kernels_rc -eq 0 ]]
