@@ -20,10 +20,19 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
     return model, flags
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask (`taskset`, a cgroup's cpuset), as torch's default thread
+    count counts them, not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity masks on this platform
+        return os.cpu_count() or 1
+
+
 def cpu_description() -> str:
     model, flags = _cpu_model_and_flags()
     vector = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags]
-    return f"{model} ({', '.join(vector) or 'no AVX'}), {os.cpu_count()} cores"
+    return f"{model} ({', '.join(vector) or 'no AVX'}), {usable_cores()} cores"
 
 
 def cpu_lacks_bf16_matmul() -> bool:

@@ -115,9 +115,11 @@ def main() -> int:
     device = torch.device(args.device)
     source = resolve_model(args.model_dir, progress=False)
     ids = prompt_ids(source, PROMPT_TOKENS)
-    lines = [f"Decode step breakdown, {source.name}, bf16, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
-             f", prompt {PROMPT_TOKENS} tokens, median of {args.steps} steps (`scripts/gpu_step_breakdown.py`)", "",
-             "| context limit | batch | step ms | graph replay ms | rest ms | eager step ms | host functions, ms/step (cProfile) |",
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    lines = [f"Decode step breakdown, {source.name}, bf16, {where}, prompt {PROMPT_TOKENS} tokens, median of "
+             f"{args.steps} steps (`scripts/gpu_step_breakdown.py`)", "",
+             "| context limit | batch | step ms | graph replay ms | rest ms | eager step ms "
+             "| host functions, ms/step (cProfile) |",
              "|---|---|---|---|---|---|---|"]
     for context in args.contexts:
         config = SchedulerConfig(max_running_seqs=max(args.batches), max_context=context)

@@ -5,7 +5,8 @@
 #   bash scripts/serve_check.sh PYTHON MODEL_DIR DEVICE OUT LIMIT_S "STREAMS REQUESTS TOKENS" ...
 #
 # Writes under OUT: serve.log (the server), serve-<streams>.json / .log (each load) and serve.md (the table).
-# SERVE_ARGS in the environment: more `hexgen serve` flags (e.g. --enforce-eager).
+# SERVE_ARGS in the environment: more `hexgen serve` flags (e.g. --enforce-eager); SERVE_DTYPE: the dtype
+# (default bfloat16).
 # Exit 0 only when the server came up, every load ran without a failed request, and nothing was left behind.
 set -uo pipefail
 if (( $# < 6 )); then
@@ -15,6 +16,7 @@ fi
 PYTHON=$1 MODEL_DIR=$2 DEVICE=$3 OUT=$4 LIMIT_S=$5
 shift 5
 PORT="${SERVE_PORT:-8311}"
+DTYPE="${SERVE_DTYPE:-bfloat16}"
 deadline=$(( SECONDS + LIMIT_S ))
 layers=$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' \
     "$MODEL_DIR/config.json") || exit 1
@@ -23,7 +25,7 @@ printf '{"model": "%s", "replicas": [{"stages": [{"machine": "localhost", "gpus"
     "$MODEL_DIR" "$layers" > "$plan"
 
 # In its own session, so that whatever is left of it at the end can be stopped as one process group.
-setsid $PYTHON -m hexgen.cli serve --model "$MODEL_DIR" --plan "$plan" --device "$DEVICE" --dtype bfloat16 \
+setsid $PYTHON -m hexgen.cli serve --model "$MODEL_DIR" --plan "$plan" --device "$DEVICE" --dtype "$DTYPE" \
     --host 127.0.0.1 --port "$PORT" --max-batch 64 --served-model-name random ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
 server=$!
 stop_server() {
@@ -64,16 +66,16 @@ stop_server || rc=1
 (( ${#files[@]} )) || exit 1
 
 # The table (serve.md); exit 1 when a load had a failed request.
-$PYTHON - "$DEVICE" "${files[@]}" > "$OUT/serve.md" <<'EOF' || rc=1
+$PYTHON - "$DEVICE" "$DTYPE" "${files[@]}" > "$OUT/serve.md" <<'EOF' || rc=1
 import json, sys
 
-print(f"`hexgen serve --device {sys.argv[1]} --dtype bfloat16 --max-batch 64` (one replica, one stage) under "
+print(f"`hexgen serve --device {sys.argv[1]} --dtype {sys.argv[2]} --max-batch 64` (one replica, one stage) under "
       "`hexgen bench serve --ignore-eos`\n")
 print("| streams | requests ok / failed | output tok/s | TPOT p50 (ms) | TPOT p90 (ms) | TTFT p50 (ms) "
       "| engine step (ms) | tokens / step | driver busy |")
 print("|---|---|---|---|---|---|---|---|---|")
 failed = 0
-for path in sys.argv[2:]:
+for path in sys.argv[3:]:
     document = json.load(open(path))
     config, summary = document["config"], document["summary"]
     tpot, ttft = summary["tpot_s"], summary["ttft_s"]

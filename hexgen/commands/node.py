@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 
 from hexgen.errors import UserError
@@ -34,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def default_slots() -> int:
     from hexgen.engine.devices import cuda_device_count
+    from hexgen.machine import usable_cores
 
-    return cuda_device_count() or (os.cpu_count() or 1)
+    return cuda_device_count() or usable_cores()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hexgen.engine.devices import cuda_device_count, cuda_device_name
     from hexgen.engine.profiler import measure_profile
-    from hexgen.machine import cpu_description
+    from hexgen.machine import cpu_description, usable_cores
     from hexgen.profile import profile_from_dict
 
     device = args.device if args.device != "auto" else ("cuda" if cuda_device_count() else "cpu")
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     device_type = args.device_type or ("CPU-worker" if device == "cpu" else _gpu_table_name())
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     load = os.getloadavg()[0]
-    if load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; other work will make every figure low")
+    if load > 0.5 * usable_cores():
+        print(f"warning: load average {load:.1f} on {usable_cores()} cores; other work will make every figure low")
     print(f"measuring {describe} as {device_type} ({dtype}); this takes about a minute")
     figures = measure_profile(device_type, dtype, device, describe, args.threads, args.model)
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)

@@ -31,6 +31,7 @@ from hexgen.engine.engine import DTYPES, Engine, build_runner, init_rank
 from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.launch.spec import Layout, RankSpec
+from hexgen.machine import usable_cores
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 256, "max_position_embeddings": 512}
@@ -183,7 +184,6 @@ def served_allreduce_ms(figures: dict[str, Any], source, dtype: str) -> dict[int
     """{t: fixed ms of one decode all-reduce over t ranks} for each valid TP degree 2..MAX_SERVED_TP of the model,
     fitted to the model served as one TP-t stage of `threads`-thread ranks on this machine's cores at batch 1:
     served step / waves = compute (the cost model with these figures and a free all-reduce) + 2 x layers x it."""
-    import os
     from dataclasses import replace
 
     from hexgen.cluster import GpuType
@@ -192,7 +192,7 @@ def served_allreduce_ms(figures: dict[str, Any], source, dtype: str) -> dict[int
     from hexgen.profile import profile_from_dict
     from hexgen.sim.host import pace
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     spec, cfg = source.spec, CostConfig(dtype_bytes=DTYPES[dtype].itemsize)
     degrees = [t for t in spec.valid_tp_degrees(MAX_SERVED_TP) if t > 1]
     base = profile_from_dict({**figures, "device_type": "measured"}).applied_to(

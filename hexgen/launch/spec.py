@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.launch.lifetime import free_port
+from hexgen.machine import usable_cores
 from hexgen.plan import Replica
 
 
@@ -122,7 +122,7 @@ def rank_specs(
     layout = layout_of(replica, device)
     world = layout.world_size
     if threads_per_rank is None:
-        threads_per_rank = 0 if world == 1 else cpu_threads_per_rank([replica], os.cpu_count() or 1)
+        threads_per_rank = 0 if world == 1 else cpu_threads_per_rank([replica], usable_cores())
     if spin_count is None:
         spin_count = omp_spin_count([replica], device)
     port = free_port() if world > 1 else 0

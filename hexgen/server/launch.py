@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 from rich.console import Console
 from rich.progress import Progress
@@ -12,6 +11,7 @@ from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import PlanError
 from hexgen.launch.spec import cpu_threads_per_rank, omp_spin_count, rank_specs
+from hexgen.machine import usable_cores
 from hexgen.models import ModelSpec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, Replica, Stage
 from hexgen.server.replica_client import ReplicaClient, ReplicaStartError, local_ranks
@@ -70,7 +70,7 @@ def make_replicas(
     scheduler_config: SchedulerConfig,
     eos_token_ids: tuple[int, ...],
 ) -> list[ReplicaClient]:
-    threads = cpu_threads_per_rank(plan.replicas, os.cpu_count() or 1) if device == "cpu" else 1
+    threads = cpu_threads_per_rank(plan.replicas, usable_cores()) if device == "cpu" else 1
     spin_count = omp_spin_count(plan.replicas, device)
     return [
         ReplicaClient(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, omp_spin_count, pipeline_depth, rank_specs
 from hexgen.models import load_model_spec
@@ -74,3 +76,25 @@ def test_a_rank_process_sets_its_spin_count_before_torch_loads_unless_the_user_d
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")  # the user's own setting wins
     entry.run_rank(spec)
     assert seen == ["10000", "0"]
+
+
+def test_ranks_share_the_cores_the_process_may_run_on_not_the_machines(tmp_path):
+    """Under `taskset -c 0` the two stages of a pipeline (which take turns, each with every core) get one thread
+    each, whatever os.cpu_count() says (in a child process, so that this one keeps its affinity)."""
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no affinity masks on this platform")
+    code = (
+        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "from hexgen.engine.checkpoint import ModelSource; from hexgen.launch.spec import rank_specs;"
+        "from hexgen.machine import usable_cores; from hexgen.models import load_model_spec;"
+        "from hexgen.plan import Replica, Stage;"
+        "two = Replica((Stage('localhost', (0,), 1, (0, 15)), Stage('localhost', (1,), 1, (15, 30))));"
+        "source = ModelSource('m', sys.argv[1], load_model_spec('smollm2-135m'));"
+        "print(usable_cores(), [s.num_threads for s in rank_specs(source, two, 'float32', 'cpu')])"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "[1,", "1]"]
