@@ -1,4 +1,5 @@
-"""CUDA smoke tests (NCCL): the tiny tokenizer model on 1 and 2 GPUs gives the CPU run's greedy text."""
+"""CUDA tests: a random word-tokenizer model on 1 and 2 GPUs (NCCL) gives the CPU run's greedy text; CUDA graphs
+give the eager run's tokens."""
 
 from __future__ import annotations
 
