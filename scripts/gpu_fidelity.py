@@ -45,14 +45,16 @@ def main() -> None:
         print(f"| decode step, batch {batch} (ms) | {measured:.2f} | {predicted:.2f} | {predicted / measured:.2f} |")
     for streams, requests, tokens, tok_s, tpot_ms in MEASURED_SERVING:
         [model] = replica_models(plan, cluster, spec, cfg, MAX_BATCH, Workload(SERVED_PROMPT_TOKENS, tokens, MAX_BATCH))
-        done = simulate_streams([model], streams, requests, SERVED_PROMPT_TOKENS, tokens, make_policy("least-outstanding"))
+        policy = make_policy("least-outstanding")
+        done = simulate_streams([model], streams, requests, SERVED_PROMPT_TOKENS, tokens, policy)
         span = max(c.finish_s for c in done)
         predicted_tok_s = requests * tokens / span
         mean_latency_s = float(np.mean([c.latency_s for c in done]))
         print(f"| `hexgen serve`, {streams} streams: output tok/s | {tok_s:.0f} | {predicted_tok_s:.0f} "
               f"| {predicted_tok_s / tok_s:.2f} |")
         print(f"| `hexgen serve`, {streams} streams: mean latency / {tokens} tokens (ms; measured: TPOT p50) "
-              f"| {tpot_ms:.1f} | {1000 * mean_latency_s / tokens:.1f} | {mean_latency_s / tokens * 1000 / tpot_ms:.2f} |")
+              f"| {tpot_ms:.1f} | {1000 * mean_latency_s / tokens:.1f} "
+              f"| {1000 * mean_latency_s / tokens / tpot_ms:.2f} |")
 
 
 if __name__ == "__main__":
