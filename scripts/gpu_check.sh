@@ -3,9 +3,10 @@
 # gpu-marked tests, `hexgen bench engine --device cuda` on a random-weight Llama-3-8B-shaped model it builds
 # itself (kept, with a word-level tokenizer of its vocabulary), `hexgen serve` of that model on the GPU under
 # `hexgen bench serve` at 64 streams x 128 tokens and at 1 stream, each Triton kernel beside torch
-# (scripts/kernel_bench.py), then `hexgen profile` of the GPU for the planner (not part of the pass / fail: a
-# bonus if time is left). If the engine bench fails (not by timing out), it runs again without CUDA graphs, then
-# with torch ops instead of the Triton kernels too (HEXGEN_TRITON=0), and serving uses the mode that worked.
+# (scripts/kernel_bench.py), then `hexgen profile --model` of the GPU on that checkpoint for the planner (not
+# part of the pass / fail: a bonus if time is left). If the engine bench fails (not by timing out), it runs again
+# without CUDA graphs, then with torch ops instead of the Triton kernels too (HEXGEN_TRITON=0), and serving uses
+# the mode that worked.
 #
 #   bash scripts/gpu_check.sh --fetch-wheels   here, once: the Python packages the GPU image lacks -> .whl/
 #   bash scripts/gpu_check.sh                  on the GPU machine (carry .whl); tables and logs under $OUT
@@ -106,17 +107,20 @@ echo "== where a decode step's time goes (graph replay against the rest; not par
 # shellcheck disable=SC2086
 timeout "$(cap 80 40)" $PYTHON scripts/gpu_step_breakdown.py "$MODEL_DIR" --device "$DEVICE" $BREAKDOWN_ARGS \
     --markdown "$OUT/step-breakdown.md" > "$OUT/step-breakdown.log" 2>&1 || tail -5 "$OUT/step-breakdown.log"
-rm -rf "$(dirname "$MODEL_DIR")"
 
 echo "== kernels beside torch"
 timeout "$(cap 45 0)" $PYTHON scripts/kernel_bench.py --markdown "$OUT/kernels.md" 2>&1 | tail -20
 kernels_rc=${PIPESTATUS[0]}
 
 if (( BUDGET_S - SECONDS > 40 )); then
-    echo "== hexgen profile --device $DEVICE (for hexgen plan / simulate; commit as examples/profiles/)"
-    timeout "$(cap 75 0)" $PYTHON -m hexgen.cli profile --device "$DEVICE" -o "$OUT/profile-$DEVICE.yaml" \
-        > "$OUT/profile.log" 2>&1 && cat "$OUT/profile-$DEVICE.yaml" || tail -5 "$OUT/profile.log"
+    # --model: the per-layer and per-sequence overheads fitted on the benchmark model's own decode steps
+    echo "== hexgen profile --device $DEVICE --model (random $SHAPE) (for hexgen plan / simulate; commit as" \
+        "examples/profiles/)"
+    timeout "$(cap 110 0)" $PYTHON -m hexgen.cli profile --device "$DEVICE" --model "$MODEL_DIR" \
+        -o "$OUT/profile-$DEVICE.yaml" > "$OUT/profile.log" 2>&1 && cat "$OUT/profile-$DEVICE.yaml" \
+        || tail -5 "$OUT/profile.log"
 fi
+rm -rf "$(dirname "$MODEL_DIR")"
 
 echo "== results after ${SECONDS} s (pytest exit $tests_rc, $tests_failed failed; engine bench exit $bench_rc" \
     "in mode $bench_mode;" \

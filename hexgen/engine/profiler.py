@@ -3,12 +3,14 @@ fixed costs per step, per layer and per sequence, and the all-reduce and stage-t
 
 The fixed costs come from the real engine running tiny random Llamas (hidden 64, so their arithmetic is
 negligible): decode steps of 1 and 4 layers at batch 1 and 8 are fitted to t = step + layers x (layer + batch x seq).
-With --model on a CPU, the model is also served as two stages taking turns on this machine's cores (as `hexgen
-serve` runs a CPU pipeline) beside one process, at batch 1 and 8: the difference per step is the co-located
-handoff, fitted to t = handoff + batch x handoff_seq; and the model is served as one TP-t stage for each of its
-valid TP degrees t from 2 to 4 at batch 1: (the step / the waves its ranks run in on the cores, as the simulator
-has it in hexgen/sim/host.py, - the cost model's compute) / (2 x layers) is the fixed time of an all-reduce at
-degree t as the engine meets it.
+With --model, the model's own decode steps (batch 1 and 8 on a CPU; 1, 8 and 64 on a GPU, where a sequence's
+cost shows only over tens of them) are fitted by least squares: what the cost model leaves unexplained per step
+and per sequence becomes its per-layer and per-sequence overheads. On a CPU the model is also served as two
+stages taking turns on this machine's cores (as `hexgen serve` runs a CPU pipeline) beside one process, at batch
+1 and 8: the difference per step is the co-located handoff, fitted to t = handoff + batch x handoff_seq; and the
+model is served as one TP-t stage for each of its valid TP degrees t from 2 to 4 at batch 1: (the step / the waves
+its ranks run in on the cores, as the simulator has it in hexgen/sim/host.py, - the cost model's compute) /
+(2 x layers) is the fixed time of an all-reduce at degree t as the engine meets it.
 Links are timed with gloo (CPU) or NCCL (two GPUs or more) between two processes, and fitted to the cost model's
 own formulas: all-reduce over two ranks = 2 x latency + bytes / bandwidth, a send = latency + bytes / bandwidth.
 """
@@ -92,22 +94,35 @@ def _tiny_checkpoint(num_layers: int, folder: Path):
     return ModelSource(spec.name, folder, spec)
 
 
-def _decode_step_s(source, batch: int, dtype: str, device: str, threads: int, steps: int = 24) -> float:
-    """Median seconds of the engine's decode steps with `batch` sequences, one in-process rank."""
+def _decode_steps_s(source, batches: tuple[int, ...], dtype: str, device: str, threads: int, steps: int = 24,
+                    runs: int = 1) -> dict[int, float]:
+    """{batch: median seconds of the engine's decode steps with `batch` sequences} on one in-process rank, the
+    model loaded once; the fastest of `runs` runs at each batch (other work on the machine only ever adds time)."""
     layout = Layout((1,), ((0, source.spec.num_layers),))
     spec = RankSpec(source, layout, 0, dtype, device, num_threads=threads)
-    config = SchedulerConfig(max_running_seqs=batch, max_context=256)
+    config = SchedulerConfig(max_running_seqs=max(batches), max_context=256)
     engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
     params = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
-    for i in range(batch):
-        engine.add(GenerationRequest(f"r{i}", tuple(range(10, 18)), params))
-    engine.step()  # the prefill
-    times = []
-    while engine.has_work:
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+    out = {}
+    for batch in batches:
+        medians = []
+        for run in range(runs):
+            for i in range(batch):
+                engine.add(GenerationRequest(f"b{batch}-{run}-{i}", tuple(range(10, 18)), params))
+            engine.step()  # the prefill
+            times = []
+            while engine.has_work:
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            medians.append(statistics.median(times[2:]))
+        out[batch] = min(medians)
+    return out
+
+
+def _decode_step_s(source, batch: int, dtype: str, device: str, threads: int) -> float:
+    """Median seconds of the engine's decode steps with `batch` sequences, one in-process rank."""
+    return _decode_steps_s(source, (batch,), dtype, device, threads)[batch]
 
 
 def engine_overheads_ms(dtype: str, device: str, threads: int) -> dict[str, float]:
@@ -117,33 +132,54 @@ def engine_overheads_ms(dtype: str, device: str, threads: int) -> dict[str, floa
         for layers in OVERHEAD_LAYERS:
             source = _tiny_checkpoint(layers, Path(tmp) / f"l{layers}")
             _decode_step_s(source, 1, dtype, device, threads)  # warm-up: the first engine's steps pay one-off costs
-            for batch in OVERHEAD_BATCHES:
+            for batch, step_s in _decode_steps_s(source, OVERHEAD_BATCHES, dtype, device, threads, runs=2).items():
                 rows.append([1.0, layers, layers * batch])
-                # the faster of two runs: other work on the machine only ever adds time
-                times.append(min(_decode_step_s(source, batch, dtype, device, threads) for _ in range(2)))
+                times.append(step_s)
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
     step_s, layer_s, seq_s = (max(0.0, float(c)) for c in coef)
     return {"step_overhead_ms": step_s * 1e3, "layer_overhead_ms": layer_s * 1e3, "seq_overhead_ms": seq_s * 1e3}
 
 
-def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threads: int) -> dict[str, float]:
-    """Per-layer and per-sequence overheads that make the cost model match the engine's decode steps on `source`
-    (one rank, batch 1 and 8): what the real model adds beyond its matmuls and weight scan (attention over the
-    paged pool, norms, RoPE, sampling), spread over its layers. The step overhead of the tiny fit is kept."""
+def model_step_cost(figures: dict[str, Any], spec, dtype_bytes: int):
+    """The cost model's LinearCost of one stage holding all of `spec`'s layers on one device with these figures
+    (matmul rate, weight-scan bandwidth, step overhead) and no per-layer or per-sequence overhead yet."""
     from hexgen.cluster import GpuType, Link
     from hexgen.costmodel import CostConfig
     from hexgen.costmodel.stage import stage_cost
 
     gpu = GpuType("measured", 1e6, 1.0, 1.0, measured_bandwidth_gbs=figures["memory_bandwidth_gbs"],
                   measured_tflops=figures["matmul_tflops"], step_overhead_ms=figures["step_overhead_ms"])
-    spec = source.spec
-    cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=DTYPES[dtype].itemsize),
+    return stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=dtype_bytes),
                       is_first=True, is_last=True)
-    residual = {b: min(_decode_step_s(source, b, dtype, device, threads) for _ in range(2))
-                - cost.decode_step_s(b, b * SERVED_CONTEXT) for b in (1, 8)}
-    per_seq_s = max(0.0, (residual[8] - residual[1]) / 7)
-    fixed_s = max(0.0, residual[1] - per_seq_s)
-    return {"layer_overhead_ms": fixed_s / spec.num_layers * 1e3, "seq_overhead_ms": per_seq_s / spec.num_layers * 1e3}
+
+
+def fit_overheads(residual_s: dict[int, float], num_layers: int) -> dict[str, float]:
+    """Per-layer and per-sequence overheads (ms, never negative) from {batch: measured step - the cost model's
+    step} by least squares on residual = fixed + batch x per_seq, each spread over the model's layers."""
+    batches = sorted(residual_s)
+    rows = np.array([[1.0, b] for b in batches])
+    (fixed_s, per_seq_s), *_ = np.linalg.lstsq(rows, np.array([residual_s[b] for b in batches]), rcond=None)
+    if per_seq_s < 0:  # the steps grow more slowly with the batch than the model says: no per-sequence overhead
+        per_seq_s, fixed_s = 0.0, float(np.mean([residual_s[b] for b in batches]))
+    return {"layer_overhead_ms": max(0.0, float(fixed_s)) / num_layers * 1e3,
+            "seq_overhead_ms": float(per_seq_s) / num_layers * 1e3}
+
+
+def fit_batches(device: str) -> tuple[int, ...]:
+    """Batch sizes of the model's decode steps that fit_to_model times: a GPU's steps are cheap and the cost of a
+    sequence shows only over tens of them (an 8B step on an H200: 5.30 ms at batch 1, 5.38 at 8, 6.43 at 64)."""
+    return (1, 8, 64) if device == "cuda" else (1, 8)
+
+
+def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threads: int) -> dict[str, float]:
+    """Per-layer and per-sequence overheads that make the cost model match the engine's decode steps on `source`
+    (one rank, at fit_batches): what the real model adds beyond its matmuls and weight scan (attention over the
+    paged pool, norms, RoPE, sampling, host work around a GPU's graph replay), spread over its layers. The step
+    overhead of the tiny fit is kept."""
+    cost = model_step_cost(figures, source.spec, DTYPES[dtype].itemsize)
+    measured = _decode_steps_s(source, fit_batches(device), dtype, device, threads, runs=2)
+    residual = {b: step_s - cost.decode_step_s(b, b * SERVED_CONTEXT) for b, step_s in measured.items()}
+    return fit_overheads(residual, source.spec.num_layers)
 
 
 def _served_decode_s(source, tp_degrees: list[int], batch: int, dtype: str, threads: int, steps: int = 24) -> float:

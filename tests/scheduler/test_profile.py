@@ -114,3 +114,19 @@ def test_example_cluster_names_its_profile():
     gpu = load_cluster("examples/clusters/local-cpu-profiled.yaml").machine("localhost").gpu
     profile = load_profile("examples/profiles/cpu-epyc-2core-1thread.yaml")
     assert gpu.measured_bandwidth_gbs == profile.memory_bandwidth_gbs
+
+
+def test_the_h200_profile_calibrated_on_an_8b_predicts_the_steps_the_h200_measured():
+    """The H200 measured an 8B-shaped decode step at 5.30 ms (batch 1) and 7.71 ms (batch 128; docs/bench-gpu.md):
+    the cost model on the committed calibrated profile stays within 10% of both."""
+    from hexgen.cluster import load_cluster
+    from hexgen.models import load_model_spec
+
+    gpu = load_cluster("examples/clusters/one-h200.yaml").machine("gpu-box").gpu
+    calibrated = load_profile("examples/profiles/gpu-h200-bf16-llama-3-8b.yaml")
+    assert gpu.layer_overhead_ms == calibrated.layer_overhead_ms
+    spec = load_model_spec("llama-3-8b")
+    cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(100, 0.01), CostConfig(dtype_bytes=2),
+                      is_first=True, is_last=True)
+    for batch, measured_ms in ((1, 5.30), (128, 7.71)):
+        assert 1000 * cost.decode_step_s(batch, batch * 144) == pytest.approx(measured_ms, rel=0.1)
