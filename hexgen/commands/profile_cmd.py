@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
     device_type = args.device_type or ("CPU-worker" if device == "cpu" else _gpu_table_name())
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     load = os.getloadavg()[0]
-    if load > 0.5 * usable_cores():
-        print(f"warning: load average {load:.1f} on {usable_cores()} cores; other work will make every figure low")
+    cores = usable_cores()
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores; other work will make every figure low")
     print(f"measuring {describe} as {device_type} ({dtype}); this takes about a minute")
     figures = measure_profile(device_type, dtype, device, describe, args.threads, args.model)
     figures["load_average_1m"] = round(os.getloadavg()[0], 2)
