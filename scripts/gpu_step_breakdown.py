@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from hexgen.engine.bench import HexgenSingle, prompt_ids
+from hexgen.engine.bench_batch import start_decoding, stop_decoding
 from hexgen.engine.checkpoint import resolve_model
-from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
 
 PROMPT_TOKENS = 128
@@ -81,13 +81,7 @@ def top_functions(engine, steps: int) -> str:
 def measure(single: HexgenSingle, ids: list[int], batch: int, device: torch.device, steps: int) -> dict:
     engine = single.engine
     runner = engine.runner
-    params = SamplingParams(max_new_tokens=4 * steps + 64, ignore_eos=True)
-    names = [f"b{batch}-{i}" for i in range(batch)]
-    for name in names:
-        engine.add(GenerationRequest(name, tuple(ids), params))
-    started: set[str] = set()
-    while len(started) < batch:
-        started.update(event.request_id for event in engine.step())
+    names = start_decoding(engine, ids, batch, 4 * steps + 8)  # timed, replayed, profiled and eager steps
     row = {"batch": batch, "step_ms": median_ms(engine.step, device, steps)}
     graphs = runner.graphs
     row["replay_ms"] = replay_ms(graphs, batch, steps) if graphs is not None else None
@@ -95,10 +89,7 @@ def measure(single: HexgenSingle, ids: list[int], batch: int, device: torch.devi
     runner.graphs = None
     row["eager_ms"] = median_ms(engine.step, device, steps)
     runner.graphs = graphs
-    for name in names:
-        engine.abort(name)
-    while engine.has_work:
-        engine.step()
+    stop_decoding(engine, names)
     return row
 
 

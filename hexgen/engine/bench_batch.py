@@ -126,21 +126,34 @@ def profile_steps(run, device: torch.device, steps: int) -> StepProfile:
     )
 
 
-def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device
-                  ) -> tuple[float, StepProfile]:
-    """(median seconds of a decode step with `batch` sequences decoding, a profile of a few more steps)."""
+def start_decoding(engine: Engine, ids: list[int], batch: int, decode_steps: int) -> list[str]:
+    """Submit `batch` requests of prompt `ids` and step the engine until each has its first token, so that every
+    following step decodes all of them (for at least `decode_steps` steps). Returns their request ids."""
     prefill_steps = -(-batch * len(ids) // engine.scheduler.config.max_step_tokens) + 1  # chunked prefill, at most
-    params = SamplingParams(max_new_tokens=prefill_steps + steps + PROFILED_STEPS + 2, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=prefill_steps + decode_steps + 2, ignore_eos=True)
     request_ids = [f"b{batch}-{i}" for i in range(batch)]
     for request_id in request_ids:
         engine.add(GenerationRequest(request_id, tuple(ids), params))
     started: set[str] = set()
-    for _ in range(4 * prefill_steps + 16):  # until every sequence has its first token: then all of them decode
+    for _ in range(4 * prefill_steps + 16):
         started.update(event.request_id for event in engine.step())
         if len(started) == batch:
-            break
-    else:
-        raise RuntimeError(f"only {len(started)} of {batch} sequences started; is the KV pool big enough?")
+            return request_ids
+    raise RuntimeError(f"only {len(started)} of {batch} sequences started; is the KV pool big enough?")
+
+
+def stop_decoding(engine: Engine, request_ids: list[str]) -> None:
+    """Abort the requests and step until the engine is idle again."""
+    for request_id in request_ids:
+        engine.abort(request_id)
+    while engine.has_work:
+        engine.step()
+
+
+def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device
+                  ) -> tuple[float, StepProfile]:
+    """(median seconds of a decode step with `batch` sequences decoding, a profile of a few more steps)."""
+    request_ids = start_decoding(engine, ids, batch, steps + PROFILED_STEPS)
     times = []
     for _ in range(steps):
         synchronize(device)
@@ -149,10 +162,7 @@ def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device
         synchronize(device)
         times.append(time.perf_counter() - start)
     profiled = profile_steps(lambda: [engine.step() for _ in range(PROFILED_STEPS)], device, PROFILED_STEPS)
-    for request_id in request_ids:
-        engine.abort(request_id)
-    while engine.has_work:
-        engine.step()
+    stop_decoding(engine, request_ids)
     return statistics.median(times), profiled
 
 
