@@ -20,7 +20,7 @@ import yaml
 from hexgen.cluster import Cluster, load_cluster
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import make_policy
-from hexgen.engine.profiler import fit_batches, fit_overheads, model_step_cost
+from hexgen.engine.profiler import fit_batches, overheads_from_steps
 from hexgen.models import load_model_spec
 from hexgen.plan import plan_from_dict
 from hexgen.profile import apply_profiles, profile_from_dict
@@ -40,24 +40,24 @@ MEASURED_SERVING = [  # streams, requests, output tokens each, measured output t
     (1, 8, 128, 195.8, 5.0),
 ]
 MAX_BATCH = 64
+DTYPE_BYTES = 2  # bf16
 CALIBRATED_ON = ("llama-3-8b shape, random weights: `hexgen bench engine --device cuda` decode steps at batch "
                  "{batches} on the H200 (docs/bench-gpu.md, run 2, 2026-11-30), fitted by scripts/gpu_fidelity.py")
 
 
 def calibrated_profile(measured: dict) -> dict:
     """The measured profile with its per-layer and per-sequence overheads fitted on the 8B's decode steps."""
-    spec = load_model_spec("llama-3-8b")
-    cost = model_step_cost(measured, spec, CostConfig().dtype_bytes)
     batches = fit_batches("cuda")
-    residual_s = {b: MEASURED_STEP_MS[b] / 1e3 - cost.decode_step_s(b, b * CONTEXT_TOKENS) for b in batches}
-    fitted = {key: round(value, 5) for key, value in fit_overheads(residual_s, spec.num_layers).items()}
+    steps_s = {b: MEASURED_STEP_MS[b] / 1e3 for b in batches}
+    fitted = overheads_from_steps(measured, load_model_spec("llama-3-8b"), DTYPE_BYTES, steps_s, CONTEXT_TOKENS)
+    fitted = {key: round(value, 5) for key, value in fitted.items()}
     return {**measured, **fitted, "calibrated_on": CALIBRATED_ON.format(batches=", ".join(map(str, batches)))}
 
 
 def predictions(cluster: Cluster) -> list[float]:
     """Predicted decode steps (ms, in MEASURED_STEP_MS's order), then output tok/s and mean ms per output token of
     each serving load."""
-    spec, cfg = load_model_spec("llama-3-8b"), CostConfig(dtype_bytes=2)
+    spec, cfg = load_model_spec("llama-3-8b"), CostConfig(dtype_bytes=DTYPE_BYTES)
     plan = plan_from_dict({"model": "llama-3-8b", "replicas": [
         {"stages": [{"machine": "gpu-box", "gpus": [0], "tp": 1, "layers": [0, spec.num_layers]}]}]}, "one H200")
     [model] = replica_models(plan, cluster, spec, cfg, 128, Workload(PROMPT_TOKENS, 64, 128))

@@ -140,17 +140,21 @@ def engine_overheads_ms(dtype: str, device: str, threads: int) -> dict[str, floa
     return {"step_overhead_ms": step_s * 1e3, "layer_overhead_ms": layer_s * 1e3, "seq_overhead_ms": seq_s * 1e3}
 
 
-def model_step_cost(figures: dict[str, Any], spec, dtype_bytes: int):
-    """The cost model's LinearCost of one stage holding all of `spec`'s layers on one device with these figures
-    (matmul rate, weight-scan bandwidth, step overhead) and no per-layer or per-sequence overhead yet."""
+def overheads_from_steps(figures: dict[str, Any], spec, dtype_bytes: int, step_s: dict[int, float],
+                         context_per_seq: int) -> dict[str, float]:
+    """Per-layer and per-sequence overheads (fit_overheads) that make the cost model, with these figures (matmul
+    rate, weight-scan bandwidth, step overhead), match decode steps of `spec` on one device: {batch: seconds} with
+    `context_per_seq` cached tokens per sequence."""
     from hexgen.cluster import GpuType, Link
     from hexgen.costmodel import CostConfig
     from hexgen.costmodel.stage import stage_cost
 
     gpu = GpuType("measured", 1e6, 1.0, 1.0, measured_bandwidth_gbs=figures["memory_bandwidth_gbs"],
                   measured_tflops=figures["matmul_tflops"], step_overhead_ms=figures["step_overhead_ms"])
-    return stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=dtype_bytes),
+    cost = stage_cost(spec, gpu, 1, spec.num_layers, Link(1.0, 0.0), CostConfig(dtype_bytes=dtype_bytes),
                       is_first=True, is_last=True)
+    residual = {b: t - cost.decode_step_s(b, b * context_per_seq) for b, t in step_s.items()}
+    return fit_overheads(residual, spec.num_layers)
 
 
 def fit_overheads(residual_s: dict[int, float], num_layers: int) -> dict[str, float]:
@@ -176,10 +180,8 @@ def fit_to_model(figures: dict[str, Any], source, dtype: str, device: str, threa
     (one rank, at fit_batches): what the real model adds beyond its matmuls and weight scan (attention over the
     paged pool, norms, RoPE, sampling, host work around a GPU's graph replay), spread over its layers. The step
     overhead of the tiny fit is kept."""
-    cost = model_step_cost(figures, source.spec, DTYPES[dtype].itemsize)
     measured = _decode_steps_s(source, fit_batches(device), dtype, device, threads, runs=2)
-    residual = {b: step_s - cost.decode_step_s(b, b * SERVED_CONTEXT) for b, step_s in measured.items()}
-    return fit_overheads(residual, source.spec.num_layers)
+    return overheads_from_steps(figures, source.spec, DTYPES[dtype].itemsize, measured, SERVED_CONTEXT)
 
 
 def _served_decode_s(source, tp_degrees: list[int], batch: int, dtype: str, threads: int, steps: int = 24) -> float:
