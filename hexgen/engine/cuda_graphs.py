@@ -24,7 +24,7 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class DecodeGraphs:
     def __init__(self, stage: LlamaStage, max_batch: int, max_context: int, block_size: int):
-        device = next(stage.parameters()).device
+        device = stage.device
         self.stage = stage
         self.block_size = block_size
         self.max_context = max_context

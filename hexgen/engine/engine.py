@@ -104,7 +104,7 @@ def local_num_blocks(stage: LlamaStage, config: SchedulerConfig, ranks_here: int
     per_block = stage.kv_bytes_per_block(config.block_size)
     if config.memory_bytes is not None:
         kv_bytes = config.memory_bytes - stage.weight_bytes()
-    elif next(stage.parameters()).is_cuda:
+    elif stage.device.type == "cuda":
         free, total = torch.cuda.mem_get_info()
         kv_bytes = free - int(CUDA_MARGIN_FRACTION * total)
     else:

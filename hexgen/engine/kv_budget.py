@@ -28,8 +28,9 @@ class RankShape:
 
 
 def rank_weight_bytes(spec: ModelSpec, rank: RankShape, dtype_bytes: int, cpu_packed: bool = False) -> int:
-    """Bytes of the weights one rank loads (TP shards; vocabulary rows padded to equal shards); with cpu_packed,
-    plus the oneDNN copies of its linear layers and LM head that a CPU fp32 rank keeps."""
+    """Bytes of the weights one rank holds (TP shards; vocabulary rows padded to equal shards). With cpu_packed (a
+    CPU fp32 rank) its linear layers and LM head are held in oneDNN's layout instead, the same size, except that a
+    head tied to the embedding on the same rank keeps the dense table for the embedding: one more copy of it."""
     h, tp = spec.hidden_size, rank.tp_degree
     q_size = spec.num_heads * spec.head_dim
     linears = (h * (q_size + 2 * spec.kv_dim) + q_size * h + 3 * h * spec.intermediate_size) // tp
@@ -39,8 +40,8 @@ def rank_weight_bytes(spec: ModelSpec, rank: RankShape, dtype_bytes: int, cpu_pa
         total += vocab_rows * h
     if rank.is_last:
         total += h + (0 if spec.tie_word_embeddings and rank.is_first else vocab_rows * h)
-    if cpu_packed:
-        total += rank.num_layers * linears + (vocab_rows * h if rank.is_last else 0)
+    if cpu_packed and rank.is_first and rank.is_last and spec.tie_word_embeddings:
+        total += vocab_rows * h
     return total * dtype_bytes
 
 

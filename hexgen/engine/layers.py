@@ -20,7 +20,7 @@ def pack_for_cpu(weight: torch.Tensor, column_scale: torch.Tensor | None = None)
     products on CPU, or None where that does not apply.
 
     Measured on the 2-core AVX2 EPYC (SmolLM2 shapes): 1.5x MKL's sgemm for the MLP at 16 rows, 2.3x for the LM
-    head. The dense weight stays too (loading, a tied embedding), so CPU fp32 weights take twice their size.
+    head. Once packed, a layer's dense weight is dropped (PackableLinear.drop_dense) unless a tied embedding shares it.
     """
     if not packs_for_cpu(weight):
         return None
@@ -77,6 +77,14 @@ class PackableLinear(nn.Module):
         self.packed = pack_for_cpu(self.weight, norm_weight * features**0.5)
         self.norm_root = torch.tensor(features * norm_eps, dtype=self.weight.dtype).sqrt()
 
+    def drop_dense(self) -> None:
+        """Free the dense weight once the packed copy serves every product (the packed copy is not a transposed
+        view of it but a reordered copy, so keeping both doubles a CPU rank's weights). The parameter stays, on the
+        meta device, so its shape and dtype still describe the layer, and any read of its values fails loudly.
+        The caller must not drop a weight another module shares (a tied embedding)."""
+        if self.packed is not None:
+            self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
+
     def folds_norm(self) -> bool:
         """Whether forward applies the preceding RMSNorm itself (it was folded into the packed copy)."""
         return self.norm_root is not None
@@ -89,7 +97,7 @@ class PackableLinear(nn.Module):
         return linear(x, self.weight, self.packed)
 
     def packed_bytes(self) -> int:
-        return 0 if self.packed is None else self.weight.numel() * self.weight.element_size()
+        return 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
 
 
 def shard_range(size: int, tp: TPGroup) -> tuple[int, int]:

@@ -17,7 +17,7 @@ class StageRunner:
         self.ctx = ctx
         self.stage = stage
         self.device = device
-        self.dtype = next(stage.parameters()).dtype
+        self.dtype = stage.dtype
         self.use_kernel = triton_serves(device)
         self.block_size = 0  # set with the KV pool
         self.graphs = None  # DecodeGraphs once captured (CUDA)

@@ -18,6 +18,8 @@ class LlamaStage(nn.Module):
         super().__init__()
         self.spec = spec
         self.ctx = ctx
+        self.dtype = dtype  # of weights, activations and the KV pool
+        self.device = device
         first, end = ctx.layers
         tp = ctx.tp
         with torch.device(device):
@@ -40,17 +42,20 @@ class LlamaStage(nn.Module):
 
     @property
     def kv_pool_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.dtype
 
     def weight_bytes(self) -> int:
-        """Bytes of this rank's weights, with the CPU-packed copies of its linear layers."""
-        dense = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.parameters()}.values())
+        """Bytes of this rank's weights as held: dense ones (a tied weight once) and the CPU-packed copies."""
+        held = {id(p): p for p in self.parameters() if not p.is_meta}.values()  # meta: dropped for a packed copy
+        dense = sum(p.numel() * p.element_size() for p in held)
         return dense + sum(m.packed_bytes() for m in self.modules() if isinstance(m, PackableLinear))
 
     def pack_weights(self) -> None:
-        """Keep each linear layer's weight in oneDNN's layout too (CPU fp32 only; elsewhere a no-op). Packed
-        attention layers also take their q and k rows in interleaved-RoPE order (see Attention.interleave_rope),
-        and each RMSNorm is folded into the packed projection after it (see layers.rms_normed_linear)."""
+        """Keep each linear layer's weight in oneDNN's layout instead (CPU fp32 only; elsewhere a no-op), one
+        layer at a time, so the rank's memory never holds both layouts of more than one layer. Packed attention
+        layers also take their q and k rows in interleaved-RoPE order (see Attention.interleave_rope), and each
+        RMSNorm is folded into the packed projection after it (see layers.rms_normed_linear). A tied LM head
+        keeps its dense weight: it is the embedding table."""
         for layer in self.layers:
             if packs_for_cpu(layer.self_attn.qkv_proj.weight):
                 layer.self_attn.interleave_rope()
@@ -59,16 +64,20 @@ class LlamaStage(nn.Module):
             layer.mlp.gate_up_proj.pack(mlp_norm.weight, mlp_norm.eps)
             layer.self_attn.o_proj.pack()
             layer.mlp.down_proj.pack()
+            for projection in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.self_attn.o_proj,
+                               layer.mlp.down_proj):
+                projection.drop_dense()
         if self.lm_head is not None:
             assert self.norm is not None
             self.lm_head.pack(self.norm.weight, self.norm.eps)
+            if self.embed_tokens is None or self.lm_head.weight is not self.embed_tokens.weight:
+                self.lm_head.drop_dense()
         self.rope_interleaved = bool(self.layers) and self.layers[0].self_attn.rope_interleaved
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""
-        device = next(self.parameters()).device
         shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads_local, self.spec.head_dim)
-        self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=device)
+        self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=self.device)
         self.layer_pools = [LayerPool.of(layer_pool, block_size) for layer_pool in self.kv_pool]
 
     @torch.no_grad()
