@@ -139,11 +139,20 @@ def main() -> int:
                         "(`--only hexgen --hexgen-url URL` adds hexgen serve alone)")
     p.add_argument("--rounds", type=int, default=1, help="measure every server this many times, round-robin")
     p.add_argument("--out", default=str(REPO / "docs" / "bench-serve.md"))
+    p.add_argument("--figure", default=str(REPO / "docs" / "figures" / "bench-serve.png"),
+                   help="bar chart of the servers measured in this run (output tok/s, the rounds' range)")
+    p.add_argument("--replot", action="store_true",
+                   help="measure nothing: draw --figure from the stored rows of the newest date")
     args = p.parse_args()
     if args.rounds < 1:
         p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     store = Path(args.out).with_suffix(".json")
+    if args.replot:
+        stored = json.loads(store.read_text())
+        newest = max(r["date"] for r in stored)
+        print(f"wrote {plot_run([r for r in stored if r['date'] == newest], Path(args.figure))}", file=sys.stderr)
+        return 0
     kept = json.loads(store.read_text()) if store.exists() and args.only else []
     rows, notes = [], []
     if args.hexgen_url:
@@ -166,12 +175,45 @@ def main() -> int:
             finally:
                 stop(proc)
     rows = median_rows(rows)
+    if rows:
+        print(f"wrote {plot_run(rows, Path(args.figure))}", file=sys.stderr)
     measured = {(r["label"], r["precision"]) for r in rows}
     rows = [r for r in kept if (r["label"], r["precision"]) not in measured] + rows
     store.write_text(json.dumps(rows, indent=2) + "\n")
     write_doc(Path(args.out), args, rows, notes)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def short_name(label: str, precision: str) -> str:
+    """'**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)', 'fp32' -> 'hexgen serve:
+    two-stage pipeline TP 1 | TP 1, 15 + 15 layers' (a legend entry); baselines keep their name and weights."""
+    name, _, detail = label.replace("**", "").partition(" (")
+    if name.startswith("hexgen"):
+        return f"{name}: {detail.split(';')[0].rstrip(')')}"
+    return f"{name} [{precision}]"
+
+
+def plot_run(rows: list[dict], path: Path) -> Path:
+    """Output tok/s of every server in `rows` at 1 and 16 streams: bars at the median round, lines over the
+    rounds' range."""
+    from hexgen.sim.plots import plot_bars  # the project's venv: matplotlib
+
+    series: dict[str, list[float]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for c in (1, 16):
+        for r in rows:
+            if r["concurrency"] != c:
+                continue
+            name = short_name(r["label"], r["precision"])
+            tps = r["summary"]["output_throughput_tps"]
+            rounds = r.get("rounds_tps", [tps])
+            series.setdefault(name, []).append(tps)
+            spans.setdefault(name, []).append((min(rounds), max(rounds)))
+    series = {k: v for k, v in series.items() if len(v) == 2}  # measured at both loads
+    dates = ", ".join(sorted({r["date"] for r in rows}))
+    return plot_bars(path, ["1 stream", "16 streams"], series, spans={k: spans[k] for k in series},
+                     ylabel="output tokens/s", title=f"SmolLM2-135M, fp32 unless noted, {dates}\n{cpu_line()}")
 
 
 def measure(label: str, precision: str, url: str, model: str, concurrency: int, args: argparse.Namespace,
