@@ -190,7 +190,7 @@ def short_name(label: str, precision: str) -> str:
     two-stage pipeline TP 1 | TP 1, 15 + 15 layers' (a legend entry); baselines keep their name and weights."""
     name, _, detail = label.replace("**", "").partition(" (")
     if name.startswith("hexgen"):
-        return f"{name}: {detail.split(';')[0].rstrip(')')}"
+        return f"{name}: {detail.split(';')[0].rstrip(')')}" if detail else name  # --hexgen-url rows: no detail
     return f"{name} [{precision}]"
 
 
