@@ -31,7 +31,7 @@ class DecodeGraphs:
         self.max_blocks = blocks_for(max_context, block_size)
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         width = self.buckets[-1]
-        self.hidden = torch.zeros(width, stage.spec.hidden_size, dtype=stage.kv_pool_dtype, device=device)
+        self.hidden = torch.zeros(width, stage.spec.hidden_size, dtype=stage.dtype, device=device)
         self.positions = torch.zeros(width, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((width,), -1, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(width, self.max_blocks, dtype=torch.int32, device=device)

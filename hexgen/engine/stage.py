@@ -37,12 +37,8 @@ class LlamaStage(nn.Module):
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         """Bytes one KV block takes in this rank's pool (keys and values of all its layers)."""
-        element = torch.empty(0, dtype=self.kv_pool_dtype).element_size()
+        element = self.dtype.itemsize
         return len(self.layers) * 2 * block_size * self.kv_heads_local * self.spec.head_dim * element
-
-    @property
-    def kv_pool_dtype(self) -> torch.dtype:
-        return self.dtype
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights as held: dense ones (a tied weight once) and the CPU-packed copies."""
@@ -77,7 +73,7 @@ class LlamaStage(nn.Module):
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""
         shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads_local, self.spec.head_dim)
-        self.kv_pool = torch.zeros(shape, dtype=self.kv_pool_dtype, device=self.device)
+        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.layer_pools = [LayerPool.of(layer_pool, block_size) for layer_pool in self.kv_pool]
 
     @torch.no_grad()
