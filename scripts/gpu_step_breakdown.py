@@ -113,7 +113,8 @@ def main() -> int:
              "| host functions, ms/step (cProfile) |",
              "|---|---|---|---|---|---|---|"]
     for context in args.contexts:
-        config = SchedulerConfig(max_running_seqs=max(args.batches), max_context=context)
+        # steps in series: the breakdown is of one step's host and device work, which overlapped steps hide
+        config = SchedulerConfig(max_running_seqs=max(args.batches), max_context=context, overlap_steps=False)
         single = HexgenSingle(source, "bfloat16", args.device, config)
         measure(single, ids, 2, device, 3)  # warm-up: allocations, kernel compiles
         for batch in args.batches:

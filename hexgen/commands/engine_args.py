@@ -29,6 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(common system prompts, a conversation's earlier turns); default: prefix caching on")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps kernel by kernel instead of replaying captured CUDA graphs")
+    p.add_argument("--no-overlap-steps", dest="overlap_steps", action="store_false",
+                   help="on CUDA, a one-GPU replica runs its steps one after another instead of preparing the next "
+                   "step while the GPU computes this one (default: overlapped; multi-rank replicas and CPUs never "
+                   "overlap)")
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
@@ -66,4 +70,4 @@ def scheduler_config(args: argparse.Namespace, max_running_seqs: int, max_contex
     memory = None if args.memory_gb is None else int(args.memory_gb * GIB)
     return SchedulerConfig(max_running_seqs=max_running_seqs, max_context=max_context, block_size=args.block_size,
                            memory_bytes=memory, enforce_eager=args.enforce_eager,
-                           prefix_caching=args.prefix_caching)
+                           prefix_caching=args.prefix_caching, overlap_steps=None if args.overlap_steps else False)

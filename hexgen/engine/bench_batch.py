@@ -51,6 +51,7 @@ class StepProfile:
 class StepTiming:
     batch: int
     hexgen_ms: float  # one decode step of the whole batch
+    serial_ms: float | None  # the same with steps in series, where the engine overlaps them (CUDA); else None
     hf_ms: float
     floor_ms: float
     hexgen_ops_per_layer: float  # per step / layers, embedding, head and sampling included. CUDA: kernels;
@@ -151,19 +152,32 @@ def stop_decoding(engine: Engine, request_ids: list[str]) -> None:
 
 
 def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device
-                  ) -> tuple[float, StepProfile]:
-    """(median seconds of a decode step with `batch` sequences decoding, a profile of a few more steps)."""
+                  ) -> tuple[float, float | None, StepProfile]:
+    """(seconds of a decode step with `batch` sequences decoding: the mean over `steps` steps in a row, timed
+    from one device synchronization to the next, so that steps the engine overlaps overlap here too; the same
+    with the engine's steps in series where it overlaps them by default, else None; a profile of a few more
+    steps)."""
     request_ids = start_decoding(engine, ids, batch, steps + PROFILED_STEPS)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        engine.step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    step_s = _timed_steps(engine, steps, device)
     profiled = profile_steps(lambda: [engine.step() for _ in range(PROFILED_STEPS)], device, PROFILED_STEPS)
     stop_decoding(engine, request_ids)
-    return statistics.median(times), profiled
+    serial_s = None
+    if engine.overlap:
+        engine.set_overlap(False)
+        request_ids = start_decoding(engine, ids, batch, steps)
+        serial_s = _timed_steps(engine, steps, device)
+        stop_decoding(engine, request_ids)
+        engine.set_overlap(True)
+    return step_s, serial_s, profiled
+
+
+def _timed_steps(engine: Engine, steps: int, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def hf_decode(hf: HFGenerate, ids: list[int], batch: int, steps: int, repeats: int, device: torch.device) -> float:
@@ -205,11 +219,12 @@ def run_batched(
     hexgen_decode(single.engine, ids, 2, 2, device)  # warm-up: allocations, kernel compiles
     rows = []
     for batch in batches:
-        step_s, profiled = hexgen_decode(single.engine, ids, batch, cfg.new_tokens, device)
+        step_s, serial_s, profiled = hexgen_decode(single.engine, ids, batch, cfg.new_tokens, device)
         mean_context = cfg.prompt_tokens + cfg.new_tokens // 2
         floor_bytes = weight_bytes_read(spec, dtype_bytes) + kv_bytes_read(spec, dtype_bytes, batch, mean_context)
-        rows.append(StepTiming(batch, 1000 * step_s, 1000 * hf_s[batch], 1000 * floor_bytes / (bandwidth * 1e9),
-                               profiled.ops / spec.num_layers, profiled))
+        serial_ms = None if serial_s is None else 1000 * serial_s
+        rows.append(StepTiming(batch, 1000 * step_s, serial_ms, 1000 * hf_s[batch],
+                               1000 * floor_bytes / (bandwidth * 1e9), profiled.ops / spec.num_layers, profiled))
         progress()
     return BatchedResult(device_name(device), bandwidth, weight_bytes_read(spec, dtype_bytes), rows,
                          engine_mode(single.engine))
@@ -219,4 +234,5 @@ def engine_mode(engine: Engine) -> str:
     """How an engine runs its decode steps: graphs or eager; Triton kernels or torch ops."""
     runner = engine.runner
     steps = "CUDA graphs" if runner.graphs is not None else "eager"
-    return f"{steps}, {'Triton kernels' if runner.use_kernel else 'torch ops'}"
+    overlap = ", steps overlapped" if engine.overlap else ""
+    return f"{steps}, {'Triton kernels' if runner.use_kernel else 'torch ops'}{overlap}"

@@ -117,8 +117,10 @@ def _batched_table(dtype: str, result: BatchedResult) -> Table:
         f"weights + the KV cache, read at {result.copy_gbps:.0f} GB/s (measured copy, read + write)"
     )
     busy = "hexgen GPU busy ms/step" if result.device_name != "CPU" else "hexgen ms in torch ops / step"
+    serial = any(row.serial_ms is not None for row in result.rows)  # the engine overlapped its steps
     columns = ("batch", "hexgen ms/step", "hexgen tok/s", "HF ms/step", "HF tok/s", "floor ms/step",
-               "hexgen / floor", f"hexgen {ops} / layer / step", busy)
+               "hexgen / floor", f"hexgen {ops} / layer / step", busy,
+               *(["hexgen ms/step, steps in series"] if serial else []))
     for col in columns:
         table.add_column(col, justify="right")
     for row in result.rows:
@@ -126,6 +128,7 @@ def _batched_table(dtype: str, result: BatchedResult) -> Table:
             str(row.batch), f"{row.hexgen_ms:.2f}", f"{1000 * row.batch / row.hexgen_ms:.0f}", f"{row.hf_ms:.2f}",
             f"{1000 * row.batch / row.hf_ms:.0f}", f"{row.floor_ms:.2f}", f"{row.hexgen_ms / row.floor_ms:.1f}x",
             f"{row.hexgen_ops_per_layer:.1f}", f"{row.profile.busy_ms:.2f}",
+            *([f"{row.serial_ms:.2f}" if row.serial_ms is not None else "-"] if serial else []),
         )
     return table
 

@@ -4,6 +4,12 @@ A replica of S stages keeps up to S micro-batches (disjoint sets of sequences) i
 runs one, stage s runs the next, so a pipeline's throughput follows its slowest stage. Stages that share a
 machine's CPU cores take turns instead (Layout.depth, set by launch/spec.py:pipeline_depth).
 
+A one-rank replica on CUDA overlaps its steps instead (SchedulerConfig.overlap_steps): while the GPU computes
+step N, the driver queues step N+1, whose decodes feed back step N's sampled tokens on the device (the scheduler's
+look-ahead), and only then waits for step N's tokens; so the host's work between two steps (the scheduler, the
+plan's metadata, launching) runs while the GPU works instead of leaving it idle. A sequence that step N finishes
+has computed one token in vain.
+
 Between steps the other ranks wait for the next plan in gloo receives and broadcasts, which fail once they have
 waited dist_timeout_s(); an idle driver therefore sends an empty keep-alive plan down the pipeline every
 keepalive_interval_s() (Engine.keep_alive), so an idle replica stays up however long it idles, while a rank that
@@ -139,9 +145,12 @@ class Engine:
         self.runner = runner
         self.scheduler = scheduler
         self.num_stages = runner.ctx.layout.num_stages
-        self.depth = runner.ctx.layout.micro_batches  # micro-batches kept in flight
-        self.outbox = pipeline.Outbox(self.depth)
+        self.micro_batches = runner.ctx.layout.micro_batches  # disjoint micro-batches the pipeline keeps in flight
         self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
+        self.overlap = False  # whether look-ahead steps overlap the previous one (set_overlap)
+        self.depth = self.micro_batches  # steps kept in flight
+        self.set_overlap(overlaps_steps(runner, scheduler.config))
+        self.outbox = pipeline.Outbox(self.micro_batches)
         self.totals = StepTotals()
         self.keepalive_s = keepalive_interval_s()
         self._last_plan_s = time.monotonic()  # when the other ranks last got a plan
@@ -165,7 +174,8 @@ class Engine:
         """Launch micro-batches until `depth` are in flight, then finish the oldest; its events."""
         started = time.perf_counter()
         while len(self.in_flight) < self.depth:
-            plan = self.scheduler.schedule(self.scheduler.micro_batch_limit(self.depth))
+            plan = self.scheduler.schedule(self.scheduler.micro_batch_limit(self.micro_batches),
+                                           lookahead=self.overlap and bool(self.in_flight))
             if plan is None:
                 break
             self.in_flight.append((plan, self._launch(plan)))
@@ -179,6 +189,12 @@ class Engine:
         totals.sampled_tokens += plan.num_sampled
         totals.busy_s += time.perf_counter() - started
         return events
+
+    def set_overlap(self, on: bool) -> None:
+        """Overlap steps or not from now on (a one-rank replica only; between requests: benchmarks compare both)."""
+        assert not self.has_work, "set_overlap while steps are in flight"
+        self.overlap = on and self.runner.ctx.layout.world_size == 1
+        self.depth = 2 if self.overlap else self.micro_batches
 
     def keep_alive(self) -> None:
         """While idle, send the other ranks an empty plan once keepalive_s has passed since their last one (see
@@ -196,6 +212,8 @@ class Engine:
         self._last_plan_s = time.monotonic()
         plan = pipeline.share_plan_in_stage(ctx, plan)
         hidden, last_rows = self.runner.forward(plan, None)
+        if ctx.layout.world_size == 1:
+            return self.runner.sample_later(plan, hidden, last_rows)
         if ctx.is_last_stage:
             tokens = self.runner.sample(plan, hidden, last_rows)
             assert tokens is not None
@@ -212,6 +230,15 @@ class Engine:
         if self.num_stages > 1:
             pipeline.send_step(self.runner.ctx, self.outbox, plan, None)
         self.outbox.flush()
+
+
+def overlaps_steps(runner: StageRunner, config: SchedulerConfig) -> bool:
+    """Whether the driver overlaps its steps: only a one-rank replica can (its device holds the sampled tokens the
+    next step feeds back); by default only on CUDA, where the host's work between steps would idle the GPU (on a
+    CPU the same cores do both, and a finished sequence's look-ahead token would be work thrown away)."""
+    if runner.ctx.layout.world_size != 1:
+        return False
+    return runner.device.type == "cuda" if config.overlap_steps is None else config.overlap_steps
 
 
 def follow_driver(runner: StageRunner) -> None:

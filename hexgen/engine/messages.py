@@ -73,6 +73,9 @@ class StepPlan:
     block_tables: list[list[int]] = field(default_factory=list)  # KV blocks of each sequence, covering start+length
     sample: list[bool] = field(default_factory=list)  # whether the step ends the sequence's known tokens
     sampling: list[SampleRow] = field(default_factory=list)  # one per True in `sample`
+    # (index in token_ids, row): that token is the previous step's sampled token of that row (a look-ahead step,
+    # Scheduler.schedule), unknown to the driver when it made the plan; its token_ids entry holds FED_BACK
+    fed_back: list[tuple[int, int]] = field(default_factory=list)
     shutdown: bool = False
     keepalive: bool = False  # no work: it only completes the other ranks' waits for a plan (Engine.keep_alive)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hexgen.engine.attention import build_metadata
 from hexgen.engine.messages import StepPlan
 from hexgen.engine.ops import triton_serves
 from hexgen.engine.parallel import RankContext
-from hexgen.engine.sampler import sample
+from hexgen.engine.sampler import sample_on_device
 from hexgen.engine.stage import LlamaStage
 
 
@@ -23,6 +25,7 @@ class StageRunner:
         self.graphs = None  # DecodeGraphs once captured (CUDA)
         self.record_logits = False  # keep the last step's full logits on the last leader (for tests)
         self.last_logits: torch.Tensor | None = None
+        self.last_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         self.stage.allocate_kv_pool(num_blocks, block_size)
@@ -40,7 +43,7 @@ class StageRunner:
         """This stage's layers over the micro-batch: stage 0 embeds the plan's tokens, later stages take the
         previous stage's activations [T, H]. Returns the output [T, H] and each sequence's last row [B]."""
         if self.ctx.is_first_stage:
-            hidden = self.stage.embed(torch.tensor(plan.token_ids).to(self.device, non_blocking=True))
+            hidden = self.stage.embed(self._token_ids(plan))
         assert hidden is not None
         if self.graphs is not None and self.graphs.can_run(plan):
             out = self.graphs.run(plan, hidden)
@@ -49,11 +52,24 @@ class StageRunner:
         self.stage.rope.reserve(meta.max_position + 1)
         return self.stage.forward_layers(hidden, meta), meta.last_token_index
 
+    def _token_ids(self, plan: StepPlan) -> torch.Tensor:
+        """The plan's token ids on the device, with the look-ahead ones taken from the last step's samples."""
+        ids = torch.tensor(plan.token_ids).to(self.device, non_blocking=True)
+        if plan.fed_back:
+            assert self.last_sampled is not None and self.ctx.is_last_stage, "look-ahead needs a one-rank replica"
+            index = torch.tensor([i for i, _ in plan.fed_back]).to(self.device, non_blocking=True)
+            rows = torch.tensor([row for _, row in plan.fed_back]).to(self.device, non_blocking=True)
+            ids[index] = self.last_sampled[rows]
+        return ids
+
     @torch.inference_mode()
-    def sample(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> list[int] | None:
-        """Last stage: logits of each sampling sequence's last token, gathered on the leader, sampled there."""
+    def sample_on_device(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> torch.Tensor | None:
+        """Last stage: logits of each sampling sequence's last token, gathered on the leader, sampled there: the
+        token ids [num_sampled] on the device (None on the other ranks of the stage). The leader keeps them as
+        last_sampled (a look-ahead step takes its unknown tokens from them)."""
+        self.last_sampled = None
         if plan.num_sampled == 0:
-            return []
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         rows = last_rows[torch.tensor(plan.sample).to(self.device, non_blocking=True)]
         local = self.stage.local_logits(hidden[rows])  # [B, vocab // tp, padded]
         parts = self.ctx.tp.gather_to_leader(local)
@@ -62,4 +78,28 @@ class StageRunner:
         logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))[:, : self.stage.spec.vocab_size]  # [B, V]
         if self.record_logits:
             self.last_logits = logits.float()
-        return sample(logits, plan.sampling)
+        self.last_sampled = sample_on_device(logits, plan.sampling)
+        return self.last_sampled
+
+    def sample(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> list[int] | None:
+        """sample_on_device's token ids on the host (one device-to-host copy; waits for the device)."""
+        tokens = self.sample_on_device(plan, hidden, last_rows)
+        return None if tokens is None else tokens.tolist()
+
+    def sample_later(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> Callable[[], list[int]]:
+        """A one-rank replica's sampled token ids, fetched when called: on CUDA the copy to the host is queued
+        behind the step, and only the call waits for it, so the driver can queue its next step first."""
+        tokens = self.sample_on_device(plan, hidden, last_rows)
+        assert tokens is not None
+        if tokens.device.type != "cuda":
+            values = tokens.tolist()
+            return lambda: values
+        host = tokens.to("cpu", non_blocking=True)  # into pinned memory
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> list[int]:
+            copied.synchronize()
+            return host.tolist()
+
+        return wait

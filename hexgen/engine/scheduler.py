@@ -7,6 +7,12 @@ recently admitted sequence is preempted (its blocks freed) and later recomputed 
 tokens it had produced, so it is never failed (with prefix caching, from its blocks still cached). A
 pipelined replica keeps several steps (micro-batches of disjoint sequences) in flight: `schedule` skips
 sequences whose step has not come back through `update`.
+
+With `lookahead` (a one-rank replica overlapping its steps, see Engine), `schedule` also takes sequences whose
+step is still in flight: the rest of a prompt whose earlier chunk is computing, and the token after the one a
+running step is sampling. That token is not known yet: the plan names the previous step's sampled row it comes
+from (`StepPlan.fed_back`) and the device fills it in. If the sampled token ends the sequence (a stop token), the
+look-ahead step's result is discarded when it comes back, and only then are its blocks freed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, Token
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 MAX_BLOCK_SIZE = 256
+FED_BACK = -1  # a plan's token id that the device takes from the previous step's sampled tokens (StepPlan.fed_back)
 
 
 def is_valid_block_size(size: int) -> bool:
@@ -36,9 +43,12 @@ class Sequence:
     seed: int  # the request's seed, or one drawn at admission: every draw is then reproducible
     output_token_ids: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose keys/values are in the KV cache
+    num_scheduled: int = 0  # tokens whose keys/values are cached or being computed by a step in flight
     block_table: list[int] = field(default_factory=list)
     block_keys: list[BlockKey] = field(default_factory=list)  # prefix-cache keys of its computed full blocks
-    in_flight: bool = False  # its step is somewhere in the pipeline
+    in_flight: int = 0  # steps holding it that have not come back through update
+    sampled_in: int = -1  # the number of the last plan that samples a token for it
+    sampled_row: int = 0  # ... and the row of that token among the plan's sampled tokens
     aborted: bool = False
     finish_reason: str | None = None
 
@@ -53,12 +63,17 @@ class Sequence:
     def all_tokens(self) -> list[int]:
         return [*self.request.prompt_token_ids, *self.output_token_ids]
 
-    def uncached_tokens(self, budget: int) -> list[int]:
-        """Up to `budget` of the tokens whose keys/values are not cached yet (prompt, then outputs)."""
-        end = min(self.num_tokens, self.num_cached + budget)
+    @property
+    def done(self) -> bool:
+        """Finished or aborted: whatever a step still in flight computes for it is discarded."""
+        return self.finish_reason is not None or self.aborted
+
+    def unscheduled_tokens(self, budget: int) -> list[int]:
+        """Up to `budget` of the known tokens no step has taken yet (prompt, then outputs)."""
+        end = min(self.num_tokens, self.num_scheduled + budget)
         prompt = self.request.prompt_token_ids
         return [prompt[i] if i < self.prompt_len else self.output_token_ids[i - self.prompt_len]
-                for i in range(self.num_cached, end)]
+                for i in range(self.num_scheduled, end)]
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class SchedulerConfig:
     memory_bytes: int | None = None  # weights + KV pool per rank; None = what is left after weights, capped
     enforce_eager: bool = False  # engine option carried to every rank: no CUDA graphs for decode steps
     prefix_caching: bool = False  # share the KV blocks of common prefixes (`hexgen serve` / `generate` turn it on)
+    # a one-rank replica prepares its next step while the device computes this one (Engine); None: on CUDA only
+    overlap_steps: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_running_seqs < 1 or self.max_step_tokens < 1:
@@ -96,6 +113,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0  # prompt (or resumed) tokens whose keys/values came from the prefix cache
         self._ids = itertools.count()
+        self._plans_made = 0  # plans handed out so far: the next plan's number
         self._by_request: dict[str, Sequence] = {}
         self._aborted: list[TokenEvent] = []
 
@@ -135,16 +153,22 @@ class Scheduler:
         else:
             self._release(seq)
 
-    def schedule(self, max_seqs: int | None = None) -> StepPlan | None:
-        """The next micro-batch (at most max_seqs sequences not already in flight), or None."""
+    def schedule(self, max_seqs: int | None = None, lookahead: bool = False) -> StepPlan | None:
+        """The next micro-batch (at most max_seqs sequences), or None. It takes sequences no step holds; with
+        `lookahead` (allowed while the previous plan, and only it, is in flight) also those it holds: the rest of
+        their known tokens, else the token after the one it samples for them."""
         plan = StepPlan()
         budget = self.config.max_step_tokens
         limit = max_seqs or self.config.max_running_seqs
         for seq in list(self.running.values()):
             if budget <= 0 or plan.num_seqs >= limit:
                 break
-            if not seq.in_flight and seq.seq_id in self.running:
+            if seq.seq_id not in self.running or seq.done:  # preempted by an earlier one, or being discarded
+                continue
+            if not seq.in_flight:
                 budget -= self._try_add(plan, seq, budget)
+            elif lookahead:
+                budget -= self._try_add_ahead(plan, seq, budget)
         while self.waiting and len(self.running) < self.config.max_running_seqs and budget > 0 \
                 and plan.num_seqs < limit and self._admit(self.waiting[0], budget):
             seq = self.waiting.popleft()
@@ -152,6 +176,7 @@ class Scheduler:
             budget -= self._try_add(plan, seq, budget)
         if plan.num_seqs == 0:
             return None
+        self._plans_made += 1
         self.peak_running = max(self.peak_running, plan.num_seqs)
         return plan
 
@@ -172,7 +197,7 @@ class Scheduler:
         if cached:
             seq.block_table = self.blocks.take(cached)
             seq.block_keys = keys[: len(cached)]
-            seq.num_cached = start
+            seq.num_cached = seq.num_scheduled = start
             self.num_prefix_hit_tokens += start
         return True
 
@@ -187,32 +212,51 @@ class Scheduler:
         for b in range(first, full):
             self.blocks.register(seq.block_table[b], seq.block_keys[b])
 
-    def _try_add(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
-        """Add seq's next tokens to the plan, preempting newer sequences if blocks are short; tokens added."""
-        tokens = seq.uncached_tokens(budget)
-        while not self.blocks.can_grow(seq.block_table, seq.num_cached + len(tokens)):
+    def _try_add(self, plan: StepPlan, seq: Sequence, budget: int, fed_back_row: int | None = None) -> int:
+        """Add seq's next tokens to the plan, preempting newer sequences if blocks are short; tokens added. With
+        `fed_back_row`, the one token is the one the previous plan samples for seq in that row."""
+        tokens = seq.unscheduled_tokens(budget) if fed_back_row is None else [FED_BACK]
+        while not self.blocks.can_grow(seq.block_table, seq.num_scheduled + len(tokens)):
             victim = self._newest_preemptible(plan, seq)
             if victim is None:
                 # Nothing left to free: run as many tokens as the blocks it has and the free ones hold.
-                room = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_cached
+                room = (len(seq.block_table) + self.blocks.num_free) * self.blocks.block_size - seq.num_scheduled
                 tokens = tokens[: max(0, room)]
                 break
             self._preempt(victim)
         if not tokens:
             return 0
-        self.blocks.grow(seq.block_table, seq.num_cached + len(tokens))
-        samples = seq.num_cached + len(tokens) == seq.num_tokens
+        end = seq.num_scheduled + len(tokens)
+        self.blocks.grow(seq.block_table, end)
+        samples = fed_back_row is not None or end == seq.num_tokens
+        if fed_back_row is not None:
+            plan.fed_back.append((plan.num_tokens, fed_back_row))
         plan.seq_ids.append(seq.seq_id)
-        plan.starts.append(seq.num_cached)
+        plan.starts.append(seq.num_scheduled)
         plan.lengths.append(len(tokens))
         plan.token_ids.extend(tokens)
         plan.block_tables.append(list(seq.block_table))
         plan.sample.append(samples)
         if samples:
             p = seq.request.params
-            plan.sampling.append(SampleRow(p.temperature, p.top_k, p.top_p, seq.seed, seq.num_tokens))
-        seq.in_flight = True
+            # `end` is the sampled token's index in the sequence (the noise of a seeded draw is keyed by it)
+            plan.sampling.append(SampleRow(p.temperature, p.top_k, p.top_p, seq.seed, end))
+            seq.sampled_in, seq.sampled_row = self._plans_made, plan.num_sampled - 1
+        seq.num_scheduled = end
+        seq.in_flight += 1
         return len(tokens)
+
+    def _try_add_ahead(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
+        """Lookahead for a sequence the previous plan holds: the rest of its known tokens, else (when that plan
+        samples its next token, and that token cannot end it by length) the token after that one."""
+        if seq.num_scheduled < seq.num_tokens:
+            return self._try_add(plan, seq, budget)
+        params = seq.request.params
+        pending_ends_it = (len(seq.output_token_ids) + 1 >= params.max_new_tokens
+                           or seq.num_tokens + 1 >= self.max_context)
+        if seq.sampled_in != self._plans_made - 1 or pending_ends_it:
+            return 0
+        return self._try_add(plan, seq, budget, fed_back_row=seq.sampled_row)
 
     def _newest_preemptible(self, plan: StepPlan, keep: Sequence) -> Sequence | None:
         in_plan = set(plan.seq_ids)
@@ -225,7 +269,7 @@ class Scheduler:
         """Free seq's blocks and put it first in line; it will be recomputed (prompt + outputs so far)."""
         del self.running[seq.seq_id]
         self.blocks.release(seq.block_table)
-        seq.num_cached = 0
+        seq.num_cached = seq.num_scheduled = 0
         seq.block_keys = []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -237,9 +281,10 @@ class Scheduler:
         for seq_id, n, samples in zip(plan.seq_ids, plan.lengths, plan.sample, strict=True):
             seq = self.running[seq_id]
             token = next(tokens) if samples else None
-            seq.in_flight = False
-            if seq.aborted:
-                self._release(seq)
+            seq.in_flight -= 1
+            if seq.done:  # aborted, or finished by the step before this look-ahead one: discard
+                if not seq.in_flight:
+                    self._release(seq)
                 continue
             seq.num_cached += n
             if self.config.prefix_caching:
@@ -251,7 +296,8 @@ class Scheduler:
             events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason))
             if seq.finish_reason is not None:
                 del self._by_request[seq.request.request_id]
-                self._release(seq)
+                if not seq.in_flight:
+                    self._release(seq)
         return events
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

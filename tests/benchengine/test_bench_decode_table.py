@@ -45,6 +45,22 @@ def test_tiny_shape_runs_end_to_end(tmp_path):
         assert by_name["mkldnn::_linear_pointwise"].calls_per_step == 4 * 4 + 1
 
 
+def test_an_engine_that_overlaps_its_steps_is_timed_both_ways(tmp_path):
+    """Where the engine overlaps its steps (CUDA by default; forced here on CPU), the table also times them in
+    series, and the engine is left overlapping; an engine in series is timed once."""
+    from hexgen.engine.bench import HexgenSingle
+    from hexgen.engine.bench_batch import engine_mode, hexgen_decode
+    from hexgen.engine.scheduler import SchedulerConfig
+
+    source = build_random_checkpoint("tiny", torch.float32, torch.device("cpu"), tmp_path)
+    for overlap in (True, False):
+        single = HexgenSingle(source, "float32", "cpu", SchedulerConfig(max_context=64, overlap_steps=overlap))
+        step_s, serial_s, _ = hexgen_decode(single.engine, list(range(5, 13)), 3, 4, torch.device("cpu"))
+        assert step_s > 0 and (serial_s is not None and serial_s > 0) == overlap
+        assert single.engine.overlap == overlap and not single.engine.has_work
+        assert engine_mode(single.engine).endswith(", steps overlapped") == overlap
+
+
 def test_hexgen_triton_0_keeps_cuda_on_torch_ops(monkeypatch):
     """HEXGEN_TRITON=0 turns the kernels off on a machine where they would run (CUDA visible, triton importable):
     the fallback scripts/gpu_check.sh takes when a kernel fails on the GPU."""

@@ -62,8 +62,9 @@ def load_hf(model_dir: Path):
 def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
                    eos_token_ids: tuple[int, ...] = (), device: str = "cpu", engines: list | None = None,
                    ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
-    """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V].
-    `engines`, when given, receives the engine (to read its scheduler's counters afterwards)."""
+    """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V] (none when
+    the engine overlaps its steps, as on CUDA by default: the runner's last logits are then a step ahead of the
+    events). `engines`, when given, receives the engine (to read its scheduler's counters afterwards)."""
     plan = single_replica_plan(source.spec, [1], None)
     spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, device=device)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
@@ -81,8 +82,9 @@ def run_in_process(source, requests: list[GenerationRequest], config: SchedulerC
         sampled = [e for e in events if e.token_id is not None]
         for row, event in enumerate(sampled):
             tokens[event.request_id].append(event.token_id)
-            logits[event.request_id].append(runner.last_logits[row].cpu().clone())
-    return tokens, {rid: torch.stack(rows) for rid, rows in logits.items()}
+            if not engine.overlap:
+                logits[event.request_id].append(runner.last_logits[row].cpu().clone())
+    return tokens, {rid: torch.stack(rows) for rid, rows in logits.items() if rows}
 
 
 # ---------------------------------------------------------------- our engine, spawned gloo ranks

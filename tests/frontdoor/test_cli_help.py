@@ -139,3 +139,13 @@ def test_prefix_caching_is_on_unless_turned_off(command):
     on = scheduler_config(parser.parse_args(base), 4, 256)
     off = scheduler_config(parser.parse_args(base + ["--no-prefix-caching"]), 4, 256)
     assert on.prefix_caching and not off.prefix_caching
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_step_overlap_is_left_to_the_device_unless_turned_off(command):
+    from hexgen.commands.engine_args import scheduler_config
+
+    parser = build_parser()
+    base = [command, "--model", "smollm2-135m"] + (["--prompt", "hi"] if command == "generate" else [])
+    assert scheduler_config(parser.parse_args(base), 4, 256).overlap_steps is None  # on for one GPU, off on CPU
+    assert scheduler_config(parser.parse_args(base + ["--no-overlap-steps"]), 4, 256).overlap_steps is False
