@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
 
@@ -109,16 +110,13 @@ def build_metadata(
         groups = tuple(
             _gather_group(plan, m, starts, block_size, dtype, device, whole=len(members) == 1) for m in members
         )
-    def to(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
-
     return StepMetadata(
-        positions=to(torch.tensor(positions)),
-        slot_mapping=to(torch.tensor(slots)),
-        block_tables=to(torch.tensor(tables, dtype=torch.int32)),
-        query_start=to(torch.tensor(starts, dtype=torch.int32)),
-        context_lens=to(torch.tensor(context, dtype=torch.int32)),
-        last_token_index=to(torch.tensor([s - 1 for s in starts[1:]])),  # built on the host: no kernel
+        positions=to_device(positions, device, torch.int64),
+        slot_mapping=to_device(slots, device, torch.int64),
+        block_tables=to_device(tables, device, torch.int32),
+        query_start=to_device(starts, device, torch.int32),
+        context_lens=to_device(context, device, torch.int32),
+        last_token_index=to_device([s - 1 for s in starts[1:]], device, torch.int64),  # built on the host: no kernel
         max_query_len=max(plan.lengths),
         max_position=max(positions),
         block_size=block_size,
@@ -147,7 +145,7 @@ def _gather_group(
     rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
 
     def to(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+        return tensor_to_device(t, device)
 
     return GatherGroup(rows=None if rows is None else to(rows), block_index=to(block_tables.view(-1)), mask=to(mask),
                        query_index=None if query_index is None else to(query_index), num_seqs=len(members),

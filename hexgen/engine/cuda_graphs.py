@@ -16,6 +16,7 @@ import torch
 
 from hexgen.engine.attention import StepMetadata
 from hexgen.engine.block_manager import blocks_for
+from hexgen.engine.host_copy import copy_into
 from hexgen.engine.messages import StepPlan
 from hexgen.engine.stage import LlamaStage
 
@@ -88,10 +89,10 @@ class DecodeGraphs:
         width = max(len(t) for t in plan.block_tables)
         tables = [t + [0] * (width - len(t)) for t in plan.block_tables]
         self.hidden[:n].copy_(hidden)
-        self.positions[:batch].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:batch].copy_(torch.tensor(slots), non_blocking=True)
-        self.context_lens[:batch].copy_(torch.tensor([p + 1 for p in plan.starts] + [0] * pad), non_blocking=True)
-        self.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        copy_into(self.positions[:batch], positions)
+        copy_into(self.slot_mapping[:batch], slots)
+        copy_into(self.context_lens[:batch], [p + 1 for p in plan.starts] + [0] * pad)
+        copy_into(self.block_tables[:n, :width], tables)
         self.replays[batch]()
         # A copy, not a view of the static output: the next replay overwrites that, and on a pipeline the send of
         # this step's activations to the next stage (asynchronous, on NCCL's stream) may still be reading it.

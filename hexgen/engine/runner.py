@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from hexgen.engine.attention import build_metadata
+from hexgen.engine.host_copy import to_device
 from hexgen.engine.messages import StepPlan
 from hexgen.engine.ops import triton_serves
 from hexgen.engine.parallel import RankContext
@@ -54,11 +55,10 @@ class StageRunner:
 
     def _token_ids(self, plan: StepPlan) -> torch.Tensor:
         """The plan's token ids on the device, with the look-ahead ones taken from the last step's samples."""
-        ids = torch.tensor(plan.token_ids).to(self.device, non_blocking=True)
+        ids = to_device(plan.token_ids, self.device, torch.int64)
         if plan.fed_back:
             assert self.last_sampled is not None and self.ctx.is_last_stage, "look-ahead needs a one-rank replica"
-            index = torch.tensor([i for i, _ in plan.fed_back]).to(self.device, non_blocking=True)
-            rows = torch.tensor([row for _, row in plan.fed_back]).to(self.device, non_blocking=True)
+            index, rows = to_device([list(column) for column in zip(*plan.fed_back, strict=True)], self.device)
             ids[index] = self.last_sampled[rows]
         return ids
 
@@ -70,7 +70,8 @@ class StageRunner:
         self.last_sampled = None
         if plan.num_sampled == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
-        rows = last_rows[torch.tensor(plan.sample).to(self.device, non_blocking=True)]
+        # integer rows, not a boolean mask: indexing by a mask on CUDA waits for the device to count its hits
+        rows = last_rows[to_device([i for i, samples in enumerate(plan.sample) if samples], self.device, torch.int64)]
         local = self.stage.local_logits(hidden[rows])  # [B, vocab // tp, padded]
         parts = self.ctx.tp.gather_to_leader(local)
         if parts is None:

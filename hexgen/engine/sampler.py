@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from hexgen.engine.host_copy import to_device
 from hexgen.engine.messages import SampleRow
 
 _MASK32 = 0xFFFFFFFF
@@ -80,12 +81,12 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
 def warp(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature, top-k and top-p in HF's order, each row with its own settings; logits [B, V] fp32."""
     device = logits.device
-    temperature = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=device)
+    temperature = to_device([r.temperature if r.temperature > 0 else 1.0 for r in rows], device, torch.float32)
     scaled = logits / temperature.unsqueeze(-1)
     if any(r.top_k > 0 for r in rows):
-        scaled = filter_top_k(scaled, torch.tensor([r.top_k for r in rows], device=device))
+        scaled = filter_top_k(scaled, to_device([r.top_k for r in rows], device, torch.int64))
     if any(r.top_p < 1.0 for r in rows):
-        scaled = filter_top_p(scaled, torch.tensor([r.top_p for r in rows], device=device))
+        scaled = filter_top_p(scaled, to_device([r.top_p for r in rows], device, torch.float32))
     return scaled
 
 
@@ -97,6 +98,6 @@ def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
         return greedy
     logits = logits.float()
     device = logits.device
-    keys = torch.tensor([row_key(r.seed, r.position) for r in rows], device=device, dtype=torch.int64)
+    keys = to_device([row_key(r.seed, r.position) for r in rows], device, torch.int64)
     race = warp(logits, rows).softmax(dim=-1) / -torch.log(uniform_noise(keys, logits.shape[-1]))
-    return torch.where(torch.tensor(is_greedy, device=device), greedy, race.argmax(dim=-1))
+    return torch.where(to_device(is_greedy, device, torch.bool), greedy, race.argmax(dim=-1))

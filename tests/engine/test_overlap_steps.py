@@ -186,3 +186,34 @@ def test_overlapped_steps_on_cuda_match_steps_in_series(tiny_model_dirs):
     cpu = run_engine(source, requests, base)  # greedy ones: sampled draws may part on the devices' rounding
     greedy = [r.request_id for r in requests if r.params.temperature == 0]
     assert [overlapped[0][rid] for rid in greedy] == [cpu[0][rid] for rid in greedy]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampled", [False, True])
+def test_launching_a_step_on_cuda_never_waits_for_the_gpu(sampled, tiny_model_dirs):
+    """Queueing a look-ahead decode step (metadata copies, graph replay, logits, sampling, the tokens' copy to the
+    host) runs no operation that makes the host wait for the device (torch's sync debug mode raises on one, e.g.
+    a boolean-mask index or .item()); else the overlap would be lost."""
+    import torch
+
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    plan = single_replica_plan(source.spec, [1], None)
+    spec = RankSpec(source, layout_of(plan.replicas[0], "cuda"), 0, device="cuda")
+    config = SchedulerConfig(max_context=source.spec.max_context)
+    engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
+    params = dict(temperature=0.7, top_k=20, top_p=0.9, seed=3) if sampled else {}
+    for i, prompt in enumerate(random_prompts(source.spec.vocab_size, [6, 9, 4], seed=8)):
+        engine.add(GenerationRequest(f"r{i}", tuple(prompt), SamplingParams(max_new_tokens=12, **params)))
+    for _ in range(3):  # prefill, then decodes with a look-ahead step in flight
+        engine.step()
+    step_plan = engine.scheduler.schedule(lookahead=True)
+    assert step_plan is not None and len(step_plan.fed_back) == 3
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = engine._launch(step_plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    engine.in_flight.append((step_plan, tokens))
+    while engine.has_work:
+        engine.step()
