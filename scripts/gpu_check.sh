@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one device call (under 8 minutes on an H200, steps cut to a budget of $BUDGET_S s):
 # gpu-marked tests, `hexgen bench engine --device cuda` on a random-weight Llama-3-8B-shaped model it builds
-# itself (kept, with a word-level tokenizer of its vocabulary), `hexgen serve` of that model on the GPU under
+# itself (kept, with a word-level tokenizer of its vocabulary; its decode table times the steps overlapped, the
+# engine's default on one GPU, and in series), `hexgen serve` of that model on the GPU under
 # `hexgen bench serve` at 64 streams x 128 tokens and at 1 stream, each Triton kernel beside torch
 # (scripts/kernel_bench.py), then `hexgen profile --model` of the GPU on that checkpoint for the planner (not
 # part of the pass / fail: a bonus if time is left). If the engine bench fails (not by timing out), it runs again
