@@ -81,3 +81,19 @@ def test_hexgen_triton_0_keeps_cuda_on_torch_ops(monkeypatch):
         kernels.available.cache_clear()
         assert kernels.available() is expected, setting
     kernels.available.cache_clear()
+
+
+def test_decode_table_shows_steps_in_series_only_where_they_were_timed():
+    from hexgen.engine.bench_batch import BatchedResult, StepProfile, StepTiming
+    from hexgen.engine.bench_report import _batched_table, _markdown
+
+    profile = StepProfile(ops=10.0, busy_ms=4.6, largest=())
+    rows = [StepTiming(1, 4.80, 5.30, 19.9, 4.0, 11.4, profile), StepTiming(8, 5.00, 5.40, 20.1, 4.1, 11.4, profile)]
+    overlapped = _markdown(_batched_table("bfloat16", BatchedResult("NVIDIA H200", 4183.0, 16 * 10**9, rows)))
+    header, _, first, second = overlapped.strip().splitlines()[-4:]
+    assert header.split("|")[-2].strip() == "hexgen ms/step, steps in series"
+    assert [line.split("|")[-2].strip() for line in (first, second)] == ["5.30", "5.40"]
+    assert first.split("|")[3].strip() == "208"  # tok/s from the overlapped step: 1000 / 4.80
+    in_series = [StepTiming(1, 5.30, None, 19.9, 4.0, 11.4, profile)]
+    table = _markdown(_batched_table("bfloat16", BatchedResult("CPU", 20.0, 10**9, in_series)))
+    assert "steps in series" not in table
