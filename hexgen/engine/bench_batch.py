@@ -153,10 +153,8 @@ def stop_decoding(engine: Engine, request_ids: list[str]) -> None:
 
 def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device: torch.device
                   ) -> tuple[float, float | None, StepProfile]:
-    """(seconds of a decode step with `batch` sequences decoding: the mean over `steps` steps in a row, timed
-    from one device synchronization to the next, so that steps the engine overlaps overlap here too; the same
-    with the engine's steps in series where it overlaps them by default, else None; a profile of a few more
-    steps)."""
+    """(seconds of a decode step with `batch` sequences decoding; the same with the engine's steps in series where
+    it overlaps them by default, else None; a profile of a few more steps). See _timed_steps."""
     request_ids = start_decoding(engine, ids, batch, steps + PROFILED_STEPS)
     step_s = _timed_steps(engine, steps, device)
     profiled = profile_steps(lambda: [engine.step() for _ in range(PROFILED_STEPS)], device, PROFILED_STEPS)
@@ -172,12 +170,24 @@ def hexgen_decode(engine: Engine, ids: list[int], batch: int, steps: int, device
 
 
 def _timed_steps(engine: Engine, steps: int, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
+    """Seconds of one of `steps` decode steps: steps in series, the median step, each timed from one device
+    synchronization to the next (robust to a noisy machine); overlapped steps, the mean over the run, timed as a
+    whole (synchronizing around each step would keep it from overlapping the next)."""
+    if engine.overlap:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        synchronize(device)
+        return (time.perf_counter() - start) / steps
+    times = []
     for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
         engine.step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def hf_decode(hf: HFGenerate, ids: list[int], batch: int, steps: int, repeats: int, device: torch.device) -> float:
