@@ -8,7 +8,8 @@ A one-rank replica on CUDA overlaps its steps instead (SchedulerConfig.overlap_s
 step N, the driver queues step N+1, whose decodes feed back step N's sampled tokens on the device (the scheduler's
 look-ahead), and only then waits for step N's tokens; so the host's work between two steps (the scheduler, the
 plan's metadata, launching) runs while the GPU works instead of leaving it idle. A sequence that step N finishes
-has computed one token in vain.
+has computed one token in vain, and a request that arrives while step N runs joins step N+2 (N+1 is already
+queued): one step later than in series.
 
 Between steps the other ranks wait for the next plan in gloo receives and broadcasts, which fail once they have
 waited dist_timeout_s(); an idle driver therefore sends an empty keep-alive plan down the pipeline every
