@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hexgen.server.coordinator import Coordinator, TextDelta
+from hexgen.server.coordinator import Coordinator, TextDelta, merge_choices
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from hexgen.server.responses import ResponseShape, sse
 
@@ -97,12 +97,13 @@ def _check_model(coordinator: Coordinator, body: SamplingFields) -> None:
 async def _generate(
     coordinator: Coordinator, request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None, chat: bool
 ) -> Response:
-    gen_request = coordinator.prepare(ids, max_tokens, body)
-    coordinator.check_capacity()
+    sequences = coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)
+    coordinator.check_capacity(len(sequences))
     shape = ResponseShape(chat, coordinator.config.model_name, len(ids))
     endpoint = "chat" if chat else "completions"
-    deltas = coordinator.stream_text(gen_request, body.stop_strings, restartable=not body.stream)
+    streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream) for s in sequences]
     if body.stream:
+        deltas = merge_choices(streams)
         try:
             first = await anext(deltas)  # errors before the first token are still plain HTTP errors
         except APIError:
@@ -113,7 +114,7 @@ async def _generate(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    task = asyncio.ensure_future(_collect(deltas))
+    task = asyncio.ensure_future(_collect_all(streams))
     while not task.done():
         await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
         if not task.done() and await request.is_disconnected():
@@ -121,12 +122,23 @@ async def _generate(
             coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
     try:
-        text, finish, count = task.result()
+        answers = task.result()
     except APIError:
         coordinator.metrics.requests.labels(endpoint, "error").inc()
         raise
     coordinator.metrics.requests.labels(endpoint, "ok").inc()
-    return JSONResponse(shape.full(text, finish, count))
+    return JSONResponse(shape.full([(text, finish) for text, finish, _ in answers], sum(c for _, _, c in answers)))
+
+
+async def _collect_all(streams: list[AsyncIterator[TextDelta]]) -> list[tuple[str, str, int]]:
+    """Every choice's whole answer, collected side by side; an error of one (or cancelling this) stops the rest,
+    which aborts them on their replicas."""
+    tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str, int]:
@@ -142,19 +154,24 @@ async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str, int]:
 async def _sse_stream(
     coordinator: Coordinator,
     shape: ResponseShape,
-    first: TextDelta,
-    rest: AsyncIterator[TextDelta],
+    first: tuple[int, TextDelta],
+    rest: AsyncIterator[tuple[int, TextDelta]],
     include_usage: bool,
     endpoint: str,
 ) -> AsyncIterator[str]:
-    status, count = "cancelled", first.completion_tokens
+    status, counts = "cancelled", {}  # choice index -> its completion tokens so far
+
+    def chunk(index: int, delta: TextDelta) -> str:
+        event = sse(shape.chunk(delta.text, delta.finish_reason, first=index not in counts, index=index))
+        counts[index] = delta.completion_tokens
+        return event
+
     try:
-        yield sse(shape.chunk(first.text, first.finish_reason, first=True))
-        async for delta in rest:
-            count = delta.completion_tokens
-            yield sse(shape.chunk(delta.text, delta.finish_reason))
+        yield chunk(*first)
+        async for index, delta in rest:
+            yield chunk(index, delta)
         if include_usage:
-            yield sse(shape.usage_chunk(count))
+            yield sse(shape.usage_chunk(sum(counts.values())))
         status = "ok"
     except APIError as err:  # e.g. the replica died mid-stream: say so in the stream
         status = "error"

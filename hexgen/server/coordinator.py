@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hexgen.dispatch import DispatchPolicy, NoReplicaAvailable
 from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent
@@ -91,9 +92,23 @@ class Coordinator:
         )
         return GenerationRequest(f"req-{uuid.uuid4().hex}", tuple(prompt_ids), params)
 
-    def check_capacity(self) -> None:
+    def choices(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """The sequences of a request's n choices: choice i draws with seed + i when the request has a seed (else
+        each with fresh randomness), so a seeded request's choices differ and each is reproducible alone."""
+        if n > self.config.max_outstanding:
+            raise APIError(400, f"n must be at most {self.config.max_outstanding} on this server (its limit of "
+                           f"requests in flight; each choice is one), got {n}", param="n")
+        if n == 1:
+            return [request]
+        seed = request.params.seed
+        return [GenerationRequest(f"{request.request_id}-{i}", request.prompt_token_ids,
+                                  replace(request.params, seed=None if seed is None else seed + i))
+                for i in range(n)]
+
+    def check_capacity(self, sequences: int = 1) -> None:
+        """429 unless `sequences` more fit under the limit of requests in flight."""
         outstanding = sum(r.state.outstanding for r in self.replicas if r.state.is_up)
-        if outstanding >= self.config.max_outstanding:
+        if outstanding + sequences > self.config.max_outstanding:
             raise APIError(
                 429,
                 f"the server is at its limit of {self.config.max_outstanding} requests in flight; retry shortly",
@@ -175,3 +190,36 @@ class Coordinator:
             self.metrics.ttft.observe(first_token_s - started)
             if count > 1:
                 self.metrics.tpot.observe((now - first_token_s) / (count - 1))
+
+
+async def merge_choices(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple[int, TextDelta]]:
+    """The deltas of a request's choices as they come, each with its choice's index. An error of one choice ends
+    the whole (the caller reports it); closing the merge, or its end, closes every choice's stream (aborting what
+    is still generating on its replica)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TextDelta]) -> None:
+        try:
+            async with aclosing(stream):
+                async for delta in stream:
+                    await queue.put((index, delta))
+        except APIError as err:
+            await queue.put((index, err))
+            return
+        await queue.put((index, None))  # this choice is done
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, APIError):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

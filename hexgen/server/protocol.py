@@ -31,6 +31,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_CHOICES = 16  # `n`: choices per request
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -46,7 +49,8 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="hexgen extension: 0 = off")
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices: one sequence each (with a seed s, choice i draws "
+                   "with seed s + i)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -56,13 +60,6 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = Field(False, description="hexgen extension for benchmarks")
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send several requests for several choices")
-        return n
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod

@@ -30,27 +30,26 @@ class ResponseShape:
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
-    def full(self, text: str, finish_reason: str, completion_tokens: int) -> dict[str, Any]:
+    def full(self, answers: list[tuple[str, str]], completion_tokens: int) -> dict[str, Any]:
+        """The whole response: one choice per (text, finish reason); completion_tokens over all of them."""
         if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            body = self._envelope("chat.completion", [choice])
+            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": finish_reason} for i, (text, finish_reason) in enumerate(answers)]
+            body = self._envelope("chat.completion", choices)
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            body = self._envelope("text_completion", [choice])
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                       for i, (text, finish_reason) in enumerate(answers)]
+            body = self._envelope("text_completion", choices)
         body["usage"] = self.usage(completion_tokens)
         return body
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False, index: int = 0) -> dict[str, Any]:
+        """A stream chunk of choice `index` (`first`: its first chunk, which names the role in a chat)."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:

@@ -234,6 +234,56 @@ def test_chat_completion_uses_the_chat_template(idle, reference):
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == ref.text
 
 
+# ---- several choices (n) ----
+
+
+def test_n_choices_are_the_seeded_single_requests(idle):
+    """Choice i of a seeded request with n choices is the request with seed + i alone; usage counts them all."""
+    base = {"model": model_name(idle), "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0.9, "ignore_eos": True}
+    many = idle.post("/v1/completions", {**base, "n": 3, "seed": 11}).json()
+    singles = [idle.post("/v1/completions", {**base, "seed": 11 + i}).json() for i in range(3)]
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in many["choices"]] == [s["choices"][0]["text"] for s in singles]
+    assert len({c["text"] for c in many["choices"]}) > 1  # the seeds differ, so do the draws
+    assert many["usage"]["completion_tokens"] == 3 * 8 and many["usage"]["prompt_tokens"] == singles[0]["usage"][
+        "prompt_tokens"]
+
+
+def test_n_streamed_chat_choices_equal_the_whole_answer(idle, reference):
+    body = {"model": model_name(idle), "messages": [{"role": "user", "content": "Count."}], "max_tokens": 6,
+            "temperature": 0.8, "seed": 3, "n": 2, "stream_options": {"include_usage": True}}  # fmt: skip
+    whole = idle.post("/v1/chat/completions", body).json()
+    with httpx.stream("POST", idle.url + "/v1/chat/completions", json={**body, "stream": True}, headers=idle.headers,
+                      timeout=60) as stream:  # fmt: skip
+        events = sse_events(stream)
+    assert events[-1] == "[DONE]"
+    chunks, usage = events[:-2], events[-2]
+    texts, roles, finishes = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+        roles[choice["index"]].append(choice["delta"].get("role"))
+        finishes[choice["index"]].append(choice["finish_reason"])
+    assert [texts[i] for i in (0, 1)] == [c["message"]["content"] for c in whole["choices"]]
+    for i in (0, 1):  # each choice's first chunk names the role, its last the finish reason
+        assert roles[i][0] == "assistant" and set(roles[i][1:]) <= {None}
+        assert finishes[i][-1] == whole["choices"][i]["finish_reason"] and set(finishes[i][:-1]) <= {None}
+    assert usage["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
+def test_n_greedy_choices_are_the_greedy_answer(idle, reference):
+    ref = reference.text(PROMPTS[0], 6)
+    answer = complete(idle, PROMPTS[0], 6, n=2)
+    assert [c["text"] for c in answer["choices"]] == [ref.text, ref.text]
+
+
+def test_n_beyond_the_servers_limit_is_a_400_naming_it(idle):
+    response = idle.post("/v1/completions", {"model": model_name(idle), "prompt": "x", "n": MAX_QUEUE + 1})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "n" and f"at most {MAX_QUEUE}" in error["message"]
+
+
 # ---- the official openai client ----
 
 
@@ -327,7 +377,8 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": 17}, 400, "n"),
     ({"prompt": "x", "tools": []}, 400, "tools"),
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": [1, 10**9]}, 400, "prompt"),
@@ -371,12 +422,14 @@ def test_bad_chat_requests_and_malformed_json(idle):
 # ---- disconnects, 429 ----
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_stops_generation(idle, stream):
-    """Ask for 1500 tokens (tens of seconds here), leave early; the replica's batch must be empty again soon."""
+@pytest.mark.parametrize("stream, n", [(True, 1), (False, 1), (True, 2), (False, 2)])
+def test_client_disconnect_stops_generation(idle, stream, n):
+    """Ask for 1500 tokens (tens of seconds here), leave early; the replicas' batches must be empty again soon
+    (with n choices, every choice's sequence)."""
     cancelled = 'endpoint="completions",status="cancelled"'
     before = metric_value(idle.get("/metrics").text, "hexgen_requests_total", cancelled, default=0.0)
-    body = {"model": model_name(idle), "prompt": PROMPTS[0], "max_tokens": 1500, "ignore_eos": True, "stream": stream}
+    body = {"model": model_name(idle), "prompt": PROMPTS[0], "max_tokens": 1500, "ignore_eos": True, "stream": stream,
+            "n": n, "temperature": 0.5}  # fmt: skip
     payload = json.dumps(body).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
@@ -385,7 +438,7 @@ def test_client_disconnect_stops_generation(idle, stream):
     with socket.create_connection(("127.0.0.1", idle.port), timeout=30) as sock:
         sock.sendall(head.encode() + payload)
         deadline = time.monotonic() + 20
-        while sum(r["running"] for r in idle.status()["replicas"]) < 1:  # heartbeats come once a second
+        while sum(r["running"] for r in idle.status()["replicas"]) < n:  # heartbeats come once a second
             assert time.monotonic() < deadline, "the request never ran"
             time.sleep(0.1)
         if stream:

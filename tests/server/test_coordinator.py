@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from hexgen.dispatch import ReplicaState, make_policy
 from hexgen.engine.messages import TokenEvent
 from hexgen.server.app import _collect as collect_answer
-from hexgen.server.coordinator import Coordinator, ServeConfig
+from hexgen.server.coordinator import Coordinator, ServeConfig, merge_choices
 from hexgen.server.metrics import Metrics
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from hexgen.server.replica_client import Rejected, ReplicaDown
@@ -76,7 +76,8 @@ def fields(**kwargs) -> CompletionRequest:
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
@@ -207,6 +208,66 @@ def test_check_capacity_counts_requests_of_replicas_that_are_up():
         make_coordinator(replicas, max_outstanding=3).check_capacity()
     assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"
     assert info.value.body()["error"]["type"] == "rate_limit_exceeded"
+
+
+def test_check_capacity_counts_every_choice_of_a_request():
+    replicas = [FakeReplica(0), FakeReplica(1)]
+    replicas[0].state.outstanding, replicas[1].state.outstanding = 2, 1
+    coordinator = make_coordinator(replicas, max_outstanding=5)
+    coordinator.check_capacity(2)  # 3 + 2 <= 5
+    with pytest.raises(APIError) as info:
+        coordinator.check_capacity(3)
+    assert info.value.status == 429
+
+
+def test_choices_take_consecutive_seeds_and_their_own_ids():
+    coordinator = make_coordinator([FakeReplica(0)], max_context=100, max_outstanding=4)
+    seeded = coordinator.prepare([1, 2], 5, fields(seed=40, temperature=0.5))
+    many = coordinator.choices(seeded, 3)
+    assert [r.params.seed for r in many] == [40, 41, 42]
+    assert len({r.request_id for r in many}) == 3 and {r.prompt_token_ids for r in many} == {(1, 2)}
+    assert {(r.params.max_new_tokens, r.params.temperature) for r in many} == {(5, 0.5)}
+    assert [r.params.seed for r in coordinator.choices(coordinator.prepare([1], 5, fields()), 2)] == [None, None]
+    assert coordinator.choices(seeded, 1) == [seeded]
+    with pytest.raises(APIError) as info:
+        coordinator.choices(seeded, 5)  # more than the 4 requests the server keeps in flight
+    assert info.value.status == 400 and info.value.param == "n"
+
+
+def _merged(coordinator, requests, restartable=False) -> list:
+    async def go():
+        streams = [coordinator.stream_text(r, (), restartable) for r in requests]
+        return [(i, d.text, d.finish_reason) async for i, d in merge_choices(streams)]
+
+    return asyncio.run(go())
+
+
+def test_merged_choices_carry_their_index():
+    replica = FakeReplica(0, [tokens(0, 1), tokens(2, 3, 4)])
+    coordinator = make_coordinator([replica], max_context=100)
+    requests = coordinator.choices(coordinator.prepare([1], 3, fields(seed=1)), 2)
+    merged = _merged(coordinator, requests)
+    assert "".join(t for i, t, _ in merged if i == 0) == "ab" and "".join(t for i, t, _ in merged if i == 1) == "cde"
+    assert [(i, f) for i, _, f in merged if f] in ([(0, "length"), (1, "length")], [(1, "length"), (0, "length")])
+    assert sorted(replica.released) == sorted((r.request_id, False) for r in requests)
+
+
+def test_a_failing_choice_fails_the_request_and_aborts_the_others():
+    # choice 0 produces a token, then its replica goes down (a stream cannot restart); choice 1 is still generating
+    replica = FakeReplica(0, [[*tokens(4, finish=None), ReplicaDown("gone")], tokens(5, 6, finish=None)])
+    coordinator = make_coordinator([replica], max_context=100)
+    requests = coordinator.choices(coordinator.prepare([1], 9, fields(seed=1)), 2)
+
+    async def go():
+        streams = [coordinator.stream_text(r, (), False) for r in requests]
+        with pytest.raises(APIError) as info:
+            async for _ in merge_choices(streams):
+                pass
+        return info.value, list(replica.released)  # as the error reaches the caller, not once the loop ends
+
+    error, released = asyncio.run(go())
+    assert error.status == 503 and "gone" in error.message
+    assert sorted(released) == sorted((r.request_id, True) for r in requests)  # both aborted
 
 
 # ---- dispatch through the shared policies, failover, text ----
