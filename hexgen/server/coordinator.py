@@ -203,7 +203,7 @@ async def merge_choices(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterato
             async with aclosing(stream):
                 async for delta in stream:
                     await queue.put((index, delta))
-        except APIError as err:
+        except Exception as err:  # an APIError (or a bug): the consumer raises it rather than wait for this choice
             await queue.put((index, err))
             return
         await queue.put((index, None))  # this choice is done
@@ -215,7 +215,7 @@ async def merge_choices(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterato
             index, item = await queue.get()
             if item is None:
                 running -= 1
-            elif isinstance(item, APIError):
+            elif isinstance(item, Exception):
                 raise item
             else:
                 yield index, item
