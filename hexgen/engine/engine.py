@@ -148,9 +148,7 @@ class Engine:
         self.num_stages = runner.ctx.layout.num_stages
         self.micro_batches = runner.ctx.layout.micro_batches  # disjoint micro-batches the pipeline keeps in flight
         self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
-        self.overlap = False  # whether look-ahead steps overlap the previous one (set_overlap)
-        self.depth = self.micro_batches  # steps kept in flight
-        self.set_overlap(overlaps_steps(runner, scheduler.config))
+        self.set_overlap(overlaps_steps(runner, scheduler.config))  # sets overlap and depth (steps kept in flight)
         self.outbox = pipeline.Outbox(self.micro_batches)
         self.totals = StepTotals()
         self.keepalive_s = keepalive_interval_s()
@@ -194,8 +192,8 @@ class Engine:
     def set_overlap(self, on: bool) -> None:
         """Overlap steps or not from now on (a one-rank replica only; between requests: benchmarks compare both)."""
         assert not self.has_work, "set_overlap while steps are in flight"
-        self.overlap = on and self.runner.ctx.layout.world_size == 1
-        self.depth = 2 if self.overlap else self.micro_batches
+        self.overlap = on and self.runner.ctx.layout.world_size == 1  # look-ahead steps overlap the one before
+        self.depth = 2 if self.overlap else self.micro_batches  # steps kept in flight
 
     def keep_alive(self) -> None:
         """While idle, send the other ranks an empty plan once keepalive_s has passed since their last one (see

@@ -73,11 +73,6 @@ def filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
-    """logits [B, V] on the device, one SampleRow each -> B token ids (one device-to-host copy)."""
-    return sample_on_device(logits, rows).tolist()
-
-
 def warp(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature, top-k and top-p in HF's order, each row with its own settings; logits [B, V] fp32."""
     device = logits.device

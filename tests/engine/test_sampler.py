@@ -14,10 +14,14 @@ from hexgen.engine.sampler import (
     filter_top_k,
     filter_top_p,
     row_key,
-    sample,
+    sample_on_device,
     uniform_noise,
     warp,
 )
+
+
+def sample(logits, rows) -> list[int]:
+    return sample_on_device(logits, rows).tolist()
 
 
 def hf_warp(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
