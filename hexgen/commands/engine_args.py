@@ -61,7 +61,9 @@ def check_memory(args: argparse.Namespace, spec: ModelSpec, replicas: list[Repli
         RankShape(stage.num_layers, stage.tp, i == 0, i == len(replica.stages) - 1)
         for replica in replicas for i, stage in enumerate(replica.stages)
     ]
-    cpu_packed = args.device == "cpu" and args.dtype == "float32"  # see hexgen/engine/layers.py:pack_for_cpu
+    # CPU ranks hold oneDNN-packed weights (hexgen/engine/layers.py:packs_for_cpu): fp32 always, bf16 where the CPU
+    # has oneDNN's bf16 products (assumed where /proc/cpuinfo says nothing: the tied table then counts twice)
+    cpu_packed = args.device == "cpu" and (args.dtype == "float32" or not cpu_lacks_bf16_matmul())
     check_memory_budget(spec, ranks, int(args.memory_gb * GIB), max_running_seqs, args.block_size,
                         DTYPE_BYTES[args.dtype], cpu_packed)
 

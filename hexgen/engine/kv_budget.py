@@ -29,8 +29,9 @@ class RankShape:
 
 def rank_weight_bytes(spec: ModelSpec, rank: RankShape, dtype_bytes: int, cpu_packed: bool = False) -> int:
     """Bytes of the weights one rank holds (TP shards; vocabulary rows padded to equal shards). With cpu_packed (a
-    CPU fp32 rank) its linear layers and LM head are held in oneDNN's layout instead, the same size, except that a
-    head tied to the embedding on the same rank keeps the dense table for the embedding: one more copy of it."""
+    CPU rank in fp32, or in bf16 where the CPU has bf16 arithmetic) its linear layers and LM head are held in
+    oneDNN's layout instead, the same size, except that a head tied to the embedding on the same rank keeps the
+    dense table for the embedding: one more copy of it."""
     h, tp = spec.hidden_size, rank.tp_degree
     q_size = spec.num_heads * spec.head_dim
     linears = (h * (q_size + 2 * spec.kv_dim) + q_size * h + 3 * h * spec.intermediate_size) // tp

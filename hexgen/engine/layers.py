@@ -16,11 +16,13 @@ from hexgen.engine.weights import CheckpointReader
 
 
 def pack_for_cpu(weight: torch.Tensor, column_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The weight [out, in] (its columns times column_scale [in], when given) in oneDNN's blocked layout for fp32
-    products on CPU, or None where that does not apply.
+    """The weight [out, in] (its columns times column_scale [in], when given) in oneDNN's blocked layout for CPU
+    products (fp32; bf16 where the CPU has bf16 arithmetic), or None where that does not apply.
 
-    Measured on the 2-core AVX2 EPYC (SmolLM2 shapes): 1.5x MKL's sgemm for the MLP at 16 rows, 2.3x for the LM
-    head. Once packed, a layer's dense weight is dropped (PackableLinear.drop_dense) unless a tied embedding shares it.
+    Measured on the 2-core AVX2 EPYC (SmolLM2 shapes): fp32 1.5x MKL's sgemm for the MLP at 16 rows, 2.3x for the LM
+    head. On the 2-core Sapphire Rapids Xeon (AMX), bf16 packed against torch's bf16 F.linear: 1.3-2.0x at one row,
+    1.4-2.1x at 16, 1.6-1.7x at 128 (docs/bench-engine.md). Once packed, a layer's dense weight is dropped
+    (PackableLinear.drop_dense) unless a tied embedding shares it.
     """
     if not packs_for_cpu(weight):
         return None
@@ -29,8 +31,22 @@ def pack_for_cpu(weight: torch.Tensor, column_scale: torch.Tensor | None = None)
 
 
 def packs_for_cpu(weight: torch.Tensor) -> bool:
-    """Whether pack_for_cpu keeps a packed copy of this weight (fp32 on a CPU with oneDNN)."""
-    return not weight.is_cuda and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether pack_for_cpu keeps a packed copy of this weight: fp32 on a CPU with oneDNN, bf16 where oneDNN
+    multiplies bf16 natively (AVX-512 BF16, AMX, AVX-NE-CONVERT)."""
+    if weight.is_cuda or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_packs_bf16())
+
+
+def cpu_packs_bf16() -> bool:
+    """Whether this CPU's oneDNN has bf16 products (torch's own check of the CPU's instructions)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def folds_norm_for_cpu(weight: torch.Tensor) -> bool:
+    """Whether a packed projection takes the RMSNorm before it into its weight (fp32 only: in bf16 the folded
+    weight would round differently from HF's norm-then-product, so bf16 keeps the norm as its own op)."""
+    return weight.dtype == torch.float32 and packs_for_cpu(weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
@@ -70,7 +86,7 @@ class PackableLinear(nn.Module):
     def pack(self, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> None:
         """Keep the packed copy (where pack_for_cpu applies). With norm_weight [in], the RMSNorm that precedes this
         layer is folded into the copy: the layer's forward then takes the norm's input (see rms_normed_linear)."""
-        if norm_weight is None or not packs_for_cpu(self.weight):
+        if norm_weight is None or not folds_norm_for_cpu(self.weight):
             self.packed = pack_for_cpu(self.weight)
             return
         features = self.weight.shape[1]

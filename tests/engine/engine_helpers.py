@@ -51,22 +51,22 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
     return tokens, torch.cat(out.logits, dim=0).float()
 
 
-def load_hf(model_dir: Path):
+def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
 
 
 # ---------------------------------------------------------------- our engine, one process
 
 def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
                    eos_token_ids: tuple[int, ...] = (), device: str = "cpu", engines: list | None = None,
-                   ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+                   dtype: str = "float32") -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V] (none when
     the engine overlaps its steps, as on CUDA by default: the runner's last logits are then a step ahead of the
     events). `engines`, when given, receives the engine (to read its scheduler's counters afterwards)."""
     plan = single_replica_plan(source.spec, [1], None)
-    spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, device=device)
+    spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, dtype=dtype, device=device)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, init_rank(spec), config)
     runner.record_logits = True
