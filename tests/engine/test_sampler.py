@@ -13,6 +13,7 @@ from hexgen.engine.sampler import (
     _mix32,
     filter_top_k,
     filter_top_p,
+    first_argmax,
     row_key,
     sample_on_device,
     uniform_noise,
@@ -128,3 +129,14 @@ def test_sampled_frequencies_follow_hf_probabilities():
     observed = torch.bincount(draws, minlength=12).float() / 4000
     assert observed[expected == 0].sum() == 0  # never a filtered token
     torch.testing.assert_close(observed, expected, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_takes_the_first_of_tied_maxima(dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 4, (16, 49152), generator=gen).to(dtype)  # many ties at the top value 3
+    x[5] = 0  # a row of one value: index 0
+    x[7, 40000:] = 9  # the first of a long tied run
+    expected = [next(i for i, v in enumerate(row) if v == max(row)) for row in x.float().tolist()]  # brute force
+    assert first_argmax(x).tolist() == expected
+    assert expected[5] == 0 and expected[7] == 40000
