@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hexgen.engine.attention import LayerPool, StepMetadata
-from hexgen.engine.layers import PackableLinear, ParallelLMHead, VocabParallelEmbedding, folds_norm_for_cpu
+from hexgen.engine.layers import PackableLinear, ParallelLMHead, VocabParallelEmbedding, packs_for_cpu
 from hexgen.engine.llama import DecoderLayer, RMSNorm, RotaryEmbedding
 from hexgen.engine.parallel import RankContext
 from hexgen.engine.weights import CheckpointReader
@@ -49,12 +49,12 @@ class LlamaStage(nn.Module):
     def pack_weights(self) -> None:
         """Keep each linear layer's weight in oneDNN's layout instead (CPU fp32, and bf16 where the CPU has bf16
         arithmetic; elsewhere a no-op), one layer at a time, so the rank's memory never holds both layouts of more
-        than one layer. In fp32, attention layers also take their q and k rows in interleaved-RoPE order (see
-        Attention.interleave_rope: a complex multiplication, which torch has no bf16 type for), and each RMSNorm is
-        folded into the packed projection after it (see layers.rms_normed_linear). A tied LM head keeps its dense
-        weight: it is the embedding table."""
+        than one layer. Each RMSNorm is folded into the packed projection after it (see layers.rms_normed_linear),
+        and in fp32 attention layers also take their q and k rows in interleaved-RoPE order (see
+        Attention.interleave_rope: a complex multiplication, which torch has no bf16 type for). A tied LM head
+        keeps its dense weight: it is the embedding table."""
         for layer in self.layers:
-            if folds_norm_for_cpu(layer.self_attn.qkv_proj.weight):
+            if packs_for_cpu(layer.self_attn.qkv_proj.weight) and self.dtype == torch.float32:
                 layer.self_attn.interleave_rope()
             attention_norm, mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
             layer.self_attn.qkv_proj.pack(attention_norm.weight, attention_norm.eps)

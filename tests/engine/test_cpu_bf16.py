@@ -50,11 +50,13 @@ def test_bf16_rank_holds_packed_bf16_weights_only(tiny_model_dirs):
     stage.load(CheckpointReader(source.directory, torch.bfloat16))
     stage.pack_weights()
     linears = [m for m in stage.modules() if isinstance(m, PackableLinear)]
+    folding = [stage.lm_head]
+    folding += [p for layer in stage.layers for p in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj)]
     assert linears and all(m.packed is not None and m.packed.dtype == torch.bfloat16 for m in linears)
-    assert not any(m.folds_norm() for m in linears)  # the norms stay ops of their own
+    assert all(m.folds_norm() == (m in folding) for m in linears)  # each RMSNorm inside the projection after it
     assert all(m.weight.is_meta for m in linears if m is not stage.lm_head)  # dense copies dropped ...
     assert stage.lm_head.weight is stage.embed_tokens.weight and not stage.lm_head.weight.is_meta  # ... but the table
-    assert not stage.rope_interleaved
+    assert not stage.rope_interleaved  # rotate-half RoPE: torch has no bf16 complex type
     # what the memory check counts: the tied table twice (embedding dense, head packed), 2 bytes an element
     shape = RankShape(source.spec.num_layers, 1, True, True)
     assert stage.weight_bytes() == rank_weight_bytes(source.spec, shape, 2, cpu_packed=True)
