@@ -123,9 +123,10 @@ def table_row(row: dict) -> str:
 def cpu_line() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = re.search(r"Model name:\s*(.+)", lscpu)
-    avx512 = "avx512f" in lscpu
-    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, " + (
-        "AVX-512" if avx512 else "no AVX-512 (AVX2 only)")
+    vector = "AVX-512" if "avx512f" in lscpu else "no AVX-512 (AVX2 only)"
+    vector += ", AVX512_BF16" if "avx512_bf16" in lscpu else ""
+    vector += ", AMX" if "amx_bf16" in lscpu else ""
+    return f"{name.group(1).strip() if name else 'unknown CPU'}, {os.cpu_count()} cores, {vector}"
 
 
 def load_average() -> str:
@@ -163,7 +164,9 @@ def main() -> int:
         newest = max(r["date"] for r in stored)
         print(f"wrote {plot_run([r for r in stored if r['date'] == newest], Path(args.figure))}", file=sys.stderr)
         return 0
-    kept = json.loads(store.read_text()) if store.exists() and args.only else []
+    # rows of other servers are kept from earlier runs on this CPU only: a table mixing machines would compare them
+    kept = [r for r in json.loads(store.read_text()) if r.get("cpu") == cpu_line()] if store.exists() and args.only \
+        else []
     rows, notes = [], []
     if args.hexgen_url:
         for c in (1, 16):
@@ -197,10 +200,12 @@ def main() -> int:
 
 def short_name(label: str, precision: str) -> str:
     """'**hexgen serve** (two-stage pipeline TP 1 | TP 1, 15 + 15 layers; 2 processes)', 'fp32' -> 'hexgen serve:
-    two-stage pipeline TP 1 | TP 1, 15 + 15 layers' (a legend entry); baselines keep their name and weights."""
+    two-stage pipeline TP 1 | TP 1, 15 + 15 layers' (a legend entry; other weights than fp32 named); baselines keep
+    their name and weights."""
     name, _, detail = label.replace("**", "").partition(" (")
     if name.startswith("hexgen"):
-        return f"{name}: {detail.split(';')[0].rstrip(')')}" if detail else name  # --hexgen-url rows: no detail
+        weights = "" if precision == "fp32" else f" [{precision}]"
+        return (f"{name}: {detail.split(';')[0].rstrip(')')}" if detail else name) + weights  # --hexgen-url: no detail
     return f"{name} [{precision}]"
 
 
@@ -231,7 +236,7 @@ def measure(label: str, precision: str, url: str, model: str, concurrency: int, 
     load = load_average()
     summary, command = bench(url, model, concurrency, args, ignore_eos)
     return {"label": label, "precision": precision, "concurrency": concurrency, "summary": summary,
-            "command": command, "load_before": load, "date": datetime.date.today().isoformat()}
+            "command": command, "load_before": load, "date": datetime.date.today().isoformat(), "cpu": cpu_line()}
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
@@ -335,7 +340,7 @@ Commands (MODEL is the name each server expects; see `scripts/baselines/start_*.
 ```
 """
     if notes:
-        text += "\nNot measured:\n\n" + "\n".join(notes) + "\n"
+        text += "\nNot measured:\n\n" + "\n".join(dict.fromkeys(notes)) + "\n"  # once per server, not per round
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

@@ -26,6 +26,7 @@ def test_legend_names():
     assert script.short_name(script.HEXGEN_TWO, "fp32") == \
         "hexgen serve: two-stage pipeline TP 1 | TP 1, 15 + 15 layers"
     assert script.short_name(script.HEXGEN_ONE, "fp32") == "hexgen serve: one replica, one process"
+    assert script.short_name(script.HEXGEN_ONE, "bf16") == "hexgen serve: one replica, one process [bf16]"
     assert script.short_name(script.VLLM, "fp32") == "vLLM 0.32.0 CPU [fp32]"
     assert script.short_name("**hexgen serve**", "fp32") == "hexgen serve"  # a row of --hexgen-url
 
