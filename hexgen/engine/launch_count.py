@@ -111,14 +111,15 @@ def cuda_path_on_cpu(kv_splits: int | None = None) -> Iterator[None]:
     """CPU steps take the engine's CUDA path: the Triton kernels (interpreted), no oneDNN copies or folded norms,
     and, when given, `kv_splits` key ranges per decoding sequence (on CPU the engine picks 1). TRITON_INTERPRET=1
     must be set before triton is imported."""
-    from hexgen.engine import kernels, layers, ops, runner, sampler
+    from hexgen.engine import kernels, layers, ops, runner, sampler, stage
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is imported")
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(ops, "use_triton", lambda t: True))
         patches.enter_context(mock.patch.object(runner, "triton_serves", lambda device: True))
-        patches.enter_context(mock.patch.object(layers, "packs_for_cpu", lambda weight: False))  # folds too
+        patches.enter_context(mock.patch.object(layers, "packs_for_cpu", lambda weight: False))
+        patches.enter_context(mock.patch.object(stage, "packs_for_cpu", lambda weight: False))
         patches.enter_context(mock.patch.object(sampler, "first_argmax", lambda x: x.argmax(dim=-1)))  # as on CUDA
         if kv_splits is not None:
             patches.enter_context(mock.patch.object(kernels, "choose_kv_splits", lambda *args: kv_splits))
