@@ -7,14 +7,32 @@ replica is stopped and ReplicaFailed says why; close() always leaves no process 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from hexgen.launch.channel import ParentEnd
+from hexgen.launch.entry import rank_environment
 
 STOP_GRACE_S = 5.0
+
+
+@contextlib.contextmanager
+def extra_environment(variables: dict[str, str]) -> Iterator[None]:
+    """os.environ with `variables` added for the duration (for a child process started inside), then as before."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class ReplicaFailed(RuntimeError):
@@ -23,19 +41,22 @@ class ReplicaFailed(RuntimeError):
 
 class RankProcesses:
     def __init__(self, target: Callable[..., None], rank_args: Sequence[tuple[Any, ...]]):
-        """`target(*rank_args[r])` runs in process r (spawned, so nothing is inherited by accident)."""
+        """`target(*rank_args[r])` runs in process r (spawned, so nothing is inherited by accident); each rank_args[r]
+        starts with that rank's RankSpec, whose process starts with entry.rank_environment's variables set."""
         ctx = mp.get_context("spawn")
         self.procs = [
             ctx.Process(target=target, args=args, name=f"hexgen-rank{r}", daemon=True)
             for r, args in enumerate(rank_args)
         ]
+        self.environments = [rank_environment(args[0]) for args in rank_args]
 
     def __len__(self) -> int:
         return len(self.procs)
 
     def start(self) -> None:
-        for proc in self.procs:
-            proc.start()
+        for proc, environment in zip(self.procs, self.environments, strict=True):
+            with extra_environment(environment):  # a spawned process starts with the parent's os.environ
+                proc.start()
 
     def first_exited(self) -> tuple[int, int] | None:
         """(rank, exit code) of a rank that has ended, if any."""

@@ -221,3 +221,8 @@ def plan_messages_rank(rank: int, port: int, plans: list, out_path: str) -> None
         inbox = pipeline.PlanInbox(ctx)
         Path(out_path).write_bytes(pickle.dumps([inbox.next_plan() for _ in plans]))
     dist.destroy_process_group()
+
+
+def report_spin_count(spec, out_path: str) -> None:
+    """A rank process's target that writes the GOMP_SPINCOUNT it started with (tests/engine/test_rank_environment.py)."""
+    Path(out_path).write_text(os.environ.get("GOMP_SPINCOUNT", "unset"))

@@ -1,0 +1,36 @@
+"""A rank process starts with its OpenMP spin count already in its environment, set by the parent, so the count
+holds even where the rank loads torch before its entry function runs (as when the parent's main module imports
+torch); a user's own GOMP_SPINCOUNT wins, and the parent's environment is left as it was."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from engine_helpers import report_spin_count
+
+from hexgen.launch.local import RankProcesses
+from hexgen.launch.spec import SHARED_SPIN_COUNT, Layout, RankSpec
+
+
+def spawned_spin_counts(tmp_path: Path, spin_counts: list[int]) -> list[str]:
+    specs = [RankSpec(None, Layout((1,), ((0, 1),)), rank, spin_count=n) for rank, n in enumerate(spin_counts)]
+    outs = [str(tmp_path / f"rank{rank}.txt") for rank in range(len(specs))]
+    processes = RankProcesses(report_spin_count, list(zip(specs, outs, strict=True)))
+    processes.start()
+    processes.stop(grace_s=60)
+    return [Path(out).read_text() for out in outs]
+
+
+def test_each_rank_starts_with_its_spin_count(tmp_path, monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert spawned_spin_counts(tmp_path, [SHARED_SPIN_COUNT, 0]) == [str(SHARED_SPIN_COUNT), "unset"]
+    assert "GOMP_SPINCOUNT" not in os.environ  # the parent's own environment is as before
+
+
+@pytest.mark.parametrize("users", ["0", "500"])
+def test_a_users_spin_count_wins(tmp_path, monkeypatch, users):
+    monkeypatch.setenv("GOMP_SPINCOUNT", users)
+    assert spawned_spin_counts(tmp_path, [SHARED_SPIN_COUNT]) == [users]
+    assert os.environ["GOMP_SPINCOUNT"] == users
