@@ -20,8 +20,9 @@ def pack_for_cpu(weight: torch.Tensor, column_scale: torch.Tensor | None = None)
     products (fp32; bf16 where the CPU has bf16 arithmetic), or None where that does not apply.
 
     Measured on the 2-core AVX2 EPYC (SmolLM2 shapes): fp32 1.5x MKL's sgemm for the MLP at 16 rows, 2.3x for the LM
-    head. On the 2-core Sapphire Rapids Xeon (AMX), bf16 packed against torch's bf16 F.linear: 1.3-2.0x at one row,
-    1.4-2.1x at 16, 1.6-1.7x at 128 (docs/bench-engine.md). Once packed, a layer's dense weight is dropped
+    head. On the 2-core Sapphire Rapids Xeon (AMX), bf16 packed against torch's bf16 F.linear (SmolLM2's four
+    projections and LM head, hot weights, a scratch micro-benchmark): 1.5-2.3x at one row, 1.4-2.1x at 16, 1.6-1.7x
+    at 128. Once packed, a layer's dense weight is dropped
     (PackableLinear.drop_dense) unless a tied embedding shares it.
     """
     if not packs_for_cpu(weight):

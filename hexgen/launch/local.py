@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,19 +21,23 @@ from hexgen.launch.entry import rank_environment
 STOP_GRACE_S = 5.0
 
 
+_ENVIRONMENT_LOCK = threading.Lock()  # one child started with extra variables at a time (a server starts replicas)
+
+
 @contextlib.contextmanager
 def extra_environment(variables: dict[str, str]) -> Iterator[None]:
     """os.environ with `variables` added for the duration (for a child process started inside), then as before."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with _ENVIRONMENT_LOCK:
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 class ReplicaFailed(RuntimeError):
