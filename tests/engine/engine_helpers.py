@@ -224,5 +224,5 @@ def plan_messages_rank(rank: int, port: int, plans: list, out_path: str) -> None
 
 
 def report_spin_count(spec, out_path: str) -> None:
-    """A rank process's target that writes the GOMP_SPINCOUNT it started with (tests/engine/test_rank_environment.py)."""
+    """A rank process's target: writes the GOMP_SPINCOUNT it started with (see test_rank_environment.py)."""
     Path(out_path).write_text(os.environ.get("GOMP_SPINCOUNT", "unset"))
