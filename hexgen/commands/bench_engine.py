@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 from hexgen.errors import UserError
@@ -74,6 +72,8 @@ def parse_layout(text: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
 
 def run_engine_bench(args: argparse.Namespace) -> int:
     if args.device == "cpu":
+        from hexgen.engine.omp_spin import spin_like_a_lone_rank
+
         spin_like_a_lone_rank()
     from hexgen.engine.bench_report import run_and_report
 
@@ -88,25 +88,6 @@ def run_engine_bench(args: argparse.Namespace) -> int:
     run_and_report(args.model, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats, layouts, args.markdown,
                    args.device, args.shape, batch_sizes, args.save_model, args.enforce_eager)
     return 0
-
-
-def spin_like_a_lone_rank() -> None:
-    """The engines timed in this process run alone on the machine, as a one-rank `hexgen serve` does: their OpenMP
-    threads spin at barriers for that rank's count (launch/spec.py:ALONE_SPIN_COUNT) instead of sleeping at once
-    (hexgen.engine's default, which costs every parallel region a wake-up: HF's many small ops most). libgomp reads
-    GOMP_SPINCOUNT once, when torch loads; the variable is then removed again, so that the ranks of the --layout
-    runs, spawned from here, get their own (launch/entry.py). A user's own GOMP_SPINCOUNT is left alone.
-
-    Measured on the 2-core Sapphire Rapids Xeon, SmolLM2-135M, batch-1 decode ms/token, sleeping -> spinning:
-    hexgen fp32 46.8 -> 31.8, bf16 40.2 -> 21.5; HF generate fp32 55.2 -> 32.1, bf16 59.2 -> 33.1."""
-    if "GOMP_SPINCOUNT" in os.environ or "torch" in sys.modules:
-        return
-    from hexgen.launch.spec import ALONE_SPIN_COUNT
-
-    os.environ["GOMP_SPINCOUNT"] = str(ALONE_SPIN_COUNT)
-    import torch  # noqa: F401  (loads libgomp, which reads the variable now)
-
-    del os.environ["GOMP_SPINCOUNT"]
 
 
 def check_device_flags(device: str, layouts: list | None, batch_sizes: list[int] | None) -> None:

@@ -12,7 +12,7 @@ from hexgen.launch.spec import ALONE_SPIN_COUNT
 
 PROBE = """
 import builtins, os, sys
-import hexgen.commands.bench_engine as bench
+import hexgen.engine.omp_spin as bench
 seen = []  # GOMP_SPINCOUNT at the moment torch is first imported
 real_import = builtins.__import__
 def spying_import(name, *args, **kwargs):
