@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from hexgen.engine import pipeline
+from hexgen.engine.cpu_heap import keep_freed_memory
 from hexgen.engine.kv_budget import CPU_DEFAULT_KV_BYTES, CUDA_MARGIN_FRACTION, blocks_wanted
 from hexgen.engine.messages import GenerationRequest, StepPlan, TokenEvent
 from hexgen.engine.parallel import RankContext, init_rank_context, single_process_context
@@ -86,6 +87,8 @@ def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, prog
     stage.pack_weights()
     runner = StageRunner(ctx, stage, device)
     runner.allocate_kv_pool(agree_num_blocks(ctx, stage, config), config.block_size)
+    if device.type == "cpu":
+        keep_freed_memory()  # the steps' tensors from here on reuse heap pages (engine/cpu_heap.py)
     if not config.enforce_eager:
         runner.capture_decode_graphs(config.max_running_seqs, config.max_context)
     return runner
