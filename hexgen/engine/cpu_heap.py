@@ -4,14 +4,17 @@ again at every step.
 glibc's malloc serves a request above its mmap threshold (128 KiB at first; each free of a mapped block raises it
 to that block's size, up to 32 MiB) with a mapping of its own, and hands the free top of its heap back to the
 kernel once more than its trim threshold (twice the mmap threshold) is free. A decode step allocates and frees
-tensors of every size from a few bytes to megabytes (activations, gathered KV blocks, logits), so with these
-defaults a rank serving SmolLM2-135M at 16 streams took 700-1,000 page faults a step (measured on a 2-core Xeon,
-`/proc/self/stat`'s minor faults over 40 decode steps). Once a rank's weights and KV pool are in place
-(engine.build_runner), both thresholds are raised to HEAP_KEEP_BYTES: from then on a step reuses what the steps
-before it freed (about 50 faults a step over a run of 130 steps, those of a heap still growing with its
-sequences' context), and in paired runs of 32 requests the rank served 2-7% more tokens per second, and a
-two-stage pipeline 3% more. The weights and the KV pool keep the mappings they were allocated with; what the heap keeps
-beyond them is at most one step's peak of temporaries. Elsewhere (not glibc) this is a no-op.
+tensors of every size from a few bytes to megabytes (activations, gathered KV blocks, logits), so a rank's steps land
+on pages the kernel must fault in and zero again until glibc's thresholds have adapted to them, and for ever for
+blocks above 32 MiB (a long prefill chunk's MLP activations on a larger model). Measured on SmolLM2-135M at 16
+sequences (2-core Xeon, minor faults in `/proc`): a fresh rank took 700-1,000 faults a step over its first 130
+steps, a server warmed by a few hundred steps about 3. Once a rank's weights and KV pool are in place
+(engine.build_runner), both thresholds are raised to HEAP_KEEP_BYTES, so a step reuses what the steps before it
+freed from the start: about 50 faults a step over those first 130 steps (the heap still growing with its
+sequences' context), and 2-7% more tokens per second for the fresh engine, one process or a two-stage pipeline
+(paired runs of 32 requests); the warmed server served the same either way (281.4 against 276.9 tok/s). The weights
+and the KV pool keep the mappings they were allocated with; what the heap keeps beyond them is at most one step's
+peak of temporaries. Elsewhere (not glibc) this is a no-op.
 """
 
 from __future__ import annotations
