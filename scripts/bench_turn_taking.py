@@ -1,6 +1,6 @@
 """What it costs two processes to take turns on one machine's cores, with nothing but torch: process A runs the
-first half of a model's layers, hands the turn to process B (a pipe), which runs the second half and hands it back;
-against one process running all the layers. This is what a two-stage pipeline on one CPU machine does (its stages
+first half of a model's layers, hands the turn to process B (a named pipe), which runs the second half and hands it
+back; against one process running all the layers. This is what a two-stage pipeline on one CPU machine does (its stages
 take turns, launch/spec.py:pipeline_depth) without any of hexgen's engine, so the difference is what the turn-taking
 itself costs. Usage: .venv/bin/python scripts/bench_turn_taking.py [-h].
 
@@ -158,19 +158,18 @@ def main() -> int:
     from hexgen.machine import cpu_description
 
     half = args.layers // 2
+    pair_spin = SHARED_SPIN_COUNT if args.pair_spin_count is None else args.pair_spin_count
     rows = []
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="hexgen-turns-") as fifo_dir:
             one = collect(spawn("one", args, fifo_dir, ALONE_SPIN_COUNT))
             for name in ("to_a", "to_b"):
                 os.mkfifo(Path(fifo_dir) / name)
-            pair_spin = SHARED_SPIN_COUNT if args.pair_spin_count is None else args.pair_spin_count
             pair = [spawn(role, args, fifo_dir, pair_spin) for role in ("A", "B")]
             a, b = (collect(p) for p in pair)
         rows.append((one, a, b))
-    spins = SHARED_SPIN_COUNT if args.pair_spin_count is None else args.pair_spin_count
     print(f"Machine: {cpu_description()}; {args.threads} torch threads per process; batch {args.batch}, "
-          f"{args.context} cached tokens each; OpenMP spin count {ALONE_SPIN_COUNT} alone, {spins} in the pair; "
+          f"{args.context} cached tokens each; OpenMP spin count {ALONE_SPIN_COUNT} alone, {pair_spin} in the pair; "
           f"median per layer over {args.steps - args.steps // 5} steps (ms)\n")
     print("| layer of a turn | one process (its layers i and i + half, mean) | A (turn 1) | B (turn 2) |")
     print("|---|---|---|---|")

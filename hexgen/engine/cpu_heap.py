@@ -1,5 +1,5 @@
 """A CPU rank's step-time tensors on heap pages it keeps, instead of pages the kernel maps, faults in and zeroes
-again at every step.
+again and again.
 
 glibc's malloc serves a request above its mmap threshold (128 KiB at first; each free of a mapped block raises it
 to that block's size, up to 32 MiB) with a mapping of its own, and hands the free top of its heap back to the
