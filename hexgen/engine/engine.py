@@ -37,6 +37,7 @@ from hexgen.engine.parallel import RankContext, init_rank_context, single_proces
 from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.stage import LlamaStage
+from hexgen.engine.turns import release_worker_threads
 from hexgen.engine.weights import CheckpointReader
 from hexgen.errors import UserError
 from hexgen.launch.spec import RankSpec
@@ -91,6 +92,8 @@ def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, prog
         keep_freed_memory()  # the steps' tensors from here on reuse heap pages (engine/cpu_heap.py)
     if not config.enforce_eager:
         runner.capture_decode_graphs(config.max_running_seqs, config.max_context)
+    if spec.end_turns and device.type == "cpu":
+        runner.end_turn = release_worker_threads
     return runner
 
 
@@ -221,6 +224,7 @@ class Engine:
             assert tokens is not None
             return lambda: tokens
         pipeline.send_step(ctx, self.outbox, plan, hidden)
+        self.runner.end_turn()  # the next stage's turn: no thread of this rank keeps a core from it
         return pipeline.receive_tokens(ctx, plan.num_sampled)
 
     def shutdown(self) -> None:
@@ -260,7 +264,8 @@ def follow_driver(runner: StageRunner) -> None:
         hidden, last_rows = runner.forward(plan, hidden)
         if not ctx.is_last_stage:
             pipeline.send_step(ctx, outbox, plan, hidden)
-            continue
-        tokens = runner.sample(plan, hidden, last_rows)
-        if tokens is not None and plan.num_sampled:
-            pipeline.send_tokens(ctx, outbox, tokens)
+        else:
+            tokens = runner.sample(plan, hidden, last_rows)
+            if tokens is not None and plan.num_sampled:
+                pipeline.send_tokens(ctx, outbox, tokens)
+        runner.end_turn()

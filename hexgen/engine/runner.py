@@ -27,6 +27,7 @@ class StageRunner:
         self.record_logits = False  # keep the last step's full logits on the last leader (for tests)
         self.last_logits: torch.Tensor | None = None
         self.last_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
+        self.end_turn: Callable[[], object] = lambda: None  # once a micro-batch is handed on (engine/turns.py)
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
         self.stage.allocate_kv_pool(num_blocks, block_size)

@@ -80,6 +80,8 @@ def cpu_threads_per_rank(replicas: list[Replica], cores: int) -> int:
 #   same server: +2.4, +2.9, +2.7, +0.8, +0.6, +1.7, +1.1, +3.7% tok/s; at 1 stream +1.6, +5.9, +3.6, +8.9, +2.0%;
 #   1,000 and 3,000 spins gained less, 30,000 nothing, and the lone rank's ~2 ms lost (24.3 -> 21.1 tok/s at 1
 #   stream: the threads of the stage whose turn has ended keep the cores from the next).
+# - stages of one replica taking turns on a machine's cores (takes_turns) spin as long as a lone rank: each releases
+#   its worker threads when its turn ends (engine/turns.py), so no spinning keeps the cores from the next stage.
 ALONE_SPIN_COUNT = 200_000
 SHARED_SPIN_COUNT = 10_000
 
@@ -90,12 +92,19 @@ def alone_on_cpu(replicas: list[Replica], device: str) -> bool:
     return device == "cpu" and sum(s.tp for r in replicas for s in r.stages) == 1
 
 
+def takes_turns(replicas: list[Replica], device: str) -> bool:
+    """Whether the CPU ranks of `replicas` sharing one machine are the stages of a single replica, which take turns
+    on its cores (pipeline_depth), each ending its turn by releasing its worker threads (engine/turns.py)."""
+    return device == "cpu" and len(replicas) == 1 and len(replicas[0].stages) > 1
+
+
 def omp_spin_count(replicas: list[Replica], device: str) -> int:
     """GOMP_SPINCOUNT for the CPU ranks of `replicas` sharing one machine (0 on GPUs: their ranks' CPU threads
     only launch kernels)."""
     if device != "cpu":
         return 0
-    return ALONE_SPIN_COUNT if alone_on_cpu(replicas, device) else SHARED_SPIN_COUNT
+    alone = alone_on_cpu(replicas, device) or takes_turns(replicas, device)
+    return ALONE_SPIN_COUNT if alone else SHARED_SPIN_COUNT
 
 
 @dataclass(frozen=True)
@@ -111,23 +120,28 @@ class RankSpec:
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     master_port: int = 0  # rendezvous port on 127.0.0.1 (multi-rank only)
     spin_count: int = 0  # GOMP_SPINCOUNT of its OpenMP threads (omp_spin_count; 0 = sleep at barriers at once)
+    end_turns: bool = False  # release its OpenMP worker threads after each micro-batch (takes_turns)
 
 
 def rank_specs(
     source: ModelSource, replica: Replica, dtype: str, device: str, threads_per_rank: int | None = None,
-    spin_count: int | None = None,
+    spin_count: int | None = None, end_turns: bool | None = None,
 ) -> list[RankSpec]:
     """One RankSpec per rank. CPU threads: given, else this machine's cores as the replica alone would use them
-    (a one-rank replica keeps torch's default). Spin count: given, else as for this replica alone."""
+    (a one-rank replica keeps torch's default). Spin count and whether its ranks end turns: given, else as for this
+    replica alone on one machine."""
     layout = layout_of(replica, device)
     world = layout.world_size
     if threads_per_rank is None:
         threads_per_rank = 0 if world == 1 else cpu_threads_per_rank([replica], usable_cores())
     if spin_count is None:
         spin_count = omp_spin_count([replica], device)
+    if end_turns is None:
+        end_turns = takes_turns([replica], device)
     port = free_port() if world > 1 else 0
     specs = []
     for stage in replica.stages:
         for gpu in stage.gpus:
-            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port, spin_count))
+            specs.append(RankSpec(source, layout, len(specs), dtype, device, gpu, threads_per_rank, port, spin_count,
+                                  end_turns))
     return specs

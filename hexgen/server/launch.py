@@ -10,7 +10,7 @@ from rich.progress import Progress
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import PlanError
-from hexgen.launch.spec import cpu_threads_per_rank, omp_spin_count, rank_specs
+from hexgen.launch.spec import cpu_threads_per_rank, omp_spin_count, rank_specs, takes_turns
 from hexgen.machine import usable_cores
 from hexgen.models import ModelSpec
 from hexgen.plan import LOCAL_MACHINE, DeploymentPlan, Replica, Stage
@@ -72,12 +72,13 @@ def make_replicas(
 ) -> list[ReplicaClient]:
     threads = cpu_threads_per_rank(plan.replicas, usable_cores()) if device == "cpu" else 1
     spin_count = omp_spin_count(plan.replicas, device)
+    end_turns = takes_turns(plan.replicas, device)
     return [
         ReplicaClient(
             i,
             replica,
             local_ranks([(spec, scheduler_config, eos_token_ids)
-                         for spec in rank_specs(source, replica, dtype, device, threads, spin_count)]),
+                         for spec in rank_specs(source, replica, dtype, device, threads, spin_count, end_turns)]),
             capacity_weight(replica),
         )
         for i, replica in enumerate(plan.replicas)

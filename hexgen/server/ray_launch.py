@@ -46,7 +46,8 @@ def make_ray_replica(
 
     machines = [stage.machine for stage in replica.stages for _ in stage.gpus]
     # spin_count 0: what else runs on a Ray machine's cores is not known here, so threads sleep at barriers at once
-    base = rank_specs(source, replica, dtype, device, 1, spin_count=0)
+    # (and need no releasing after a turn)
+    base = rank_specs(source, replica, dtype, device, 1, spin_count=0, end_turns=False)
     specs = [replace(spec, num_threads=threads.get(machine, 1) if device == "cpu" else 1)
              for spec, machine in zip(base, machines, strict=True)]
     rank_args = [(spec, scheduler_config, eos_token_ids) for spec in specs]

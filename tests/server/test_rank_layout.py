@@ -7,7 +7,14 @@ import os
 import pytest
 
 from hexgen.engine.checkpoint import ModelSource
-from hexgen.launch.spec import alone_on_cpu, cpu_threads_per_rank, omp_spin_count, pipeline_depth, rank_specs
+from hexgen.launch.spec import (
+    alone_on_cpu,
+    cpu_threads_per_rank,
+    omp_spin_count,
+    pipeline_depth,
+    rank_specs,
+    takes_turns,
+)
 from hexgen.models import load_model_spec
 from hexgen.plan import Replica, Stage
 
@@ -47,16 +54,30 @@ def test_a_rank_alone_on_a_cpu_machine_spins_at_barriers_longest_ranks_sharing_i
     assert not alone_on_cpu([replica(("localhost", 2))], "cpu")
     assert not alone_on_cpu([one_process], "cuda")
     assert omp_spin_count([one_process], "cpu") == 200_000
-    for shared in ([one_process, one_process], [two_stages], [replica(("localhost", 2))]):
+    assert omp_spin_count([two_stages], "cpu") == 200_000  # stages taking turns release their threads after each
+    for shared in ([one_process, one_process], [two_stages, one_process], [replica(("localhost", 2))]):
         assert omp_spin_count(shared, "cpu") == 10_000
     assert omp_spin_count([one_process], "cuda") == 0
+
+
+def test_only_the_stages_of_a_replica_alone_on_a_cpu_machine_take_turns():
+    two_stages = replica(("localhost", 1), ("localhost", 1))
+    assert takes_turns([two_stages], "cpu")
+    assert takes_turns([replica(("localhost", 2), ("localhost", 1))], "cpu")
+    assert not takes_turns([replica(("localhost", 1))], "cpu")  # one stage: nothing to take turns with
+    assert not takes_turns([replica(("localhost", 2))], "cpu")  # a TP group's ranks run at once
+    assert not takes_turns([two_stages, replica(("localhost", 1))], "cpu")  # replicas run side by side
+    assert not takes_turns([two_stages], "cuda")
 
 
 def test_rank_specs_carry_the_spin_count_of_their_replica_unless_told(tmp_path):
     source = ModelSource("m", tmp_path, load_model_spec("smollm2-135m"))
     two_stages = replica(("localhost", 1), ("localhost", 1))
-    assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu")] == [10_000, 10_000]
-    assert [s.spin_count for s in rank_specs(source, two_stages, "float32", "cpu", spin_count=0)] == [0, 0]
+    specs = rank_specs(source, two_stages, "float32", "cpu")
+    assert [(s.spin_count, s.end_turns) for s in specs] == [(200_000, True), (200_000, True)]
+    specs = rank_specs(source, two_stages, "float32", "cpu", spin_count=0, end_turns=False)
+    assert [(s.spin_count, s.end_turns) for s in specs] == [(0, False), (0, False)]
+    assert not any(s.end_turns for s in rank_specs(source, replica(("localhost", 2)), "float32", "cpu"))
 
 
 def test_a_rank_process_sets_its_spin_count_before_torch_loads_unless_the_user_did(monkeypatch, tmp_path):
@@ -75,7 +96,7 @@ def test_a_rank_process_sets_its_spin_count_before_torch_loads_unless_the_user_d
     entry.run_rank(spec)
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")  # the user's own setting wins
     entry.run_rank(spec)
-    assert seen == ["10000", "0"]
+    assert seen == ["200000", "0"]
 
 
 def test_ranks_share_the_cores_the_process_may_run_on_not_the_machines(tmp_path):

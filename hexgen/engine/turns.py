@@ -1,0 +1,42 @@
+"""A CPU rank whose stage takes turns with the other stages on its machine's cores ends each turn by releasing its
+OpenMP worker threads, so that they leave the cores to the next stage at once.
+
+A stage's layers run their parallel regions on libgomp's threads, which spin GOMP_SPINCOUNT iterations at every
+barrier before they sleep. Inside a turn they should spin long: a worker that sleeps between two regions costs the
+next one a wake-up (on the 2-core Sapphire Rapids Xeon, stages spinning 10,000 iterations, ~130 µs, slept ~18 times
+a turn of 15 SmolLM2 layers). At the end of a turn they should not spin at all: a worker spinning on past its
+stage's turn holds a core the next stage's threads need. libgomp offers no call that puts its threads to sleep, but
+`omp_pause_resource_all` (OpenMP 5.0) ends them, and the next parallel region starts them afresh (tens of µs). So a
+rank that takes turns spins like a lone rank (launch/spec.py:omp_spin_count) and calls `release_worker_threads`
+once it has handed its micro-batch on, before it waits for the next.
+
+Measured on that Xeon, `hexgen serve` of SmolLM2-135M fp32 as a two-stage pipeline TP 1 | TP 1 at 16 streams,
+three rounds alternating with the same server without it: 241.3 tok/s (243.5 / 240.2 / 240.3) against 230.5
+(239.3 / 224.7 / 227.5); one process served 272.3 in the same rounds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release the threads, keep nothing that must be rebuilt by hand
+
+
+@functools.cache
+def _pause_all() -> Callable[[int], int] | None:
+    """libgomp's omp_pause_resource_all, as loaded by torch (the already loaded library of that name), or None."""
+    try:
+        pause = ctypes.CDLL("libgomp.so.1").omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause
+
+
+def release_worker_threads() -> bool:
+    """End this process's idle OpenMP worker threads (the next parallel region starts new ones); whether libgomp
+    did. Call between parallel regions only, from the thread that runs them."""
+    pause = _pause_all()
+    return pause is not None and pause(OMP_PAUSE_SOFT) == 0
