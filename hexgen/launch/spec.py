@@ -74,14 +74,15 @@ def cpu_threads_per_rank(replicas: list[Replica], cores: int) -> int:
 # Serving SmolLM2-135M fp32 on the 2-core EPYC:
 # - a rank alone on the machine: ~2 ms (libgomp's own default when no wait policy is set is 300000). Two runs each:
 #   26.3 / 27.2 -> 27.7 / 28.2 tok/s at 1 stream and 194 / 197 -> 202 / 203 at 16 over sleeping at once.
-# - ranks that share the cores (stages taking turns, replicas side by side): ~0.1 ms, long enough to bridge the gaps
-#   between one turn's parallel regions, short enough that a stage whose turn has ended soon leaves the cores to
-#   the next. The two-stage TP 1 | TP 1 pipeline at 16 streams, eight rounds, each against sleeping at once on the
+# - ranks that share the cores at once (replicas side by side): ~0.1 ms, long enough to bridge most gaps between
+#   parallel regions, short enough to leave the cores soon to the other ranks. Measured first on stages taking
+#   turns: the two-stage TP 1 | TP 1 pipeline at 16 streams, eight rounds, each against sleeping at once on the
 #   same server: +2.4, +2.9, +2.7, +0.8, +0.6, +1.7, +1.1, +3.7% tok/s; at 1 stream +1.6, +5.9, +3.6, +8.9, +2.0%;
 #   1,000 and 3,000 spins gained less, 30,000 nothing, and the lone rank's ~2 ms lost (24.3 -> 21.1 tok/s at 1
 #   stream: the threads of the stage whose turn has ended keep the cores from the next).
 # - stages of one replica taking turns on a machine's cores (takes_turns) spin as long as a lone rank: each releases
-#   its worker threads when its turn ends (engine/turns.py), so no spinning keeps the cores from the next stage.
+#   its worker threads when its turn ends (engine/turns.py), so no spinning keeps the cores from the next stage,
+#   and none sleeps inside a turn (at ~0.1 ms they slept ~18 times a turn of 15 layers on the Xeon of 2026-12-01).
 ALONE_SPIN_COUNT = 200_000
 SHARED_SPIN_COUNT = 10_000
 
