@@ -7,8 +7,10 @@ itself costs. Usage: .venv/bin/python scripts/bench_turn_taking.py [-h].
 Each layer has SmolLM2-135M's shapes (hidden 576, MLP 1536, 9 query and 3 KV heads of 64) and does what a decode
 step of hexgen's CPU path does for a batch: the QKV projection, a gather of whole KV blocks from the layer's own
 block pool, grouped-query SDPA, the output projection and the MLP. Weights and pools are random (seeded). Each
-process spins and keeps its heap as hexgen's CPU ranks do (GOMP_SPINCOUNT, engine/cpu_heap.py). The table gives the
-median time of each layer over the steps; the README's "Serving" section reads it.
+process spins and keeps its heap as hexgen's CPU ranks do (GOMP_SPINCOUNT, engine/cpu_heap.py), and each of the pair
+releases its OpenMP worker threads when its turn ends, as hexgen's stages taking turns do (engine/turns.py; not with
+--keep-threads). The table gives the median time of each layer over the steps; the README's "Serving" section reads
+it.
 """
 
 from __future__ import annotations
@@ -103,12 +105,15 @@ def child(args: argparse.Namespace) -> None:
             inp, out = os.open(to_b, os.O_RDONLY), os.open(to_a, os.O_WRONLY)
         first_wait = 1 if args.role == "A" else 0
         last_pass = args.steps - (2 if args.role == "B" else 1)
+        from hexgen.engine.turns import release_worker_threads
 
         def begin(step: int) -> None:
             if step >= first_wait:
                 os.read(inp, 1)
 
         def end(step: int) -> None:
+            if not args.keep_threads:
+                release_worker_threads()
             if step <= last_pass:
                 os.write(out, b"t")
 
@@ -121,7 +126,7 @@ def spawn(role: str, args: argparse.Namespace, fifo_dir: str, spin_count: int) -
     env = dict(os.environ, GOMP_SPINCOUNT=str(spin_count))  # read once when libgomp loads: set before it starts
     command = [sys.executable, __file__, "--role", role, "--fifo-dir", fifo_dir, "--steps", str(args.steps),
                "--layers", str(args.layers), "--batch", str(args.batch), "--context", str(args.context),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--keep-threads"] if args.keep_threads else [])
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
 
 
@@ -141,7 +146,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of each process")
     parser.add_argument("--rounds", type=int, default=2, help="one process, then the pair, this many times")
     parser.add_argument("--pair-spin-count", type=int, help="GOMP_SPINCOUNT of the pair (default: what hexgen gives "
-                        "ranks that share cores, launch/spec.py:SHARED_SPIN_COUNT; the one process gets a lone rank's)")
+                        "stages taking turns, a lone rank's, launch/spec.py:ALONE_SPIN_COUNT, as the one process gets; "
+                        "with --keep-threads: what it gives ranks sharing cores at once, SHARED_SPIN_COUNT)")
+    parser.add_argument("--keep-threads", action="store_true", help="the pair keeps its OpenMP worker threads "
+                        "between turns (hexgen's stages before 2026-12-01 14:00 UTC)")
     parser.add_argument("--role", choices=["one", "A", "B"], help=argparse.SUPPRESS)
     parser.add_argument("--fifo-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,7 +166,9 @@ def main() -> int:
     from hexgen.machine import cpu_description
 
     half = args.layers // 2
-    pair_spin = SHARED_SPIN_COUNT if args.pair_spin_count is None else args.pair_spin_count
+    pair_spin = args.pair_spin_count
+    if pair_spin is None:
+        pair_spin = SHARED_SPIN_COUNT if args.keep_threads else ALONE_SPIN_COUNT
     rows = []
     for _ in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="hexgen-turns-") as fifo_dir:
@@ -169,7 +179,8 @@ def main() -> int:
             a, b = (collect(p) for p in pair)
         rows.append((one, a, b))
     print(f"Machine: {cpu_description()}; {args.threads} torch threads per process; batch {args.batch}, "
-          f"{args.context} cached tokens each; OpenMP spin count {ALONE_SPIN_COUNT} alone, {pair_spin} in the pair; "
+          f"{args.context} cached tokens each; OpenMP spin count {ALONE_SPIN_COUNT} alone, {pair_spin} in the pair, "
+          f"which {'keeps' if args.keep_threads else 'releases'} its worker threads between turns; "
           f"median per layer over {args.steps - args.steps // 5} steps (ms)\n")
     print("| layer of a turn | one process (its layers i and i + half, mean) | A (turn 1) | B (turn 2) |")
     print("|---|---|---|---|")
