@@ -18,25 +18,33 @@ three rounds alternating with the same server without it: 241.3 tok/s (243.5 / 2
 from __future__ import annotations
 
 import ctypes
-import functools
+import os
 from collections.abc import Callable
 
-OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: release the threads, keep nothing that must be rebuilt by hand
+OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free what the runtime rebuilds by itself at the next parallel region
 
 
-@functools.cache
 def _pause_all() -> Callable[[int], int] | None:
-    """libgomp's omp_pause_resource_all, as loaded by torch (the already loaded library of that name), or None."""
+    """omp_pause_resource_all of the libgomp torch has loaded, or None where none is loaded (a torch built with
+    another OpenMP runtime, or torch not imported yet): RTLD_NOLOAD never loads a second copy."""
     try:
-        pause = ctypes.CDLL("libgomp.so.1").omp_pause_resource_all
+        library = ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+        pause = library.omp_pause_resource_all
     except (OSError, AttributeError):
         return None
     pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
     return pause
 
 
+_found: list[Callable[[int], int]] = []  # the function once found (looked up again until then)
+
+
 def release_worker_threads() -> bool:
     """End this process's idle OpenMP worker threads (the next parallel region starts new ones); whether libgomp
     did. Call between parallel regions only, from the thread that runs them."""
-    pause = _pause_all()
-    return pause is not None and pause(OMP_PAUSE_SOFT) == 0
+    if not _found:
+        pause = _pause_all()
+        if pause is None:
+            return False
+        _found.append(pause)
+    return _found[0](OMP_PAUSE_SOFT) == 0

@@ -25,8 +25,11 @@ from hexgen.plan import single_replica_plan
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc (libgomp)")
 
 SCRIPT = """
-import os, torch
+import os
 from hexgen.engine.turns import release_worker_threads
+early = release_worker_threads()  # before torch: no libgomp to find, and none loaded for the asking
+loaded_early = "libgomp" in open("/proc/self/maps").read()
+import torch
 torch.set_num_threads(3)
 x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
 def threads():
@@ -36,14 +39,15 @@ busy = threads()
 released = release_worker_threads()
 idle = threads()
 again = x @ x
-print(released, busy - idle, threads() - idle, torch.equal(before, again))
+print(early, loaded_early, released, busy - idle, threads() - idle, torch.equal(before, again))
 """
 
 
 @linux_only
 def test_released_workers_end_and_the_next_parallel_region_starts_new_ones():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, check=True)
-    assert done.stdout.split() == ["True", "2", "2", "True"]  # 3 threads: 2 workers gone, then back, same product
+    # nothing before torch; then of 3 threads, 2 workers gone and back again, the same product
+    assert done.stdout.split() == ["False", "False", "True", "2", "2", "True"]
 
 
 def same_named_threads(pid: int) -> int:
