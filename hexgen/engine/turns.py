@@ -36,15 +36,13 @@ def _pause_all() -> Callable[[int], int] | None:
     return pause
 
 
-_found: list[Callable[[int], int]] = []  # the function once found (looked up again until then)
+_pause: Callable[[int], int] | None = None  # once found (looked up again until then)
 
 
 def release_worker_threads() -> bool:
     """End this process's idle OpenMP worker threads (the next parallel region starts new ones); whether libgomp
     did. Call between parallel regions only, from the thread that runs them."""
-    if not _found:
-        pause = _pause_all()
-        if pause is None:
-            return False
-        _found.append(pause)
-    return _found[0](OMP_PAUSE_SOFT) == 0
+    global _pause
+    if _pause is None:
+        _pause = _pause_all()
+    return _pause is not None and _pause(OMP_PAUSE_SOFT) == 0
