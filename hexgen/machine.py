@@ -35,6 +35,13 @@ def cpu_description() -> str:
     return f"{model} ({', '.join(vector) or 'no AVX'}), {usable_cores()} cores"
 
 
+def cpu_has_bf16_arithmetic() -> bool:
+    """Whether this x86 CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): where measured (the 2-core Sapphire
+    Rapids Xeon, README "Engine"), bf16 served SmolLM2 1.5x / 1.85x faster than fp32 at 1 / 16 streams."""
+    _, flags = _cpu_model_and_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cpu_lacks_bf16_matmul() -> bool:
     """Whether this x86 CPU lacks what oneDNN's bf16 matrix products need (AVX-512 BW/VL/DQ, AVX-NE-CONVERT or
     AMX): torch then multiplies bf16 on a slow generic path. False where /proc/cpuinfo says nothing (not x86

@@ -58,7 +58,8 @@ PROFILES = {2: ROOT / "examples/profiles/cpu-epyc-2core.yaml",
 def start_server(port: int, plan_path: str | None, max_batch: int) -> subprocess.Popen:
     # Every request sends the same prompt; the simulator computes every prompt in full, so the server must too.
     cmd = [str(ROOT / ".venv/bin/hexgen"), "serve", "--model", MODEL, "--port", str(port), "--max-batch",
-           str(max_batch), "--dispatch", "capacity-weighted", "--no-prefix-caching"]
+           str(max_batch), "--dispatch", "capacity-weighted", "--no-prefix-caching",
+           "--dtype", "float32"]  # as the CPU profiles were measured
     cmd += ["--plan", plan_path] if plan_path else []
     proc = subprocess.Popen(cmd, start_new_session=True)
     deadline = time.monotonic() + 300

@@ -1,4 +1,5 @@
-"""Engine flags shared by `hexgen generate` and `hexgen serve`: KV-cache memory and block size (no torch)."""
+"""Engine flags shared by `hexgen generate` and `hexgen serve`: weight dtype, KV-cache memory and block size (no
+torch)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,18 @@ from hexgen.commands.workload_args import DTYPE_BYTES
 from hexgen.engine.kv_budget import GIB, RankShape, check_memory_budget
 from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig, is_valid_block_size
 from hexgen.errors import UserError
-from hexgen.machine import cpu_lacks_bf16_matmul
+from hexgen.machine import cpu_has_bf16_arithmetic, cpu_lacks_bf16_matmul
 from hexgen.models import ModelSpec
 from hexgen.plan import Replica
 
 MAX_MEMORY_GB = 1 << 20
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights and activations; auto: bfloat16 on CUDA and on a CPU with bf16 arithmetic "
+                   "(AVX512_BF16, AMX), else float32 (with --ray on CPUs: float32)")
     p.add_argument(
         "--memory-gb", type=float, default=None, metavar="GB",
         help="memory of each rank for its weights plus its KV cache, in GiB (default: on CUDA what is left after "
@@ -35,14 +40,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "overlap)")
 
 
+def resolve_dtype(dtype: str, device: str, ray: bool) -> str:
+    """--dtype as the engine takes it: `auto` becomes bfloat16 on CUDA (half fp32's bytes, and what the Triton kernels
+    and CUDA graphs were measured with) and on a local CPU that multiplies bf16 natively (faster there: see
+    cpu_has_bf16_arithmetic), else float32 (on CPUs without it bf16 batches run 3-6x slower, BF16_SLOW_NOTE); on
+    CPUs with --ray, whose flags this machine cannot see, float32."""
+    if dtype != "auto":
+        return dtype
+    if device == "cuda" or (not ray and cpu_has_bf16_arithmetic()):
+        return "bfloat16"
+    return "float32"
+
+
 def check_engine_args(args: argparse.Namespace) -> None:
-    """Ranges of the engine flags, before anything is loaded."""
+    """Ranges of the engine flags, before anything is loaded; resolves `--dtype auto` in place."""
+    ray = bool(getattr(args, "ray", None))  # with --ray the ranks run elsewhere
+    args.dtype = resolve_dtype(args.dtype, args.device, ray)
     if args.memory_gb is not None and not 0 < args.memory_gb <= MAX_MEMORY_GB:
         raise UserError(f"--memory-gb must be in (0, {MAX_MEMORY_GB}], got {args.memory_gb}")
     if not is_valid_block_size(args.block_size):
         raise UserError(f"--block-size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {args.block_size}")
-    local_cpu = args.device == "cpu" and not getattr(args, "ray", None)  # with --ray the ranks run elsewhere
-    if local_cpu and args.dtype == "bfloat16" and cpu_lacks_bf16_matmul():
+    if args.device == "cpu" and not ray and args.dtype == "bfloat16" and cpu_lacks_bf16_matmul():
         print(BF16_SLOW_NOTE, file=sys.stderr)
 
 

@@ -55,7 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="one user message sent through the model's chat template; - reads it from standard input "
         "(repeat for a batch)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -13,6 +13,12 @@ once it has handed its micro-batch on, before it waits for the next.
 Measured on that Xeon, `hexgen serve` of SmolLM2-135M fp32 as a two-stage pipeline TP 1 | TP 1 at 16 streams,
 three rounds alternating with the same server without it: 241.3 tok/s (243.5 / 240.2 / 240.3) against 230.5
 (239.3 / 224.7 / 227.5); one process served 272.3 in the same rounds.
+
+The release comes after the hand-off, not before it, although it then overlaps the next stage's first layers (it
+waits for the rank's workers to get a core, 3.5-4.5 ms there, timed inside the ranks): releasing first, so that the
+next stage starts on quiet cores, made the release 0.2 ms but served less, 225.8 tok/s against 240.9 (three paired
+rounds, 2026-12-01; with only the last stage releasing first, 228.1 against 239.9). The stages' layers ran slower
+after the cores had idled, not faster (on that VM an idle vCPU halts).
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
         sock.listen(2048)
         print(
             f"hexgen serve: ready on http://{args.host}:{args.port}/v1 serving {config.model_name!r} "
-            f"({layout}; dispatch {args.dispatch})",
+            f"({layout}; {args.dtype} on {args.device}; dispatch {args.dispatch})",
             file=sys.stderr,
             flush=True,
         )

@@ -178,7 +178,10 @@ def run_cli(args: list[str], timeout_s: float = 300) -> tuple[int, str, str, lis
     tag = uuid.uuid4().hex
     env = {**os.environ, TAG_VARIABLE: tag}
     command = [str(HEXGEN)] if HEXGEN.exists() else [sys.executable, "-m", "hexgen.cli"]
-    done = subprocess.run([*command, "generate", *args], capture_output=True, text=True, env=env, timeout=timeout_s)
+    # float32 as the references the tests compare with, unless given: not auto (bfloat16 on some CPUs)
+    dtype = [] if any(a.startswith("--dtype") for a in args) else ["--dtype", "float32"]
+    done = subprocess.run([*command, "generate", *args, *dtype], capture_output=True, text=True, env=env,
+                          timeout=timeout_s)
     deadline = time.monotonic() + 5.0  # PR_SET_PDEATHSIG kills are asynchronous: give them a moment
     left = tagged_processes(tag)
     while left and time.monotonic() < deadline:

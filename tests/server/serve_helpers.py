@@ -83,7 +83,10 @@ class Server:
             "--port",
             str(self.port),
         ]
-        cmd += [*args, *(["--api-key", api_key] if api_key else [])]
+        # the references the tests compare with are float32: not --dtype auto, which is bfloat16 on a CPU with bf16
+        # arithmetic
+        dtype = [] if any(a.startswith("--dtype") for a in args) else ["--dtype", "float32"]
+        cmd += [*args, *dtype, *(["--api-key", api_key] if api_key else [])]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
