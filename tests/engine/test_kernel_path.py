@@ -22,6 +22,7 @@ from engine_helpers import random_prompts, run_in_process
 
 from hexgen.engine import cuda_graphs
 from hexgen.engine.messages import GenerationRequest, SamplingParams
+from hexgen.engine.runner import StageRunner
 from hexgen.engine.scheduler import SchedulerConfig
 
 pytestmark = pytest.mark.skipif(
@@ -119,14 +120,28 @@ def test_kernel_path_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_p
         torch.testing.assert_close(rows, cpu_logits[request_id], rtol=1e-4, atol=1e-4)
 
 
-def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch,
+                                                            overlap):
     """Decode steps through DecodeGraphs (static buffers, buckets, padding rows with slot -1, only the filled
     block-table columns copied), replayed eagerly: the CPU path's tokens, over several buckets as sequences end;
-    and no step's output is a view of a graph's static output."""
+    and no step's output is a view of a graph's static output. With `overlap`, as a one-GPU replica runs by default:
+    each look-ahead step is queued before the step in flight is back, its decodes' tokens fed back from that step's
+    samples into the graphs' buffers."""
     monkeypatch.setattr(cuda_graphs, "DecodeGraphs", EagerReplays)
     EagerReplays.replayed.clear()
     EagerReplays.aliased = 0
-    tokens, _ = run_in_process(two_layer_dir, requests_of_unequal_lengths(two_layer_dir.spec.vocab_size), CONFIG)
+    fed_back: list[int] = []  # decodes per step whose input token came from the step before's samples
+    token_ids = StageRunner._token_ids
+
+    def spy(runner, plan):
+        fed_back.append(len(plan.fed_back))
+        return token_ids(runner, plan)
+
+    monkeypatch.setattr(StageRunner, "_token_ids", spy)
+    config = replace(CONFIG, overlap_steps=overlap)
+    tokens, _ = run_in_process(two_layer_dir, requests_of_unequal_lengths(two_layer_dir.spec.vocab_size), config)
+    assert (sum(fed_back) > 0) is overlap
     assert tokens == cpu_run[0]
     # six sequences decoding, then fewer as they finish: buckets 8 (6 rows), 4 (4 and 3 rows), 2 and 1
     assert {8, 4, 2, 1} <= set(EagerReplays.replayed), EagerReplays.replayed
