@@ -20,8 +20,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="weights and activations; auto: bfloat16 on CUDA and on a CPU with bf16 arithmetic "
-                   "(AVX512_BF16, AMX), else float32 (with --ray on CPUs: float32)")
+                   help="weights and activations; auto: bfloat16 on GPUs from Ampere on and on a CPU with bf16 "
+                   "arithmetic (AVX512_BF16, AMX), else float32 (with --ray: bfloat16 on CUDA, float32 on CPUs)")
     p.add_argument(
         "--memory-gb", type=float, default=None, metavar="GB",
         help="memory of each rank for its weights plus its KV cache, in GiB (default: on CUDA what is left after "
@@ -41,15 +41,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_dtype(dtype: str, device: str, ray: bool) -> str:
-    """--dtype as the engine takes it: `auto` becomes bfloat16 on CUDA (half fp32's bytes, and what the Triton kernels
-    and CUDA graphs were measured with) and on a local CPU that multiplies bf16 natively (faster there: see
-    cpu_has_bf16_arithmetic), else float32 (on CPUs without it bf16 batches run 3-6x slower, BF16_SLOW_NOTE); on
-    CPUs with --ray, whose flags this machine cannot see, float32."""
+    """--dtype as the engine takes it. `auto` becomes bfloat16 where the devices compute in it natively: GPUs from
+    Ampere on (half fp32's bytes; what the Triton kernels and CUDA graphs were measured with) and CPUs with bf16
+    arithmetic (faster there: see cpu_has_bf16_arithmetic); else float32 (older GPUs; CPUs without it, where bf16
+    batches run 3-6x slower: BF16_SLOW_NOTE). With --ray the ranks' machines are not seen from here: bfloat16 on
+    CUDA (pass --dtype float32 for GPUs before Ampere), float32 on CPUs."""
     if dtype != "auto":
         return dtype
-    if device == "cuda" or (not ray and cpu_has_bf16_arithmetic()):
-        return "bfloat16"
-    return "float32"
+    if device == "cuda":
+        if ray:
+            return "bfloat16"
+        from hexgen.engine.devices import cuda_bf16_everywhere  # torch, for --device cuda only
+
+        return "bfloat16" if cuda_bf16_everywhere() else "float32"
+    return "bfloat16" if not ray and cpu_has_bf16_arithmetic() else "float32"
 
 
 def check_engine_args(args: argparse.Namespace) -> None:

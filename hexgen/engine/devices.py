@@ -12,3 +12,9 @@ def cuda_device_count() -> int:
 
 def cuda_device_name(index: int = 0) -> str:
     return torch.cuda.get_device_name(index)
+
+
+def cuda_bf16_everywhere() -> bool:
+    """Whether every visible CUDA device computes in bfloat16 natively (compute capability 8.0 on: Ampere, Hopper and
+    later); True with none visible (the device check that follows says what is missing)."""
+    return all(torch.cuda.get_device_capability(i)[0] >= 8 for i in range(cuda_device_count()))

@@ -62,24 +62,28 @@ def test_which_cpus_have_bf16_arithmetic(monkeypatch, flags, has):
     assert machine.cpu_has_bf16_arithmetic() is has
 
 
-@pytest.mark.parametrize(("dtype", "device", "ray", "cpu_bf16", "resolved"), [
+@pytest.mark.parametrize(("dtype", "device", "ray", "native_bf16", "resolved"), [
     ("auto", "cpu", None, True, "bfloat16"),
     ("auto", "cpu", None, False, "float32"),
     ("auto", "cpu", "127.0.0.1:6379", True, "float32"),  # the cluster's CPUs are not this one
-    ("auto", "cuda", None, False, "bfloat16"),
-    ("auto", "cuda", "127.0.0.1:6379", False, "bfloat16"),
+    ("auto", "cuda", None, True, "bfloat16"),  # every visible GPU Ampere or later
+    ("auto", "cuda", None, False, "float32"),  # e.g. a V100 or a T4 among them
+    ("auto", "cuda", "127.0.0.1:6379", False, "bfloat16"),  # the cluster's GPUs are not seen from here
     ("float32", "cpu", None, True, "float32"),  # an explicit choice is kept
     ("float32", "cuda", None, True, "float32"),
     ("bfloat16", "cpu", None, False, "bfloat16"),
 ])
-def test_auto_dtype(monkeypatch, capsys, dtype, device, ray, cpu_bf16, resolved):
-    monkeypatch.setattr(engine_args, "cpu_has_bf16_arithmetic", lambda: cpu_bf16)
-    monkeypatch.setattr(engine_args, "cpu_lacks_bf16_matmul", lambda: not cpu_bf16)
+def test_auto_dtype(monkeypatch, capsys, dtype, device, ray, native_bf16, resolved):
+    from hexgen.engine import devices
+
+    monkeypatch.setattr(engine_args, "cpu_has_bf16_arithmetic", lambda: native_bf16)
+    monkeypatch.setattr(engine_args, "cpu_lacks_bf16_matmul", lambda: not native_bf16)
+    monkeypatch.setattr(devices, "cuda_bf16_everywhere", lambda: native_bf16)
     args = args_of(dtype=dtype, device=device, ray=ray)
     engine_args.check_engine_args(args)
     assert args.dtype == resolved
     noted = "--dtype float32 serves more" in capsys.readouterr().err
-    assert noted is (dtype == "bfloat16" and device == "cpu" and not cpu_bf16)  # auto never earns the note
+    assert noted is (dtype == "bfloat16" and device == "cpu" and not native_bf16)  # auto never earns the note
 
 
 def test_generate_without_dtype_runs_what_this_cpu_does_best(tokenizer_model_dir):
@@ -96,3 +100,18 @@ def test_generate_without_dtype_runs_what_this_cpu_does_best(tokenizer_model_dir
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f" {expected} on " in done.stderr, done.stderr
+
+
+def test_cuda_bf16_everywhere_reads_every_device(monkeypatch):
+    import torch
+
+    from hexgen.engine import devices
+
+    capabilities = {0: (9, 0), 1: (7, 0)}  # an H100 beside a V100
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    assert devices.cuda_bf16_everywhere() is False
+    capabilities[1] = (8, 0)  # an A100
+    assert devices.cuda_bf16_everywhere() is True
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0)
+    assert devices.cuda_bf16_everywhere() is True  # none: the device check after it says so
