@@ -61,6 +61,8 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
     async def status() -> dict[str, Any]:
         return {
             "model": coordinator.config.model_name,
+            "dtype": coordinator.config.dtype,
+            "device": coordinator.config.device,
             "plan": plan,
             "dispatch": type(coordinator.policy).__name__,
             "replicas": [_replica_status(r) for r in coordinator.replicas],

@@ -25,6 +25,8 @@ class ServeConfig:
     model_name: str  # the name clients send as "model"
     max_context: int
     max_outstanding: int  # requests in flight over all replicas before answering 429
+    dtype: str  # the replicas' weights and activations (--dtype as resolved: auto is never left)
+    device: str  # cpu or cuda
     default_max_tokens: int = 16  # OpenAI's default for /v1/completions
 
 

@@ -124,7 +124,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     await start_all(replicas)
     watcher = None
     try:
-        config = ServeConfig(args.served_model_name or args.model, max_context, args.max_queue)
+        config = ServeConfig(args.served_model_name or args.model, max_context, args.max_queue, args.dtype, args.device)
         args.dispatch = args.dispatch or default_dispatch(plan)
         if needs_measured_speeds([r.predicted for r in plan.replicas], args.dispatch):
             speeds = await measure_speeds(replicas)

@@ -58,6 +58,7 @@ def complete(server: Server, prompt, max_tokens: int, **extra) -> dict:
 
 def test_status_shows_the_plan_and_every_replica_up(idle):
     status = idle.status()
+    assert (status["dtype"], status["device"]) == ("float32", "cpu")  # as the server was started
     assert status["dispatch"] == "LeastOutstanding"  # the default --dispatch of a plan without predictions
     layouts = [[(s["tp"], tuple(s["layers"])) for s in r["stages"]] for r in status["replicas"]]
     assert layouts == [[(2, (0, 1)), (1, (1, 4))], [(1, (0, 4))]]

@@ -62,7 +62,8 @@ def tokens(*ids: int, finish: str | None = "length") -> list:
 
 
 def make_coordinator(replicas, policy="least-outstanding", max_context=10, max_outstanding=8) -> Coordinator:
-    config = ServeConfig("tiny", max_context=max_context, max_outstanding=max_outstanding)
+    config = ServeConfig("tiny", max_context=max_context, max_outstanding=max_outstanding, dtype="float32",
+                         device="cpu")
     return Coordinator(config, LetterTokenizer(), replicas, make_policy(policy), Metrics())
 
 
