@@ -12,8 +12,9 @@ def register(subparsers) -> None:
                    help="what to measure: the GPU if there is one (auto), or the CPU")
     p.add_argument("--device-type", help="GPU type name the figures stand for in cluster files "
                                          "(default: CPU-worker on CPU, the GPU's table name on CUDA)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="element type (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="element type; auto: what `hexgen serve --dtype auto` runs on this device (bfloat16 on GPUs "
+                   "from Ampere on and on CPUs with bf16 arithmetic, else float32)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads to measure with (0: torch's default, as a one-rank replica runs; ranks of "
                         "multi-rank replicas get the machine's cores over the replicas' largest TP groups)")
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from hexgen.commands.engine_args import resolve_dtype
     from hexgen.engine.devices import cuda_device_count, cuda_device_name
     from hexgen.engine.profiler import measure_profile
     from hexgen.machine import cpu_description, usable_cores
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda":
         describe = f"{cuda_device_name()}; host {describe}"
     device_type = args.device_type or ("CPU-worker" if device == "cpu" else _gpu_table_name())
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    dtype = resolve_dtype(args.dtype, device, ray=False)  # the profile is of what serve runs by default
     load = os.getloadavg()[0]
     cores = usable_cores()
     if load > 0.5 * cores:
