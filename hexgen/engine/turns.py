@@ -17,8 +17,12 @@ three rounds alternating with the same server without it: 241.3 tok/s (243.5 / 2
 The release comes after the hand-off, not before it, although it then overlaps the next stage's first layers (it
 waits for the rank's workers to get a core, 3.5-4.5 ms there, timed inside the ranks): releasing first, so that the
 next stage starts on quiet cores, made the release 0.2 ms but served less, 225.8 tok/s against 240.9 (three paired
-rounds, 2026-12-01; with only the last stage releasing first, 228.1 against 239.9). The stages' layers ran slower
-after the cores had idled, not faster (on that VM an idle vCPU halts).
+rounds, 2026-12-01; with only the last stage releasing first, 228.1 against 239.9). Traced (tracefs sched_switch,
+one stream): releasing first, the next turn's new worker thread was mostly started on the vCPU of the thread that
+made it while the other vCPU idled (that VM's guest kernel packs threads), so 37% of a stage's forward ran on one
+core against 14% with the release overlapping, whose spinning keeps the other vCPU busy; binding the threads to
+cores (GOMP_CPU_AFFINITY) served less either way (219-223 tok/s at 16 streams). Plain torch turn-taking
+(scripts/bench_turn_taking.py) does better releasing first, so the order is this VM's, not a law.
 """
 
 from __future__ import annotations
