@@ -112,10 +112,12 @@ def child(args: argparse.Namespace) -> None:
                 os.read(inp, 1)
 
         def end(step: int) -> None:
-            if not args.keep_threads:
+            if not args.keep_threads and not args.release_after:
                 release_worker_threads()
             if step <= last_pass:
                 os.write(out, b"t")
+            if not args.keep_threads and args.release_after:
+                release_worker_threads()
 
     times = run_layers(layers, args.steps, args.batch, args.context // BLOCK, begin, end)
     warm = args.steps // 5  # the first steps warm up allocator and caches
@@ -126,7 +128,8 @@ def spawn(role: str, args: argparse.Namespace, fifo_dir: str, spin_count: int) -
     env = dict(os.environ, GOMP_SPINCOUNT=str(spin_count))  # read once when libgomp loads: set before it starts
     command = [sys.executable, __file__, "--role", role, "--fifo-dir", fifo_dir, "--steps", str(args.steps),
                "--layers", str(args.layers), "--batch", str(args.batch), "--context", str(args.context),
-               "--threads", str(args.threads)] + (["--keep-threads"] if args.keep_threads else [])
+               "--threads", str(args.threads)] + (["--keep-threads"] if args.keep_threads else []) \
+        + (["--release-after"] if args.release_after else [])
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
 
 
@@ -150,6 +153,8 @@ def main() -> int:
                         "with --keep-threads: what it gives ranks sharing cores at once, SHARED_SPIN_COUNT)")
     parser.add_argument("--keep-threads", action="store_true", help="the pair keeps its OpenMP worker threads "
                         "between turns (hexgen's stages before 2026-12-01 14:00 UTC)")
+    parser.add_argument("--release-after", action="store_true", help="release the worker threads after handing the "
+                        "turn on, as hexgen's stages do (engine/turns.py says why), not before")
     parser.add_argument("--role", choices=["one", "A", "B"], help=argparse.SUPPRESS)
     parser.add_argument("--fifo-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,7 +185,8 @@ def main() -> int:
         rows.append((one, a, b))
     print(f"Machine: {cpu_description()}; {args.threads} torch threads per process; batch {args.batch}, "
           f"{args.context} cached tokens each; OpenMP spin count {ALONE_SPIN_COUNT} alone, {pair_spin} in the pair, "
-          f"which {'keeps' if args.keep_threads else 'releases'} its worker threads between turns; "
+          f"which {'keeps' if args.keep_threads else 'releases'} its worker threads between turns"
+          f"{' (after handing the turn on)' if args.release_after and not args.keep_threads else ''}; "
           f"median per layer over {args.steps - args.steps // 5} steps (ms)\n")
     print("| layer of a turn | one process (its layers i and i + half, mean) | A (turn 1) | B (turn 2) |")
     print("|---|---|---|---|")

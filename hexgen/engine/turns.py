@@ -21,8 +21,9 @@ rounds, 2026-12-01; with only the last stage releasing first, 228.1 against 239.
 one stream): releasing first, the next turn's new worker thread was mostly started on the vCPU of the thread that
 made it while the other vCPU idled (that VM's guest kernel packs threads), so 37% of a stage's forward ran on one
 core against 14% with the release overlapping, whose spinning keeps the other vCPU busy; binding the threads to
-cores (GOMP_CPU_AFFINITY) served less either way (219-223 tok/s at 16 streams). Plain torch turn-taking
-(scripts/bench_turn_taking.py) does better releasing first, so the order is this VM's, not a law.
+cores (GOMP_CPU_AFFINITY) served less either way (219-223 tok/s at 16 streams). Plain torch taking turns does
+better releasing first (scripts/bench_turn_taking.py: 3.9-7.9% a step over one process, against 8.5-16.0% with
+--release-after, four rounds each), so the order is that VM's, not a law: measure again on other machines.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_turn_taking.py"
 
 
@@ -15,9 +17,12 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=240)
 
 
-def test_tiny_run_takes_every_turn():
-    done = run("--steps", "6", "--layers", "4", "--batch", "2", "--context", "32", "--threads", "1", "--rounds", "1")
+@pytest.mark.parametrize("order", [[], ["--release-after"]])
+def test_tiny_run_takes_every_turn(order):
+    done = run("--steps", "6", "--layers", "4", "--batch", "2", "--context", "32", "--threads", "1", "--rounds", "1",
+               *order)
     assert done.returncode == 0, done.stderr
+    assert ("(after handing the turn on)" in done.stdout) is bool(order)
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2"]  # 4 layers: 2 a turn
     times = [float(cell) for row in rows for cell in row.split("|")[2:5]]
