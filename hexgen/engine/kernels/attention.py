@@ -21,9 +21,10 @@ second, small launch merges the ranges by their log-sum-exp. `choose_kv_splits` 
 
 Why a kernel of our own: torch 2.13's own paged FlashAttention (torch.nn.attention.varlen.varlen_attn with a
 block_table, FlashAttention-2 inside) takes pages of a multiple of 256 tokens only, against this engine's 16-token
-blocks (the prefix cache shares whole blocks; a pool of 256-token pages wastes up to 255 slots a sequence), and
-FlashInfer would be a heavy optional dependency; on the H200 this kernel trails torch's flash SDPA over contiguous
-keys by 12-20% at decode and 2.4x on a 2,048-token prefill (docs/bench-gpu.md).
+blocks (the prefix cache shares whole blocks; 256-token pages would leave up to 255 slots of a sequence unused), and
+this kernel runs on CPU under Triton's interpreter, so the whole CUDA path is tested without a GPU. FlashInfer has
+not been measured against it. On the H200 this kernel trails torch's flash SDPA over contiguous keys by 12-20% at
+decode and 2.4x on a 2,048-token prefill (docs/bench-gpu.md).
 """
 
 from __future__ import annotations
