@@ -460,6 +460,7 @@ def test_full_queue_answers_429_with_retry_after(idle):
         return sum(r["outstanding_requests"] for r in idle.status()["replicas"])
 
     for _attempt in range(3):
+        idle.wait_idle(timeout_s=10)  # the last attempt's streams, closed, have left their places
         with contextlib.ExitStack() as held:
             for _ in range(MAX_QUEUE):  # the response starts with the first token: each holds a place from then on
                 client = held.enter_context(httpx.Client(timeout=60, headers=idle.headers))
@@ -474,7 +475,6 @@ def test_full_queue_answers_429_with_retry_after(idle):
             assert response.headers["retry-after"] == "1"
             assert response.json()["error"]["type"] == "rate_limit_exceeded"
             break
-        idle.wait_idle(timeout_s=10)
     else:
         raise AssertionError("a held stream ended before the fifth request in every attempt")
     idle.wait_idle(timeout_s=10)
