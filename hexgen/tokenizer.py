@@ -8,6 +8,7 @@ transformers does (sandboxed jinja2, trim_blocks, lstrip_blocks) and encodes wit
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ from tokenizers import Tokenizer as RustTokenizer
 from hexgen.errors import ConfigError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2, Llama 3, SmolLM2): each byte's stand-in character -> the byte. The
+    printable bytes stand for themselves; the others, in byte order, for the characters from U+0100 on (so a
+    space is U+0120, 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
 class Tokenizer:
@@ -39,6 +50,10 @@ class Tokenizer:
             template_file.read_text() if template_file.is_file() else config.get("chat_template")
         )
         self._compiled = None
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        self._byte_level = "ByteLevel" in json.dumps(decoder)  # alone or inside a Sequence of decoders
+        self._added = set(self._tok.get_added_tokens_decoder())
+        self._alphabet = byte_level_alphabet()
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +64,24 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens spelled out (a piece of a multi-byte character shows as
+        U+FFFD; a tokenizer may drop a leading space at the start of a text)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """One token's exact bytes (also a piece of a UTF-8 character), where the tokenizer says them: byte-level
+        BPE, SentencePiece byte tokens, and any token whose text is whole characters; else None."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return None
+        if self._byte_level and token_id not in self._added and all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        if match := BYTE_PIECE.fullmatch(piece):
+            return bytes([int(match.group(1), 16)])
+        text = self.token_text(token_id)
+        return None if "\ufffd" in text else text.encode()
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:

@@ -32,9 +32,10 @@ import torch.distributed as dist
 from hexgen.engine import pipeline
 from hexgen.engine.cpu_heap import keep_freed_memory
 from hexgen.engine.kv_budget import CPU_DEFAULT_KV_BYTES, CUDA_MARGIN_FRACTION, blocks_wanted
-from hexgen.engine.messages import GenerationRequest, StepPlan, TokenEvent
+from hexgen.engine.messages import GenerationRequest, StepPlan, StepSamples, TokenEvent
 from hexgen.engine.parallel import RankContext, init_rank_context, single_process_context
 from hexgen.engine.runner import StageRunner
+from hexgen.engine.sampler import unpack_samples
 from hexgen.engine.scheduler import Scheduler, SchedulerConfig
 from hexgen.engine.stage import LlamaStage
 from hexgen.engine.turns import release_worker_threads
@@ -153,7 +154,7 @@ class Engine:
         self.scheduler = scheduler
         self.num_stages = runner.ctx.layout.num_stages
         self.micro_batches = runner.ctx.layout.micro_batches  # disjoint micro-batches the pipeline keeps in flight
-        self.in_flight: deque[tuple[StepPlan, Callable[[], list[int]]]] = deque()
+        self.in_flight: deque[tuple[StepPlan, Callable[[], StepSamples]]] = deque()
         self.set_overlap(overlaps_steps(runner, scheduler.config))  # sets overlap and depth (steps kept in flight)
         self.outbox = pipeline.Outbox(self.micro_batches)
         self.totals = StepTotals()
@@ -186,8 +187,9 @@ class Engine:
             self.in_flight.append((plan, self._launch(plan)))
         if not self.in_flight:
             return self.scheduler.update(StepPlan(), [])
-        plan, tokens = self.in_flight.popleft()
-        events = self.scheduler.update(plan, tokens())
+        plan, samples_of = self.in_flight.popleft()
+        samples = samples_of()
+        events = self.scheduler.update(plan, samples.token_ids, samples.logprobs)
         totals = self.totals
         totals.steps += 1
         totals.step_tokens += plan.num_tokens
@@ -212,7 +214,7 @@ class Engine:
             pipeline.send_step(ctx, self.outbox, plan, None)
         self._last_plan_s = time.monotonic()
 
-    def _launch(self, plan: StepPlan) -> Callable[[], list[int]]:
+    def _launch(self, plan: StepPlan) -> Callable[[], StepSamples]:
         ctx = self.runner.ctx
         self._last_plan_s = time.monotonic()
         plan = pipeline.share_plan_in_stage(ctx, plan)
@@ -220,18 +222,20 @@ class Engine:
         if ctx.layout.world_size == 1:
             return self.runner.sample_later(plan, hidden, last_rows)
         if ctx.is_last_stage:
-            tokens = self.runner.sample(plan, hidden, last_rows)
-            assert tokens is not None
-            return lambda: tokens
+            table = self.runner.sample(plan, hidden, last_rows)
+            assert table is not None
+            samples = unpack_samples(table, plan.sampling)
+            return lambda: samples
         pipeline.send_step(ctx, self.outbox, plan, hidden)
         self.runner.end_turn()  # the next stage's turn: no thread of this rank keeps a core from it
-        return pipeline.receive_tokens(ctx, plan.num_sampled)
+        return pipeline.receive_samples(ctx, plan)
 
     def shutdown(self) -> None:
         """Finish what is in flight, then tell the other ranks to leave their loop."""
         while self.in_flight:
-            plan, tokens = self.in_flight.popleft()
-            self.scheduler.update(plan, tokens())
+            plan, samples_of = self.in_flight.popleft()
+            samples = samples_of()
+            self.scheduler.update(plan, samples.token_ids, samples.logprobs)
         plan = pipeline.share_plan_in_stage(self.runner.ctx, StepPlan(shutdown=True))
         if self.num_stages > 1:
             pipeline.send_step(self.runner.ctx, self.outbox, plan, None)
@@ -265,7 +269,7 @@ def follow_driver(runner: StageRunner) -> None:
         if not ctx.is_last_stage:
             pipeline.send_step(ctx, outbox, plan, hidden)
         else:
-            tokens = runner.sample(plan, hidden, last_rows)
-            if tokens is not None and plan.num_sampled:
-                pipeline.send_tokens(ctx, outbox, tokens)
+            table = runner.sample(plan, hidden, last_rows)
+            if table is not None and plan.num_sampled:
+                pipeline.send_samples(ctx, outbox, table)
         runner.end_turn()

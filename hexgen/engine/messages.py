@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's chat limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,6 +19,7 @@ class SamplingParams:
     seed: int | None = None  # None = fresh randomness per request
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely alternatives
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -27,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs}")
 
     @property
     def is_greedy(self) -> bool:
@@ -41,12 +46,31 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model (log-softmax of its logits, before temperature, top-k
+    and top-p reshape them for the draw) and the `logprobs` most likely tokens', most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability)
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one request; finish_reason is set on its last event."""
 
     request_id: str
     token_id: int | None  # None only for an event that reports an abort
     finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens or context), "abort"
+    logprobs: TokenLogprobs | None = None  # where the request asked for them
+
+
+@dataclass(frozen=True)
+class StepSamples:
+    """What a step's last stage sampled, on the host: one token id per sampled row and, where some row of the
+    step asked for them, each row's TokenLogprobs (None for the rows that did not)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,7 @@ class SampleRow:
     top_p: float
     seed: int
     position: int
+    logprobs: int = -1  # -1: none; N >= 0: the sampled token's log-probability and the N most likely tokens'
 
 
 @dataclass

@@ -7,7 +7,9 @@ A step (micro-batch) travels down the pipeline with its plan; nothing goes to ev
   broadcasts both inside its TP group. That leader always has its next plan's receive posted (PlanInbox) before it
   computes, so the plan is taken in while it works: a gloo receive posted only once the data has arrived costs a
   thread hand-off (1.7 ms each, measured on the 2-core EPYC with both cores busy);
-- the last stage's leader sends the sampled token ids [num_sampled] back to the driver, and only to it.
+- the last stage's leader sends the step's samples back to the driver, and only to it: the token ids
+  [num_sampled], or where a request asked for log-probabilities a float64 table of ids and log-probabilities
+  (sampler.sample_table) whose width both ends derive from the plan.
 Sends are asynchronous, so stage s works on the next micro-batch while stage s+1 runs this one; each rank
 handles micro-batches in the order they arrive, which keeps every stage's KV writes in step order. Ranks of
 one replica trust each other: plans are pickled between them (torch.distributed is not exposed beyond them).
@@ -22,8 +24,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from hexgen.engine.messages import StepPlan
+from hexgen.engine.messages import StepPlan, StepSamples
 from hexgen.engine.parallel import RankContext
+from hexgen.engine.sampler import logprob_width, unpack_samples
 
 PLAN_TAG, ACTIVATION_TAG, TOKENS_TAG = 1, 2, 3
 # a plan message: its pickle's length (8 bytes, little-endian), the pickle, zeros; a longer pickle's rest follows
@@ -128,20 +131,24 @@ def receive_step(
     return plan, ctx.tp.broadcast_from_leader(hidden)
 
 
-def send_tokens(ctx: RankContext, outbox: Outbox, tokens: list[int]) -> None:
-    """Last stage's leader -> driver: the step's sampled token ids."""
-    outbox.send([(torch.tensor(tokens, dtype=torch.int64), 0, TOKENS_TAG, ctx.control)])
+def send_samples(ctx: RankContext, outbox: Outbox, table: torch.Tensor) -> None:
+    """Last stage's leader -> driver: the step's sample table (on the host)."""
+    outbox.send([(table, 0, TOKENS_TAG, ctx.control)])
 
 
-def receive_tokens(ctx: RankContext, count: int) -> Callable[[], list[int]]:
-    """Post the driver's receive of a step's sampled tokens now; the returned call waits for them."""
-    if count == 0:
-        return list
-    buf = torch.empty(count, dtype=torch.int64)
+def receive_samples(ctx: RankContext, plan: StepPlan) -> Callable[[], StepSamples]:
+    """Post the driver's receive of a step's samples now; the returned call waits for them."""
+    if plan.num_sampled == 0:
+        return lambda: StepSamples([])
+    width = logprob_width(plan.sampling)
+    if width:
+        buf = torch.empty(plan.num_sampled, width, dtype=torch.float64)
+    else:
+        buf = torch.empty(plan.num_sampled, dtype=torch.int64)
     work = dist.irecv(buf, ctx.layout.last_leader, group=ctx.control, tag=TOKENS_TAG)
 
-    def wait() -> list[int]:
+    def wait() -> StepSamples:
         work.wait()
-        return buf.tolist()
+        return unpack_samples(buf, plan.sampling)
 
     return wait

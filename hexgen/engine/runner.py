@@ -8,10 +8,10 @@ import torch
 
 from hexgen.engine.attention import build_metadata
 from hexgen.engine.host_copy import to_device
-from hexgen.engine.messages import StepPlan
+from hexgen.engine.messages import StepPlan, StepSamples
 from hexgen.engine.ops import triton_serves
 from hexgen.engine.parallel import RankContext
-from hexgen.engine.sampler import sample_on_device
+from hexgen.engine.sampler import logprob_width, sample_on_device, sample_table, unpack_samples
 from hexgen.engine.stage import LlamaStage
 
 
@@ -66,8 +66,9 @@ class StageRunner:
     @torch.inference_mode()
     def sample_on_device(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> torch.Tensor | None:
         """Last stage: logits of each sampling sequence's last token, gathered on the leader, sampled there: the
-        token ids [num_sampled] on the device (None on the other ranks of the stage). The leader keeps them as
-        last_sampled (a look-ahead step takes its unknown tokens from them)."""
+        step's sample table on the device, token ids [num_sampled] int64, or with log-probabilities where a row
+        asks for them float64 [num_sampled, width] (sampler.sample_table); None on the other ranks of the stage.
+        The leader keeps the token ids as last_sampled (a look-ahead step takes its unknown tokens from them)."""
         self.last_sampled = None
         if plan.num_sampled == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
@@ -81,27 +82,28 @@ class StageRunner:
         if self.record_logits:
             self.last_logits = logits.float()
         self.last_sampled = sample_on_device(logits, plan.sampling)
-        return self.last_sampled
+        width = logprob_width(plan.sampling)
+        return self.last_sampled if width == 0 else sample_table(logits, self.last_sampled, width)
 
-    def sample(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> list[int] | None:
-        """sample_on_device's token ids on the host (one device-to-host copy; waits for the device)."""
-        tokens = self.sample_on_device(plan, hidden, last_rows)
-        return None if tokens is None else tokens.tolist()
+    def sample(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> torch.Tensor | None:
+        """sample_on_device's table on the host (one device-to-host copy; waits for the device)."""
+        table = self.sample_on_device(plan, hidden, last_rows)
+        return None if table is None else table.cpu()
 
-    def sample_later(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> Callable[[], list[int]]:
-        """A one-rank replica's sampled token ids, fetched when called: on CUDA the copy to the host is queued
-        behind the step, and only the call waits for it, so the driver can queue its next step first."""
-        tokens = self.sample_on_device(plan, hidden, last_rows)
-        assert tokens is not None
-        if tokens.device.type != "cuda":
-            values = tokens.tolist()
-            return lambda: values
-        host = tokens.to("cpu", non_blocking=True)  # into pinned memory
+    def sample_later(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> Callable[[], StepSamples]:
+        """A one-rank replica's samples, fetched when called: on CUDA the copy to the host is queued behind the
+        step, and only the call waits for it, so the driver can queue its next step first."""
+        table = self.sample_on_device(plan, hidden, last_rows)
+        assert table is not None
+        if table.device.type != "cuda":
+            samples = unpack_samples(table, plan.sampling)
+            return lambda: samples
+        host = table.to("cpu", non_blocking=True)  # into pinned memory
         copied = torch.cuda.Event()
         copied.record()
 
-        def wait() -> list[int]:
+        def wait() -> StepSamples:
             copied.synchronize()
-            return host.tolist()
+            return unpack_samples(host, plan.sampling)
 
         return wait

@@ -5,6 +5,11 @@ pass. Randomness is counter-based: the uniform number for (seed, position, token
 a seeded request draws the same tokens whatever shares its batch, after a preemption too, and no generator
 state lives on any rank. The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i. The step's token ids leave the device in one copy.
+
+Where a request asks for log-probabilities they are the model's own (log-softmax of the fp32 logits, before
+temperature, top-k and top-p reshape them for the draw: what the model thinks of the token, whatever the draw's
+settings), and they leave the device in the same copy: the step's token ids then travel in a float64 table with
+them (sample_table; ids below 2**53 are exact in float64).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from hexgen.engine.host_copy import to_device
-from hexgen.engine.messages import SampleRow
+from hexgen.engine.messages import SampleRow, StepSamples, TokenLogprobs
 
 _MASK32 = 0xFFFFFFFF
 _MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D  # odd multipliers below 2**31: products of 32-bit values fit in int64
@@ -103,3 +108,40 @@ def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
     keys = to_device([row_key(r.seed, r.position) for r in rows], device, torch.int64)
     race = warp(logits, rows).softmax(dim=-1) / -torch.log(uniform_noise(keys, logits.shape[-1]))
     return torch.where(to_device(is_greedy, device, torch.bool), greedy, first_argmax(race))
+
+
+def logprob_width(rows: list[SampleRow]) -> int:
+    """Columns of a step's sample table: 0 where no row asks for log-probabilities (the token ids travel alone,
+    int64 [B]), else 2 + 2K for the most alternatives K any row asks for: the token id, its log-probability, the
+    K most likely ids, their log-probabilities. Both ends of a transfer derive it from the plan."""
+    most = max((r.logprobs for r in rows), default=-1)
+    return 0 if most < 0 else 2 + 2 * most
+
+
+def sample_table(logits: torch.Tensor, tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] float64 (see logprob_width) on logits' device: tokens [B] int64 with their log-probabilities
+    under logits [B, V] and the K most likely tokens', most likely first (a vocabulary smaller than K pads with
+    id -1 and -inf)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    k = (width - 2) // 2
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    pad = k - top.indices.shape[-1]
+    columns = [tokens.unsqueeze(-1), logprobs.gather(-1, tokens.unsqueeze(-1)),
+               torch.nn.functional.pad(top.indices.double(), (0, pad), value=-1.0),
+               torch.nn.functional.pad(top.values.double(), (0, pad), value=float("-inf"))]
+    return torch.cat([c.double() for c in columns], dim=-1)
+
+
+def unpack_samples(table: torch.Tensor, rows: list[SampleRow]) -> StepSamples:
+    """A step's sample table on the host (int64 [B] token ids, or sample_table's float64 [B, width]) as
+    StepSamples: each row gets the alternatives it asked for, no more."""
+    if table.dim() == 1:
+        return StepSamples(table.tolist())
+    k = (table.shape[1] - 2) // 2
+    values = table.tolist()
+    logprobs = [
+        None if row.logprobs < 0 else TokenLogprobs(
+            v[1], tuple((int(v[2 + i]), v[2 + k + i]) for i in range(row.logprobs) if v[2 + i] >= 0))
+        for v, row in zip(values, rows, strict=True)
+    ]
+    return StepSamples([int(v[0]) for v in values], logprobs)

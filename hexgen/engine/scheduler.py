@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hexgen.engine.block_manager import BlockKey, BlockManager, block_keys
-from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, TokenEvent
+from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, TokenEvent, TokenLogprobs
 
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
@@ -240,7 +240,8 @@ class Scheduler:
         if samples:
             p = seq.request.params
             # `end` is the sampled token's index in the sequence (the noise of a seeded draw is keyed by it)
-            plan.sampling.append(SampleRow(p.temperature, p.top_k, p.top_p, seq.seed, end))
+            plan.sampling.append(SampleRow(p.temperature, p.top_k, p.top_p, seq.seed, end,
+                                           -1 if p.logprobs is None else p.logprobs))
             seq.sampled_in, seq.sampled_row = self._plans_made, plan.num_sampled - 1
         seq.num_scheduled = end
         seq.in_flight += 1
@@ -274,13 +275,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, plan: StepPlan, sampled: list[int]) -> list[TokenEvent]:
-        """Apply a finished step's sampled tokens (one per True in plan.sample); return the events."""
+    def update(
+        self, plan: StepPlan, sampled: list[int], logprobs: list[TokenLogprobs | None] | None = None
+    ) -> list[TokenEvent]:
+        """Apply a finished step's sampled tokens (one per True in plan.sample) and, where the step's rows asked
+        for them, their log-probabilities (one per sampled token); return the events."""
         events, self._aborted = self._aborted, []
         tokens = iter(sampled)
+        token_logprobs_of = iter(logprobs if logprobs is not None else [None] * len(sampled))
         for seq_id, n, samples in zip(plan.seq_ids, plan.lengths, plan.sample, strict=True):
             seq = self.running[seq_id]
-            token = next(tokens) if samples else None
+            token, token_logprobs = (next(tokens), next(token_logprobs_of)) if samples else (None, None)
             seq.in_flight -= 1
             if seq.done:  # aborted, or finished by the step before this look-ahead one: discard
                 if not seq.in_flight:
@@ -293,7 +298,7 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             seq.finish_reason = self._finish_reason(seq, token)
-            events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason))
+            events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason, token_logprobs))
             if seq.finish_reason is not None:
                 del self._by_request[seq.request.request_id]
                 if not seq.in_flight:

@@ -11,10 +11,12 @@ from typing import Any
 
 import msgpack
 
-from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent
+from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent, TokenLogprobs
 
 DATACLASS_EXT = 1
-MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (SamplingParams, GenerationRequest, TokenEvent)}
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (SamplingParams, GenerationRequest, TokenEvent, TokenLogprobs)
+}
 
 
 class WireError(ValueError):

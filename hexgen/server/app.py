@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hexgen.engine.messages import TokenLogprobs
 from hexgen.server.coordinator import Coordinator, TextDelta, merge_choices
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from hexgen.server.responses import ResponseShape, sse
@@ -101,7 +102,8 @@ async def _generate(
 ) -> Response:
     sequences = coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)
     coordinator.check_capacity(len(sequences))
-    shape = ResponseShape(chat, coordinator.config.model_name, len(ids))
+    speller = coordinator.tokenizer if body.logprob_alternatives is not None else None
+    shape = ResponseShape(chat, coordinator.config.model_name, len(ids), speller)
     endpoint = "chat" if chat else "completions"
     streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream) for s in sequences]
     if body.stream:
@@ -129,10 +131,13 @@ async def _generate(
         coordinator.metrics.requests.labels(endpoint, "error").inc()
         raise
     coordinator.metrics.requests.labels(endpoint, "ok").inc()
-    return JSONResponse(shape.full([(text, finish) for text, finish, _ in answers], sum(c for _, _, c in answers)))
+    return JSONResponse(shape.full([answer[:3] for answer in answers], sum(answer[3] for answer in answers)))
 
 
-async def _collect_all(streams: list[AsyncIterator[TextDelta]]) -> list[tuple[str, str, int]]:
+Answer = tuple[str, str, list[tuple[int, TokenLogprobs]], int]  # text, finish reason, log-probabilities, tokens
+
+
+async def _collect_all(streams: list[AsyncIterator[TextDelta]]) -> list[Answer]:
     """Every choice's whole answer, collected side by side; an error of one (or cancelling this) stops the rest,
     which aborts them on their replicas."""
     tasks = [asyncio.ensure_future(_collect(stream)) for stream in streams]
@@ -143,14 +148,15 @@ async def _collect_all(streams: list[AsyncIterator[TextDelta]]) -> list[tuple[st
             task.cancel()
 
 
-async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str, int]:
-    parts, finish, count = [], "length", 0
+async def _collect(deltas: AsyncIterator[TextDelta]) -> Answer:
+    parts, finish, count, logprobs = [], "length", 0, []
     async for delta in deltas:
         if delta.restart:
-            parts = []
+            parts, logprobs = [], []
         parts.append(delta.text)
+        logprobs += delta.logprobs
         finish, count = delta.finish_reason or finish, delta.completion_tokens
-    return "".join(parts), finish, count
+    return "".join(parts), finish, logprobs, count
 
 
 async def _sse_stream(
@@ -164,7 +170,8 @@ async def _sse_stream(
     status, counts = "cancelled", {}  # choice index -> its completion tokens so far
 
     def chunk(index: int, delta: TextDelta) -> str:
-        event = sse(shape.chunk(delta.text, delta.finish_reason, first=index not in counts, index=index))
+        event = sse(shape.chunk(delta.text, delta.finish_reason, first=index not in counts, index=index,
+                                logprobs=delta.logprobs))
         counts[index] = delta.completion_tokens
         return event
 

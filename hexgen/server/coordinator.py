@@ -7,10 +7,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from hexgen.dispatch import DispatchPolicy, NoReplicaAvailable
-from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent
+from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent, TokenLogprobs
 from hexgen.server.metrics import Metrics
 from hexgen.server.protocol import APIError, SamplingFields
 from hexgen.server.replica_client import Rejected, ReplicaClient, ReplicaDown
@@ -36,6 +36,8 @@ class TextDelta:
     finish_reason: str | None
     completion_tokens: int
     restart: bool = False  # the request starts over on another replica: drop the text received so far
+    # (token id, its log-probabilities) of each token generated since the last delta, where the request asked
+    logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
 
 
 class Coordinator:
@@ -91,6 +93,7 @@ class Coordinator:
             top_p=fields.top_p,
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
+            logprobs=fields.logprob_alternatives,
         )
         return GenerationRequest(f"req-{uuid.uuid4().hex}", tuple(prompt_ids), params)
 
@@ -160,26 +163,30 @@ class Coordinator:
     async def stream_text(
         self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool
     ) -> AsyncIterator[TextDelta]:
-        """Text deltas cut at stop strings; the last delta carries the finish reason. Records metrics."""
+        """Text deltas cut at stop strings; the last delta carries the finish reason and each delta the
+        log-probabilities of the tokens since the one before (where asked). Records metrics."""
         started = time.monotonic()
         first_token_s: float | None = None
-        stream, count = TextStream(self.tokenizer, stop_strings), 0
+        stream, count, logprobs = TextStream(self.tokenizer, stop_strings), 0, []
         self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
         async with aclosing(self.events(request, restartable)) as events:  # closing aborts on the replica
             async for item in events:
                 if item is RESTART:
-                    stream, count, first_token_s = TextStream(self.tokenizer, stop_strings), 0, None
+                    stream, count, first_token_s, logprobs = TextStream(self.tokenizer, stop_strings), 0, None, []
                     yield TextDelta("", None, 0, restart=True)
                     continue
                 assert isinstance(item, TokenEvent) and item.token_id is not None
                 count += 1
                 first_token_s = first_token_s or time.monotonic()
+                if item.logprobs is not None:
+                    logprobs.append((item.token_id, item.logprobs))
                 delta = stream.add(item.token_id)
                 finish = "stop" if stream.stopped else item.finish_reason
                 if finish is not None and not stream.stopped:
                     delta += stream.finish()
                 if delta or finish is not None:
-                    yield TextDelta(delta, finish, count)
+                    yield TextDelta(delta, finish, count, logprobs=logprobs)
+                    logprobs = []
                 if finish is not None:
                     self._record(started, first_token_s, count)
                     return

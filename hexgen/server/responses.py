@@ -6,7 +6,51 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from hexgen.engine.messages import TokenLogprobs
+
+
+class TokenSpeller(Protocol):
+    """How log-probabilities name tokens (hexgen.tokenizer.Tokenizer)."""
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes | None: ...
+
+
+def completion_logprobs(
+    items: list[tuple[int, TokenLogprobs]], speller: TokenSpeller, text_offset: int
+) -> tuple[dict[str, Any], int]:
+    """/v1/completions' `logprobs` of these tokens, whose text starts `text_offset` characters into the
+    completion: each token's text, its log-probability, a {text: log-probability} of the N most likely tokens and
+    the sampled one (so up to N + 1 entries, as OpenAI's legacy API), and where each token's text starts; and
+    where the next token's text would start."""
+    tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
+    for token_id, logprobs in items:
+        text = speller.token_text(token_id)
+        tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        token_logprobs.append(logprobs.logprob)
+        top = {speller.token_text(i): value for i, value in logprobs.top}
+        top.setdefault(text, logprobs.logprob)
+        top_logprobs.append(top)
+    body = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+    return body, text_offset
+
+
+def chat_logprobs(items: list[tuple[int, TokenLogprobs]], speller: TokenSpeller) -> dict:
+    """/v1/chat/completions' `logprobs`: per token its text, log-probability, UTF-8 bytes (None where the
+    tokenizer cannot say them) and the N most likely tokens' (top_logprobs), most likely first."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = speller.token_bytes(token_id)
+        return {"token": speller.token_text(token_id), "logprob": logprob, "bytes": None if raw is None else list(raw)}
+
+    content = [entry(token_id, lp.logprob) | {"top_logprobs": [entry(i, value) for i, value in lp.top]}
+               for token_id, lp in items]
+    return {"content": content, "refusal": None}
 
 
 @dataclass
@@ -16,8 +60,10 @@ class ResponseShape:
     chat: bool
     model: str
     prompt_tokens: int
+    speller: TokenSpeller | None = None  # set where the request asked for log-probabilities
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+    _text_offsets: dict[int, int] = field(default_factory=dict)  # choice -> its streamed tokens' text length
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         prefix = "chatcmpl-" if self.chat else "cmpl-"
@@ -30,26 +76,44 @@ class ResponseShape:
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
-    def full(self, answers: list[tuple[str, str]], completion_tokens: int) -> dict[str, Any]:
-        """The whole response: one choice per (text, finish reason); completion_tokens over all of them."""
+    def logprobs(self, items: list[tuple[int, TokenLogprobs]], index: int | None = None) -> dict[str, Any] | None:
+        """The `logprobs` of a whole choice, or with `index` of the next stream chunk of that choice (a
+        completion's text offsets go on from its last chunk's); None where the request did not ask."""
+        if self.speller is None:
+            return None
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": finish_reason} for i, (text, finish_reason) in enumerate(answers)]
+            return chat_logprobs(items, self.speller)
+        body, end = completion_logprobs(items, self.speller, self._text_offsets.get(index, 0))
+        if index is not None:
+            self._text_offsets[index] = end
+        return body
+
+    def full(self, answers: list[tuple[str, str, list[tuple[int, TokenLogprobs]]]], completion_tokens: int
+             ) -> dict[str, Any]:
+        """The whole response: one choice per (text, finish reason, its tokens' log-probabilities);
+        completion_tokens over all of them."""
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                        "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+                       for i, (text, finish_reason, logprobs) in enumerate(answers)]
             body = self._envelope("chat.completion", choices)
         else:
-            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
-                       for i, (text, finish_reason) in enumerate(answers)]
+            choices = [{"index": i, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+                       for i, (text, finish_reason, logprobs) in enumerate(answers)]
             body = self._envelope("text_completion", choices)
         body["usage"] = self.usage(completion_tokens)
         return body
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False, index: int = 0) -> dict[str, Any]:
-        """A stream chunk of choice `index` (`first`: its first chunk, which names the role in a chat)."""
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False, index: int = 0,
+              logprobs: list[tuple[int, TokenLogprobs]] | None = None) -> dict[str, Any]:
+        """A stream chunk of choice `index` (`first`: its first chunk, which names the role in a chat), with
+        the log-probabilities of the tokens it adds where the request asked (in order: chunk by chunk)."""
+        logprobs = self.logprobs(logprobs or [], index)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:

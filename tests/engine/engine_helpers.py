@@ -61,10 +61,12 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
 
 def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
                    eos_token_ids: tuple[int, ...] = (), device: str = "cpu", engines: list | None = None,
-                   dtype: str = "float32") -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+                   dtype: str = "float32", events: list | None = None,
+                   ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V] (none when
     the engine overlaps its steps, as on CUDA by default: the runner's last logits are then a step ahead of the
-    events). `engines`, when given, receives the engine (to read its scheduler's counters afterwards)."""
+    events). `engines`, when given, receives the engine (to read its scheduler's counters afterwards); `events`
+    every TokenEvent."""
     plan = single_replica_plan(source.spec, [1], None)
     spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, dtype=dtype, device=device)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
@@ -78,8 +80,10 @@ def run_in_process(source, requests: list[GenerationRequest], config: SchedulerC
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
     while engine.has_work:
-        events = engine.step()
-        sampled = [e for e in events if e.token_id is not None]
+        step_events = engine.step()
+        if events is not None:
+            events.extend(step_events)
+        sampled = [e for e in step_events if e.token_id is not None]
         for row, event in enumerate(sampled):
             tokens[event.request_id].append(event.token_id)
             if not engine.overlap:
@@ -104,7 +108,7 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
     (StageRunner.record_logits), matched by step. The driver's prefix-cache hits go to out_dir/hits.pt."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config))
-    steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token)] in row order
+    steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token, logprobs)] in row order
     layout_leader = sum(tp[:-1])
     step_logits = torch.load(out_dir / f"logits{layout_leader}.pt")
     assert len(steps) == len(step_logits)
@@ -112,10 +116,20 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
     logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
     for events, rows in zip(steps, step_logits, strict=True):
         assert rows.shape[0] == len(events)
-        for row, (rid, token) in enumerate(events):
+        for row, (rid, token, _) in enumerate(events):
             tokens[rid].append(token)
             logits[rid].append(rows[row])
     return tokens, {rid: torch.stack(r) for rid, r in logits.items()}
+
+
+def layout_logprobs(out_dir: Path) -> dict[str, list[tuple[float, tuple] | None]]:
+    """Per request, each token's (log-probability, top alternatives) of the last run_layout_with_logits into
+    out_dir (None where the request asked for none)."""
+    logprobs: dict[str, list] = {}
+    for events in torch.load(out_dir / "events.pt"):
+        for rid, _, token_logprobs in events:
+            logprobs.setdefault(rid, []).append(token_logprobs)
+    return logprobs
 
 
 def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
@@ -146,7 +160,8 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
             engine.add(request)
         steps = []
         while engine.has_work:
-            events = [(e.request_id, e.token_id) for e in engine.step() if e.token_id is not None]
+            events = [(e.request_id, e.token_id, None if e.logprobs is None else (e.logprobs.logprob, e.logprobs.top))
+                      for e in engine.step() if e.token_id is not None]
             if events:
                 steps.append(events)
         engine.shutdown()

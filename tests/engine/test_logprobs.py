@@ -1,0 +1,125 @@
+"""Log-probabilities of sampled tokens: the model's own (log-softmax of its logits, whatever the draw's settings),
+against HF transformers run over the same tokens, from one process and through a pipeline whose last stage sends
+them back to the driver with the token ids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_helpers import layout_logprobs, load_hf, random_prompts, run_in_process, run_layout_with_logits
+
+from hexgen.engine.checkpoint import resolve_model
+from hexgen.engine.messages import GenerationRequest, SampleRow, SamplingParams, TokenLogprobs
+from hexgen.engine.sampler import logprob_width, sample_table, unpack_samples
+from hexgen.engine.scheduler import SchedulerConfig
+
+NEW_TOKENS = 6
+
+
+def requests_of(prompts: list[list[int]], with_logprobs: bool) -> list[GenerationRequest]:
+    """Greedy requests asking for 3 / none / 0 alternatives, then a sampled one (temperature 0.9, top-k 50,
+    seeded) asking for 2: log-probabilities stay the model's, not the warped distribution the draw uses."""
+    settings = [dict(logprobs=3), dict(), dict(logprobs=0), dict(temperature=0.9, top_k=50, seed=5, logprobs=2)]
+    requests = []
+    for i, (prompt, extra) in enumerate(zip(prompts, settings, strict=True)):
+        if not with_logprobs:
+            extra = {k: v for k, v in extra.items() if k != "logprobs"}
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, **extra)
+        requests.append(GenerationRequest(f"r{i}", tuple(prompt), params))
+    return requests
+
+
+def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V] log-softmax of HF's logits at each generated token's position (teacher-forced)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    return logits.log_softmax(dim=-1)
+
+
+def assert_matches_hf(model, request: GenerationRequest, tokens: list[int], logprobs: list, atol: float) -> None:
+    """logprobs: per token (log-probability, ((id, log-probability), ...)) or None, as the request asked."""
+    wanted = request.params.logprobs
+    if wanted is None:
+        assert logprobs == [None] * len(tokens)
+        return
+    reference = hf_logprobs(model, list(request.prompt_token_ids), tokens)
+    for step, (token, (logprob, top)) in enumerate(zip(tokens, logprobs, strict=True)):
+        assert math.isclose(logprob, reference[step, token].item(), abs_tol=atol)
+        values, ids = reference[step].topk(wanted)
+        assert [i for i, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=atol)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logprobs_of_one_process_match_transformers(overlap, tiny_model_dirs):
+    """Prompts longer than a step's token budget (8), so some steps carry rows that sample nothing beside rows
+    that do: each event gets its own row's values. With `overlap` the engine's look-ahead steps (a one-GPU
+    replica's default) feed the sampled ids back on the device while the table of the step goes to the host."""
+    directory = tiny_model_dirs["gqa"]
+    source = resolve_model(str(directory), progress=False)
+    prompts = random_prompts(source.spec.vocab_size, [13, 4, 9, 6], seed=21)
+    config = SchedulerConfig(max_context=source.spec.max_context, max_step_tokens=8, overlap_steps=overlap)
+    events: list = []
+    engines: list = []
+    tokens, _ = run_in_process(source, requests_of(prompts, True), config, events=events, engines=engines)
+    assert engines[0].overlap == overlap
+    plain, _ = run_in_process(source, requests_of(prompts, False), config)
+    assert tokens == plain  # asking for log-probabilities changes no token
+    model = load_hf(directory)
+    for request in requests_of(prompts, True):
+        mine = [e for e in events if e.request_id == request.request_id and e.token_id is not None]
+        logprobs = [None if e.logprobs is None else (e.logprobs.logprob, e.logprobs.top) for e in mine]
+        assert_matches_hf(model, request, tokens[request.request_id], logprobs, atol=1e-4)
+
+
+def test_logprobs_through_a_pipeline_match_transformers(tiny_model_dirs, tmp_path):
+    """Stages TP 1 | TP 2 | TP 1 with micro-batches in flight: the last stage's leader sends the driver a table of
+    ids and log-probabilities whose width the driver derives from the plan alone."""
+    directory = tiny_model_dirs["gqa"]
+    source = resolve_model(str(directory), progress=False)
+    prompts = random_prompts(source.spec.vocab_size, [13, 4, 9, 6], seed=22)
+    requests = requests_of(prompts, True)
+    tokens, _ = run_layout_with_logits(directory, [1, 2, 1], [2, 2, 2], requests, tmp_path)
+    expected, _ = run_in_process(source, requests, SchedulerConfig(max_context=source.spec.max_context))
+    assert tokens == expected
+    model = load_hf(directory)
+    logprobs = layout_logprobs(tmp_path)
+    for request in requests:
+        assert_matches_hf(model, request, tokens[request.request_id], logprobs[request.request_id], atol=1e-4)
+
+
+def row(logprobs: int) -> SampleRow:
+    return SampleRow(temperature=0.0, top_k=0, top_p=1.0, seed=0, position=0, logprobs=logprobs)
+
+
+def test_sample_table_hand_computed():
+    """Probabilities 1/8, 2/8, 5/8 (logits log 1, log 2, log 5 + any constant); rows asking for 2, 0 and none."""
+    logits = torch.tensor([[0.0, math.log(2), math.log(5)]] * 3) + 3.0
+    rows = [row(2), row(0), row(-1)]
+    width = logprob_width(rows)
+    assert width == 2 + 2 * 2 and logprob_width([row(-1)]) == 0
+    tokens = torch.tensor([1, 2, 0])
+    samples = unpack_samples(sample_table(logits, tokens, width), rows)
+    assert samples.token_ids == [1, 2, 0]
+    first, second, third = samples.logprobs
+    assert first.logprob == pytest.approx(math.log(2 / 8))
+    assert [i for i, _ in first.top] == [2, 1] and [v for _, v in first.top] == pytest.approx([math.log(5 / 8),
+                                                                                                math.log(2 / 8)])
+    assert second == TokenLogprobs(pytest.approx(math.log(5 / 8)), ()) and third is None
+
+
+def test_sample_table_of_a_vocabulary_smaller_than_asked_pads_and_the_padding_is_dropped():
+    logits = torch.tensor([[1.0, 2.0]])
+    table = sample_table(logits, torch.tensor([0]), logprob_width([row(3)]))
+    assert table.shape == (1, 8)
+    (only,) = unpack_samples(table, [row(3)]).logprobs
+    expected = torch.tensor([1.0, 2.0]).log_softmax(0)
+    assert [i for i, _ in only.top] == [1, 0]
+    assert [v for _, v in only.top] == pytest.approx([expected[1].item(), expected[0].item()])
+
+
+def test_token_ids_without_logprobs_stay_an_int64_vector():
+    samples = unpack_samples(torch.tensor([7, 9]), [row(-1), row(-1)])
+    assert samples.token_ids == [7, 9] and samples.logprobs is None
