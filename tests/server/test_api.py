@@ -285,6 +285,73 @@ def test_n_beyond_the_servers_limit_is_a_400_naming_it(idle):
     assert error["param"] == "n" and f"at most {MAX_QUEUE}" in error["message"]
 
 
+# ---- log-probabilities, against HF transformers over the same tokens ----
+
+
+@pytest.fixture(scope="module")
+def hf_model(chat_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(chat_model_dir)).eval()
+
+
+def hf_logprobs(model, prompt_ids: list[int], token_ids: list[int]):
+    """[len(token_ids), V] log-softmax of HF's logits at each generated token's position (teacher-forced)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + token_ids])).logits[0, len(prompt_ids) - 1 : -1]
+    return logits.float().log_softmax(dim=-1)
+
+
+def test_completion_logprobs_match_transformers_whole_and_streamed(idle, reference, hf_model):
+    tokenizer = reference.tokenizer
+    prompt_ids = tokenizer.encode(PROMPTS[3])
+    ref = reference.complete(prompt_ids, 8)
+    expected = hf_logprobs(hf_model, prompt_ids, ref.token_ids)
+    whole = complete(idle, PROMPTS[3], 8, logprobs=3)["choices"][0]
+    assert whole["text"] == ref.text
+    logprobs = whole["logprobs"]
+    texts = [tokenizer.token_text(t) for t in ref.token_ids]
+    assert logprobs["tokens"] == texts
+    assert logprobs["text_offset"] == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    assert logprobs["token_logprobs"] == pytest.approx([expected[i, t].item() for i, t in enumerate(ref.token_ids)],
+                                                       abs=1e-3)
+    for step, top in enumerate(logprobs["top_logprobs"]):
+        values, ids = expected[step].topk(3)  # greedy: the sampled token is the first of them
+        want = {tokenizer.token_text(i): v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
+        assert top == pytest.approx(want, abs=1e-3)
+    body = {"model": model_name(idle), "prompt": PROMPTS[3], "max_tokens": 8, "temperature": 0, "logprobs": 3,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", idle.url + "/v1/completions", json=body, headers=idle.headers, timeout=60) as response:
+        chunks = [e["choices"][0]["logprobs"] for e in sse_events(response)[:-1]]
+    assert sum((c["tokens"] for c in chunks), []) == texts
+    assert sum((c["text_offset"] for c in chunks), []) == logprobs["text_offset"]
+    assert sum((c["token_logprobs"] for c in chunks), []) == pytest.approx(logprobs["token_logprobs"], abs=1e-3)
+
+
+def test_chat_logprobs_match_transformers_through_the_openai_client(idle, reference, hf_model):
+    tokenizer = reference.tokenizer
+    messages = [{"role": "user", "content": "Name a colour."}]
+    prompt_ids = tokenizer.apply_chat_template(messages)
+    ref = reference.complete(prompt_ids, 6)
+    expected = hf_logprobs(hf_model, prompt_ids, ref.token_ids)
+    client = openai.OpenAI(base_url=idle.url + "/v1", api_key=API_KEY, max_retries=0)
+    answer = client.chat.completions.create(model=model_name(idle), messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=2).choices[0]
+    assert answer.message.content == ref.text
+    content = answer.logprobs.content
+    assert [c.token for c in content] == [tokenizer.token_text(t) for t in ref.token_ids]
+    assert b"".join(bytes(c.bytes) for c in content) == ref.text.encode()  # pieces of characters included
+    for step, (entry, token) in enumerate(zip(content, ref.token_ids, strict=True)):
+        assert entry.logprob == pytest.approx(expected[step, token].item(), abs=1e-3)
+        values, ids = expected[step].topk(2)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.token_text(i) for i in ids.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-3)
+    plain = client.chat.completions.create(model=model_name(idle), messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 # ---- the official openai client ----
 
 
@@ -380,6 +447,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "n": 17}, 400, "n"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "x", "tools": []}, 400, "tools"),
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": [1, 10**9]}, 400, "prompt"),
@@ -405,7 +473,9 @@ def test_bad_chat_requests_and_malformed_json(idle):
         ({"model": name, "messages": []}, "messages"),
         ({"model": name, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"model": name, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_tokens"),
-        ({"model": name, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ({"model": name, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": name, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+         "top_logprobs"),
     ]
     for body, param in bad:
         response = idle.post("/v1/chat/completions", body)

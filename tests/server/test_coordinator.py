@@ -9,12 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from hexgen.dispatch import ReplicaState, make_policy
-from hexgen.engine.messages import TokenEvent
+from hexgen.engine.messages import TokenEvent, TokenLogprobs
 from hexgen.server.app import _collect as collect_answer
 from hexgen.server.coordinator import Coordinator, ServeConfig, merge_choices
 from hexgen.server.metrics import Metrics
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from hexgen.server.replica_client import Rejected, ReplicaDown
+from hexgen.server.responses import ResponseShape, chat_logprobs, completion_logprobs
 
 VOCAB = 50
 
@@ -89,7 +90,8 @@ def fields(**kwargs) -> CompletionRequest:
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"echo": True}, None),
-        ({"logprobs": 2}, None),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
         ({"best_of": 3}, None),
         ({"suffix": "end"}, None),
         ({"functions": []}, "functions"),
@@ -132,7 +134,9 @@ def test_completion_request_accepts_openai_defaults_and_edges():
         {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]},
         {"model": "tiny", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
         {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
-        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": False, "top_logprobs": 2},
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
     ],
 )
 def test_chat_request_rejects(body):
@@ -198,6 +202,20 @@ def test_prepare_builds_the_engine_request():
     assert coordinator.prepare([1, 2, 3, 4], None, fields()).params.max_new_tokens == 6
     assert make_coordinator([FakeReplica(0)], max_context=100).prepare([1], None, fields()).params.max_new_tokens == 16
     assert request.request_id != coordinator.prepare([1, 2, 3], 7, fields()).request_id
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (CompletionRequest(model="tiny", prompt="x"), None),
+    (CompletionRequest(model="tiny", prompt="x", logprobs=0), 0),
+    (CompletionRequest(model="tiny", prompt="x", logprobs=5), 5),
+    (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}]), None),
+    (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], logprobs=False), None),
+    (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], logprobs=True), 0),
+    (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], logprobs=True,
+                           top_logprobs=20), 20),
+])
+def test_prepare_asks_the_engine_for_the_logprobs_each_endpoint_names(body, expected):
+    assert make_coordinator([FakeReplica(0)]).prepare([1], 2, body).params.logprobs == expected
 
 
 def test_check_capacity_counts_requests_of_replicas_that_are_up():
@@ -339,7 +357,7 @@ def test_failover_after_tokens_restarts_a_whole_answer_or_fails_a_stream():
     replicas = scripts()
     coordinator = make_coordinator(replicas, "round-robin")
     request = coordinator.prepare([1], 2, fields())
-    text, finish, count = asyncio.run(collect_answer(coordinator.stream_text(request, (), restartable=True)))
+    text, finish, _, count = asyncio.run(collect_answer(coordinator.stream_text(request, (), restartable=True)))
     # what replica 0 produced ("ef") is dropped; the answer is replica 1's alone, its tokens counted from 1 again
     assert (text, finish, count) == ("hi", "length", 2)
     assert replicas[0].released == [(request.request_id, True)] and replicas[1].submitted == [request.request_id]
@@ -362,3 +380,75 @@ def test_rejected_by_the_replica_is_400_and_stop_string_cuts_text():
     deltas = asyncio.run(_collect(coordinator, request, stop=("cd",)))
     assert "".join(d.text for d in deltas) == "ab" and deltas[-1].finish_reason == "stop"
     assert replica.released == [(request.request_id, True)]  # stopped early: aborted on the replica
+
+
+# ---- log-probabilities: which delta carries which token's, and their OpenAI shapes ----
+
+
+def logprob_tokens(*ids: int, finish: str | None = "length") -> list:
+    """Like `tokens`, each event with log-probability -(its id) and one alternative (id + 1, -(id + 1))."""
+
+    def event(t: int, last: bool):
+        return lambda rid: TokenEvent(rid, t, finish if last else None, TokenLogprobs(-float(t), ((t + 1, -t - 1.0),)))
+
+    return [event(t, i == len(ids) - 1) for i, t in enumerate(ids)]
+
+
+def test_each_delta_carries_the_logprobs_of_the_tokens_it_adds_and_a_restart_drops_them():
+    # "abcde" with stop "cd": the last character is held back while it may begin the stop string, so "a" is shown
+    # once b arrives, with a's and b's log-probabilities; "b" with c; d completes the stop string and ends the
+    # answer with no more text, carrying d's
+    coordinator = make_coordinator([FakeReplica(0, [logprob_tokens(0, 1, 2, 3, 4)])])
+    deltas = asyncio.run(_collect(coordinator, coordinator.prepare([1], 5, fields(logprobs=1)), stop=("cd",)))
+    assert [(d.text, [t for t, _ in d.logprobs]) for d in deltas] == [("a", [0, 1]), ("b", [2]), ("", [3])]
+    assert deltas[-1].logprobs[0][1] == TokenLogprobs(-3.0, ((4, -4.0),))
+    replicas = [FakeReplica(0, [[*logprob_tokens(4, 5, finish=None)[:2], ReplicaDown("gone")]]),
+                FakeReplica(1, [logprob_tokens(7, 8)])]
+    coordinator = make_coordinator(replicas, "round-robin")
+    request = coordinator.prepare([1], 2, fields(logprobs=1))
+    _, _, logprobs, _ = asyncio.run(collect_answer(coordinator.stream_text(request, (), restartable=True)))
+    assert [t for t, _ in logprobs] == [7, 8]  # replica 0's tokens went with its text
+
+
+class LetterSpeller(LetterTokenizer):
+    """Token i is the letter chr(97 + i % 26), and token 49 the two characters 'é!' (3 bytes)."""
+
+    def token_text(self, token_id: int) -> str:
+        return "é!" if token_id == 49 else self.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return self.token_text(token_id).encode()
+
+
+def test_completion_logprobs_hand_computed():
+    items = [(0, TokenLogprobs(-0.5, ((1, -0.25), (0, -0.5)))), (49, TokenLogprobs(-2.0, ((1, -0.1),)))]
+    body, end = completion_logprobs(items, LetterSpeller(), text_offset=4)
+    assert body == {
+        "tokens": ["a", "é!"],
+        "token_logprobs": [-0.5, -2.0],
+        # the N most likely, and the sampled token where it is not among them
+        "top_logprobs": [{"b": -0.25, "a": -0.5}, {"b": -0.1, "é!": -2.0}],
+        "text_offset": [4, 5],
+    }
+    assert end == 7
+
+
+def test_chat_logprobs_hand_computed():
+    items = [(49, TokenLogprobs(-2.0, ((1, -0.1),)))]
+    assert chat_logprobs(items, LetterSpeller()) == {
+        "content": [{"token": "é!", "logprob": -2.0, "bytes": [0xC3, 0xA9, 0x21],
+                     "top_logprobs": [{"token": "b", "logprob": -0.1, "bytes": [0x62]}]}],
+        "refusal": None,
+    }
+
+
+def test_streamed_completion_chunks_continue_each_choices_text_offsets():
+    shape = ResponseShape(chat=False, model="tiny", prompt_tokens=1, speller=LetterSpeller())
+    first = shape.chunk("a", None, index=0, logprobs=[(0, TokenLogprobs(-1.0))])
+    other = shape.chunk("é!", None, index=1, logprobs=[(49, TokenLogprobs(-1.0))])
+    second = shape.chunk("bc", "length", index=0, logprobs=[(1, TokenLogprobs(-1.0)), (2, TokenLogprobs(-1.0))])
+    assert first["choices"][0]["logprobs"]["text_offset"] == [0]
+    assert other["choices"][0]["logprobs"]["text_offset"] == [0]
+    assert second["choices"][0]["logprobs"]["text_offset"] == [1, 2]
+    plain = ResponseShape(chat=False, model="tiny", prompt_tokens=1)
+    assert plain.chunk("a", None, logprobs=[])["choices"][0]["logprobs"] is None
