@@ -1,4 +1,5 @@
-"""Token sampling for a whole step on the device: greedy, or temperature -> top-k -> top-p -> a random draw.
+"""Token sampling for a whole step on the device: greedy, or temperature -> top-k -> top-p -> a random draw, after
+OpenAI's presence / frequency penalties and logit biases where a request sets them (for greedy rows too).
 
 The filters follow HF transformers' logits warpers, with per-row parameters so the batch is filtered in one
 pass. Randomness is counter-based: the uniform number for (seed, position, token) is a hash of the three, so
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from hexgen.engine.host_copy import to_device
+from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import SampleRow, StepSamples, TokenLogprobs
 
 _MASK32 = 0xFFFFFFFF
@@ -78,6 +79,36 @@ def filter_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """OpenAI's penalties and biases, each row its own: a token's logit less frequency_penalty x its count among
+    the row's earlier output tokens, less presence_penalty if it occurs there at all, plus its logit_bias.
+    logits [B, V] fp32 (a new tensor; the caller's stays the model's). The changes are worked out on the host per
+    (row, token) they touch and land in one index_add. On the 2-core Xeon, SmolLM2's vocabulary, 16 rows of 500
+    distinct earlier tokens each: 1.8 ms (a greedy draw of them 2.2 ms, against 0.17 without), where a count over
+    the whole [B, V] built from nested lists took 11."""
+    vocab = logits.shape[-1]
+    keys, deltas = [], []  # flat indices row * vocab + token, and what to add there (index_add sums repeats)
+    penalized = [b for b, r in enumerate(rows) if (r.presence_penalty or r.frequency_penalty) and r.output_token_ids]
+    if penalized:
+        tokens = torch.cat([torch.tensor(rows[b].output_token_ids, dtype=torch.int64) + b * vocab for b in penalized])
+        unique, counts = tokens.unique(return_counts=True)
+        row_of = unique // vocab
+        frequency = torch.tensor([r.frequency_penalty for r in rows], dtype=torch.float32)
+        presence = torch.tensor([r.presence_penalty for r in rows], dtype=torch.float32)
+        keys.append(unique)
+        deltas.append(-(frequency[row_of] * counts + presence[row_of]))
+    biased = [(b * vocab + token, bias) for b, r in enumerate(rows) for token, bias in r.logit_bias if token < vocab]
+    if biased:
+        keys.append(torch.tensor([key for key, _ in biased], dtype=torch.int64))
+        deltas.append(torch.tensor([bias for _, bias in biased], dtype=torch.float32))
+    adjusted = logits.clone()
+    if keys:
+        device = logits.device
+        adjusted.view(-1).index_add_(0, tensor_to_device(torch.cat(keys), device),
+                                     tensor_to_device(torch.cat(deltas), device))
+    return adjusted
+
+
 def warp(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature, top-k and top-p in HF's order, each row with its own settings; logits [B, V] fp32."""
     device = logits.device
@@ -99,6 +130,8 @@ def first_argmax(x: torch.Tensor) -> torch.Tensor:
 
 def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """[B] int64 token ids on logits' device."""
+    if any(r.adjusts_logits for r in rows):
+        logits = adjust_logits(logits.float(), rows)
     greedy = first_argmax(logits)  # in the logits' own dtype: widening them changes no order
     is_greedy = [r.temperature == 0 or r.top_k == 1 for r in rows]
     if all(is_greedy):

@@ -240,8 +240,11 @@ class Scheduler:
         if samples:
             p = seq.request.params
             # `end` is the sampled token's index in the sequence (the noise of a seeded draw is keyed by it)
-            plan.sampling.append(SampleRow(p.temperature, p.top_k, p.top_p, seq.seed, end,
-                                           -1 if p.logprobs is None else p.logprobs))
+            plan.sampling.append(SampleRow(
+                p.temperature, p.top_k, p.top_p, seq.seed, end, -1 if p.logprobs is None else p.logprobs,
+                p.presence_penalty, p.frequency_penalty, p.logit_bias,
+                tuple(seq.output_token_ids) if p.has_penalties else (),
+            ))
             seq.sampled_in, seq.sampled_row = self._plans_made, plan.num_sampled - 1
         seq.num_scheduled = end
         seq.in_flight += 1
@@ -249,13 +252,14 @@ class Scheduler:
 
     def _try_add_ahead(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
         """Lookahead for a sequence the previous plan holds: the rest of its known tokens, else (when that plan
-        samples its next token, and that token cannot end it by length) the token after that one."""
+        samples its next token, that token cannot end it by length, and no penalty needs it known to the next
+        draw) the token after that one."""
         if seq.num_scheduled < seq.num_tokens:
             return self._try_add(plan, seq, budget)
         params = seq.request.params
         pending_ends_it = (len(seq.output_token_ids) + 1 >= params.max_new_tokens
                            or seq.num_tokens + 1 >= self.max_context)
-        if seq.sampled_in != self._plans_made - 1 or pending_ends_it:
+        if seq.sampled_in != self._plans_made - 1 or pending_ends_it or params.has_penalties:
             return 0
         return self._try_add(plan, seq, budget, fed_back_row=seq.sampled_row)
 

@@ -86,6 +86,10 @@ class Coordinator:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        biases = fields.token_biases
+        if any(token >= self.tokenizer.vocab_size for token, _ in biases):
+            raise APIError(400, f"logit_bias token ids must be in [0, {self.tokenizer.vocab_size})",
+                           param="logit_bias")
         params = SamplingParams(
             max_new_tokens=limit,
             temperature=fields.temperature,
@@ -94,6 +98,9 @@ class Coordinator:
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
             logprobs=fields.logprob_alternatives,
+            presence_penalty=fields.presence_penalty,
+            frequency_penalty=fields.frequency_penalty,
+            logit_bias=biases,
         )
         return GenerationRequest(f"req-{uuid.uuid4().hex}", tuple(prompt_ids), params)
 

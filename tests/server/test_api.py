@@ -352,6 +352,29 @@ def test_chat_logprobs_match_transformers_through_the_openai_client(idle, refere
     assert plain.choices[0].logprobs is None
 
 
+def test_penalties_and_logit_bias_match_brute_force(idle, reference, hf_model):
+    """Greedy decoding with OpenAI's adjustment applied by hand to HF's logits, one whole forward per token."""
+    import torch
+
+    tokenizer = reference.tokenizer
+    prompt_ids = tokenizer.encode(PROMPTS[1])
+    plain = reference.complete(prompt_ids, 12, ignore_eos=True).token_ids
+    frequency, presence, bias = 1.2, 0.4, {plain[1]: -100.0, 17: 3.0}  # the plain answer's second token banned
+    ids, out = list(prompt_ids), []
+    for _ in range(12):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids])).logits[0, -1].float()
+        for token in set(out):
+            logits[token] -= frequency * out.count(token) + presence
+        for token, value in bias.items():
+            logits[token] += value
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    answer = complete(idle, PROMPTS[1], 12, ignore_eos=True, frequency_penalty=frequency, presence_penalty=presence,
+                      logit_bias={str(token): value for token, value in bias.items()})
+    assert answer["choices"][0]["text"] == tokenizer.decode(out) != tokenizer.decode(plain)
+
+
 # ---- the official openai client ----
 
 
@@ -448,6 +471,9 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "n": 17}, 400, "n"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "logit_bias": {"tok": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"49152": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "tools": []}, 400, "tools"),
     ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ({"prompt": [1, 10**9]}, 400, "prompt"),

@@ -85,9 +85,11 @@ def fields(**kwargs) -> CompletionRequest:
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -1}, "top_k"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1.0}, "frequency_penalty"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"echo": True}, None),
         ({"logprobs": 21}, "logprobs"),
@@ -202,6 +204,17 @@ def test_prepare_builds_the_engine_request():
     assert coordinator.prepare([1, 2, 3, 4], None, fields()).params.max_new_tokens == 6
     assert make_coordinator([FakeReplica(0)], max_context=100).prepare([1], None, fields()).params.max_new_tokens == 16
     assert request.request_id != coordinator.prepare([1, 2, 3], 7, fields()).request_id
+
+
+def test_prepare_passes_penalties_and_biases_and_checks_bias_ids_against_the_vocabulary():
+    coordinator = make_coordinator([FakeReplica(0)])
+    body = fields(presence_penalty=-0.5, frequency_penalty=2.0, logit_bias={"49": -100, "7": 3.5})
+    p = coordinator.prepare([1], 2, body).params
+    assert (p.presence_penalty, p.frequency_penalty, p.logit_bias) == (-0.5, 2.0, ((7, 3.5), (49, -100.0)))
+    assert p.has_penalties and not coordinator.prepare([1], 2, fields(logit_bias={"3": 1})).params.has_penalties
+    with pytest.raises(APIError) as info:
+        coordinator.prepare([1], 2, fields(logit_bias={"50": 1.0}))  # VOCAB = 50 tokens: ids 0..49
+    assert (info.value.status, info.value.param) == (400, "logit_bias") and "[0, 50)" in info.value.message
 
 
 @pytest.mark.parametrize(("body", "expected"), [
