@@ -90,6 +90,35 @@ def test_logprobs_through_a_pipeline_match_transformers(tiny_model_dirs, tmp_pat
         assert_matches_hf(model, request, tokens[request.request_id], logprobs[request.request_id], atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_logprobs_and_penalties_on_cuda_match_the_cpu(tiny_model_dirs):
+    """On CUDA (graphs, Triton kernels, look-ahead steps by default, penalized requests waiting for their tokens):
+    the greedy tokens and every log-probability of the CPU run, within the devices' rounding."""
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    prompts = random_prompts(source.spec.vocab_size, [13, 4, 9, 6], seed=23)
+    requests = [r if r.request_id != "r1" else GenerationRequest(
+        "r1", r.prompt_token_ids, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1,
+                                                 frequency_penalty=1.0, logit_bias=((3, 2.0),)))
+        for r in requests_of(prompts, True)]
+    config = SchedulerConfig(max_context=source.spec.max_context)
+    results = {}
+    for device in ("cpu", "cuda"):
+        events: list = []
+        tokens, _ = run_in_process(source, requests, config, device=device, events=events)
+        results[device] = tokens, {(e.request_id, i): e.logprobs for i, e in enumerate(
+            e for e in events if e.token_id is not None)}
+    greedy = [r.request_id for r in requests if r.params.temperature == 0]
+    assert [results["cuda"][0][rid] for rid in greedy] == [results["cpu"][0][rid] for rid in greedy]
+    cpu_logprobs = {rid: [lp for (r, _), lp in results["cpu"][1].items() if r == rid] for rid in greedy}
+    cuda_logprobs = {rid: [lp for (r, _), lp in results["cuda"][1].items() if r == rid] for rid in greedy}
+    for rid in greedy:
+        for mine, theirs in zip(cuda_logprobs[rid], cpu_logprobs[rid], strict=True):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert mine.logprob == pytest.approx(theirs.logprob, abs=1e-3)
+                assert [i for i, _ in mine.top] == [i for i, _ in theirs.top]
+
+
 def row(logprobs: int) -> SampleRow:
     return SampleRow(temperature=0.0, top_k=0, top_p=1.0, seed=0, position=0, logprobs=logprobs)
 

@@ -189,11 +189,12 @@ def test_overlapped_steps_on_cuda_match_steps_in_series(tiny_model_dirs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("sampled", [False, True, "logprobs"])
 def test_launching_a_step_on_cuda_never_waits_for_the_gpu(sampled, tiny_model_dirs):
     """Queueing a look-ahead decode step (metadata copies, graph replay, logits, sampling, the tokens' copy to the
-    host) runs no operation that makes the host wait for the device (torch's sync debug mode raises on one, e.g.
-    a boolean-mask index or .item()); else the overlap would be lost."""
+    host, with "logprobs" the table of log-probabilities instead) runs no operation that makes the host wait for
+    the device (torch's sync debug mode raises on one, e.g. a boolean-mask index or .item()); else the overlap
+    would be lost."""
     import torch
 
     source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
@@ -202,6 +203,8 @@ def test_launching_a_step_on_cuda_never_waits_for_the_gpu(sampled, tiny_model_di
     config = SchedulerConfig(max_context=source.spec.max_context)
     engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
     params = dict(temperature=0.7, top_k=20, top_p=0.9, seed=3) if sampled else {}
+    if sampled == "logprobs":
+        params["logprobs"] = 3
     for i, prompt in enumerate(random_prompts(source.spec.vocab_size, [6, 9, 4], seed=8)):
         engine.add(GenerationRequest(f"r{i}", tuple(prompt), SamplingParams(max_new_tokens=12, **params)))
     for _ in range(3):  # prefill, then decodes with a look-ahead step in flight
