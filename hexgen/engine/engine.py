@@ -189,7 +189,7 @@ class Engine:
             return self.scheduler.update(StepPlan(), [])
         plan, samples_of = self.in_flight.popleft()
         samples = samples_of()
-        events = self.scheduler.update(plan, samples.token_ids, samples.logprobs)
+        events = self.scheduler.update(plan, samples.token_ids, samples.logprobs, samples.prompt_logprobs)
         totals = self.totals
         totals.steps += 1
         totals.step_tokens += plan.num_tokens
@@ -224,7 +224,7 @@ class Engine:
         if ctx.is_last_stage:
             table = self.runner.sample(plan, hidden, last_rows)
             assert table is not None
-            samples = unpack_samples(table, plan.sampling)
+            samples = unpack_samples(table, plan)
             return lambda: samples
         pipeline.send_step(ctx, self.outbox, plan, hidden)
         self.runner.end_turn()  # the next stage's turn: no thread of this rank keeps a core from it
@@ -235,7 +235,7 @@ class Engine:
         while self.in_flight:
             plan, samples_of = self.in_flight.popleft()
             samples = samples_of()
-            self.scheduler.update(plan, samples.token_ids, samples.logprobs)
+            self.scheduler.update(plan, samples.token_ids, samples.logprobs, samples.prompt_logprobs)
         plan = pipeline.share_plan_in_stage(self.runner.ctx, StepPlan(shutdown=True))
         if self.num_stages > 1:
             pipeline.send_step(self.runner.ctx, self.outbox, plan, None)
@@ -270,6 +270,6 @@ def follow_driver(runner: StageRunner) -> None:
             pipeline.send_step(ctx, outbox, plan, hidden)
         else:
             table = runner.sample(plan, hidden, last_rows)
-            if table is not None and plan.num_sampled:
+            if table is not None and plan.returns_samples:
                 pipeline.send_samples(ctx, outbox, table)
         runner.end_turn()

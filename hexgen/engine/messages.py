@@ -22,6 +22,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens from its second on (scored, not drawn)
     # OpenAI's penalties, subtracted from a token's logit: frequency x its count among the tokens generated so far,
     # presence once it occurs there; and logit_bias, (token id, bias) added to its logit. All before temperature.
     presence_penalty: float = 0.0
@@ -37,8 +38,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] (or None), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] (or None), got {value}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}")
@@ -81,6 +84,8 @@ class TokenEvent:
     token_id: int | None  # None only for an event that reports an abort
     finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens or context), "abort"
     logprobs: TokenLogprobs | None = None  # where the request asked for them
+    # on a request's first token, where it asked: its prompt's tokens' from the second on, in order
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class StepSamples:
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None
+    prompt_logprobs: list[list[TokenLogprobs]] = field(default_factory=list)  # one list per StepPlan.scored entry
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,17 @@ class SampleRow:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or bool(self.logit_bias)
 
 
+@dataclass(frozen=True)
+class ScoredTokens:
+    """Prompt tokens a step scores for one of its sequences (prompt log-probabilities): that sequence's new tokens
+    from the `first`-th on, one each, predict `targets` (the prompt tokens after them)."""
+
+    row: int  # the sequence's index in the plan
+    first: int
+    targets: tuple[int, ...]
+    alternatives: int  # most likely tokens reported beside each target
+
+
 @dataclass
 class StepPlan:
     """One micro-batch: what every rank of a replica runs in one step. Built by the driver's scheduler and
@@ -128,6 +145,7 @@ class StepPlan:
     # (index in token_ids, row): that token is the previous step's sampled token of that row (a look-ahead step,
     # Scheduler.schedule), unknown to the driver when it made the plan; its token_ids entry holds FED_BACK
     fed_back: list[tuple[int, int]] = field(default_factory=list)
+    scored: list[ScoredTokens] = field(default_factory=list)  # prompt tokens scored, where a request asked
     shutdown: bool = False
     keepalive: bool = False  # no work: it only completes the other ranks' waits for a plan (Engine.keep_alive)
 
@@ -142,6 +160,15 @@ class StepPlan:
     @property
     def num_sampled(self) -> int:
         return len(self.sampling)
+
+    @property
+    def num_scored(self) -> int:
+        return sum(len(s.targets) for s in self.scored)
+
+    @property
+    def returns_samples(self) -> bool:
+        """Whether the last stage sends anything back for this step (tokens drawn or prompt tokens scored)."""
+        return self.num_sampled > 0 or bool(self.scored)
 
     @property
     def is_decode_only(self) -> bool:

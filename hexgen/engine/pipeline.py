@@ -138,17 +138,17 @@ def send_samples(ctx: RankContext, outbox: Outbox, table: torch.Tensor) -> None:
 
 def receive_samples(ctx: RankContext, plan: StepPlan) -> Callable[[], StepSamples]:
     """Post the driver's receive of a step's samples now; the returned call waits for them."""
-    if plan.num_sampled == 0:
+    if not plan.returns_samples:
         return lambda: StepSamples([])
-    width = logprob_width(plan.sampling)
+    width = logprob_width(plan)
     if width:
-        buf = torch.empty(plan.num_sampled, width, dtype=torch.float64)
+        buf = torch.empty(plan.num_sampled + plan.num_scored, width, dtype=torch.float64)
     else:
         buf = torch.empty(plan.num_sampled, dtype=torch.int64)
     work = dist.irecv(buf, ctx.layout.last_leader, group=ctx.control, tag=TOKENS_TAG)
 
     def wait() -> StepSamples:
         work.wait()
-        return unpack_samples(buf, plan.sampling)
+        return unpack_samples(buf, plan)
 
     return wait

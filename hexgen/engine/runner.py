@@ -15,6 +15,14 @@ from hexgen.engine.sampler import logprob_width, sample_on_device, sample_table,
 from hexgen.engine.stage import LlamaStage
 
 
+def scored_rows(plan: StepPlan) -> list[int]:
+    """The flat batch rows (among all the step's new tokens) of the prompt tokens plan.scored names."""
+    starts = [0]
+    for n in plan.lengths:
+        starts.append(starts[-1] + n)
+    return [starts[s.row] + s.first + i for s in plan.scored for i in range(len(s.targets))]
+
+
 class StageRunner:
     def __init__(self, ctx: RankContext, stage: LlamaStage, device: torch.device):
         self.ctx = ctx
@@ -65,25 +73,35 @@ class StageRunner:
 
     @torch.inference_mode()
     def sample_on_device(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> torch.Tensor | None:
-        """Last stage: logits of each sampling sequence's last token, gathered on the leader, sampled there: the
-        step's sample table on the device, token ids [num_sampled] int64, or with log-probabilities where a row
-        asks for them float64 [num_sampled, width] (sampler.sample_table); None on the other ranks of the stage.
-        The leader keeps the token ids as last_sampled (a look-ahead step takes its unknown tokens from them)."""
+        """Last stage: logits of each sampling sequence's last token and of each prompt token scored
+        (plan.scored), in one LM-head call gathered on the leader, sampled there: the step's sample table on the
+        device, token ids [num_sampled] int64, or where anything asks for log-probabilities float64 rows of the
+        sampled then of the scored tokens (sampler.sample_table); None on the other ranks of the stage. The
+        leader keeps the token ids as last_sampled (a look-ahead step takes its unknown tokens from them)."""
         self.last_sampled = None
-        if plan.num_sampled == 0:
+        if not plan.returns_samples:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         # integer rows, not a boolean mask: indexing by a mask on CUDA waits for the device to count its hits
         rows = last_rows[to_device([i for i, samples in enumerate(plan.sample) if samples], self.device, torch.int64)]
+        if plan.scored:
+            rows = torch.cat([rows, to_device(scored_rows(plan), self.device, torch.int64)])
         local = self.stage.local_logits(hidden[rows])  # [B, vocab // tp, padded]
         parts = self.ctx.tp.gather_to_leader(local)
         if parts is None:
             return None
         logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))[:, : self.stage.spec.vocab_size]  # [B, V]
+        drawn = logits[: plan.num_sampled]
         if self.record_logits:
-            self.last_logits = logits.float()
-        self.last_sampled = sample_on_device(logits, plan.sampling)
-        width = logprob_width(plan.sampling)
-        return self.last_sampled if width == 0 else sample_table(logits, self.last_sampled, width)
+            self.last_logits = drawn.float()
+        self.last_sampled = sample_on_device(drawn, plan.sampling)
+        width = logprob_width(plan)
+        if width == 0:
+            return self.last_sampled
+        table = sample_table(drawn, self.last_sampled, width)
+        if plan.scored:
+            targets = to_device([t for s in plan.scored for t in s.targets], self.device, torch.int64)
+            table = torch.cat([table, sample_table(logits[plan.num_sampled :], targets, width)])
+        return table
 
     def sample(self, plan: StepPlan, hidden: torch.Tensor, last_rows: torch.Tensor) -> torch.Tensor | None:
         """sample_on_device's table on the host (one device-to-host copy; waits for the device)."""
@@ -96,7 +114,7 @@ class StageRunner:
         table = self.sample_on_device(plan, hidden, last_rows)
         assert table is not None
         if table.device.type != "cuda":
-            samples = unpack_samples(table, plan.sampling)
+            samples = unpack_samples(table, plan)
             return lambda: samples
         host = table.to("cpu", non_blocking=True)  # into pinned memory
         copied = torch.cuda.Event()
@@ -104,6 +122,6 @@ class StageRunner:
 
         def wait() -> StepSamples:
             copied.synchronize()
-            return unpack_samples(host, plan.sampling)
+            return unpack_samples(host, plan)
 
         return wait

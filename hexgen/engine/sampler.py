@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from hexgen.engine.host_copy import tensor_to_device, to_device
-from hexgen.engine.messages import SampleRow, StepSamples, TokenLogprobs
+from hexgen.engine.messages import SampleRow, StepPlan, StepSamples, TokenLogprobs
 
 _MASK32 = 0xFFFFFFFF
 _MIX1, _MIX2 = 0x7FEB352D, 0x2C1B3C6D  # odd multipliers below 2**31: products of 32-bit values fit in int64
@@ -143,11 +143,13 @@ def sample_on_device(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tenso
     return torch.where(to_device(is_greedy, device, torch.bool), greedy, first_argmax(race))
 
 
-def logprob_width(rows: list[SampleRow]) -> int:
-    """Columns of a step's sample table: 0 where no row asks for log-probabilities (the token ids travel alone,
-    int64 [B]), else 2 + 2K for the most alternatives K any row asks for: the token id, its log-probability, the
-    K most likely ids, their log-probabilities. Both ends of a transfer derive it from the plan."""
-    most = max((r.logprobs for r in rows), default=-1)
+def logprob_width(plan: StepPlan) -> int:
+    """Columns of a step's sample table: 0 where nothing asks for log-probabilities (the token ids travel alone,
+    int64 [num_sampled]), else 2 + 2K for the most alternatives K any sampled row or scored prompt token asks for:
+    the token id, its log-probability, the K most likely ids, their log-probabilities. The table's rows are the
+    sampled tokens', then the scored prompt tokens' (plan.scored, in order). Both ends of a transfer derive it
+    from the plan."""
+    most = max([r.logprobs for r in plan.sampling] + [s.alternatives for s in plan.scored], default=-1)
     return 0 if most < 0 else 2 + 2 * most
 
 
@@ -165,16 +167,19 @@ def sample_table(logits: torch.Tensor, tokens: torch.Tensor, width: int) -> torc
     return torch.cat([c.double() for c in columns], dim=-1)
 
 
-def unpack_samples(table: torch.Tensor, rows: list[SampleRow]) -> StepSamples:
-    """A step's sample table on the host (int64 [B] token ids, or sample_table's float64 [B, width]) as
-    StepSamples: each row gets the alternatives it asked for, no more."""
+def unpack_samples(table: torch.Tensor, plan: StepPlan) -> StepSamples:
+    """A step's sample table on the host (int64 [num_sampled] token ids, or sample_table's float64 rows of the
+    sampled tokens then of the scored prompt tokens) as StepSamples: each gets the alternatives it asked for."""
     if table.dim() == 1:
         return StepSamples(table.tolist())
     k = (table.shape[1] - 2) // 2
     values = table.tolist()
-    logprobs = [
-        None if row.logprobs < 0 else TokenLogprobs(
-            v[1], tuple((int(v[2 + i]), v[2 + k + i]) for i in range(row.logprobs) if v[2 + i] >= 0))
-        for v, row in zip(values, rows, strict=True)
-    ]
-    return StepSamples([int(v[0]) for v in values], logprobs)
+
+    def token_logprobs(v: list[float], alternatives: int) -> TokenLogprobs:
+        return TokenLogprobs(v[1], tuple((int(v[2 + i]), v[2 + k + i]) for i in range(alternatives) if v[2 + i] >= 0))
+
+    sampled, scored = values[: plan.num_sampled], iter(values[plan.num_sampled :])
+    logprobs = [None if row.logprobs < 0 else token_logprobs(v, row.logprobs)
+                for v, row in zip(sampled, plan.sampling, strict=True)]
+    prompt = [[token_logprobs(next(scored), s.alternatives) for _ in s.targets] for s in plan.scored]
+    return StepSamples([int(v[0]) for v in sampled], logprobs, prompt)

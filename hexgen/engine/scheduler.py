@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hexgen.engine.block_manager import BlockKey, BlockManager, block_keys
-from hexgen.engine.messages import GenerationRequest, SampleRow, StepPlan, TokenEvent, TokenLogprobs
+from hexgen.engine.messages import GenerationRequest, SampleRow, ScoredTokens, StepPlan, TokenEvent, TokenLogprobs
 
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
@@ -51,10 +51,18 @@ class Sequence:
     sampled_row: int = 0  # ... and the row of that token among the plan's sampled tokens
     aborted: bool = False
     finish_reason: str | None = None
+    prompt_scored_to: int = 0  # prompt positions p whose score of token p + 1 a step has taken (prompt_logprobs)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # those scores come back, in order
 
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def wants_prompt_scores(self) -> bool:
+        """Asks for its prompt's log-probabilities and has prompt positions left to score (each once: a
+        sequence recomputed after a preemption does not score them again)."""
+        return self.request.params.prompt_logprobs is not None and self.prompt_scored_to < self.prompt_len - 1
 
     @property
     def num_tokens(self) -> int:
@@ -186,7 +194,7 @@ class Scheduler:
         token is left to compute: its logits are needed)."""
         cached: list[int] = []
         keys: list[BlockKey] = []
-        if self.config.prefix_caching and not seq.block_table:
+        if self.config.prefix_caching and not seq.block_table and not seq.wants_prompt_scores:
             tokens = seq.all_tokens()
             keys = block_keys(tokens, self.blocks.block_size, (len(tokens) - 1) // self.blocks.block_size)
             cached = self.blocks.match(keys)
@@ -228,6 +236,8 @@ class Scheduler:
             return 0
         end = seq.num_scheduled + len(tokens)
         self.blocks.grow(seq.block_table, end)
+        if seq.wants_prompt_scores:
+            self._score_prompt(plan, seq, end)
         samples = fed_back_row is not None or end == seq.num_tokens
         if fed_back_row is not None:
             plan.fed_back.append((plan.num_tokens, fed_back_row))
@@ -249,6 +259,17 @@ class Scheduler:
         seq.num_scheduled = end
         seq.in_flight += 1
         return len(tokens)
+
+    def _score_prompt(self, plan: StepPlan, seq: Sequence, end: int) -> None:
+        """The prompt positions among the ones this step computes for seq (up to `end`) not scored yet: each one's
+        logits give the log-probability of the prompt token after it."""
+        start = seq.num_scheduled
+        first, last = max(start, seq.prompt_scored_to), min(end, seq.prompt_len - 1)
+        if last <= first:
+            return
+        targets = seq.request.prompt_token_ids[first + 1 : last + 1]
+        plan.scored.append(ScoredTokens(plan.num_seqs, first - start, targets, seq.request.params.prompt_logprobs))
+        seq.prompt_scored_to = last
 
     def _try_add_ahead(self, plan: StepPlan, seq: Sequence, budget: int) -> int:
         """Lookahead for a sequence the previous plan holds: the rest of its known tokens, else (when that plan
@@ -280,11 +301,17 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(
-        self, plan: StepPlan, sampled: list[int], logprobs: list[TokenLogprobs | None] | None = None
+        self, plan: StepPlan, sampled: list[int], logprobs: list[TokenLogprobs | None] | None = None,
+        prompt_logprobs: list[list[TokenLogprobs]] | None = None,
     ) -> list[TokenEvent]:
         """Apply a finished step's sampled tokens (one per True in plan.sample) and, where the step's rows asked
-        for them, their log-probabilities (one per sampled token); return the events."""
+        for them, their log-probabilities (one per sampled token) and the scores of prompt tokens (one list per
+        plan.scored entry); return the events. A request's first token carries its prompt's scores."""
         events, self._aborted = self._aborted, []
+        for scored, values in zip(plan.scored, prompt_logprobs or [], strict=True):
+            owner = self.running[plan.seq_ids[scored.row]]
+            if not owner.done:
+                owner.prompt_logprobs += values
         tokens = iter(sampled)
         token_logprobs_of = iter(logprobs if logprobs is not None else [None] * len(sampled))
         for seq_id, n, samples in zip(plan.seq_ids, plan.lengths, plan.sample, strict=True):
@@ -302,7 +329,9 @@ class Scheduler:
                 continue
             seq.output_token_ids.append(token)
             seq.finish_reason = self._finish_reason(seq, token)
-            events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason, token_logprobs))
+            first = seq.request.params.prompt_logprobs is not None and len(seq.output_token_ids) == 1
+            events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason, token_logprobs,
+                                     tuple(seq.prompt_logprobs) if first else None))
             if seq.finish_reason is not None:
                 del self._by_request[seq.request.request_id]
                 if not seq.in_flight:

@@ -108,7 +108,7 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
     (StageRunner.record_logits), matched by step. The driver's prefix-cache hits go to out_dir/hits.pt."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config))
-    steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token, logprobs)] in row order
+    steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token, logprobs, prompt's)] in row order
     layout_leader = sum(tp[:-1])
     step_logits = torch.load(out_dir / f"logits{layout_leader}.pt")
     assert len(steps) == len(step_logits)
@@ -116,20 +116,26 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
     logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
     for events, rows in zip(steps, step_logits, strict=True):
         assert rows.shape[0] == len(events)
-        for row, (rid, token, _) in enumerate(events):
+        for row, (rid, token, *_) in enumerate(events):
             tokens[rid].append(token)
             logits[rid].append(rows[row])
     return tokens, {rid: torch.stack(r) for rid, r in logits.items()}
 
 
-def layout_logprobs(out_dir: Path) -> dict[str, list[tuple[float, tuple] | None]]:
+def layout_logprobs(out_dir: Path, prompt: bool = False) -> dict[str, list]:
     """Per request, each token's (log-probability, top alternatives) of the last run_layout_with_logits into
-    out_dir (None where the request asked for none)."""
+    out_dir (None where the request asked for none); with `prompt`, what each token's event carried of the
+    prompt's scores (a list of such pairs on the first, else None)."""
     logprobs: dict[str, list] = {}
     for events in torch.load(out_dir / "events.pt"):
-        for rid, _, token_logprobs in events:
-            logprobs.setdefault(rid, []).append(token_logprobs)
+        for rid, _, token_logprobs, prompt_logprobs in events:
+            logprobs.setdefault(rid, []).append(prompt_logprobs if prompt else token_logprobs)
     return logprobs
+
+
+def plain_logprobs(logprobs) -> tuple[float, tuple] | None:
+    """TokenLogprobs as plain values (torch.load reads no dataclasses)."""
+    return None if logprobs is None else (logprobs.logprob, logprobs.top)
 
 
 def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
@@ -160,7 +166,8 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
             engine.add(request)
         steps = []
         while engine.has_work:
-            events = [(e.request_id, e.token_id, None if e.logprobs is None else (e.logprobs.logprob, e.logprobs.top))
+            events = [(e.request_id, e.token_id, plain_logprobs(e.logprobs),
+                       None if e.prompt_logprobs is None else [plain_logprobs(s) for s in e.prompt_logprobs])
                       for e in engine.step() if e.token_id is not None]
             if events:
                 steps.append(events)

@@ -8,10 +8,17 @@ import math
 
 import pytest
 import torch
-from engine_helpers import layout_logprobs, load_hf, random_prompts, run_in_process, run_layout_with_logits
+from engine_helpers import (
+    greedy_requests,
+    layout_logprobs,
+    load_hf,
+    random_prompts,
+    run_in_process,
+    run_layout_with_logits,
+)
 
 from hexgen.engine.checkpoint import resolve_model
-from hexgen.engine.messages import GenerationRequest, SampleRow, SamplingParams, TokenLogprobs
+from hexgen.engine.messages import GenerationRequest, SampleRow, SamplingParams, ScoredTokens, StepPlan, TokenLogprobs
 from hexgen.engine.sampler import logprob_width, sample_table, unpack_samples
 from hexgen.engine.scheduler import SchedulerConfig
 
@@ -90,6 +97,82 @@ def test_logprobs_through_a_pipeline_match_transformers(tiny_model_dirs, tmp_pat
         assert_matches_hf(model, request, tokens[request.request_id], logprobs[request.request_id], atol=1e-4)
 
 
+def prompt_requests(prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[GenerationRequest]:
+    """Greedy requests, three of them scoring their prompts (3, 0 and 1 alternatives), one also asking for its
+    own tokens' log-probabilities."""
+    settings = [dict(prompt_logprobs=3), dict(), dict(prompt_logprobs=0, logprobs=2), dict(prompt_logprobs=1)]
+    return [GenerationRequest(f"p{i}", tuple(prompt), SamplingParams(max_new_tokens=new_tokens, ignore_eos=True,
+                                                                     **extra))
+            for i, (prompt, extra) in enumerate(zip(prompts, settings, strict=True))]
+
+
+def assert_prompt_scores_match_hf(model, requests: list[GenerationRequest], events: list) -> None:
+    """Each scoring request's first event carries one score per prompt token from the second on, against HF's
+    log-softmax over the prompt; no other event carries any."""
+    for request in requests:
+        mine = [e for e in events if e.request_id == request.request_id and e.token_id is not None]
+        assert all(e.prompt_logprobs is None for e in mine[1:])
+        wanted = request.params.prompt_logprobs
+        if wanted is None:
+            assert mine[0].prompt_logprobs is None
+            continue
+        prompt = list(request.prompt_token_ids)
+        with torch.no_grad():
+            reference = model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(dim=-1)
+        scores = mine[0].prompt_logprobs
+        assert len(scores) == len(prompt) - 1
+        for step, (score, token) in enumerate(zip(scores, prompt[1:], strict=True)):
+            assert math.isclose(score.logprob, reference[step, token].item(), abs_tol=1e-4)
+            values, ids = reference[step].topk(wanted)
+            assert [i for i, _ in score.top] == ids.tolist()
+            assert [v for _, v in score.top] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prompt_logprobs_match_transformers_in_chunks_beside_the_prefix_cache(overlap, tiny_model_dirs):
+    """Prompts in chunks of a step's 8-token budget; all share their first 9 tokens with the prefix cache on, so a
+    request that scores its prompt must compute those positions rather than take cached blocks."""
+    directory = tiny_model_dirs["gqa"]
+    source = resolve_model(str(directory), progress=False)
+    prefix = random_prompts(source.spec.vocab_size, [9], seed=24)[0]
+    prompts = [prefix + tail for tail in random_prompts(source.spec.vocab_size, [11, 1, 6, 3], seed=25)]
+    config = SchedulerConfig(max_context=source.spec.max_context, max_step_tokens=8, block_size=4,
+                             prefix_caching=True, overlap_steps=overlap)
+    events: list = []
+    requests = prompt_requests(prompts)
+    tokens, _ = run_in_process(source, requests, config, events=events)
+    plain, _ = run_in_process(source, greedy_requests(prompts, NEW_TOKENS, tag="p"), config)
+    assert tokens == plain
+    assert_prompt_scores_match_hf(load_hf(directory), requests, events)
+
+
+def test_prompt_logprobs_survive_a_preemption_and_a_pipeline(tiny_model_dirs, tmp_path):
+    """A KV pool too small for every sequence: sequences are preempted and recomputed, their prompts scored once
+    (the scores come with the first token, before any preemption could repeat them). Then the same requests
+    through stages TP 1 | TP 2 | TP 1, whose last stage sends the scores with the step's tokens."""
+    directory = tiny_model_dirs["gqa"]
+    source = resolve_model(str(directory), progress=False)
+    prompts = random_prompts(source.spec.vocab_size, [9, 7, 11, 5], seed=26)
+    requests = prompt_requests(prompts, new_tokens=10)  # four sequences of ~20 tokens in 8 blocks of 4
+    engines: list = []
+    events: list = []
+    config = SchedulerConfig(max_running_seqs=4, max_context=source.spec.max_context, block_size=4, num_kv_blocks=8)
+    tokens, _ = run_in_process(source, requests, config, events=events, engines=engines)
+    assert engines[0].scheduler.num_preemptions > 0
+    model = load_hf(directory)
+    assert_prompt_scores_match_hf(model, requests, events)
+    layout_tokens, _ = run_layout_with_logits(directory, [1, 2, 1], [2, 2, 2], requests, tmp_path)
+    assert layout_tokens == tokens
+    firsts = {rid: scores[0] for rid, scores in layout_logprobs(tmp_path, prompt=True).items()}
+    for request in requests:
+        mine = [e for e in events if e.request_id == request.request_id and e.token_id is not None][0]
+        if mine.prompt_logprobs is None:
+            assert firsts[request.request_id] is None
+            continue
+        assert [lp for lp, _ in firsts[request.request_id]] == pytest.approx(
+            [s.logprob for s in mine.prompt_logprobs], abs=1e-4)
+
+
 @pytest.mark.gpu
 def test_logprobs_and_penalties_on_cuda_match_the_cpu(tiny_model_dirs):
     """On CUDA (graphs, Triton kernels, look-ahead steps by default, penalized requests waiting for their tokens):
@@ -123,14 +206,19 @@ def row(logprobs: int) -> SampleRow:
     return SampleRow(temperature=0.0, top_k=0, top_p=1.0, seed=0, position=0, logprobs=logprobs)
 
 
+def plan_of(rows: list[SampleRow], scored: list[ScoredTokens] = ()) -> StepPlan:
+    """A plan whose only fields read here are its sampled rows and scored prompt tokens."""
+    return StepPlan(sample=[True] * len(rows), sampling=rows, scored=list(scored))
+
+
 def test_sample_table_hand_computed():
     """Probabilities 1/8, 2/8, 5/8 (logits log 1, log 2, log 5 + any constant); rows asking for 2, 0 and none."""
     logits = torch.tensor([[0.0, math.log(2), math.log(5)]] * 3) + 3.0
-    rows = [row(2), row(0), row(-1)]
-    width = logprob_width(rows)
-    assert width == 2 + 2 * 2 and logprob_width([row(-1)]) == 0
+    plan = plan_of([row(2), row(0), row(-1)])
+    width = logprob_width(plan)
+    assert width == 2 + 2 * 2 and logprob_width(plan_of([row(-1)])) == 0
     tokens = torch.tensor([1, 2, 0])
-    samples = unpack_samples(sample_table(logits, tokens, width), rows)
+    samples = unpack_samples(sample_table(logits, tokens, width), plan)
     assert samples.token_ids == [1, 2, 0]
     first, second, third = samples.logprobs
     assert first.logprob == pytest.approx(math.log(2 / 8))
@@ -141,14 +229,15 @@ def test_sample_table_hand_computed():
 
 def test_sample_table_of_a_vocabulary_smaller_than_asked_pads_and_the_padding_is_dropped():
     logits = torch.tensor([[1.0, 2.0]])
-    table = sample_table(logits, torch.tensor([0]), logprob_width([row(3)]))
+    plan = plan_of([row(3)])
+    table = sample_table(logits, torch.tensor([0]), logprob_width(plan))
     assert table.shape == (1, 8)
-    (only,) = unpack_samples(table, [row(3)]).logprobs
+    (only,) = unpack_samples(table, plan).logprobs
     expected = torch.tensor([1.0, 2.0]).log_softmax(0)
     assert [i for i, _ in only.top] == [1, 0]
     assert [v for _, v in only.top] == pytest.approx([expected[1].item(), expected[0].item()])
 
 
 def test_token_ids_without_logprobs_stay_an_int64_vector():
-    samples = unpack_samples(torch.tensor([7, 9]), [row(-1), row(-1)])
+    samples = unpack_samples(torch.tensor([7, 9]), plan_of([row(-1), row(-1)]))
     assert samples.token_ids == [7, 9] and samples.logprobs is None
