@@ -103,7 +103,10 @@ async def _generate(
     sequences = coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)
     coordinator.check_capacity(len(sequences))
     speller = coordinator.tokenizer if body.logprob_alternatives is not None else None
-    shape = ResponseShape(chat, coordinator.config.model_name, len(ids), speller)
+    echo = None
+    if isinstance(body, CompletionRequest) and body.echo:
+        echo = body.prompt if isinstance(body.prompt, str) else coordinator.tokenizer.decode(ids)
+    shape = ResponseShape(chat, coordinator.config.model_name, len(ids), speller, echo)
     endpoint = "chat" if chat else "completions"
     streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream) for s in sequences]
     if body.stream:
@@ -134,7 +137,8 @@ async def _generate(
     return JSONResponse(shape.full([answer[:3] for answer in answers], sum(answer[3] for answer in answers)))
 
 
-Answer = tuple[str, str, list[tuple[int, TokenLogprobs]], int]  # text, finish reason, log-probabilities, tokens
+# text, finish reason, log-probabilities (an echoed prompt's first), completion tokens
+Answer = tuple[str, str, list[tuple[int, TokenLogprobs | None]], int]
 
 
 async def _collect_all(streams: list[AsyncIterator[TextDelta]]) -> list[Answer]:
@@ -154,7 +158,7 @@ async def _collect(deltas: AsyncIterator[TextDelta]) -> Answer:
         if delta.restart:
             parts, logprobs = [], []
         parts.append(delta.text)
-        logprobs += delta.logprobs
+        logprobs += delta.prompt_logprobs + delta.logprobs
         finish, count = delta.finish_reason or finish, delta.completion_tokens
     return "".join(parts), finish, logprobs, count
 
@@ -171,7 +175,7 @@ async def _sse_stream(
 
     def chunk(index: int, delta: TextDelta) -> str:
         event = sse(shape.chunk(delta.text, delta.finish_reason, first=index not in counts, index=index,
-                                logprobs=delta.logprobs))
+                                logprobs=delta.prompt_logprobs + delta.logprobs))
         counts[index] = delta.completion_tokens
         return event
 

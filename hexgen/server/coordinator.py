@@ -38,6 +38,8 @@ class TextDelta:
     restart: bool = False  # the request starts over on another replica: drop the text received so far
     # (token id, its log-probabilities) of each token generated since the last delta, where the request asked
     logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+    # on a request's first delta, where it asked: (token id, its score) of each prompt token, None for the first
+    prompt_logprobs: list[tuple[int, TokenLogprobs | None]] = field(default_factory=list)
 
 
 class Coordinator:
@@ -98,6 +100,7 @@ class Coordinator:
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
             logprobs=fields.logprob_alternatives,
+            prompt_logprobs=fields.prompt_logprob_alternatives,
             presence_penalty=fields.presence_penalty,
             frequency_penalty=fields.frequency_penalty,
             logit_bias=biases,
@@ -174,12 +177,13 @@ class Coordinator:
         log-probabilities of the tokens since the one before (where asked). Records metrics."""
         started = time.monotonic()
         first_token_s: float | None = None
-        stream, count, logprobs = TextStream(self.tokenizer, stop_strings), 0, []
+        stream, count, logprobs, prompt_logprobs = TextStream(self.tokenizer, stop_strings), 0, [], []
         self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
         async with aclosing(self.events(request, restartable)) as events:  # closing aborts on the replica
             async for item in events:
                 if item is RESTART:
-                    stream, count, first_token_s, logprobs = TextStream(self.tokenizer, stop_strings), 0, None, []
+                    stream, count, first_token_s = TextStream(self.tokenizer, stop_strings), 0, None
+                    logprobs, prompt_logprobs = [], []
                     yield TextDelta("", None, 0, restart=True)
                     continue
                 assert isinstance(item, TokenEvent) and item.token_id is not None
@@ -187,13 +191,16 @@ class Coordinator:
                 first_token_s = first_token_s or time.monotonic()
                 if item.logprobs is not None:
                     logprobs.append((item.token_id, item.logprobs))
+                if item.prompt_logprobs is not None:
+                    prompt = request.prompt_token_ids
+                    prompt_logprobs = [(prompt[0], None), *zip(prompt[1:], item.prompt_logprobs, strict=True)]
                 delta = stream.add(item.token_id)
                 finish = "stop" if stream.stopped else item.finish_reason
                 if finish is not None and not stream.stopped:
                     delta += stream.finish()
                 if delta or finish is not None:
-                    yield TextDelta(delta, finish, count, logprobs=logprobs)
-                    logprobs = []
+                    yield TextDelta(delta, finish, count, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                    logprobs, prompt_logprobs = [], []
                 if finish is not None:
                     self._record(started, first_token_s, count)
                     return

@@ -100,6 +100,11 @@ class SamplingFields(BaseModel):
         """None: no log-probabilities; N: each token's and the N most likely alternatives' (per endpoint)."""
         return None
 
+    @property
+    def prompt_logprob_alternatives(self) -> int | None:
+        """The same for the prompt's tokens (completions with echo only)."""
+        return None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
@@ -119,8 +124,6 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.best_of not in (None, 1):
             raise ValueError("best_of must be 1 (or absent)")
         if self.suffix:
@@ -130,6 +133,10 @@ class CompletionRequest(SamplingFields):
     @property
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
+
+    @property
+    def prompt_logprob_alternatives(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):

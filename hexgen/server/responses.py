@@ -20,18 +20,23 @@ class TokenSpeller(Protocol):
 
 
 def completion_logprobs(
-    items: list[tuple[int, TokenLogprobs]], speller: TokenSpeller, text_offset: int
+    items: list[tuple[int, TokenLogprobs | None]], speller: TokenSpeller, text_offset: int
 ) -> tuple[dict[str, Any], int]:
     """/v1/completions' `logprobs` of these tokens, whose text starts `text_offset` characters into the
     completion: each token's text, its log-probability, a {text: log-probability} of the N most likely tokens and
     the sampled one (so up to N + 1 entries, as OpenAI's legacy API), and where each token's text starts; and
-    where the next token's text would start."""
+    where the next token's text would start. A token without log-probabilities (an echoed prompt's first) has
+    None for both."""
     tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
     for token_id, logprobs in items:
         text = speller.token_text(token_id)
         tokens.append(text)
         offsets.append(text_offset)
         text_offset += len(text)
+        if logprobs is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
         token_logprobs.append(logprobs.logprob)
         top = {speller.token_text(i): value for i, value in logprobs.top}
         top.setdefault(text, logprobs.logprob)
@@ -61,6 +66,7 @@ class ResponseShape:
     model: str
     prompt_tokens: int
     speller: TokenSpeller | None = None  # set where the request asked for log-probabilities
+    echo: str | None = None  # the prompt's text, where a completion request echoes it
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     _text_offsets: dict[int, int] = field(default_factory=dict)  # choice -> its streamed tokens' text length
@@ -76,7 +82,8 @@ class ResponseShape:
             "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
-    def logprobs(self, items: list[tuple[int, TokenLogprobs]], index: int | None = None) -> dict[str, Any] | None:
+    def logprobs(self, items: list[tuple[int, TokenLogprobs | None]], index: int | None = None
+                 ) -> dict[str, Any] | None:
         """The `logprobs` of a whole choice, or with `index` of the next stream chunk of that choice (a
         completion's text offsets go on from its last chunk's); None where the request did not ask."""
         if self.speller is None:
@@ -88,27 +95,31 @@ class ResponseShape:
             self._text_offsets[index] = end
         return body
 
-    def full(self, answers: list[tuple[str, str, list[tuple[int, TokenLogprobs]]]], completion_tokens: int
+    def full(self, answers: list[tuple[str, str, list[tuple[int, TokenLogprobs | None]]]], completion_tokens: int
              ) -> dict[str, Any]:
-        """The whole response: one choice per (text, finish reason, its tokens' log-probabilities);
-        completion_tokens over all of them."""
+        """The whole response: one choice per (text, finish reason, its tokens' log-probabilities, an echoed
+        prompt's first); completion_tokens over all of them."""
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": text},
                         "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
                        for i, (text, finish_reason, logprobs) in enumerate(answers)]
             body = self._envelope("chat.completion", choices)
         else:
-            choices = [{"index": i, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
-                       for i, (text, finish_reason, logprobs) in enumerate(answers)]
+            echo = self.echo or ""
+            choices = [{"index": i, "text": echo + text, "logprobs": self.logprobs(logprobs),
+                        "finish_reason": finish_reason} for i, (text, finish_reason, logprobs) in enumerate(answers)]
             body = self._envelope("text_completion", choices)
         body["usage"] = self.usage(completion_tokens)
         return body
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False, index: int = 0,
-              logprobs: list[tuple[int, TokenLogprobs]] | None = None) -> dict[str, Any]:
-        """A stream chunk of choice `index` (`first`: its first chunk, which names the role in a chat), with
-        the log-probabilities of the tokens it adds where the request asked (in order: chunk by chunk)."""
+              logprobs: list[tuple[int, TokenLogprobs | None]] | None = None) -> dict[str, Any]:
+        """A stream chunk of choice `index` (`first`: its first chunk, which names the role in a chat and starts
+        with an echoed prompt), with the log-probabilities of the tokens it adds where the request asked (in
+        order: chunk by chunk)."""
         logprobs = self.logprobs(logprobs or [], index)
+        if first and self.echo is not None:
+            text = self.echo + text
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

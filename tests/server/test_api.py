@@ -330,6 +330,41 @@ def test_completion_logprobs_match_transformers_whole_and_streamed(idle, referen
     assert sum((c["token_logprobs"] for c in chunks), []) == pytest.approx(logprobs["token_logprobs"], abs=1e-3)
 
 
+def test_echo_scores_the_prompt_as_transformers_does_whole_and_streamed(idle, reference, hf_model):
+    """echo + logprobs (how evaluation harnesses score a text): the prompt's tokens first, the first without a
+    score, each other one scored as HF's log-softmax over the prompt, then the completion's tokens."""
+    tokenizer = reference.tokenizer
+    prompt_ids = tokenizer.encode(PROMPTS[0])
+    ref = reference.complete(prompt_ids, 2)
+    expected = hf_logprobs(hf_model, prompt_ids[:1], prompt_ids[1:] + ref.token_ids)  # every position after the first
+    body = complete(idle, PROMPTS[0], 2, logprobs=2, echo=True)
+    choice = body["choices"][0]
+    assert choice["text"] == PROMPTS[0] + ref.text and body["usage"]["completion_tokens"] == 2
+    logprobs = choice["logprobs"]
+    ids = prompt_ids + ref.token_ids
+    texts = [tokenizer.token_text(t) for t in ids]
+    assert logprobs["tokens"] == texts
+    assert logprobs["text_offset"] == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:] == pytest.approx([expected[i, t].item() for i, t in enumerate(ids[1:])],
+                                                           abs=1e-3)
+    for step, top in enumerate(logprobs["top_logprobs"][1:]):
+        values, top_ids = expected[step].topk(2)
+        want = {tokenizer.token_text(i): v for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)}
+        want.setdefault(texts[step + 1], expected[step, ids[step + 1]].item())  # the scored token, if not among them
+        assert top == pytest.approx(want, abs=1e-3)
+    stream_body = {"model": model_name(idle), "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0, "logprobs": 2,
+                   "echo": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", idle.url + "/v1/completions", json=stream_body, headers=idle.headers,
+                      timeout=60) as response:  # fmt: skip
+        chunks = [e["choices"][0] for e in sse_events(response)[:-1]]
+    assert "".join(c["text"] for c in chunks) == choice["text"] and chunks[0]["text"].startswith(PROMPTS[0])
+    assert sum((c["logprobs"]["tokens"] for c in chunks), []) == texts
+    assert sum((c["logprobs"]["text_offset"] for c in chunks), []) == logprobs["text_offset"]
+    plain = complete(idle, PROMPTS[0], 2, echo=True)["choices"][0]  # echo alone: the text, no scores
+    assert plain["text"] == PROMPTS[0] + ref.text and plain["logprobs"] is None
+
+
 def test_chat_logprobs_match_transformers_through_the_openai_client(idle, reference, hf_model):
     tokenizer = reference.tokenizer
     messages = [{"role": "user", "content": "Name a colour."}]

@@ -91,7 +91,6 @@ def fields(**kwargs) -> CompletionRequest:
         ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
         ({"logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"echo": True}, None),
         ({"logprobs": 21}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
         ({"best_of": 3}, None),
@@ -221,6 +220,7 @@ def test_prepare_passes_penalties_and_biases_and_checks_bias_ids_against_the_voc
     (CompletionRequest(model="tiny", prompt="x"), None),
     (CompletionRequest(model="tiny", prompt="x", logprobs=0), 0),
     (CompletionRequest(model="tiny", prompt="x", logprobs=5), 5),
+    (CompletionRequest(model="tiny", prompt="x", logprobs=5, echo=True), 5),
     (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}]), None),
     (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], logprobs=False), None),
     (ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}], logprobs=True), 0),
@@ -228,7 +228,28 @@ def test_prepare_passes_penalties_and_biases_and_checks_bias_ids_against_the_voc
                            top_logprobs=20), 20),
 ])
 def test_prepare_asks_the_engine_for_the_logprobs_each_endpoint_names(body, expected):
-    assert make_coordinator([FakeReplica(0)]).prepare([1], 2, body).params.logprobs == expected
+    params = make_coordinator([FakeReplica(0)]).prepare([1], 2, body).params
+    assert params.logprobs == expected
+    # the prompt's scores only for an echoed completion with logprobs
+    assert params.prompt_logprobs == (expected if getattr(body, "echo", False) else None)
+    echoed = CompletionRequest(model="tiny", prompt="x", echo=True)
+    assert make_coordinator([FakeReplica(0)]).prepare([1], 2, echoed).params.prompt_logprobs is None
+
+
+def test_the_first_delta_carries_the_prompts_scores_the_first_token_unscored():
+    scores = (TokenLogprobs(-1.5), TokenLogprobs(-2.5))
+
+    def first(rid):
+        return TokenEvent(rid, 0, None, TokenLogprobs(-0.5), scores)
+
+    coordinator = make_coordinator([FakeReplica(0, [[first, *logprob_tokens(1)]])])
+    request = coordinator.prepare([7, 8, 9], 2, fields(logprobs=0, echo=True))
+    deltas = asyncio.run(_collect(coordinator, request))
+    assert deltas[0].prompt_logprobs == [(7, None), (8, scores[0]), (9, scores[1])]
+    assert all(d.prompt_logprobs == [] for d in deltas[1:])
+    body, end = completion_logprobs(deltas[0].prompt_logprobs + deltas[0].logprobs, LetterSpeller(), 0)
+    assert body["token_logprobs"] == [None, -1.5, -2.5, -0.5] and body["top_logprobs"][0] is None
+    assert body["text_offset"] == [0, 1, 2, 3] and end == 4
 
 
 def test_check_capacity_counts_requests_of_replicas_that_are_up():
