@@ -48,6 +48,9 @@ def build_payload(config: BenchConfig) -> dict:
         payload["stream_options"] = {"include_usage": True}
     if config.ignore_eos:
         payload["ignore_eos"] = True  # vLLM/llama.cpp extension; OpenAI proper rejects unknown fields
+    if config.logprobs is not None:
+        payload.update({"logprobs": True, "top_logprobs": config.logprobs} if config.chat
+                       else {"logprobs": config.logprobs})
     return payload
 
 

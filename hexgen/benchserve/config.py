@@ -43,6 +43,7 @@ class BenchConfig:
     warmup_requests: int = 1
     chat: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = None  # ask for each token's log-probability and this many alternatives'
     request_usage: bool = True
     api_key: str | None = None
     seed: int = 0
@@ -68,6 +69,8 @@ class BenchConfig:
             raise UserError(f"--duration-s {self.duration_s}: must be > 0")
         if self.max_tokens < 1:
             raise UserError(f"--max-tokens {self.max_tokens}: must be >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise UserError(f"--logprobs {self.logprobs}: must be in 0..20 (alternatives per token)")
         if self.warmup_requests < 0:
             raise UserError(f"--warmup {self.warmup_requests}: must be >= 0")
         if not self.timeout_s > 0:

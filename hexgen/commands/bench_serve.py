@@ -27,6 +27,8 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="use /chat/completions instead of /completions")
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true (vLLM, llama.cpp) so every request makes max_tokens tokens')
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="ask for each token's log-probability and its N most likely alternatives' (0-20)")
     p.add_argument("--no-usage", action="store_true",
                    help="do not ask for usage in the stream (stream_options); count content chunks instead")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and not measured")
@@ -57,7 +59,8 @@ def config_from_args(args: argparse.Namespace):
         base_url=args.url.rstrip("/"), model=args.model, prompt=args.prompt or DEFAULT_PROMPT,
         max_tokens=args.max_tokens, concurrency=_default_unless(args.concurrency, args.rate, 1), rate_rps=args.rate,
         num_requests=_default_unless(args.num_requests, args.duration_s, 32), duration_s=args.duration_s,
-        warmup_requests=args.warmup, chat=args.chat, ignore_eos=args.ignore_eos, request_usage=not args.no_usage,
+        warmup_requests=args.warmup, chat=args.chat, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+        request_usage=not args.no_usage,
         api_key=args.api_key, seed=args.seed, timeout_s=args.timeout_s,
         slo=SloTargets(args.slo_ttft_s, args.slo_tpot_s, args.slo_e2e_s))
 

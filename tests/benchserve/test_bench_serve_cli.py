@@ -72,6 +72,7 @@ def test_cli_runs_against_a_real_http_server_and_saves_json(fake_url, tmp_path, 
     (["--slo-tpot-s", "-1"], "--slo-tpot-s -1.0: must be a positive number of seconds"),
     (["--url", "127.0.0.1:8000"], "expected an http(s) URL"),
     (["--prompt", " "], "--prompt is empty"),
+    (["--logprobs", "21"], "--logprobs 21: must be in 0..20"),
 ])
 def test_bad_flags_say_what_is_right(flags, message, capsys):
     assert main(["bench", "serve", "--model", "m", *flags]) == 2

@@ -59,6 +59,17 @@ def test_payload_sends_ignore_eos_only_with_the_flag():
     assert forced["ignore_eos"] is True and "stream_options" not in forced
 
 
+def test_payload_asks_for_logprobs_in_each_endpoints_fields():
+    server = FakeServer()
+    run_benchmark(config(num_requests=1, logprobs=3), transport=server.transport())
+    run_benchmark(config(num_requests=1, logprobs=0, chat=True), transport=server.transport())
+    run_benchmark(config(num_requests=1), transport=server.transport())
+    completion, chat, plain = server.payloads
+    assert completion["logprobs"] == 3 and "top_logprobs" not in completion
+    assert chat["logprobs"] is True and chat["top_logprobs"] == 0
+    assert "logprobs" not in plain
+
+
 def test_closed_loop_keeps_exactly_n_streams_in_flight():
     server = FakeServer(tokens=2, ttft_s=0.1, tpot_s=0.1)
     run = run_benchmark(config(concurrency=4, num_requests=8), transport=server.transport())
