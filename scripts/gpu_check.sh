@@ -3,8 +3,8 @@
 # gpu-marked tests, `hexgen bench engine --device cuda` on a random-weight Llama-3-8B-shaped model it builds
 # itself (kept, with a word-level tokenizer of its vocabulary; its decode table times the steps overlapped, the
 # engine's default on one GPU, and in series), `hexgen serve` of that model on the GPU under
-# `hexgen bench serve` at 64 streams x 128 tokens and at 1 stream, each Triton kernel beside torch
-# (scripts/kernel_bench.py), then `hexgen profile --model` of the GPU on that checkpoint for the planner (not
+# `hexgen bench serve` at 64 streams x 128 tokens, at 1 stream and at 64 with log-probabilities, each Triton kernel
+# beside torch (scripts/kernel_bench.py), then `hexgen profile --model` of the GPU on that checkpoint for the planner (not
 # part of the pass / fail: a bonus if time is left). If the engine bench fails (not by timing out), it runs again
 # without CUDA graphs, then with torch ops instead of the Triton kernels too (HEXGEN_TRITON=0), and serving uses
 # the mode that worked.
@@ -37,14 +37,15 @@ PYTHON=python3
 SHAPE=llama-3-8b
 DEVICE=cuda
 BENCH_ARGS=(--device cuda --dtype bfloat16)
-SERVE_LOADS=("64 256 128" "1 8 128")  # streams, requests, tokens each: the 64 x 128 target, then latency
+# streams, requests, tokens each [, log-probabilities asked]: the 64 x 128 target, latency, what logprobs cost
+SERVE_LOADS=("64 256 128" "1 8 128" "64 128 128 5")
 BREAKDOWN_ARGS=""
 if [[ "${1:-}" == "--dry-run" ]]; then
     DEVICE=cpu
     PYTHON=.venv/bin/python
     SHAPE=tiny
     BENCH_ARGS=(--device cpu --dtype bfloat16 --batch-sizes 1 4 --new-tokens 4 --repeats 1 --layout 1)
-    SERVE_LOADS=("8 16 16" "1 2 16")
+    SERVE_LOADS=("8 16 16" "1 2 16" "8 16 16 5")
     BREAKDOWN_ARGS="--batches 1 4 --contexts 288 --steps 3"
 elif [[ -n "${1:-}" ]]; then
     echo "usage: bash scripts/gpu_check.sh [--fetch-wheels | --dry-run]" >&2

@@ -2,9 +2,10 @@
 # `hexgen serve` of a checkpoint folder on one device (one replica, one stage, bf16) under closed-loop loads of
 # `hexgen bench serve`; then the server is stopped with everything it started. Used by scripts/gpu_check.sh.
 #
-#   bash scripts/serve_check.sh PYTHON MODEL_DIR DEVICE OUT LIMIT_S "STREAMS REQUESTS TOKENS" ...
+#   bash scripts/serve_check.sh PYTHON MODEL_DIR DEVICE OUT LIMIT_S "STREAMS REQUESTS TOKENS [LOGPROBS]" ...
 #
-# Writes under OUT: serve.log (the server), serve-<streams>.json / .log (each load) and serve.md (the table).
+# A load's optional fourth field asks every request for log-probabilities with that many alternatives.
+# Writes under OUT: serve.log (the server), serve-<streams>[-lp<N>].json / .log (each load) and serve.md (the table).
 # SERVE_ARGS in the environment: more `hexgen serve` flags (e.g. --enforce-eager); SERVE_DTYPE: the dtype
 # (default bfloat16).
 # Exit 0 only when the server came up, every load ran without a failed request, and nothing was left behind.
@@ -53,13 +54,14 @@ echo "server ready after ${SECONDS} s"
 rc=0
 files=()
 for load in "$@"; do
-    read -r streams requests tokens <<< "$load"
-    echo "-- $streams streams, $requests requests of $tokens tokens"
+    read -r streams requests tokens logprobs <<< "$load"
+    name="serve-$streams${logprobs:+-lp$logprobs}"
+    echo "-- $streams streams, $requests requests of $tokens tokens${logprobs:+, logprobs $logprobs}"
     timeout "$(remaining)" $PYTHON -m hexgen.cli bench serve --url "http://127.0.0.1:$PORT/v1" --model random \
         --concurrency "$streams" --num-requests "$requests" --max-tokens "$tokens" --ignore-eos --warmup 2 \
-        --json "$OUT/serve-$streams.json" > "$OUT/serve-$streams.log" 2>&1 || rc=1
-    grep -E "TTFT|TPOT|ok / failed|output tokens/s" "$OUT/serve-$streams.log" || tail -3 "$OUT/serve-$streams.log"
-    [[ -f "$OUT/serve-$streams.json" ]] && files+=("$OUT/serve-$streams.json")
+        ${logprobs:+--logprobs "$logprobs"} --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || rc=1
+    grep -E "TTFT|TPOT|ok / failed|output tokens/s" "$OUT/$name.log" || tail -3 "$OUT/$name.log"
+    [[ -f "$OUT/$name.json" ]] && files+=("$OUT/$name.json")
 done
 stop_server || rc=1
 (( ${#files[@]} == $# )) || rc=1
@@ -84,7 +86,10 @@ for path in sys.argv[3:]:
     step = f"{engine['mean_step_ms']:.1f}" if engine else "-"
     tokens = f"{engine['tokens_per_step']:.1f}" if engine else "-"
     busy = f"{engine['busy_fraction']:.0%}" if engine else "-"
-    print(f"| {config['concurrency']} | {summary['completed']} / {summary['failed']} | "
+    streams = str(config["concurrency"])
+    if config.get("logprobs") is not None:
+        streams += f" (logprobs {config['logprobs']})"
+    print(f"| {streams} | {summary['completed']} / {summary['failed']} | "
           f"{summary['output_throughput_tps']:.0f} | {ms(tpot['p50'])} | {ms(tpot['p90'])} | {ms(ttft['p50'])} "
           f"| {step} | {tokens} | {busy} |")
     failed += summary["failed"]

@@ -30,14 +30,15 @@ def test_serve_check_serves_a_random_shape_and_tabulates_each_load(tmp_path):
     out.mkdir()
     done = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts" / "serve_check.sh"), sys.executable, str(model), "cpu", str(out), "120",
-         "3 6 8", "1 2 5"],
+         "3 6 8", "1 2 5", "3 6 8 2"],
         capture_output=True, text=True, timeout=180, env={**os.environ, "SERVE_PORT": str(free_port())},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "left behind" not in done.stdout
     rows = [line for line in (out / "serve.md").read_text().splitlines() if line.startswith("| ") and "/" in line]
-    assert [row.split(" | ")[:2] for row in rows[1:]] == [["| 3", "6 / 0"], ["| 1", "2 / 0"]]
-    assert (out / "serve-3.json").is_file() and (out / "serve-1.json").is_file()
+    assert [row.split(" | ")[:2] for row in rows[1:]] == [["| 3", "6 / 0"], ["| 1", "2 / 0"],
+                                                          ["| 3 (logprobs 2)", "6 / 0"]]
+    assert all((out / f"serve-{name}.json").is_file() for name in ("3", "1", "3-lp2"))
     for row in rows[1:]:  # the server's own figures: mean engine step, tokens per step, how busy its driver was
         cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
         assert len(cells) == 9, row
