@@ -72,8 +72,12 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(coordinator, body)
-        ids = body.prompt if isinstance(body.prompt, list) else coordinator.tokenizer.encode(body.prompt)
-        return await _generate(coordinator, request, body, list(ids), body.max_tokens, chat=False)
+        tokenizer = coordinator.tokenizer
+        prompts = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts]
+        echoes = None
+        if body.echo:  # each prompt's text as sent, token-id prompts decoded
+            echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
+        return await _generate(coordinator, request, body, prompts, body.max_tokens, chat=False, echoes=echoes)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -82,7 +86,7 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
             ids = coordinator.tokenizer.apply_chat_template(body.template_messages())
         except Exception as err:  # the template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
-        return await _generate(coordinator, request, body, ids, body.token_limit, chat=True)
+        return await _generate(coordinator, request, body, [ids], body.token_limit, chat=True)
 
     return app
 
@@ -98,15 +102,20 @@ def _check_model(coordinator: Coordinator, body: SamplingFields) -> None:
 
 
 async def _generate(
-    coordinator: Coordinator, request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None, chat: bool
+    coordinator: Coordinator, request: Request, body: SamplingFields, prompts: list[list[int]],
+    max_tokens: int | None, chat: bool, echoes: list[str] | None = None,
 ) -> Response:
-    sequences = coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)
+    """Every prompt's n choices (choice index = prompt index x n + choice), whole or streamed; `echoes`: each
+    prompt's text to put before its answers."""
+    limit = coordinator.config.max_outstanding
+    if len(prompts) > 1 and len(prompts) * body.n > limit:  # (one prompt: Coordinator.choices says so of n)
+        raise APIError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} sequences; this server "
+                       f"keeps at most {limit} requests in flight (each choice of each prompt is one)", param="prompt")
+    sequences = [s for ids in prompts for s in coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)]
     coordinator.check_capacity(len(sequences))
     speller = coordinator.tokenizer if body.logprob_alternatives is not None else None
-    echo = None
-    if isinstance(body, CompletionRequest) and body.echo:
-        echo = body.prompt if isinstance(body.prompt, str) else coordinator.tokenizer.decode(ids)
-    shape = ResponseShape(chat, coordinator.config.model_name, len(ids), speller, echo)
+    echo = None if echoes is None else [text for text in echoes for _ in range(body.n)]
+    shape = ResponseShape(chat, coordinator.config.model_name, sum(len(ids) for ids in prompts), speller, echo)
     endpoint = "chat" if chat else "completions"
     streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream) for s in sequences]
     if body.stream:

@@ -107,20 +107,20 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="one prompt (text or token ids) or a list of them; each gets n choices, prompt after prompt")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"0-{MAX_LOGPROBS} (OpenAI: 0-5)")
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ValueError("send one prompt per request (a list of several prompts is not supported)")
-            return prompt[0]
-        return prompt  # type: ignore[return-value]
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a text or token ids (a bare list of ints is one prompt)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:

@@ -66,7 +66,7 @@ class ResponseShape:
     model: str
     prompt_tokens: int
     speller: TokenSpeller | None = None  # set where the request asked for log-probabilities
-    echo: str | None = None  # the prompt's text, where a completion request echoes it
+    echo: list[str] | None = None  # per choice, its prompt's text, where a completion request echoes it
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     _text_offsets: dict[int, int] = field(default_factory=dict)  # choice -> its streamed tokens' text length
@@ -105,8 +105,8 @@ class ResponseShape:
                        for i, (text, finish_reason, logprobs) in enumerate(answers)]
             body = self._envelope("chat.completion", choices)
         else:
-            echo = self.echo or ""
-            choices = [{"index": i, "text": echo + text, "logprobs": self.logprobs(logprobs),
+            echo = self.echo or [""] * len(answers)
+            choices = [{"index": i, "text": echo[i] + text, "logprobs": self.logprobs(logprobs),
                         "finish_reason": finish_reason} for i, (text, finish_reason, logprobs) in enumerate(answers)]
             body = self._envelope("text_completion", choices)
         body["usage"] = self.usage(completion_tokens)
@@ -119,7 +119,7 @@ class ResponseShape:
         order: chunk by chunk)."""
         logprobs = self.logprobs(logprobs or [], index)
         if first and self.echo is not None:
-            text = self.echo + text
+            text = self.echo[index] + text
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}

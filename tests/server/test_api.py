@@ -410,6 +410,46 @@ def test_penalties_and_logit_bias_match_brute_force(idle, reference, hf_model):
     assert answer["choices"][0]["text"] == tokenizer.decode(out) != tokenizer.decode(plain)
 
 
+def test_several_prompts_get_their_choices_prompt_after_prompt(idle, reference):
+    tokenizer = reference.tokenizer
+    ids = [tokenizer.encode(p) for p in PROMPTS[:2]]
+    refs = [reference.complete(i, 5) for i in ids]
+    body = complete(idle, PROMPTS[:2], 5, n=2)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == [refs[0].text] * 2 + [refs[1].text] * 2
+    assert body["usage"] == {"prompt_tokens": len(ids[0]) + len(ids[1]), "completion_tokens": 20,
+                             "total_tokens": len(ids[0]) + len(ids[1]) + 20}
+    stream_body = {"model": model_name(idle), "prompt": ids, "max_tokens": 5, "temperature": 0, "echo": True,
+                   "stream": True}  # fmt: skip
+    with httpx.stream("POST", idle.url + "/v1/completions", json=stream_body, headers=idle.headers,
+                      timeout=60) as response:  # fmt: skip
+        texts: dict[int, str] = {}
+        for event in sse_events(response)[:-1]:
+            (choice,) = event["choices"]
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {i: tokenizer.decode(ids[i]) + refs[i].text for i in (0, 1)}
+    response = idle.post("/v1/completions", {"model": model_name(idle), "prompt": PROMPTS[:3], "n": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"  # 6 > MAX_QUEUE sequences
+
+
+def test_scoring_a_text_as_an_evaluation_harness_does(idle, reference, hf_model):
+    """One prompt as a list of token-id lists, one token, echo with logprobs 1: the log-likelihood of the text's
+    last tokens given the first ones is the sum of their scores, and greedy where each scored token is the top one."""
+    ids = reference.tokenizer.encode(PROMPTS[2] + " return x")
+    context = 4
+    body = idle.post("/v1/completions", {"model": model_name(idle), "prompt": [ids], "max_tokens": 1,
+                                         "temperature": 0, "logprobs": 1, "echo": True}).json()  # fmt: skip
+    logprobs = body["choices"][0]["logprobs"]
+    scores = logprobs["token_logprobs"][context:-1]
+    expected = hf_logprobs(hf_model, ids[:1], ids[1:])
+    assert len(logprobs["token_logprobs"]) == len(ids) + 1
+    assert sum(scores) == pytest.approx(sum(expected[i - 1, ids[i]].item() for i in range(context, len(ids))),
+                                        abs=1e-3)
+    greedy = [max(top, key=top.get) == token for token, top in zip(logprobs["tokens"][context:-1],
+                                                                  logprobs["top_logprobs"][context:-1], strict=True)]
+    assert greedy == [expected[i - 1].argmax().item() == ids[i] for i in range(context, len(ids))]
+
+
 # ---- the official openai client ----
 
 

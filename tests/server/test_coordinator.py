@@ -96,7 +96,8 @@ def fields(**kwargs) -> CompletionRequest:
         ({"best_of": 3}, None),
         ({"suffix": "end"}, None),
         ({"functions": []}, "functions"),
-        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": [[1, 2], "two"]}, "prompt"),
+        ({"prompt": [[1, "two"]]}, "prompt"),
     ],
 )
 def test_completion_request_rejects(extra, param):
@@ -122,9 +123,12 @@ def test_completion_request_accepts_openai_defaults_and_edges():
             "user": "u",
         }
     )
-    assert body.prompt == "only one"
+    assert body.prompts == ["only one"]
     assert body.stop_strings == ("\n",) and body.include_usage
-    assert CompletionRequest(model="tiny", prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    assert CompletionRequest(model="tiny", prompt=[1, 2, 3]).prompts == [[1, 2, 3]]
+    assert CompletionRequest(model="tiny", prompt=["a", "b"]).prompts == ["a", "b"]
+    assert CompletionRequest(model="tiny", prompt=[[1, 2], [3]]).prompts == [[1, 2], [3]]
+    assert CompletionRequest(model="tiny", prompt=[]).prompts == [[]]  # empty: prepare answers 400
     assert CompletionRequest(model="tiny", prompt="x").stop_strings == ()
 
 
