@@ -15,6 +15,7 @@ from hexgen.models import ModelSpec
 from hexgen.plan import Replica
 
 MAX_MEMORY_GB = 1 << 20
+MAX_SPECULATIVE_TOKENS = 16
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -34,6 +35,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(common system prompts, a conversation's earlier turns); default: prefix caching on")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps kernel by kernel instead of replaying captured CUDA graphs")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding: up to K draft tokens per decoding sequence and step, looked up in the "
+                   f"sequence's own earlier tokens (n-grams) and verified in the same step, while a step decodes at "
+                   f"most {SchedulerConfig().speculative_max_seqs} sequences; the tokens are those without drafts, "
+                   f"only sooner where text repeats itself (0 = off, the default; at most {MAX_SPECULATIVE_TOKENS})")
     p.add_argument("--no-overlap-steps", dest="overlap_steps", action="store_false",
                    help="on CUDA, a one-GPU replica runs its steps one after another instead of preparing the next "
                    "step while the GPU computes this one (default: overlapped; multi-rank replicas and CPUs never "
@@ -65,6 +71,9 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise UserError(f"--memory-gb must be in (0, {MAX_MEMORY_GB}], got {args.memory_gb}")
     if not is_valid_block_size(args.block_size):
         raise UserError(f"--block-size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {args.block_size}")
+    if not 0 <= args.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise UserError(f"--speculative-tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0 = off), "
+                        f"got {args.speculative_tokens}")
     if args.device == "cpu" and not ray and args.dtype == "bfloat16" and cpu_lacks_bf16_matmul():
         print(BF16_SLOW_NOTE, file=sys.stderr)
 
@@ -95,4 +104,5 @@ def scheduler_config(args: argparse.Namespace, max_running_seqs: int, max_contex
     memory = None if args.memory_gb is None else int(args.memory_gb * GIB)
     return SchedulerConfig(max_running_seqs=max_running_seqs, max_context=max_context, block_size=args.block_size,
                            memory_bytes=memory, enforce_eager=args.enforce_eager,
-                           prefix_caching=args.prefix_caching, overlap_steps=None if args.overlap_steps else False)
+                           prefix_caching=args.prefix_caching, overlap_steps=None if args.overlap_steps else False,
+                           speculative_tokens=args.speculative_tokens)

@@ -193,7 +193,7 @@ class Engine:
         totals = self.totals
         totals.steps += 1
         totals.step_tokens += plan.num_tokens
-        totals.sampled_tokens += plan.num_sampled
+        totals.sampled_tokens += sum(plan.sample)  # a sequence verifying drafts counts once
         totals.busy_s += time.perf_counter() - started
         return events
 
@@ -245,8 +245,9 @@ class Engine:
 def overlaps_steps(runner: StageRunner, config: SchedulerConfig) -> bool:
     """Whether the driver overlaps its steps: only a one-rank replica can (its device holds the sampled tokens the
     next step feeds back); by default only on CUDA, where the host's work between steps would idle the GPU (on a
-    CPU the same cores do both, and a finished sequence's look-ahead token would be work thrown away)."""
-    if runner.ctx.layout.world_size != 1:
+    CPU the same cores do both, and a finished sequence's look-ahead token would be work thrown away). Never with
+    speculative decoding: a sequence always looked ahead would never have a step of its own to draft in."""
+    if runner.ctx.layout.world_size != 1 or config.speculative_tokens:
         return False
     return runner.device.type == "cuda" if config.overlap_steps is None else config.overlap_steps
 

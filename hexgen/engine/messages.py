@@ -146,6 +146,9 @@ class StepPlan:
     # Scheduler.schedule), unknown to the driver when it made the plan; its token_ids entry holds FED_BACK
     fed_back: list[tuple[int, int]] = field(default_factory=list)
     scored: list[ScoredTokens] = field(default_factory=list)  # prompt tokens scored, where a request asked
+    # per sequence: how many of its new tokens are drafts (speculative decoding); a sequence that samples with d
+    # drafts is drawn at its last 1 + d tokens, one SampleRow each (empty: no drafts in the step)
+    drafts: list[int] = field(default_factory=list)
     shutdown: bool = False
     keepalive: bool = False  # no work: it only completes the other ranks' waits for a plan (Engine.keep_alive)
 
@@ -160,6 +163,9 @@ class StepPlan:
     @property
     def num_sampled(self) -> int:
         return len(self.sampling)
+
+    def drafts_of(self, row: int) -> int:
+        return self.drafts[row] if self.drafts else 0
 
     @property
     def num_scored(self) -> int:

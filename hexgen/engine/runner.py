@@ -15,12 +15,25 @@ from hexgen.engine.sampler import logprob_width, sample_on_device, sample_table,
 from hexgen.engine.stage import LlamaStage
 
 
-def scored_rows(plan: StepPlan) -> list[int]:
-    """The flat batch rows (among all the step's new tokens) of the prompt tokens plan.scored names."""
+def token_starts(plan: StepPlan) -> list[int]:
+    """Each sequence's first row in the flat batch of the step's new tokens, and the total."""
     starts = [0]
     for n in plan.lengths:
         starts.append(starts[-1] + n)
+    return starts
+
+
+def scored_rows(plan: StepPlan) -> list[int]:
+    """The flat batch rows (among all the step's new tokens) of the prompt tokens plan.scored names."""
+    starts = token_starts(plan)
     return [starts[s.row] + s.first + i for s in plan.scored for i in range(len(s.targets))]
+
+
+def drawn_rows(plan: StepPlan) -> list[int]:
+    """The flat batch rows whose logits are drawn from: each sampling sequence's last 1 + drafts rows."""
+    starts = token_starts(plan)
+    return [row for b, samples in enumerate(plan.sample) if samples
+            for row in range(starts[b + 1] - 1 - plan.drafts_of(b), starts[b + 1])]
 
 
 class StageRunner:
@@ -82,7 +95,11 @@ class StageRunner:
         if not plan.returns_samples:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         # integer rows, not a boolean mask: indexing by a mask on CUDA waits for the device to count its hits
-        rows = last_rows[to_device([i for i, samples in enumerate(plan.sample) if samples], self.device, torch.int64)]
+        if plan.drafts:  # a drafting sequence is drawn at its last 1 + drafts rows
+            rows = to_device(drawn_rows(plan), self.device, torch.int64)
+        else:
+            rows = last_rows[to_device([i for i, samples in enumerate(plan.sample) if samples], self.device,
+                                       torch.int64)]
         if plan.scored:
             rows = torch.cat([rows, to_device(scored_rows(plan), self.device, torch.int64)])
         local = self.stage.local_logits(hidden[rows])  # [B, vocab // tp, padded]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from hexgen.engine.block_manager import BlockKey, BlockManager, block_keys
 from hexgen.engine.messages import GenerationRequest, SampleRow, ScoredTokens, StepPlan, TokenEvent, TokenLogprobs
+from hexgen.engine.ngram import propose_drafts
 
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
@@ -52,6 +53,7 @@ class Sequence:
     aborted: bool = False
     finish_reason: str | None = None
     prompt_scored_to: int = 0  # prompt positions p whose score of token p + 1 a step has taken (prompt_logprobs)
+    drafted: bool = False  # its last step verifies drafts: how many tokens it yields is unknown until it is back
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # those scores come back, in order
 
     @property
@@ -96,6 +98,10 @@ class SchedulerConfig:
     prefix_caching: bool = False  # share the KV blocks of common prefixes (`hexgen serve` / `generate` turn it on)
     # a one-rank replica prepares its next step while the device computes this one (Engine); None: on CUDA only
     overlap_steps: bool | None = None
+    # speculative decoding: draft tokens (n-gram lookup, engine/ngram.py) verified per decoding sequence and step,
+    # while a step decodes at most speculative_max_seqs sequences (beyond, the drafts' compute outweighs them)
+    speculative_tokens: int = 0
+    speculative_max_seqs: int = 4
 
     def __post_init__(self) -> None:
         if self.max_running_seqs < 1 or self.max_step_tokens < 1:
@@ -104,6 +110,8 @@ class SchedulerConfig:
             raise ValueError(f"block_size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.speculative_tokens < 0 or self.speculative_max_seqs < 1:
+            raise ValueError("speculative_tokens must be >= 0 and speculative_max_seqs >= 1")
 
 
 class Scheduler:
@@ -120,10 +128,13 @@ class Scheduler:
         self.peak_running = 0  # the most sequences ever batched in one step (continuous batching at work)
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0  # prompt (or resumed) tokens whose keys/values came from the prefix cache
+        self.num_drafted = 0  # draft tokens verified (speculative decoding) ...
+        self.num_accepted = 0  # ... and those the model agreed with
         self._ids = itertools.count()
         self._plans_made = 0  # plans handed out so far: the next plan's number
         self._by_request: dict[str, Sequence] = {}
         self._aborted: list[TokenEvent] = []
+        self._drafting = False  # whether the plan being made drafts (set per schedule call)
 
     @property
     def has_work(self) -> bool:
@@ -168,6 +179,8 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.max_step_tokens
         limit = max_seqs or self.config.max_running_seqs
+        decoding = sum(1 for seq in self.running.values() if seq.num_scheduled >= seq.num_tokens - 1)
+        self._drafting = self.config.speculative_tokens > 0 and decoding <= self.config.speculative_max_seqs
         for seq in list(self.running.values()):
             if budget <= 0 or plan.num_seqs >= limit:
                 break
@@ -184,6 +197,8 @@ class Scheduler:
             budget -= self._try_add(plan, seq, budget)
         if plan.num_seqs == 0:
             return None
+        if not any(plan.drafts):
+            plan.drafts = []
         self._plans_made += 1
         self.peak_running = max(self.peak_running, plan.num_seqs)
         return plan
@@ -224,6 +239,11 @@ class Scheduler:
         """Add seq's next tokens to the plan, preempting newer sequences if blocks are short; tokens added. With
         `fed_back_row`, the one token is the one the previous plan samples for seq in that row."""
         tokens = seq.unscheduled_tokens(budget) if fed_back_row is None else [FED_BACK]
+        drafts = self._drafts(seq, tokens, budget) if fed_back_row is None else []
+        if drafts and self.blocks.can_grow(seq.block_table, seq.num_scheduled + len(tokens) + len(drafts)):
+            tokens = tokens + drafts  # (drafts never preempt a sequence: without free blocks there are none)
+        else:
+            drafts = []
         while not self.blocks.can_grow(seq.block_table, seq.num_scheduled + len(tokens)):
             victim = self._newest_preemptible(plan, seq)
             if victim is None:
@@ -238,7 +258,7 @@ class Scheduler:
         self.blocks.grow(seq.block_table, end)
         if seq.wants_prompt_scores:
             self._score_prompt(plan, seq, end)
-        samples = fed_back_row is not None or end == seq.num_tokens
+        samples = fed_back_row is not None or end - len(drafts) == seq.num_tokens
         if fed_back_row is not None:
             plan.fed_back.append((plan.num_tokens, fed_back_row))
         plan.seq_ids.append(seq.seq_id)
@@ -247,18 +267,35 @@ class Scheduler:
         plan.token_ids.extend(tokens)
         plan.block_tables.append(list(seq.block_table))
         plan.sample.append(samples)
+        plan.drafts.append(len(drafts))
         if samples:
             p = seq.request.params
-            # `end` is the sampled token's index in the sequence (the noise of a seeded draw is keyed by it)
-            plan.sampling.append(SampleRow(
-                p.temperature, p.top_k, p.top_p, seq.seed, end, -1 if p.logprobs is None else p.logprobs,
-                p.presence_penalty, p.frequency_penalty, p.logit_bias,
-                tuple(seq.output_token_ids) if p.has_penalties else (),
-            ))
+            # the index in the sequence of each token drawn (the noise of a seeded draw is keyed by it): after
+            # the last known token, and after each draft
+            for position in range(end - len(drafts), end + 1):
+                plan.sampling.append(SampleRow(
+                    p.temperature, p.top_k, p.top_p, seq.seed, position, -1 if p.logprobs is None else p.logprobs,
+                    p.presence_penalty, p.frequency_penalty, p.logit_bias,
+                    tuple(seq.output_token_ids) if p.has_penalties else (),
+                ))
             seq.sampled_in, seq.sampled_row = self._plans_made, plan.num_sampled - 1
+        seq.drafted = bool(drafts)
         seq.num_scheduled = end
         seq.in_flight += 1
         return len(tokens)
+
+    def _drafts(self, seq: Sequence, tokens: list[int], budget: int) -> list[int]:
+        """Draft tokens to verify after seq's next known token (speculative decoding), where this step drafts:
+        none while it still has prompt (or recomputed) tokens to compute, for a penalized draw (each depends on
+        the tokens before it) or a request scoring its prompt; never past its token limit or the step's budget."""
+        if not self._drafting or len(tokens) != 1 or seq.num_scheduled != seq.num_tokens - 1:
+            return []
+        params = seq.request.params
+        if params.has_penalties or not seq.output_token_ids:
+            return []
+        room = min(self.config.speculative_tokens, budget - 1,
+                   params.max_new_tokens - len(seq.output_token_ids) - 1, self.max_context - seq.num_tokens - 1)
+        return propose_drafts(seq.all_tokens(), room)
 
     def _score_prompt(self, plan: StepPlan, seq: Sequence, end: int) -> None:
         """The prompt positions among the ones this step computes for seq (up to `end`) not scored yet: each one's
@@ -280,7 +317,7 @@ class Scheduler:
         params = seq.request.params
         pending_ends_it = (len(seq.output_token_ids) + 1 >= params.max_new_tokens
                            or seq.num_tokens + 1 >= self.max_context)
-        if seq.sampled_in != self._plans_made - 1 or pending_ends_it or params.has_penalties:
+        if seq.sampled_in != self._plans_made - 1 or pending_ends_it or params.has_penalties or seq.drafted:
             return 0
         return self._try_add(plan, seq, budget, fed_back_row=seq.sampled_row)
 
@@ -314,24 +351,38 @@ class Scheduler:
                 owner.prompt_logprobs += values
         tokens = iter(sampled)
         token_logprobs_of = iter(logprobs if logprobs is not None else [None] * len(sampled))
-        for seq_id, n, samples in zip(plan.seq_ids, plan.lengths, plan.sample, strict=True):
+        first_token = 0  # of each sequence in plan.token_ids
+        for row, (seq_id, n, samples) in enumerate(zip(plan.seq_ids, plan.lengths, plan.sample, strict=True)):
             seq = self.running[seq_id]
-            token, token_logprobs = (next(tokens), next(token_logprobs_of)) if samples else (None, None)
+            drafts = plan.token_ids[first_token + n - plan.drafts_of(row) : first_token + n]
+            first_token += n
+            drawn = [(next(tokens), next(token_logprobs_of)) for _ in range(1 + len(drafts))] if samples else []
             seq.in_flight -= 1
             if seq.done:  # aborted, or finished by the step before this look-ahead one: discard
                 if not seq.in_flight:
                     self._release(seq)
                 continue
-            seq.num_cached += n
-            if self.config.prefix_caching:
+            if drafts:  # the drafts the model drew itself, then its own token after the last of them
+                accepted = 0
+                while accepted < len(drafts) and drawn[accepted][0] == drafts[accepted]:
+                    accepted += 1
+                self.num_drafted += len(drafts)
+                self.num_accepted += accepted
+                drawn = drawn[: accepted + 1]
+                seq.num_cached += n - len(drafts) + accepted  # the rejected drafts' keys / values are void
+                seq.num_scheduled = seq.num_cached
+            else:
+                seq.num_cached += n
+            for token, token_logprobs in drawn:
+                seq.output_token_ids.append(token)
+                seq.finish_reason = self._finish_reason(seq, token)
+                first = seq.request.params.prompt_logprobs is not None and len(seq.output_token_ids) == 1
+                events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason, token_logprobs,
+                                         tuple(seq.prompt_logprobs) if first else None))
+                if seq.finish_reason is not None:
+                    break
+            if self.config.prefix_caching:  # (after the accepted drafts joined the outputs: their blocks' keys)
                 self._register_full_blocks(seq)
-            if token is None:
-                continue
-            seq.output_token_ids.append(token)
-            seq.finish_reason = self._finish_reason(seq, token)
-            first = seq.request.params.prompt_logprobs is not None and len(seq.output_token_ids) == 1
-            events.append(TokenEvent(seq.request.request_id, token, seq.finish_reason, token_logprobs,
-                                     tuple(seq.prompt_logprobs) if first else None))
             if seq.finish_reason is not None:
                 del self._by_request[seq.request.request_id]
                 if not seq.in_flight:

@@ -85,6 +85,7 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
                      "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
                      "kv_blocks_free": scheduler.blocks.num_free, "kv_blocks_cached": scheduler.blocks.num_cached,
                      "prefix_hit_tokens": scheduler.num_prefix_hit_tokens, "preemptions": scheduler.num_preemptions,
+                     "draft_tokens": scheduler.num_drafted, "accepted_draft_tokens": scheduler.num_accepted,
                      **engine.totals.as_stats()}
             channel.put(("heartbeat", stats))
             last_beat, last_load, last_steps = now, load, engine.totals.steps

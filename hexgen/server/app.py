@@ -231,6 +231,8 @@ def _replica_status(replica) -> dict[str, Any]:
         "kv_blocks_cached": replica.load.get("kv_blocks_cached", 0),  # free blocks still holding a cached prefix
         "prefix_hit_tokens": replica.load.get("prefix_hit_tokens", 0),  # tokens served from the prefix cache
         "preemptions": replica.load.get("preemptions", 0),  # sequences that gave their blocks back and recomputed
+        "draft_tokens": replica.load.get("draft_tokens", 0),  # speculative decoding: drafts verified so far ...
+        "accepted_draft_tokens": replica.load.get("accepted_draft_tokens", 0),  # ... and those the model agreed with
         "engine": engine_totals(replica.load),
         "ranks": replica.world_size,
         "stages": replica.stage_status(),

@@ -54,6 +54,10 @@ class Metrics:
             "hexgen_replica_preemptions", "Sequences preempted (blocks freed, recomputed later) so far", ["replica"],
             registry=r,
         )
+        self.replica_draft_tokens = Gauge(
+            "hexgen_replica_draft_tokens", "Speculative decoding: draft tokens verified so far, and those accepted",
+            ["replica", "outcome"], registry=r,
+        )
 
         # The driver's step totals (engine/engine.py:StepTotals): rate() of busy seconds over rate() of steps is the
         # mean step time; of step tokens over steps, the mean batch in tokens.
@@ -79,6 +83,8 @@ class Metrics:
                 blocks = replica.load.get(f"kv_blocks_{state}", 0) if replica.state.is_up else 0
                 self.replica_kv_blocks.labels(label, state).set(blocks)
             self.replica_preemptions.labels(label).set(replica.load.get("preemptions", 0))
+            self.replica_draft_tokens.labels(label, "verified").set(replica.load.get("draft_tokens", 0))
+            self.replica_draft_tokens.labels(label, "accepted").set(replica.load.get("accepted_draft_tokens", 0))
             self.replica_prefix_hit_tokens.labels(label).set(replica.load.get("prefix_hit_tokens", 0))
             for key, gauge in self.replica_engine.items():
                 gauge.labels(label).set(replica.load.get(key, 0))

@@ -109,15 +109,19 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
     out_dir.mkdir(parents=True, exist_ok=True)
     spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config))
     steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token, logprobs, prompt's)] in row order
+    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for events in steps:
+        for rid, token, *_ in events:
+            tokens[rid].append(token)
+    if config is not None and config.speculative_tokens:  # a step's drawn rows are not its tokens: no logits
+        return tokens, {}
     layout_leader = sum(tp[:-1])
     step_logits = torch.load(out_dir / f"logits{layout_leader}.pt")
     assert len(steps) == len(step_logits)
-    tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     logits: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in requests}
     for events, rows in zip(steps, step_logits, strict=True):
         assert rows.shape[0] == len(events)
-        for row, (rid, token, *_) in enumerate(events):
-            tokens[rid].append(token)
+        for row, (rid, *_) in enumerate(events):
             logits[rid].append(rows[row])
     return tokens, {rid: torch.stack(r) for rid, r in logits.items()}
 

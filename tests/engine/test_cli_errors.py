@@ -65,6 +65,7 @@ def test_sampling_and_prompt_errors(extra, fragment, tokenizer_model_dir):
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--block-size", "12"], "--block-size must be a power of two in 1..256, got 12"),
     (["--block-size", "512"], "--block-size must be a power of two in 1..256, got 512"),
+    (["--speculative-tokens", "17"], "--speculative-tokens must be in 0..16 (0 = off), got 17"),
     (["--memory-gb", "0"], "--memory-gb must be in (0, 1048576], got 0.0"),
     (["--memory-gb", "0.01"], "--memory-gb 0.01 cannot hold a rank's weights plus one KV block"),
 ])

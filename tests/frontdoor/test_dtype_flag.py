@@ -27,7 +27,8 @@ def test_which_cpus_lack_bf16_matmul(monkeypatch, flags, lacks):
 
 
 def args_of(**overrides) -> argparse.Namespace:
-    values = dict(memory_gb=None, block_size=16, device="cpu", dtype="bfloat16", ray=None) | overrides
+    values = dict(memory_gb=None, block_size=16, device="cpu", dtype="bfloat16", ray=None, speculative_tokens=0)
+    values |= overrides
     return argparse.Namespace(**values)
 
 

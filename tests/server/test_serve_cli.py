@@ -81,6 +81,7 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
         (["--replan"], "--replan needs --ray and --cluster"),
         (["--ray", "127.0.0.1:1", "--plan", str(remote)], "cannot reach the Ray cluster at 127.0.0.1:1"),
         (["--block-size", "24"], "--block-size must be a power of two in 1..256, got 24"),
+        (["--speculative-tokens", "-1"], "--speculative-tokens must be in 0..16 (0 = off), got -1"),
         (["--memory-gb", "1e-6"], "cannot hold a rank's weights plus one KV block for each of --max-batch 64"),
         (["--device", "cuda"], "--device cuda: the plan uses GPU indices up to"),
     ]
