@@ -54,6 +54,7 @@ class Sequence:
     finish_reason: str | None = None
     prompt_scored_to: int = 0  # prompt positions p whose score of token p + 1 a step has taken (prompt_logprobs)
     drafted: bool = False  # its last step verifies drafts: how many tokens it yields is unknown until it is back
+    draft_limit: int = 0  # the most drafts its next step may verify (speculative decoding); set at admission
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # those scores come back, in order
 
     @property
@@ -148,7 +149,7 @@ class Scheduler:
                 f"and leave room for one new token within the context of {self.max_context}"
             )
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
-        seq = Sequence(request, next(self._ids), seed)
+        seq = Sequence(request, next(self._ids), seed, draft_limit=self.config.speculative_tokens)
         self._by_request[request.request_id] = seq
         self.waiting.append(seq)
 
@@ -293,7 +294,7 @@ class Scheduler:
         params = seq.request.params
         if params.has_penalties or not seq.output_token_ids:
             return []
-        room = min(self.config.speculative_tokens, budget - 1,
+        room = min(seq.draft_limit, budget - 1,
                    params.max_new_tokens - len(seq.output_token_ids) - 1, self.max_context - seq.num_tokens - 1)
         return propose_drafts(seq.all_tokens(), room)
 
@@ -368,6 +369,9 @@ class Scheduler:
                     accepted += 1
                 self.num_drafted += len(drafts)
                 self.num_accepted += accepted
+                # adapt: twice as many after all were accepted, else one more than were (drafts cost compute)
+                seq.draft_limit = min(self.config.speculative_tokens,
+                                      2 * len(drafts) if accepted == len(drafts) else accepted + 1)
                 drawn = drawn[: accepted + 1]
                 seq.num_cached += n - len(drafts) + accepted  # the rejected drafts' keys / values are void
                 seq.num_scheduled = seq.num_cached
