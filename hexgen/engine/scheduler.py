@@ -241,8 +241,10 @@ class Scheduler:
         `fed_back_row`, the one token is the one the previous plan samples for seq in that row."""
         tokens = seq.unscheduled_tokens(budget) if fed_back_row is None else [FED_BACK]
         drafts = self._drafts(seq, tokens, budget) if fed_back_row is None else []
-        if drafts and self.blocks.can_grow(seq.block_table, seq.num_scheduled + len(tokens) + len(drafts)):
-            tokens = tokens + drafts  # (drafts never preempt a sequence: without free blocks there are none)
+        # drafts never preempt a sequence nor take the blocks kept free for the running ones' next tokens
+        reserve = len(self.running)
+        if drafts and self.blocks.can_grow(seq.block_table, seq.num_scheduled + len(tokens) + len(drafts), reserve):
+            tokens = tokens + drafts
         else:
             drafts = []
         while not self.blocks.can_grow(seq.block_table, seq.num_scheduled + len(tokens)):
@@ -287,8 +289,8 @@ class Scheduler:
 
     def _drafts(self, seq: Sequence, tokens: list[int], budget: int) -> list[int]:
         """Draft tokens to verify after seq's next known token (speculative decoding), where this step drafts:
-        none while it still has prompt (or recomputed) tokens to compute, for a penalized draw (each depends on
-        the tokens before it) or a request scoring its prompt; never past its token limit or the step's budget."""
+        none while it still has prompt (or recomputed) tokens to compute or for a penalized draw (each depends on
+        the tokens before it); never past its adaptive limit, its token limit or the step's budget."""
         if not self._drafting or len(tokens) != 1 or seq.num_scheduled != seq.num_tokens - 1:
             return []
         params = seq.request.params
