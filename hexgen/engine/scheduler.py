@@ -387,6 +387,8 @@ class Scheduler:
                                          tuple(seq.prompt_logprobs) if first else None))
                 if seq.finish_reason is not None:
                     break
+            # a stop among the accepted drafts leaves the cache holding keys / values past the sequence's end
+            seq.num_cached = min(seq.num_cached, seq.num_tokens - 1)
             if self.config.prefix_caching:  # (after the accepted drafts joined the outputs: their blocks' keys)
                 self._register_full_blocks(seq)
             if seq.finish_reason is not None:
