@@ -7,10 +7,10 @@ a seeded request draws the same tokens whatever shares its batch, after a preemp
 state lives on any rank. The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i. The step's token ids leave the device in one copy.
 
-Where a request asks for log-probabilities they are the model's own (log-softmax of the fp32 logits, before
-temperature, top-k and top-p reshape them for the draw: what the model thinks of the token, whatever the draw's
-settings), and they leave the device in the same copy: the step's token ids then travel in a float64 table with
-them (sample_table; ids below 2**53 are exact in float64).
+Where a request asks for log-probabilities they are the model's own (log-softmax of the fp32 logits, before any
+penalty, bias, temperature, top-k or top-p reshapes them for the draw: what the model thinks of the token,
+whatever the draw's settings), and they leave the device in the same copy: the step's token ids then travel in a
+float64 table with them (sample_table; ids below 2**53 are exact in float64).
 """
 
 from __future__ import annotations
