@@ -34,6 +34,7 @@ class APIError(Exception):
 
 
 MAX_CHOICES = 16  # `n`: choices per request
+MAX_BIASED_TOKENS = 1024  # `logit_bias` entries per request
 
 
 class StreamOptions(BaseModel):
@@ -66,6 +67,8 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias_of_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and len(value) > MAX_BIASED_TOKENS:
+            raise ValueError(f"logit_bias takes at most {MAX_BIASED_TOKENS} tokens, got {len(value)}")
         for key, bias in (value or {}).items():
             if not key.isdigit():
                 raise ValueError(f"logit_bias keys are token ids (strings of digits), got {key!r}")

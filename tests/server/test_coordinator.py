@@ -90,6 +90,7 @@ def fields(**kwargs) -> CompletionRequest:
         ({"logit_bias": {"five": 1.0}}, "logit_bias"),
         ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
         ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logprobs": 21}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
