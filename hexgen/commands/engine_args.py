@@ -39,7 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: up to K draft tokens per decoding sequence and step, looked up in the "
                    f"sequence's own earlier tokens (n-grams) and verified in the same step, while a step decodes at "
                    f"most {SchedulerConfig().speculative_max_seqs} sequences; the tokens are those without drafts, "
-                   f"only sooner where text repeats itself (0 = off, the default; at most {MAX_SPECULATIVE_TOKENS})")
+                   f"only sooner where text repeats itself; on CUDA a step with drafts runs without CUDA graphs "
+                   f"(0 = off, the default; at most {MAX_SPECULATIVE_TOKENS})")
     p.add_argument("--no-overlap-steps", dest="overlap_steps", action="store_false",
                    help="on CUDA, a one-GPU replica runs its steps one after another instead of preparing the next "
                    "step while the GPU computes this one (default: overlapped; multi-rank replicas and CPUs never "
