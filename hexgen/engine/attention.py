@@ -98,9 +98,7 @@ def build_metadata(
              for b, p in zip(seq_of_token, positions, strict=True)]
     max_blocks = max(len(t) for t in plan.block_tables)
     tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
-    starts = [0]
-    for n in plan.lengths:
-        starts.append(starts[-1] + n)
+    starts = plan.token_starts()
     context = [s + n for s, n in zip(plan.starts, plan.lengths, strict=True)]
     groups: tuple[GatherGroup, ...] = ()
     if not use_kernel:

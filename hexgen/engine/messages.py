@@ -164,6 +164,13 @@ class StepPlan:
     def num_sampled(self) -> int:
         return len(self.sampling)
 
+    def token_starts(self) -> list[int]:
+        """Each sequence's first row in the flat batch of the step's new tokens (token_ids), then their count."""
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
+        return starts
+
     def drafts_of(self, row: int) -> int:
         return self.drafts[row] if self.drafts else 0
 

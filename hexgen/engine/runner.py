@@ -15,23 +15,15 @@ from hexgen.engine.sampler import logprob_width, sample_on_device, sample_table,
 from hexgen.engine.stage import LlamaStage
 
 
-def token_starts(plan: StepPlan) -> list[int]:
-    """Each sequence's first row in the flat batch of the step's new tokens, and the total."""
-    starts = [0]
-    for n in plan.lengths:
-        starts.append(starts[-1] + n)
-    return starts
-
-
 def scored_rows(plan: StepPlan) -> list[int]:
     """The flat batch rows (among all the step's new tokens) of the prompt tokens plan.scored names."""
-    starts = token_starts(plan)
+    starts = plan.token_starts()
     return [starts[s.row] + s.first + i for s in plan.scored for i in range(len(s.targets))]
 
 
 def drawn_rows(plan: StepPlan) -> list[int]:
     """The flat batch rows whose logits are drawn from: each sampling sequence's last 1 + drafts rows."""
-    starts = token_starts(plan)
+    starts = plan.token_starts()
     return [row for b, samples in enumerate(plan.sample) if samples
             for row in range(starts[b + 1] - 1 - plan.drafts_of(b), starts[b + 1])]
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hexgen.engine.block_manager import BlockKey, BlockManager, block_keys
 from hexgen.engine.messages import GenerationRequest, SampleRow, ScoredTokens, StepPlan, TokenEvent, TokenLogprobs
 from hexgen.engine.ngram import propose_drafts
+from hexgen.engine.sequence import Sequence
 
 DEFAULT_MAX_RUNNING_SEQS = 64  # the one default batch limit of `hexgen serve` and the planner
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
@@ -35,56 +36,6 @@ FED_BACK = -1  # a plan's token id that the device takes from the previous step'
 def is_valid_block_size(size: int) -> bool:
     """Block sizes are powers of two in 1..MAX_BLOCK_SIZE (the Triton kernels tile by them)."""
     return 1 <= size <= MAX_BLOCK_SIZE and not size & (size - 1)
-
-
-@dataclass(eq=False)  # identity: a request's sequence is one object
-class Sequence:
-    request: GenerationRequest
-    seq_id: int
-    seed: int  # the request's seed, or one drawn at admission: every draw is then reproducible
-    output_token_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose keys/values are in the KV cache
-    num_scheduled: int = 0  # tokens whose keys/values are cached or being computed by a step in flight
-    block_table: list[int] = field(default_factory=list)
-    block_keys: list[BlockKey] = field(default_factory=list)  # prefix-cache keys of its computed full blocks
-    in_flight: int = 0  # steps holding it that have not come back through update
-    sampled_in: int = -1  # the number of the last plan that samples a token for it
-    sampled_row: int = 0  # ... and the row of that token among the plan's sampled tokens
-    aborted: bool = False
-    finish_reason: str | None = None
-    prompt_scored_to: int = 0  # prompt positions p whose score of token p + 1 a step has taken (prompt_logprobs)
-    drafted: bool = False  # its last step verifies drafts: how many tokens it yields is unknown until it is back
-    draft_limit: int = 0  # the most drafts its next step may verify (speculative decoding); set at admission
-    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # those scores come back, in order
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_token_ids)
-
-    @property
-    def wants_prompt_scores(self) -> bool:
-        """Asks for its prompt's log-probabilities and has prompt positions left to score (each once: a
-        sequence recomputed after a preemption does not score them again)."""
-        return self.request.params.prompt_logprobs is not None and self.prompt_scored_to < self.prompt_len - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return self.prompt_len + len(self.output_token_ids)
-
-    def all_tokens(self) -> list[int]:
-        return [*self.request.prompt_token_ids, *self.output_token_ids]
-
-    @property
-    def done(self) -> bool:
-        """Finished or aborted: whatever a step still in flight computes for it is discarded."""
-        return self.finish_reason is not None or self.aborted
-
-    def unscheduled_tokens(self, budget: int) -> list[int]:
-        """Up to `budget` of the known tokens no step has taken yet (prompt, then outputs)."""
-        end = min(self.num_tokens, self.num_scheduled + budget)
-        prompt = self.request.prompt_token_ids
-        return [prompt[i] if i < self.prompt_len else self.output_token_ids[i - self.prompt_len]
-                for i in range(self.num_scheduled, end)]
 
 
 @dataclass(frozen=True)
@@ -354,11 +305,10 @@ class Scheduler:
                 owner.prompt_logprobs += values
         tokens = iter(sampled)
         token_logprobs_of = iter(logprobs if logprobs is not None else [None] * len(sampled))
-        first_token = 0  # of each sequence in plan.token_ids
+        ends = plan.token_starts()[1:]  # where each sequence's tokens end in plan.token_ids
         for row, (seq_id, n, samples) in enumerate(zip(plan.seq_ids, plan.lengths, plan.sample, strict=True)):
             seq = self.running[seq_id]
-            drafts = plan.token_ids[first_token + n - plan.drafts_of(row) : first_token + n]
-            first_token += n
+            drafts = plan.token_ids[ends[row] - plan.drafts_of(row) : ends[row]]
             drawn = [(next(tokens), next(token_logprobs_of)) for _ in range(1 + len(drafts))] if samples else []
             seq.in_flight -= 1
             if seq.done:  # aborted, or finished by the step before this look-ahead one: discard
@@ -387,8 +337,8 @@ class Scheduler:
                                          tuple(seq.prompt_logprobs) if first else None))
                 if seq.finish_reason is not None:
                     break
-            # a stop among the accepted drafts leaves the cache holding keys / values past the sequence's end
-            seq.num_cached = min(seq.num_cached, seq.num_tokens - 1)
+            if drafts:  # a stop among the accepted drafts leaves keys / values cached past the sequence's end
+                seq.num_cached = min(seq.num_cached, seq.num_tokens - 1)
             if self.config.prefix_caching:  # (after the accepted drafts joined the outputs: their blocks' keys)
                 self._register_full_blocks(seq)
             if seq.finish_reason is not None:
