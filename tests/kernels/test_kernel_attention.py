@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 # (new tokens, context length after the write) per sequence
-DECODE_ONLY = [(1, 1), (1, 16), (1, 17), (1, 64), (1, 65), (1, 97)]
+DECODE_ONLY = [(1, 1), (1, 16), (1, 17), (1, 63), (1, 64), (1, 65), (1, 97)]
 PREFILL_ONLY = [(5, 5), (16, 16), (33, 33), (70, 70)]
-MIXED = [(1, 40), (20, 52), (1, 1), (64, 64), (3, 3), (1, 129)]  # (20, 52): a chunk after 32 cached tokens
+MIXED = [(1, 40), (20, 52), (1, 1), (64, 64), (3, 3), (1, 129), (24, 170), (10, 72)]  # (20, 52): a chunk after 32
+# cached tokens; (24, 170): after 146, so its tiles see whole key tiles before the diagonal ones; (10, 72): its first
+# query at position 62, the last but one of a key tile
 # Sequences with no tokens (a CUDA graph's padding rows) and chunks of exactly 1 and 2 query tiles (16 tokens
 # each at GQA 4), so the flat grid's tile-to-sequence search meets every boundary case.
 PADDED = [(0, 0), (3, 10), (0, 0), (16, 40), (1, 5), (32, 32), (17, 50), (0, 0)]

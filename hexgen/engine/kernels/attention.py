@@ -58,6 +58,45 @@ def _sequence_of_tile(query_start_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo
 
 
+@triton.jit
+def _attend_key_tile(
+    q, acc, l_i, m_i, start, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, block_size, kv_head,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, dims, dim_valid,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Fold the key positions start..start+BLOCK_N into the online softmax of the rows of q. MASKED: the tile
+    reaches a row's own position or kv_end, so positions past either are hidden; otherwise every row sees all."""
+    pos = start + tl.arange(0, BLOCK_N)  # [N]
+    if MASKED:
+        pos_valid = pos < kv_end
+        block = tl.load(block_table_ptr + pos // block_size, mask=pos_valid, other=0)
+        kv_mask = pos_valid[:, None] & dim_valid[None, :]
+    else:
+        block = tl.load(block_table_ptr + pos // block_size)
+        kv_mask = dim_valid[None, :]
+    block = block.to(tl.int64)  # a large pool overflows int32 element offsets
+    offset = pos % block_size
+    k_offsets = block * stride_kb + offset * stride_ks + kv_head * stride_kh
+    k = tl.load(k_cache_ptr + k_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+    p = tl.exp2(scores - m_new[:, None])  # [M, N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_offsets = block * stride_vb + offset * stride_vs + kv_head * stride_vh
+    v = tl.load(v_cache_ptr + v_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+    if DOT_FP32:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
 # The block-table row stride is the batch's longest table, which changes from step to step; specialising on it
 # (triton does for values of 1 and multiples of 16) would compile new variants in the middle of serving.
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -107,31 +146,20 @@ def _paged_attention_kernel(
         per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
         kv_begin = split * per_split
         kv_end = tl.minimum(kv_end, kv_begin + per_split)
-    for start in range(kv_begin, kv_end, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)  # [N]
-        pos_valid = pos < kv_end
-        block = tl.load(block_tables_ptr + seq * stride_bt + pos // block_size, mask=pos_valid, other=0)
-        block = block.to(tl.int64)  # a large pool overflows int32 element offsets
-        offset = pos % block_size
-        kv_mask = pos_valid[:, None] & dim_valid[None, :]
-        k_offsets = block * stride_kb + offset * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
-        visible = (pos[None, :] <= q_pos[:, None]) & pos_valid[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
-        p = tl.exp2(scores - m_new[:, None])  # [M, N]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_offsets = block * stride_vb + offset * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        if DOT_FP32:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # Keys before this tile's first query are visible to every row: those whole tiles skip the causal mask and
+    # the bounds checks; only the tiles from there on (the diagonal, at most ceil(BLOCK_Q / BLOCK_N) + 1) mask.
+    first_query_pos = context - n_new + q_tile * BLOCK_Q
+    unmasked_end = tl.maximum(kv_begin, tl.minimum(kv_end, first_query_pos // BLOCK_N * BLOCK_N))
+    for start in range(kv_begin, unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            q, acc, l_i, m_i, start, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+            block_size, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, dims,
+            dim_valid, BLOCK_N, DOT_FP32, PRECISION, False)
+    for start in range(unmasked_end, kv_end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_tile(
+            q, acc, l_i, m_i, start, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+            block_size, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, dims,
+            dim_valid, BLOCK_N, DOT_FP32, PRECISION, True)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = row_valid[:, None] & dim_valid[None, :]
