@@ -23,7 +23,8 @@ if not ON_GPU:
 
 from hexgen.engine import kernels  # noqa: E402
 from hexgen.engine.bench_batch import copy_gbps  # noqa: E402
-from hexgen.engine.kernels.attention import choose_kv_splits  # noqa: E402
+from hexgen.engine.kernels.attention import DECODE_TILES, PREFILL_TILES, choose_kv_splits  # noqa: E402
+from hexgen.engine.kernels.attention_tuning import tune_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16
@@ -61,9 +62,10 @@ def randn(*shape) -> torch.Tensor:
     return torch.randn(*shape, device=DEVICE).to(DTYPE)
 
 
-def attention_case(batch: int, new: int, context: int, split: bool = False):
+def attention_case(batch: int, new: int, context: int, split: bool = False, tiles=None):
     """(triton fn, torch fn, bytes) for `batch` sequences of `new` query tokens over `context` cached ones;
-    `split`: with the key splits choose_kv_splits picks for this decode step."""
+    `split`: with the key splits choose_kv_splits picks for this decode step; `tiles`: these, not the ones the
+    tuning chose."""
     blocks_per_seq = -(-context // BLOCK)
     k_cache, v_cache = randn(batch * blocks_per_seq, BLOCK, HKV, D), randn(batch * blocks_per_seq, BLOCK, HKV, D)
     tables = torch.randperm(batch * blocks_per_seq, device=DEVICE).view(batch, -1).int()
@@ -77,7 +79,8 @@ def attention_case(batch: int, new: int, context: int, split: bool = False):
     splits = choose_kv_splits(batch, HKV, context, DEVICE) if split else 1
 
     def triton_fn():
-        kernels.paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, new, D**-0.5, splits)
+        kernels.paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, new, D**-0.5, splits,
+                                tiles=tiles)
 
     def torch_fn():  # SDPA (the backend torch picks) on contiguous keys: what a dense, unpaged cache costs
         F.scaled_dot_product_attention(dense_q, dense_k, dense_v, is_causal=new > 1, enable_gqa=True)
@@ -127,6 +130,7 @@ def silu_case(tokens: int):
 def cases(tiny: bool):
     if tiny:
         return {"decode attention, B 2 x ctx 40": attention_case(2, 1, 40), "add + RMSNorm, T 2": norm_case(2),
+                f"prefill attention, 1 x 40 new, {PREFILL_TILES[1]}": attention_case(1, 40, 40, tiles=PREFILL_TILES[1]),
                 "decode attention, B 1 x ctx 300, key splits": attention_case(1, 1, 300, split=True),
                 "RoPE + KV write, T 2": rotary_case(2), "silu * up, T 1": silu_case(1)}
     return {
@@ -136,6 +140,8 @@ def cases(tiny: bool):
         "decode attention, B 32 x ctx 1024": attention_case(32, 1, 1024),
         "decode attention, B 128 x ctx 512": attention_case(128, 1, 512),
         "prefill attention, 1 x 2048 new": attention_case(1, 2048, 2048),
+        **{f"decode attention, B 32 x ctx 1024, {t}": attention_case(32, 1, 1024, tiles=t) for t in DECODE_TILES},
+        **{f"prefill attention, 1 x 2048 new, {t}": attention_case(1, 2048, 2048, tiles=t) for t in PREFILL_TILES},
         "add + RMSNorm, T 1": norm_case(1),
         "add + RMSNorm, T 2048": norm_case(2048),
         "RoPE + KV write, T 1": rotary_case(1),
@@ -152,9 +158,14 @@ def main() -> None:
     args = parser.parse_args()
     bandwidth = copy_gbps(DEVICE, 2**30 if ON_GPU else 2**24)
     name = torch.cuda.get_device_name() if ON_GPU else "CPU (Triton interpreter: not a speed measurement)"
-    lines = [f"Kernels on {name}, bf16; floor = bytes moved at the measured copy bandwidth {bandwidth:.0f} GB/s", "",
-             "| operation | triton µs | torch µs | floor µs | torch / triton | host µs per call, triton / torch |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"Kernels on {name}, bf16; floor = bytes moved at the measured copy bandwidth {bandwidth:.0f} GB/s", ""]
+    # the tiles an engine rank would choose on this card for the Llama-3-8B shape (rows without tiles named use them)
+    pool_blocks = 4096 if ON_GPU else 4
+    pool = randn(pool_blocks, BLOCK, HKV, D), randn(pool_blocks, BLOCK, HKV, D)
+    tuning = tune_attention(*pool, HQ, timer=None if ON_GPU else time_ms)
+    lines += [f"Chosen at start-up (kernels/attention_tuning.py): {tuning.summary()}", ""]
+    lines += ["| operation | triton µs | torch µs | floor µs | torch / triton | host µs per call, triton / torch |",
+              "|---|---|---|---|---|---|"]
     for label, (triton_fn, torch_fn, nbytes) in cases(args.tiny or not ON_GPU).items():
         triton_us, torch_us = 1000 * time_ms(triton_fn), 1000 * time_ms(torch_fn)
         floor_us = 1e6 * nbytes / (bandwidth * 1e9)

@@ -20,6 +20,7 @@ really hangs is still found.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -91,6 +92,9 @@ def build_runner(spec: RankSpec, ctx: RankContext, config: SchedulerConfig, prog
     runner.allocate_kv_pool(agree_num_blocks(ctx, stage, config), config.block_size)
     if device.type == "cpu":
         keep_freed_memory()  # the steps' tensors from here on reuse heap pages (engine/cpu_heap.py)
+    tuning = runner.tune_attention()
+    if tuning is not None and device.type == "cuda":
+        print(f"hexgen: rank {spec.rank} on {torch.cuda.get_device_name(device)}: {tuning.summary()}", file=sys.stderr)
     if not config.enforce_eager:
         runner.capture_decode_graphs(config.max_running_seqs, config.max_context)
     if spec.end_turns and device.type == "cpu":

@@ -107,14 +107,17 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def cuda_path_on_cpu(kv_splits: int | None = None) -> Iterator[None]:
+def cuda_path_on_cpu(kv_splits: int | None = None, tile_timer=None) -> Iterator[None]:
     """CPU steps take the engine's CUDA path: the Triton kernels (interpreted), no oneDNN copies or folded norms,
-    and, when given, `kv_splits` key ranges per decoding sequence (on CPU the engine picks 1). TRITON_INTERPRET=1
-    must be set before triton is imported."""
+    and, when given, `kv_splits` key ranges per decoding sequence (on CPU the engine picks 1). Attention tiles are
+    "timed" by `tile_timer` (milliseconds for a call), by default one that times nothing and so keeps the first
+    candidates: the interpreter's times say nothing about a GPU's. TRITON_INTERPRET=1 must be set before triton is
+    imported."""
     from hexgen.engine import kernels, layers, ops, runner, sampler, stage
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is imported")
+    from hexgen.engine.kernels import attention_tuning
     with contextlib.ExitStack() as patches:
         patches.enter_context(mock.patch.object(ops, "use_triton", lambda t: True))
         patches.enter_context(mock.patch.object(runner, "triton_serves", lambda device: True))
@@ -123,6 +126,7 @@ def cuda_path_on_cpu(kv_splits: int | None = None) -> Iterator[None]:
         patches.enter_context(mock.patch.object(sampler, "first_argmax", lambda x: x.argmax(dim=-1)))  # as on CUDA
         if kv_splits is not None:
             patches.enter_context(mock.patch.object(kernels, "choose_kv_splits", lambda *args: kv_splits))
+        patches.enter_context(mock.patch.object(attention_tuning, "cuda_timer", tile_timer or (lambda fn: 0.0)))
         yield
 
 

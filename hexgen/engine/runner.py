@@ -46,6 +46,17 @@ class StageRunner:
         self.stage.allocate_kv_pool(num_blocks, block_size)
         self.block_size = block_size
 
+    def tune_attention(self):
+        """Time the paged-attention kernel's candidate tiles over this rank's pool and launch the fastest from
+        here on (kernels/attention_tuning.py); before the decode graphs are captured, which keep what they saw.
+        Returns the timings (None without the Triton kernels or layers)."""
+        if not (self.use_kernel and self.stage.layers):
+            return None
+        from hexgen.engine.kernels.attention_tuning import tune_attention
+
+        keys, values = self.stage.layer_pools[0].paged(self.block_size)
+        return tune_attention(keys, values, self.stage.layers[0].self_attn.heads_local)
+
     def capture_decode_graphs(self, max_batch: int, max_context: int) -> None:
         """CUDA graphs of this stage's decode steps (needs CUDA and the Triton kernels; else a no-op)."""
         if self.use_kernel:

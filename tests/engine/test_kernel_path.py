@@ -120,6 +120,30 @@ def test_kernel_path_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_p
         torch.testing.assert_close(rows, cpu_logits[request_id], rtol=1e-4, atol=1e-4)
 
 
+def test_tiles_the_timings_choose_serve_the_steps(two_layer_dir, cpu_run, monkeypatch):
+    """The rank times the attention tiles once its pool exists (here a scripted timer makes the second decode and
+    the second prefill candidates, 128-key and 128-row tiles, the fastest): every later step launches with them,
+    and the tokens stay the CPU path's."""
+    from hexgen.engine.kernels import attention
+    from hexgen.engine.launch_count import cuda_path_on_cpu
+
+    monkeypatch.setattr(attention, "_chosen", {})
+    times = iter([2.0, 1.0, 3.0, 2.0, 1.0, 3.0])  # decode candidates, then prefill ones
+    launched: list[attention.Tiles] = []
+    tiles_for = attention.tiles_for
+
+    def spy(q, k_cache, decode):
+        launched.append(tiles_for(q, k_cache, decode))
+        return launched[-1]
+
+    monkeypatch.setattr(attention, "tiles_for", spy)
+    with cuda_path_on_cpu(tile_timer=lambda run: next(times)):
+        requests = requests_of_unequal_lengths(two_layer_dir.spec.vocab_size)
+        tokens, _ = run_in_process(two_layer_dir, requests, replace(CONFIG, enforce_eager=True))
+    assert tokens == cpu_run[0]
+    assert set(launched) == {attention.DECODE_TILES[1], attention.PREFILL_TILES[1]}
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch,
                                                             overlap):

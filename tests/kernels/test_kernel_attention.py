@@ -66,12 +66,13 @@ def reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
     return out
 
 
-def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, num_kv_splits=1):
+def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, num_kv_splits=1, tiles=None):
     from hexgen.engine.kernels import paged_attention
 
     batch = make_batch(lengths, block_size, num_q_heads, num_kv_heads, head_dim, dtype, device)
     scale = head_dim**-0.5
-    out = paged_attention(*batch, max_query_len=max(n for n, _ in lengths), scale=scale, num_kv_splits=num_kv_splits)
+    out = paged_attention(*batch, max_query_len=max(n for n, _ in lengths), scale=scale, num_kv_splits=num_kv_splits,
+                          tiles=tiles)
     assert out.shape == batch[0].shape and out.dtype == dtype and out.device == batch[0].device
     expected = reference(*batch, scale)
     tol = TOLERANCE[dtype]
@@ -82,6 +83,22 @@ def run_case(device, lengths, block_size, num_q_heads, num_kv_heads, head_dim, d
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (6, 2), (8, 2)], ids=["gqa1", "gqa3", "gqa4"])
 def test_ragged_mixes_and_gqa(device, lengths, num_q_heads, num_kv_heads):
     run_case(device, lengths, 16, num_q_heads, num_kv_heads, 32, torch.float32)
+
+
+def candidate_tiles():
+    from hexgen.engine.kernels.attention import DECODE_TILES, FP32_TILES, PREFILL_TILES
+
+    return [*DECODE_TILES, *PREFILL_TILES, FP32_TILES]
+
+
+@pytest.mark.parametrize("tiles", candidate_tiles(), ids=str)
+@pytest.mark.parametrize("lengths", [DECODE_ONLY, MIXED], ids=["decode", "mixed"])
+def test_every_candidate_tiling(device, lengths, tiles):
+    """Whatever tiles a GPU's timings choose (attention_tuning.py), the output is the same attention; GQA 3 pads
+    each kv head's rows to 4, and splits exercise the 128-key tiles' ranges."""
+    run_case(device, lengths, 16, 6, 2, 32, torch.float32, tiles=tiles)
+    if lengths is DECODE_ONLY:
+        run_case(device, lengths + [(1, 300)], 16, 6, 2, 32, torch.float32, num_kv_splits=3, tiles=tiles)
 
 
 @pytest.mark.parametrize("lengths", [PADDED, PADDED_DECODE], ids=["mixed", "decode"])
@@ -151,6 +168,8 @@ def test_llama3_8b_shape_decode_and_prefill():
         pytest.skip("needs CUDA")
     lengths = [(1, 1000)] * 24 + [(1, 4097), (256, 256), (128, 700)]
     run_case(torch.device("cuda"), lengths, 16, 32, 8, 128, torch.bfloat16)
+    for tiles in candidate_tiles():  # each tiling the tuner may choose, at this shape on this card
+        run_case(torch.device("cuda"), lengths, 16, 32, 8, 128, torch.bfloat16, tiles=tiles)
     from hexgen.engine.kernels.attention import choose_kv_splits
 
     splits = choose_kv_splits(1, 8, 4097, torch.device("cuda"))

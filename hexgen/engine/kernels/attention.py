@@ -8,7 +8,10 @@ lives in block block_tables[b, p // block_size] at offset p % block_size.
 One program handles one tile of BLOCK_Q query tokens of one sequence and one key-value head: the rows of its
 score matrix are (query token, query head of that kv head's group) pairs, so a decode step with GQA still
 fills the 16 rows a tensor-core product needs. Keys are visited in tiles of BLOCK_N positions with an
-online softmax (FlashAttention's rescaling), in base 2, accumulating in float32.
+online softmax (FlashAttention's rescaling), in base 2, accumulating in float32; the whole key tiles before a
+query tile's first position skip the causal mask, only the tiles on its diagonal apply it. How many rows and keys
+a tile has, and the launch's warps and pipeline stages (`Tiles`), each GPU times for itself at start-up among a
+few candidates that compile without spilling registers (attention_tuning.py).
 
 The grid is flat over query tiles, T // BLOCK_Q + B of them: sequence b owns the tiles from
 query_start[b] // BLOCK_Q + b on (at least the ceil(n_b / BLOCK_Q) it needs), and a program finds its
@@ -23,14 +26,16 @@ Why a kernel of our own: torch 2.13's own paged FlashAttention (torch.nn.attenti
 block_table, FlashAttention-2 inside) takes pages of a multiple of 256 tokens only, against this engine's 16-token
 blocks (the prefix cache shares whole blocks; 256-token pages would leave up to 255 slots of a sequence unused), and
 this kernel runs on CPU under Triton's interpreter, so the whole CUDA path is tested without a GPU. FlashInfer has
-not been measured against it. On the H200 this kernel trails torch's flash SDPA over contiguous keys by 12-20% at
-decode and 2.4x on a 2,048-token prefill (docs/bench-gpu.md).
+not been measured against it. On the H200 (2026-11-30, before the unmasked key tiles and the timed choice of
+tiles) this kernel trailed torch's flash SDPA over contiguous keys by 12-20% at decode and 2.4x on a 2,048-token
+prefill (docs/bench-gpu.md).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -38,9 +43,29 @@ import triton.language as tl
 
 from hexgen.engine.kernels._common import check_dtype, dot_precision, dots_in_fp32
 
-BLOCK_N = 64  # key positions per tile
-ROWS_DECODE = 16  # score rows per program when every sequence brings one token (tensor-core minimum)
-ROWS_PREFILL = 64  # score rows per program when some sequence brings a chunk of prompt
+
+@dataclass(frozen=True)
+class Tiles:
+    """How the kernel cuts a step's work: score rows per program (query tokens x the query heads of one kv head;
+    raised to the group size where that is larger), key positions per tile, and the launch's warps and software
+    pipeline stages."""
+
+    rows: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __str__(self) -> str:
+        return f"{self.rows} rows x {self.block_n} keys, {self.num_warps} warps, {self.num_stages} stages"
+
+
+# Candidates per kind of step, the first the default until a GPU's own timings choose (attention_tuning.py). Each
+# compiles for sm_90 without spilling registers at the Llama-3-8B shape (tests/kernels/compile_for_gpu.py); 16 rows
+# is the tensor-core minimum, so a decode step with GQA fills them with one token's query heads.
+DECODE_TILES = (Tiles(16, 64), Tiles(16, 128), Tiles(16, 64, num_warps=8))
+PREFILL_TILES = (Tiles(64, 64), Tiles(128, 64, num_warps=8), Tiles(64, 64, num_stages=2))
+# float32 products on CUDA run on the FMA units, and 64 rows of them spill registers: prefill tiles stay small.
+FP32_TILES = Tiles(16, 64)
 MAX_KV_SPLITS = 16
 SPLIT_MIN_POSITIONS = 256  # keys per split at least: below that the merge launch costs more than it saves
 
@@ -201,6 +226,33 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+TilesKey = tuple  # (device, dtype, query heads, kv heads, head dim, block size, decode-only step)
+_chosen: dict[TilesKey, Tiles] = {}  # what attention_tuning measured fastest on this process's GPUs
+
+
+def tiles_key(device: torch.device, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int,
+              block_size: int, decode: bool) -> TilesKey:
+    return (str(device), dtype, num_q_heads, num_kv_heads, head_dim, block_size, decode)
+
+
+def choose_tiles(key: TilesKey, tiles: Tiles) -> None:
+    """Launch every later call with this key in `tiles` (the tuner's choice)."""
+    _chosen[key] = tiles
+
+
+def default_tiles(dtype: torch.dtype, device: torch.device, decode: bool) -> Tiles:
+    if dtype == torch.float32 and device.type == "cuda":
+        return FP32_TILES
+    return DECODE_TILES[0] if decode else PREFILL_TILES[0]
+
+
+def tiles_for(q: torch.Tensor, k_cache: torch.Tensor, decode: bool) -> Tiles:
+    """The tuned tiles for this call's shape and device, else the default."""
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    key = tiles_key(q.device, q.dtype, q.shape[1], num_kv_heads, q.shape[2], block_size, decode)
+    return _chosen.get(key) or default_tiles(q.dtype, q.device, decode)
+
+
 def choose_kv_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Key ranges per sequence for a decode step: enough programs for every SM, each range >= 256 keys."""
     if device.type != "cuda":
@@ -221,6 +273,7 @@ def paged_attention(
     max_query_len: int,
     scale: float,
     num_kv_splits: int = 1,  # > 1 only for decode steps (max_query_len 1): see choose_kv_splits
+    tiles: Tiles | None = None,  # None: the tuned or default tiles for this shape (tiles_for)
 ) -> torch.Tensor:
     """Causal attention of every new token over its sequence's paged cache, in one launch (two with key
     splits); returns [T, Hq, D]."""
@@ -239,7 +292,8 @@ def paged_attention(
         return out
     group = num_q_heads // num_kv_heads
     group_p = triton.next_power_of_2(group)
-    rows = max(ROWS_DECODE if max_query_len == 1 else ROWS_PREFILL, group_p)
+    tiles = tiles or tiles_for(q, k_cache, decode=max_query_len == 1)
+    rows = max(tiles.rows, group_p)
     block_q = rows // group_p
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_kv_splits)
     partial = lse = out  # unused without splits
@@ -254,8 +308,8 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0), block_size, num_seqs,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-        BLOCK_Q=block_q, BLOCK_N=BLOCK_N, DOT_FP32=dots_in_fp32(q), PRECISION=dot_precision(q),
-        NUM_SPLITS=num_kv_splits,
+        BLOCK_Q=block_q, BLOCK_N=tiles.block_n, DOT_FP32=dots_in_fp32(q), PRECISION=dot_precision(q),
+        NUM_SPLITS=num_kv_splits, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
