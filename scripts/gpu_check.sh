@@ -131,6 +131,7 @@ cat "$OUT/bench-engine.md" 2>/dev/null || tail -40 "$OUT/bench-engine-$bench_mod
 cat "$OUT/serve.md" 2>/dev/null
 cat "$OUT/kernels.md" 2>/dev/null
 cat "$OUT/step-breakdown.md" 2>/dev/null
+grep -h "attention tiles" "$OUT"/bench-engine-*.log "$OUT"/serve*.log 2>/dev/null | sort | uniq -c  # each rank's timed choice
 # At most 8 files come back from a device call: the logs and JSON travel as one archive.
 (cd "$OUT" && tar czf logs.tar.gz --remove-files -- *.log *.json 2>/dev/null)
 [[ $tests_failed -eq 0 && $tests_rc -ne 124 && $bench_rc -eq 0 && $bench_mode == graphs && $serve_rc -eq 0 \
