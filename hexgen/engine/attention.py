@@ -32,7 +32,11 @@ class GatherGroup:
 
     rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
     block_index: torch.Tensor  # [b * max_blocks] int64: every sequence's block table, padded with block 0
-    mask: torch.Tensor  # [b, 1, Q, K] additive: 0 where a (padded) query sees a key, else -inf
+    # [b, 1, Q, K] additive: 0 where a (padded) query sees a key, else -inf. None for chunks that each begin their
+    # prompt (nothing cached before them): the first Q keys are theirs and SDPA's own causal mask applies, which
+    # skips the hidden key tiles (a 1,536-token prompt's attention, SmolLM2 shape, 2-core Xeon: 22.7 -> 14.1 ms a
+    # layer in fp32, 9.8 -> 5.7 in bf16; the same numbers out).
+    mask: torch.Tensor | None
     query_index: torch.Tensor | None  # [n] int64: each token's row in the padded [b * Q] queries; None when Q == 1
     num_seqs: int
     max_query_len: int
@@ -134,9 +138,11 @@ def _gather_group(
                                  for b in members], dtype=torch.int64)
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
-    allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)
-    # An additive mask: SDPA's CPU kernel runs up to twice as fast with it as with a boolean one.
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    mask = None
+    if q_max == 1 or any(plan.starts[b] for b in members):
+        allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)
+        # An additive mask: SDPA's CPU kernel runs up to twice as fast with it as with a boolean one.
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
     query_index = None
     if q_max > 1:
         query_index = torch.tensor([g * q_max + i for g, n in enumerate(lengths) for i in range(n)])
@@ -145,7 +151,8 @@ def _gather_group(
     def to(t: torch.Tensor) -> torch.Tensor:
         return tensor_to_device(t, device)
 
-    return GatherGroup(rows=None if rows is None else to(rows), block_index=to(block_tables.view(-1)), mask=to(mask),
+    return GatherGroup(rows=None if rows is None else to(rows), block_index=to(block_tables.view(-1)),
+                       mask=None if mask is None else to(mask),
                        query_index=None if query_index is None else to(query_index), num_seqs=len(members),
                        max_query_len=q_max)
 
@@ -208,9 +215,11 @@ def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: f
         return out.reshape(batch, heads, head_dim)
     query = q.new_zeros(batch * q_max, heads, head_dim).index_copy_(0, group.query_index, q)
     query = query.view(batch, q_max, heads, head_dim)
+    if group.mask is None:  # chunks that begin their prompts: query i sees keys 0..i, all its own (a padded row
+        keys, values = keys[:, :q_max], values[:, :q_max]  # past a chunk's end sees what it likes; it is dropped)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=group.mask, scale=scale, enable_gqa=True,
+        attn_mask=group.mask, is_causal=group.mask is None, scale=scale, enable_gqa=True,
     )  # [B, h, Q, d]
     out = out.transpose(1, 2).reshape(batch * q_max, heads, head_dim)
     return out.index_select(0, group.query_index)

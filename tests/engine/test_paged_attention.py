@@ -51,6 +51,7 @@ def reference_attention(q, k_new, v_new, history, plan, scale):
     ([12, 0, 31, 8, 0], [1, 9, 1, 5, 4], 4, 4, 1),  # chunks after a cached prefix, mixed with decodes
     ([15, 16, 0], [1, 16, 32], 16, 2, 2),  # block boundaries: the token that opens / fills a block
     ([0, 20, 0, 7, 40], [6, 1, 3, 1, 1], 4, 6, 2),  # decodes after and between chunks: two groups, rows interleaved
+    ([0, 0, 0], [3, 13, 9], 4, 4, 2),  # fresh prompts of unequal lengths: padded queries, tables of unequal lengths
 ])
 def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads):
     rng = random.Random(sum(starts) + len(lengths))
@@ -69,6 +70,10 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
     assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
+    # chunks that all begin their prompts take SDPA's own causal mask (no mask tensor), the others an explicit one
+    chunk_starts = [st for st, n in zip(starts, lengths, strict=True) if n > 1]
+    if chunk_starts:
+        assert (meta.groups[-1].mask is None) == (max(chunk_starts) == 0)
     write_kv(LayerPool.of(pool, block_size), torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
     ours = paged_attention(q, LayerPool.of(pool, block_size), meta, d**-0.5)
     torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
