@@ -95,25 +95,44 @@ def tune_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: in
     return result
 
 
+@dataclass(frozen=True)
+class SyntheticStep:
+    """A step of sequences that each bring new_tokens[b] queries and see `context` keys (a whole number of
+    blocks), their blocks the pool's first ones in turn; `run` attends it with the given tiles."""
+
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    max_query_len: int
+    tiles: Tiles
+
+    @staticmethod
+    def of(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, new_tokens: list[int], context: int,
+           tiles: Tiles) -> SyntheticStep:
+        device, head_dim, block_size = k_cache.device, k_cache.shape[3], k_cache.shape[1]
+        tables = torch.arange(len(new_tokens) * (context // block_size), dtype=torch.int32, device=device)
+        query_start = torch.tensor([0, *new_tokens], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(sum(new_tokens), num_q_heads, head_dim, generator=gen, device=device).to(k_cache.dtype)
+        return SyntheticStep(q, k_cache, v_cache, tables.view(len(new_tokens), -1), query_start,
+                             torch.full((len(new_tokens),), context, dtype=torch.int32, device=device),
+                             max(new_tokens), tiles)
+
+    def run(self) -> torch.Tensor:
+        return attention.paged_attention(self.q, self.k_cache, self.v_cache, self.block_tables, self.query_start,
+                                         self.context_lens, self.max_query_len, self.q.shape[2] ** -0.5,
+                                         tiles=self.tiles)
+
+
 def _time(timer: Timer, k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, new_tokens: list[int],
           context: int, tiles: Tiles) -> TileTiming:
-    """One candidate over sequences that each bring new_tokens[b] queries and see `context` keys (a whole number
-    of blocks), their blocks the pool's first ones in turn."""
     from triton.runtime.errors import OutOfResources
 
-    device, head_dim, block_size = k_cache.device, k_cache.shape[3], k_cache.shape[1]
-    per_seq = context // block_size
-    tables = torch.arange(len(new_tokens) * per_seq, dtype=torch.int32, device=device).view(len(new_tokens), -1)
-    query_start = torch.tensor([0, *new_tokens], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    context_lens = torch.full((len(new_tokens),), context, dtype=torch.int32, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(sum(new_tokens), num_q_heads, head_dim, generator=gen, device=device).to(k_cache.dtype)
-
-    def run() -> torch.Tensor:
-        return attention.paged_attention(q, k_cache, v_cache, tables, query_start, context_lens, max(new_tokens),
-                                         head_dim**-0.5, tiles=tiles)
-
+    step = SyntheticStep.of(k_cache, v_cache, num_q_heads, new_tokens, context, tiles)
     try:
-        return TileTiming(tiles, timer(run))
+        return TileTiming(tiles, timer(step.run))
     except OutOfResources as exc:
         return TileTiming(tiles, None, str(exc).splitlines()[0])
