@@ -106,3 +106,15 @@ def test_no_candidate_fitting_is_an_error_naming_them(device, fresh_choices):
 
     with pytest.raises(RuntimeError, match="no candidate tiles .* 16 rows x 64 keys, 4 warps, 3 stages: out of"):
         tune_attention(k_cache, v_cache, num_q_heads=2, timer=timer, prefill_tiles=[Tiles(64, 64)])
+
+
+def test_fp32_on_cuda_times_only_the_tiles_that_fit_in_registers():
+    """fp32 products on CUDA spill registers at the larger tiles (tests/kernels/compile_for_gpu.py): the tuner never
+    offers them there; 16-bit dtypes and the interpreter get every candidate."""
+    from hexgen.engine.kernels.attention import FP32_TILES, candidate_tiles
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert candidate_tiles(torch.float32, cuda, decode=False) == candidate_tiles(torch.float32, cuda, True) == (
+        FP32_TILES,)
+    assert candidate_tiles(torch.bfloat16, cuda, decode=False) == PREFILL_TILES
+    assert candidate_tiles(torch.float32, cpu, decode=True) == DECODE_TILES

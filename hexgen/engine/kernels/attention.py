@@ -240,10 +240,15 @@ def choose_tiles(key: TilesKey, tiles: Tiles) -> None:
     _chosen[key] = tiles
 
 
-def default_tiles(dtype: torch.dtype, device: torch.device, decode: bool) -> Tiles:
+def candidate_tiles(dtype: torch.dtype, device: torch.device, decode: bool) -> tuple[Tiles, ...]:
+    """The tilings worth timing for this dtype and device, the default first."""
     if dtype == torch.float32 and device.type == "cuda":
-        return FP32_TILES
-    return DECODE_TILES[0] if decode else PREFILL_TILES[0]
+        return (FP32_TILES,)
+    return DECODE_TILES if decode else PREFILL_TILES
+
+
+def default_tiles(dtype: torch.dtype, device: torch.device, decode: bool) -> Tiles:
+    return candidate_tiles(dtype, device, decode)[0]
 
 
 def tiles_for(q: torch.Tensor, k_cache: torch.Tensor, decode: bool) -> Tiles:

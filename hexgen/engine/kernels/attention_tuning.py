@@ -3,11 +3,11 @@
 GPUs differ in shared memory, registers and bandwidth, and the fastest way to cut attention into programs
 differs with them (a pool of mixed cards is what hexgen serves). So a CUDA rank, once its KV pool exists and
 before it captures its decode graphs, times each of attention.DECODE_TILES on a synthetic decode step and each
-of attention.PREFILL_TILES on a synthetic prompt, reading its own pool through made-up block tables (the pool
-is zeroed, nothing is written), and launches every later call of that shape with the fastest
-(attention.choose_tiles). A candidate the card cannot run (Triton's OutOfResources: too much shared memory) is
-left out there. Costs the candidates' compilation once per machine (Triton caches the binaries on disk) and
-~25 ms of timing each.
+of attention.PREFILL_TILES on a synthetic prompt (fp32 on CUDA: only FP32_TILES, the others spill registers),
+reading its own pool through made-up block tables (the pool is zeroed, nothing is written), and launches every
+later call of that shape with the fastest (attention.choose_tiles). A candidate the card cannot run (Triton's
+OutOfResources: too much shared memory) is left out there. Costs the candidates' compilation once per machine
+(Triton caches the binaries on disk) and ~25 ms of timing each.
 
 Tiles change the order in which a row's keys are summed, so two runs that chose differently can differ in the
 last bits of bf16 attention outputs; a run's own steps all use one choice.
@@ -74,13 +74,16 @@ def cuda_timer(fn: Callable[[], object]) -> float:
 
 
 def tune_attention(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, timer: Timer | None = None,
-                   decode_tiles: Sequence[Tiles] = attention.DECODE_TILES,
-                   prefill_tiles: Sequence[Tiles] = attention.PREFILL_TILES) -> TuningResult:
-    """Time the candidate tiles over one layer's pool, k_cache and v_cache [blocks, block_size, kv_heads, d], and
-    choose the fastest of each kind for this device and shape. The synthetic steps shrink to what the pool holds."""
+                   decode_tiles: Sequence[Tiles] | None = None,
+                   prefill_tiles: Sequence[Tiles] | None = None) -> TuningResult:
+    """Time the candidate tiles (by default attention.candidate_tiles for the pool's dtype and device) over one
+    layer's pool, k_cache and v_cache [blocks, block_size, kv_heads, d], and choose the fastest of each kind for
+    this device and shape. The synthetic steps shrink to what the pool holds."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     timer = timer or cuda_timer
     device, dtype = k_cache.device, k_cache.dtype
+    decode_tiles = decode_tiles or attention.candidate_tiles(dtype, device, decode=True)
+    prefill_tiles = prefill_tiles or attention.candidate_tiles(dtype, device, decode=False)
     blocks_per_seq = max(1, min(DECODE_CONTEXT // block_size, num_blocks // DECODE_SEQS))
     decode_seqs = max(1, min(DECODE_SEQS, num_blocks // blocks_per_seq))
     prefill = block_size * max(1, min(PREFILL_TOKENS // block_size, num_blocks))
