@@ -85,13 +85,13 @@ def test_ragged_mixes_and_gqa(device, lengths, num_q_heads, num_kv_heads):
     run_case(device, lengths, 16, num_q_heads, num_kv_heads, 32, torch.float32)
 
 
-def candidate_tiles():
+def every_tiling():
     from hexgen.engine.kernels.attention import DECODE_TILES, FP32_TILES, PREFILL_TILES
 
     return [*DECODE_TILES, *PREFILL_TILES, FP32_TILES]
 
 
-@pytest.mark.parametrize("tiles", candidate_tiles(), ids=str)
+@pytest.mark.parametrize("tiles", every_tiling(), ids=str)
 @pytest.mark.parametrize("lengths", [DECODE_ONLY, MIXED], ids=["decode", "mixed"])
 def test_every_candidate_tiling(device, lengths, tiles):
     """Whatever tiles a GPU's timings choose (attention_tuning.py), the output is the same attention; GQA 3 pads
@@ -168,7 +168,7 @@ def test_llama3_8b_shape_decode_and_prefill():
         pytest.skip("needs CUDA")
     lengths = [(1, 1000)] * 24 + [(1, 4097), (256, 256), (128, 700)]
     run_case(torch.device("cuda"), lengths, 16, 32, 8, 128, torch.bfloat16)
-    for tiles in candidate_tiles():  # each tiling the tuner may choose, at this shape on this card
+    for tiles in every_tiling():  # each tiling the tuner may choose, at this shape on this card
         run_case(torch.device("cuda"), lengths, 16, 32, 8, 128, torch.bfloat16, tiles=tiles)
     from hexgen.engine.kernels.attention import choose_kv_splits
 

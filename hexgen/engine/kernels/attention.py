@@ -247,15 +247,11 @@ def candidate_tiles(dtype: torch.dtype, device: torch.device, decode: bool) -> t
     return DECODE_TILES if decode else PREFILL_TILES
 
 
-def default_tiles(dtype: torch.dtype, device: torch.device, decode: bool) -> Tiles:
-    return candidate_tiles(dtype, device, decode)[0]
-
-
 def tiles_for(q: torch.Tensor, k_cache: torch.Tensor, decode: bool) -> Tiles:
     """The tuned tiles for this call's shape and device, else the default."""
     _, block_size, num_kv_heads, _ = k_cache.shape
     key = tiles_key(q.device, q.dtype, q.shape[1], num_kv_heads, q.shape[2], block_size, decode)
-    return _chosen.get(key) or default_tiles(q.dtype, q.device, decode)
+    return _chosen.get(key) or candidate_tiles(q.dtype, q.device, decode)[0]
 
 
 def choose_kv_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
