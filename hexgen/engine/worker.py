@@ -1,6 +1,6 @@
 """Entry point of one worker process: become a rank, load the shard, then drive or follow.
 
-Every rank reports ("loaded", rank, layers), ("ready", rank) or ("error", rank, text) on the events
+Every rank reports ("loaded", rank, layers), ("ready", rank) or ("error", rank, text, cause) on the events
 channel (see hexgen/launch/channel.py); the driver then serves commands and sends token events.
 """
 
@@ -17,6 +17,7 @@ from hexgen.engine.engine import Engine, build_runner, follow_driver, init_rank
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import UserError
 from hexgen.launch.channel import ChannelAddress, RankEnd
+from hexgen.launch.failure import RankFailure, classify
 from hexgen.launch.lifetime import die_with_parent
 from hexgen.launch.spec import RankSpec
 
@@ -37,20 +38,21 @@ def rank_main(
             serve_driver(Engine.create(runner, scheduler_config, eos_token_ids), channel)
         else:
             follow_driver(runner)
-    except UserError as err:
-        channel.put(("error", spec.rank, str(err)))
-        sys.exit(2)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which stops every rank
-        # One line to the parent (a peer's death shows up here as a gloo error on every other rank);
-        # HEXGEN_DEBUG=1 also prints the rank's traceback.
-        if os.environ.get("HEXGEN_DEBUG"):
+        # One line to the parent, with what kind of failure it was: a peer's death shows up on every other rank
+        # as a gloo error, and the parent names the rank that failed first (launch/failure.py). HEXGEN_DEBUG=1
+        # also prints the rank's traceback.
+        is_input = isinstance(err, UserError)
+        if os.environ.get("HEXGEN_DEBUG") and not is_input:
             traceback.print_exc()
-        channel.put(("error", spec.rank, f"{type(err).__name__}: {err}".splitlines()[0]))
-        sys.exit(1)
+        text = str(err) if is_input else f"{type(err).__name__}: {err}".splitlines()[0]
+        channel.put(RankFailure(spec.rank, text, classify(err, is_input)).message())
+        channel.close()  # the error leaves before this rank's peers can see it go (the process group ends below)
+        sys.exit(2 if is_input else 1)
     finally:
+        channel.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-        channel.close()
 
 
 def serve_driver(engine: Engine, channel: RankEnd) -> None:

@@ -70,7 +70,8 @@ class RankEnd:
         return _drain(self._commands, timeout_s)
 
     def close(self) -> None:
-        self._ctx.destroy(linger=LINGER_MS)
+        if not self._ctx.closed:
+            self._ctx.destroy(linger=LINGER_MS)
 
 
 def _drain(sock: zmq.Socket, timeout_s: float) -> list[Any]:

@@ -17,8 +17,10 @@ from typing import Any
 
 from hexgen.launch.channel import ParentEnd
 from hexgen.launch.entry import rank_environment
+from hexgen.launch.failure import Cause, RankFailure, settle
 
 STOP_GRACE_S = 5.0
+EXIT_DRAIN_S = 0.2  # once a rank has exited, how long to wait for the error it sent before exiting
 
 
 _ENVIRONMENT_LOCK = threading.Lock()  # one child started with extra variables at a time (a server starts replicas)
@@ -155,15 +157,27 @@ class LocalReplica:
 
     def _receive(self, timeout_s: float) -> list[Any]:
         messages = self.channel.receive(timeout_s)
-        for message in messages:
-            if message[0] == "error":
-                self.close()
-                raise ReplicaFailed(f"rank {message[1]}: {message[2]}")
         exited = self.processes.first_exited() if not messages else None
-        if exited is not None:
+        if exited is not None:  # a failing rank sends its error before it exits: take it if it is on its way
+            messages = self.channel.receive(EXIT_DRAIN_S)
+        why = self._failure(messages, exited)
+        if why is not None:
             self.close()
-            raise ReplicaFailed(f"rank {exited[0]} exited with code {exited[1]}")
+            raise ReplicaFailed(why)
         return messages
+
+    def _failure(self, messages: list[Any], exited: tuple[int, int] | None) -> str | None:
+        """Why the replica failed, if it did: the rank that failed first, not a peer that lost it."""
+        failures = [RankFailure.of(m) for m in messages if m[0] == "error"]
+        if not failures:
+            return None if exited is None else f"rank {exited[0]} exited with code {exited[1]}"
+        failure = settle(failures, self.channel.receive)
+        if failure.cause is Cause.PEER:  # each rank that spoke only lost a peer: one that exited silently (a signal)
+            reported = {f.rank for f in failures}
+            for rank, proc in enumerate(self.processes.procs):
+                if proc.exitcode is not None and rank not in reported:
+                    return f"rank {rank} exited with code {proc.exitcode}"
+        return f"rank {failure.rank}: {failure.text}"
 
     def close(self) -> None:
         """Ask the driver to stop every rank, then make sure each process is gone."""

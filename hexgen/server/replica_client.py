@@ -17,6 +17,7 @@ from hexgen.dispatch import ReplicaState
 from hexgen.engine.messages import GenerationRequest, TokenEvent
 from hexgen.launch.channel import AsyncParentEnd, ChannelAddress
 from hexgen.launch.entry import run_rank
+from hexgen.launch.failure import RankFailure, settle_async
 from hexgen.launch.local import RankProcesses, StartupTracker
 from hexgen.plan import Replica
 
@@ -91,8 +92,9 @@ class ReplicaClient:
             except TimeoutError:
                 message = None
             if message is not None and message[0] == "error":
+                failure = await settle_async([RankFailure.of(message)], self.channel.receive)
                 await self._stop_processes()
-                raise ReplicaStartError(f"replica {self.index} rank {message[1]}: {message[2]}")
+                raise ReplicaStartError(f"replica {self.index} rank {failure.rank}: {failure.text}")
             if message is not None:
                 tracker.take(message)
             failure = self.processes.first_failure()
@@ -139,8 +141,9 @@ class ReplicaClient:
                 self._deliver(message[1], Rejected(message[2]))
             elif kind == "heartbeat":
                 self.load = dict(message[1])
-            elif kind == "error":
-                await self.mark_down(f"rank {message[1]} failed: {message[2]}")
+            elif kind == "error":  # the rank that failed first, not a peer that lost it
+                failure = await settle_async([RankFailure.of(message)], self.channel.receive)
+                await self.mark_down(f"rank {failure.rank} failed: {failure.text}")
 
     def _deliver(self, request_id: str, item: TokenEvent | Rejected) -> None:
         queue = self._queues.get(request_id)
