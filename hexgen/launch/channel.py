@@ -22,6 +22,13 @@ import zmq.asyncio
 from hexgen.launch.wire import WireError, decode, encode
 
 LINGER_MS = 1000  # let a dying rank's last message (its error) leave before the socket closes
+# A PUSH socket with no peer waits for one: a command to a driver whose process has ended would wait forever. So
+# the parent's commands never wait for room (no high-water mark) and give up after this long with DriverGone.
+COMMAND_TIMEOUT_MS = 5000
+
+
+class DriverGone(ConnectionError):
+    """A command found no driver to take it: the replica's driver rank has ended."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,8 @@ def _bind_parent_sockets(
     if secure:
         server_public, server_secret = zmq.curve_keypair()
         keys = CurveKeys(server_public, *zmq.curve_keypair())
+    commands.setsockopt(zmq.SNDHWM, 0)
+    commands.setsockopt(zmq.SNDTIMEO, COMMAND_TIMEOUT_MS)
     for sock in (commands, events):
         sock.setsockopt(zmq.LINGER, 0)
         if keys is not None:
@@ -112,7 +121,11 @@ class ParentEnd:
         self._commands, self._events, self.address = _bind_parent_sockets(zmq.Context.instance(), host)
 
     def send(self, message: Any) -> None:
-        self._commands.send(encode(message))
+        """Hand a command to the driver; DriverGone if none takes it."""
+        try:
+            self._commands.send(encode(message))
+        except zmq.Again:
+            raise DriverGone(f"no driver took a command within {COMMAND_TIMEOUT_MS / 1000:.0f} s") from None
 
     def receive(self, timeout_s: float) -> list[Any]:
         """Every waiting event; waits up to timeout_s for the first."""
@@ -132,7 +145,11 @@ class AsyncParentEnd:
         )
 
     async def send(self, message: Any) -> None:
-        await self._commands.send(encode(message))
+        """Hand a command to the driver; DriverGone if none takes it."""
+        try:
+            await self._commands.send(encode(message))
+        except zmq.Again:
+            raise DriverGone(f"no driver took a command within {COMMAND_TIMEOUT_MS / 1000:.0f} s") from None
 
     async def receive(self) -> Any:
         while True:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from hexgen.launch.channel import ParentEnd
+from hexgen.launch.channel import DriverGone, ParentEnd
 from hexgen.launch.entry import rank_environment
 from hexgen.launch.failure import Cause, RankFailure, settle
 
@@ -145,10 +145,18 @@ class LocalReplica:
             self._pending += [m for m in self._receive(0.2) if not tracker.take(m)]
 
     def submit(self, request: Any) -> None:
-        self.channel.send(("add", request))
+        self._send(("add", request))
 
     def abort(self, request_id: str) -> None:
-        self.channel.send(("abort", request_id))
+        self._send(("abort", request_id))
+
+    def _send(self, command: tuple) -> None:
+        try:
+            self.channel.send(command)
+        except DriverGone as err:  # its process has ended: say why, as a poll would
+            self._receive(EXIT_DRAIN_S)
+            self.close()
+            raise ReplicaFailed(f"rank 0: {err}") from None
 
     def poll(self, timeout_s: float = 0.1) -> list[Any]:
         """Messages from the driver ("events", [...]) / ("rejected", id, why); raises ReplicaFailed."""
@@ -184,9 +192,10 @@ class LocalReplica:
         if self.closed:
             return
         self.closed = True
+        grace_s = 0.0
         if all(p.is_alive() for p in self.processes.procs):
-            self.channel.send(("shutdown",))
-            self.processes.stop()
-        else:
-            self.processes.stop(grace_s=0.0)
+            with contextlib.suppress(DriverGone):  # it ended since: stop the rest at once
+                self.channel.send(("shutdown",))
+                grace_s = STOP_GRACE_S
+        self.processes.stop(grace_s)
         self.channel.close()

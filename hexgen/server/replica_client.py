@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from hexgen.dispatch import ReplicaState
 from hexgen.engine.messages import GenerationRequest, TokenEvent
-from hexgen.launch.channel import AsyncParentEnd, ChannelAddress
+from hexgen.launch.channel import AsyncParentEnd, ChannelAddress, DriverGone
 from hexgen.launch.entry import run_rank
 from hexgen.launch.failure import RankFailure, settle_async
-from hexgen.launch.local import RankProcesses, StartupTracker
+from hexgen.launch.local import STOP_GRACE_S, RankProcesses, StartupTracker
 from hexgen.plan import Replica
 
 WATCH_PERIOD_S = 0.5
@@ -119,7 +119,7 @@ class ReplicaClient:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = queue
         self.state.outstanding += 1
-        await self.channel.send(("add", request))
+        await self._send(("add", request))
         return queue
 
     async def release(self, request_id: str, abort: bool) -> None:
@@ -127,7 +127,15 @@ class ReplicaClient:
         if self._queues.pop(request_id, None) is not None:
             self.state.outstanding -= 1
             if abort and self.state.is_up:
-                await self.channel.send(("abort", request_id))
+                await self._send(("abort", request_id))
+
+    async def _send(self, command: tuple) -> None:
+        """A command to the driver; a driver that takes none is gone: the replica goes down and its requests hear
+        so (ReplicaDown), this one's included."""
+        try:
+            await self.channel.send(command)
+        except DriverGone as err:
+            await self.mark_down(f"rank 0 failed: {err}")
 
     async def _receive_loop(self) -> None:
         while self.state.is_up:
@@ -186,6 +194,10 @@ class ReplicaClient:
         self._cancel_tasks()
         if self.status == "up":
             self.status, self.state.is_up = "stopped", False
-            await self.channel.send(("shutdown",))
-            await asyncio.to_thread(self.processes.stop)
+            try:
+                await self.channel.send(("shutdown",))
+                grace_s = STOP_GRACE_S
+            except DriverGone:  # it ended already: stop the rest at once
+                grace_s = 0.0
+            await asyncio.to_thread(self.processes.stop, grace_s)
             self.channel.close()

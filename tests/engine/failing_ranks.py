@@ -20,10 +20,15 @@ TEXTS = {
 
 def fail_after(spec, delay_s: float, how: str, address: ChannelAddress) -> None:
     """Wait delay_s, then fail as `how` says: a Cause's name (report it, then exit), "signal" (SIGKILL itself,
-    saying nothing) or "live" (stay up until stopped)."""
+    saying nothing), "live" (report ready, stay up until stopped) or "deaf" (report ready, then close the channel
+    and stay up: a driver that takes no more commands)."""
     channel = RankEnd(address, receives_commands=spec.rank == 0)
     time.sleep(delay_s)
-    if how == "live":
+    if how in ("live", "deaf"):
+        channel.put(("ready", spec.rank))
+    if how == "deaf":
+        channel.close()
+    if how in ("live", "deaf"):
         time.sleep(60)
     if how == "signal":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,21 +1,25 @@
 """When one rank fails its peers fail too (a gloo receive from a dead rank raises): the parent names the rank that
 failed first, whichever error reaches it first. The pure rules (classify, settle) against hand-made failures; then
-real processes whose errors race, through the CLI's LocalReplica and the server's ReplicaClient."""
+real processes whose errors race, through the CLI's LocalReplica and the server's ReplicaClient. And a command to a
+driver that has gone fails instead of waiting forever."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
+from engine_helpers import greedy_requests
 from failing_ranks import TEXTS, fail_after
 
 from hexgen.errors import ConfigError
+from hexgen.launch import channel
 from hexgen.launch.failure import Cause, RankFailure, classify, first_cause, settle, settle_async
 from hexgen.launch.local import LocalReplica, RankProcesses, ReplicaFailed
 from hexgen.launch.spec import Layout, RankSpec
 from hexgen.plan import Replica, Stage
-from hexgen.server.replica_client import ReplicaClient, ReplicaStartError
+from hexgen.server.replica_client import ReplicaClient, ReplicaDown, ReplicaStartError
 
 GLOO_PEER_LOSS = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                   "[127.0.0.1]:63169. This is typically caused by a remote worker crashing.")
@@ -120,3 +124,65 @@ def test_the_server_names_the_rank_that_failed_first():
         asyncio.run(client.start(timeout_s=30))
     assert str(failed.value) == f"replica 0 rank 1: {TEXTS[Cause.INPUT]}"
     assert not any(p.is_alive() for p in client.processes.procs)
+
+
+def in_thread(fn, limit_s: float) -> None:
+    """Run fn; fail (rather than hang the suite) if it has not returned within limit_s."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            errors.append(err)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert not thread.is_alive(), f"still waiting after {limit_s} s"
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def short_command_timeout(monkeypatch):
+    monkeypatch.setattr(channel, "COMMAND_TIMEOUT_MS", 300)
+
+
+def test_a_command_no_driver_takes_fails(short_command_timeout):
+    parent = channel.ParentEnd()
+    try:
+        with pytest.raises(channel.DriverGone):
+            in_thread(lambda: parent.send(("shutdown",)), limit_s=10)
+    finally:
+        parent.close()
+
+
+def test_the_cli_stops_a_replica_whose_driver_went_deaf(short_command_timeout):
+    replica = LocalReplica(fail_after, stand_in_ranks([(0.0, "deaf"), (0.0, "live")]))
+    replica.start(timeout_s=30)
+    time.sleep(0.5)  # the driver's channel has closed
+    with pytest.raises(ReplicaFailed, match="rank 0: no driver took a command"):
+        in_thread(lambda: replica.submit(greedy_requests([[1, 2]], 4)[0]), limit_s=15)
+    assert replica.closed and not any(p.is_alive() for p in replica.processes.procs)
+    replica = LocalReplica(fail_after, stand_in_ranks([(0.0, "deaf"), (0.0, "live")]))
+    replica.start(timeout_s=30)
+    time.sleep(0.5)
+    in_thread(replica.close, limit_s=15)  # every process alive, the driver deaf: no shutdown reaches it
+    assert not any(p.is_alive() for p in replica.processes.procs)
+
+
+def test_the_server_fails_over_from_a_driver_that_went_deaf(short_command_timeout):
+    plan = Replica((Stage("localhost", (0,), 1, (0, 1)), Stage("localhost", (1,), 1, (1, 2))))
+
+    async def run() -> object:
+        client = ReplicaClient(0, plan, lambda address: RankProcesses(
+            fail_after, [(*args, address) for args in stand_in_ranks([(0.0, "deaf"), (0.0, "live")])]))
+        await client.start(timeout_s=30)
+        await asyncio.sleep(0.5)
+        queue = await asyncio.wait_for(client.submit(greedy_requests([[1, 2]], 4)[0]), timeout=15)
+        item = queue.get_nowait()
+        assert client.status == "down" and not any(p.is_alive() for p in client.processes.procs)
+        return item
+
+    item = asyncio.run(run())
+    assert isinstance(item, ReplicaDown) and "rank 0 failed: no driver took a command" in item.reason
