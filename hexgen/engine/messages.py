@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token (OpenAI's chat limit)
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # a logit bias lies in [-100, 100] (OpenAI's range)
+SEED_BITS = 64  # a seed counts by its low 64 bits: s and s + 2**64 draw the same tokens; -1 is 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0
-    seed: int | None = None  # None = fresh randomness per request
+    seed: int | None = None  # None = fresh randomness per request; any integer, kept as its low 64 bits (SEED_BITS)
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely alternatives
@@ -30,6 +31,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.seed is not None:  # the sampler draws from the seed's low 64 bits: keep just those, which also fit
+            object.__setattr__(self, "seed", self.seed % (1 << SEED_BITS))  # the channel's integers (msgpack)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

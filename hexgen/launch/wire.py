@@ -24,6 +24,8 @@ class WireError(ValueError):
 
 
 def _default(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, int):  # msgpack asks here only for integers it cannot hold
+        raise OverflowError(f"integer {obj} does not fit in 64 bits")
     name = type(obj).__name__
     if not dataclasses.is_dataclass(obj) or MESSAGE_TYPES.get(name) is not type(obj):
         raise TypeError(f"{name} is not a registered channel message type")

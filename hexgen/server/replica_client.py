@@ -119,7 +119,11 @@ class ReplicaClient:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = queue
         self.state.outstanding += 1
-        await self._send(("add", request))
+        try:
+            await self._send(("add", request))
+        except BaseException:  # e.g. a request the channel cannot carry: it was never added, so forget it
+            await self.release(request.request_id, abort=False)
+            raise
         return queue
 
     async def release(self, request_id: str, abort: bool) -> None:

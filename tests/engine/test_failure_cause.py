@@ -13,6 +13,7 @@ import pytest
 from engine_helpers import greedy_requests
 from failing_ranks import TEXTS, fail_after
 
+from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.errors import ConfigError
 from hexgen.launch import channel
 from hexgen.launch.failure import Cause, RankFailure, classify, first_cause, settle, settle_async
@@ -186,3 +187,23 @@ def test_the_server_fails_over_from_a_driver_that_went_deaf(short_command_timeou
 
     item = asyncio.run(run())
     assert isinstance(item, ReplicaDown) and "rank 0 failed: no driver took a command" in item.reason
+
+
+def test_a_request_the_channel_cannot_carry_is_forgotten():
+    """submit() that fails to send leaves no outstanding request behind (the replica stays up for the next)."""
+    plan = Replica((Stage("localhost", (0,), 1, (0, 1)),))
+
+    async def run() -> None:
+        client = ReplicaClient(0, plan, lambda address: RankProcesses(
+            fail_after, [(*args, address) for args in stand_in_ranks([(0.0, "live")])]))
+        await client.start(timeout_s=30)
+        try:
+            with pytest.raises(OverflowError):  # msgpack carries integers of at most 64 bits
+                await client.submit(GenerationRequest("big", (2**70,), SamplingParams()))
+            assert client.state.outstanding == 0 and client.status == "up"
+            await client.submit(greedy_requests([[1, 2]], 4)[0])
+            assert client.state.outstanding == 1
+        finally:
+            await client.close()
+
+    asyncio.run(run())

@@ -250,6 +250,22 @@ def test_n_choices_are_the_seeded_single_requests(idle):
         "prompt_tokens"]
 
 
+def test_seeds_count_by_their_low_64_bits(idle):
+    """Any integer seed is accepted: one past 64 bits draws as its low 64 bits, a negative one as its two's
+    complement; n choices of the largest seed wrap around to 0 (the channel carries at most 64-bit integers)."""
+    base = {"model": model_name(idle), "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0.9, "ignore_eos": True}
+
+    def text(seed: int, n: int = 1) -> list[str]:
+        response = idle.post("/v1/completions", {**base, "seed": seed, "n": n})
+        assert response.status_code == 200, response.text
+        return [c["text"] for c in response.json()["choices"]]
+
+    assert text(5 + 2**70) == text(5) and text(-1) == text(2**64 - 1)
+    assert text(2**64 - 1, n=2) == [*text(2**64 - 1), *text(0)]
+    assert text(5) != text(6)  # the seeds above are told apart
+    assert idle.status()["replicas"][0]["outstanding_requests"] == 0
+
+
 def test_n_streamed_chat_choices_equal_the_whole_answer(idle, reference):
     body = {"model": model_name(idle), "messages": [{"role": "user", "content": "Count."}], "max_tokens": 6,
             "temperature": 0.8, "seed": 3, "n": 2, "stream_options": {"include_usage": True}}  # fmt: skip

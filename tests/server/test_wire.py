@@ -21,6 +21,13 @@ def test_messages_round_trip():
     assert decode(encode(("error", 2, "boom"))) == ("error", 2, "boom")
 
 
+@pytest.mark.parametrize(("seed", "kept"), [(2**70 + 5, 5), (-1, 2**64 - 1), (2**64, 0), (7, 7)])
+def test_any_integer_seed_travels_as_its_low_64_bits(seed, kept):
+    request = GenerationRequest("r1", (5,), SamplingParams(seed=seed, temperature=1.0))
+    assert request.params.seed == kept
+    assert decode(encode(("add", request))) == ("add", request)
+
+
 def test_unregistered_types_are_refused_both_ways():
     class Evil:
         def __reduce__(self):
