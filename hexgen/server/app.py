@@ -12,8 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hexgen.engine.messages import TokenLogprobs
-from hexgen.server.coordinator import Coordinator, TextDelta, merge_choices
+from hexgen.engine.messages import GenerationRequest, TokenLogprobs
+from hexgen.server.coordinator import Admission, Coordinator, TextDelta, merge_choices
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from hexgen.server.responses import ResponseShape, sse
 
@@ -112,12 +112,24 @@ async def _generate(
         raise APIError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} sequences; this server "
                        f"keeps at most {limit} requests in flight (each choice of each prompt is one)", param="prompt")
     sequences = [s for ids in prompts for s in coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)]
-    coordinator.check_capacity(len(sequences))
+    admission = coordinator.admit(len(sequences))
+    try:
+        return await _respond(coordinator, request, body, prompts, sequences, admission, chat, echoes)
+    finally:
+        admission.close()  # what has not reached a replica by now (with a stream's first delta, all of it has)
+
+
+async def _respond(
+    coordinator: Coordinator, request: Request, body: SamplingFields, prompts: list[list[int]],
+    sequences: list[GenerationRequest], admission: Admission, chat: bool, echoes: list[str] | None,
+) -> Response:
+    """Generate the admitted sequences and answer, whole or streamed."""
     speller = coordinator.tokenizer if body.logprob_alternatives is not None else None
     echo = None if echoes is None else [text for text in echoes for _ in range(body.n)]
     shape = ResponseShape(chat, coordinator.config.model_name, sum(len(ids) for ids in prompts), speller, echo)
     endpoint = "chat" if chat else "completions"
-    streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream) for s in sequences]
+    streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream, admission=admission)
+               for s in sequences]
     if body.stream:
         deltas = merge_choices(streams)
         try:

@@ -42,6 +42,27 @@ class TextDelta:
     prompt_logprobs: list[tuple[int, TokenLogprobs | None]] = field(default_factory=list)
 
 
+class Admission:
+    """Sequences let in under the limit of requests in flight that have not reached a replica yet. They count
+    against the limit from admission until each reaches its replica (where it counts as outstanding) or the request
+    ends, so a burst of requests cannot all pass the check before any of them is submitted."""
+
+    def __init__(self, coordinator: Coordinator, sequences: int):
+        self._coordinator = coordinator
+        self.left = sequences
+
+    def reached_replica(self) -> None:
+        """One sequence now counts on its replica."""
+        if self.left:
+            self.left -= 1
+            self._coordinator.admitted -= 1
+
+    def close(self) -> None:
+        """The request is over (or all its sequences are on replicas): release what is left."""
+        self._coordinator.admitted -= self.left
+        self.left = 0
+
+
 class Coordinator:
     def __init__(
         self,
@@ -56,6 +77,7 @@ class Coordinator:
         self.replicas = replicas
         self.policy = policy
         self.metrics = metrics
+        self.admitted = 0  # sequences admitted that have not reached a replica yet (Admission)
 
     @property
     def is_up(self) -> bool:
@@ -120,9 +142,10 @@ class Coordinator:
                                   replace(request.params, seed=None if seed is None else seed + i))
                 for i in range(n)]
 
-    def check_capacity(self, sequences: int = 1) -> None:
-        """429 unless `sequences` more fit under the limit of requests in flight."""
-        outstanding = sum(r.state.outstanding for r in self.replicas if r.state.is_up)
+    def admit(self, sequences: int = 1) -> Admission:
+        """Let `sequences` more in if they fit under the limit of requests in flight (those on replicas that are up,
+        and those admitted but not yet on a replica), else 429. The caller closes the admission when done."""
+        outstanding = sum(r.state.outstanding for r in self.replicas if r.state.is_up) + self.admitted
         if outstanding + sequences > self.config.max_outstanding:
             raise APIError(
                 429,
@@ -130,12 +153,18 @@ class Coordinator:
                 type_="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
+        self.admitted += sequences
+        return Admission(self, sequences)
 
-    async def events(self, request: GenerationRequest, restartable: bool) -> AsyncIterator[TokenEvent | object]:
+    async def events(self, request: GenerationRequest, restartable: bool, admission: Admission | None = None
+                     ) -> AsyncIterator[TokenEvent | object]:
         """Token events of one request. If its replica goes down before its first token (or at any time
         when `restartable`), the request is re-sent to another replica; RESTART marks a re-send after tokens."""
         while True:
             replica = self._choose()
+            if admission is not None:  # from here the request counts as outstanding on its replica
+                admission.reached_replica()
+                admission = None
             queue = await replica.submit(request)
             produced, finished, down = False, False, None
             try:
@@ -171,7 +200,8 @@ class Coordinator:
             ) from None
 
     async def stream_text(
-        self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool
+        self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool,
+        admission: Admission | None = None,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas cut at stop strings; the last delta carries the finish reason and each delta the
         log-probabilities of the tokens since the one before (where asked). Records metrics."""
@@ -179,7 +209,7 @@ class Coordinator:
         first_token_s: float | None = None
         stream, count, logprobs, prompt_logprobs = TextStream(self.tokenizer, stop_strings), 0, [], []
         self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-        async with aclosing(self.events(request, restartable)) as events:  # closing aborts on the replica
+        async with aclosing(self.events(request, restartable, admission)) as events:  # closing aborts on the replica
             async for item in events:
                 if item is RESTART:
                     stream, count, first_token_s = TextStream(self.tokenizer, stop_strings), 0, None

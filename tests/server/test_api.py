@@ -668,6 +668,23 @@ def test_full_queue_answers_429_with_retry_after(idle):
     assert complete(idle, PROMPTS[1], 2)["usage"]["completion_tokens"] == 2  # room again
 
 
+def test_a_burst_gets_no_more_places_than_the_limit(idle):
+    """Requests arriving together are admitted up to the limit of requests in flight, the rest answered 429: none
+    slips in between another's admission and its submission to a replica."""
+    body = {"model": model_name(idle), "prompt": PROMPTS[0], "max_tokens": 256, "ignore_eos": True}
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers=idle.headers) as client:
+            responses = await asyncio.gather(*[client.post(idle.url + "/v1/completions", json=body)
+                                               for _ in range(3 * MAX_QUEUE)])
+        return [r.status_code for r in responses]
+
+    codes = asyncio.run(burst())
+    assert set(codes) == {200, 429} and codes.count(200) <= MAX_QUEUE, codes
+    idle.wait_idle(timeout_s=30)
+    assert sum(r["outstanding_requests"] for r in idle.status()["replicas"]) == 0
+
+
 # ---- metrics ----
 
 

@@ -257,25 +257,62 @@ def test_the_first_delta_carries_the_prompts_scores_the_first_token_unscored():
     assert body["text_offset"] == [0, 1, 2, 3] and end == 4
 
 
-def test_check_capacity_counts_requests_of_replicas_that_are_up():
+def test_admit_counts_requests_of_replicas_that_are_up():
     replicas = [FakeReplica(0), FakeReplica(1), FakeReplica(2)]
     replicas[0].state.outstanding, replicas[1].state.outstanding, replicas[2].state.outstanding = 2, 1, 5
     replicas[2].state.is_up = False
-    make_coordinator(replicas, max_outstanding=4).check_capacity()  # 2 + 1 < 4
+    make_coordinator(replicas, max_outstanding=4).admit()  # 2 + 1 < 4
     with pytest.raises(APIError) as info:
-        make_coordinator(replicas, max_outstanding=3).check_capacity()
+        make_coordinator(replicas, max_outstanding=3).admit()
     assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"
     assert info.value.body()["error"]["type"] == "rate_limit_exceeded"
 
 
-def test_check_capacity_counts_every_choice_of_a_request():
+def test_admit_counts_every_choice_of_a_request():
     replicas = [FakeReplica(0), FakeReplica(1)]
     replicas[0].state.outstanding, replicas[1].state.outstanding = 2, 1
-    coordinator = make_coordinator(replicas, max_outstanding=5)
-    coordinator.check_capacity(2)  # 3 + 2 <= 5
+    coordinator = make_coordinator(replicas, max_outstanding=6)
+    coordinator.admit(2)  # 3 + 2 <= 6
     with pytest.raises(APIError) as info:
-        coordinator.check_capacity(3)
+        coordinator.admit(2)  # 3 on replicas + 2 admitted, not yet submitted + 2 > 6
     assert info.value.status == 429
+
+
+def test_admitted_sequences_count_until_they_reach_a_replica():
+    """A burst cannot slip past the limit between admission and submission: admitted sequences count until each
+    is on a replica (where it counts as outstanding) or its request ends."""
+    replicas = [FakeReplica(0)]
+    coordinator = make_coordinator(replicas, max_outstanding=3)
+    first, second = coordinator.admit(2), coordinator.admit(1)
+    with pytest.raises(APIError):
+        coordinator.admit(1)  # nothing submitted yet: 3 admitted
+    first.reached_replica()
+    replicas[0].state.outstanding += 1  # what submit does
+    with pytest.raises(APIError):
+        coordinator.admit(1)  # 1 outstanding + 2 admitted
+    second.close()
+    third = coordinator.admit(1)  # 1 outstanding + 1 admitted + 1
+    first.close()  # its other sequence never reached a replica
+    third.close()
+    assert coordinator.admitted == 0
+    coordinator.admit(2)
+
+
+def test_a_stream_moves_its_admission_to_its_replica():
+    replica = FakeReplica(0, [tokens(5, 6)])
+    coordinator = make_coordinator([replica], max_outstanding=2)
+    admission = coordinator.admit(1)
+
+    async def go() -> tuple[int, int]:
+        stream = coordinator.stream_text(coordinator.prepare([1], 2, fields()), (), False, admission)
+        await anext(stream)
+        seen = coordinator.admitted, replica.state.outstanding
+        await stream.aclose()
+        return seen
+
+    assert asyncio.run(go()) == (0, 1)  # counted once: on its replica, no longer as admitted
+    admission.close()
+    assert coordinator.admitted == 0 and replica.state.outstanding == 0
 
 
 def test_choices_take_consecutive_seeds_and_their_own_ids():
