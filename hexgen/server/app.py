@@ -10,7 +10,10 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hexgen.engine.messages import GenerationRequest, TokenLogprobs
 from hexgen.server.coordinator import Admission, Coordinator, TextDelta, merge_choices
@@ -18,11 +21,19 @@ from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRe
 from hexgen.server.responses import ResponseShape, sse
 
 DISCONNECT_POLL_S = 0.25
+# A request body may hold up to this many bytes per token of every sequence the server keeps in flight (each at
+# most the context long), and at least MIN_BODY_BYTES: far more than any valid request needs, short of what would
+# exhaust the server's memory.
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_BYTES = 1 << 20
 
 
 def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[str, Any] | None = None) -> FastAPI:
+    config = coordinator.config
+    max_body_bytes = max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * config.max_outstanding * config.max_context)
     app = FastAPI(title="hexgen", docs_url=None, redoc_url=None)
-    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    _install_error_handlers(app, max_body_bytes)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -43,16 +54,17 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
         up = sum(r.state.is_up for r in coordinator.replicas)
         return JSONResponse({"status": "ok" if up else "down", "replicas_up": up}, status_code=200 if up else 503)
 
+    card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "hexgen",
+            "max_model_len": config.max_context}
+
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
-        card = {
-            "id": coordinator.config.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "hexgen",
-            "max_model_len": coordinator.config.max_context,
-        }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}", dependencies=guarded)
+    async def model(model: str) -> dict[str, Any]:
+        _check_model_name(coordinator, model)
+        return card
 
     @app.get("/metrics", dependencies=guarded)
     async def metrics() -> Response:
@@ -71,9 +83,11 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        _check_model(coordinator, body)
+        _check_model_name(coordinator, body.model)
         tokenizer = coordinator.tokenizer
-        prompts = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts]
+        # tokenizing a long text takes a while (a 10 MB prompt: 5 s): off the event loop, which streams the others
+        prompts = await asyncio.to_thread(
+            lambda: [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts])
         echoes = None
         if body.echo:  # each prompt's text as sent, token-id prompts decoded
             echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
@@ -81,9 +95,9 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        _check_model(coordinator, body)
+        _check_model_name(coordinator, body.model)
         try:
-            ids = coordinator.tokenizer.apply_chat_template(body.template_messages())
+            ids = await asyncio.to_thread(coordinator.tokenizer.apply_chat_template, body.template_messages())
         except Exception as err:  # the template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
         return await _generate(coordinator, request, body, [ids], body.token_limit, chat=True)
@@ -91,11 +105,34 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
     return app
 
 
-def _check_model(coordinator: Coordinator, body: SamplingFields) -> None:
-    if body.model != coordinator.config.model_name:
+class BodyLimit:
+    """ASGI middleware: a request body past max_bytes gets a 413 in OpenAI's error shape: at once when its
+    Content-Length says so, else once that many bytes have come (starlette's limit raises an HTTPException that
+    the app's handler answers)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = RequestBodyLimitMiddleware(app, max_bytes)
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length = Headers(scope=scope).get("content-length", "") if scope["type"] == "http" else ""
+        if length.isdigit() and int(length) > self.max_bytes:
+            error = body_too_large(self.max_bytes, f"is {int(length):,} bytes")
+            await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def body_too_large(max_bytes: int, how_large: str) -> APIError:
+    return APIError(413, f"the request body {how_large}; this server takes at most {max_bytes:,} bytes "
+                    f"(--max-queue x --max-context x {BODY_BYTES_PER_TOKEN}, at least {MIN_BODY_BYTES:,})")
+
+
+def _check_model_name(coordinator: Coordinator, name: str) -> None:
+    if name != coordinator.config.model_name:
         raise APIError(
             404,
-            f"model {body.model!r} does not exist; this server serves {coordinator.config.model_name!r}",
+            f"model {name!r} does not exist; this server serves {coordinator.config.model_name!r}",
             param="model",
             code="model_not_found",
         )
@@ -251,7 +288,7 @@ def _replica_status(replica) -> dict[str, Any]:
     }
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(APIError)
     async def api_error(_request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -270,4 +307,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+        error = APIError(err.status_code, str(err.detail))
+        if err.status_code == 413:  # a body sent in chunks, past the limit (BodyLimit)
+            error = body_too_large(max_body_bytes, "is too large")
+        return JSONResponse(error.body(), status_code=err.status_code)

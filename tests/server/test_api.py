@@ -139,8 +139,8 @@ def test_status_and_metrics_count_the_engine_steps_of_each_request(idle):
 
 @pytest.mark.parametrize(
     "method, path",
-    [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/status"), ("POST", "/v1/completions"),
-     ("POST", "/v1/chat/completions")],
+    [("GET", "/v1/models"), ("GET", "/v1/models/any"), ("GET", "/metrics"), ("GET", "/status"),
+     ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")],
 )  # fmt: skip
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY + "x"}])
 def test_api_key_is_required_on_every_endpoint_but_health(idle, method, path, headers):
@@ -155,6 +155,29 @@ def test_models_lists_the_served_model(idle):
     data = idle.get("/v1/models").json()
     assert [m["id"] for m in data["data"]] == [model_name(idle)]
     assert data["data"][0]["max_model_len"] == MAX_CONTEXT
+    assert idle.get(f"/v1/models/{model_name(idle)}").json() == data["data"][0]
+    client = openai.OpenAI(base_url=idle.url + "/v1", api_key=API_KEY, max_retries=0)
+    assert client.models.retrieve(model_name(idle)).id == model_name(idle)
+    for other in ("other", "org/other"):
+        response = idle.get(f"/v1/models/{other}")
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_body_past_the_limit_is_refused_unread_or_when_it_passes_it(idle):
+    """The body limit (here its floor, 1 MiB: 4 requests x 2,048 tokens x 64 bytes is less): a 413 in OpenAI's
+    shape whether the body says its length or comes in chunks; a body under it is read."""
+    limit = 1 << 20
+    body = json.dumps({"model": model_name(idle), "prompt": "hi " * (limit // 3), "max_tokens": 1}).encode()
+    headers = {**idle.headers, "content-type": "application/json"}
+    said = httpx.post(idle.url + "/v1/completions", content=body, headers=headers, timeout=60)
+    pieces = iter([body[i:i + 65536] for i in range(0, len(body), 65536)])  # no Content-Length: sent in chunks
+    chunked = httpx.post(idle.url + "/v1/completions", content=pieces, headers=headers, timeout=60)
+    for response in (said, chunked):
+        assert response.status_code == 413, response.text
+        assert "takes at most 1,048,576 bytes" in response.json()["error"]["message"]
+    assert f"is {len(body):,} bytes" in said.json()["error"]["message"]
+    under = idle.post("/v1/completions", {"model": model_name(idle), "prompt": "hi " * 300_000, "max_tokens": 1})
+    assert under.status_code == 400 and under.json()["error"]["code"] == "context_length_exceeded"
 
 
 # ---- completions against the engine's one-process output ----

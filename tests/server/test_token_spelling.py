@@ -3,6 +3,9 @@ of a piece of a multi-byte character, where the tokenizer says them."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from hexgen.engine.checkpoint import resolve_model
@@ -45,3 +48,21 @@ def test_sentencepiece_byte_tokens_and_whole_words_of_another_tokenizer(tmp_path
     assert tokenizer.token_bytes(1) == b"\xe2"
     assert tokenizer.token_bytes(2) == b"hello" and tokenizer.token_text(2) == "hello"
     assert tokenizer.token_bytes(3) == "☃".encode()
+
+
+def test_encoding_equals_the_tokenizers_own_and_lets_other_threads_run(smollm2):
+    """Tokenizer.encode gives tokenizers' own encode ids, and lets go of the GIL while it works: the server
+    tokenizes in a thread and goes on streaming other requests meanwhile."""
+    texts = ["Hello there", "héllo → ☃ 日本\n<|im_end|>", ""]
+    for text in texts:
+        for special in (True, False):
+            assert smollm2.encode(text, special) == smollm2._tok.encode(text, add_special_tokens=special).ids
+    long_text = "hello world " * 200_000  # ~0.5 s of tokenizing
+    ticks, done = [], threading.Event()
+    worker = threading.Thread(target=lambda: (smollm2.encode(long_text), done.set()))
+    worker.start()
+    while not done.is_set():
+        ticks.append(1)
+        time.sleep(0.001)
+    worker.join()
+    assert len(ticks) >= 20  # holding the GIL throughout, this thread would see one or two turns
