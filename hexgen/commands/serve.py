@@ -47,9 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("max_batch", "max_queue", "max_context"):
+    for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_context < 2:  # a one-token prompt and one generated token
+        raise UserError(f"--max-context must be >= 2, got {args.max_context}")
+    for flag in ("api_key", "served_model_name"):  # an empty key would let every request in
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise UserError(f"--{flag.replace('_', '-')} must not be empty (leave it out for the default)")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     check_engine_args(args)
