@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from hexgen.commands.arg_types import finite_float
 from hexgen.errors import UserError
 
 
@@ -19,9 +20,10 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model name the server expects")
     p.add_argument("--concurrency", type=int, help="closed loop: N streams, each sending when its last one ends "
                                                    "(default: 1; not with --rate)")
-    p.add_argument("--rate", type=float, help="open loop: Poisson arrivals at R requests/s (not with --concurrency)")
+    p.add_argument("--rate", type=finite_float,
+                   help="open loop: Poisson arrivals at R requests/s (not with --concurrency)")
     p.add_argument("--num-requests", type=int, help="measured requests (default: 32; not with --duration-s)")
-    p.add_argument("--duration-s", type=float, help="send new requests for this many seconds instead")
+    p.add_argument("--duration-s", type=finite_float, help="send new requests for this many seconds instead")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
     p.add_argument("--prompt", help="prompt text (default: a fixed story opening)")
     p.add_argument("--chat", action="store_true", help="use /chat/completions instead of /completions")
@@ -35,10 +37,10 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="bearer token (default: $OPENAI_API_KEY)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout, seconds")
-    p.add_argument("--slo-ttft-s", type=float, help="SLO on time to first token")
-    p.add_argument("--slo-tpot-s", type=float, help="SLO on time per output token")
-    p.add_argument("--slo-e2e-s", type=float, help="SLO on end-to-end latency")
+    p.add_argument("--timeout-s", type=finite_float, default=600.0, help="per-request timeout, seconds")
+    p.add_argument("--slo-ttft-s", type=finite_float, help="SLO on time to first token")
+    p.add_argument("--slo-tpot-s", type=finite_float, help="SLO on time per output token")
+    p.add_argument("--slo-e2e-s", type=finite_float, help="SLO on end-to-end latency")
     p.add_argument("--json", metavar="FILE", help="also save config, summary and every request as JSON")
     p.set_defaults(run=run_serve_bench)
 

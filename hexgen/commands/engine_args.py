@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hexgen.commands.arg_types import finite_float
 from hexgen.commands.workload_args import DTYPE_BYTES
 from hexgen.engine.kv_budget import GIB, RankShape, check_memory_budget
 from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig, is_valid_block_size
@@ -24,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; auto: bfloat16 on GPUs from Ampere on and on a CPU with bf16 "
                    "arithmetic (AVX512_BF16, AMX), else float32 (with --ray: bfloat16 on CUDA, float32 on CPUs)")
     p.add_argument(
-        "--memory-gb", type=float, default=None, metavar="GB",
+        "--memory-gb", type=finite_float, default=None, metavar="GB",
         help="memory of each rank for its weights plus its KV cache, in GiB (default: on CUDA what is left after "
         "the weights less 10%% of the GPU; on CPU up to 2 GiB of KV cache per rank)",
     )

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from hexgen.commands.arg_types import finite_float
 from hexgen.commands.engine_args import add_engine_args
 from hexgen.errors import UserError
 
@@ -57,9 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens generated per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the K likeliest tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample from the likeliest tokens holding P of the mass")
+    p.add_argument("--top-p", type=finite_float, default=1.0,
+                   help="sample from the likeliest tokens holding P of the mass")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the sampling; prompt i uses seed + i (default: fresh randomness)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (benchmarks)")

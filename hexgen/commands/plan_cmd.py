@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hexgen.commands.workload_args import add_workload_args, sizing_workload, slo_seconds
+from hexgen.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from hexgen.planner.search import PlanRequest, plan_cluster
     from hexgen.planner.validate import validate_plan
 
+    if args.generations < 0:
+        raise UserError(f"--generations must be >= 0 (0: the seeded plans only), got {args.generations}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hexgen.commands.arg_types import finite_float
+
 
 def register(subparsers) -> None:
     from hexgen.commands.workload_args import add_workload_args
@@ -14,7 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="model preset or config (default: the plan's model)")
     add_workload_args(p)
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
-    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrivals")
+    p.add_argument("--cv", type=finite_float, default=2.0, help="coefficient of variation of gamma inter-arrivals")
     p.add_argument("--requests", type=int, default=1000, help="requests to simulate")
     p.add_argument("--sweep-slo-scales", help="comma-separated SLO scales to plot attainment against")
     p.add_argument("--sweep-rates", help="comma-separated request rates to plot attainment against")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hexgen.cluster import Cluster, builtin_gpu_types, load_cluster
+from hexgen.commands.arg_types import finite_float
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import POLICIES
 from hexgen.engine.scheduler import SchedulerConfig
@@ -17,10 +18,10 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rate", type=float, required=True, help="request rate, requests per second")
+    p.add_argument("--rate", type=finite_float, required=True, help="request rate, requests per second")
     slo = p.add_mutually_exclusive_group(required=True)
-    slo.add_argument("--slo", type=float, help="end-to-end latency deadline per request, seconds")
-    slo.add_argument("--slo-scale", type=float,
+    slo.add_argument("--slo", type=finite_float, help="end-to-end latency deadline per request, seconds")
+    slo.add_argument("--slo-scale", type=finite_float,
                      help="deadline as a multiple of the reference latency (one request on 8 x --reference-gpu)")
     p.add_argument("--reference-gpu", default="A100-40G", help="GPU type of the --slo-scale reference machine")
     p.add_argument("--prompt-tokens", default="128", help="prompt length: N, or LOW:HIGH sampled uniformly")

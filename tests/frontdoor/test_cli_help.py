@@ -151,3 +151,30 @@ def test_step_overlap_is_left_to_the_device_unless_turned_off(command):
     base = [command, "--model", "smollm2-135m"] + (["--prompt", "hi"] if command == "generate" else [])
     assert scheduler_config(parser.parse_args(base), 4, 256).overlap_steps is None  # on for one GPU, off on CPU
     assert scheduler_config(parser.parse_args(base + ["--no-overlap-steps"]), 4, 256).overlap_steps is False
+
+
+@pytest.mark.parametrize(("args", "flag", "value"), [
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "--temperature", "nan"),
+    (["generate", "--prompt", "hi", "--top-p", "inf"], "--top-p", "inf"),
+    (["plan", "--cluster", "c.yaml", "--model", "m", "--rate", "nan", "--slo", "1"], "--rate", "nan"),
+    (["plan", "--cluster", "c.yaml", "--model", "m", "--rate", "1", "--slo", "inf"], "--slo", "inf"),
+    (["simulate", "--cluster", "c.yaml", "--plan", "p.json", "--rate", "1", "--slo", "1", "--cv", "nan"],
+     "--cv", "nan"),
+    (["serve", "--memory-gb", "1e999"], "--memory-gb", "1e999"),
+    (["bench", "serve", "--rate", "NaN"], "--rate", "NaN"),
+])
+def test_float_flags_take_finite_numbers_only(args, flag, value, capsys):
+    """argparse's float takes 'nan' and 'inf': every float flag refuses them before anything runs."""
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: argument {flag}: expected a finite number, got {value!r}")
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_sampling_params_refuse_a_temperature_that_is_not_a_finite_non_negative_number(temperature):
+    from hexgen.engine.messages import SamplingParams
+
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=temperature)
