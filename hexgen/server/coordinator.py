@@ -13,11 +13,12 @@ from hexgen.dispatch import DispatchPolicy, NoReplicaAvailable
 from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent, TokenLogprobs
 from hexgen.server.metrics import Metrics
 from hexgen.server.protocol import APIError, SamplingFields
-from hexgen.server.replica_client import Rejected, ReplicaClient, ReplicaDown
+from hexgen.server.replica_client import Rejected, ReplicaClient, ReplicaDown, ServerStopping
 from hexgen.textstream import TextStream
 from hexgen.tokenizer import Tokenizer
 
 RESTART = object()  # the request starts over on another replica; discard what it produced so far
+SHUTTING_DOWN = "the server is shutting down; retry elsewhere"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,16 @@ class Coordinator:
         self.policy = policy
         self.metrics = metrics
         self.admitted = 0  # sequences admitted that have not reached a replica yet (Admission)
+        self.stopping = False  # the server is shutting down: no new requests
+
+    def stop_admitting(self) -> None:
+        """From now on every new request gets a 503; those running go on."""
+        self.stopping = True
+
+    def end_requests(self, reason: str) -> None:
+        """End every running request with a 503 (a stream: an error event) saying `reason`."""
+        for replica in self.replicas:
+            replica.interrupt(ServerStopping(reason))
 
     @property
     def is_up(self) -> bool:
@@ -145,6 +156,8 @@ class Coordinator:
     def admit(self, sequences: int = 1) -> Admission:
         """Let `sequences` more in if they fit under the limit of requests in flight (those on replicas that are up,
         and those admitted but not yet on a replica), else 429. The caller closes the admission when done."""
+        if self.stopping:
+            raise APIError(503, SHUTTING_DOWN, type_="server_error")
         outstanding = sum(r.state.outstanding for r in self.replicas if r.state.is_up) + self.admitted
         if outstanding + sequences > self.config.max_outstanding:
             raise APIError(
@@ -175,6 +188,8 @@ class Coordinator:
                         break
                     if isinstance(item, Rejected):
                         raise APIError(400, item.reason)
+                    if isinstance(item, ServerStopping):
+                        raise APIError(503, item.reason, type_="server_error")
                     produced, finished = True, item.finish_reason is not None
                     yield item  # the consumer may close us here, right after the last token
                     if finished:

@@ -41,6 +41,13 @@ class Rejected:
     reason: str
 
 
+@dataclass(frozen=True)
+class ServerStopping:
+    """Queued to every request still running when the server's drain time is up (Coordinator.end_requests)."""
+
+    reason: str
+
+
 class Ranks(Protocol):
     """The ranks of a replica wherever they run: local processes (RankProcesses) or Ray actors (RayRanks)."""
 
@@ -115,7 +122,7 @@ class ReplicaClient:
         return out
 
     async def submit(self, request: GenerationRequest) -> asyncio.Queue:
-        """Queue of TokenEvent / Rejected / ReplicaDown items for this request."""
+        """Queue of TokenEvent / Rejected / ReplicaDown / ServerStopping items for this request."""
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = queue
         self.state.outstanding += 1
@@ -156,6 +163,11 @@ class ReplicaClient:
             elif kind == "error":  # the rank that failed first, not a peer that lost it
                 failure = await settle_async([RankFailure.of(message)], self.channel.receive)
                 await self.mark_down(f"rank {failure.rank} failed: {failure.text}")
+
+    def interrupt(self, item: ServerStopping) -> None:
+        """Hand `item` to every request this replica holds."""
+        for queue in self._queues.values():
+            queue.put_nowait(item)
 
     def _deliver(self, request_id: str, item: TokenEvent | Rejected) -> None:
         queue = self._queues.get(request_id)

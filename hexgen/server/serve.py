@@ -20,11 +20,38 @@ from hexgen.models import ModelSpec, load_model_spec
 from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
 from hexgen.server.calibrate import measure_speeds, needs_measured_speeds
-from hexgen.server.coordinator import Coordinator, ServeConfig
+from hexgen.server.coordinator import SHUTTING_DOWN, Coordinator, ServeConfig
 from hexgen.server.launch import check_local, default_dispatch, default_local_plan, make_replicas, start_all
 from hexgen.server.metrics import Metrics
 from hexgen.server.replica_client import ReplicaClient
 from hexgen.tokenizer import Tokenizer
+
+DRAIN_S = 4.0  # after SIGINT / SIGTERM, how long running requests may go on before they end with a 503
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, shutting down in order: at the first SIGINT / SIGTERM it stops accepting connections and the
+    coordinator answers new requests with a 503; requests still running DRAIN_S later end with a 503 of their own
+    (a stream: an error event, then [DONE]), before uvicorn's grace runs out and would cancel them mid-response."""
+
+    def __init__(self, config: uvicorn.Config, coordinator: Coordinator):
+        super().__init__(config)
+        self.coordinator = coordinator
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if not self.should_exit and self._loop is not None:  # the signal handler runs between the loop's callbacks
+            self._loop.call_soon_threadsafe(self._drain)
+        super().handle_exit(sig, frame)
+
+    def _drain(self) -> None:
+        self.coordinator.stop_admitting()
+        assert self._loop is not None
+        self._loop.call_later(DRAIN_S, self.coordinator.end_requests, SHUTTING_DOWN)
 
 
 def bind_http(host: str, port: int) -> socket.socket:
@@ -139,7 +166,8 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
             replanner = Replanner(replicas, cluster, spec, plan_request(plan), make_replica, machine_slots)
             watcher = asyncio.create_task(replanner.watch())
         app = create_app(coordinator, args.api_key, plan.to_dict())
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        server = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=DRAIN_S + 3),
+                                coordinator)
         where = (lambda s: f" on {s.machine}") if args.ray else (lambda s: "")
         layout = "; ".join(
             f"replica {r.index}: " + " -> ".join(f"TP {s.tp} x {s.num_layers} layers{where(s)}" for s in r.plan.stages)
