@@ -6,11 +6,14 @@ import argparse
 import asyncio
 import sys
 
+from hexgen.commands.arg_types import finite_float
 from hexgen.commands.engine_args import add_engine_args, check_engine_args
 from hexgen.engine.scheduler import DEFAULT_MAX_RUNNING_SEQS
 from hexgen.errors import UserError
 
 POLICIES = ("least-outstanding", "round-robin", "capacity-weighted")
+DEFAULT_SHUTDOWN_GRACE_S = 5.0
+MAX_SHUTDOWN_GRACE_S = 3600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (capped by the model's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    p.add_argument("--shutdown-grace-s", type=finite_float, default=DEFAULT_SHUTDOWN_GRACE_S, metavar="S",
+                   help="on SIGINT / SIGTERM, new requests get a 503 at once and running ones have S seconds to "
+                        "finish before they end with a 503")
     p.set_defaults(run=run)
 
 
@@ -56,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and not value.strip():
             raise UserError(f"--{flag.replace('_', '-')} must not be empty (leave it out for the default)")
+    if not 0 <= args.shutdown_grace_s <= MAX_SHUTDOWN_GRACE_S:
+        raise UserError(f"--shutdown-grace-s must be in 0..{MAX_SHUTDOWN_GRACE_S:.0f}, got {args.shutdown_grace_s:g}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
     check_engine_args(args)

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import sys
 from dataclasses import replace
+from typing import Any
 
 import uvicorn
 
@@ -26,17 +27,17 @@ from hexgen.server.metrics import Metrics
 from hexgen.server.replica_client import ReplicaClient
 from hexgen.tokenizer import Tokenizer
 
-DRAIN_S = 4.0  # after SIGINT / SIGTERM, how long running requests may go on before they end with a 503
-
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, shutting down in order: at the first SIGINT / SIGTERM it stops accepting connections and the
-    coordinator answers new requests with a 503; requests still running DRAIN_S later end with a 503 of their own
+    coordinator answers new requests with a 503; requests still running grace_s later end with a 503 of their own
     (a stream: an error event, then [DONE]), before uvicorn's grace runs out and would cancel them mid-response."""
 
-    def __init__(self, config: uvicorn.Config, coordinator: Coordinator):
-        super().__init__(config)
+    def __init__(self, app: Any, coordinator: Coordinator, grace_s: float):
+        # uvicorn's own grace, after which it cancels what still runs, outlasts ours by the time to send the 503s
+        super().__init__(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace_s + 3))
         self.coordinator = coordinator
+        self.grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -51,7 +52,7 @@ class DrainingServer(uvicorn.Server):
     def _drain(self) -> None:
         self.coordinator.stop_admitting()
         assert self._loop is not None
-        self._loop.call_later(DRAIN_S, self.coordinator.end_requests, SHUTTING_DOWN)
+        self._loop.call_later(self.grace_s, self.coordinator.end_requests, SHUTTING_DOWN)
 
 
 def bind_http(host: str, port: int) -> socket.socket:
@@ -166,8 +167,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
             replanner = Replanner(replicas, cluster, spec, plan_request(plan), make_replica, machine_slots)
             watcher = asyncio.create_task(replanner.watch())
         app = create_app(coordinator, args.api_key, plan.to_dict())
-        server = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=DRAIN_S + 3),
-                                coordinator)
+        server = DrainingServer(app, coordinator, args.shutdown_grace_s)
         where = (lambda s: f" on {s.machine}") if args.ray else (lambda s: "")
         layout = "; ".join(
             f"replica {r.index}: " + " -> ".join(f"TP {s.tp} x {s.num_layers} layers{where(s)}" for s in r.plan.stages)
