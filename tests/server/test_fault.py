@@ -13,12 +13,15 @@ import time
 import httpx
 from serve_helpers import Server, metric_value
 
-MAX_TOKENS = 64
+MAX_TOKENS = 64  # a stream's
+WHOLE_MAX_TOKENS = 384  # a non-streamed request's: still running on replica 0 when its rank is killed, also where
+# loaded cores make sending the requests one by one slow
 PROMPTS = [f"Request number {i} says" for i in range(6)]
 
 
 async def _one(server: Server, name: str, prompt: str, stream: bool, progress: dict) -> dict:
-    body = {"model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    body = {"model": name, "prompt": prompt, "max_tokens": MAX_TOKENS if stream else WHOLE_MAX_TOKENS,
+            "temperature": 0, "ignore_eos": True}
     async with httpx.AsyncClient(timeout=httpx.Timeout(90)) as client:
         if not stream:
             response = await client.post(server.url + "/v1/completions", json=body)
@@ -52,15 +55,26 @@ def test_killed_rank_fails_over_and_leaves_nothing(chat_model_dir, reference, tm
         ranks = server.rank_pids()
         assert len(ranks) == 4
         name = status["model"]
-        expected = {p: reference.text(p, MAX_TOKENS, ignore_eos=True).text for p in PROMPTS}
+        expected = {p: reference.text(p, MAX_TOKENS if i % 2 else WHOLE_MAX_TOKENS, ignore_eos=True).text
+                    for i, p in enumerate(PROMPTS)}
+
+        def prompt_tokens() -> float:
+            return metric_value(server.get("/metrics").text, "hexgen_prompt_tokens_total")
 
         async def load():
             progress: dict = {}
-            tasks = [
-                asyncio.ensure_future(_one(server, name, p, stream=i % 2 == 1, progress=progress))
-                for i, p in enumerate(PROMPTS)
-            ]
+            tasks = []
             deadline = time.monotonic() + 60
+            for i, prompt in enumerate(PROMPTS):
+                # one at a time, each dispatched before the next is sent (requests arriving together are tokenized
+                # side by side and may reach the dispatcher in any order): round-robin then puts the non-streamed
+                # requests (even i) on replica 0, whose rank is killed below, and the streams on replica 1. A
+                # request's prompt tokens are counted in the same step as it is dispatched.
+                counted = prompt_tokens()
+                tasks.append(asyncio.ensure_future(_one(server, name, prompt, stream=i % 2 == 1, progress=progress)))
+                while prompt_tokens() == counted:
+                    assert time.monotonic() < deadline, f"request {i} was not dispatched"
+                    await asyncio.sleep(0.02)
             while not progress:  # kill once streams are producing tokens
                 assert time.monotonic() < deadline, "no stream started"
                 await asyncio.sleep(0.05)
@@ -78,7 +92,7 @@ def test_killed_rank_fails_over_and_leaves_nothing(chat_model_dir, reference, tm
                 assert result["status"] == 200, result
                 choice = result["body"]["choices"][0]
                 assert (choice["text"], choice["finish_reason"]) == (expected[prompt], "length")
-                assert result["body"]["usage"]["completion_tokens"] == MAX_TOKENS
+                assert result["body"]["usage"]["completion_tokens"] == WHOLE_MAX_TOKENS
                 full += 1
             elif result["status"] != 200:  # failed before its first token: a plain HTTP error
                 assert set(result["body"]["error"]) == {"message", "type", "param", "code"}
