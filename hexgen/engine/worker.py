@@ -47,10 +47,9 @@ def rank_main(
             traceback.print_exc()
         text = str(err) if is_input else f"{type(err).__name__}: {err}".splitlines()[0]
         channel.put(RankFailure(spec.rank, text, classify(err, is_input)).message())
-        channel.close()  # the error leaves before this rank's peers can see it go (the process group ends below)
         sys.exit(2 if is_input else 1)
     finally:
-        channel.close()
+        channel.close()  # a failing rank's error leaves before its peers can see it go (the process group ends next)
         if dist.is_initialized():
             dist.destroy_process_group()
 

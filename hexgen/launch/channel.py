@@ -77,8 +77,7 @@ class RankEnd:
         return _drain(self._commands, timeout_s)
 
     def close(self) -> None:
-        if not self._ctx.closed:
-            self._ctx.destroy(linger=LINGER_MS)
+        self._ctx.destroy(linger=LINGER_MS)
 
 
 def _drain(sock: zmq.Socket, timeout_s: float) -> list[Any]:
