@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -13,6 +14,9 @@ import yaml
 from hexgen.errors import ConfigError
 
 GIB = 2**30
+# The planner enumerates every multiset of TP degrees that fits one machine's GPUs (planner/segments.py): 0.5 s for
+# 16 GPUs, 2.7 s for 32, about a minute for 64 (llama-2-70b, 2-core Xeon); the largest single boxes hold 16.
+MAX_GPUS_PER_MACHINE = 32
 
 
 @dataclass(frozen=True)
@@ -221,8 +225,8 @@ def _number(row: dict[str, Any], key: str, where: str, default: float | None = N
     value = row.get(key, default)
     if value is None:
         raise ConfigError(f"{where}: missing {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{where}: {key} must be a non-negative number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: {key} must be a non-negative number, got {value!r}")  # YAML spells NaN .nan
     return float(value)
 
 
@@ -262,6 +266,11 @@ def _machines(rows: Any, gpu_types: dict[str, GpuType], source: str) -> tuple[Ma
         count = row["count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"{where}: count must be a positive integer, got {count!r}")
+        if count > MAX_GPUS_PER_MACHINE:
+            raise ConfigError(
+                f"{where}: count {count} is more GPUs than one machine holds (at most {MAX_GPUS_PER_MACHINE}); "
+                "describe a larger pool as several machines, with network.links between them for fast fabrics"
+            )
         price = _number(row, "price_per_hour", where) if "price_per_hour" in row else None
         cores = row.get("cpu_cores")
         if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):

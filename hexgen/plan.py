@@ -8,6 +8,7 @@ validator, which calls `validate_structure` first.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,23 @@ def plan_from_dict(data: Any, source: str = "plan") -> DeploymentPlan:
             _stage_from_dict(st, f"{where}.stages[{s}]")
             for s, st in enumerate(_as_list(rep.get("stages"), f"{where}.stages"))
         )
-        predicted = rep.get("predicted") or {}
-        replicas.append(Replica(stages, {str(k): float(v) for k, v in predicted.items()}))
-    return DeploymentPlan(model=str(data["model"]), replicas=tuple(replicas), meta=dict(data.get("meta") or {}))
+        replicas.append(Replica(stages, _predicted(rep.get("predicted") or {}, f"{where}.predicted")))
+    meta = data.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise PlanError(f"{source}: meta must be an object")
+    if not isinstance(data["model"], str) or not data["model"]:
+        raise PlanError(f"{source}: model must be a model's name, got {json.dumps(data['model'])}")
+    return DeploymentPlan(model=data["model"], replicas=tuple(replicas), meta=meta)
+
+
+def _predicted(data: Any, where: str) -> dict[str, float]:
+    """What the planner expects of a replica: numbers by name (not read by the engine; the server reports them)."""
+    def number(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v >= 0
+
+    if not isinstance(data, dict) or not all(map(number, data.values())):
+        raise PlanError(f"{where} must be an object of non-negative numbers, got {json.dumps(data)}")
+    return {str(k): float(v) for k, v in data.items()}
 
 
 def load_plan(path: str | Path) -> DeploymentPlan:
@@ -191,16 +206,26 @@ def _as_list(value: Any, where: str) -> list[Any]:
     return value
 
 
+def _integer(value: Any, where: str, minimum: int) -> int:
+    """A JSON integer (not a bool, not a float such as 1e400, which JSON reads as infinity) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PlanError(f"{where} must be an integer >= {minimum}, got {json.dumps(value)}")
+    return value
+
+
 def _stage_from_dict(data: Any, where: str) -> Stage:
     if not isinstance(data, dict):
         raise PlanError(f"{where} must be an object with machine, gpus, tp, layers")
-    try:
-        gpus = tuple(int(g) for g in _as_list(data["gpus"], f"{where}.gpus"))
-        layers = _as_list(data["layers"], f"{where}.layers")
-        if len(layers) != 2:
-            raise PlanError(f"{where}.layers must be [first, last+1], got {layers}")
-        return Stage(str(data["machine"]), gpus, int(data.get("tp", len(gpus))), (int(layers[0]), int(layers[1])))
-    except KeyError as missing:
-        raise PlanError(f"{where} lacks {missing.args[0]!r}") from None
-    except (TypeError, ValueError) as err:
-        raise PlanError(f"{where}: {err}") from None
+    for key in ("machine", "gpus", "layers"):
+        if key not in data:
+            raise PlanError(f"{where} lacks {key!r}")
+    machine = data["machine"]
+    if not isinstance(machine, str) or not machine:
+        raise PlanError(f"{where}.machine must be a machine's name, got {json.dumps(machine)}")
+    gpus = tuple(_integer(g, f"{where}.gpus[{i}]", 0) for i, g in enumerate(_as_list(data["gpus"], f"{where}.gpus")))
+    layers = _as_list(data["layers"], f"{where}.layers")
+    if len(layers) != 2:
+        raise PlanError(f"{where}.layers must be [first, last+1], got {json.dumps(layers)}")
+    tp = _integer(data.get("tp", len(gpus)), f"{where}.tp", 1)
+    return Stage(machine, gpus, tp, (_integer(layers[0], f"{where}.layers[0]", 0),
+                                     _integer(layers[1], f"{where}.layers[1]", 0)))

@@ -75,6 +75,25 @@ def test_json_round_trip(tmp_path):
     ({"model": "m", "replicas": [{"stages": [{"gpus": [0], "layers": [0, 6]}]}]}, "stages[0] lacks 'machine'"),
     ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [0], "layers": [0]}]}]},
      "layers must be [first, last+1]"),
+    # JSON reads 1e400 as infinity and NaN as a float: both crashed `hexgen serve --plan` with a traceback
+    ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [0], "tp": float("inf"), "layers": [0, 6]}]}]},
+     "replicas[0].stages[0].tp must be an integer >= 1, got Infinity"),
+    ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [0], "layers": [0, float("nan")]}]}]},
+     "replicas[0].stages[0].layers[1] must be an integer >= 0, got NaN"),
+    # these were taken: true as TP 1, a negative GPU index, a layer index 2.5 as 2, null as the machine 'None'
+    ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [0], "tp": True, "layers": [0, 6]}]}]},
+     "replicas[0].stages[0].tp must be an integer >= 1, got true"),
+    ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [-1], "layers": [0, 6]}]}]},
+     "replicas[0].stages[0].gpus[0] must be an integer >= 0, got -1"),
+    ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [0], "layers": [0, 2.5]}]}]},
+     "replicas[0].stages[0].layers[1] must be an integer >= 0, got 2.5"),
+    ({"model": "m", "replicas": [{"stages": [{"machine": None, "gpus": [0], "layers": [0, 6]}]}]},
+     "replicas[0].stages[0].machine must be a machine's name, got null"),
+    ({"model": "m", "replicas": [{"stages": [{"machine": "x", "gpus": [0], "layers": [0, 6]}],
+                                  "predicted": {"throughput_rps": -2}}]},
+     'replicas[0].predicted must be an object of non-negative numbers, got {"throughput_rps": -2}'),
+    ({"model": 7, "replicas": []}, "model must be a model's name, got 7"),
+    ({"model": "m", "replicas": [], "meta": ["x"]}, "meta must be an object"),
 ])
 def test_plan_from_dict_reports_the_path(data, fragment):
     with pytest.raises(PlanError) as err:

@@ -70,6 +70,30 @@ gpu_types: {CPU-worker: {memory_gb: 64, bandwidth_gbs: 50, tflops_fp16: 1}}
         parse_cluster("machines: [{name: a, gpu: A6000, count: 0}]")
 
 
+@pytest.mark.parametrize("field, value", [("memory_gb", ".nan"), ("memory_gb", ".inf"), ("bandwidth_gbs", ".nan"),
+                                          ("tflops_fp16", ".inf"), ("price_per_hour", ".nan")])
+def test_a_gpu_type_number_must_be_finite(field, value):
+    """YAML's .nan and .inf are floats; a planner fed them crashed (`int(nan)`) or planned on nonsense."""
+    row = {"memory_gb": 80, "bandwidth_gbs": 2000, "tflops_fp16": 300, field: value}
+    text = ", ".join(f"{k}: {v}" for k, v in row.items())
+    with pytest.raises(ConfigError, match=rf"gpu_types.G: {field} must be a non-negative number, got (nan|inf)"):
+        parse_cluster(f"machines: [{{name: a, gpu: G, count: 1}}]\ngpu_types: {{G: {{{text}}}}}")
+
+
+def test_a_link_number_must_be_finite():
+    with pytest.raises(ConfigError, match=r"network.inter_region: latency_ms must be a non-negative number, got nan"):
+        parse_cluster("machines: [{name: a, gpu: A6000, count: 1}]\n"
+                      "network: {inter_region: {bandwidth_gbps: 1, latency_ms: .nan}}")
+
+
+def test_a_machine_holds_at_most_32_gpus():
+    """More than one box holds, which the planner's per-machine enumeration cannot take (a count of 100,000 ended
+    in a RecursionError, 256 in minutes and gigabytes)."""
+    assert parse_cluster("machines: [{name: a, gpu: A6000, count: 32}]").num_gpus == 32
+    with pytest.raises(ConfigError, match=r"machines\[0\]: count 33 is more GPUs than one machine holds \(at most 32\)"):
+        parse_cluster("machines: [{name: a, gpu: A6000, count: 33}]")
+
+
 def test_example_clusters_have_the_papers_prices():
     full = load_cluster("examples/clusters/hetero-full.yaml")
     assert (full.num_gpus, round(full.cost_per_hour, 2)) == (58, 65.04)
