@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hexgen.commands.arg_types import MAX_REQUESTS, request_count
 from hexgen.commands.workload_args import add_workload_args, sizing_workload, slo_seconds
 from hexgen.errors import UserError
 
@@ -14,7 +15,8 @@ def register(subparsers) -> None:
     p.add_argument("--cluster", required=True, help="cluster YAML file")
     p.add_argument("--model", required=True, help="model preset name or a directory / config.json")
     add_workload_args(p)
-    p.add_argument("--requests", type=int, default=1000, help="simulated requests per candidate plan")
+    p.add_argument("--requests", type=request_count, default=1000,
+                   help=f"simulated requests per candidate plan, 1 to {MAX_REQUESTS:,}")
     p.add_argument("--generations", type=int, default=150, help="most generations of the genetic search")
     p.add_argument("--objective", default="attainment", choices=["attainment", "tail"],
                    help="attainment: most requests within the deadline, then the lowest p99; "

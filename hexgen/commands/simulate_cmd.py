@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 
-from hexgen.commands.arg_types import finite_float
+from hexgen.commands.arg_types import MAX_REQUESTS, finite_float, request_count
 
 
 def register(subparsers) -> None:
@@ -17,7 +19,8 @@ def register(subparsers) -> None:
     add_workload_args(p)
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
     p.add_argument("--cv", type=finite_float, default=2.0, help="coefficient of variation of gamma inter-arrivals")
-    p.add_argument("--requests", type=int, default=1000, help="requests to simulate")
+    p.add_argument("--requests", type=request_count, default=1000,
+                   help=f"requests to simulate, 1 to {MAX_REQUESTS:,} (~0.6 ms each on one core)")
     p.add_argument("--sweep-slo-scales", help="comma-separated SLO scales to plot attainment against")
     p.add_argument("--sweep-rates", help="comma-separated request rates to plot attainment against")
     p.add_argument("--plot-dir", default=".", help="where sweep PNGs go")
@@ -43,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from hexgen.sim.run import plan_cost_per_hour, run_plan
     from hexgen.sim.workload import WorkloadSpec
 
+    # every flag is checked before the first simulation, which can take minutes
+    slo_scales = _floats(args.sweep_slo_scales, "--sweep-slo-scales") if args.sweep_slo_scales else None
+    sweep_rates = _floats(args.sweep_rates, "--sweep-rates") if args.sweep_rates else None
+    plot_dir = _plot_dir(args.plot_dir) if slo_scales or sweep_rates else None
     console, cfg = Console(), cost_config(args)
     cluster, plan = load_profiled_cluster(args), load_plan(args.plan)
     model = load_model_spec(args.model or plan.model)
@@ -58,15 +65,16 @@ def run(args: argparse.Namespace) -> int:
         return run_plan(plan, cluster, model, rated, dispatch=dispatch, seed=args.seed, cfg=cfg,
                         max_batch=workload.max_batch)
 
-    done = completions(args.rate)
+    with console.status(f"simulating {args.requests:,} requests"):
+        done = completions(args.rate)
     report = summarise(done, slo_s, plan_cost_per_hour(plan, cluster))
     console.print(_metrics_table(report, reference_s))
     console.print(f"batch limit {workload.max_batch} per replica, {dispatch} dispatch")
     latencies = np.array([c.latency_s for c in done])
-    if args.sweep_slo_scales:
-        _sweep_slo(args, latencies, reference_s, console)
-    if args.sweep_rates:
-        _sweep_rates(args, completions, slo_s, console)
+    if slo_scales:
+        _sweep_slo(args, slo_scales, plot_dir, latencies, reference_s, console)
+    if sweep_rates:
+        _sweep_rates(args, sweep_rates, plot_dir, completions, slo_s, console)
     return 0
 
 
@@ -77,9 +85,25 @@ def _floats(text: str, flag: str) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise UserError(f"{flag} needs positive numbers, got {text!r}")
     return values
+
+
+def _plot_dir(text: str):
+    """The sweeps' folder, made now (parents too) so that a bad one is refused before any simulation."""
+    from pathlib import Path
+
+    from hexgen.errors import UserError
+
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--plot-dir {text}: cannot make that folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--plot-dir {text}: cannot write there")
+    return path
 
 
 def _metrics_table(report, reference_s: float):
@@ -103,34 +127,28 @@ def _metrics_table(report, reference_s: float):
     return table
 
 
-def _sweep_slo(args, latencies, reference_s: float, console) -> None:
-    from pathlib import Path
-
+def _sweep_slo(args, scales: list[float], plot_dir, latencies, reference_s: float, console) -> None:
     from hexgen.sim.plots import plot_lines
     from hexgen.sim.sweep import lowest_scale, slo_curve
 
-    scales = _floats(args.sweep_slo_scales, "--sweep-slo-scales")
     curve = slo_curve(latencies, reference_s, scales)
-    path = plot_lines(Path(args.plot_dir) / "slo_attainment_vs_scale.png", scales, {f"rate {args.rate}": curve},
+    path = plot_lines(plot_dir / "slo_attainment_vs_scale.png", scales, {f"rate {args.rate}": curve},
                       xlabel="SLO scale (x reference latency)", ylabel="SLO attainment",
                       title="SLO attainment against SLO scale")
     console.print(f"lowest SLO scale reaching 99%: {lowest_scale(latencies, reference_s):.2f}; wrote {path}")
 
 
-def _sweep_rates(args, completions, slo_s: float, console) -> None:
-    from pathlib import Path
-
+def _sweep_rates(args, rates: list[float], plot_dir, completions, slo_s: float, console) -> None:
     import numpy as np
     from rich.progress import track
 
     from hexgen.sim.metrics import attainment
     from hexgen.sim.plots import plot_lines
 
-    rates = _floats(args.sweep_rates, "--sweep-rates")
     curve = []
     for rate in track(rates, description="sweeping rates", console=console, transient=True):
         curve.append(attainment(np.array([c.latency_s for c in completions(rate)]), slo_s))
-    path = plot_lines(Path(args.plot_dir) / "slo_attainment_vs_rate.png", rates, {f"SLO {slo_s:.1f} s": curve},
+    path = plot_lines(plot_dir / "slo_attainment_vs_rate.png", rates, {f"SLO {slo_s:.1f} s": curve},
                       xlabel="request rate (req/s)", ylabel="SLO attainment", title="SLO attainment against rate")
     pairs = ", ".join(f"{r:g}: {a:.1%}" for r, a in zip(rates, curve, strict=True))
     console.print(f"attainment by rate: {pairs}; wrote {path}")

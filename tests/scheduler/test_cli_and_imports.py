@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from scheduler_helpers import TINY_CLUSTER
 
 from hexgen.cli import main
@@ -55,3 +56,37 @@ print("NO_TORCH_OK")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "NO_TORCH_OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_simulate_refuses_bad_sweeps_before_simulating(tmp_path, capsys, monkeypatch):
+    """A folder that cannot be made crashed with a traceback, a NaN rate was simulated, and either came only after
+    the main simulation (minutes for many requests); now one line, before any simulation."""
+    import hexgen.sim.run
+
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(TINY_CLUSTER)
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--cluster", str(cluster), "--model", "llama-2-13b", "--rate", "0.5", "--slo", "20",
+                 "--generations", "2", "--requests", "50", "-o", str(plan)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(hexgen.sim.run, "run_plan", lambda *a, **k: pytest.fail("simulated before refusing"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    base = ["simulate", "--cluster", str(cluster), "--plan", str(plan), "--rate", "0.5", "--slo", "20"]
+    cases = [
+        (["--sweep-rates", "1,2", "--plot-dir", str(blocker / "plots")], "--plot-dir"),
+        (["--sweep-rates", "nan,1"], "--sweep-rates needs positive numbers, got 'nan,1'"),
+        (["--sweep-slo-scales", "1,x"], "--sweep-slo-scales takes comma-separated numbers"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_simulate_request_count_is_bounded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["simulate", "--cluster", "c.yaml", "--plan", "p.json", "--rate", "1", "--slo", "5",
+              "--requests", "2000000"])
+    assert stop.value.code == 2
+    assert "argument --requests: must be 1 to 1,000,000, got 2000000" in capsys.readouterr().err
