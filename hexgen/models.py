@@ -11,6 +11,7 @@ from typing import Any
 from hexgen.errors import ConfigError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,18 @@ class ModelSpec:
 
 def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
     """Build a ModelSpec from the dict of an HF config.json; refuse architectures we do not run."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{name}: a config.json is an object of the model's settings")
     archs = config.get("architectures") or []
-    if config.get("model_type") not in ("llama", "mistral") or (archs and archs[0] not in SUPPORTED_ARCHITECTURES):
-        found = archs[0] if archs else config.get("model_type", "unknown")
+    if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
-            f"{name}: architecture {found!r} is not supported; hexgen runs Llama-family decoders "
+            f"{name}: architecture {archs[0]!r} is not supported; hexgen runs Llama-family decoders "
             f"({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{name}: model_type {config.get('model_type')!r} is not supported; hexgen runs Llama-family decoders "
+            f"(model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))})"
         )
     for unsupported in ("attention_bias", "mlp_bias"):
         if config.get(unsupported):
@@ -94,18 +101,30 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
     if config.get("sliding_window"):
         raise ConfigError(f"{name}: sliding-window attention is not supported")
     try:
-        num_heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        def size(key: str, default: Any = None) -> int:
+            value = config[key] if default is None else (config.get(key) or default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: {key} must be a positive integer, got {json.dumps(value)}")
+            return value
+
+        num_heads, hidden = size("num_attention_heads"), size("hidden_size")
+        num_kv_heads = size("num_key_value_heads", num_heads)
+        if num_heads % num_kv_heads:
+            raise ConfigError(f"{name}: num_key_value_heads {num_kv_heads} does not divide num_attention_heads "
+                              f"{num_heads}")
+        if "head_dim" not in config and hidden % num_heads:
+            raise ConfigError(f"{name}: num_attention_heads {num_heads} does not divide hidden_size {hidden} (and "
+                              "no head_dim is given)")
         return ModelSpec(
             name=name,
-            num_layers=int(config["num_hidden_layers"]),
+            num_layers=size("num_hidden_layers"),
             hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
+            intermediate_size=size("intermediate_size"),
             num_heads=num_heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or num_heads),
-            head_dim=int(config.get("head_dim") or hidden // num_heads),
-            vocab_size=int(config["vocab_size"]),
-            max_context=int(config.get("max_position_embeddings", 2048)),
+            num_kv_heads=num_kv_heads,
+            head_dim=size("head_dim", hidden // num_heads),
+            vocab_size=size("vocab_size"),
+            max_context=size("max_position_embeddings", 2048),
             rope_theta=float(config.get("rope_theta") or _rope_parameters(config).get("rope_theta", 10000.0)),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

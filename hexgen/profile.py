@@ -11,6 +11,7 @@ here: the measuring code is hexgen/engine/profiler.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ class DeviceProfile:
 
 def _positive(data: dict[str, Any], key: str, where: str, *, allow_zero: bool = False) -> float:
     value = data[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not allow_zero):
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+            or (value == 0 and not allow_zero)):  # YAML's .nan / .inf are floats
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{where}: {key} must be a number {bound}, got {value!r}")
     return float(value)

@@ -40,6 +40,10 @@ def _without(key):
     ({**GOOD, "allreduce_ms_by_ranks": {"three": 0.5}}, r"TP degree 'three' must be an integer >= 2"),
     ({**GOOD, "allreduce_ms_by_ranks": {3: -1}}, r"allreduce_ms_by_ranks: 3 must be a number >= 0, got -1"),
     ({**GOOD, "allreduce_ms_by_ranks": [1.5]}, r"allreduce_ms_by_ranks: expected a mapping of TP degree"),
+    # YAML's .nan and .inf (floats) were taken as measured figures
+    ({**GOOD, "memory_bandwidth_gbs": float("nan")}, r"memory_bandwidth_gbs must be a number > 0, got nan"),
+    ({**GOOD, "step_overhead_ms": float("inf")}, r"step_overhead_ms must be a number >= 0, got inf"),
+    ({**GOOD, "allreduce": {"latency_ms": float("nan"), "bandwidth_gbps": 8}}, r"latency_ms must be a number >= 0"),
 ])
 def test_bad_profiles_name_the_field(data, pattern):
     with pytest.raises(ConfigError, match=pattern):
