@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 
 def finite_float(text: str) -> float:
@@ -29,3 +31,19 @@ def request_count(text: str) -> int:
     if not 1 <= value <= MAX_REQUESTS:
         raise argparse.ArgumentTypeError(f"must be 1 to {MAX_REQUESTS:,}, got {value}")
     return value
+
+
+def output_file(text: str) -> str:
+    """A file a command writes when it ends (a plan, a profile, a report): checked when the flags are read, so a
+    path that cannot be written is refused before minutes of work, not after them."""
+    path = Path(text)
+    folder = path.parent
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got an empty one")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file name")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {folder} does not exist")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there (permission denied)")
+    return text

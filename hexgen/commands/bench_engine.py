@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hexgen.commands.arg_types import output_file
 from hexgen.errors import UserError
 from hexgen.models import preset_configs
 
@@ -40,7 +41,7 @@ def register(bench: argparse._SubParsersAction) -> None:
         help='multi-process layout to time, e.g. "3 1:20 10" (repeatable; default: 1 1, T, T 1 '
         "with T the largest valid TP degree <= 4)",
     )
-    p.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown to FILE")
+    p.add_argument("--markdown", metavar="FILE", type=output_file, help="also write the tables as Markdown to FILE")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where both engines run; cuda times decode steps only (one GPU: no multi-process layouts)")
     p.add_argument("--shape", choices=sorted([*preset_configs(), "tiny"]), default=None,

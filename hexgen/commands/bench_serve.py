@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hexgen.commands.arg_types import finite_float
+from hexgen.commands.arg_types import finite_float, output_file
 from hexgen.errors import UserError
 
 
@@ -41,7 +41,8 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-ttft-s", type=finite_float, help="SLO on time to first token")
     p.add_argument("--slo-tpot-s", type=finite_float, help="SLO on time per output token")
     p.add_argument("--slo-e2e-s", type=finite_float, help="SLO on end-to-end latency")
-    p.add_argument("--json", metavar="FILE", help="also save config, summary and every request as JSON")
+    p.add_argument("--json", metavar="FILE", type=output_file,
+                   help="also save config, summary and every request as JSON")
     p.set_defaults(run=run_serve_bench)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hexgen.commands.arg_types import output_file
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="probe the machines of a Ray cluster into a cluster YAML",
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     probe = actions.add_parser("probe", help="find machines, GPUs and links; write the cluster YAML")
     probe.add_argument("--ray", required=True, metavar="HEAD_HOST:PORT", help="the cluster's head address")
-    probe.add_argument("-o", "--output", required=True, help="cluster YAML to write")
+    probe.add_argument("-o", "--output", required=True, type=output_file, help="cluster YAML to write")
     probe.add_argument("--bulk-mib", type=int, default=16, help="MiB sent between each pair to measure bandwidth")
     p.set_defaults(run=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hexgen.commands.arg_types import MAX_REQUESTS, request_count
+from hexgen.commands.arg_types import MAX_REQUESTS, output_file, request_count
 from hexgen.commands.workload_args import add_workload_args, sizing_workload, slo_seconds
 from hexgen.errors import UserError
 
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--objective", default="attainment", choices=["attainment", "tail"],
                    help="attainment: most requests within the deadline, then the lowest p99; "
                         "tail: lowest latency that 99%% of requests meet (the deadline is then only reported)")
-    p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("-o", "--output", type=output_file, help="write the plan JSON here")
     p.set_defaults(run=run)
 
 

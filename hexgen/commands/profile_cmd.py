@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hexgen.commands.arg_types import output_file
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure this machine's device for the planner and simulator",
@@ -20,7 +22,7 @@ def register(subparsers) -> None:
                         "multi-rank replicas get the machine's cores over the replicas' largest TP groups)")
     p.add_argument("--model", help="also fit the per-layer and per-sequence overheads to this model's decode steps "
                                    "(embedded name, HF directory or .gguf), so the profile matches what it serves")
-    p.add_argument("-o", "--output", required=True, help="profile file to write (.yaml or .json)")
+    p.add_argument("-o", "--output", required=True, type=output_file, help="profile file to write (.yaml or .json)")
     p.set_defaults(run=run)
 
 

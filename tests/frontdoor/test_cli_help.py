@@ -172,6 +172,30 @@ def test_float_flags_take_finite_numbers_only(args, flag, value, capsys):
         f"error: argument {flag}: expected a finite number, got {value!r}")
 
 
+OUTPUT_FLAGS = [
+    (["plan", "--cluster", "c.yaml", "--model", "m", "--rate", "1", "--slo", "1"], "-o/--output"),
+    (["profile"], "-o/--output"),
+    (["cluster", "probe"], "-o/--output"),
+    (["bench", "serve", "--model", "m"], "--json"),
+    (["bench", "engine"], "--markdown"),
+]
+
+
+@pytest.mark.parametrize(("args", "flag"), OUTPUT_FLAGS)
+def test_output_files_are_checked_before_the_work(args, flag, tmp_path, capsys):
+    """A file written at the end of minutes of work (a plan, a profile, a report) into a folder that does not exist,
+    or onto a folder, failed with a traceback once the work was done; now argparse refuses it at once."""
+    option = flag.split("/")[-1]
+    missing = tmp_path / "missing" / "out.txt"
+    for target, message in [(missing, f"{missing}: the folder {missing.parent} does not exist"),
+                            (tmp_path, f"{str(tmp_path)!r} is a folder, not a file name"),
+                            ("", "expected a file name, got an empty one")]:
+        with pytest.raises(SystemExit) as done:
+            main([*args, option, str(target)])
+        assert done.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {message}")
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
 def test_sampling_params_refuse_a_temperature_that_is_not_a_finite_non_negative_number(temperature):
     from hexgen.engine.messages import SamplingParams
