@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 
 from hexgen.errors import UserError
@@ -48,6 +49,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.machine or "," in args.machine or ":" in args.machine:
         raise UserError(f"--machine {args.machine!r}: a non-empty name without ',' or ':'")
+    if args.node_ip_address:
+        try:
+            ipaddress.ip_address(args.node_ip_address)
+        except ValueError:
+            raise UserError(f"--node-ip-address {args.node_ip_address!r}: expected this machine's IP address, e.g. "
+                            "10.0.0.6") from None
     slots = default_slots() if args.slots is None else args.slots
     if slots < 0:
         raise UserError(f"--slots must be >= 0, got {slots}")

@@ -4,15 +4,18 @@ in that process group; its workers start sessions of their own but inherit a mar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hexgen.errors import UserError
@@ -72,12 +75,42 @@ def start_node(machine: str, slots: int, node_ip: str, head_address: str | None,
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    _wait_started(proc, NodeRecord(machine, proc.pid, marker, node_ip, head_address or "", str(log_path)), log_path)
-    address = head_address or f"{node_ip or _local_ip(log_path)}:{port}"
-    record = NodeRecord(machine, proc.pid, marker, node_ip, address, str(log_path))
-    record_path.write_text(json.dumps(asdict(record)))
-    record_path.chmod(0o600)
+    # Recorded before the wait (up to START_TIMEOUT_S): a start cut short by Ctrl-C or SIGTERM stops what it
+    # started, and one killed outright leaves a record that `hexgen node stop` finds.
+    record = NodeRecord(machine, proc.pid, marker, node_ip, head_address or "", str(log_path))
+    _save(record, record_path)
+    try:
+        with _sigterm_interrupts():
+            _wait_started(proc, log_path)
+    except BaseException:
+        stop_nodes_of([record])
+        record_path.unlink(missing_ok=True)
+        raise
+    record = replace(record, head_address=head_address or f"{node_ip or _local_ip(log_path)}:{port}")
+    _save(record, record_path)
     return record, token
+
+
+def _save(record: NodeRecord, path: Path) -> None:
+    path.write_text(json.dumps(asdict(record)))
+    path.chmod(0o600)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, as Ctrl-C does (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _head_token() -> str:
@@ -98,11 +131,10 @@ def _write_bootstrap_config() -> None:
         path.write_text("{}\n")
 
 
-def _wait_started(proc: subprocess.Popen, record: NodeRecord, log_path: Path) -> None:
+def _wait_started(proc: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while STARTED_LINE not in log_path.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_nodes_of([record])
             lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
             why = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "no output")
             raise UserError(f"ray start failed: {why.strip()} (full log: {log_path})")

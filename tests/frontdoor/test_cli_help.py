@@ -110,6 +110,9 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
     (["bench", "engine", "--prompt-tokens", "0"], "hexgen bench: error: --prompt-tokens must be >= 1, got 0"),
     (["bench", "engine", "--save-model", "/tmp/x"],
      "hexgen bench: error: --save-model keeps the random checkpoint of --shape; give --shape too"),
+    # Ray was started with it and waited 90 s for a node that could not come up
+    (["node", "start", "--head", "--node-ip-address", "999.1.1.1"],
+     "hexgen node: error: --node-ip-address '999.1.1.1': expected this machine's IP address, e.g. 10.0.0.6"),
 ])
 def test_errors_name_the_flag(args, line, capsys):
     assert main(args) == 2
