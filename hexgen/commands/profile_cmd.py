@@ -36,9 +36,20 @@ def run(args: argparse.Namespace) -> int:
     from hexgen.commands.engine_args import resolve_dtype
     from hexgen.engine.devices import cuda_device_count, cuda_device_name
     from hexgen.engine.profiler import measure_profile
+    from hexgen.errors import UserError
     from hexgen.machine import cpu_description, usable_cores
     from hexgen.profile import profile_from_dict
 
+    if args.device == "cuda" and not cuda_device_count():
+        raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
+    if args.device_type is not None and not args.device_type.strip():
+        raise UserError("--device-type is empty: give the GPU type name cluster files use, e.g. H200")
+    cores = usable_cores()
+    if not 0 <= args.threads <= cores:
+        raise UserError(f"--threads must be in 0..{cores} (this machine's cores; 0: torch's default), "
+                        f"got {args.threads}")
+    if Path(args.output).suffix not in (".yaml", ".yml", ".json"):
+        raise UserError(f"--output {args.output}: a profile is written as .yaml (or .yml) or .json")
     device = args.device if args.device != "auto" else ("cuda" if cuda_device_count() else "cpu")
     describe = cpu_description()
     if device == "cuda":
@@ -46,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     device_type = args.device_type or ("CPU-worker" if device == "cpu" else _gpu_table_name())
     dtype = resolve_dtype(args.dtype, device, ray=False)  # the profile is of what serve runs by default
     load = os.getloadavg()[0]
-    cores = usable_cores()
     if load > 0.5 * cores:
         print(f"warning: load average {load:.1f} on {cores} cores; other work will make every figure low")
     print(f"measuring {describe} as {device_type} ({dtype}); this takes about a minute")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from hexgen.cli import build_parser, main
+from hexgen.engine.devices import cuda_device_count
+from hexgen.machine import usable_cores
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -110,6 +112,18 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
     (["bench", "engine", "--prompt-tokens", "0"], "hexgen bench: error: --prompt-tokens must be >= 1, got 0"),
     (["bench", "engine", "--save-model", "/tmp/x"],
      "hexgen bench: error: --save-model keeps the random checkpoint of --shape; give --shape too"),
+    # `hexgen profile`: a traceback from torch (threads, CUDA), an empty device type written into the profile, a
+    # file name whose suffix chose neither format
+    (["profile", "--threads", "-1", "-o", "p.yaml"],
+     f"hexgen profile: error: --threads must be in 0..{usable_cores()} (this machine's cores; 0: torch's default), "
+     "got -1"),
+    pytest.param(["profile", "--device", "cuda", "-o", "p.yaml"], "hexgen profile: error: --device cuda: no CUDA "
+                 "device is visible (torch.cuda.is_available() is False); use cpu",
+                 marks=pytest.mark.skipif(cuda_device_count() > 0, reason="a CUDA device is visible")),
+    (["profile", "--device-type", " ", "-o", "p.yaml"],
+     "hexgen profile: error: --device-type is empty: give the GPU type name cluster files use, e.g. H200"),
+    (["profile", "-o", "p.txt"], "hexgen profile: error: --output p.txt: a profile is written as .yaml (or .yml) or "
+     ".json"),
     # Ray was started with it and waited 90 s for a node that could not come up
     (["node", "start", "--head", "--node-ip-address", "999.1.1.1"],
      "hexgen node: error: --node-ip-address '999.1.1.1': expected this machine's IP address, e.g. 10.0.0.6"),
