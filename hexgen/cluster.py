@@ -14,9 +14,6 @@ import yaml
 from hexgen.errors import ConfigError
 
 GIB = 2**30
-# The planner enumerates every multiset of TP degrees that fits one machine's GPUs (planner/segments.py): 0.5 s for
-# 16 GPUs, 2.7 s for 32, about a minute for 64 (llama-2-70b, 2-core Xeon); the largest single boxes hold 16.
-MAX_GPUS_PER_MACHINE = 32
 
 
 @dataclass(frozen=True)
@@ -266,11 +263,6 @@ def _machines(rows: Any, gpu_types: dict[str, GpuType], source: str) -> tuple[Ma
         count = row["count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"{where}: count must be a positive integer, got {count!r}")
-        if count > MAX_GPUS_PER_MACHINE:
-            raise ConfigError(
-                f"{where}: count {count} is more GPUs than one machine holds (at most {MAX_GPUS_PER_MACHINE}); "
-                "describe a larger pool as several machines, with network.links between them for fast fabrics"
-            )
         price = _number(row, "price_per_hour", where) if "price_per_hour" in row else None
         cores = row.get("cpu_cores")
         if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):

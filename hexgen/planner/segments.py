@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hexgen.errors import ConfigError
 from hexgen.planner.pricing import StagePricer
 
 
@@ -31,18 +32,33 @@ class _Candidate:
     lasts: tuple[bool, ...]
 
 
-def tp_multisets(gpu_count: int, degrees: list[int]) -> list[tuple[int, ...]]:
-    """Non-empty multisets of TP degrees (descending tuples) whose sum is at most `gpu_count`."""
-    out: list[tuple[int, ...]] = []
+# Multisets of TP degrees one machine's SegmentTable may enumerate: about 1-2 ms each (2-core Xeon), so ~5-10 s. A
+# machine of 32 GPUs and TP degrees 1, 2, 4, 8 has 1,624; 64 such GPUs 17,360; 128 CPU slots of a model whose TP
+# degrees are 1 and 3, 2,837.
+MAX_TP_MULTISETS = 5_000
 
-    def extend(prefix: tuple[int, ...], left: int, max_part: int) -> None:
+
+def count_tp_multisets(gpu_count: int, degrees: list[int]) -> int:
+    """How many multisets tp_multisets would list, without listing them (coin-change counting)."""
+    ways = [1] + [0] * gpu_count  # ways[s]: multisets summing to exactly s
+    for d in set(degrees):
+        for total in range(d, gpu_count + 1):
+            ways[total] += ways[total - d]
+    return sum(ways) - 1
+
+
+def tp_multisets(gpu_count: int, degrees: list[int]) -> list[tuple[int, ...]]:
+    """Non-empty multisets of TP degrees (descending tuples) whose sum is at most `gpu_count`, in depth-first order
+    (larger degrees first); an explicit stack, as a machine of many slots nests as deep as its GPU count."""
+    out: list[tuple[int, ...]] = []
+    descending = sorted(set(degrees), reverse=True)
+    stack: list[tuple[tuple[int, ...], int]] = [((), gpu_count)]
+    while stack:
+        prefix, left = stack.pop()
         if prefix:
             out.append(prefix)
-        for d in sorted(degrees, reverse=True):
-            if d <= min(left, max_part):
-                extend(prefix + (d,), left - d, d)
-
-    extend((), gpu_count, gpu_count)
+        largest = min(left, prefix[-1]) if prefix else left
+        stack.extend((prefix + (d,), left - d) for d in reversed(descending) if d <= largest)
     return out
 
 
@@ -78,7 +94,15 @@ class SegmentTable:
         self.costs_s = np.full(num_layers + 1, np.inf)
         self._best: list[_Candidate | None] = [None] * (num_layers + 1)
         self._pricer, self._machine = pricer, machine
-        for multiset in tp_multisets(gpu_count, pricer.tp_degrees(machine)):
+        degrees = pricer.tp_degrees(machine)
+        layouts = count_tp_multisets(gpu_count, degrees)
+        if layouts > MAX_TP_MULTISETS:
+            raise ConfigError(
+                f"machine {machine!r}: its {gpu_count} GPUs form {layouts:,} different sets of TP groups (degrees "
+                f"{', '.join(map(str, degrees))}), more than the planner enumerates ({MAX_TP_MULTISETS:,}); describe "
+                "it as several machines of fewer GPUs (with fast network.links between them), or give it fewer slots"
+            )
+        for multiset in tp_multisets(gpu_count, degrees):
             for cand in _candidates(multiset, first, last):
                 self._consider(cand)
 

@@ -11,8 +11,10 @@ from scheduler_helpers import tiny_model
 
 from hexgen.cluster import Cluster, GpuType, Link, Machine, Network
 from hexgen.costmodel import CostConfig, StagePlacement, Workload, replica_cost, stage_memory_bytes
+from hexgen.errors import ConfigError
 from hexgen.planner.dp import PipelineSolver, min_plus
 from hexgen.planner.pricing import StagePricer
+from hexgen.planner.segments import count_tp_multisets, tp_multisets
 
 
 def _stage_lists(count: int, degrees: list[int]):
@@ -97,3 +99,36 @@ def test_min_plus_matches_definition():
     for j in range(4):
         assert c[j] == min(a[i] + b[j - i] for i in range(j + 1))
         assert a[arg[j]] + b[j - arg[j]] == c[j]
+
+
+@pytest.mark.parametrize("count, degrees", [(0, [1, 2]), (7, [1, 2, 4]), (12, [1, 3]), (10, [2, 4, 8]), (9, [1])])
+def test_tp_multisets_are_every_multiset_once(count, degrees):
+    """Against brute force: every sorted tuple of degrees summing to at most `count`, each listed once."""
+    expected = {tuple(sorted(c, reverse=True)) for c in _stage_lists(count, degrees)}
+    listed = tp_multisets(count, degrees)
+    assert len(listed) == len(set(listed)) == count_tp_multisets(count, degrees)
+    assert set(listed) == expected
+
+
+def test_a_machine_of_many_slots_nests_no_recursion():
+    """3,000 CPU slots of a model with TP 1 only: 3,000 multisets, the deepest 3,000 long (recursion stopped at
+    Python's limit of 1,000)."""
+    listed = tp_multisets(3000, [1])
+    assert len(listed) == 3000 and max(map(len, listed)) == 3000
+
+
+def test_too_many_tp_layouts_on_one_machine_is_a_user_error():
+    """64 GPUs with TP 1, 2, 4, 8 (17,360 multisets: minutes of enumeration, 256 took gigabytes) is refused with the
+    machine's name; 32 (1,624) plans."""
+    model = tiny_model(num_layers=4, hidden=2048, heads=8, kv_heads=8, vocab=1000)
+    workload, cfg = Workload(prompt_tokens=64, output_tokens=16), CostConfig(runtime_reserve_gb=0.02)
+
+    def solve(count: int):
+        gpu = GpuType("g", 80.0, 2000.0, 300.0)
+        cluster = Cluster((Machine("big", gpu, count, "r"),), Network(Link(200.0, 0.01), Link(10, 1), Link(1, 30)))
+        return PipelineSolver(StagePricer(cluster, model, workload, cfg)).best((("big", count),))
+
+    assert solve(32) is not None
+    with pytest.raises(ConfigError, match=r"machine 'big': its 64 GPUs form 17,360 different sets of TP groups "
+                                          r"\(degrees 1, 2, 4, 8\), more than the planner enumerates \(5,000\)"):
+        solve(64)
