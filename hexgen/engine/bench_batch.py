@@ -10,6 +10,7 @@ gathered, plus each sequence's cached keys and values) over the device's measure
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.engine import Engine
 from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.errors import UserError
 from hexgen.models import ModelSpec
 
 PROFILED_STEPS = 3
@@ -99,6 +101,37 @@ def weight_bytes_read(spec: ModelSpec, dtype_bytes: int) -> int:
 
 def kv_bytes_read(spec: ModelSpec, dtype_bytes: int, batch: int, context: int) -> int:
     return batch * context * spec.num_layers * spec.kv_bytes_per_token(dtype_bytes)
+
+
+def batch_bytes(spec: ModelSpec, dtype_bytes: int, batch: int, context: int) -> int:
+    """What decoding `batch` sequences of `context` tokens holds at least, in either engine: the weights, the KV
+    cache, and the step's logits in fp32 twice (the logits and the softmax or sort over them)."""
+    return (weight_bytes_read(spec, dtype_bytes) + kv_bytes_read(spec, dtype_bytes, batch, context)
+            + 2 * batch * spec.vocab_size * 4)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for the benchmark: the GPU's free memory, or the host's free pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_batch_memory(spec: ModelSpec, dtype_bytes: int, batches: list[int], context: int, free: int) -> None:
+    """Refuse batch sizes whose decode cannot fit in `free` bytes, before any model is built (a batch of 100,000
+    failed with an allocator traceback)."""
+    largest = max(batches)
+    need = batch_bytes(spec, dtype_bytes, largest, context)
+    if need <= free:
+        return
+    fits, too_big = 0, largest  # bisection: the largest batch that fits (0: none), in log2(largest) steps
+    while too_big - fits > 1:
+        middle = (fits + too_big) // 2
+        fits, too_big = (middle, too_big) if batch_bytes(spec, dtype_bytes, middle, context) <= free else (fits, middle)
+    raise UserError(
+        f"--batch-sizes {largest}: decoding it needs at least {need / 2**30:.1f} GiB (weights, the KV cache of "
+        f"{context} tokens a sequence, logits), and {free / 2**30:.1f} GiB is free here; no batch above {fits} fits"
+    )
 
 
 def profile_steps(run, device: torch.device, steps: int) -> StepProfile:
@@ -211,6 +244,8 @@ def run_batched(
 ) -> BatchedResult:
     """Both engines at every batch size, one engine at a time so each has the device's memory to itself."""
     spec, dtype_bytes = source.spec, torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    context = cfg.prompt_tokens + cfg.new_tokens + 64  # covers prefill, the timed steps and the profiled ones
+    check_batch_memory(spec, dtype_bytes, batches, context, free_bytes(device))
     ids = prompt_ids(source, cfg.prompt_tokens)
     bandwidth = copy_gbps(device, 2**30 if device.type == "cuda" else 2**28)
 
@@ -223,7 +258,6 @@ def run_batched(
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    context = cfg.prompt_tokens + cfg.new_tokens + 64  # covers prefill, the timed steps and the profiled ones
     config = SchedulerConfig(max_running_seqs=max(batches), max_context=context + 64, enforce_eager=cfg.enforce_eager)
     single = HexgenSingle(source, cfg.dtype, device.type, config)
     hexgen_decode(single.engine, ids, 2, 2, device)  # warm-up: allocations, kernel compiles

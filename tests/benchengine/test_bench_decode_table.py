@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hexgen.engine.bench import BenchConfig
-from hexgen.engine.bench_batch import kv_bytes_read, run_batched, weight_bytes_read
+from hexgen.engine.bench_batch import check_batch_memory, kv_bytes_read, run_batched, weight_bytes_read
 from hexgen.engine.bench_shapes import build_random_checkpoint
+from hexgen.errors import UserError
 from hexgen.models import load_model_spec
 from hexgen.tokenizer import Tokenizer
 
@@ -97,3 +99,18 @@ def test_decode_table_shows_steps_in_series_only_where_they_were_timed():
     in_series = [StepTiming(1, 5.30, None, 19.9, 4.0, 11.4, profile)]
     table = _markdown(_batched_table("bfloat16", BatchedResult("CPU", 20.0, 10**9, in_series)))
     assert "steps in series" not in table
+
+
+def test_batch_sizes_past_the_free_memory_are_refused_with_the_largest_that_fits():
+    """A batch of 100,000 failed with the allocator's traceback after minutes of HF decoding; now refused before any
+    model is built. By hand for llama-3-8b in bf16 at 1,000 tokens a sequence: weights 15,009,849,344 bytes; a
+    sequence 1,000 x 131,072 bytes of KV (32 layers x 2 x 8 x 128 x 2) + 2 x 128,256 x 4 bytes of fp32 logits =
+    132,098,048 bytes."""
+    spec = load_model_spec("llama-3-8b")
+    per_sequence = 1000 * 131_072 + 2 * 128_256 * 4
+    free = 15_009_849_344 + 100 * per_sequence  # exactly 100 sequences
+    check_batch_memory(spec, 2, [1, 100], 1000, free)
+    with pytest.raises(UserError, match=r"--batch-sizes 101: decoding it needs at least .* no batch above 100 fits"):
+        check_batch_memory(spec, 2, [1, 101], 1000, free)
+    with pytest.raises(UserError, match="no batch above 0 fits"):
+        check_batch_memory(spec, 2, [1], 1000, 1000)  # not even the weights
