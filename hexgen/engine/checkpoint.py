@@ -84,13 +84,22 @@ def embedded_gguf_path(alias: str) -> Path:
     return path
 
 
+def _cache_folder(folder: Path) -> Path:
+    """`folder` inside the cache, made if need be; a cache that cannot be written is the user's to move."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot make the model cache folder {folder} ({err.strerror}); set {CACHE_ENV} to a "
+                          "folder this user can write") from None
+    return folder
+
+
 def converted_gguf_dir(gguf_path: Path, progress: bool) -> Path:
     """The cached HF folder converted from this GGUF's content; copies of one file share one entry."""
     target = cache_root() / "gguf" / gguf_sha256(gguf_path)[:16]
     if (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=_cache_folder(target.parent)))
     try:
         from hexgen.engine.gguf_convert import convert_gguf
 
@@ -100,6 +109,9 @@ def converted_gguf_dir(gguf_path: Path, progress: bool) -> Path:
         except OSError:  # another process converted it first
             if not (target / "model.safetensors").is_file():
                 raise
+    except OSError as err:  # e.g. the disk filled up: the half-written conversion goes
+        raise ConfigError(f"converting {gguf_path.name} into {target.parent} failed ({err.strerror or err}); free "
+                          f"space there (the embedded model takes 514 MB) or set {CACHE_ENV} elsewhere") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"hexgen: converted {gguf_path.name} once into {target} (set {CACHE_ENV} to move the cache)", file=sys.stderr)
@@ -123,7 +135,7 @@ def gguf_sha256(gguf_path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     index[path_key] = {"size_mtime": seen, "sha256": digest.hexdigest()}
-    index_path.parent.mkdir(parents=True, exist_ok=True)
+    _cache_folder(index_path.parent)
     staged = index_path.with_name(f".index-{os.getpid()}.json")
     staged.write_text(json.dumps(index, indent=1))
     staged.replace(index_path)  # atomic: a concurrent reader sees the old or the new index, never half of one

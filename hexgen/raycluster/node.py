@@ -42,7 +42,11 @@ class NodeRecord:
 def state_dir() -> Path:
     root = os.environ.get("HEXGEN_STATE_DIR") or Path.home() / ".cache" / "hexgen"
     path = Path(root) / "nodes"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make the folder of node records {path} ({err.strerror}); set HEXGEN_STATE_DIR to "
+                        "a folder this user can write") from None
     return path
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hexgen.engine import checkpoint, gguf_convert
+from hexgen.errors import ConfigError
 
 
 def write_small_gguf(path, scale: float) -> None:
@@ -75,3 +76,29 @@ def test_an_unchanged_file_is_not_hashed_again(tmp_path, conversions):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
     assert checkpoint.gguf_sha256(path) == first_hash  # read from the index, not from the file
+
+
+def test_a_cache_that_cannot_be_made_is_named(tmp_path, conversions, monkeypatch):
+    """HEXGEN_CACHE_DIR under a file (or /proc) crashed `hexgen generate` with a FileNotFoundError traceback."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("HEXGEN_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    path = tmp_path / "model.gguf"
+    write_small_gguf(path, 1.0)
+    with pytest.raises(ConfigError, match=r"cannot make the model cache folder .*a-file/cache/gguf \(Not a directory\);"
+                                          r" set HEXGEN_CACHE_DIR to a folder this user can write"):
+        checkpoint.converted_gguf_dir(path, progress=False)
+
+
+def test_a_conversion_that_fails_to_write_leaves_nothing_half_written(tmp_path, conversions, monkeypatch):
+    """A full disk mid-conversion: one line saying where and what to do, and no staging folder left behind."""
+
+    def disk_full(gguf_path, out_dir, progress=True):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf_convert, "convert_gguf", disk_full)
+    path = tmp_path / "model.gguf"
+    write_small_gguf(path, 1.0)
+    with pytest.raises(ConfigError, match=r"converting model.gguf into .*/gguf failed \(No space left on device\)"):
+        checkpoint.converted_gguf_dir(path, progress=False)
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == ["index.json"]

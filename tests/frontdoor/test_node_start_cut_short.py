@@ -86,3 +86,14 @@ def test_a_start_killed_outright_is_found_by_node_stop(tmp_path, stand_ins):
                          text=True, timeout=60)
     assert out.returncode == 0 and "stopped m-killed" in out.stdout, out.stderr
     assert not _alive(ray_pid)
+
+
+def test_a_state_folder_that_cannot_be_made_is_named(tmp_path):
+    """HEXGEN_STATE_DIR under a file crashed `hexgen node stop` with a FileNotFoundError traceback."""
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "HOME": str(tmp_path), "HEXGEN_STATE_DIR": str(tmp_path / "a-file")}
+    out = subprocess.run([sys.executable, "-m", "hexgen.cli", "node", "stop"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr == (f"hexgen node: error: cannot make the folder of node records {tmp_path}/a-file/nodes (Not a "
+                          "directory); set HEXGEN_STATE_DIR to a folder this user can write\n")
