@@ -23,7 +23,9 @@ from hexgen.engine.generation import run_requests
 from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.replica import open_local_replica
 from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.errors import UserError
 from hexgen.launch.spec import Layout, RankSpec
+from hexgen.models import ModelSpec
 from hexgen.plan import single_replica_plan
 
 
@@ -35,6 +37,22 @@ class BenchConfig:
     dtype: str = "float32"
     layouts: tuple[tuple[tuple[int, ...], tuple[int, ...] | None], ...] = ()
     enforce_eager: bool = False  # CUDA: no graphs for decode steps
+
+
+BENCH_CONTEXT = 4096  # the engines' context in a benchmark, unless its tokens need more
+BENCH_MARGIN_TOKENS = 128  # past the timed tokens: the decode-step table profiles a few more steps
+
+
+def bench_context(spec: ModelSpec, cfg: BenchConfig) -> int:
+    """The context hexgen's engine is built with for a run: room for the prompt, the new tokens and a margin, at
+    least BENCH_CONTEXT, within the model's own. A run that does not fit is refused before anything is timed."""
+    needed = cfg.prompt_tokens + cfg.new_tokens + BENCH_MARGIN_TOKENS
+    if needed > spec.max_context:
+        raise UserError(
+            f"--prompt-tokens {cfg.prompt_tokens} + --new-tokens {cfg.new_tokens} do not fit {spec.name}'s context of "
+            f"{spec.max_context} tokens (together at most {spec.max_context - BENCH_MARGIN_TOKENS})"
+        )
+    return min(spec.max_context, max(BENCH_CONTEXT, needed))
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class HexgenSingle:
     def __init__(self, source: ModelSource, dtype: str, device: str = "cpu", config: SchedulerConfig | None = None):
         layout = Layout((1,), ((0, source.spec.num_layers),))
         spec = RankSpec(source, layout, 0, dtype, device)
-        config = config or SchedulerConfig(max_context=4096)
+        config = config or SchedulerConfig(max_context=min(BENCH_CONTEXT, source.spec.max_context))
         self.engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
 
     def prefill_s(self, ids: list[int]) -> float:
@@ -100,7 +118,8 @@ class HFGenerate:
 def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timing]:
     ids = prompt_ids(source, cfg.prompt_tokens)
     engines = {
-        "hexgen (1 process)": HexgenSingle(source, cfg.dtype),
+        "hexgen (1 process)": HexgenSingle(source, cfg.dtype, config=SchedulerConfig(
+            max_context=bench_context(source.spec, cfg))),
         "HF transformers generate": HFGenerate(source, cfg.dtype),
     }
     prefill: dict[str, list[float]] = {k: [] for k in engines}
@@ -121,7 +140,8 @@ def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timi
 def time_layout(source: ModelSource, cfg: BenchConfig, tp: tuple[int, ...], layers: tuple[int, ...] | None) -> Timing:
     plan = single_replica_plan(source.spec, list(tp), list(layers) if layers else None)
     replica_plan = plan.replicas[0]
-    replica = open_local_replica(source, replica_plan, cfg.dtype, "cpu", SchedulerConfig(max_context=4096), ())
+    config = SchedulerConfig(max_context=bench_context(source.spec, cfg))
+    replica = open_local_replica(source, replica_plan, cfg.dtype, "cpu", config, ())
     ids = prompt_ids(source, cfg.prompt_tokens)
     try:
         replica.start()

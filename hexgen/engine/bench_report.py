@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from hexgen.engine.bench import BenchConfig, Timing, collective_costs, compare_single, time_layout
+from hexgen.engine.bench import BenchConfig, Timing, bench_context, collective_costs, compare_single, time_layout
 from hexgen.engine.bench_batch import BatchedResult, run_batched
 from hexgen.engine.bench_shapes import build_random_checkpoint
 from hexgen.engine.checkpoint import ModelSource, resolve_model
@@ -56,6 +56,7 @@ def run_and_report(
         console, sections = Console(), [_header(source.name, device, prompt_tokens, new_tokens, repeats)]
         for dtype in dtypes:
             cfg = BenchConfig(prompt_tokens, new_tokens, repeats, dtype, tuple(layouts or ()), enforce_eager)
+            bench_context(source.spec, cfg)  # tokens that do not fit the model: refused before anything runs
             tables = [] if device == "cuda" else _cpu_tables(source, cfg, layouts)
             if batch_sizes:
                 batched = _run_batched(source, cfg, device, batch_sizes)

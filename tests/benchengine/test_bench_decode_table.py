@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hexgen.engine.bench import BenchConfig
+from hexgen.engine.bench import BenchConfig, bench_context
 from hexgen.engine.bench_batch import check_batch_memory, kv_bytes_read, run_batched, weight_bytes_read
 from hexgen.engine.bench_shapes import build_random_checkpoint
 from hexgen.errors import UserError
@@ -114,3 +114,15 @@ def test_batch_sizes_past_the_free_memory_are_refused_with_the_largest_that_fits
         check_batch_memory(spec, 2, [1, 101], 1000, free)
     with pytest.raises(UserError, match="no batch above 0 fits"):
         check_batch_memory(spec, 2, [1], 1000, 1000)  # not even the weights
+
+
+def test_the_bench_context_holds_the_run_within_the_model():
+    """The engine's context was 4,096 whatever the run: --prompt-tokens 4000 or 100000 ended in a ValueError
+    traceback. Now at least 4,096, more where the tokens need it (prompt + new + a 128-token margin), and a run past
+    the model's own context (SmolLM2: 8,192) is refused."""
+    spec = load_model_spec("smollm2-135m")
+    assert bench_context(spec, BenchConfig(prompt_tokens=128, new_tokens=32)) == 4096
+    assert bench_context(spec, BenchConfig(prompt_tokens=6000, new_tokens=32)) == 6160
+    assert bench_context(spec, BenchConfig(prompt_tokens=8000, new_tokens=64)) == 8192
+    with pytest.raises(UserError, match=r"do not fit smollm2-135m's context of 8192 tokens \(together at most 8064\)"):
+        bench_context(spec, BenchConfig(prompt_tokens=8000, new_tokens=65))
