@@ -7,6 +7,8 @@ import sys
 
 from hexgen.commands.arg_types import output_file
 
+MAX_BULK_MIB = 4096  # the probe's transfer is held in memory on both machines of a pair
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="probe the machines of a Ray cluster into a cluster YAML",
@@ -15,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     probe = actions.add_parser("probe", help="find machines, GPUs and links; write the cluster YAML")
     probe.add_argument("--ray", required=True, metavar="HEAD_HOST:PORT", help="the cluster's head address")
     probe.add_argument("-o", "--output", required=True, type=output_file, help="cluster YAML to write")
-    probe.add_argument("--bulk-mib", type=int, default=16, help="MiB sent between each pair to measure bandwidth")
+    probe.add_argument("--bulk-mib", type=int, default=16,
+                       help=f"MiB sent between each pair to measure bandwidth (1..{MAX_BULK_MIB})")
     p.set_defaults(run=run)
 
 
@@ -23,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from hexgen.errors import UserError
     from hexgen.raycluster.env import connect
 
-    if args.bulk_mib < 1:
-        raise UserError(f"--bulk-mib must be >= 1, got {args.bulk_mib}")
+    if not 1 <= args.bulk_mib <= MAX_BULK_MIB:
+        raise UserError(f"--bulk-mib must be in 1..{MAX_BULK_MIB} (each machine holds it in memory), "
+                        f"got {args.bulk_mib}")
     connect(args.ray)
     import ray
 

@@ -124,6 +124,9 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
      "hexgen profile: error: --device-type is empty: give the GPU type name cluster files use, e.g. H200"),
     (["profile", "-o", "p.txt"], "hexgen profile: error: --output p.txt: a profile is written as .yaml (or .yml) or "
      ".json"),
+    # each machine of a probed pair holds the transfer in memory: 100,000,000 MiB was taken
+    (["cluster", "probe", "--ray", "127.0.0.1:1", "-o", "c.yaml", "--bulk-mib", "5000"],
+     "hexgen cluster: error: --bulk-mib must be in 1..4096 (each machine holds it in memory), got 5000"),
     # Ray was started with it and waited 90 s for a node that could not come up
     (["node", "start", "--head", "--node-ip-address", "999.1.1.1"],
      "hexgen node: error: --node-ip-address '999.1.1.1': expected this machine's IP address, e.g. 10.0.0.6"),
