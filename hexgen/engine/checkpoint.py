@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hexgen.errors import ConfigError
+from hexgen.folders import make_folder
 from hexgen.models import ModelSpec, load_model_spec
 
 EMBEDDED_MODELS = {
@@ -85,13 +86,7 @@ def embedded_gguf_path(alias: str) -> Path:
 
 
 def _cache_folder(folder: Path) -> Path:
-    """`folder` inside the cache, made if need be; a cache that cannot be written is the user's to move."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot make the model cache folder {folder} ({err.strerror}); set {CACHE_ENV} to a "
-                          "folder this user can write") from None
-    return folder
+    return make_folder(folder, "the model cache folder", CACHE_ENV)
 
 
 def converted_gguf_dir(gguf_path: Path, progress: bool) -> Path:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hexgen.errors import UserError
+from hexgen.folders import make_folder
 from hexgen.raycluster.env import RAY_ENV, cluster_token, machine_resource, token_file
 
 START_TIMEOUT_S = 90.0
@@ -41,13 +42,7 @@ class NodeRecord:
 
 def state_dir() -> Path:
     root = os.environ.get("HEXGEN_STATE_DIR") or Path.home() / ".cache" / "hexgen"
-    path = Path(root) / "nodes"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot make the folder of node records {path} ({err.strerror}); set HEXGEN_STATE_DIR to "
-                        "a folder this user can write") from None
-    return path
+    return make_folder(Path(root) / "nodes", "the folder of node records", "HEXGEN_STATE_DIR")
 
 
 def _ray_executable() -> str:

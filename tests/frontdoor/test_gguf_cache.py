@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hexgen.engine import checkpoint, gguf_convert
-from hexgen.errors import ConfigError
+from hexgen.errors import ConfigError, UserError
 
 
 def write_small_gguf(path, scale: float) -> None:
@@ -84,7 +84,7 @@ def test_a_cache_that_cannot_be_made_is_named(tmp_path, conversions, monkeypatch
     monkeypatch.setenv("HEXGEN_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
     path = tmp_path / "model.gguf"
     write_small_gguf(path, 1.0)
-    with pytest.raises(ConfigError, match=r"cannot make the model cache folder .*a-file/cache/gguf \(Not a directory\);"
+    with pytest.raises(UserError, match=r"cannot make the model cache folder .*a-file/cache/gguf \(Not a directory\);"
                                           r" set HEXGEN_CACHE_DIR to a folder this user can write"):
         checkpoint.converted_gguf_dir(path, progress=False)
 
