@@ -68,10 +68,9 @@ def prompt_ids(source: ModelSource, n: int) -> list[int]:
 
 
 class HexgenSingle:
-    def __init__(self, source: ModelSource, dtype: str, device: str = "cpu", config: SchedulerConfig | None = None):
+    def __init__(self, source: ModelSource, dtype: str, device: str, config: SchedulerConfig):
         layout = Layout((1,), ((0, source.spec.num_layers),))
         spec = RankSpec(source, layout, 0, dtype, device)
-        config = config or SchedulerConfig(max_context=min(BENCH_CONTEXT, source.spec.max_context))
         self.engine = Engine.create(build_runner(spec, init_rank(spec), config), config, ())
 
     def prefill_s(self, ids: list[int]) -> float:
@@ -118,7 +117,7 @@ class HFGenerate:
 def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timing]:
     ids = prompt_ids(source, cfg.prompt_tokens)
     engines = {
-        "hexgen (1 process)": HexgenSingle(source, cfg.dtype, config=SchedulerConfig(
+        "hexgen (1 process)": HexgenSingle(source, cfg.dtype, "cpu", SchedulerConfig(
             max_context=bench_context(source.spec, cfg))),
         "HF transformers generate": HFGenerate(source, cfg.dtype),
     }
