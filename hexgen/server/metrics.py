@@ -77,11 +77,10 @@ class Metrics:
             label = str(replica.index)
             self.replica_up.labels(label).set(1 if replica.state.is_up else 0)
             self.replica_outstanding.labels(label).set(replica.state.outstanding)
-            self.replica_running.labels(label).set(replica.load.get("running", 0) if replica.state.is_up else 0)
-            self.replica_waiting.labels(label).set(replica.load.get("waiting", 0) if replica.state.is_up else 0)
+            self.replica_running.labels(label).set(replica.load.get("running", 0))  # 0 once down (mark_down)
+            self.replica_waiting.labels(label).set(replica.load.get("waiting", 0))
             for state in ("used", "free", "cached"):
-                blocks = replica.load.get(f"kv_blocks_{state}", 0) if replica.state.is_up else 0
-                self.replica_kv_blocks.labels(label, state).set(blocks)
+                self.replica_kv_blocks.labels(label, state).set(replica.load.get(f"kv_blocks_{state}", 0))
             self.replica_preemptions.labels(label).set(replica.load.get("preemptions", 0))
             self.replica_draft_tokens.labels(label, "verified").set(replica.load.get("draft_tokens", 0))
             self.replica_draft_tokens.labels(label, "accepted").set(replica.load.get("accepted_draft_tokens", 0))

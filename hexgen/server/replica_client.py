@@ -63,6 +63,11 @@ def local_ranks(rank_args: list[tuple[Any, ...]]) -> Callable[[ChannelAddress], 
     return lambda address: RankProcesses(run_rank, [(*args, address) for args in rank_args])
 
 
+# What a driver's heartbeat says of the replica now, as opposed to its totals since it started (preemptions, prefix
+# hits, drafts, step totals, the largest batch): a replica that is down runs nothing and holds no blocks.
+LIVE_LOAD_KEYS = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached")
+
+
 class ReplicaClient:
     def __init__(self, index: int, plan: Replica, make_ranks: Callable[[ChannelAddress], Ranks],
                  capacity_weight: float = 1.0, channel_host: str = "127.0.0.1", secure: bool = False):
@@ -189,6 +194,7 @@ class ReplicaClient:
             return
         self.status, self.state.is_up, self.down_reason = "down", False, reason
         self._cancel_tasks()
+        self.load = {**self.load, **dict.fromkeys(LIVE_LOAD_KEYS, 0)}  # its last heartbeat is no longer true
         queues, self._queues = self._queues, {}
         self.state.outstanding = 0
         for queue in queues.values():

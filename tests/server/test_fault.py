@@ -14,6 +14,7 @@ import httpx
 from serve_helpers import Server, metric_value
 
 MAX_TOKENS = 64  # a stream's
+LIVE = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached")  # /status: a replica's now
 WHOLE_MAX_TOKENS = 384  # a non-streamed request's: still running on replica 0 when its rank is killed, also where
 # loaded cores make sending the requests one by one slow
 PROMPTS = [f"Request number {i} says" for i in range(6)]
@@ -113,9 +114,15 @@ def test_killed_rank_fails_over_and_leaves_nothing(chat_model_dir, reference, tm
         replicas = server_status(server)
         assert (replicas[0]["status"], replicas[1]["status"]) == ("down", "up")
         assert "rank" in replicas[0]["down_reason"]  # which rank died or failed first
+        # a replica that is down runs nothing and holds no blocks (not its last heartbeat's figures, which had
+        # requests running when the rank was killed); its totals since it started stay
+        assert {k: replicas[0][k] for k in LIVE} == dict.fromkeys(LIVE, 0), replicas[0]
+        assert replicas[0]["engine"]["steps"] > 0 and replicas[0]["peak_running"] >= 1
         metrics = server.get("/metrics").text
         assert metric_value(metrics, "hexgen_replica_up", 'replica="0"') == 0.0
         assert metric_value(metrics, "hexgen_replica_up", 'replica="1"') == 1.0
+        assert metric_value(metrics, "hexgen_replica_running_sequences", 'replica="0"') == 0.0
+        assert metric_value(metrics, "hexgen_replica_kv_blocks", 'replica="0",state="used"') == 0.0
         assert metric_value(metrics, "hexgen_failovers_total") >= 1
         assert httpx.get(server.url + "/health", timeout=10).json() == {"status": "ok", "replicas_up": 1}
         for prompt in PROMPTS[:2]:  # later requests still succeed, on the replica left
