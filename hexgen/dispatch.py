@@ -11,11 +11,13 @@ from hexgen.errors import UserError
 
 @dataclass
 class ReplicaState:
-    """What a dispatcher knows of one replica: requests in flight, whether it answers, its relative speed."""
+    """What a dispatcher knows of one replica: requests in flight, whether it answers, its relative speed, and the
+    longest sequence its KV pool holds."""
 
     outstanding: int = 0
     is_up: bool = True
     capacity_weight: float = 1.0
+    max_context: int | None = None  # tokens, prompt and output; None: whatever the server allows
 
 
 class NoReplicaAvailable(RuntimeError):

@@ -82,7 +82,7 @@ def serve_driver(engine: Engine, channel: RankEnd) -> None:
         load = (len(scheduler.running), len(scheduler.waiting))
         went_idle = not engine.has_work and engine.totals.steps != last_steps
         if now - last_beat >= HEARTBEAT_S or load != last_load or went_idle:
-            stats = {"running": load[0], "waiting": load[1],
+            stats = {"running": load[0], "waiting": load[1], "max_context": scheduler.max_context,
                      "peak_running": scheduler.peak_running, "kv_blocks_used": scheduler.blocks.num_used,
                      "kv_blocks_free": scheduler.blocks.num_free, "kv_blocks_cached": scheduler.blocks.num_cached,
                      "prefix_hit_tokens": scheduler.num_prefix_hit_tokens, "preemptions": scheduler.num_preemptions,

@@ -272,6 +272,7 @@ def _replica_status(replica) -> dict[str, Any]:
         "down_reason": replica.down_reason,
         "outstanding_requests": replica.state.outstanding,
         "capacity_weight": replica.state.capacity_weight,
+        "max_context": replica.state.max_context,  # tokens a sequence its KV pool holds (at most --max-context)
         "running": replica.load.get("running", 0),
         "waiting": replica.load.get("waiting", 0),
         "peak_running": replica.load.get("peak_running", 0),  # the largest batch the replica has run

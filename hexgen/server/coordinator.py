@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
-from hexgen.dispatch import DispatchPolicy, NoReplicaAvailable
+from hexgen.dispatch import DispatchPolicy, NoReplicaAvailable, ReplicaState
 from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent, TokenLogprobs
 from hexgen.server.metrics import Metrics
 from hexgen.server.protocol import APIError, SamplingFields
@@ -174,7 +174,7 @@ class Coordinator:
         """Token events of one request. If its replica goes down before its first token (or at any time
         when `restartable`), the request is re-sent to another replica; RESTART marks a re-send after tokens."""
         while True:
-            replica = self._choose()
+            replica = self._choose(request)
             if admission is not None:  # from here the request counts as outstanding on its replica
                 admission.reached_replica()
                 admission = None
@@ -206,12 +206,27 @@ class Coordinator:
             if produced:
                 yield RESTART
 
-    def _choose(self) -> ReplicaClient:
+    def _choose(self, request: GenerationRequest) -> ReplicaClient:
+        """The policy's pick among the replicas that are up and whose KV pool holds the request's whole sequence (in
+        a heterogeneous plan one replica's pool may hold fewer tokens than the server's context)."""
+        need = len(request.prompt_token_ids) + request.params.max_new_tokens
+        up = [r.state for r in self.replicas if r.state.is_up]
+        if not up:
+            raise APIError(503, "no replica is up; the server cannot generate right now", type_="server_error")
+        states = [r.state if fits(r.state, need) else replace(r.state, is_up=False) for r in self.replicas]
         try:
-            return self.replicas[self.policy.choose([r.state for r in self.replicas])]
+            return self.replicas[self.policy.choose(states)]
         except NoReplicaAvailable:
+            largest = max(s.max_context for s in up if s.max_context is not None)
+            prompt = len(request.prompt_token_ids)
             raise APIError(
-                503, "no replica is up; the server cannot generate right now", type_="server_error"
+                400,
+                f"the request needs {need} tokens ({prompt} in the prompt, {request.params.max_new_tokens} to "
+                f"generate), but the replicas up hold at most {largest} tokens a sequence in their KV caches; "
+                + (f"lower max_tokens to at most {largest - prompt}" if prompt < largest else
+                   f"the prompt must be shorter than {largest} tokens"),
+                param="max_tokens" if prompt < largest else "prompt",
+                code="context_length_exceeded",
             ) from None
 
     async def stream_text(
@@ -291,3 +306,14 @@ async def merge_choices(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterato
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def fits(state: ReplicaState, tokens: int) -> bool:
+    """Whether a sequence of `tokens` tokens fits the replica's KV pool."""
+    return state.max_context is None or tokens <= state.max_context
+
+
+def served_context(max_context: int, replicas: list[ReplicaClient]) -> int:
+    """The longest sequence the server takes: --max-context, or less where no replica's KV pool holds it."""
+    pools = [r.state.max_context for r in replicas]
+    return max_context if None in pools else min(max_context, max(pools))

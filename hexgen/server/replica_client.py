@@ -90,7 +90,8 @@ class ReplicaClient:
         return len(self.processes)
 
     async def start(self, on_loaded: Callable[[int], None] | None = None, timeout_s: float = 600.0) -> None:
-        """Start the ranks and wait until every one holds its weights; raise ReplicaStartError on failure."""
+        """Start the ranks and wait until every one holds its weights and the driver has sized its KV pool (its
+        first heartbeat says how long a sequence the pool holds); raise ReplicaStartError on failure."""
         try:
             self.processes.start()  # returns at once: spawned processes, or actors Ray places in the background
         except Exception as err:  # noqa: BLE001 - e.g. Ray could not place an actor
@@ -98,7 +99,7 @@ class ReplicaClient:
             raise ReplicaStartError(f"replica {self.index}: {type(err).__name__}: {err}".splitlines()[0]) from None
         tracker = StartupTracker(self.world_size, on_loaded)
         deadline = time.monotonic() + timeout_s
-        while not tracker.done:
+        while not (tracker.done and self.state.max_context is not None):
             try:
                 message = await asyncio.wait_for(self.channel.receive(), timeout=WATCH_PERIOD_S)
             except TimeoutError:
@@ -107,8 +108,8 @@ class ReplicaClient:
                 failure = await settle_async([RankFailure.of(message)], self.channel.receive)
                 await self._stop_processes()
                 raise ReplicaStartError(f"replica {self.index} rank {failure.rank}: {failure.text}")
-            if message is not None:
-                tracker.take(message)
+            if message is not None and not tracker.take(message) and message[0] == "heartbeat":
+                self._take_heartbeat(message[1])
             failure = self.processes.first_failure()
             if failure is not None or time.monotonic() > deadline:
                 await self._stop_processes()
@@ -164,10 +165,14 @@ class ReplicaClient:
             elif kind == "rejected":
                 self._deliver(message[1], Rejected(message[2]))
             elif kind == "heartbeat":
-                self.load = dict(message[1])
+                self._take_heartbeat(message[1])
             elif kind == "error":  # the rank that failed first, not a peer that lost it
                 failure = await settle_async([RankFailure.of(message)], self.channel.receive)
                 await self.mark_down(f"rank {failure.rank} failed: {failure.text}")
+
+    def _take_heartbeat(self, stats: dict[str, Any]) -> None:
+        self.load = dict(stats)
+        self.state.max_context = stats["max_context"]  # the same in every heartbeat: set by the pool's size
 
     def interrupt(self, item: ServerStopping) -> None:
         """Hand `item` to every request this replica holds."""

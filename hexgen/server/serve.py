@@ -21,7 +21,7 @@ from hexgen.models import ModelSpec, load_model_spec
 from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
 from hexgen.server.calibrate import measure_speeds, needs_measured_speeds
-from hexgen.server.coordinator import SHUTTING_DOWN, Coordinator, ServeConfig
+from hexgen.server.coordinator import SHUTTING_DOWN, Coordinator, ServeConfig, served_context
 from hexgen.server.launch import check_local, default_dispatch, default_local_plan, make_replicas, start_all
 from hexgen.server.metrics import Metrics
 from hexgen.server.replica_client import ReplicaClient
@@ -152,7 +152,9 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     await start_all(replicas)
     watcher = None
     try:
-        config = ServeConfig(args.served_model_name or args.model, max_context, args.max_queue, args.dtype, args.device)
+        note_small_pools(replicas, max_context)
+        config = ServeConfig(args.served_model_name or args.model, served_context(max_context, replicas),
+                             args.max_queue, args.dtype, args.device)
         args.dispatch = args.dispatch or default_dispatch(plan)
         if needs_measured_speeds([r.predicted for r in plan.replicas], args.dispatch):
             speeds = await measure_speeds(replicas)
@@ -186,3 +188,13 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
             watcher.cancel()
         for replica in replicas:
             await replica.close()
+
+
+def note_small_pools(replicas: list[ReplicaClient], max_context: int) -> None:
+    """Say which replicas' KV pools hold shorter sequences than the server's context: requests longer than a
+    replica's pool go to the others, and one longer than every pool gets a 400 (Coordinator._choose)."""
+    for replica in replicas:
+        if replica.state.max_context is not None and replica.state.max_context < max_context:
+            print(f"hexgen serve: replica {replica.index}'s KV cache holds {replica.state.max_context} tokens a "
+                  f"sequence, less than the context of {max_context}: longer requests go to other replicas "
+                  "(--memory-gb sets the room for it)", file=sys.stderr, flush=True)

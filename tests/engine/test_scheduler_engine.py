@@ -60,6 +60,19 @@ def test_context_limit_gives_length():
         scheduler.add(request("b", 10))
 
 
+def test_a_request_longer_than_the_pool_is_refused_not_cut_short():
+    # 4 blocks of 4 tokens: the pool holds 16 tokens a sequence though the context allows 100
+    scheduler = Scheduler(config(num_kv_blocks=4, block_size=4, max_context=100))
+    with pytest.raises(ValueError, match=r"needs 17 tokens \(8 in the prompt and up to 9 new\).* holds 16 tokens"):
+        scheduler.add(request("a", 8, max_new_tokens=9))
+    scheduler.add(request("b", 8, max_new_tokens=8))  # 16: fits exactly, and runs to the end
+    assert len(run_to_end(scheduler)["b"]) == 8
+    # asking past the context is not the pool's fault: the sequence ends by length at the context, as before
+    scheduler = Scheduler(config(num_kv_blocks=4, block_size=4, max_context=12))
+    scheduler.add(request("c", 8, max_new_tokens=100))
+    assert run_to_end(scheduler)["c"] == [(5, None)] * 3 + [(5, "length")]  # 8 + 4 = 12 tokens
+
+
 def test_chunked_prefill_plans_hand_computed():
     scheduler = Scheduler(config(max_step_tokens=4))
     scheduler.add(request("a", 10, max_new_tokens=2))

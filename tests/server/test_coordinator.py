@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from hexgen.dispatch import ReplicaState, make_policy
 from hexgen.engine.messages import TokenEvent, TokenLogprobs
 from hexgen.server.app import _collect as collect_answer
-from hexgen.server.coordinator import Coordinator, ServeConfig, merge_choices
+from hexgen.server.coordinator import Coordinator, ServeConfig, merge_choices, served_context
 from hexgen.server.metrics import Metrics
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from hexgen.server.replica_client import Rejected, ReplicaDown
@@ -411,6 +411,35 @@ def test_down_replica_is_skipped_and_all_down_is_503():
     replicas[1].state.is_up = False
     with pytest.raises(APIError) as info:
         asyncio.run(_collect(coordinator, coordinator.prepare([1], 2, fields())))
+    assert info.value.status == 503
+
+
+def test_a_request_goes_only_to_replicas_whose_kv_pool_holds_it():
+    small, large = FakeReplica(0, [tokens(2)] * 3), FakeReplica(1, [tokens(2)] * 3)
+    small.state.max_context, large.state.max_context = 6, 9  # tokens a sequence, as their drivers said
+    coordinator = make_coordinator([small, large], "round-robin", max_context=10)
+    assert served_context(10, [small, large]) == 9 and served_context(8, [small, large]) == 8
+
+    def send(prompt_len: int, max_tokens: int) -> None:
+        asyncio.run(_collect(coordinator, coordinator.prepare([1] * prompt_len, max_tokens, fields())))
+
+    send(4, 2)  # 6 tokens: either; round-robin's turn is replica 0's
+    send(4, 3)  # 7 tokens: only replica 1 holds it, though it is replica 0's turn ...
+    assert (len(small.submitted), len(large.submitted)) == (1, 1)
+    send(4, 2)  # ... and the turns go on from there
+    assert (len(small.submitted), len(large.submitted)) == (2, 1)
+    with pytest.raises(APIError) as info:  # 10 tokens: within the server's context, beyond every pool
+        send(4, 6)
+    assert (info.value.status, info.value.param, info.value.code) == (400, "max_tokens", "context_length_exceeded")
+    assert "needs 10 tokens (4 in the prompt, 6 to generate)" in info.value.message
+    assert "hold at most 9 tokens" in info.value.message and "max_tokens to at most 5" in info.value.message
+    large.state.is_up = False  # the one that could have held it is down: the largest left counts
+    with pytest.raises(APIError) as info:
+        send(6, 1)
+    assert (info.value.param, "at most 6 tokens" in info.value.message) == ("prompt", True)
+    small.state.is_up = False
+    with pytest.raises(APIError) as info:
+        send(2, 1)
     assert info.value.status == 503
 
 

@@ -87,3 +87,22 @@ def test_a_pool_too_small_for_the_batch_preempts_and_every_answer_is_still_the_r
     metrics = tight.get("/metrics").text
     assert metric_value(metrics, "hexgen_replica_preemptions", 'replica="0"') == replica["preemptions"]
     assert metric_value(metrics, "hexgen_replica_kv_blocks", 'replica="0",state="free"') == pool
+
+
+def test_a_request_longer_than_the_pool_is_a_400_not_a_short_answer(tight):
+    """The pool holds fewer tokens a sequence than --max-context (4096): the server says so at start, takes no
+    longer requests (they would have ended early with finish_reason 'length') and advertises the pool's length."""
+    replica = tight.status()["replicas"][0]
+    holds = (replica["kv_blocks_used"] + replica["kv_blocks_free"]) * BLOCK_SIZE
+    assert f"replica 0's KV cache holds {holds} tokens a sequence, less than the context of 4096" in tight.log()
+    models = tight.get("/v1/models").json()["data"][0]
+    assert models["max_model_len"] == replica["max_context"] == holds
+    body = {"model": tight.status()["model"], "prompt": [1, 2, 3, 4], "max_tokens": holds - 4, "temperature": 0,
+            "ignore_eos": True}
+    fits = tight.post("/v1/completions", body)  # exactly the pool: the whole answer
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == holds - 4
+    too_long = tight.post("/v1/completions", {**body, "max_tokens": holds - 3})
+    assert too_long.status_code == 400
+    error = too_long.json()["error"]
+    assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+    assert f"at most {holds - 4}" in error["message"]

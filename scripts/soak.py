@@ -1,0 +1,271 @@
+"""Soak `hexgen serve`: hundreds of concurrent greedy requests with shared prefixes, long prompts, streamed and not,
+some cancelled by their client, against a server under the flags you give (a small --memory-gb forces preemptions,
+--speculative-tokens turns drafts on; a rank can be killed mid-run); then every answer that finished is compared
+with the same request run alone, one at a time, on a reference server (one process, batch 1, no prefix cache).
+
+    .venv/bin/python scripts/soak.py --requests 200 -- --plan examples/plans/local-default.json --memory-gb 0.66
+
+Everything runs in float32, where an answer does not depend on what shares its steps (tests/engine), so any
+difference is a bug. The reference answers are kept in --reference-file (by model, seed and count) and reused.
+Exit status 1 when an answer differs, a request failed without cause (only streams cut by a killed rank may end
+with an error), a replica that is up still holds blocks once idle, or a process of either server is left."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+HEXGEN = [sys.executable, "-m", "hexgen.cli"]
+WORDS = ("river stone cloud apple table seven orange music window garden paper light quiet north engine silver "
+         "forest bridge yellow number winter summer animal planet letter doctor market castle story").split()
+PREFIXES = 4  # prompts that share a beginning (system prompts, earlier turns) draw it from these
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class SoakRequest:
+    index: int
+    prompt: str
+    max_tokens: int
+    stream: bool
+    cancel_after_chunks: int | None  # the client closes its stream after this many chunks
+    delay_s: float  # sent this long after the run starts
+
+
+def make_requests(seed: int, count: int) -> list[SoakRequest]:
+    """60% share one of PREFIXES beginnings of 150-500 words; 3-300 words of their own; 15% of streams cancelled."""
+    rng = random.Random(seed)
+    prefixes = [" ".join(rng.choices(WORDS, k=rng.randint(150, 500))) for _ in range(PREFIXES)]
+    out = []
+    for i in range(count):
+        tail = " ".join(rng.choices(WORDS, k=rng.randint(3, 300)))
+        prompt = f"{rng.choice(prefixes)} {tail}" if rng.random() < 0.6 else tail
+        stream = rng.random() < 0.5
+        cancel = rng.randint(1, 5) if rng.random() < 0.15 else None
+        out.append(SoakRequest(i, prompt, rng.randint(4, 64), stream, cancel if stream else None, rng.random() * 2.0))
+    return out
+
+
+@dataclass
+class Answer:
+    index: int
+    status: int  # HTTP status; 599: a stream that ended with an error event
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    error: str = ""
+
+
+async def ask(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest, alone: bool) -> Answer:
+    """One greedy completion; alone: not streamed, not cancelled, not delayed (the reference's way)."""
+    stream = r.stream and not alone
+    body = {"model": model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "stream": stream}
+    if not alone:
+        await asyncio.sleep(r.delay_s)
+    if not stream:
+        response = await client.post(f"{url}/v1/completions", json=body)
+        if response.status_code != 200:
+            return Answer(r.index, response.status_code, error=response.text[:300])
+        choice = response.json()["choices"][0]
+        return Answer(r.index, 200, choice["text"], choice["finish_reason"])
+    answer, chunks = Answer(r.index, 200), 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            return Answer(r.index, response.status_code, error=(await response.aread()).decode()[:300])
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                return Answer(r.index, 599, answer.text, error=event["error"]["message"][:300])
+            for choice in event["choices"]:
+                answer.text += choice["text"]
+                answer.finish_reason = choice["finish_reason"] or answer.finish_reason
+            chunks += 1
+            if r.cancel_after_chunks is not None and chunks >= r.cancel_after_chunks:
+                answer.cancelled = True
+                return answer  # leaving the block closes the connection: the server aborts the sequence
+    return answer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`hexgen serve` in a process group of its own on a free loopback port."""
+
+    def __init__(self, flags: list[str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen([*HEXGEN, "serve", "--host", "127.0.0.1", "--port", str(self.port), *flags],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 600) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hexgen serve exited with {self.proc.returncode}: see {self.log}")
+            try:
+                return self.status()
+            except httpx.HTTPError:
+                time.sleep(1)
+        raise RuntimeError(f"hexgen serve not ready after {timeout_s:.0f} s: see {self.log}")
+
+    def status(self) -> dict:
+        response = httpx.get(f"{self.url}/status", timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> bool:
+        """SIGTERM, then SIGKILL after 60 s; whether the whole group was gone by itself."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        deadline = time.monotonic() + 10  # the group's last processes may take a moment to exit after the server
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.5)
+        os.killpg(self.proc.pid, signal.SIGKILL)  # what is still there was left behind
+        return False
+
+
+async def run_load(url: str, model: str, requests: list[SoakRequest], concurrency: int, alone: bool,
+                   kill: tuple[float, int] | None = None) -> list[Answer]:
+    """Every request, `concurrency` at a time (one at a time if alone); kill = (after s, pid) kills a rank."""
+    limit = asyncio.Semaphore(1 if alone else concurrency)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("reference, one at a time" if alone else "soak", total=len(requests))
+
+        async def one(client, r):
+            async with limit:
+                answer = await ask(client, url, model, r, alone)
+            progress.advance(task)
+            return answer
+
+        async def killer():
+            await asyncio.sleep(kill[0])
+            os.kill(kill[1], signal.SIGKILL)
+            console.print(f"killed rank process {kill[1]} after {kill[0]:.0f} s")
+
+        async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=None)) as client:
+            killing = asyncio.ensure_future(killer()) if kill else None
+            answers = await asyncio.gather(*(one(client, r) for r in requests))
+            if killing:
+                await killing
+    return list(answers)
+
+
+def reference_answers(args, requests: list[SoakRequest]) -> dict[int, Answer]:
+    key = {"model": args.model, "seed": args.seed, "requests": args.requests}
+    path = args.reference_file
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            return {a["index"]: Answer(**a) for a in saved["answers"]}
+    plan = args.work_dir / "reference-plan.json"
+    plan.write_text(json.dumps({"model": args.model, "replicas": [
+        {"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, args.layers]}]}]}))
+    server = ServerProcess(["--model", args.model, "--plan", str(plan), "--dtype", "float32", "--max-batch", "1",
+                            "--no-prefix-caching"], args.work_dir / "reference.log")
+    try:
+        name = server.wait_ready()["model"]
+        answers = asyncio.run(run_load(server.url, name, requests, 1, alone=True))
+    finally:
+        server.stop()
+    path.write_text(json.dumps({"key": key, "answers": [asdict(a) for a in answers]}))
+    return {a.index: a for a in answers}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", type=int, default=30, help="the model's layers (the reference plan's range)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--kill-rank-after", type=float, metavar="S",
+                        help="SIGKILL replica 0's last rank S seconds into the run (its requests fail over)")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/hexgen-soak"))
+    parser.add_argument("--reference-file", type=Path, help="default: WORK_DIR/reference-SEED-REQUESTS.json")
+    parser.add_argument("serve_flags", nargs="*", help="after --: flags of the `hexgen serve` under test")
+    args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    args.reference_file = args.reference_file or args.work_dir / f"reference-{args.seed}-{args.requests}.json"
+    requests = make_requests(args.seed, args.requests)
+    reference = reference_answers(args, requests)
+
+    server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
+    started = time.monotonic()
+    try:
+        status = server.wait_ready()
+        kill = None
+        if args.kill_rank_after is not None:
+            kill = (args.kill_rank_after, status["replicas"][0]["stages"][-1]["ranks"][-1]["pid"])
+        answers = asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False, kill))
+        elapsed_s = time.monotonic() - started
+        time.sleep(3)  # heartbeats report the pools after the last sequences left
+        replicas = server.status()["replicas"]
+    finally:
+        clean_exit = server.stop()
+
+    (args.work_dir / "soak-answers.json").write_text(json.dumps([asdict(a) for a in answers]))
+    same = [a for a in answers if a.status == 200 and not a.cancelled
+            and (a.text, a.finish_reason) == (reference[a.index].text, reference[a.index].finish_reason)]
+    differ = [a for a in answers if a.status == 200 and not a.cancelled and a not in same]
+    cut = [a for a in answers if a.status == 599 and kill and reference[a.index].text.startswith(a.text)]
+    failed = [a for a in answers if a.status != 200 and a not in cut]
+    cancelled = [a for a in answers if a.cancelled]
+    held = [r["index"] for r in replicas if r["status"] == "up" and r["kv_blocks_used"]]
+
+    table = Table(title=f"soak: {len(requests)} requests, seed {args.seed}, concurrency {args.concurrency}, "
+                        f"{elapsed_s:.0f} s; serve {' '.join(args.serve_flags)}")
+    for column in ("answers", "count"):
+        table.add_column(column)
+    for label, rows in (("the same as alone", same), ("different", differ), ("cancelled by the client", cancelled),
+                        ("streams cut by the killed rank", cut), ("failed otherwise", failed)):
+        table.add_row(label, str(len(rows)))
+    for r in replicas:
+        table.add_row(f"replica {r['index']} ({r['status']})",
+                      f"preemptions {r['preemptions']}, prefix-hit tokens {r['prefix_hit_tokens']}, drafts "
+                      f"{r['accepted_draft_tokens']}/{r['draft_tokens']} accepted, peak batch {r['peak_running']}")
+    Console().print(table)
+    for a in (differ + failed)[:5]:
+        console.print(f"request {a.index}: {a.status} {a.error or repr(a.text[:80])} | alone: "
+                      f"{reference[a.index].text[:80]!r}")
+    problems = [f"{len(differ)} answers differ" if differ else "", f"{len(failed)} failed" if failed else "",
+                f"replicas {held} hold blocks once idle" if held else "",
+                "" if clean_exit else "processes of the server were left"]
+    problems = [p for p in problems if p]
+    console.print("; ".join(problems) if problems else "ok: every finished answer equals the request's alone")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
