@@ -188,9 +188,12 @@ def reference_answers(args, requests: list[SoakRequest]) -> dict[int, Answer]:
         saved = json.loads(path.read_text())
         if saved["key"] == key:
             return {a["index"]: Answer(**a) for a in saved["answers"]}
+    from hexgen.engine.checkpoint import resolve_model
+
+    layers = resolve_model(args.model).spec.num_layers
     plan = args.work_dir / "reference-plan.json"
     plan.write_text(json.dumps({"model": args.model, "replicas": [
-        {"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, args.layers]}]}]}))
+        {"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, layers]}]}]}))
     server = ServerProcess(["--model", args.model, "--plan", str(plan), "--dtype", "float32", "--max-batch", "1",
                             "--no-prefix-caching"], args.work_dir / "reference.log")
     try:
@@ -206,7 +209,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layers", type=int, default=30, help="the model's layers (the reference plan's range)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=64)
