@@ -1,7 +1,8 @@
 """Soak `hexgen serve`: hundreds of concurrent greedy requests with shared prefixes, long prompts, streamed and not,
-some cancelled by their client, against a server under the flags you give (a small --memory-gb forces preemptions,
---speculative-tokens turns drafts on; a rank can be killed mid-run); then every answer that finished is compared
-with the same request run alone, one at a time, on a reference server (one process, batch 1, no prefix cache).
+some cancelled by their client, some with two choices, stop strings or log-probabilities, against a server under the
+flags you give (a small --memory-gb forces preemptions, --speculative-tokens turns drafts on; a rank can be killed
+mid-run); then every answer that finished is compared with the same request run alone, one at a time, on a
+reference server (one process, batch 1, no prefix cache).
 
     .venv/bin/python scripts/soak.py --requests 200 -- --plan examples/plans/local-default.json --memory-gb 0.66
 
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,8 @@ HEXGEN = [sys.executable, "-m", "hexgen.cli"]
 WORDS = ("river stone cloud apple table seven orange music window garden paper light quiet north engine silver "
          "forest bridge yellow number winter summer animal planet letter doctor market castle story").split()
 PREFIXES = 4  # prompts that share a beginning (system prompts, earlier turns) draw it from these
+REQUEST_KINDS = 2  # make_requests' version: saved reference answers of another version are not reused
+LOGPROB_TOLERANCE = 1e-4  # float32: the same computation in other batches, its keys from other chunks
 console = Console(stderr=True)
 
 
@@ -46,10 +49,14 @@ class SoakRequest:
     stream: bool
     cancel_after_chunks: int | None  # the client closes its stream after this many chunks
     delay_s: float  # sent this long after the run starts
+    n: int  # choices (greedy: each must equal the answer alone)
+    stop: str | None  # a stop string
+    logprobs: int | None  # alternatives per token asked for
 
 
 def make_requests(seed: int, count: int) -> list[SoakRequest]:
-    """60% share one of PREFIXES beginnings of 150-500 words; 3-300 words of their own; 15% of streams cancelled."""
+    """60% share one of PREFIXES beginnings of 150-500 words, then 3-300 words of their own; half streamed, 15% of
+    the streams cancelled; 15% ask for 2 choices, 20% stop at a word, 20% ask for log-probabilities."""
     rng = random.Random(seed)
     prefixes = [" ".join(rng.choices(WORDS, k=rng.randint(150, 500))) for _ in range(PREFIXES)]
     out = []
@@ -57,8 +64,11 @@ def make_requests(seed: int, count: int) -> list[SoakRequest]:
         tail = " ".join(rng.choices(WORDS, k=rng.randint(3, 300)))
         prompt = f"{rng.choice(prefixes)} {tail}" if rng.random() < 0.6 else tail
         stream = rng.random() < 0.5
-        cancel = rng.randint(1, 5) if rng.random() < 0.15 else None
-        out.append(SoakRequest(i, prompt, rng.randint(4, 64), stream, cancel if stream else None, rng.random() * 2.0))
+        cancel = rng.randint(1, 5) if stream and rng.random() < 0.15 else None
+        n = 2 if rng.random() < 0.15 else 1
+        stop = f" {rng.choice(WORDS)}" if rng.random() < 0.2 else None
+        logprobs = rng.randint(0, 3) if rng.random() < 0.2 else None
+        out.append(SoakRequest(i, prompt, rng.randint(4, 64), stream, cancel, rng.random() * 2.0, n, stop, logprobs))
     return out
 
 
@@ -66,25 +76,36 @@ def make_requests(seed: int, count: int) -> list[SoakRequest]:
 class Answer:
     index: int
     status: int  # HTTP status; 599: a stream that ended with an error event
-    text: str = ""
-    finish_reason: str | None = None
+    texts: list[str] = field(default_factory=list)  # by choice
+    finish_reasons: list[str | None] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)  # each choice's tokens' log-probabilities, if asked
     cancelled: bool = False
     error: str = ""
 
 
 async def ask(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest, alone: bool) -> Answer:
-    """One greedy completion; alone: not streamed, not cancelled, not delayed (the reference's way)."""
+    """One greedy completion; alone: one choice, not streamed, not cancelled, not delayed (the reference's way)."""
     stream = r.stream and not alone
-    body = {"model": model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "stream": stream}
+    body = {"model": model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "stream": stream,
+            "n": 1 if alone else r.n, "stop": r.stop, "logprobs": r.logprobs}
+    answer = Answer(r.index, 200, [""] * body["n"], [None] * body["n"], [[] for _ in range(body["n"])])
+
+    def take(choice: dict) -> None:
+        i = choice["index"]
+        answer.texts[i] += choice["text"]
+        answer.finish_reasons[i] = choice["finish_reason"] or answer.finish_reasons[i]
+        answer.logprobs[i] += (choice.get("logprobs") or {}).get("token_logprobs") or []
+
     if not alone:
         await asyncio.sleep(r.delay_s)
     if not stream:
         response = await client.post(f"{url}/v1/completions", json=body)
         if response.status_code != 200:
             return Answer(r.index, response.status_code, error=response.text[:300])
-        choice = response.json()["choices"][0]
-        return Answer(r.index, 200, choice["text"], choice["finish_reason"])
-    answer, chunks = Answer(r.index, 200), 0
+        for choice in response.json()["choices"]:
+            take(choice)
+        return answer
+    chunks = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
             return Answer(r.index, response.status_code, error=(await response.aread()).decode()[:300])
@@ -93,15 +114,29 @@ async def ask(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest, a
                 continue
             event = json.loads(line.removeprefix("data: "))
             if "error" in event:
-                return Answer(r.index, 599, answer.text, error=event["error"]["message"][:300])
+                answer.status, answer.error = 599, event["error"]["message"][:300]
+                return answer
             for choice in event["choices"]:
-                answer.text += choice["text"]
-                answer.finish_reason = choice["finish_reason"] or answer.finish_reason
+                take(choice)
             chunks += 1
             if r.cancel_after_chunks is not None and chunks >= r.cancel_after_chunks:
                 answer.cancelled = True
                 return answer  # leaving the block closes the connection: the server aborts the sequence
     return answer
+
+
+def agrees(answer: Answer, alone: Answer, tolerance: float) -> bool:
+    """Every choice's text and finish reason as alone, and its log-probabilities within `tolerance`."""
+    return all(
+        text == alone.texts[0] and finish == alone.finish_reasons[0] and len(lp) == len(alone.logprobs[0])
+        and all(abs(a - b) <= tolerance for a, b in zip(lp, alone.logprobs[0], strict=True))
+        for text, finish, lp in zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True)
+    )
+
+
+def cut_short(answer: Answer, alone: Answer) -> bool:
+    """A stream ended by an error after text that was right so far."""
+    return answer.status == 599 and all(alone.texts[0].startswith(t) for t in answer.texts)
 
 
 def free_port() -> int:
@@ -182,7 +217,7 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
 
 
 def reference_answers(args, requests: list[SoakRequest]) -> dict[int, Answer]:
-    key = {"model": args.model, "seed": args.seed, "requests": args.requests}
+    key = {"model": args.model, "seed": args.seed, "requests": args.requests, "kinds": REQUEST_KINDS}
     path = args.reference_file
     if path.exists():
         saved = json.loads(path.read_text())
@@ -239,9 +274,9 @@ def main() -> int:
 
     (args.work_dir / "soak-answers.json").write_text(json.dumps([asdict(a) for a in answers]))
     same = [a for a in answers if a.status == 200 and not a.cancelled
-            and (a.text, a.finish_reason) == (reference[a.index].text, reference[a.index].finish_reason)]
+            and agrees(a, reference[a.index], LOGPROB_TOLERANCE)]
     differ = [a for a in answers if a.status == 200 and not a.cancelled and a not in same]
-    cut = [a for a in answers if a.status == 599 and kill and reference[a.index].text.startswith(a.text)]
+    cut = [a for a in answers if kill and cut_short(a, reference[a.index])]
     failed = [a for a in answers if a.status != 200 and a not in cut]
     cancelled = [a for a in answers if a.cancelled]
     held = [r["index"] for r in replicas if r["status"] == "up" and r["kv_blocks_used"]]
@@ -253,14 +288,16 @@ def main() -> int:
     for label, rows in (("the same as alone", same), ("different", differ), ("cancelled by the client", cancelled),
                         ("streams cut by the killed rank", cut), ("failed otherwise", failed)):
         table.add_row(label, str(len(rows)))
+    gaps = [abs(x - y) for a in same for lp in a.logprobs
+            for x, y in zip(lp, reference[a.index].logprobs[0], strict=True)]
+    table.add_row("log-probabilities compared", f"{len(gaps)}, the largest difference {max(gaps, default=0):.2e}")
     for r in replicas:
         table.add_row(f"replica {r['index']} ({r['status']})",
                       f"preemptions {r['preemptions']}, prefix-hit tokens {r['prefix_hit_tokens']}, drafts "
                       f"{r['accepted_draft_tokens']}/{r['draft_tokens']} accepted, peak batch {r['peak_running']}")
     Console().print(table)
     for a in (differ + failed)[:5]:
-        console.print(f"request {a.index}: {a.status} {a.error or repr(a.text[:80])} | alone: "
-                      f"{reference[a.index].text[:80]!r}")
+        console.print(f"request {a.index}: {a.status} {a.error or a.texts} | alone: {reference[a.index].texts[0]!r}")
     problems = [f"{len(differ)} answers differ" if differ else "", f"{len(failed)} failed" if failed else "",
                 f"replicas {held} hold blocks once idle" if held else "",
                 "" if clean_exit else "processes of the server were left"]

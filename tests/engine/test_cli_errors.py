@@ -97,3 +97,18 @@ def test_good_model_runs_and_leaves_nothing(tokenizer_model_dir):
     assert code == 0, err
     assert out.strip() != "" and left == []
     assert "generated 3 (length)" in err
+
+
+def test_a_request_longer_than_the_kv_pool_is_refused_not_cut_short(tokenizer_model_dir):
+    """--memory-gb leaving about 8 blocks of 4 tokens: 50 new tokens cannot fit, and generate says so rather than
+    stopping at the pool's end with finish reason 'length'."""
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.kv_budget import GIB, RankShape, kv_bytes_per_block, rank_weight_bytes
+
+    spec = resolve_model(str(tokenizer_model_dir)).spec
+    rank = RankShape(spec.num_layers, 1, True, True)
+    budget = rank_weight_bytes(spec, rank, 4, cpu_packed=True) + 8 * kv_bytes_per_block(spec, rank, 4, 4)
+    line = assert_user_error(["--model", str(tokenizer_model_dir), "--prompt", "hi", "--max-new-tokens", "50",
+                              "--ignore-eos", "--dtype", "float32", "--block-size", "4",
+                              "--memory-gb", f"{budget / GIB:.12f}"], "but this replica's KV cache holds")
+    assert "needs 51 tokens (1 in the prompt and up to 50 new)" in line and "--memory-gb" in line
