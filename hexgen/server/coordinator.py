@@ -217,6 +217,9 @@ class Coordinator:
         try:
             return self.replicas[self.policy.choose(states)]
         except NoReplicaAvailable:
+            if any(fits(r.state, need) for r in self.replicas):  # only replicas that are down hold it
+                raise APIError(503, f"the replicas whose KV caches hold this request's {need} tokens are down; "
+                               "retry shortly", type_="server_error") from None
             largest = max(s.max_context for s in up if s.max_context is not None)
             prompt = len(request.prompt_token_ids)
             raise APIError(

@@ -433,10 +433,15 @@ def test_a_request_goes_only_to_replicas_whose_kv_pool_holds_it():
     assert (info.value.status, info.value.param, info.value.code) == (400, "max_tokens", "context_length_exceeded")
     assert "needs 10 tokens (4 in the prompt, 6 to generate)" in info.value.message
     assert "hold at most 9 tokens" in info.value.message and "max_tokens to at most 5" in info.value.message
-    large.state.is_up = False  # the one that could have held it is down: the largest left counts
+    large.state.is_up = False  # the one that holds 7 tokens is down: a 503, the request itself is fine
     with pytest.raises(APIError) as info:
         send(6, 1)
-    assert (info.value.param, "at most 6 tokens" in info.value.message) == ("prompt", True)
+    assert info.value.status == 503 and "hold this request's 7 tokens are down" in info.value.message
+    small.state.max_context = 5  # the largest pool, replica 1's, is down; a prompt longer than any pool: a 400
+    with pytest.raises(APIError) as info:
+        send(9, 1)
+    assert (info.value.status, info.value.param) == (400, "prompt")
+    assert "hold at most 5 tokens" in info.value.message and "shorter than 5 tokens" in info.value.message
     small.state.is_up = False
     with pytest.raises(APIError) as info:
         send(2, 1)
