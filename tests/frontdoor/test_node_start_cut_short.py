@@ -36,7 +36,11 @@ def _start(tmp_path: Path, machine: str) -> tuple[subprocess.Popen, Path]:
     ray = tmp_path / "ray"
     ray.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'stand_in.py'} {pid_file}\n")
     ray.chmod(0o755)
-    code = (f"import hexgen.raycluster.node as n; n._ray_executable = lambda: {str(ray)!r}; "
+    # Ctrl-C as in a terminal: SIGINT at its default (Python's KeyboardInterrupt) and not blocked, whatever this
+    # test process inherited (a shell's background job ignores SIGINT, and exec keeps an ignored signal ignored)
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM]); "
+            f"import hexgen.raycluster.node as n; n._ray_executable = lambda: {str(ray)!r}; "
             f"from hexgen.cli import main; raise SystemExit(main(['node', 'start', '--head', '--machine', "
             f"{machine!r}, '--slots', '1']))")
     env = {**os.environ, "HOME": str(tmp_path), "HEXGEN_STATE_DIR": str(tmp_path / "state"),
