@@ -93,21 +93,20 @@ class Scheduler:
         return bool(self.waiting or self.running or self._aborted)
 
     def add(self, request: GenerationRequest) -> None:
-        total = len(request.prompt_token_ids) + 1
-        if not request.prompt_token_ids or total > self.max_context:
+        prompt, context = len(request.prompt_token_ids), self.config.max_context
+        if not prompt or prompt + 1 > context:
             raise ValueError(
-                f"request {request.request_id}: prompt of {len(request.prompt_token_ids)} tokens must be non-empty "
-                f"and leave room for one new token within the context of {self.max_context}"
+                f"request {request.request_id}: prompt of {prompt} tokens must be non-empty and leave room for one "
+                f"new token within the context of {context}"
             )
         # Past the context a sequence ends by length, as asked; past the pool only because this replica has little
         # memory, which the request could not know: refuse it rather than cut it short.
-        wanted = min(len(request.prompt_token_ids) + request.params.max_new_tokens, self.config.max_context)
+        wanted = min(prompt + request.params.max_new_tokens, context)
         if wanted > self.max_context:
             raise ValueError(
-                f"request {request.request_id}: needs {wanted} tokens ({len(request.prompt_token_ids)} in the prompt "
-                f"and up to {wanted - len(request.prompt_token_ids)} new), but this replica's KV cache holds "
-                f"{self.max_context} tokens a sequence; give its ranks more memory (--memory-gb) or ask for fewer "
-                "tokens"
+                f"request {request.request_id}: needs {wanted} tokens ({prompt} in the prompt and up to "
+                f"{wanted - prompt} new), but this replica's KV cache holds {self.max_context} tokens a sequence; "
+                "give its ranks more memory (--memory-gb) or ask for fewer tokens"
             )
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         seq = Sequence(request, next(self._ids), seed, draft_limit=self.config.speculative_tokens)

@@ -65,6 +65,8 @@ def test_a_request_longer_than_the_pool_is_refused_not_cut_short():
     scheduler = Scheduler(config(num_kv_blocks=4, block_size=4, max_context=100))
     with pytest.raises(ValueError, match=r"needs 17 tokens \(8 in the prompt and up to 9 new\).* holds 16 tokens"):
         scheduler.add(request("a", 8, max_new_tokens=9))
+    with pytest.raises(ValueError, match=r"needs 21 tokens \(20 in the prompt and up to 1 new\).* holds 16 tokens"):
+        scheduler.add(request("long prompt", 20, max_new_tokens=1))  # within the context, beyond the pool
     scheduler.add(request("b", 8, max_new_tokens=8))  # 16: fits exactly, and runs to the end
     assert len(run_to_end(scheduler)["b"]) == 8
     # asking past the context is not the pool's fault: the sequence ends by length at the context, as before
