@@ -193,8 +193,10 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
 def note_small_pools(replicas: list[ReplicaClient], max_context: int) -> None:
     """Say which replicas' KV pools hold shorter sequences than the server's context: requests longer than a
     replica's pool go to the others, and one longer than every pool gets a 400 (Coordinator._choose)."""
+    largest = served_context(max_context, replicas)
     for replica in replicas:
         if replica.state.max_context is not None and replica.state.max_context < max_context:
+            where = "go to replicas that hold them" if replica.state.max_context < largest else "get a 400"
             print(f"hexgen serve: replica {replica.index}'s KV cache holds {replica.state.max_context} tokens a "
-                  f"sequence, less than the context of {max_context}: longer requests go to other replicas "
-                  "(--memory-gb sets the room for it)", file=sys.stderr, flush=True)
+                  f"sequence, less than the context of {max_context}: longer requests {where} (--memory-gb sets "
+                  "the room for it)", file=sys.stderr, flush=True)

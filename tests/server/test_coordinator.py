@@ -448,6 +448,22 @@ def test_a_request_goes_only_to_replicas_whose_kv_pool_holds_it():
     assert info.value.status == 503
 
 
+def test_start_up_names_the_replicas_whose_pools_are_short(capsys):
+    from hexgen.server.serve import note_small_pools
+
+    replicas = [FakeReplica(i) for i in range(3)]
+    for replica, holds in zip(replicas, (768, 4096, 2048), strict=True):
+        replica.state.max_context = holds
+    note_small_pools(replicas, 4096)
+    assert capsys.readouterr().err.splitlines() == [
+        f"hexgen serve: replica {i}'s KV cache holds {n} tokens a sequence, less than the context of 4096: longer "
+        "requests go to replicas that hold them (--memory-gb sets the room for it)" for i, n in ((0, 768), (2, 2048))]
+    replicas[1].state.max_context = 1024  # now replica 2's pool is the largest: what it cannot hold, none can
+    note_small_pools(replicas, 4096)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[2].endswith("longer requests get a 400 (--memory-gb sets the room for it)")
+
+
 def test_failover_before_first_token_resends_to_another_replica():
     replicas = [FakeReplica(0, [[ReplicaDown("rank 2 exited with code -9")]]), FakeReplica(1, [tokens(7, 8, 9)])]
     coordinator = make_coordinator(replicas, "round-robin")

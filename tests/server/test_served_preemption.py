@@ -94,7 +94,8 @@ def test_a_request_longer_than_the_pool_is_a_400_not_a_short_answer(tight):
     longer requests (they would have ended early with finish_reason 'length') and advertises the pool's length."""
     replica = tight.status()["replicas"][0]
     holds = (replica["kv_blocks_used"] + replica["kv_blocks_free"]) * BLOCK_SIZE
-    assert f"replica 0's KV cache holds {holds} tokens a sequence, less than the context of 4096" in tight.log()
+    assert (f"replica 0's KV cache holds {holds} tokens a sequence, less than the context of 4096: longer requests "
+            "get a 400") in tight.log()  # the only replica
     models = tight.get("/v1/models").json()["data"][0]
     assert models["max_model_len"] == replica["max_context"] == holds
     body = {"model": tight.status()["model"], "prompt": [1, 2, 3, 4], "max_tokens": holds - 4, "temperature": 0,
