@@ -19,7 +19,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from hexgen.launch.lifetime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 HEXGEN = [sys.executable, "-m", "hexgen.cli"]
@@ -137,12 +138,6 @@ def agrees(answer: Answer, alone: Answer, tolerance: float) -> bool:
 def cut_short(answer: Answer, alone: Answer) -> bool:
     """A stream ended by an error after text that was right so far."""
     return answer.status == 599 and all(alone.texts[0].startswith(t) for t in answer.texts)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
