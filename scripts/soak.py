@@ -1,5 +1,6 @@
-"""Soak `hexgen serve`: hundreds of concurrent greedy requests with shared prefixes, long prompts, streamed and not,
-some cancelled by their client, some with two choices, stop strings or log-probabilities, against a server under the
+"""Soak `hexgen serve`: hundreds of concurrent requests with shared prefixes, long prompts, streamed and not, some
+cancelled by their client, some with two choices, stop strings, log-probabilities, penalties or a logit bias, some
+to the chat endpoint, greedy or sampled with a seed, against a server under the
 flags you give (a small --memory-gb forces preemptions, --speculative-tokens turns drafts on; a rank can be killed
 mid-run); then every answer that finished is compared with the same request run alone, one at a time, on a
 reference server (one process, batch 1, no prefix cache).
@@ -37,7 +38,7 @@ HEXGEN = [sys.executable, "-m", "hexgen.cli"]
 WORDS = ("river stone cloud apple table seven orange music window garden paper light quiet north engine silver "
          "forest bridge yellow number winter summer animal planet letter doctor market castle story").split()
 PREFIXES = 4  # prompts that share a beginning (system prompts, earlier turns) draw it from these
-REQUEST_KINDS = 2  # make_requests' version: saved reference answers of another version are not reused
+REQUEST_KINDS = 3  # make_requests' version: saved reference answers of another version are not reused
 LOGPROB_TOLERANCE = 1e-4  # float32: the same computation in other batches, its keys from other chunks
 console = Console(stderr=True)
 
@@ -50,14 +51,37 @@ class SoakRequest:
     stream: bool
     cancel_after_chunks: int | None  # the client closes its stream after this many chunks
     delay_s: float  # sent this long after the run starts
-    n: int  # choices (greedy: each must equal the answer alone)
+    n: int  # choices (greedy: each must equal the answer alone; seeded: choice i the request alone with seed + i)
     stop: str | None  # a stop string
     logprobs: int | None  # alternatives per token asked for
+    chat: bool = False  # /v1/chat/completions with the prompt as the user's message
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # every sampled request has one: its tokens must not depend on what shares its steps
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def body(self, model: str, stream: bool, n: int, seed: int | None) -> dict:
+        body = {"model": model, "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": seed, "stream": stream, "n": n, "stop": self.stop,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": self.logit_bias}
+        if self.chat:
+            body["messages"] = [{"role": "user", "content": self.prompt}]
+            if self.logprobs is not None:
+                body.update(logprobs=True, top_logprobs=self.logprobs)
+        else:
+            body.update(prompt=self.prompt, logprobs=self.logprobs)
+        return body
 
 
-def make_requests(seed: int, count: int) -> list[SoakRequest]:
+def make_requests(seed: int, count: int, vocab_size: int) -> list[SoakRequest]:
     """60% share one of PREFIXES beginnings of 150-500 words, then 3-300 words of their own; half streamed, 15% of
-    the streams cancelled; 15% ask for 2 choices, 20% stop at a word, 20% ask for log-probabilities."""
+    the streams cancelled; 15% ask for 2 choices, 20% stop at a word, 20% ask for log-probabilities; 15% go to the
+    chat endpoint; 30% sample (temperature, top-p, top-k) with a seed; 15% carry presence and frequency penalties,
+    10% a logit bias on a few token ids (a ban or a push)."""
     rng = random.Random(seed)
     prefixes = [" ".join(rng.choices(WORDS, k=rng.randint(150, 500))) for _ in range(PREFIXES)]
     out = []
@@ -69,7 +93,17 @@ def make_requests(seed: int, count: int) -> list[SoakRequest]:
         n = 2 if rng.random() < 0.15 else 1
         stop = f" {rng.choice(WORDS)}" if rng.random() < 0.2 else None
         logprobs = rng.randint(0, 3) if rng.random() < 0.2 else None
-        out.append(SoakRequest(i, prompt, rng.randint(4, 64), stream, cancel, rng.random() * 2.0, n, stop, logprobs))
+        sampling = {}
+        if rng.random() < 0.3:
+            sampling = {"temperature": rng.choice((0.5, 0.8, 1.0, 1.3)), "top_p": rng.choice((1.0, 0.95, 0.8)),
+                        "top_k": rng.choice((0, 0, 40, 5)), "seed": rng.randrange(2**63)}
+        if rng.random() < 0.15:
+            sampling.update(presence_penalty=rng.choice((-0.5, 0.7, 1.5)), frequency_penalty=rng.choice((0.3, 1.0)))
+        if rng.random() < 0.1:
+            sampling["logit_bias"] = {str(rng.randrange(vocab_size)): rng.choice((-100.0, -5.0, 4.0, 8.0))
+                                      for _ in range(rng.randint(1, 4))}
+        out.append(SoakRequest(i, prompt, rng.randint(4, 64), stream, cancel, rng.random() * 2.0, n, stop, logprobs,
+                               chat=rng.random() < 0.15, **sampling))
     return out
 
 
@@ -84,30 +118,44 @@ class Answer:
     error: str = ""
 
 
-async def ask(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest, alone: bool) -> Answer:
-    """One greedy completion; alone: one choice, not streamed, not cancelled, not delayed (the reference's way)."""
+def choice_text_and_logprobs(choice: dict, chat: bool) -> tuple[str, list[float]]:
+    """A choice's (piece of) text and its tokens' log-probabilities, from either endpoint, streamed or not."""
+    logprobs = choice.get("logprobs") or {}
+    if chat:
+        message = choice.get("delta") or choice.get("message") or {}
+        return message.get("content") or "", [t["logprob"] for t in logprobs.get("content") or []]
+    return choice["text"], logprobs.get("token_logprobs") or []
+
+
+async def ask(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest, alone: bool,
+              choice: int = 0) -> Answer:
+    """One completion; alone: the reference's way, one choice (`choice`: with the seed that choice draws with), not
+    streamed, not cancelled, not delayed."""
     stream = r.stream and not alone
-    body = {"model": model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0, "stream": stream,
-            "n": 1 if alone else r.n, "stop": r.stop, "logprobs": r.logprobs}
-    answer = Answer(r.index, 200, [""] * body["n"], [None] * body["n"], [[] for _ in range(body["n"])])
+    n = 1 if alone else r.n
+    seed = None if r.seed is None else r.seed + (choice if alone else 0)
+    body = r.body(model, stream, n, seed)
+    endpoint = f"{url}/v1/chat/completions" if r.chat else f"{url}/v1/completions"
+    answer = Answer(r.index, 200, [""] * n, [None] * n, [[] for _ in range(n)])
 
     def take(choice: dict) -> None:
         i = choice["index"]
-        answer.texts[i] += choice["text"]
+        text, logprobs = choice_text_and_logprobs(choice, r.chat)
+        answer.texts[i] += text
         answer.finish_reasons[i] = choice["finish_reason"] or answer.finish_reasons[i]
-        answer.logprobs[i] += (choice.get("logprobs") or {}).get("token_logprobs") or []
+        answer.logprobs[i] += logprobs
 
     if not alone:
         await asyncio.sleep(r.delay_s)
     if not stream:
-        response = await client.post(f"{url}/v1/completions", json=body)
+        response = await client.post(endpoint, json=body)
         if response.status_code != 200:
             return Answer(r.index, response.status_code, error=response.text[:300])
         for choice in response.json()["choices"]:
             take(choice)
         return answer
     chunks = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    async with client.stream("POST", endpoint, json=body) as response:
         if response.status_code != 200:
             return Answer(r.index, response.status_code, error=(await response.aread()).decode()[:300])
         async for line in response.aiter_lines():
@@ -126,18 +174,38 @@ async def ask(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest, a
     return answer
 
 
+async def ask_alone(client: httpx.AsyncClient, url: str, model: str, r: SoakRequest) -> Answer:
+    """The reference answer: greedy, the request alone once (each of its choices must equal it); seeded, each choice
+    alone with its own seed."""
+    if r.seed is None:
+        return await ask(client, url, model, r, alone=True)
+    parts = [await ask(client, url, model, r, alone=True, choice=i) for i in range(r.n)]
+    failed = next((p for p in parts if p.status != 200), None)
+    return failed or Answer(r.index, 200, [p.texts[0] for p in parts], [p.finish_reasons[0] for p in parts],
+                            [p.logprobs[0] for p in parts])
+
+
+def alone_choice(alone: Answer, i: int) -> int:
+    """Which choice of the reference answer choice i is compared with."""
+    return i if len(alone.texts) > 1 else 0
+
+
 def agrees(answer: Answer, alone: Answer, tolerance: float) -> bool:
     """Every choice's text and finish reason as alone, and its log-probabilities within `tolerance`."""
+    if len(answer.texts) != len(alone.texts) and len(alone.texts) != 1:
+        return False
     return all(
-        text == alone.texts[0] and finish == alone.finish_reasons[0] and len(lp) == len(alone.logprobs[0])
-        and all(abs(a - b) <= tolerance for a, b in zip(lp, alone.logprobs[0], strict=True))
-        for text, finish, lp in zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True)
+        text == alone.texts[j] and finish == alone.finish_reasons[j] and len(lp) == len(alone.logprobs[j])
+        and all(abs(a - b) <= tolerance for a, b in zip(lp, alone.logprobs[j], strict=True))
+        for i, (text, finish, lp) in enumerate(zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True))
+        for j in [alone_choice(alone, i)]
     )
 
 
 def cut_short(answer: Answer, alone: Answer) -> bool:
     """A stream ended by an error after text that was right so far."""
-    return answer.status == 599 and all(alone.texts[0].startswith(t) for t in answer.texts)
+    return answer.status == 599 and all(alone.texts[alone_choice(alone, i)].startswith(t)
+                                        for i, t in enumerate(answer.texts))
 
 
 class ServerProcess:
@@ -194,7 +262,7 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
 
         async def one(client, r):
             async with limit:
-                answer = await ask(client, url, model, r, alone)
+                answer = await (ask_alone(client, url, model, r) if alone else ask(client, url, model, r, False))
             progress.advance(task)
             return answer
 
@@ -211,16 +279,13 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
     return list(answers)
 
 
-def reference_answers(args, requests: list[SoakRequest]) -> dict[int, Answer]:
+def reference_answers(args, requests: list[SoakRequest], layers: int) -> dict[int, Answer]:
     key = {"model": args.model, "seed": args.seed, "requests": args.requests, "kinds": REQUEST_KINDS}
     path = args.reference_file
     if path.exists():
         saved = json.loads(path.read_text())
         if saved["key"] == key:
             return {a["index"]: Answer(**a) for a in saved["answers"]}
-    from hexgen.engine.checkpoint import resolve_model
-
-    layers = resolve_model(args.model).spec.num_layers
     plan = args.work_dir / "reference-plan.json"
     plan.write_text(json.dumps({"model": args.model, "replicas": [
         {"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, layers]}]}]}))
@@ -250,8 +315,11 @@ def main() -> int:
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.reference_file = args.reference_file or args.work_dir / f"reference-{args.seed}-{args.requests}.json"
-    requests = make_requests(args.seed, args.requests)
-    reference = reference_answers(args, requests)
+    from hexgen.engine.checkpoint import resolve_model  # torch: only where the script runs
+
+    spec = resolve_model(args.model).spec
+    requests = make_requests(args.seed, args.requests, spec.vocab_size)
+    reference = reference_answers(args, requests, spec.num_layers)
 
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
     started = time.monotonic()
@@ -280,11 +348,17 @@ def main() -> int:
                         f"{elapsed_s:.0f} s; serve {' '.join(args.serve_flags)}")
     for column in ("answers", "count"):
         table.add_column(column)
-    for label, rows in (("the same as alone", same), ("different", differ), ("cancelled by the client", cancelled),
+    by_index = {r.index: r for r in requests}
+    kinds = {"sampled with a seed": lambda r: r.seed is not None, "chat": lambda r: r.chat,
+             "penalties": lambda r: bool(r.presence_penalty or r.frequency_penalty),
+             "logit bias": lambda r: bool(r.logit_bias), "two choices": lambda r: r.n > 1}
+    table.add_row("the same as alone", f"{len(same)}: " + ", ".join(
+        f"{label} {sum(1 for a in same if test(by_index[a.index]))}" for label, test in kinds.items()))
+    for label, rows in (("different", differ), ("cancelled by the client", cancelled),
                         ("streams cut by the killed rank", cut), ("failed otherwise", failed)):
         table.add_row(label, str(len(rows)))
-    gaps = [abs(x - y) for a in same for lp in a.logprobs
-            for x, y in zip(lp, reference[a.index].logprobs[0], strict=True)]
+    gaps = [abs(x - y) for a in same for i, lp in enumerate(a.logprobs)
+            for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)]
     table.add_row("log-probabilities compared", f"{len(gaps)}, the largest difference {max(gaps, default=0):.2e}")
     for r in replicas:
         table.add_row(f"replica {r['index']} ({r['status']})",
@@ -292,7 +366,7 @@ def main() -> int:
                       f"{r['accepted_draft_tokens']}/{r['draft_tokens']} accepted, peak batch {r['peak_running']}")
     Console().print(table)
     for a in (differ + failed)[:5]:
-        console.print(f"request {a.index}: {a.status} {a.error or a.texts} | alone: {reference[a.index].texts[0]!r}")
+        console.print(f"request {a.index}: {a.status} {a.error or a.texts} | alone: {reference[a.index].texts!r}")
     problems = [f"{len(differ)} answers differ" if differ else "", f"{len(failed)} failed" if failed else "",
                 f"replicas {held} hold blocks once idle" if held else "",
                 "" if clean_exit else "processes of the server were left"]
