@@ -69,6 +69,9 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    # The client named no limit (chat): max_new_tokens is the rest of the server's context, and the server lowers
+    # it to the rest of the chosen replica's KV pool where that is shorter (server/coordinator.py: Coordinator.fit).
+    open_ended: bool = False
 
 
 @dataclass(frozen=True)

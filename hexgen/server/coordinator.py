@@ -28,7 +28,6 @@ class ServeConfig:
     max_outstanding: int  # requests in flight over all replicas before answering 429
     dtype: str  # the replicas' weights and activations (--dtype as resolved: auto is never left)
     device: str  # cpu or cuda
-    default_max_tokens: int = 16  # OpenAI's default for /v1/completions
 
 
 @dataclass
@@ -109,7 +108,8 @@ class Coordinator:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        limit = max_tokens if max_tokens is not None else min(self.config.default_max_tokens, context - len(prompt_ids))
+        room = context - len(prompt_ids)
+        limit = max_tokens if max_tokens is not None else min(fields.default_max_tokens or room, room)
         if limit < 1:
             raise APIError(400, f"max_tokens must be >= 1, got {limit}", param="max_tokens")
         if len(prompt_ids) + limit > context:
@@ -138,7 +138,8 @@ class Coordinator:
             frequency_penalty=fields.frequency_penalty,
             logit_bias=biases,
         )
-        return GenerationRequest(f"req-{uuid.uuid4().hex}", tuple(prompt_ids), params)
+        return GenerationRequest(f"req-{uuid.uuid4().hex}", tuple(prompt_ids), params,
+                                 open_ended=max_tokens is None and fields.default_max_tokens is None)
 
     def choices(self, request: GenerationRequest, n: int) -> list[GenerationRequest]:
         """The sequences of a request's n choices: choice i draws with seed + i when the request has a seed (else
@@ -149,8 +150,8 @@ class Coordinator:
         if n == 1:
             return [request]
         seed = request.params.seed
-        return [GenerationRequest(f"{request.request_id}-{i}", request.prompt_token_ids,
-                                  replace(request.params, seed=None if seed is None else seed + i))
+        return [replace(request, request_id=f"{request.request_id}-{i}",
+                        params=replace(request.params, seed=None if seed is None else seed + i))
                 for i in range(n)]
 
     def admit(self, sequences: int = 1) -> Admission:
@@ -178,7 +179,7 @@ class Coordinator:
             if admission is not None:  # from here the request counts as outstanding on its replica
                 admission.reached_replica()
                 admission = None
-            queue = await replica.submit(request)
+            queue = await replica.submit(self.fit(request, replica.state))
             produced, finished, down = False, False, None
             try:
                 while True:
@@ -208,8 +209,9 @@ class Coordinator:
 
     def _choose(self, request: GenerationRequest) -> ReplicaClient:
         """The policy's pick among the replicas that are up and whose KV pool holds the request's whole sequence (in
-        a heterogeneous plan one replica's pool may hold fewer tokens than the server's context)."""
-        need = len(request.prompt_token_ids) + request.params.max_new_tokens
+        a heterogeneous plan one replica's pool may hold fewer tokens than the server's context); an open-ended
+        request needs room for its prompt and one token."""
+        need = len(request.prompt_token_ids) + (1 if request.open_ended else request.params.max_new_tokens)
         up = [r.state for r in self.replicas if r.state.is_up]
         if not up:
             raise APIError(503, "no replica is up; the server cannot generate right now", type_="server_error")
@@ -231,6 +233,17 @@ class Coordinator:
                 param="max_tokens" if prompt < largest else "prompt",
                 code="context_length_exceeded",
             ) from None
+
+    @staticmethod
+    def fit(request: GenerationRequest, replica: ReplicaState) -> GenerationRequest:
+        """An open-ended request generates until EOS or its replica's KV pool is full: where that pool is shorter
+        than the server's context, max_new_tokens is lowered to the rest of it."""
+        if not request.open_ended or replica.max_context is None:
+            return request
+        room = replica.max_context - len(request.prompt_token_ids)
+        if room >= request.params.max_new_tokens:
+            return request
+        return replace(request, params=replace(request.params, max_new_tokens=room))
 
     async def stream_text(
         self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool,

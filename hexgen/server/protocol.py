@@ -34,6 +34,7 @@ class APIError(Exception):
 
 
 MAX_CHOICES = 16  # `n`: choices per request
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's /v1/completions default; chat's is the rest of the context
 MAX_BIASED_TOKENS = 1024  # `logit_bias` entries per request
 
 
@@ -104,6 +105,11 @@ class SamplingFields(BaseModel):
         return None
 
     @property
+    def default_max_tokens(self) -> int | None:
+        """Tokens to generate where the request names no limit (per endpoint); None: the rest of the context."""
+        return None
+
+    @property
     def prompt_logprob_alternatives(self) -> int | None:
         """The same for the prompt's tokens (completions with echo only)."""
         return None
@@ -136,6 +142,10 @@ class CompletionRequest(SamplingFields):
     @property
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
+
+    @property
+    def default_max_tokens(self) -> int | None:
+        return COMPLETION_DEFAULT_MAX_TOKENS
 
     @property
     def prompt_logprob_alternatives(self) -> int | None:

@@ -37,10 +37,12 @@ class FakeReplica:
         self.state = ReplicaState(outstanding=0, is_up=True, capacity_weight=weight)
         self.scripts = list(scripts or [])
         self.submitted: list[str] = []
+        self.max_new_tokens: list[int] = []  # each submitted request's limit
         self.released: list[tuple[str, bool]] = []
 
     async def submit(self, request):
         self.submitted.append(request.request_id)
+        self.max_new_tokens.append(request.params.max_new_tokens)
         self.state.outstanding += 1
         queue: asyncio.Queue = asyncio.Queue()
         items = self.scripts.pop(0) if self.scripts else []
@@ -446,6 +448,30 @@ def test_a_request_goes_only_to_replicas_whose_kv_pool_holds_it():
     with pytest.raises(APIError) as info:
         send(2, 1)
     assert info.value.status == 503
+
+
+def test_a_chat_request_without_a_limit_fills_the_context_or_its_replicas_pool():
+    """OpenAI's defaults: completions 16 tokens, chat the rest of the context. A chat request that names no limit
+    may go to a replica whose pool is shorter than the context; it then generates until that pool is full."""
+    small, large = FakeReplica(0, [tokens(2)] * 3), FakeReplica(1, [tokens(2)] * 3)
+    small.state.max_context, large.state.max_context = 6, 9
+    coordinator = make_coordinator([small, large], "round-robin", max_context=9)  # served_context: the largest pool
+    chat = ChatCompletionRequest(model="tiny", messages=[{"role": "user", "content": "x"}])
+    open_ended = coordinator.prepare([1] * 4, chat.token_limit, chat)
+    assert (open_ended.params.max_new_tokens, open_ended.open_ended) == (5, True)  # 9 - 4
+    named = coordinator.prepare([1] * 4, 5, chat)
+    assert (named.params.max_new_tokens, named.open_ended) == (5, False)
+    completion = coordinator.prepare([1] * 4, None, fields())
+    assert (completion.params.max_new_tokens, completion.open_ended) == (5, False)  # min(16, 9 - 4)
+    assert make_coordinator([FakeReplica(0)], max_context=100).prepare([1] * 4, None, chat).params.max_new_tokens == 96
+    for request in (open_ended, open_ended, named):
+        asyncio.run(_collect(coordinator, request))
+    # round-robin: the open-ended request on replica 0 (6 tokens a sequence: 2 to generate), then replica 1 (5);
+    # the one that named 5 tokens fits only replica 1 although it is replica 0's turn
+    assert (small.max_new_tokens, large.max_new_tokens) == ([2], [5, 5])
+    small.state.max_context = 4  # the prompt alone fills replica 0's pool: no room for a token there
+    asyncio.run(_collect(coordinator, open_ended))
+    assert (small.max_new_tokens, large.max_new_tokens) == ([2], [5, 5, 5])
 
 
 def test_start_up_names_the_replicas_whose_pools_are_short(capsys):

@@ -107,3 +107,18 @@ def test_a_request_longer_than_the_pool_is_a_400_not_a_short_answer(tight):
     error = too_long.json()["error"]
     assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
     assert f"at most {holds - 4}" in error["message"]
+
+
+def test_a_chat_request_that_names_no_limit_runs_until_the_pool_is_full(tight):
+    """OpenAI's defaults: a chat request without max_tokens generates to the end of the context, here the pool's
+    (it was 16 tokens, the completions default, before); a completion without one still makes 16."""
+    holds = tight.status()["replicas"][0]["max_context"]
+    model = tight.status()["model"]
+    chat = tight.post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                                               "temperature": 0, "ignore_eos": True})
+    assert chat.status_code == 200, chat.text
+    usage = chat.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == holds > usage["prompt_tokens"] + 16
+    assert chat.json()["choices"][0]["finish_reason"] == "length"
+    completion = tight.post("/v1/completions", {"model": model, "prompt": [1, 2, 3], "ignore_eos": True})
+    assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 16
