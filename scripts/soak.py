@@ -208,6 +208,17 @@ def cut_short(answer: Answer, alone: Answer) -> bool:
                                         for i, t in enumerate(answer.texts))
 
 
+def resident_mib(pid: int) -> float:
+    """A process's resident set (VmRSS), MiB; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 class ServerProcess:
     """`hexgen serve` in a process group of its own on a free loopback port."""
 
@@ -233,6 +244,12 @@ class ServerProcess:
         response = httpx.get(f"{self.url}/status", timeout=10)
         response.raise_for_status()
         return response.json()
+
+    def resident_mib(self, replicas: list[dict]) -> tuple[float, float]:
+        """Resident memory of the server process and the sum over the ranks of its replicas that are up, MiB."""
+        ranks = [rank["pid"] for r in replicas if r["status"] == "up"
+                 for stage in r["stages"] for rank in stage["ranks"]]
+        return resident_mib(self.proc.pid), sum(resident_mib(pid) for pid in ranks)
 
     def stop(self) -> bool:
         """SIGTERM, then SIGKILL after 60 s; whether the whole group was gone by itself."""
@@ -309,10 +326,15 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--kill-rank-after", type=float, metavar="S",
                         help="SIGKILL replica 0's last rank S seconds into the run (its requests fail over)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="send the requests this many times to the same server (each round against the same "
+                             "answers alone); the resident memory after each round shows whether the server grows")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/hexgen-soak"))
     parser.add_argument("--reference-file", type=Path, help="default: WORK_DIR/reference-SEED-REQUESTS.json")
     parser.add_argument("serve_flags", nargs="*", help="after --: flags of the `hexgen serve` under test")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.reference_file = args.reference_file or args.work_dir / f"reference-{args.seed}-{args.requests}.json"
     from hexgen.engine.checkpoint import resolve_model  # torch: only where the script runs
@@ -322,29 +344,33 @@ def main() -> int:
     reference = reference_answers(args, requests, spec.num_layers)
 
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
-    started = time.monotonic()
+    answers, memory_mib = [], []  # memory: (server, its ranks) resident MiB after each round
     try:
         status = server.wait_ready()
-        kill = None
-        if args.kill_rank_after is not None:
-            kill = (args.kill_rank_after, status["replicas"][0]["stages"][-1]["ranks"][-1]["pid"])
-        answers = asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False, kill))
+        started = time.monotonic()
+        for round_index in range(args.rounds):
+            kill = None
+            if args.kill_rank_after is not None and round_index == 0:
+                kill = (args.kill_rank_after, status["replicas"][0]["stages"][-1]["ranks"][-1]["pid"])
+            answers += asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False, kill))
+            time.sleep(3)  # heartbeats report the pools after the last sequences left
+            replicas = server.status()["replicas"]
+            memory_mib.append(server.resident_mib(replicas))
         elapsed_s = time.monotonic() - started
-        time.sleep(3)  # heartbeats report the pools after the last sequences left
-        replicas = server.status()["replicas"]
     finally:
         clean_exit = server.stop()
 
     (args.work_dir / "soak-answers.json").write_text(json.dumps([asdict(a) for a in answers]))
-    same = [a for a in answers if a.status == 200 and not a.cancelled
-            and agrees(a, reference[a.index], LOGPROB_TOLERANCE)]
-    differ = [a for a in answers if a.status == 200 and not a.cancelled and a not in same]
-    cut = [a for a in answers if kill and cut_short(a, reference[a.index])]
-    failed = [a for a in answers if a.status != 200 and a not in cut]
+    finished = [a for a in answers if a.status == 200 and not a.cancelled]
+    same = [a for a in finished if agrees(a, reference[a.index], LOGPROB_TOLERANCE)]
+    differ = [a for a in finished if not agrees(a, reference[a.index], LOGPROB_TOLERANCE)]
+    cut = [a for a in answers if args.kill_rank_after is not None and cut_short(a, reference[a.index])]
+    failed = [a for a in answers if a.status != 200 and not any(a is c for c in cut)]
     cancelled = [a for a in answers if a.cancelled]
     held = [r["index"] for r in replicas if r["status"] == "up" and r["kv_blocks_used"]]
 
-    table = Table(title=f"soak: {len(requests)} requests, seed {args.seed}, concurrency {args.concurrency}, "
+    table = Table(title=f"soak: {len(requests)} requests x {args.rounds} rounds, seed {args.seed}, "
+                        f"concurrency {args.concurrency}, "
                         f"{elapsed_s:.0f} s; serve {' '.join(args.serve_flags)}")
     for column in ("answers", "count"):
         table.add_column(column)
@@ -360,6 +386,8 @@ def main() -> int:
     gaps = [abs(x - y) for a in same for i, lp in enumerate(a.logprobs)
             for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)]
     table.add_row("log-probabilities compared", f"{len(gaps)}, the largest difference {max(gaps, default=0):.2e}")
+    table.add_row("resident MiB after each round: server; ranks",
+                  f"{', '.join(f'{m[0]:.0f}' for m in memory_mib)}; {', '.join(f'{m[1]:.0f}' for m in memory_mib)}")
     for r in replicas:
         table.add_row(f"replica {r['index']} ({r['status']})",
                       f"preemptions {r['preemptions']}, prefix-hit tokens {r['prefix_hit_tokens']}, drafts "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -170,10 +170,10 @@ class Coordinator:
         self.admitted += sequences
         return Admission(self, sequences)
 
-    async def events(self, request: GenerationRequest, restartable: bool, admission: Admission | None = None
-                     ) -> AsyncIterator[TokenEvent | object]:
-        """Token events of one request. If its replica goes down before its first token (or at any time
-        when `restartable`), the request is re-sent to another replica; RESTART marks a re-send after tokens."""
+    async def events(self, request: GenerationRequest, restartable: Callable[[], bool],
+                     admission: Admission | None = None) -> AsyncIterator[TokenEvent | object]:
+        """Token events of one request. If its replica goes down before its first token (or at any time while
+        `restartable()` says so), the request is re-sent to another replica; RESTART marks a re-send after tokens."""
         while True:
             replica = self._choose(request)
             if admission is not None:  # from here the request counts as outstanding on its replica
@@ -197,7 +197,7 @@ class Coordinator:
                         return
             finally:
                 await replica.release(request.request_id, abort=not finished)
-            if produced and not restartable:
+            if produced and not restartable():
                 raise APIError(
                     503,
                     f"replica {replica.index} failed while streaming this request ({down.reason}); retry the request",
@@ -250,17 +250,22 @@ class Coordinator:
         admission: Admission | None = None,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas cut at stop strings; the last delta carries the finish reason and each delta the
-        log-probabilities of the tokens since the one before (where asked). Records metrics."""
+        log-probabilities of the tokens since the one before (where asked). Records metrics. If the replica goes
+        down, the request is re-sent while its client has seen none of it, or at any time when `restartable` (the
+        answer is sent whole): a delta with `restart` then says to drop what came before."""
         started = time.monotonic()
         first_token_s: float | None = None
         stream, count, logprobs, prompt_logprobs = TextStream(self.tokenizer, stop_strings), 0, [], []
         self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
-        async with aclosing(self.events(request, restartable, admission)) as events:  # closing aborts on the replica
+        shown = False  # whether a delta went out: until then a re-send is invisible, streamed or not
+        events = self.events(request, lambda: restartable or not shown, admission)
+        async with aclosing(events):  # closing aborts on the replica
             async for item in events:
                 if item is RESTART:
                     stream, count, first_token_s = TextStream(self.tokenizer, stop_strings), 0, None
                     logprobs, prompt_logprobs = [], []
-                    yield TextDelta("", None, 0, restart=True)
+                    if shown:
+                        yield TextDelta("", None, 0, restart=True)
                     continue
                 assert isinstance(item, TokenEvent) and item.token_id is not None
                 count += 1
@@ -275,6 +280,7 @@ class Coordinator:
                 if finish is not None and not stream.stopped:
                     delta += stream.finish()
                 if delta or finish is not None:
+                    shown = True
                     yield TextDelta(delta, finish, count, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                     logprobs, prompt_logprobs = [], []
                 if finish is not None:

@@ -382,7 +382,7 @@ def _dispatch(policy: str, replicas, n: int) -> list[int]:
         chosen, pending = [], []
         for _ in range(n):
             before = [len(r.submitted) for r in replicas]
-            events = coordinator.events(coordinator.prepare([1], 1, fields()), restartable=True)
+            events = coordinator.events(coordinator.prepare([1], 1, fields()), restartable=lambda: True)
             pending.append(asyncio.ensure_future(anext(events)))
             await asyncio.sleep(0)
             chosen.append(next(i for i, r in enumerate(replicas) if len(r.submitted) > before[i]))
@@ -519,6 +519,19 @@ def test_failover_after_tokens_restarts_a_whole_answer_or_fails_a_stream():
         asyncio.run(_collect(coordinator, coordinator.prepare([1], 2, fields()), restartable=False))
     assert info.value.status == 503 and "gone" in info.value.message
     assert replicas[1].submitted == []
+
+
+def test_a_stream_whose_text_was_all_held_back_is_resent_unseen():
+    """Tokens came, but the stream had shown none of their text (held back while it could begin a stop string):
+    the client has seen nothing, so the request goes to another replica as if no token had come."""
+    replicas = [FakeReplica(0, [[*tokens(4, 5, finish=None)[:2], ReplicaDown("gone")]]),
+                FakeReplica(1, [tokens(7, 8, 9)])]
+    coordinator = make_coordinator(replicas, "round-robin")
+    request = coordinator.prepare([1], 3, fields())
+    deltas = asyncio.run(_collect(coordinator, request, stop=("efx",), restartable=False))  # "ef" may begin "efx"
+    assert [(d.text, d.restart) for d in deltas] == [("hij", False)]  # held back to the end: no restart shown
+    assert deltas[-1].finish_reason == "length" and replicas[1].submitted == [request.request_id]
+    assert coordinator.metrics.failovers._value.get() == 1
 
 
 def test_rejected_by_the_replica_is_400_and_stop_string_cuts_text():
