@@ -1,9 +1,10 @@
 """Soak `hexgen serve`: hundreds of concurrent requests with shared prefixes, long prompts, streamed and not, some
 cancelled by their client, some with two choices, stop strings, log-probabilities, penalties or a logit bias, some
-to the chat endpoint, greedy or sampled with a seed, against a server under the
-flags you give (a small --memory-gb forces preemptions, --speculative-tokens turns drafts on; a rank can be killed
-mid-run); then every answer that finished is compared with the same request run alone, one at a time, on a
-reference server (one process, batch 1, no prefix cache).
+to the chat endpoint, greedy or sampled with a seed, against a server under the flags you give (a small
+--memory-gb forces preemptions, --speculative-tokens turns drafts on; any rank can be killed or hung mid-run;
+--rounds repeats the load on the same server and reports its memory); then every answer that finished is
+compared with the same request run alone, one at a time, on a reference server (one process, batch 1, no prefix
+cache).
 
     .venv/bin/python scripts/soak.py --requests 200 -- --plan examples/plans/local-default.json --memory-gb 0.66
 
@@ -19,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -208,11 +210,21 @@ def cut_short(answer: Answer, alone: Answer) -> bool:
                                         for i, t in enumerate(answer.texts))
 
 
+def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def resident_mib(pid: int) -> float:
-    """A process's resident set (VmRSS), MiB; 0 if it is gone."""
+    """A process's private resident memory (RssAnon: its heap, weights and KV pool, not the shared libraries' pages
+    every process maps), MiB; 0 if it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -271,8 +283,9 @@ class ServerProcess:
 
 
 async def run_load(url: str, model: str, requests: list[SoakRequest], concurrency: int, alone: bool,
-                   kill: tuple[float, int] | None = None) -> list[Answer]:
-    """Every request, `concurrency` at a time (one at a time if alone); kill = (after s, pid) kills a rank."""
+                   kill: tuple[float, int, signal.Signals] | None = None) -> list[Answer]:
+    """Every request, `concurrency` at a time (one at a time if alone); kill = (after s, pid, signal) sends a rank
+    that signal (SIGKILL: it dies; SIGSTOP: it hangs, and the server must notice its silence)."""
     limit = asyncio.Semaphore(1 if alone else concurrency)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("reference, one at a time" if alone else "soak", total=len(requests))
@@ -285,8 +298,8 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
 
         async def killer():
             await asyncio.sleep(kill[0])
-            os.kill(kill[1], signal.SIGKILL)
-            console.print(f"killed rank process {kill[1]} after {kill[0]:.0f} s")
+            os.kill(kill[1], kill[2])
+            console.print(f"sent {kill[2].name} to rank process {kill[1]} after {kill[0]:.0f} s")
 
         async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=None)) as client:
             killing = asyncio.ensure_future(killer()) if kill else None
@@ -324,8 +337,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--kill-rank", default="0/-1/-1", metavar="R/S/K",
+                        help="which rank --kill-rank-after hits: replica R, its stage S, that stage's rank K "
+                             "(Python indices; the default is replica 0's last rank, 0/0/0 its driver)")
+    parser.add_argument("--kill-signal", choices=("KILL", "STOP"), default="KILL",
+                        help="KILL: the rank dies; STOP: it hangs, silent, until the server stops it")
     parser.add_argument("--kill-rank-after", type=float, metavar="S",
-                        help="SIGKILL replica 0's last rank S seconds into the run (its requests fail over)")
+                        help="send --kill-signal to the --kill-rank rank S s into the run (its requests fail over)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="send the requests this many times to the same server (each round against the same "
                              "answers alone); the resident memory after each round shows whether the server grows")
@@ -335,6 +353,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not re.fullmatch(r"-?\d+/-?\d+/-?\d+", args.kill_rank):
+        parser.error(f"--kill-rank takes R/S/K (replica, stage, rank indices), got {args.kill_rank!r}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.reference_file = args.reference_file or args.work_dir / f"reference-{args.seed}-{args.requests}.json"
     from hexgen.engine.checkpoint import resolve_model  # torch: only where the script runs
@@ -345,17 +365,23 @@ def main() -> int:
 
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
     answers, memory_mib = [], []  # memory: (server, its ranks) resident MiB after each round
+    hit_replica, hit_pids = None, []  # the replica a rank was killed or hung in, and its ranks' processes
     try:
         status = server.wait_ready()
         started = time.monotonic()
         for round_index in range(args.rounds):
             kill = None
             if args.kill_rank_after is not None and round_index == 0:
-                kill = (args.kill_rank_after, status["replicas"][0]["stages"][-1]["ranks"][-1]["pid"])
+                replica, stage, rank = (int(i) for i in args.kill_rank.split("/"))
+                pid = status["replicas"][replica]["stages"][stage]["ranks"][rank]["pid"]
+                hit_replica = status["replicas"][replica]["index"]
+                hit_pids = [r["pid"] for st in status["replicas"][replica]["stages"] for r in st["ranks"]]
+                kill = (args.kill_rank_after, pid, signal.Signals[f"SIG{args.kill_signal}"])
             answers += asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False, kill))
             time.sleep(3)  # heartbeats report the pools after the last sequences left
             replicas = server.status()["replicas"]
             memory_mib.append(server.resident_mib(replicas))
+            lingering = [pid for pid in hit_pids if alive(pid)]  # before the server stops: it must have stopped them
         elapsed_s = time.monotonic() - started
     finally:
         clean_exit = server.stop()
@@ -368,6 +394,7 @@ def main() -> int:
     failed = [a for a in answers if a.status != 200 and not any(a is c for c in cut)]
     cancelled = [a for a in answers if a.cancelled]
     held = [r["index"] for r in replicas if r["status"] == "up" and r["kv_blocks_used"]]
+    hit_status = next((r["status"] for r in replicas if r["index"] == hit_replica), None)
 
     table = Table(title=f"soak: {len(requests)} requests x {args.rounds} rounds, seed {args.seed}, "
                         f"concurrency {args.concurrency}, "
@@ -386,7 +413,7 @@ def main() -> int:
     gaps = [abs(x - y) for a in same for i, lp in enumerate(a.logprobs)
             for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)]
     table.add_row("log-probabilities compared", f"{len(gaps)}, the largest difference {max(gaps, default=0):.2e}")
-    table.add_row("resident MiB after each round: server; ranks",
+    table.add_row("private resident MiB after each round: server; ranks",
                   f"{', '.join(f'{m[0]:.0f}' for m in memory_mib)}; {', '.join(f'{m[1]:.0f}' for m in memory_mib)}")
     for r in replicas:
         table.add_row(f"replica {r['index']} ({r['status']})",
@@ -397,7 +424,9 @@ def main() -> int:
         console.print(f"request {a.index}: {a.status} {a.error or a.texts} | alone: {reference[a.index].texts!r}")
     problems = [f"{len(differ)} answers differ" if differ else "", f"{len(failed)} failed" if failed else "",
                 f"replicas {held} hold blocks once idle" if held else "",
-                "" if clean_exit else "processes of the server were left"]
+                "" if clean_exit else "processes of the server were left",
+                f"the hit replica {hit_replica} is {hit_status}" if hit_pids and hit_status != "down" else "",
+                f"ranks {lingering} of the hit replica still run" if hit_pids and lingering else ""]
     problems = [p for p in problems if p]
     console.print("; ".join(problems) if problems else "ok: every finished answer equals the request's alone")
     return 1 if problems else 0
