@@ -257,11 +257,16 @@ class ServerProcess:
         response.raise_for_status()
         return response.json()
 
-    def resident_mib(self, replicas: list[dict]) -> tuple[float, float]:
-        """Resident memory of the server process and the sum over the ranks of its replicas that are up, MiB."""
-        ranks = [rank["pid"] for r in replicas if r["status"] == "up"
-                 for stage in r["stages"] for rank in stage["ranks"]]
-        return resident_mib(self.proc.pid), sum(resident_mib(pid) for pid in ranks)
+    def resident_mib(self, replicas: list[dict]) -> dict[str, float]:
+        """Private resident memory of the server process and of each rank of its replicas that are up, MiB, by
+        "server" and "replica R stage S rank K"."""
+        memory = {"server": resident_mib(self.proc.pid)}
+        for r in replicas:
+            if r["status"] == "up":
+                for s, stage in enumerate(r["stages"]):
+                    for k, rank in enumerate(stage["ranks"]):
+                        memory[f"replica {r['index']} stage {s} rank {k}"] = resident_mib(rank["pid"])
+        return memory
 
     def stop(self) -> bool:
         """SIGTERM, then SIGKILL after 60 s; whether the whole group was gone by itself."""
@@ -387,6 +392,7 @@ def main() -> int:
         clean_exit = server.stop()
 
     (args.work_dir / "soak-answers.json").write_text(json.dumps([asdict(a) for a in answers]))
+    (args.work_dir / "soak-memory.json").write_text(json.dumps(memory_mib, indent=1))
     finished = [a for a in answers if a.status == 200 and not a.cancelled]
     same = [a for a in finished if agrees(a, reference[a.index], LOGPROB_TOLERANCE)]
     differ = [a for a in finished if not agrees(a, reference[a.index], LOGPROB_TOLERANCE)]
@@ -414,7 +420,9 @@ def main() -> int:
             for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)]
     table.add_row("log-probabilities compared", f"{len(gaps)}, the largest difference {max(gaps, default=0):.2e}")
     table.add_row("private resident MiB after each round: server; ranks",
-                  f"{', '.join(f'{m[0]:.0f}' for m in memory_mib)}; {', '.join(f'{m[1]:.0f}' for m in memory_mib)}")
+                  ", ".join(f"{m['server']:.0f}" for m in memory_mib) + "; "
+                  + ", ".join(f"{sum(v for k, v in m.items() if k != 'server'):.0f}" for m in memory_mib)
+                  + " (each rank's: WORK_DIR/soak-memory.json)")
     for r in replicas:
         table.add_row(f"replica {r['index']} ({r['status']})",
                       f"preemptions {r['preemptions']}, prefix-hit tokens {r['prefix_hit_tokens']}, drafts "
