@@ -88,6 +88,7 @@ COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "t
 CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         "max_completion_tokens": 4, "temperature": 0.7, "n": 2, "stream": False, "logprobs": True, "top_logprobs": 2,
         "seed": 3, "stop": "\n", "logit_bias": {"7": -100}}
+ENDPOINTS = {"/v1/completions": COMPLETION, "/v1/chat/completions": CHAT}
 DROP = object()  # a field left out
 FIELD_VALUES = {  # values near each field's edges, valid and not
     "prompt": ["", "x", [], [[]], [1, 2], [[1], [2, 3]], [-1], [49152], [2**40], ["a", "b"], "é" * 50],
@@ -112,7 +113,7 @@ FIELD_VALUES = {  # values near each field's edges, valid and not
 }
 ONE_FIELD_CASES = [  # (endpoint, body): each base with one field dropped or set to each of its edge values
     (path, {**{k: v for k, v in base.items() if k != name}, **({} if value is DROP else {name: value})})
-    for path, base in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+    for path, base in ENDPOINTS.items()
     for name in base for value in [DROP, *FIELD_VALUES.get(name, [])]
 ]
 
@@ -170,20 +171,11 @@ def test_each_field_at_its_edges_gets_an_answer_or_a_4xx(served):
 
 
 @FUZZ
-@given(body=mutated(COMPLETION))
-def test_random_completion_bodies_get_an_answer_or_a_4xx(served, body):
+@given(data=st.data(), path=st.sampled_from(sorted(ENDPOINTS)))
+def test_random_bodies_get_an_answer_or_a_4xx(served, data, path):
     client, coordinator, replicas = served
-    response = post(client, "/v1/completions", body)
-    event(f"HTTP {response.status_code}")
-    check(response, coordinator, replicas)
-
-
-@FUZZ
-@given(body=mutated(CHAT))
-def test_random_chat_bodies_get_an_answer_or_a_4xx(served, body):
-    client, coordinator, replicas = served
-    response = post(client, "/v1/chat/completions", body)
-    event(f"HTTP {response.status_code}")
+    response = post(client, path, data.draw(mutated(ENDPOINTS[path]), label="body"))
+    event(f"{path}: HTTP {response.status_code}")
     check(response, coordinator, replicas)
 
 
