@@ -40,6 +40,7 @@ HEXGEN = [sys.executable, "-m", "hexgen.cli"]
 WORDS = ("river stone cloud apple table seven orange music window garden paper light quiet north engine silver "
          "forest bridge yellow number winter summer animal planet letter doctor market castle story").split()
 PREFIXES = 4  # prompts that share a beginning (system prompts, earlier turns) draw it from these
+DEFAULT_PREFIX_WORDS = (150, 500)  # words in each of those beginnings (--prefix-words)
 REQUEST_KINDS = 3  # make_requests' version: saved reference answers of another version are not reused
 LOGPROB_TOLERANCE = 1e-4  # float32: the same computation in other batches, its keys from other chunks
 console = Console(stderr=True)
@@ -79,13 +80,14 @@ class SoakRequest:
         return body
 
 
-def make_requests(seed: int, count: int, vocab_size: int) -> list[SoakRequest]:
-    """60% share one of PREFIXES beginnings of 150-500 words, then 3-300 words of their own; half streamed, 15% of
-    the streams cancelled; 15% ask for 2 choices, 20% stop at a word, 20% ask for log-probabilities; 15% go to the
-    chat endpoint; 30% sample (temperature, top-p, top-k) with a seed; 15% carry presence and frequency penalties,
-    10% a logit bias on a few token ids (a ban or a push)."""
+def make_requests(seed: int, count: int, vocab_size: int, prefix_words: tuple[int, int] = DEFAULT_PREFIX_WORDS
+                  ) -> list[SoakRequest]:
+    """60% share one of PREFIXES beginnings of `prefix_words` words, then 3-300 words of their own; half streamed,
+    15% of the streams cancelled; 15% ask for 2 choices, 20% stop at a word, 20% ask for log-probabilities; 15% go
+    to the chat endpoint; 30% sample (temperature, top-p, top-k) with a seed; 15% carry presence and frequency
+    penalties, 10% a logit bias on a few token ids (a ban or a push)."""
     rng = random.Random(seed)
-    prefixes = [" ".join(rng.choices(WORDS, k=rng.randint(150, 500))) for _ in range(PREFIXES)]
+    prefixes = [" ".join(rng.choices(WORDS, k=rng.randint(*prefix_words))) for _ in range(PREFIXES)]
     out = []
     for i in range(count):
         tail = " ".join(rng.choices(WORDS, k=rng.randint(3, 300)))
@@ -316,6 +318,8 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
 
 def reference_answers(args, requests: list[SoakRequest], layers: int) -> dict[int, Answer]:
     key = {"model": args.model, "seed": args.seed, "requests": args.requests, "kinds": REQUEST_KINDS}
+    if args.prefix_words != DEFAULT_PREFIX_WORDS:
+        key["prefix_words"] = list(args.prefix_words)
     path = args.reference_file
     if path.exists():
         saved = json.loads(path.read_text())
@@ -349,6 +353,9 @@ def main() -> int:
                         help="KILL: the rank dies; STOP: it hangs, silent, until the server stops it")
     parser.add_argument("--kill-rank-after", type=float, metavar="S",
                         help="send --kill-signal to the --kill-rank rank S s into the run (its requests fail over)")
+    parser.add_argument("--prefix-words", type=int, nargs=2, default=DEFAULT_PREFIX_WORDS, metavar=("LOW", "HIGH"),
+                        help="words in each shared beginning (about a token a word): 2000 3500 makes prompts of "
+                             "up to ~3,800 tokens, whole blocks by the hundred, prefilled in many chunks")
     parser.add_argument("--rounds", type=int, default=1,
                         help="send the requests this many times to the same server (each round against the same "
                              "answers alone); the resident memory after each round shows whether the server grows")
@@ -356,16 +363,20 @@ def main() -> int:
     parser.add_argument("--reference-file", type=Path, help="default: WORK_DIR/reference-SEED-REQUESTS.json")
     parser.add_argument("serve_flags", nargs="*", help="after --: flags of the `hexgen serve` under test")
     args = parser.parse_args()
+    if not 1 <= args.prefix_words[0] <= args.prefix_words[1]:
+        parser.error(f"--prefix-words takes LOW <= HIGH, both at least 1, got {args.prefix_words}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if not re.fullmatch(r"-?\d+/-?\d+/-?\d+", args.kill_rank):
         parser.error(f"--kill-rank takes R/S/K (replica, stage, rank indices), got {args.kill_rank!r}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    args.reference_file = args.reference_file or args.work_dir / f"reference-{args.seed}-{args.requests}.json"
+    args.prefix_words = tuple(args.prefix_words)
+    words = "" if args.prefix_words == DEFAULT_PREFIX_WORDS else "-{}-{}".format(*args.prefix_words)
+    args.reference_file = args.reference_file or args.work_dir / f"reference-{args.seed}-{args.requests}{words}.json"
     from hexgen.engine.checkpoint import resolve_model  # torch: only where the script runs
 
     spec = resolve_model(args.model).spec
-    requests = make_requests(args.seed, args.requests, spec.vocab_size)
+    requests = make_requests(args.seed, args.requests, spec.vocab_size, tuple(args.prefix_words))
     reference = reference_answers(args, requests, spec.num_layers)
 
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
