@@ -1,8 +1,8 @@
 """Soak `hexgen serve`: hundreds of concurrent requests with shared prefixes, long prompts, streamed and not, some
-cancelled by their client, some with two choices, stop strings, log-probabilities, penalties or a logit bias, some
-to the chat endpoint, greedy or sampled with a seed, against a server under the flags you give (a small
---memory-gb forces preemptions, --speculative-tokens turns drafts on; any rank can be killed or hung mid-run;
---rounds repeats the load on the same server and reports its memory); then every answer that finished is
+cancelled by their client, some with two choices, stop strings, log-probabilities, penalties, a logit bias or the
+prompt echoed, some to the chat endpoint, greedy or sampled with a seed, against a server under the flags you give
+(a small --memory-gb forces preemptions, --speculative-tokens turns drafts on; any rank can be killed or hung
+mid-run; --rounds repeats the load on the same server and reports its memory); then every answer that finished is
 compared with the same request run alone, one at a time, on a reference server (one process, batch 1, no prefix
 cache).
 
@@ -41,7 +41,7 @@ WORDS = ("river stone cloud apple table seven orange music window garden paper l
          "forest bridge yellow number winter summer animal planet letter doctor market castle story").split()
 PREFIXES = 4  # prompts that share a beginning (system prompts, earlier turns) draw it from these
 DEFAULT_PREFIX_WORDS = (150, 500)  # words in each of those beginnings (--prefix-words)
-REQUEST_KINDS = 3  # make_requests' version: saved reference answers of another version are not reused
+REQUEST_KINDS = 4  # make_requests' version: saved reference answers of another version are not reused
 LOGPROB_TOLERANCE = 1e-4  # float32: the same computation in other batches, its keys from other chunks
 console = Console(stderr=True)
 
@@ -65,6 +65,7 @@ class SoakRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    echo: bool = False  # completions: the prompt comes back before the answer (with its log-probabilities, if asked)
 
     def body(self, model: str, stream: bool, n: int, seed: int | None) -> dict:
         body = {"model": model, "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -76,7 +77,7 @@ class SoakRequest:
             if self.logprobs is not None:
                 body.update(logprobs=True, top_logprobs=self.logprobs)
         else:
-            body.update(prompt=self.prompt, logprobs=self.logprobs)
+            body.update(prompt=self.prompt, logprobs=self.logprobs, echo=self.echo)
         return body
 
 
@@ -85,7 +86,7 @@ def make_requests(seed: int, count: int, vocab_size: int, prefix_words: tuple[in
     """60% share one of PREFIXES beginnings of `prefix_words` words, then 3-300 words of their own; half streamed,
     15% of the streams cancelled; 15% ask for 2 choices, 20% stop at a word, 20% ask for log-probabilities; 15% go
     to the chat endpoint; 30% sample (temperature, top-p, top-k) with a seed; 15% carry presence and frequency
-    penalties, 10% a logit bias on a few token ids (a ban or a push)."""
+    penalties, 10% a logit bias on a few token ids (a ban or a push); 10% of the completions echo their prompt."""
     rng = random.Random(seed)
     prefixes = [" ".join(rng.choices(WORDS, k=rng.randint(*prefix_words))) for _ in range(PREFIXES)]
     out = []
@@ -106,8 +107,10 @@ def make_requests(seed: int, count: int, vocab_size: int, prefix_words: tuple[in
         if rng.random() < 0.1:
             sampling["logit_bias"] = {str(rng.randrange(vocab_size)): rng.choice((-100.0, -5.0, 4.0, 8.0))
                                       for _ in range(rng.randint(1, 4))}
+        chat = rng.random() < 0.15
+        echo = not chat and rng.random() < 0.1
         out.append(SoakRequest(i, prompt, rng.randint(4, 64), stream, cancel, rng.random() * 2.0, n, stop, logprobs,
-                               chat=rng.random() < 0.15, **sampling))
+                               chat=chat, echo=echo, **sampling))
     return out
 
 
@@ -117,7 +120,7 @@ class Answer:
     status: int  # HTTP status; 599: a stream that ended with an error event
     texts: list[str] = field(default_factory=list)  # by choice
     finish_reasons: list[str | None] = field(default_factory=list)
-    logprobs: list[list[float]] = field(default_factory=list)  # each choice's tokens' log-probabilities, if asked
+    logprobs: list[list[float | None]] = field(default_factory=list)  # each choice's tokens', if asked
     cancelled: bool = False
     error: str = ""
 
@@ -194,13 +197,18 @@ def alone_choice(alone: Answer, i: int) -> int:
     return i if len(alone.texts) > 1 else 0
 
 
+def close(a: float | None, b: float | None, tolerance: float) -> bool:
+    """Two log-probabilities within `tolerance`; None (an echoed prompt's first token has none) only equals None."""
+    return a is None and b is None or a is not None and b is not None and abs(a - b) <= tolerance
+
+
 def agrees(answer: Answer, alone: Answer, tolerance: float) -> bool:
     """Every choice's text and finish reason as alone, and its log-probabilities within `tolerance`."""
     if len(answer.texts) != len(alone.texts) and len(alone.texts) != 1:
         return False
     return all(
         text == alone.texts[j] and finish == alone.finish_reasons[j] and len(lp) == len(alone.logprobs[j])
-        and all(abs(a - b) <= tolerance for a, b in zip(lp, alone.logprobs[j], strict=True))
+        and all(close(a, b, tolerance) for a, b in zip(lp, alone.logprobs[j], strict=True))
         for i, (text, finish, lp) in enumerate(zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True))
         for j in [alone_choice(alone, i)]
     )
@@ -421,14 +429,15 @@ def main() -> int:
     by_index = {r.index: r for r in requests}
     kinds = {"sampled with a seed": lambda r: r.seed is not None, "chat": lambda r: r.chat,
              "penalties": lambda r: bool(r.presence_penalty or r.frequency_penalty),
-             "logit bias": lambda r: bool(r.logit_bias), "two choices": lambda r: r.n > 1}
+             "logit bias": lambda r: bool(r.logit_bias), "two choices": lambda r: r.n > 1, "echo": lambda r: r.echo}
     table.add_row("the same as alone", f"{len(same)}: " + ", ".join(
         f"{label} {sum(1 for a in same if test(by_index[a.index]))}" for label, test in kinds.items()))
     for label, rows in (("different", differ), ("cancelled by the client", cancelled),
                         ("streams cut by the killed rank", cut), ("failed otherwise", failed)):
         table.add_row(label, str(len(rows)))
     gaps = [abs(x - y) for a in same for i, lp in enumerate(a.logprobs)
-            for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)]
+            for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)
+            if x is not None]
     table.add_row("log-probabilities compared", f"{len(gaps)}, the largest difference {max(gaps, default=0):.2e}")
     table.add_row("private resident MiB after each round: server; ranks",
                   ", ".join(f"{m['server']:.0f}" for m in memory_mib) + "; "

@@ -36,6 +36,10 @@ def test_greedy_choices_each_equal_the_one_answer_alone(soak):
     assert not soak.agrees(answer(soak, ["a b c", "a b d"], logprobs=[[-0.5, -1.0], [-0.5, -1.0]]), alone, 1e-4)
     assert not soak.agrees(answer(soak, ["a b c"], ["stop"], [[-0.5, -1.0]]), alone, 1e-4)  # finish reason
     assert soak.agrees(answer(soak, ["a b c"], logprobs=[[-0.50005, -1.0]]), alone, 1e-4)
+    echoed = answer(soak, ["p a"], logprobs=[[None, -2.0]])  # an echoed prompt's first token has none
+    assert soak.agrees(answer(soak, ["p a"], logprobs=[[None, -2.0]]), echoed, 1e-4)
+    assert not soak.agrees(answer(soak, ["p a"], logprobs=[[-0.1, -2.0]]), echoed, 1e-4)
+    assert not soak.agrees(echoed, answer(soak, ["p a"], logprobs=[[-0.1, -2.0]]), 1e-4)
     assert not soak.agrees(answer(soak, ["a b c"], logprobs=[[-0.5002, -1.0]]), alone, 1e-4)
     assert not soak.agrees(answer(soak, ["a b c"], logprobs=[[-0.5]]), alone, 1e-4)  # a token's missing
 
@@ -63,7 +67,8 @@ def test_requests_are_seeded_and_carry_every_kind(soak):
                         "greedy": lambda r: r.seed is None and r.temperature == 0, "chat": lambda r: r.chat,
                         "two choices": lambda r: r.n == 2, "penalties": lambda r: r.presence_penalty != 0,
                         "logit bias": lambda r: bool(r.logit_bias), "cancelled": lambda r: r.cancel_after_chunks,
-                        "stop": lambda r: r.stop, "logprobs": lambda r: r.logprobs is not None}.items():
+                        "stop": lambda r: r.stop, "logprobs": lambda r: r.logprobs is not None,
+                        "echo": lambda r: r.echo}.items():
         assert 10 <= sum(1 for r in first if test(r)) <= 320, label  # present, and not every request
     assert all(0 <= int(token) < 1000 for r in first for token in r.logit_bias or {})
 
@@ -75,7 +80,7 @@ def test_bodies_of_both_endpoints(soak):
     assert (body["logprobs"], body["top_logprobs"], body["seed"], body["n"]) == (True, 2, 12, 1)
     completion = soak.SoakRequest(3, "hello there", 9, False, None, 0.0, 1, None, None).body("m", True, 1, None)
     assert (completion["prompt"], completion["logprobs"], completion["temperature"]) == ("hello there", None, 0.0)
-    assert "messages" not in completion
+    assert "messages" not in completion and completion["echo"] is False
     assert soak.choice_text_and_logprobs({"delta": {"content": "hi"}, "logprobs": {"content": [{"logprob": -1.5}]}},
                                          chat=True) == ("hi", [-1.5])
     assert soak.choice_text_and_logprobs({"text": "hi", "logprobs": {"token_logprobs": [-0.25]}},
