@@ -214,6 +214,24 @@ def agrees(answer: Answer, alone: Answer, tolerance: float) -> bool:
     )
 
 
+def difference(answer: Answer, alone: Answer) -> str:
+    """Where an answer that differs first does: text, finish reason or a log-probability."""
+    for i, (text, finish, lp) in enumerate(zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True)):
+        j = alone_choice(alone, i)
+        if text != alone.texts[j]:
+            shorter = min(len(text), len(alone.texts[j]))
+            at = next((k for k in range(shorter) if text[k] != alone.texts[j][k]), shorter)
+            return f"choice {i}: the text differs from character {at}"
+        if finish != alone.finish_reasons[j]:
+            return f"choice {i}: finish reason {finish} against {alone.finish_reasons[j]} alone"
+        if len(lp) != len(alone.logprobs[j]):
+            return f"choice {i}: {len(lp)} log-probabilities against {len(alone.logprobs[j])} alone"
+        for k, (x, y) in enumerate(zip(lp, alone.logprobs[j], strict=True)):
+            if not close(x, y, LOGPROB_TOLERANCE):
+                return f"choice {i}: token {k}'s log-probability {x} against {y} alone"
+    return f"{len(answer.texts)} choices against {len(alone.texts)} alone"
+
+
 def cut_short(answer: Answer, alone: Answer) -> bool:
     """A stream ended by an error after text that was right so far."""
     return answer.status == 599 and all(alone.texts[alone_choice(alone, i)].startswith(t)
@@ -449,7 +467,8 @@ def main() -> int:
                       f"{r['accepted_draft_tokens']}/{r['draft_tokens']} accepted, peak batch {r['peak_running']}")
     Console().print(table)
     for a in (differ + failed)[:5]:
-        console.print(f"request {a.index}: {a.status} {a.error or a.texts} | alone: {reference[a.index].texts!r}")
+        console.print(f"request {a.index}: {a.status} {a.error or a.texts} | alone: {reference[a.index].texts!r}"
+                      + (f"\n  {difference(a, reference[a.index])}" if a in differ else ""))
     problems = [f"{len(differ)} answers differ" if differ else "", f"{len(failed)} failed" if failed else "",
                 f"replicas {held} hold blocks once idle" if held else "",
                 "" if clean_exit else "processes of the server were left",

@@ -44,6 +44,16 @@ def test_greedy_choices_each_equal_the_one_answer_alone(soak):
     assert not soak.agrees(answer(soak, ["a b c"], logprobs=[[-0.5]]), alone, 1e-4)  # a token's missing
 
 
+def test_a_difference_is_located(soak):
+    alone = answer(soak, ["a b c"], logprobs=[[-0.5, -1.0]])
+    assert soak.difference(answer(soak, ["a b x"], logprobs=[[-0.5, -1.0]]), alone) == \
+        "choice 0: the text differs from character 4"
+    assert soak.difference(answer(soak, ["a b c"], logprobs=[[-0.5, -1.1]]), alone) == \
+        "choice 0: token 1's log-probability -1.1 against -1.0 alone"
+    assert soak.difference(answer(soak, ["a b c"], ["stop"], [[-0.5, -1.0]]), alone) == \
+        "choice 0: finish reason stop against length alone"
+
+
 def test_seeded_choice_i_is_compared_with_its_own_answer_alone(soak):
     alone = answer(soak, ["x y", "p q"])  # choice 0 alone with seed s, choice 1 with seed s + 1
     assert soak.agrees(answer(soak, ["x y", "p q"]), alone, 1e-4)
