@@ -207,18 +207,13 @@ def close(a: float | None, b: float | None, tolerance: float) -> bool:
 
 def agrees(answer: Answer, alone: Answer, tolerance: float) -> bool:
     """Every choice's text and finish reason as alone, and its log-probabilities within `tolerance`."""
+    return difference(answer, alone, tolerance) is None
+
+
+def difference(answer: Answer, alone: Answer, tolerance: float = LOGPROB_TOLERANCE) -> str | None:
+    """Where an answer first differs from the one alone (text, finish reason or a log-probability); None if not."""
     if len(answer.texts) != len(alone.texts) and len(alone.texts) != 1:
-        return False
-    return all(
-        text == alone.texts[j] and finish == alone.finish_reasons[j] and len(lp) == len(alone.logprobs[j])
-        and all(close(a, b, tolerance) for a, b in zip(lp, alone.logprobs[j], strict=True))
-        for i, (text, finish, lp) in enumerate(zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True))
-        for j in [alone_choice(alone, i)]
-    )
-
-
-def difference(answer: Answer, alone: Answer) -> str:
-    """Where an answer that differs first does: text, finish reason or a log-probability."""
+        return f"{len(answer.texts)} choices against {len(alone.texts)} alone"
     for i, (text, finish, lp) in enumerate(zip(answer.texts, answer.finish_reasons, answer.logprobs, strict=True)):
         j = alone_choice(alone, i)
         if text != alone.texts[j]:
@@ -230,9 +225,9 @@ def difference(answer: Answer, alone: Answer) -> str:
         if len(lp) != len(alone.logprobs[j]):
             return f"choice {i}: {len(lp)} log-probabilities against {len(alone.logprobs[j])} alone"
         for k, (x, y) in enumerate(zip(lp, alone.logprobs[j], strict=True)):
-            if not close(x, y, LOGPROB_TOLERANCE):
+            if not close(x, y, tolerance):
                 return f"choice {i}: token {k}'s log-probability {x} against {y} alone"
-    return f"{len(answer.texts)} choices against {len(alone.texts)} alone"
+    return None
 
 
 def cut_short(answer: Answer, alone: Answer) -> bool:
@@ -405,11 +400,11 @@ def main() -> int:
     from hexgen.engine.checkpoint import resolve_model  # torch: only where the script runs
 
     spec = resolve_model(args.model).spec
-    requests = make_requests(args.seed, args.requests, spec.vocab_size, tuple(args.prefix_words))
+    requests = make_requests(args.seed, args.requests, spec.vocab_size, args.prefix_words)
     reference = reference_answers(args, requests, spec.num_layers)
 
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
-    answers, memory_mib = [], []  # memory: (server, its ranks) resident MiB after each round
+    answers, memory_mib = [], []  # memory: each round's private MiB by process (ServerProcess.resident_mib)
     hit_replica, hit_pids = None, []  # the replica a rank was killed or hung in, and its ranks' processes
     try:
         status = server.wait_ready()
