@@ -32,13 +32,14 @@ class RankNode:
     machine: str
     node_id: str
     node_ip: str
+    pid: int  # the actor's process on that machine
 
 
 class RankActor:
     """One rank; `run` blocks for the rank's whole life (load, then drive or follow)."""
 
-    def node(self) -> tuple[str, str]:
-        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    def node(self) -> tuple[str, str, int]:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
     def rendezvous(self, needs_port: bool) -> tuple[str, int]:
         """torch.distributed master address of the replica: this node's address and a free port on it."""
@@ -132,13 +133,14 @@ class RayRanks:
             except Exception:  # noqa: BLE001 - an actor of a lost node is already gone
                 pass
 
-    def placement(self, rank: int) -> dict[str, str]:
-        """The rank's Ray node, once its actor has been placed ({} before)."""
+    def placement(self, rank: int) -> dict[str, str | int]:
+        """The rank's Ray node and process id there, once its actor has been placed ({} before)."""
         if not self._nodes and self._located:
             placed, _ = ray.wait(self._located, num_returns=len(self), timeout=0)
             if len(placed) == len(self):
                 located = zip(self.machines, ray.get(self._located), strict=True)
-                self._nodes = [RankNode(machine, node_id, ip) for machine, (node_id, ip) in located]
+                self._nodes = [RankNode(machine, *where) for machine, where in located]
         if not self._nodes:
             return {}
-        return {"node_id": self._nodes[rank].node_id, "node_ip": self._nodes[rank].node_ip}
+        node = self._nodes[rank]
+        return {"node_id": node.node_id, "node_ip": node.node_ip, "pid": node.pid}

@@ -42,6 +42,8 @@ def test_status_shows_each_stage_machine_and_node(served):
     placed = [[(s["machine"], [r["node_ip"] for r in s["ranks"]]) for s in rep["stages"]] for rep in replicas]
     assert placed == [[("a", [MACHINES["a"][0]]), ("b", [MACHINES["b"][0]])], [("c", [MACHINES["c"][0]])]]
     assert all(len(r["node_id"]) > 10 for rep in replicas for s in rep["stages"] for r in s["ranks"])
+    pids = [r["pid"] for rep in replicas for s in rep["stages"] for r in s["ranks"]]
+    assert len(set(pids)) == 3 and set(pids) <= set(rank_actor_pids()), (pids, rank_actor_pids())
 
 
 def test_lost_machine_downs_its_replica_only_and_replan_replaces_it(served, reference):
