@@ -71,11 +71,11 @@ def keepalive_interval_s() -> float:
 def init_rank(spec: RankSpec) -> RankContext:
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
+    if spec.device == "cuda":  # Triton launches, graph capture and events use the current device: make it ours
+        torch.cuda.set_device(spec.gpu_index)
     if spec.layout.world_size == 1:
         return single_process_context(spec.layout)
     backend = "nccl" if spec.device == "cuda" else "gloo"
-    if spec.device == "cuda":
-        torch.cuda.set_device(spec.gpu_index)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(spec.master_port)
     dist.init_process_group(backend, rank=spec.rank, world_size=spec.layout.world_size)
@@ -123,7 +123,7 @@ def local_num_blocks(stage: LlamaStage, config: SchedulerConfig, ranks_here: int
     if config.memory_bytes is not None:
         kv_bytes = config.memory_bytes - stage.weight_bytes()
     elif stage.device.type == "cuda":
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(stage.device)
         kv_bytes = free - int(CUDA_MARGIN_FRACTION * total)
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -138,7 +138,7 @@ class StageRunner:
             return lambda: samples
         host = table.to("cpu", non_blocking=True)  # into pinned memory
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(table.device))  # the stream the copy was queued on
 
         def wait() -> StepSamples:
             copied.synchronize()

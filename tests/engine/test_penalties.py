@@ -96,3 +96,24 @@ def test_adjustment_hand_computed():
     assert adjusted.tolist() == [[0, -1.25, 0, -0.75, 0], [0, -1.25, 0, -0.75, 2], [0, 0, 0, 0, 0]]
     assert logits.abs().sum() == 0  # the model's logits are left as they were (log-probabilities use them)
     assert sample_on_device(logits, [row, biased, plain]).tolist() == [0, 4, 0]
+
+
+def test_a_penalized_and_biased_token_is_adjusted_in_hfs_order_without_repeated_keys(monkeypatch):
+    """Token 2 was output once (frequency penalty 0.3) and has a bias of 0.7: its logit is (0.1 - 0.3) + 0.7 in
+    float32, penalty first, as HF applies them; and no index_add repeats a (row, token), since CUDA's atomic adds
+    would then sum the repeats in any order, changing the last bit from run to run."""
+    calls = []
+    index_add = torch.Tensor.index_add_
+
+    def recording(self, dim, index, source, **kwargs):
+        calls.append(index.tolist())
+        return index_add(self, dim, index, source, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", recording)
+    row = SampleRow(0.0, 0, 1.0, 0, 0, frequency_penalty=0.3, logit_bias=((2, 0.7), (4, -1.0)), output_token_ids=(2,))
+    logits = torch.full((1, 5), 0.1)
+    adjusted = adjust_logits(logits, [row])
+    step = torch.tensor(0.1) - torch.tensor(0.3)
+    assert adjusted[0, 2].item() == (step + torch.tensor(0.7)).item()
+    assert adjusted[0, 4].item() == (torch.tensor(0.1) - torch.tensor(1.0)).item()
+    assert calls and all(len(set(keys)) == len(keys) for keys in calls), calls

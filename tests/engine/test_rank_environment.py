@@ -1,6 +1,7 @@
 """A rank process starts with its OpenMP spin count already in its environment, set by the parent, so the count
 holds even where the rank loads torch before its entry function runs (as when the parent's main module imports
-torch); a user's own GOMP_SPINCOUNT wins, and the parent's environment is left as it was."""
+torch); a user's own GOMP_SPINCOUNT wins, and the parent's environment is left as it was. A CUDA rank selects
+its own GPU before anything runs on one."""
 
 from __future__ import annotations
 
@@ -34,3 +35,20 @@ def test_a_users_spin_count_wins(tmp_path, monkeypatch, users):
     monkeypatch.setenv("GOMP_SPINCOUNT", users)
     assert spawned_spin_counts(tmp_path, [SHARED_SPIN_COUNT]) == [users]
     assert os.environ["GOMP_SPINCOUNT"] == users
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_cuda_rank_makes_its_gpu_current_whatever_its_replica_size(monkeypatch, ranks):
+    """Triton launches, CUDA graph capture and events use the current device, so a rank on GPU 5 must select
+    GPU 5 first, a one-rank replica too (it once returned before doing so and ran on GPU 0's stream)."""
+    import torch
+
+    from hexgen.engine import engine
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(engine, "init_rank_context", lambda *a, **k: None)
+    layout = Layout((1,) * ranks, tuple((i, i + 1) for i in range(ranks)))
+    engine.init_rank(RankSpec(None, layout, 0, device="cuda", gpu_index=5, master_port=1))
+    assert selected == [5]
