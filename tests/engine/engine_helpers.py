@@ -61,14 +61,14 @@ def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
 
 def run_in_process(source, requests: list[GenerationRequest], config: SchedulerConfig | None = None,
                    eos_token_ids: tuple[int, ...] = (), device: str = "cpu", engines: list | None = None,
-                   dtype: str = "float32", events: list | None = None,
+                   dtype: str = "float32", events: list | None = None, gpu_index: int = 0,
                    ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Drive Engine.step() to completion on TP [1]; per request: tokens and per-step logits [steps, V] (none when
     the engine overlaps its steps, as on CUDA by default: the runner's last logits are then a step ahead of the
     events). `engines`, when given, receives the engine (to read its scheduler's counters afterwards); `events`
-    every TokenEvent."""
+    every TokenEvent; `gpu_index`: which GPU, on CUDA."""
     plan = single_replica_plan(source.spec, [1], None)
-    spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, dtype=dtype, device=device)
+    spec = RankSpec(source, layout_of(plan.replicas[0], device), 0, dtype=dtype, device=device, gpu_index=gpu_index)
     config = config or SchedulerConfig(max_context=source.spec.max_context)
     runner = build_runner(spec, init_rank(spec), config)
     runner.record_logits = True

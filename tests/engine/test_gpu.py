@@ -1,5 +1,5 @@
 """CUDA tests: a random word-tokenizer model on 1 and 2 GPUs (NCCL) gives the CPU run's greedy text; CUDA graphs
-give the eager run's tokens."""
+give the eager run's tokens; torch's ops give the Triton kernels' tokens; a one-GPU replica runs on its own GPU."""
 
 from __future__ import annotations
 
@@ -72,3 +72,44 @@ def test_cuda_graphs_match_eager_as_sequences_come_and_go(tiny_model_dirs):
                                                                  enforce_eager=True), device="cuda")
     cpu, _ = run_in_process(source, requests, config)
     assert graphs == eager == cpu
+
+
+def test_torch_path_on_cuda_matches_the_kernels(tiny_model_dirs, monkeypatch):
+    """HEXGEN_TRITON=0 keeps CUDA on torch's ops (attention as a gather through the block tables + SDPA, graphs
+    captured of those): the Triton kernels' greedy tokens and the CPU's."""
+    from engine_helpers import greedy_requests, random_prompts, run_in_process
+
+    from hexgen.engine import ops
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.scheduler import SchedulerConfig
+
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    requests = greedy_requests(random_prompts(source.spec.vocab_size, [5, 9, 3, 12, 7], seed=4), 12)
+    config = SchedulerConfig(max_running_seqs=8, max_context=64)
+    kernels, _ = run_in_process(source, requests, config, device="cuda")
+    monkeypatch.setattr(ops, "_triton_ready", lambda: False)  # what HEXGEN_TRITON=0 makes kernels.available say
+    torch_ops, _ = run_in_process(source, requests, config, device="cuda")
+    assert torch_ops == kernels == run_in_process(source, requests, config)[0]
+
+
+def test_a_one_gpu_replica_runs_on_its_own_gpu(tiny_model_dirs):
+    """A replica of one rank on GPU 1 (as a data-parallel plan places them) keeps its weights, pool and steps
+    there: GPU 0's memory is as before, and the tokens are the CPU's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from engine_helpers import greedy_requests, random_prompts, run_in_process
+
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.scheduler import SchedulerConfig
+
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    requests = greedy_requests(random_prompts(source.spec.vocab_size, [5, 9, 3], seed=5), 12)
+    config = SchedulerConfig(max_running_seqs=4, max_context=64)
+    torch.cuda.synchronize(0)
+    before = torch.cuda.memory_allocated(0)
+    try:
+        on_gpu1, _ = run_in_process(source, requests, config, device="cuda", gpu_index=1)
+    finally:
+        torch.cuda.set_device(0)
+    assert torch.cuda.memory_allocated(0) == before
+    assert on_gpu1 == run_in_process(source, requests, config)[0]

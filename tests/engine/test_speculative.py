@@ -90,6 +90,21 @@ def test_drafted_run_equals_the_run_without_drafts(setup):
     assert [[i for i, _ in lp.top] for lp in mine] == [[i for i, _ in lp.top] for lp in theirs]
 
 
+@pytest.mark.gpu
+def test_drafts_on_cuda_equal_the_run_without(setup):
+    """On CUDA (plain decodes from CUDA graphs, drafted ones eager, several tokens a sequence verified by the
+    Triton kernels): the run without drafts' tokens on CUDA, and the CPU's for the greedy requests."""
+    _, source, requests, expected, _ = setup
+    plain, _ = run_in_process(source, requests, SchedulerConfig(max_context=source.spec.max_context), device="cuda")
+    engines: list = []
+    config = SchedulerConfig(max_context=source.spec.max_context, speculative_tokens=4)
+    drafted, _ = run_in_process(source, requests, config, device="cuda", engines=engines)
+    assert engines[0].scheduler.num_accepted > 0
+    assert drafted == plain
+    greedy = [r.request_id for r in requests if r.params.temperature == 0]
+    assert [drafted[rid] for rid in greedy] == [expected[rid] for rid in greedy]
+
+
 def test_drafts_with_the_prefix_cache_and_small_steps_equal_the_run_without(setup):
     """Accepted drafts fill blocks that the prefix cache then registers (their keys must be the tokens kept), and a
     step budget of 6 tokens leaves some decodes room for fewer drafts."""
