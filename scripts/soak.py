@@ -2,9 +2,9 @@
 cancelled by their client, some with two choices, stop strings, log-probabilities, penalties, a logit bias or the
 prompt echoed, some to the chat endpoint, greedy or sampled with a seed, against a server under the flags you give
 (a small --memory-gb forces preemptions, --speculative-tokens turns drafts on; any rank can be killed or hung
-mid-run; --rounds repeats the load on the same server and reports its memory); then every answer that finished is
-compared with the same request run alone, one at a time, on a reference server (one process, batch 1, no prefix
-cache).
+mid-run, or over Ray a whole machine lost; --rounds repeats the load on the same server and reports its memory);
+then every answer that finished is compared with the same request run alone, one at a time, on a reference server
+(one process, batch 1, no prefix cache).
 
     .venv/bin/python scripts/soak.py --requests 200 -- --plan examples/plans/local-default.json --memory-gb 0.66
 
@@ -313,10 +313,41 @@ class ServerProcess:
         return False
 
 
+@dataclass(frozen=True)
+class Kill:
+    """What to hit partway through the load: these processes, with this signal, this many seconds in."""
+
+    after_s: float
+    pids: tuple[int, ...]
+    signal: signal.Signals
+    what: str  # in words, for the log
+
+
+def rank_pids(replica: dict) -> list[int]:
+    return [rank["pid"] for stage in replica["stages"] for rank in stage["ranks"]]
+
+
+def planned_kill(args, status: dict) -> tuple[Kill, list[int], list[int]]:
+    """The kill --kill-rank-after asks for, the indices of the replicas it hits and their ranks' processes."""
+    how = signal.Signals[f"SIG{args.kill_signal}"]
+    if args.kill_machine:
+        from hexgen.raycluster.node import node_pids, read_record
+
+        hit = [r for r in status["replicas"] if any(s["machine"] == args.kill_machine for s in r["stages"])]
+        pids = tuple(node_pids(read_record(args.kill_machine)))
+        kill = Kill(args.kill_rank_after, pids, how, f"the {len(pids)} processes of machine {args.kill_machine}")
+    else:
+        replica, stage, rank = (int(i) for i in args.kill_rank.split("/"))
+        hit = [status["replicas"][replica]]
+        pid = hit[0]["stages"][stage]["ranks"][rank]["pid"]
+        kill = Kill(args.kill_rank_after, (pid,), how, f"rank process {pid}")
+    return kill, [r["index"] for r in hit], [pid for r in hit for pid in rank_pids(r)]
+
+
 async def run_load(url: str, model: str, requests: list[SoakRequest], concurrency: int, alone: bool,
-                   kill: tuple[float, int, signal.Signals] | None = None) -> list[Answer]:
-    """Every request, `concurrency` at a time (one at a time if alone); kill = (after s, pid, signal) sends a rank
-    that signal (SIGKILL: it dies; SIGSTOP: it hangs, and the server must notice its silence)."""
+                   kill: Kill | None = None) -> list[Answer]:
+    """Every request, `concurrency` at a time (one at a time if alone); `kill` sends a rank, or every process of a
+    machine, a signal partway (SIGKILL: they die; SIGSTOP: they hang, and the server must notice the silence)."""
     limit = asyncio.Semaphore(1 if alone else concurrency)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("reference, one at a time" if alone else "soak", total=len(requests))
@@ -328,9 +359,13 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
             return answer
 
         async def killer():
-            await asyncio.sleep(kill[0])
-            os.kill(kill[1], kill[2])
-            console.print(f"sent {kill[2].name} to rank process {kill[1]} after {kill[0]:.0f} s")
+            await asyncio.sleep(kill.after_s)
+            for pid in kill.pids:
+                try:
+                    os.kill(pid, kill.signal)
+                except ProcessLookupError:  # one of a machine's processes that ended meanwhile
+                    pass
+            console.print(f"sent {kill.signal.name} to {kill.what} after {kill.after_s:.0f} s")
 
         async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=None)) as client:
             killing = asyncio.ensure_future(killer()) if kill else None
@@ -377,6 +412,9 @@ def main() -> int:
                         help="KILL: the rank dies; STOP: it hangs, silent, until the server stops it")
     parser.add_argument("--kill-rank-after", type=float, metavar="S",
                         help="send --kill-signal to the --kill-rank rank S s into the run (its requests fail over)")
+    parser.add_argument("--kill-machine", metavar="NAME",
+                        help="with `serve --ray`: hit every process of that machine's Ray node (as `hexgen node` "
+                             "recorded it, under HEXGEN_STATE_DIR) instead of one rank, as if the machine were lost")
     parser.add_argument("--prefix-words", type=int, nargs=2, default=DEFAULT_PREFIX_WORDS, metavar=("LOW", "HIGH"),
                         help="words in each shared beginning (about a token a word): 2000 3500 makes prompts of "
                              "up to ~3,800 tokens, whole blocks by the hundred, prefilled in many chunks")
@@ -391,6 +429,8 @@ def main() -> int:
         parser.error(f"--prefix-words takes LOW <= HIGH, both at least 1, got {args.prefix_words}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.kill_machine and (args.kill_rank_after is None or args.kill_signal != "KILL"):
+        parser.error("--kill-machine needs --kill-rank-after (when to hit it) and --kill-signal KILL")
     if not re.fullmatch(r"-?\d+/-?\d+/-?\d+", args.kill_rank):
         parser.error(f"--kill-rank takes R/S/K (replica, stage, rank indices), got {args.kill_rank!r}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -405,18 +445,14 @@ def main() -> int:
 
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
     answers, memory_mib = [], []  # memory: each round's private MiB by process (ServerProcess.resident_mib)
-    hit_replica, hit_pids = None, []  # the replica a rank was killed or hung in, and its ranks' processes
+    hit_replicas, hit_pids = [], []  # the replicas a kill hit, and their ranks' processes
     try:
         status = server.wait_ready()
         started = time.monotonic()
         for round_index in range(args.rounds):
             kill = None
             if args.kill_rank_after is not None and round_index == 0:
-                replica, stage, rank = (int(i) for i in args.kill_rank.split("/"))
-                pid = status["replicas"][replica]["stages"][stage]["ranks"][rank]["pid"]
-                hit_replica = status["replicas"][replica]["index"]
-                hit_pids = [r["pid"] for st in status["replicas"][replica]["stages"] for r in st["ranks"]]
-                kill = (args.kill_rank_after, pid, signal.Signals[f"SIG{args.kill_signal}"])
+                kill, hit_replicas, hit_pids = planned_kill(args, status)
             answers += asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False, kill))
             time.sleep(3)  # heartbeats report the pools after the last sequences left
             replicas = server.status()["replicas"]
@@ -435,7 +471,7 @@ def main() -> int:
     failed = [a for a in answers if a.status != 200 and not any(a is c for c in cut)]
     cancelled = [a for a in answers if a.cancelled]
     held = [r["index"] for r in replicas if r["status"] == "up" and r["kv_blocks_used"]]
-    hit_status = next((r["status"] for r in replicas if r["index"] == hit_replica), None)
+    not_down = [r["index"] for r in replicas if r["index"] in hit_replicas and r["status"] != "down"]
 
     table = Table(title=f"soak: {len(requests)} requests x {args.rounds} rounds, seed {args.seed}, "
                         f"concurrency {args.concurrency}, "
@@ -449,7 +485,7 @@ def main() -> int:
     table.add_row("the same as alone", f"{len(same)}: " + ", ".join(
         f"{label} {sum(1 for a in same if test(by_index[a.index]))}" for label, test in kinds.items()))
     for label, rows in (("different", differ), ("cancelled by the client", cancelled),
-                        ("streams cut by the killed rank", cut), ("failed otherwise", failed)):
+                        ("streams cut by the kill", cut), ("failed otherwise", failed)):
         table.add_row(label, str(len(rows)))
     gaps = [abs(x - y) for a in same for i, lp in enumerate(a.logprobs)
             for x, y in zip(lp, reference[a.index].logprobs[alone_choice(reference[a.index], i)], strict=True)
@@ -470,8 +506,8 @@ def main() -> int:
     problems = [f"{len(differ)} answers differ" if differ else "", f"{len(failed)} failed" if failed else "",
                 f"replicas {held} hold blocks once idle" if held else "",
                 "" if clean_exit else "processes of the server were left",
-                f"the hit replica {hit_replica} is {hit_status}" if hit_pids and hit_status != "down" else "",
-                f"ranks {lingering} of the hit replica still run" if hit_pids and lingering else ""]
+                f"hit replicas {not_down} are not down" if not_down else "",
+                f"ranks {lingering} of the hit replicas still run" if hit_pids and lingering else ""]
     problems = [p for p in problems if p]
     console.print("; ".join(problems) if problems else "ok: every finished answer equals the request's alone")
     return 1 if problems else 0

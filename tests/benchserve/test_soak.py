@@ -95,3 +95,27 @@ def test_bodies_of_both_endpoints(soak):
                                          chat=True) == ("hi", [-1.5])
     assert soak.choice_text_and_logprobs({"text": "hi", "logprobs": {"token_logprobs": [-0.25]}},
                                          chat=False) == ("hi", [-0.25])
+
+
+def test_a_kill_hits_one_rank_or_every_replica_on_the_lost_machine(soak, monkeypatch):
+    """--kill-rank R/S/K names one rank (its replica is the one hit); --kill-machine every process of that Ray
+    node, hitting each replica with a stage there."""
+    import argparse
+    import signal
+
+    from hexgen.raycluster import node
+
+    def rank(pid):
+        return {"pid": pid}
+
+    status = {"replicas": [
+        {"index": 0, "stages": [{"machine": "a", "ranks": [rank(11)]}, {"machine": "b", "ranks": [rank(12)]}]},
+        {"index": 1, "stages": [{"machine": "c", "ranks": [rank(21), rank(22), rank(23)]}]},
+        {"index": 2, "stages": [{"machine": "b", "ranks": [rank(31)]}]}]}
+    args = argparse.Namespace(kill_signal="KILL", kill_machine=None, kill_rank="1/0/-1", kill_rank_after=30.0)
+    kill, replicas, pids = soak.planned_kill(args, status)
+    assert (kill.pids, kill.after_s, kill.signal, replicas, pids) == ((23,), 30.0, signal.SIGKILL, [1], [21, 22, 23])
+    monkeypatch.setattr(node, "read_record", lambda machine: f"record of {machine}")
+    monkeypatch.setattr(node, "node_pids", lambda record: {"record of b": [7, 8, 12, 31]}[record])
+    kill, replicas, pids = soak.planned_kill(argparse.Namespace(**{**vars(args), "kill_machine": "b"}), status)
+    assert (kill.pids, replicas, pids) == ((7, 8, 12, 31), [0, 2], [11, 12, 31])
