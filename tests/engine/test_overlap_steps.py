@@ -136,12 +136,15 @@ def mixed_requests(vocab_size: int, stops: dict[str, int] | None = None) -> list
     return requests
 
 
-@pytest.mark.parametrize("setting", [
+SETTINGS = [
     dict(),  # room for everything
     dict(max_step_tokens=7, max_running_seqs=6),  # chunked prefill, sequences joining while others run
     dict(block_size=4, num_kv_blocks=14, max_running_seqs=8),  # preemption and recomputation
     dict(prefix_caching=True, block_size=2),  # cached prefixes registered from fed-back tokens
-])
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
 def test_overlapped_engine_matches_the_plain_one(setting, tiny_model_dirs):
     source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
     base = SchedulerConfig(max_context=source.spec.max_context, **setting)
@@ -171,11 +174,13 @@ def test_overlapped_engine_matches_hf(tiny_model_dirs):
 
 
 @pytest.mark.gpu
-def test_overlapped_steps_on_cuda_match_steps_in_series(tiny_model_dirs):
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_overlapped_steps_on_cuda_match_steps_in_series(setting, tiny_model_dirs):
     """On CUDA (graphs, Triton kernels) a one-GPU engine overlaps its steps by default: the same tokens and finish
-    reasons as with its steps in series, and the CPU's greedy tokens."""
+    reasons as with its steps in series, and the CPU's greedy tokens; with chunked prefills, preemptions (blocks
+    of a step in flight) and cached prefixes too."""
     source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
-    base = SchedulerConfig(max_context=source.spec.max_context, max_running_seqs=8)
+    base = SchedulerConfig(**{"max_context": source.spec.max_context, "max_running_seqs": 8, **setting})
     cpu_tokens = run_engine(source, mixed_requests(source.spec.vocab_size), base)[0]
     stops = {rid: cpu_tokens[rid][2] for rid in ("r2", "r4", "r7", "r9")}
     requests = mixed_requests(source.spec.vocab_size, stops)
