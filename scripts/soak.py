@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -361,10 +362,8 @@ async def run_load(url: str, model: str, requests: list[SoakRequest], concurrenc
         async def killer():
             await asyncio.sleep(kill.after_s)
             for pid in kill.pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):  # one of a machine's processes that ended meanwhile
                     os.kill(pid, kill.signal)
-                except ProcessLookupError:  # one of a machine's processes that ended meanwhile
-                    pass
             console.print(f"sent {kill.signal.name} to {kill.what} after {kill.after_s:.0f} s")
 
         async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=httpx.Limits(max_connections=None)) as client:
@@ -409,7 +408,8 @@ def main() -> int:
                         help="which rank --kill-rank-after hits: replica R, its stage S, that stage's rank K "
                              "(Python indices; the default is replica 0's last rank, 0/0/0 its driver)")
     parser.add_argument("--kill-signal", choices=("KILL", "STOP"), default="KILL",
-                        help="KILL: the rank dies; STOP: it hangs, silent, until the server stops it")
+                        help="KILL: the rank (or machine) dies; STOP: it hangs, silent, until the server stops it "
+                             "(a hung machine: until the soak ends, which then kills its processes)")
     parser.add_argument("--kill-rank-after", type=float, metavar="S",
                         help="send --kill-signal to the --kill-rank rank S s into the run (its requests fail over)")
     parser.add_argument("--kill-machine", metavar="NAME",
@@ -429,8 +429,8 @@ def main() -> int:
         parser.error(f"--prefix-words takes LOW <= HIGH, both at least 1, got {args.prefix_words}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if args.kill_machine and (args.kill_rank_after is None or args.kill_signal != "KILL"):
-        parser.error("--kill-machine needs --kill-rank-after (when to hit it) and --kill-signal KILL")
+    if args.kill_machine and args.kill_rank_after is None:
+        parser.error("--kill-machine needs --kill-rank-after (when to hit it)")
     if not re.fullmatch(r"-?\d+/-?\d+/-?\d+", args.kill_rank):
         parser.error(f"--kill-rank takes R/S/K (replica, stage, rank indices), got {args.kill_rank!r}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -446,21 +446,28 @@ def main() -> int:
     server = ServerProcess(["--model", args.model, "--dtype", "float32", *args.serve_flags], args.work_dir / "soak.log")
     answers, memory_mib = [], []  # memory: each round's private MiB by process (ServerProcess.resident_mib)
     hit_replicas, hit_pids = [], []  # the replicas a kill hit, and their ranks' processes
+    kill = None
     try:
         status = server.wait_ready()
         started = time.monotonic()
         for round_index in range(args.rounds):
-            kill = None
             if args.kill_rank_after is not None and round_index == 0:
                 kill, hit_replicas, hit_pids = planned_kill(args, status)
-            answers += asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False, kill))
+            answers += asyncio.run(run_load(server.url, status["model"], requests, args.concurrency, False,
+                                            kill if round_index == 0 else None))
             time.sleep(3)  # heartbeats report the pools after the last sequences left
             replicas = server.status()["replicas"]
             memory_mib.append(server.resident_mib(replicas))
-            lingering = [pid for pid in hit_pids if alive(pid)]  # before the server stops: it must have stopped them
+            # before the server stops: it must have stopped them, but for those of a hung machine, out of reach
+            hung = kill.pids if kill and args.kill_machine and kill.signal == signal.SIGSTOP else ()
+            lingering = [pid for pid in hit_pids if alive(pid) and pid not in hung]
         elapsed_s = time.monotonic() - started
     finally:
         clean_exit = server.stop()
+        if kill and args.kill_machine and kill.signal == signal.SIGSTOP:
+            for pid in kill.pids:  # the hung machine restarts: its processes end
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     (args.work_dir / "soak-answers.json").write_text(json.dumps([asdict(a) for a in answers]))
     (args.work_dir / "soak-memory.json").write_text(json.dumps(memory_mib, indent=1))
