@@ -10,6 +10,11 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cuda_memory_bytes() -> list[int]:
+    """Each visible CUDA device's memory, bytes."""
+    return [torch.cuda.get_device_properties(i).total_memory for i in range(cuda_device_count())]
+
+
 def cuda_device_name(index: int = 0) -> str:
     return torch.cuda.get_device_name(index)
 

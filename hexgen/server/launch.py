@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from hexgen.engine.checkpoint import ModelSource
+from hexgen.engine.kv_budget import GIB, RankShape, rank_weight_bytes
 from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.errors import PlanError
 from hexgen.launch.spec import cpu_threads_per_rank, omp_spin_count, rank_specs, takes_turns
@@ -28,6 +29,42 @@ def default_local_plan(spec: ModelSpec) -> DeploymentPlan:
     plan = DeploymentPlan(
         spec.name, (Replica((first, second)), Replica((single,))), meta={"source": "hexgen serve default local plan"}
     )
+    plan.validate_structure(spec)
+    return plan
+
+
+CUDA_DEFAULT_WEIGHT_FRACTION = 0.75  # of a GPU's memory one rank's weights may take in the default CUDA plan
+
+
+def default_cuda_plan(spec: ModelSpec, gpu_bytes: list[int], dtype_bytes: int) -> DeploymentPlan:
+    """--device cuda without --plan, over this machine's GPUs (`gpu_bytes`: each one's memory): one replica per GPU
+    where a GPU holds the weights with a quarter of its memory left (for KV blocks); else replicas of the narrowest
+    valid TP degree whose shards fit that way, as many as the GPUs make; else one pipeline of every GPU (TP 1,
+    layers split evenly). A PlanError when even that does not hold the weights."""
+    count, smallest = len(gpu_bytes), min(gpu_bytes, default=0)
+
+    def fits(layers: tuple[int, int], tp: int) -> bool:
+        shape = RankShape(layers[1] - layers[0], tp, layers[0] == 0, layers[1] == spec.num_layers)
+        return rank_weight_bytes(spec, shape, dtype_bytes) <= CUDA_DEFAULT_WEIGHT_FRACTION * smallest
+
+    whole = (0, spec.num_layers)
+    tp = next((t for t in spec.valid_tp_degrees(count) if fits(whole, t)), None)
+    if tp is not None:
+        replicas = tuple(Replica((Stage(LOCAL_MACHINE, tuple(range(i * tp, (i + 1) * tp)), tp, whole),))
+                         for i in range(count // tp))
+        idle = list(range(count // tp * tp, count))
+        how = f"{len(replicas)} replica(s) of TP {tp}" + (f", GPU(s) {idle} left idle" if idle else "")
+    else:
+        cuts = [round(i * spec.num_layers / count) for i in range(count + 1)]
+        stages = tuple(Stage(LOCAL_MACHINE, (i,), 1, (cuts[i], cuts[i + 1])) for i in range(count))
+        if count > spec.num_layers or not all(fits(s.layers, 1) for s in stages):
+            gib = rank_weight_bytes(spec, RankShape(spec.num_layers, 1, True, True), dtype_bytes) / GIB
+            raise PlanError(
+                f"{spec.name}'s weights ({gib:.1f} GiB) do not fit on this machine's {count} GPU(s) of "
+                f"{smallest / GIB:.1f} GiB with room for KV blocks: give a plan over more machines (`hexgen plan`, "
+                "`hexgen serve --ray`) or a smaller --dtype")
+        replicas, how = (Replica(stages),), f"one pipeline of {count} stages"
+    plan = DeploymentPlan(spec.name, replicas, meta={"source": "hexgen serve default CUDA plan", "layout": how})
     plan.validate_structure(spec)
     return plan
 

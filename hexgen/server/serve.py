@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 
 from hexgen.cluster import load_cluster
-from hexgen.commands.engine_args import check_memory
+from hexgen.commands.engine_args import DTYPE_BYTES, check_memory
 from hexgen.commands.engine_args import scheduler_config as engine_scheduler_config
 from hexgen.dispatch import make_policy
 from hexgen.engine.checkpoint import embedded_spec, eos_token_ids, resolve_model
@@ -22,7 +22,14 @@ from hexgen.plan import Replica, load_plan
 from hexgen.server.app import create_app
 from hexgen.server.calibrate import measure_speeds, needs_measured_speeds
 from hexgen.server.coordinator import SHUTTING_DOWN, Coordinator, ServeConfig, served_context
-from hexgen.server.launch import check_local, default_dispatch, default_local_plan, make_replicas, start_all
+from hexgen.server.launch import (
+    check_local,
+    default_cuda_plan,
+    default_dispatch,
+    default_local_plan,
+    make_replicas,
+    start_all,
+)
 from hexgen.server.metrics import Metrics
 from hexgen.server.replica_client import ReplicaClient
 from hexgen.tokenizer import Tokenizer
@@ -124,7 +131,18 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     spec = source.spec
     if loaded is not None:
         check_plan_model(loaded.model, args.model, spec)
-    plan = given or default_local_plan(spec)
+    if given is None and args.device == "cuda" and not args.ray:
+        from hexgen.engine.devices import cuda_memory_bytes
+
+        gpu_bytes = cuda_memory_bytes()
+        if not gpu_bytes:
+            raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use "
+                            "--device cpu")
+        plan = default_cuda_plan(spec, gpu_bytes, DTYPE_BYTES[args.dtype])
+        print(f"hexgen serve: no --plan: {plan.meta['layout']} over this machine's GPUs (`hexgen plan` makes one "
+              "for your cluster and workload)", file=sys.stderr)
+    else:
+        plan = given or default_local_plan(spec)
     plan.validate_structure(spec)
     check_memory(args, spec, plan.replicas, args.max_batch)
     if args.device == "cuda" and not args.ray:

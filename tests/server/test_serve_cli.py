@@ -14,7 +14,7 @@ from hexgen.cli import build_parser
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.models import load_model_spec
 from hexgen.plan import LOCAL_MACHINE
-from hexgen.server.launch import default_dispatch, default_local_plan
+from hexgen.server.launch import default_cuda_plan, default_dispatch, default_local_plan
 
 
 def test_defaults_listen_on_loopback_8000():
@@ -57,6 +57,34 @@ def test_default_local_plan_has_two_replicas_one_asymmetric(model, chat_model_di
         assert [(s.tp, s.layers) for s in plan.replicas[0].stages] == [(3, (0, 20)), (1, (20, 30))]
 
 
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(("model", "gpus_gib", "layout", "idle"), [
+    # bf16 weights by hand: SmolLM2 0.25 GiB; Llama-3-8B 15.0 GiB (7.5 a TP-2 shard); Llama-2-70B 128.5 GiB (32.1 a
+    # TP-4 shard, 64.2 TP 2); Llama-2-13B 24.2 GiB (12.1 a TP-2 shard; 8.3 for 14 layers). A rank may take 75%.
+    ("smollm2-135m", [24, 24], [[((0,), (0, 30))], [((1,), (0, 30))]], ""),  # one replica per GPU
+    ("llama-2-70b", [80] * 8, [[((0, 1, 2, 3), (0, 80))], [((4, 5, 6, 7), (0, 80))]], ""),  # TP 2: 80% a GPU
+    ("llama-2-70b", [80] * 6, [[((0, 1, 2, 3), (0, 80))]], "[4, 5]"),
+    ("llama-3-8b", [16, 16, 16], [[((0, 1), (0, 32))]], "[2]"),  # TP 3 does not divide 32 heads / 8 KV heads
+    ("llama-2-13b", [16, 16, 16], [[((0,), (0, 13)), ((1,), (13, 27)), ((2,), (27, 40))]], ""),  # 12.1 > 12
+    ("llama-2-13b", [16, 40, 16], [[((0,), (0, 13)), ((1,), (13, 27)), ((2,), (27, 40))]], ""),  # smallest GPU
+])
+def test_default_cuda_plan_fills_the_gpus_with_the_fewest_per_replica(model, gpus_gib, layout, idle):
+    plan = default_cuda_plan(load_model_spec(model), [g * GIB for g in gpus_gib], 2)
+    assert [[(s.gpus, s.layers) for s in r.stages] for r in plan.replicas] == layout
+    assert all(s.tp == len(s.gpus) and s.machine == LOCAL_MACHINE for r in plan.replicas for s in r.stages)
+    assert plan.meta["layout"].endswith(f", GPU(s) {idle} left idle" if idle else "")
+    assert ("left idle" in plan.meta["layout"]) == bool(idle)
+
+
+def test_default_cuda_plan_says_when_the_gpus_cannot_hold_the_model():
+    from hexgen.errors import PlanError
+
+    with pytest.raises(PlanError, match=r"llama-2-70b's weights \(128.5 GiB\) do not fit on this machine's 4 GPU"):
+        default_cuda_plan(load_model_spec("llama-2-70b"), [24 * GIB] * 4, 2)
+
+
 def _serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(REPO_ROOT / ".venv" / "bin" / "hexgen"), "serve", *args],
@@ -69,6 +97,7 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
     remote.write_text(remote.read_text().replace('"localhost"', '"gpu-box-7"'))
     bad_layers = write_plan(tmp_path / "layers.json", chat_model_dir, [[([0], (0, 3))]])
     other_model = write_plan(tmp_path / "other.json", chat_model_dir, [[([0], (0, 4))]])
+    on_gpu_2 = write_plan(tmp_path / "gpu2.json", chat_model_dir, [[([2], (0, 4))]])
     other_model.write_text(other_model.read_text().replace(str(chat_model_dir), "llama-2-70b"))
     cases = [
         (["--plan", str(remote)], "gpu-box-7"),
@@ -87,7 +116,8 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
         (["--block-size", "24"], "--block-size must be a power of two in 1..256, got 24"),
         (["--speculative-tokens", "-1"], "--speculative-tokens must be in 0..16 (0 = off), got -1"),
         (["--memory-gb", "1e-6"], "cannot hold a rank's weights plus one KV block for each of --max-batch 64"),
-        (["--device", "cuda"], "--device cuda: the plan uses GPU indices up to"),
+        (["--device", "cuda"], "--device cuda: no CUDA device is visible"),
+        (["--device", "cuda", "--plan", str(on_gpu_2)], "--device cuda: the plan uses GPU indices up to 2 but 0"),
     ]
     for args, words in cases:
         result = _serve("--model", str(chat_model_dir), *args)
