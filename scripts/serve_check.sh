@@ -21,12 +21,18 @@ DTYPE="${SERVE_DTYPE:-bfloat16}"
 deadline=$(( SECONDS + LIMIT_S ))
 layers=$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_hidden_layers"])' \
     "$MODEL_DIR/config.json") || exit 1
-plan="$OUT/plan-one-device.json"
-printf '{"model": "%s", "replicas": [{"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, %d]}]}]}\n' \
-    "$MODEL_DIR" "$layers" > "$plan"
+if [[ $DEVICE == cuda ]]; then  # no plan: the default CUDA plan, one replica on the one GPU left visible
+    export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+    plan_args=()
+else  # one process (the CPU's default plan is the five-process demo)
+    plan="$OUT/plan-one-device.json"
+    printf '{"model": "%s", "replicas": [{"stages": [{"machine": "localhost", "gpus": [0], "tp": 1, "layers": [0, %d]}]}]}\n' \
+        "$MODEL_DIR" "$layers" > "$plan"
+    plan_args=(--plan "$plan")
+fi
 
 # In its own session, so that whatever is left of it at the end can be stopped as one process group.
-setsid $PYTHON -m hexgen.cli serve --model "$MODEL_DIR" --plan "$plan" --device "$DEVICE" --dtype "$DTYPE" \
+setsid $PYTHON -m hexgen.cli serve --model "$MODEL_DIR" "${plan_args[@]}" --device "$DEVICE" --dtype "$DTYPE" \
     --host 127.0.0.1 --port "$PORT" --max-batch 64 --served-model-name random ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
 server=$!
 stop_server() {
