@@ -76,7 +76,7 @@ def init_rank(spec: RankSpec) -> RankContext:
     if spec.layout.world_size == 1:
         return single_process_context(spec.layout)
     backend = "nccl" if spec.device == "cuda" else "gloo"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_ADDR"] = spec.master_addr  # not one inherited from a job around us (torchrun, SLURM)
     os.environ["MASTER_PORT"] = str(spec.master_port)
     dist.init_process_group(backend, rank=spec.rank, world_size=spec.layout.world_size)
     return init_rank_context(spec.layout, spec.rank, backend, timedelta(seconds=dist_timeout_s()))

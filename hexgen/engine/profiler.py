@@ -295,7 +295,9 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
         "memory_bandwidth_gbs": round(weight_scan_gbs(torch_device, torch_dtype, (2 << 30) if big else (256 << 20)), 3),
     }
     out |= {k: round(v, 4) for k, v in engine_overheads_ms(dtype, device, threads).items()}
-    links_measured = device != "cuda" or torch.cuda.device_count() >= 2  # NCCL runs one rank per GPU
+    # engine/commbench.py times gloo over loopback on CPU tensors: a CPU's own figures, not a GPU's (NVLink / PCIe
+    # over NCCL), so a GPU profile leaves the links to the cluster file rather than price TP by a CPU's TCP
+    links_measured = device != "cuda"
     if links_measured:
         out |= link_figures(4096, torch_dtype)
     if model is not None:
@@ -310,7 +312,7 @@ def measure_profile(device_type: str, dtype: str, device: str, describe: str, th
                 out["allreduce_ms_by_ranks"] = {t: round(ms, 4) for t, ms in by_ranks.items()}
         out["calibrated_on"] = model
     links = ("links: 2 ranks, [1 and 512, 4096] messages" if links_measured
-             else "links: not measured (one GPU; the cluster file's intra-machine link applies)")
+             else "links: not measured on GPUs (gloo on the CPU is all this times; the cluster file's links apply)")
     handoff = (f"; co-located handoff: the model as TP 1 | TP 1 vs one process, batch {HANDOFF_BATCHES}"
                if "colocated_handoff_ms" in out else "")
     by_degree = ("; all-reduce by degree: the model served as one TP-t stage, batch 1"

@@ -13,6 +13,7 @@ only a peer given the parent's server key, which travels to the ranks through Ra
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,11 +145,20 @@ class AsyncParentEnd:
         )
 
     async def send(self, message: Any) -> None:
-        """Hand a command to the driver; DriverGone if none takes it."""
+        """Hand a command to the driver; DriverGone if none takes it, or if the channel is closed before one does
+        (a command waits while no driver is connected, as when the driver has just died: the replica is then stopped
+        and its channel closed, which would otherwise cancel the send, and with it the request's task)."""
+        if self._commands.closed:
+            raise DriverGone("the replica's channel is closed")
         try:
             await self._commands.send(encode(message))
         except zmq.Again:
             raise DriverGone(f"no driver took a command within {COMMAND_TIMEOUT_MS / 1000:.0f} s") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._commands.closed and not (task is not None and task.cancelling()):
+                raise DriverGone("the replica's channel closed before its driver took the command") from None
+            raise
 
     async def receive(self) -> Any:
         while True:

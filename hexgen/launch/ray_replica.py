@@ -48,9 +48,9 @@ class RankActor:
     def run(self, spec: RankSpec, scheduler_config: Any, eos_token_ids: tuple[int, ...], address: ChannelAddress,
             rendezvous: tuple[str, int]) -> None:
         master_addr, port = rendezvous
-        os.environ["MASTER_ADDR"] = master_addr  # init_rank keeps an address already set
         # On CUDA Ray shows each actor only its own GPU, as device 0.
-        spec = replace(spec, master_port=port, gpu_index=0 if spec.device == "cuda" else spec.gpu_index)
+        spec = replace(spec, master_addr=master_addr, master_port=port,
+                       gpu_index=0 if spec.device == "cuda" else spec.gpu_index)
         if not Path(spec.source.directory).is_dir():  # an embedded model or GGUF resolves on this machine
             from hexgen.engine.checkpoint import resolve_model
 

@@ -119,9 +119,10 @@ class RankSpec:
     device: str = "cpu"  # "cpu" (gloo) or "cuda" (NCCL; local GPU index = the stage's gpus entry)
     gpu_index: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    master_port: int = 0  # rendezvous port on 127.0.0.1 (multi-rank only)
+    master_port: int = 0  # rendezvous port on master_addr (multi-rank only)
     spin_count: int = 0  # GOMP_SPINCOUNT of its OpenMP threads (omp_spin_count; 0 = sleep at barriers at once)
     end_turns: bool = False  # release its OpenMP worker threads after each micro-batch (takes_turns)
+    master_addr: str = "127.0.0.1"  # where rank 0 listens: this machine, or rank 0's Ray node
 
 
 def rank_specs(

@@ -52,3 +52,17 @@ def test_a_cuda_rank_makes_its_gpu_current_whatever_its_replica_size(monkeypatch
     layout = Layout((1,) * ranks, tuple((i, i + 1) for i in range(ranks)))
     engine.init_rank(RankSpec(None, layout, 0, device="cuda", gpu_index=5, master_port=1))
     assert selected == [5]
+
+
+@pytest.mark.parametrize("master_addr", ["127.0.0.1", "127.0.0.2"])
+def test_a_rank_meets_its_replica_where_its_spec_says_not_where_a_job_around_it_does(monkeypatch, master_addr):
+    """MASTER_ADDR inherited from a job around hexgen (torchrun, SLURM) names another rendezvous: a rank uses its
+    spec's address (this machine; rank 0's node under Ray)."""
+    from hexgen.engine import engine
+
+    monkeypatch.setenv("MASTER_ADDR", "10.9.9.9")
+    seen = []
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda *a, **k: seen.append(os.environ["MASTER_ADDR"]))
+    monkeypatch.setattr(engine, "init_rank_context", lambda *a, **k: None)
+    engine.init_rank(RankSpec(None, Layout((1, 1), ((0, 1), (1, 2))), 1, master_port=1, master_addr=master_addr))
+    assert seen == [master_addr]
