@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -169,30 +169,47 @@ async def _respond(
                for s in sequences]
     if body.stream:
         deltas = merge_choices(streams)
-        try:
-            first = await anext(deltas)  # errors before the first token are still plain HTTP errors
+        try:  # errors before the first token are still plain HTTP errors
+            answered, first = await _unless_disconnected(request, anext(deltas))
         except APIError:
             coordinator.metrics.requests.labels(endpoint, "error").inc()
             raise
+        if not answered:
+            coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
         return StreamingResponse(
             _sse_stream(coordinator, shape, first, deltas, body.include_usage, endpoint),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    task = asyncio.ensure_future(_collect_all(streams))
-    while not task.done():
-        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()  # closing the generator aborts the sequence on its replica
-            coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
-            return Response(status_code=499)
     try:
-        answers = task.result()
+        answered, answers = await _unless_disconnected(request, _collect_all(streams))
     except APIError:
         coordinator.metrics.requests.labels(endpoint, "error").inc()
         raise
+    if not answered:
+        coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
+        return Response(status_code=499)
     coordinator.metrics.requests.labels(endpoint, "ok").inc()
     return JSONResponse(shape.full([answer[:3] for answer in answers], sum(answer[3] for answer in answers)))
+
+
+T = TypeVar("T")
+
+
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
+    """(True, its result), or (False, None) once the client has gone before it was done: it is then cancelled
+    (closing a request's generators aborts its sequences on their replicas), as it is when this is cancelled (a
+    server stopping cancels the handlers still running)."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                return False, None
+        return True, task.result()
+    finally:
+        task.cancel()  # nothing once it is done
 
 
 # text, finish reason, log-probabilities (an echoed prompt's first), completion tokens

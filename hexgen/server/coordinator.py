@@ -79,13 +79,16 @@ class Coordinator:
         self.metrics = metrics
         self.admitted = 0  # sequences admitted that have not reached a replica yet (Admission)
         self.stopping = False  # the server is shutting down: no new requests
+        self.ending: str | None = None  # why every running request is being ended (end_requests), once it is
 
     def stop_admitting(self) -> None:
         """From now on every new request gets a 503; those running go on."""
         self.stopping = True
 
     def end_requests(self, reason: str) -> None:
-        """End every running request with a 503 (a stream: an error event) saying `reason`."""
+        """End every running request with a 503 (a stream: an error event) saying `reason`, those between replicas
+        (failing over) too: they hear it before they are re-sent."""
+        self.ending = reason
         for replica in self.replicas:
             replica.interrupt(ServerStopping(reason))
 
@@ -175,6 +178,8 @@ class Coordinator:
         """Token events of one request. If its replica goes down before its first token (or at any time while
         `restartable()` says so), the request is re-sent to another replica; RESTART marks a re-send after tokens."""
         while True:
+            if self.ending is not None:
+                raise APIError(503, self.ending, type_="server_error")
             replica = self._choose(request)
             if admission is not None:  # from here the request counts as outstanding on its replica
                 admission.reached_replica()
@@ -310,6 +315,13 @@ async def merge_choices(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterato
                     await queue.put((index, delta))
         except Exception as err:  # an APIError (or a bug): the consumer raises it rather than wait for this choice
             await queue.put((index, err))
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the merge is closing
+                raise
+            # a cancellation from below this choice (a bug): an error, rather than a consumer waiting for ever
+            await queue.put((index, RuntimeError(f"choice {index} was cancelled from within")))
             return
         await queue.put((index, None))  # this choice is done
 

@@ -156,9 +156,20 @@ class ReplicaClient:
 
     async def _receive_loop(self) -> None:
         while self.state.is_up:
+            message = await self._next_error()
+            # the rank that failed first, not a peer that lost it
+            failure = await settle_async([RankFailure.of(message)], self._next_error)
+            await self.mark_down(f"rank {failure.rank} failed: {failure.text}")
+
+    async def _next_error(self) -> tuple:
+        """The next error message of a rank; the messages before it are handled on the way (also while a failure
+        settles: the driver's last tokens may arrive after a follower's report of losing a peer)."""
+        while True:
             message = await self.channel.receive()
             self._last_heard = time.monotonic()
             kind = message[0]
+            if kind == "error":
+                return message
             if kind == "events":
                 for event in message[1]:
                     self._deliver(event.request_id, event)
@@ -166,9 +177,6 @@ class ReplicaClient:
                 self._deliver(message[1], Rejected(message[2]))
             elif kind == "heartbeat":
                 self._take_heartbeat(message[1])
-            elif kind == "error":  # the rank that failed first, not a peer that lost it
-                failure = await settle_async([RankFailure.of(message)], self.channel.receive)
-                await self.mark_down(f"rank {failure.rank} failed: {failure.text}")
 
     def _take_heartbeat(self, stats: dict[str, Any]) -> None:
         self.load = dict(stats)
@@ -194,8 +202,9 @@ class ReplicaClient:
                 await self.mark_down(f"no heartbeat for {SILENCE_LIMIT_S:.0f} s")
 
     async def mark_down(self, reason: str) -> None:
-        """Stop serving from this replica: fail over its requests and stop its processes."""
-        if self.status == "down":
+        """Stop serving from this replica: fail over its requests and stop its processes. Not one that is stopping
+        already (down, or stopped by close())."""
+        if self.status != "up":
             return
         self.status, self.state.is_up, self.down_reason = "down", False, reason
         self._cancel_tasks()
@@ -207,8 +216,10 @@ class ReplicaClient:
         await self._stop_processes()
 
     async def _stop_processes(self) -> None:
-        await asyncio.to_thread(self.processes.stop, 0.0)
-        self.channel.close()
+        try:
+            await asyncio.to_thread(self.processes.stop, 0.0)
+        finally:  # also when the task stopping them is cancelled: its sockets and ports are not left open
+            self.channel.close()
 
     def _cancel_tasks(self) -> None:
         current = asyncio.current_task()
@@ -226,5 +237,7 @@ class ReplicaClient:
                 grace_s = STOP_GRACE_S
             except DriverGone:  # it ended already: stop the rest at once
                 grace_s = 0.0
-            await asyncio.to_thread(self.processes.stop, grace_s)
-            self.channel.close()
+            try:
+                await asyncio.to_thread(self.processes.stop, grace_s)
+            finally:
+                self.channel.close()

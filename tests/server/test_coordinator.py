@@ -349,6 +349,25 @@ def test_merged_choices_carry_their_index():
     assert sorted(replica.released) == sorted((r.request_id, False) for r in requests)
 
 
+def test_a_choice_cancelled_from_within_fails_the_merge_rather_than_leave_it_waiting():
+    """A choice's stream ending in a CancelledError of its own (not the merge closing: once a closed channel did
+    that) is an error of the request, where the merge used to wait for that choice for ever."""
+
+    async def cancelled():
+        raise asyncio.CancelledError
+        yield  # an async generator
+
+    async def fine():
+        yield "x"
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="choice 0 was cancelled from within"):
+            async for _ in merge_choices([cancelled(), fine()]):
+                pass
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
 def test_a_failing_choice_fails_the_request_and_aborts_the_others():
     # choice 0 produces a token, then its replica goes down (a stream cannot restart); choice 1 is still generating
     replica = FakeReplica(0, [[*tokens(4, finish=None), ReplicaDown("gone")], tokens(5, 6, finish=None)])
