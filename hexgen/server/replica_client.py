@@ -202,10 +202,11 @@ class ReplicaClient:
                 await self.mark_down(f"no heartbeat for {SILENCE_LIMIT_S:.0f} s")
 
     async def mark_down(self, reason: str) -> None:
-        """Stop serving from this replica: fail over its requests and stop its processes. Not one that is stopping
-        already (down, or stopped by close())."""
-        if self.status != "up":
+        """Stop serving from this replica: fail over its requests and stop its processes (unless close() is
+        stopping them already: its requests still hear it)."""
+        if self.status == "down":
             return
+        closing = self.status == "stopped"
         self.status, self.state.is_up, self.down_reason = "down", False, reason
         self._cancel_tasks()
         self.load = {**self.load, **dict.fromkeys(LIVE_LOAD_KEYS, 0)}  # its last heartbeat is no longer true
@@ -213,7 +214,8 @@ class ReplicaClient:
         self.state.outstanding = 0
         for queue in queues.values():
             queue.put_nowait(ReplicaDown(reason))
-        await self._stop_processes()
+        if not closing:
+            await self._stop_processes()
 
     async def _stop_processes(self) -> None:
         try:
