@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from hexgen.errors import ConfigError
+from hexgen.folders import read_text
 
 GIB = 2**30
 
@@ -172,6 +173,9 @@ def builtin_gpu_types() -> dict[str, GpuType]:
     return {name: _gpu_type(name, row, "built-in GPU table") for name, row in yaml.safe_load(text).items()}
 
 
+MAX_MACHINE_COUNT = 1024  # GPUs (or CPU worker slots) of one machine: a count beyond is a typo, not a machine
+
+
 def single_machine_cluster(gpu: GpuType, count: int, name: str = "localhost") -> Cluster:
     """A cluster of one machine (by default the local one, which plans call `localhost`)."""
     link = Link(bandwidth_gbps=256.0, latency_ms=0.01)
@@ -180,11 +184,7 @@ def single_machine_cluster(gpu: GpuType, count: int, name: str = "localhost") ->
 
 def load_cluster(path: str | Path) -> Cluster:
     """Read a cluster YAML file; every mistake is reported with the file and what would be right."""
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read cluster file {path}: {err.strerror}") from None
-    return parse_cluster(text, str(path), Path(path).parent)
+    return parse_cluster(read_text(path, "cluster file", ConfigError), str(path), Path(path).parent)
 
 
 def parse_cluster(text: str, source: str = "cluster", base_dir: Path | None = None) -> Cluster:
@@ -261,8 +261,9 @@ def _machines(rows: Any, gpu_types: dict[str, GpuType], source: str) -> tuple[Ma
                 "(or describe it under gpu_types)"
             )
         count = row["count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ConfigError(f"{where}: count must be a positive integer, got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_MACHINE_COUNT:
+            raise ConfigError(f"{where}: count must be an integer in 1..{MAX_MACHINE_COUNT} (GPUs or CPU worker slots "
+                              f"of one machine), got {count!r}")
         price = _number(row, "price_per_hour", where) if "price_per_hour" in row else None
         cores = row.get("cpu_cores")
         if cores is not None and (isinstance(cores, bool) or not isinstance(cores, int) or cores < 1):

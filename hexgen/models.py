@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hexgen.errors import ConfigError
+from hexgen.folders import read_text
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -174,7 +175,7 @@ def load_model_spec(name_or_path: str) -> ModelSpec:
             "nor a directory or file holding a config.json"
         )
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = json.loads(read_text(path, "model config", ConfigError))
+    except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not a readable JSON config ({err})") from None
     return spec_from_hf_config(config, str(name_or_path))

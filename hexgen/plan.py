@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hexgen.errors import PlanError
+from hexgen.folders import read_text
 from hexgen.models import ModelSpec
 
 LOCAL_MACHINE = "localhost"
@@ -192,9 +193,7 @@ def _predicted(data: Any, where: str) -> dict[str, float]:
 
 def load_plan(path: str | Path) -> DeploymentPlan:
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as err:
-        raise PlanError(f"cannot read plan file {path}: {err.strerror}") from None
+        data = json.loads(read_text(path, "plan file", PlanError))
     except json.JSONDecodeError as err:
         raise PlanError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     return plan_from_dict(data, str(path))

@@ -20,6 +20,7 @@ import yaml
 
 from hexgen.cluster import Cluster, GpuType, Link
 from hexgen.errors import ConfigError
+from hexgen.folders import read_text
 
 FORMAT = "hexgen-profile/1"
 RATES = ("matmul_tflops", "memory_bandwidth_gbs")
@@ -134,10 +135,7 @@ def profile_from_dict(data: Any, source: str = "profile") -> DeviceProfile:
 
 
 def load_profile(path: str | Path) -> DeviceProfile:
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read profile {path}: {err.strerror}") from None
+    text = read_text(path, "profile", ConfigError)
     try:
         data = yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as err:

@@ -32,7 +32,9 @@ if hexgen node start --head --port 6379 --node-ip-address 127.0.0.1 --machine a 
    hexgen node join 127.0.0.1:6379 --machine c --slots 3 --node-ip-address 127.0.0.3 &&
    hexgen cluster probe --ray 127.0.0.1:6379 -o "$ROOT/cluster.yaml" --bulk-mib 2; then
     cd "$REPO" || exit 1
-    eval "set -- $soak_args -- --ray 127.0.0.1:6379 --cluster '$ROOT/cluster.yaml' \"\$@\""
+    cluster=""
+    case " $* " in *" --replan "*) cluster="--cluster '$ROOT/cluster.yaml'" ;; esac  # what --replan plans on
+    eval "set -- $soak_args -- --ray 127.0.0.1:6379 $cluster \"\$@\""
     "$PYTHON" scripts/soak.py "$@"
     rc=$?
 fi

@@ -53,9 +53,23 @@ def _default_unless(value, alternative, default):
     return default
 
 
+def check_url(url: str) -> None:
+    """--url: an http(s) URL with a host and, if any, a valid port."""
+    import httpx
+
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as err:
+        raise UserError(f"--url {url!r}: not a valid URL ({err})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host or not (port is None or 0 < port < 65536):
+        raise UserError(f"--url {url!r}: expected an http(s) URL, http://HOST:PORT/v1 with a port in 1..65535")
+
+
 def config_from_args(args: argparse.Namespace):
     from hexgen.benchserve.config import DEFAULT_PROMPT, BenchConfig, SloTargets
 
+    check_url(args.url)
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty: give some text, or leave it out for the default prompt")
     return BenchConfig(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import re
 import socket
 
 from hexgen.errors import UserError
@@ -47,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
         stopped = stop_nodes(args.machine)
         print(f"hexgen node: stopped {', '.join(stopped)}" if stopped else "hexgen node: no node started here")
         return 0
-    if not args.machine or "," in args.machine or ":" in args.machine:
-        raise UserError(f"--machine {args.machine!r}: a non-empty name without ',' or ':'")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", args.machine or ""):  # it names files and Ray resources
+        raise UserError(f"--machine {args.machine!r}: a name of letters, digits, '_', '.' and '-', not starting "
+                        "with '.' or '-'")
     if args.node_ip_address:
         try:
             ipaddress.ip_address(args.node_ip_address)

@@ -58,10 +58,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_context < 2:  # a one-token prompt and one generated token
         raise UserError(f"--max-context must be >= 2, got {args.max_context}")
-    for flag in ("api_key", "served_model_name"):  # an empty key would let every request in
+    for flag in ("api_key", "served_model_name", "plan", "cluster"):  # an empty key would let every request in
         value = getattr(args, flag)
         if value is not None and not value.strip():
             raise UserError(f"--{flag.replace('_', '-')} must not be empty (leave it out for the default)")
+    if not args.host.strip():  # the empty host binds every interface: say so with 0.0.0.0 instead
+        raise UserError("--host must not be empty: 127.0.0.1 (the default) for this machine only, 0.0.0.0 for every "
+                        "interface")
     if not 0 <= args.shutdown_grace_s <= MAX_SHUTDOWN_GRACE_S:
         raise UserError(f"--shutdown-grace-s must be in 0..{MAX_SHUTDOWN_GRACE_S:.0f}, got {args.shutdown_grace_s:g}")
     if not 0 < args.port < 65536:
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     check_engine_args(args)
     if args.replan and not (args.ray and args.cluster):
         raise UserError("--replan needs --ray and --cluster (the cluster YAML the planner re-plans on)")
+    if args.cluster and not args.replan:
+        raise UserError("--cluster is the cluster YAML --replan re-plans on: it needs --replan")
     if args.ray and not args.plan:
         raise UserError("--ray needs --plan: a plan naming the cluster's machines (`hexgen cluster probe`, then "
                         "`hexgen plan`)")

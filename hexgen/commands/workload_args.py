@@ -53,10 +53,14 @@ def load_profiled_cluster(args: argparse.Namespace) -> Cluster:
 
 def batch_limit(args: argparse.Namespace, plan_meta: dict | None = None) -> int:
     """--max-batch, else the plan's, else the engine's default."""
-    value = args.max_batch if args.max_batch is not None else (plan_meta or {}).get("max_batch", DEFAULT_MAX_BATCH)
-    if int(value) < 1:
-        raise UserError(f"--max-batch must be >= 1, got {value}")
-    return int(value)
+    if args.max_batch is not None:
+        if args.max_batch < 1:
+            raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
+        return args.max_batch
+    value = (plan_meta or {}).get("max_batch", DEFAULT_MAX_BATCH)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"the plan's meta.max_batch must be an integer >= 1, got {value!r} (or give --max-batch)")
+    return value
 
 
 def dispatch_policy(args: argparse.Namespace, max_batch: int, plan_meta: dict | None = None) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from hexgen.errors import UserError
 
+MIN_CV, MAX_CV = 0.01, 100.0
 
 @dataclass(frozen=True)
 class Request:
@@ -48,11 +49,13 @@ class WorkloadSpec:
 
     def __post_init__(self) -> None:
         if self.rate_rps <= 0 or self.num_requests < 1:
-            raise UserError(f"rate ({self.rate_rps} req/s) and request count ({self.num_requests}) must be positive")
+            raise UserError(f"--rate must be above 0 req/s and --requests at least 1, got {self.rate_rps:g} and "
+                            f"{self.num_requests}")
         if self.arrival not in ("poisson", "gamma"):
             raise UserError(f"arrival process {self.arrival!r} is unknown; use poisson or gamma")
-        if self.cv <= 0:
-            raise UserError(f"gamma coefficient of variation must be positive, got {self.cv}")
+        if not MIN_CV <= self.cv <= MAX_CV:  # beyond, the gamma draws overflow or divide by zero
+            raise UserError(f"--cv (the gamma arrivals' coefficient of variation) must be in [{MIN_CV:g}, {MAX_CV:g}], "
+                            f"got {self.cv:g}")
         lengths = (self.prompt, self.output)
         if any(t.low < 1 or t.high < t.low for t in lengths):
             raise UserError("token lengths need 1 <= low <= high")

@@ -66,7 +66,7 @@ gpu_types: {CPU-worker: {memory_gb: 64, bandwidth_gbs: 50, tflops_fp16: 1}}
     with pytest.raises(ConfigError, match="neither a machine nor a region"):
         parse_cluster("machines: [{name: a, gpu: A6000, count: 1}]\nnetwork: {links: [{between: [a, mars], "
                       "bandwidth_gbps: 1, latency_ms: 1}]}")
-    with pytest.raises(ConfigError, match="count must be a positive integer"):
+    with pytest.raises(ConfigError, match="count must be an integer in 1..1024"):
         parse_cluster("machines: [{name: a, gpu: A6000, count: 0}]")
 
 
