@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from hexgen.errors import UserError
 
-MIN_CV, MAX_CV = 0.01, 100.0
+MIN_CV, MAX_CV = 0.01, 100.0  # gamma arrivals' coefficient of variation: beyond, the draws overflow or divide by 0
+
 
 @dataclass(frozen=True)
 class Request:
