@@ -6,53 +6,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from fake_replicas import VOCAB, FakeReplica, LetterTokenizer, make_coordinator
 from pydantic import ValidationError
 
-from hexgen.dispatch import ReplicaState, make_policy
 from hexgen.engine.messages import TokenEvent, TokenLogprobs
 from hexgen.server.app import _collect as collect_answer
-from hexgen.server.coordinator import Coordinator, ServeConfig, merge_choices, served_context
-from hexgen.server.metrics import Metrics
+from hexgen.server.coordinator import merge_choices, served_context
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from hexgen.server.replica_client import Rejected, ReplicaDown
 from hexgen.server.responses import ResponseShape, chat_logprobs, completion_logprobs
-
-VOCAB = 50
-
-
-class LetterTokenizer:
-    """Token i is the letter chr(97 + i % 26): decoding is easy to compute by hand."""
-
-    vocab_size = VOCAB
-
-    def decode(self, token_ids, skip_special_tokens=True):
-        return "".join(chr(97 + t % 26) for t in token_ids)
-
-
-class FakeReplica:
-    """Answers each submitted request with the next scripted list of queue items."""
-
-    def __init__(self, index: int, scripts: list[list] | None = None, weight: float = 1.0):
-        self.index = index
-        self.state = ReplicaState(outstanding=0, is_up=True, capacity_weight=weight)
-        self.scripts = list(scripts or [])
-        self.submitted: list[str] = []
-        self.max_new_tokens: list[int] = []  # each submitted request's limit
-        self.released: list[tuple[str, bool]] = []
-
-    async def submit(self, request):
-        self.submitted.append(request.request_id)
-        self.max_new_tokens.append(request.params.max_new_tokens)
-        self.state.outstanding += 1
-        queue: asyncio.Queue = asyncio.Queue()
-        items = self.scripts.pop(0) if self.scripts else []
-        for item in items:
-            queue.put_nowait(item(request.request_id) if callable(item) else item)
-        return queue
-
-    async def release(self, request_id, abort):
-        self.state.outstanding -= 1
-        self.released.append((request_id, abort))
 
 
 def tokens(*ids: int, finish: str | None = "length") -> list:
@@ -62,12 +24,6 @@ def tokens(*ids: int, finish: str | None = "length") -> list:
         return lambda rid: TokenEvent(rid, t, finish if last else None)
 
     return [event(t, i == len(ids) - 1) for i, t in enumerate(ids)]
-
-
-def make_coordinator(replicas, policy="least-outstanding", max_context=10, max_outstanding=8) -> Coordinator:
-    config = ServeConfig("tiny", max_context=max_context, max_outstanding=max_outstanding, dtype="float32",
-                         device="cpu")
-    return Coordinator(config, LetterTokenizer(), replicas, make_policy(policy), Metrics())
 
 
 def fields(**kwargs) -> CompletionRequest:

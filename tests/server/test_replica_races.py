@@ -9,24 +9,16 @@ import json
 import time
 
 import zmq
+from fake_replicas import FakeReplica, make_coordinator
 
-from hexgen.dispatch import ReplicaState, make_policy
 from hexgen.engine.messages import GenerationRequest, SamplingParams, TokenEvent
 from hexgen.launch.failure import Cause
 from hexgen.launch.wire import decode, encode
 from hexgen.plan import Replica, Stage
 from hexgen.server.app import create_app
-from hexgen.server.coordinator import SHUTTING_DOWN, Coordinator, ServeConfig
-from hexgen.server.metrics import Metrics
+from hexgen.server.coordinator import SHUTTING_DOWN
 from hexgen.server.protocol import APIError
 from hexgen.server.replica_client import ReplicaClient
-
-
-class LetterTokenizer:
-    vocab_size = 50
-
-    def decode(self, token_ids, skip_special_tokens=True):
-        return "".join(chr(97 + t % 26) for t in token_ids)
 
 
 class Ranks:
@@ -88,11 +80,6 @@ async def started(index: int, stop_s: float = 0.0, takes_commands: bool = True) 
     return client, ranks, driver
 
 
-def coordinator(replicas) -> Coordinator:
-    config = ServeConfig("tiny", max_context=64, max_outstanding=8, dtype="float32", device="cpu")
-    return Coordinator(config, LetterTokenizer(), replicas, make_policy("least-outstanding"), Metrics())
-
-
 def request(rid: str = "r1") -> GenerationRequest:
     return GenerationRequest(rid, (1, 2, 3), SamplingParams(max_new_tokens=4, ignore_eos=True))
 
@@ -129,7 +116,7 @@ def test_a_request_failing_over_when_the_server_ends_requests_hears_so_instead_o
     async def scenario():
         a, a_ranks, a_driver = await started(0, stop_s=1.0, takes_commands=False)
         b, _, b_driver = await started(1)
-        coord = coordinator([a, b])
+        coord = make_coordinator([a, b], max_context=64)
         try:
             async def run():
                 async for _ in coord.stream_text(request(), (), restartable=True):
@@ -182,26 +169,6 @@ def test_a_replica_stopped_by_a_task_then_cancelled_still_closes_its_channel(mon
     asyncio.run(scenario())
 
 
-class HeldReplica:
-    """Holds every request until released; records releases."""
-
-    def __init__(self):
-        self.index = 0
-        self.state = ReplicaState(outstanding=0, is_up=True, capacity_weight=1.0, max_context=64)
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.released: list[tuple[str, bool]] = []
-
-    async def submit(self, req):
-        self.queues[req.request_id] = asyncio.Queue()
-        self.state.outstanding += 1
-        return self.queues[req.request_id]
-
-    async def release(self, request_id, abort):
-        if self.queues.pop(request_id, None) is not None:
-            self.state.outstanding -= 1
-        self.released.append((request_id, abort))
-
-
 async def call(app, body: dict, client_gone: asyncio.Event) -> list[dict]:
     """One POST to /v1/completions as uvicorn makes it; the client leaves when client_gone is set."""
     raw = json.dumps(body).encode()
@@ -231,8 +198,8 @@ def test_a_client_leaving_before_the_first_token_releases_its_request_streamed_o
     a poll (it used to stay there, holding KV blocks and counting towards the 429 limit, until a first token)."""
 
     async def scenario(stream: bool):
-        replica = HeldReplica()
-        coord = coordinator([replica])
+        replica = FakeReplica(0)  # holds the request: no tokens come
+        coord = make_coordinator([replica], max_context=64)
         gone = asyncio.Event()
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 5, "stream": stream}
         handling = asyncio.create_task(call(create_app(coord), body, gone))
@@ -252,8 +219,8 @@ def test_a_handler_cancelled_by_the_server_aborts_its_sequence():
     """A stopping server cancels the handlers still running: their sequences are aborted, not left unowned."""
 
     async def scenario():
-        replica = HeldReplica()
-        coord = coordinator([replica])
+        replica = FakeReplica(0)  # holds the request: no tokens come
+        coord = make_coordinator([replica], max_context=64)
         body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 5}
         handling = asyncio.create_task(call(create_app(coord), body, asyncio.Event()))
         await asyncio.sleep(0.1)
