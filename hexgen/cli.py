@@ -58,15 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost sub-command parser the arguments chose (`hexgen bench engine`'s for `bench engine ...`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    chosen = _chosen_parser(parser, args)
+    if unknown:  # refused by the sub-command, whose usage and name the user needs, not by the top-level parser
+        chosen.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.run(args) or 0)
     except UserError as err:
-        print(f"hexgen {args.command}: error: {err}", file=sys.stderr)
+        print(f"{chosen.prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hexgen {args.command}: interrupted", file=sys.stderr)
+        print(f"{chosen.prog}: interrupted", file=sys.stderr)
         return 130
 
 

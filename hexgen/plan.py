@@ -131,31 +131,44 @@ def _check_stage_tp(stage: Stage, where: str, model: ModelSpec) -> None:
         )
 
 
-def single_replica_plan(model: ModelSpec, tp_degrees: list[int], layer_counts: list[int] | None) -> DeploymentPlan:
+def single_replica_plan(model: ModelSpec, tp_degrees: list[int], layer_counts: list[int] | None,
+                        layout_flag: str | None = None) -> DeploymentPlan:
     """The `--tp T0 T1 .. --layers L0 L1 ..` shorthand: one replica on this machine, GPUs numbered in order.
 
-    With no layer counts the layers are split as evenly as possible (earlier stages take the remainder).
+    With no layer counts the layers are split as evenly as possible (earlier stages take the remainder). A broken
+    rule is a PlanError naming the flags the user typed: --tp and --layers, or `layout_flag` (e.g. `--layout "3 1:20
+    10"`) where one flag holds both.
     """
+    tp_flag = layout_flag or f"--tp {' '.join(map(str, tp_degrees))}"
+    if min(tp_degrees, default=0) < 1:
+        raise PlanError(f"{tp_flag}: every stage's TP degree must be >= 1; valid TP degrees for {model.name}: "
+                        f"{model.valid_tp_degrees()}")
     if layer_counts is None:
         base, extra = divmod(model.num_layers, len(tp_degrees))
         layer_counts = [base + (1 if i < extra else 0) for i in range(len(tp_degrees))]
     if len(layer_counts) != len(tp_degrees):
         raise PlanError(
+            f"{layout_flag}: gives {len(tp_degrees)} TP degrees but {len(layer_counts)} layer counts; give one count "
+            "per stage" if layout_flag else
             f"--tp gives {len(tp_degrees)} stages but --layers gives {len(layer_counts)}; give one count per stage"
         )
     if sum(layer_counts) != model.num_layers or min(layer_counts) < 1:
+        layers_flag = f"{layout_flag}: the layer counts" if layout_flag else "--layers"
         raise PlanError(
-            f"--layers {' '.join(map(str, layer_counts))} must be >= 1 each and sum to {model.name}'s "
+            f"{layers_flag} {' '.join(map(str, layer_counts))} must be >= 1 each and sum to {model.name}'s "
             f"{model.num_layers} layers (they sum to {sum(layer_counts)})"
         )
     stages, first_layer, first_gpu = [], 0, 0
     for tp, count in zip(tp_degrees, layer_counts, strict=True):
-        gpus = tuple(range(first_gpu, first_gpu + tp)) if tp >= 1 else ()
+        gpus = tuple(range(first_gpu, first_gpu + tp))
         stages.append(Stage(LOCAL_MACHINE, gpus, tp, (first_layer, first_layer + count)))
         first_layer += count
-        first_gpu += max(tp, 0)
+        first_gpu += tp
     plan = DeploymentPlan(model=model.name, replicas=(Replica(tuple(stages)),))
-    plan.validate_structure(model)
+    try:
+        plan.validate_structure(model)
+    except PlanError as err:  # "replica 0 stage 1: tp 3 does not divide ..." said of the flag the user typed
+        raise PlanError(f"{tp_flag}: {str(err).removeprefix('replica 0 ')}") from None
     return plan
 
 

@@ -47,3 +47,10 @@ def output_file(text: str) -> str:
     if not os.access(path if path.exists() else folder, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text}: cannot write there (permission denied)")
     return text
+
+
+def model_name(text: str) -> str:
+    """--model: a preset name, a folder or a file; an empty value would otherwise be read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a model preset name, a folder or a file, got an empty value")
+    return text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hexgen.commands.arg_types import output_file
+from hexgen.commands.arg_types import model_name, output_file
 from hexgen.errors import UserError
 from hexgen.models import preset_configs
 
@@ -22,7 +22,7 @@ DESCRIPTION = (
 def register(bench: argparse._SubParsersAction) -> None:
     p = bench.add_parser("engine", help="engine decode/prefill vs HF transformers, and the cost of splitting",
                          description=DESCRIPTION)
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", type=model_name, default="smollm2-135m",
                    help="embedded model name, an HF directory, or a .gguf file (converted once into "
                    "$HEXGEN_CACHE_DIR, else ~/.cache/hexgen)")
     p.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from hexgen.commands.arg_types import finite_float, output_file
+from hexgen.commands.arg_types import finite_float, model_name, output_file
 from hexgen.errors import UserError
 
 
@@ -17,7 +17,7 @@ def register(bench: argparse._SubParsersAction) -> None:
         "mean step time, tokens per step, how busy its drivers were), read from its /status before and after.",
     )
     p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL, ending in /v1")
-    p.add_argument("--model", required=True, help="model name the server expects")
+    p.add_argument("--model", type=model_name, required=True, help="model name the server expects")
     p.add_argument("--concurrency", type=int, help="closed loop: N streams, each sending when its last one ends "
                                                    "(default: 1; not with --rate)")
     p.add_argument("--rate", type=finite_float,

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from hexgen.commands.arg_types import finite_float
+from hexgen.commands.arg_types import finite_float, model_name
 from hexgen.commands.engine_args import add_engine_args
 from hexgen.errors import UserError
 
@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
+        type=model_name,
         default=DEFAULT_MODEL,
         help=f"embedded model name ({DEFAULT_MODEL}), an HF directory, or a .gguf file; GGUF files are converted "
         "once into $HEXGEN_CACHE_DIR, else ~/.cache/hexgen",

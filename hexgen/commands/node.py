@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"then, here: hexgen cluster probe --ray {record.head_address} -o cluster.yaml; hexgen plan ...; "
               f"hexgen serve --ray {record.head_address} --plan plan.json (the token is in ~/.ray/auth_token)")
         return 0
-    check_head(args.address)
+    check_head(args.address, "the head's address")  # a positional argument: no flag to name
     record, _ = start_node(args.machine, slots, args.node_ip_address, args.address, 0)
     print(f"hexgen node: machine {record.machine!r} ({slots} slots) joined {record.head_address}")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hexgen.commands.arg_types import MAX_REQUESTS, output_file, request_count
+from hexgen.commands.arg_types import MAX_REQUESTS, model_name, output_file, request_count
 from hexgen.commands.workload_args import add_workload_args, sizing_workload, slo_seconds
 from hexgen.errors import UserError
 
@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="plan replicas, stages, TP and layers for a GPU cluster",
                               description=__doc__)
     p.add_argument("--cluster", required=True, help="cluster YAML file")
-    p.add_argument("--model", required=True, help="model preset name or a directory / config.json")
+    p.add_argument("--model", type=model_name, required=True, help="model preset name or a directory / config.json")
     add_workload_args(p)
     p.add_argument("--requests", type=request_count, default=1000,
                    help=f"simulated requests per candidate plan, 1 to {MAX_REQUESTS:,}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hexgen.commands.arg_types import output_file
+from hexgen.commands.arg_types import model_name, output_file
 
 
 def register(subparsers) -> None:
@@ -20,8 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads to measure with (0: torch's default, as a one-rank replica runs; ranks of "
                         "multi-rank replicas get the machine's cores over the replicas' largest TP groups)")
-    p.add_argument("--model", help="also fit the per-layer and per-sequence overheads to this model's decode steps "
-                                   "(embedded name, HF directory or .gguf), so the profile matches what it serves")
+    p.add_argument("--model", type=model_name,
+                   help="also fit the per-layer and per-sequence overheads to this model's decode steps "
+                   "(embedded name, HF directory or .gguf), so the profile matches what it serves")
     p.add_argument("-o", "--output", required=True, type=output_file, help="profile file to write (.yaml or .json)")
     p.set_defaults(run=run)
 
@@ -50,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
                         f"got {args.threads}")
     if Path(args.output).suffix not in (".yaml", ".yml", ".json"):
         raise UserError(f"--output {args.output}: a profile is written as .yaml (or .yml) or .json")
+    if args.model is not None:  # refused before the minute of measuring, not after it (a GGUF converts once here)
+        from hexgen.engine.checkpoint import resolve_model
+
+        resolve_model(args.model)
     device = args.device if args.device != "auto" else ("cuda" if cuda_device_count() else "cpu")
     describe = cpu_description()
     if device == "cuda":

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from hexgen.commands.arg_types import finite_float
+from hexgen.commands.arg_types import finite_float, model_name
 from hexgen.commands.engine_args import add_engine_args, check_engine_args
 from hexgen.engine.scheduler import DEFAULT_MAX_RUNNING_SEQS
 from hexgen.errors import UserError
@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve the model over the replicas of a plan (default: two local replicas, "
         "one of them two stages with unequal TP degrees).",
     )
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name, an HF directory, or a .gguf file")
+    p.add_argument("--model", type=model_name, default="smollm2-135m",
+                   help="embedded model name, an HF directory, or a .gguf file")
     p.add_argument("--plan", help="plan JSON (from `hexgen plan`); its machines are 'localhost' unless --ray")
     p.add_argument("--ray", metavar="HEAD_HOST:PORT",
                    help="run each stage on the Ray cluster's machine the plan names (see `hexgen node`)")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
-from hexgen.commands.arg_types import MAX_REQUESTS, finite_float, request_count
+from hexgen.commands.arg_types import MAX_REQUESTS, finite_float, model_name, request_count
 
 
 def register(subparsers) -> None:
@@ -15,7 +14,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="simulate a plan under a request workload", description=__doc__)
     p.add_argument("--cluster", required=True, help="cluster YAML file")
     p.add_argument("--plan", required=True, help="plan JSON written by `hexgen plan`")
-    p.add_argument("--model", help="model preset or config (default: the plan's model)")
+    p.add_argument("--model", type=model_name, help="model preset or config (default: the plan's model)")
     add_workload_args(p)
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
     p.add_argument("--cv", type=finite_float, default=2.0, help="coefficient of variation of gamma inter-arrivals")
@@ -78,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SWEEP_VALUE = 1e6  # a sweep's rates (req/s) and SLO scales; matplotlib cannot lay out an axis out to 1e308
+
+
 def _floats(text: str, flag: str) -> list[float]:
     from hexgen.errors import UserError
 
@@ -85,8 +87,8 @@ def _floats(text: str, flag: str) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise UserError(f"{flag} needs positive numbers, got {text!r}")
+    if not values or not all(0 < v <= MAX_SWEEP_VALUE for v in values):
+        raise UserError(f"{flag} needs numbers above 0 and at most {MAX_SWEEP_VALUE:g}, got {text!r}")
     return values
 
 

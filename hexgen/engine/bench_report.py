@@ -86,11 +86,17 @@ def _run_batched(source: ModelSource, cfg: BenchConfig, device: str, batch_sizes
         return run_batched(source, cfg, torch.device(device), batch_sizes, lambda: bar.advance(task))
 
 
+def layout_flag(tp: tuple[int, ...], layers: tuple[int, ...] | None) -> str:
+    """A layout as the user gave it to --layout, for error messages: `--layout "3 1:20 10"`."""
+    counts = f":{' '.join(map(str, layers))}" if layers else ""
+    return f'--layout "{" ".join(map(str, tp))}{counts}"'
+
+
 def _cpu_tables(source: ModelSource, cfg: BenchConfig, layouts: Layouts | None) -> list[Table]:
     """Single process vs HF, multi-process layouts and the cost of splitting, as before on CPU."""
     layouts = layouts or default_layouts(source)
     for tp, layers in layouts:  # reject a bad layout before anything runs
-        single_replica_plan(source.spec, list(tp), list(layers) if layers else None)
+        single_replica_plan(source.spec, list(tp), list(layers) if layers else None, layout_flag(tp, layers))
     cfg = BenchConfig(cfg.prompt_tokens, cfg.new_tokens, cfg.repeats, cfg.dtype, tuple(layouts))
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"bench {cfg.dtype}", total=2 * cfg.repeats + len(layouts) + 1)

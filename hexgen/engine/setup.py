@@ -105,6 +105,13 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
                 f"prompt {i + 1} is {len(ids)} tokens; it must be 1 to {limit} tokens "
                 f"(the model's context is {source.spec.max_context})"
             )
+        outside = [t for t in ids if not 0 <= t < source.spec.vocab_size]
+        if outside:  # the embedding would be indexed past its end on a rank: an IndexError traceback
+            raise UserError(
+                f"prompt {i + 1} has token id {outside[0]}, outside --model {args.model}'s vocabulary of "
+                f"{source.spec.vocab_size} tokens: its tokenizer ({tokenizer.vocab_size} tokens) does not match "
+                "its weights"
+            )
         seed = None if args.seed is None else args.seed + i
         params = SamplingParams(**{**base.__dict__, "seed": seed})
         requests.append(GenerationRequest(f"{i}-{uuid.uuid4().hex[:8]}", tuple(ids), params))

@@ -34,11 +34,11 @@ def machine_resource(machine: str) -> str:
     return MACHINE_RESOURCE_PREFIX + machine
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT -> (host, port); one-line error otherwise."""
+def split_address(address: str, named: str = "--ray") -> tuple[str, int]:
+    """HOST:PORT -> (host, port); otherwise a one-line error naming the address as the user gave it (`named`)."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--ray {address!r}: expected HEAD_HOST:PORT, e.g. 10.0.0.5:6379")
+        raise UserError(f"{named} {address!r}: expected HEAD_HOST:PORT, e.g. 10.0.0.5:6379")
     return host, int(port)
 
 
@@ -63,10 +63,10 @@ def auth_env() -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster_token()}
 
 
-def check_head(address: str) -> None:
+def check_head(address: str, named: str = "--ray") -> None:
     """RayUnavailable within CONNECT_TIMEOUT_S unless something that speaks gRPC answers at HOST:PORT (Ray itself
     would retry for minutes)."""
-    host, port = split_address(address)
+    host, port = split_address(address, named)
     hint = "start it with `hexgen node start --head` and check the address"
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S / 2) as sock:

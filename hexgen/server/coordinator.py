@@ -28,6 +28,7 @@ class ServeConfig:
     max_outstanding: int  # requests in flight over all replicas before answering 429
     dtype: str  # the replicas' weights and activations (--dtype as resolved: auto is never left)
     device: str  # cpu or cuda
+    vocab_size: int  # the model's embedding rows: token ids a replica can take (its tokenizer may have more or fewer)
 
 
 @dataclass
@@ -101,8 +102,12 @@ class Coordinator:
         context = self.config.max_context
         if not prompt_ids:
             raise APIError(400, "the prompt is empty; send at least one token of text", param="prompt")
-        if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt_ids):
-            raise APIError(400, f"prompt token ids must be in [0, {self.tokenizer.vocab_size})", param="prompt")
+        vocab = self.config.vocab_size
+        outside = [t for t in prompt_ids if not 0 <= t < vocab]
+        if outside:
+            raise APIError(400, f"prompt token ids must be in [0, {vocab}) (the model's vocabulary), got {outside[0]}"
+                           + (f"; the server's tokenizer has {self.tokenizer.vocab_size} tokens, more than the "
+                              "model" if self.tokenizer.vocab_size > vocab else ""), param="prompt")
         if len(prompt_ids) >= context:
             raise APIError(
                 400,
@@ -125,8 +130,8 @@ class Coordinator:
                 code="context_length_exceeded",
             )
         biases = fields.token_biases
-        if any(token >= self.tokenizer.vocab_size for token, _ in biases):
-            raise APIError(400, f"logit_bias token ids must be in [0, {self.tokenizer.vocab_size})",
+        if any(token >= vocab for token, _ in biases):
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab}) (the model's vocabulary)",
                            param="logit_bias")
         params = SamplingParams(
             max_new_tokens=limit,

@@ -172,7 +172,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     try:
         note_small_pools(replicas, max_context)
         config = ServeConfig(args.served_model_name or args.model, served_context(max_context, replicas),
-                             args.max_queue, args.dtype, args.device)
+                             args.max_queue, args.dtype, args.device, spec.vocab_size)
         args.dispatch = args.dispatch or default_dispatch(plan)
         if needs_measured_speeds([r.predicted for r in plan.replicas], args.dispatch):
             speeds = await measure_speeds(replicas)

@@ -77,4 +77,4 @@ def test_cli_runs_against_a_real_http_server_and_saves_json(fake_url, tmp_path, 
 def test_bad_flags_say_what_is_right(flags, message, capsys):
     assert main(["bench", "serve", "--model", "m", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("hexgen bench: error:") and message in err and err.count("\n") == 1
+    assert err.startswith("hexgen bench serve: error:") and message in err and err.count("\n") == 1

@@ -108,10 +108,10 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
      "hexgen generate: error: --max-new-tokens must be >= 1, got 0"),
     (["generate", "--prompt", "hi", "--top-p", "1.5"], "hexgen generate: error: --top-p must be in (0, 1], got 1.5"),
     (["generate", "--prompt", "hi", "--top-k", "-2"], "hexgen generate: error: --top-k must be >= 0 (0 = off), got -2"),
-    (["bench", "engine", "--new-tokens", "1"], "hexgen bench: error: --new-tokens must be >= 2, got 1"),
-    (["bench", "engine", "--prompt-tokens", "0"], "hexgen bench: error: --prompt-tokens must be >= 1, got 0"),
+    (["bench", "engine", "--new-tokens", "1"], "hexgen bench engine: error: --new-tokens must be >= 2, got 1"),
+    (["bench", "engine", "--prompt-tokens", "0"], "hexgen bench engine: error: --prompt-tokens must be >= 1, got 0"),
     (["bench", "engine", "--save-model", "/tmp/x"],
-     "hexgen bench: error: --save-model keeps the random checkpoint of --shape; give --shape too"),
+     "hexgen bench engine: error: --save-model keeps the random checkpoint of --shape; give --shape too"),
     # `hexgen profile`: a traceback from torch (threads, CUDA), an empty device type written into the profile, a
     # file name whose suffix chose neither format
     (["profile", "--threads", "-1", "-o", "p.yaml"],
@@ -126,10 +126,10 @@ def test_help_hides_a_key_taken_from_the_environment(monkeypatch, capsys):
      ".json"),
     # each machine of a probed pair holds the transfer in memory: 100,000,000 MiB was taken
     (["cluster", "probe", "--ray", "127.0.0.1:1", "-o", "c.yaml", "--bulk-mib", "5000"],
-     "hexgen cluster: error: --bulk-mib must be in 1..4096 (each machine holds it in memory), got 5000"),
+     "hexgen cluster probe: error: --bulk-mib must be in 1..4096 (each machine holds it in memory), got 5000"),
     # Ray was started with it and waited 90 s for a node that could not come up
     (["node", "start", "--head", "--node-ip-address", "999.1.1.1"],
-     "hexgen node: error: --node-ip-address '999.1.1.1': expected this machine's IP address, e.g. 10.0.0.6"),
+     "hexgen node start: error: --node-ip-address '999.1.1.1': expected this machine's IP address, e.g. 10.0.0.6"),
 ])
 def test_errors_name_the_flag(args, line, capsys):
     assert main(args) == 2
@@ -139,8 +139,8 @@ def test_errors_name_the_flag(args, line, capsys):
 def test_save_model_refuses_a_folder_with_files(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["bench", "engine", "--shape", "tiny", "--save-model", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == (f"hexgen bench: error: --save-model {tmp_path}: must be a new or empty folder "
-                                       "(it would mix two checkpoints)\n")
+    assert capsys.readouterr().err == (f"hexgen bench engine: error: --save-model {tmp_path}: must be a new or "
+                                       "empty folder (it would mix two checkpoints)\n")
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
@@ -148,7 +148,7 @@ def test_save_model_names_a_folder_it_cannot_create(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["bench", "engine", "--shape", "tiny", "--save-model", str(tmp_path / "file" / "model")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"hexgen bench: error: --save-model {tmp_path}/file/model: cannot create the folder (")
+    assert err.startswith(f"hexgen bench engine: error: --save-model {tmp_path}/file/model: cannot create the folder (")
     assert err.count("\n") == 1
 
 

@@ -70,7 +70,7 @@ def test_an_interrupted_start_stops_what_it_started(tmp_path, signum, stand_ins)
     time.sleep(0.5)  # inside the wait for Ray's "started" line
     cli.send_signal(signum)
     assert cli.wait(timeout=30) == 130
-    assert "hexgen node: interrupted" in cli.stderr.read()
+    assert "hexgen node start: interrupted" in cli.stderr.read()
     deadline = time.monotonic() + 15
     while _alive(ray_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -99,5 +99,5 @@ def test_a_state_folder_that_cannot_be_made_is_named(tmp_path):
     out = subprocess.run([sys.executable, "-m", "hexgen.cli", "node", "stop"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr == (f"hexgen node: error: cannot make the folder of node records {tmp_path}/a-file/nodes (Not a "
-                          "directory); set HEXGEN_STATE_DIR to a folder this user can write\n")
+    assert out.stderr == (f"hexgen node stop: error: cannot make the folder of node records {tmp_path}/a-file/nodes "
+                          "(Not a directory); set HEXGEN_STATE_DIR to a folder this user can write\n")

@@ -75,8 +75,9 @@ def test_simulate_refuses_bad_sweeps_before_simulating(tmp_path, capsys, monkeyp
     base = ["simulate", "--cluster", str(cluster), "--plan", str(plan), "--rate", "0.5", "--slo", "20"]
     cases = [
         (["--sweep-rates", "1,2", "--plot-dir", str(blocker / "plots")], "--plot-dir"),
-        (["--sweep-rates", "nan,1"], "--sweep-rates needs positive numbers, got 'nan,1'"),
+        (["--sweep-rates", "nan,1"], "--sweep-rates needs numbers above 0 and at most 1e+06, got 'nan,1'"),
         (["--sweep-slo-scales", "1,x"], "--sweep-slo-scales takes comma-separated numbers"),
+        (["--sweep-rates", "1,1e308"], "--sweep-rates needs numbers above 0 and at most 1e+06, got '1,1e308'"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2

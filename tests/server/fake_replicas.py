@@ -50,7 +50,7 @@ class FakeReplica:
 
 def make_coordinator(replicas, policy="least-outstanding", max_context=10, max_outstanding=8) -> Coordinator:
     config = ServeConfig("tiny", max_context=max_context, max_outstanding=max_outstanding, dtype="float32",
-                         device="cpu")
+                         device="cpu", vocab_size=VOCAB)
     return Coordinator(config, LetterTokenizer(), replicas, make_policy(policy), Metrics())
 
 

@@ -70,7 +70,7 @@ def served():
     tokenizer = Tokenizer(resolve_model("smollm2-135m", progress=False).directory)
     replicas = [AnsweringReplica(0, MAX_CONTEXT), AnsweringReplica(1, MAX_CONTEXT // 2)]
     config = ServeConfig("tiny", max_context=MAX_CONTEXT, max_outstanding=MAX_OUTSTANDING, dtype="float32",
-                         device="cpu")
+                         device="cpu", vocab_size=tokenizer.vocab_size)
     coordinator = Coordinator(config, tokenizer, replicas, make_policy("least-outstanding"), Metrics())
     with TestClient(create_app(coordinator), raise_server_exceptions=True) as client:
         yield client, coordinator, replicas

@@ -179,6 +179,26 @@ def test_prepare_passes_penalties_and_biases_and_checks_bias_ids_against_the_voc
     assert (info.value.status, info.value.param) == (400, "logit_bias") and "[0, 50)" in info.value.message
 
 
+def test_token_ids_are_checked_against_the_models_vocabulary_not_the_tokenizers():
+    """A checkpoint whose embedding has fewer rows (40) than its tokenizer has tokens (VOCAB = 50): ids 40..49 would
+    index past the embedding on a replica; refused here with a 400 that says why."""
+    import dataclasses
+
+    coordinator = make_coordinator([FakeReplica(0)])
+    coordinator.config = dataclasses.replace(coordinator.config, vocab_size=40)
+    assert coordinator.prepare([0, 39], 2, fields()).prompt_token_ids == (0, 39)
+    for prompt in ([1, 45, 2], [-1], [40]):
+        with pytest.raises(APIError) as info:
+            coordinator.prepare(prompt, 2, fields())
+        assert (info.value.status, info.value.param) == (400, "prompt")
+        assert f"must be in [0, 40) (the model's vocabulary), got {prompt[1 if len(prompt) > 1 else 0]}" in (
+            info.value.message)
+        assert "the server's tokenizer has 50 tokens, more than the model" in info.value.message
+    with pytest.raises(APIError) as info:
+        coordinator.prepare([1], 2, fields(logit_bias={"45": 1.0}))
+    assert (info.value.status, info.value.param) == (400, "logit_bias") and "[0, 40)" in info.value.message
+
+
 @pytest.mark.parametrize(("body", "expected"), [
     (CompletionRequest(model="tiny", prompt="x"), None),
     (CompletionRequest(model="tiny", prompt="x", logprobs=0), 0),
