@@ -12,6 +12,7 @@ time of one full batch (inverse throughput) when they batch.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from functools import cache
 
@@ -116,9 +117,14 @@ class PipelineSolver:
             key = (f, 1 << f if exact else None, f)
             states[key] = _State(seg.copy(), np.full(top + 1, -1), np.arange(top + 1))
         keys: list[tuple] = []
-        frontier = sorted(states, key=lambda k: (k[2] if not exact else 0, k))
+
+        def order(key: tuple) -> tuple:  # machines used (exact) or the last machine's index, then the key
+            return (bin(key[1]).count("1") if exact else key[2], key)
+
+        frontier = [order(key) for key in states]  # a heap: ~n^2 / 2 states, each adding up to n (no re-sorts)
+        heapq.heapify(frontier)
         while frontier:
-            key = frontier.pop(0)
+            key = heapq.heappop(frontier)[1]
             keys.append(key)
             sid, st = len(keys) - 1, states[key]
             if not np.isfinite(st.costs_s).any():
@@ -132,8 +138,7 @@ class PipelineSolver:
                 new_key = (key[0], key[1] | (1 << k) if exact else None, k)
                 if new_key not in states:
                     states[new_key] = _State(np.full(top + 1, np.inf), np.full(top + 1, -1), np.zeros(top + 1, int))
-                    frontier.append(new_key)
-                    frontier.sort(key=lambda s: (bin(s[1]).count("1") if exact else s[2], s))
+                    heapq.heappush(frontier, order(new_key))
                 target = states[new_key]
                 better = costs < target.costs_s
                 target.costs_s[better] = costs[better]

@@ -77,12 +77,21 @@ class PlanEvaluator:
     def is_batching(self) -> bool:
         return self.workload.max_batch > 1
 
+    def layout_level(self, group: Group, reserve: int) -> int:
+        """The reservation level whose DP layout the group's replica at level `reserve` runs: a lighter level's
+        layout that already holds `reserve` sequences is kept as is (it is faster alone), so scoring and the
+        written plan (layouts) both take the layout of the level this returns."""
+        if reserve > 1:
+            lighter = self.levels[self.levels.index(reserve) - 1]
+            cost, wl = self.replica_cost(group, lighter), self.workload
+            if cost is not None and cost.max_running(reserve, wl.prompt_tokens, wl.output_tokens) >= reserve:
+                return self.layout_level(group, lighter)
+        return reserve
+
     def _replica_cost(self, group: Group, reserve: int = 1) -> ReplicaCost | None:
-        if reserve > 1:  # a lighter reservation's layout that already holds `reserve` sequences is kept as is
-            lighter = self.replica_cost(group, self.levels[self.levels.index(reserve) - 1])
-            wl = self.workload
-            if lighter is not None and lighter.max_running(reserve, wl.prompt_tokens, wl.output_tokens) >= reserve:
-                return lighter
+        level = self.layout_level(group, reserve)
+        if level != reserve:
+            return self.replica_cost(group, level)
         layout = self.solvers[reserve].best(group)
         if layout is None:
             return None
@@ -149,7 +158,8 @@ class PlanEvaluator:
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
         """The DP layouts of the selected replicas, in rotation order."""
         chosen = self.select(partition)
-        return [self.solvers[chosen.reserve].best(partition[i]) for i in chosen.order]
+        return [self.solvers[self.layout_level(partition[i], chosen.reserve)].best(partition[i])
+                for i in chosen.order]
 
     def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
         return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))
