@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=150)
     cluster, model, cfg = load_profiled_cluster(args), load_model_spec(args.model), cost_config(args)
-    workload = sizing_workload(args)
+    workload = sizing_workload(args, model)
     slo_s, reference_s = slo_seconds(args, model, cfg)
     dispatch = dispatch_policy(args, workload.max_batch)
     request = PlanRequest(args.rate, slo_s, workload, args.requests, dispatch, args.seed,

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     console, cfg = Console(), cost_config(args)
     cluster, plan = load_profiled_cluster(args), load_plan(args.plan)
     model = load_model_spec(args.model or plan.model)
-    workload = sizing_workload(args, plan.meta)
+    workload = sizing_workload(args, model, plan.meta)
     dispatch = dispatch_policy(args, workload.max_batch, plan.meta)
     validate_plan(plan, model, cluster, workload, cfg)
     slo_s, reference_s = slo_seconds(args, model, cfg)

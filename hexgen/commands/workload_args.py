@@ -81,10 +81,15 @@ def token_lengths(text: str, flag: str) -> TokenLengths:
     return lengths
 
 
-def sizing_workload(args: argparse.Namespace, plan_meta: dict | None = None) -> Workload:
-    """The shape memory is sized for: the longest prompt and output the flags allow, and the batch limit."""
+def sizing_workload(args: argparse.Namespace, model: ModelSpec, plan_meta: dict | None = None) -> Workload:
+    """The shape memory is sized for: the longest prompt and output the flags allow, and the batch limit. A
+    request longer than the model's context is refused: no replica could serve it."""
     prompt = token_lengths(args.prompt_tokens, "--prompt-tokens")
     output = token_lengths(args.output_tokens, "--output-tokens")
+    if prompt.high + output.high > model.max_context:
+        raise UserError(f"--prompt-tokens {args.prompt_tokens} and --output-tokens {args.output_tokens} make requests "
+                        f"of up to {prompt.high + output.high} tokens, beyond {model.name}'s context of "
+                        f"{model.max_context}")
     return Workload(prompt.high, output.high, batch_limit(args, plan_meta))
 
 

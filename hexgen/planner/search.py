@@ -133,10 +133,15 @@ def _no_replica_message(cluster: Cluster, model: ModelSpec, workload: Workload, 
     need = stage_memory_bytes(model, 1, model.num_layers, workload, cfg, is_first=True, is_last=True)
     reserve = cfg.runtime_reserve_gb * GIB
     have = sum(m.count * m.gpu.memory_bytes for m in cluster.machines)
-    weights_and_kv = need - reserve
-    return (
-        f"the cluster cannot hold even one replica of {model.name}: it needs about {weights_and_kv / GIB:.1f} GiB "
-        f"of weights and KV cache plus {cfg.runtime_reserve_gb:.1f} GiB reserve per GPU, and the cluster has "
-        f"{have / GIB:.1f} GiB in all ({max(0.0, need - have) / GIB:.1f} GiB missing even before per-GPU overheads "
-        f"and TP/pipeline divisibility); add GPUs or lower --max-batch / token lengths"
-    )
+    largest = max(m.gpu.memory_bytes for m in cluster.machines)
+    head = (f"the cluster cannot hold even one replica of {model.name}: it needs about {(need - reserve) / GIB:.1f} "
+            f"GiB of weights and KV cache plus {cfg.runtime_reserve_gb:.1f} GiB reserve per GPU")
+    if largest <= reserve:
+        return (f"{head}, and no GPU has more than that reserve (the largest has {largest / GIB:.2f} GiB); use GPUs "
+                "with more memory")
+    if have >= need:  # enough in all: the pieces a replica can be cut into do not fit on these GPUs
+        return (f"{head}; the cluster has {have / GIB:.1f} GiB in all, but no split into whole layers and TP "
+                f"degrees that divide the heads fits GPUs of at most {largest / GIB:.1f} GiB each (with per-GPU "
+                "overheads); use GPUs with more memory or lower --max-batch / token lengths")
+    return (f"{head}, and the cluster has {have / GIB:.1f} GiB in all ({(need - have) / GIB:.1f} GiB missing even "
+            "before per-GPU overheads and TP/pipeline divisibility); add GPUs or lower --max-batch / token lengths")

@@ -172,6 +172,7 @@ CASES = [
     ([*PLAN_ARGS, "--slo", "0"], "--slo", ()),
     ([*PLAN_ARGS, "--requests", "0"], "--requests", ()),
     ([*PLAN_ARGS, "--prompt-tokens", "10:5"], "--prompt-tokens", ()),
+    ([*PLAN_ARGS, "--output-tokens", "8200"], "--output-tokens", ()),  # with 128 prompt tokens, past 8,192
     ([*PLAN_ARGS, "--generations", "-1"], "--generations", ()),
     ([*PLAN_ARGS, "--max-batch", "0"], "--max-batch", ()),
     ([*PLAN_ARGS, "-o", "{f}/missing/plan.json"], "--output", ()),
@@ -190,6 +191,7 @@ CASES = [
     ([*SIMULATE_ARGS, "--arrival", "gamma", "--cv", "1e-300"], "--cv", ()),
     ([*SIMULATE_ARGS, "--sweep-slo-scales", "1e308", "--plot-dir", "{f}/plots"], "--sweep-slo-scales", ()),
     ([*SIMULATE_ARGS, "--plan", "{f}/binary.bin"], "{f}/binary.bin", ()),
+    ([*SIMULATE_ARGS, "--prompt-tokens", "100:9000"], "--prompt-tokens", ()),  # past SmolLM2's 8,192 tokens
     ([*SIMULATE_ARGS, "--plan", "{f}/bad-meta.json"], "max_batch", ()),
     # profile: refused before the measurement (about a minute)
     (["profile", "--threads", "-1", "-o", "{f}/p.yaml"], "--threads", ()),

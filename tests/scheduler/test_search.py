@@ -45,3 +45,19 @@ def test_cluster_too_small_says_how_much_is_missing():
     small = parse_cluster("machines: [{name: a, gpu: A4000, count: 2}]")
     with pytest.raises(UserError, match=r"cannot hold even one replica of llama-2-70b.*\d+\.\d GiB missing"):
         plan_cluster(small, load_model_spec("llama-2-70b"), PlanRequest(1.0, 10.0, ga=SMALL))
+
+
+@pytest.mark.parametrize(("memory_gb", "fragment"), [
+    # 16 GPUs of 0.9 GiB: no room beyond the 1 GiB reserve, whatever their count ("add GPUs" would not help)
+    (0.9, "no GPU has more than that reserve (the largest has 0.90 GiB); use GPUs with more memory"),
+    # 16 x 1.01 GiB: 16.2 GiB in all against SmolLM2's ~0.3 GiB, but 0.01 GiB a GPU beside the reserve, too
+    # little for the stage holding the embedding table (49,152 x 576 in bf16: 0.05 GiB)
+    (1.01, "the cluster has 16.2 GiB in all, but no split into whole layers"),
+])
+def test_gpus_too_small_for_any_piece_are_named_as_such(memory_gb, fragment):
+    cluster = parse_cluster(f"gpu_types: {{mini: {{memory_gb: {memory_gb}, bandwidth_gbs: 100, tflops_fp16: 10}}}}\n"
+                            "machines: [{name: a, gpu: mini, count: 8}, {name: b, gpu: mini, count: 8}]")
+    request = PlanRequest(1.0, 10.0, Workload(128, 32, 1), ga=SMALL)
+    with pytest.raises(UserError) as err:
+        plan_cluster(cluster, load_model_spec("smollm2-135m"), request)
+    assert fragment in str(err.value) and "missing" not in str(err.value)
