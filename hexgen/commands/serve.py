@@ -47,10 +47,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--max-context", type=int, default=4096, help="tokens per sequence (capped by the model's)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    p.add_argument("--allowed-origins", metavar="ORIGINS",
+                   help="web pages whose scripts may call the server (CORS): comma-separated origins such as "
+                        "http://localhost:3000, or * for every page (default: none)")
     p.add_argument("--shutdown-grace-s", type=finite_float, default=DEFAULT_SHUTDOWN_GRACE_S, metavar="S",
                    help="on SIGINT / SIGTERM, new requests get a 503 at once and running ones have S seconds to "
                         "finish before they end with a 503")
     p.set_defaults(run=run)
+
+
+def parse_origins(text: str | None) -> tuple[str, ...]:
+    """--allowed-origins as a tuple; each origin as a browser sends it (scheme://host[:port]: one with a path or a
+    trailing slash would never match), or *."""
+    if text is None:
+        return ()
+    origins = tuple(origin.strip() for origin in text.split(","))
+    for origin in origins:
+        scheme, _, host = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not host or "/" in host or " " in host):
+            raise UserError(f"--allowed-origins takes comma-separated origins (scheme://host[:port], e.g. "
+                            f"http://localhost:3000) or *, got {origin!r} in {text!r}")
+    return origins
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--shutdown-grace-s must be in 0..{MAX_SHUTDOWN_GRACE_S:.0f}, got {args.shutdown_grace_s:g}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")
+    args.allowed_origins = parse_origins(args.allowed_origins)
     check_engine_args(args)
     if args.replan and not (args.ray and args.cluster):
         raise UserError("--replan needs --ray and --cluster (the cluster YAML the planner re-plans on)")

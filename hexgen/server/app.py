@@ -8,32 +8,32 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.middleware.cors import CORSMiddleware
 
 from hexgen.engine.messages import GenerationRequest, TokenLogprobs
 from hexgen.server.coordinator import Admission, Coordinator, TextDelta, merge_choices
+from hexgen.server.errors import BODY_BYTES_PER_TOKEN, MIN_BODY_BYTES, BodyLimit, install_error_handlers
 from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from hexgen.server.responses import ResponseShape, sse
 
 DISCONNECT_POLL_S = 0.25
-# A request body may hold up to this many bytes per token of every sequence the server keeps in flight (each at
-# most the context long), and at least MIN_BODY_BYTES: far more than any valid request needs, short of what would
-# exhaust the server's memory.
-BODY_BYTES_PER_TOKEN = 64
-MIN_BODY_BYTES = 1 << 20
 
 
-def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[str, Any] | None = None) -> FastAPI:
+def create_app(
+    coordinator: Coordinator, api_key: str | None = None, plan: dict[str, Any] | None = None,
+    allowed_origins: tuple[str, ...] = (),
+) -> FastAPI:
+    """The app; `allowed_origins`: the web pages (origins, or "*" for all) whose scripts may call it (CORS), none
+    by default: a server on a workstation should not answer every page its user visits."""
     config = coordinator.config
     max_body_bytes = max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * config.max_outstanding * config.max_context)
     app = FastAPI(title="hexgen", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    _install_error_handlers(app, max_body_bytes)
+    if allowed_origins:  # added last, so outermost: a preflight needs no API key, and a 413 carries the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    install_error_handlers(app, max_body_bytes)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -88,10 +88,11 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
         # tokenizing a long text takes a while (a 10 MB prompt: 5 s): off the event loop, which streams the others
         prompts = await asyncio.to_thread(
             lambda: [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts])
+        sequences = _sequences(coordinator, body, prompts, body.max_tokens)
         echoes = None
-        if body.echo:  # each prompt's text as sent, token-id prompts decoded
+        if body.echo:  # each prompt's text as sent, token-id prompts decoded (once _sequences has checked their ids)
             echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
-        return await _generate(coordinator, request, body, prompts, body.max_tokens, chat=False, echoes=echoes)
+        return await _generate(coordinator, request, body, prompts, sequences, chat=False, echoes=echoes)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -100,32 +101,10 @@ def create_app(coordinator: Coordinator, api_key: str | None = None, plan: dict[
             ids = await asyncio.to_thread(coordinator.tokenizer.apply_chat_template, body.template_messages())
         except Exception as err:  # the template may reject a conversation (e.g. roles out of order)
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
-        return await _generate(coordinator, request, body, [ids], body.token_limit, chat=True)
+        sequences = _sequences(coordinator, body, [ids], body.token_limit)
+        return await _generate(coordinator, request, body, [ids], sequences, chat=True)
 
     return app
-
-
-class BodyLimit:
-    """ASGI middleware: a request body past max_bytes gets a 413 in OpenAI's error shape: at once when its
-    Content-Length says so, else once that many bytes have come (starlette's limit raises an HTTPException that
-    the app's handler answers)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = RequestBodyLimitMiddleware(app, max_bytes)
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length = Headers(scope=scope).get("content-length", "") if scope["type"] == "http" else ""
-        if length.isdigit() and int(length) > self.max_bytes:
-            error = body_too_large(self.max_bytes, f"is {int(length):,} bytes")
-            await JSONResponse(error.body(), status_code=413)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-def body_too_large(max_bytes: int, how_large: str) -> APIError:
-    return APIError(413, f"the request body {how_large}; this server takes at most {max_bytes:,} bytes "
-                    f"(--max-queue x --max-context x {BODY_BYTES_PER_TOKEN}, at least {MIN_BODY_BYTES:,})")
 
 
 def _check_model_name(coordinator: Coordinator, name: str) -> None:
@@ -138,17 +117,23 @@ def _check_model_name(coordinator: Coordinator, name: str) -> None:
         )
 
 
-async def _generate(
-    coordinator: Coordinator, request: Request, body: SamplingFields, prompts: list[list[int]],
-    max_tokens: int | None, chat: bool, echoes: list[str] | None = None,
-) -> Response:
-    """Every prompt's n choices (choice index = prompt index x n + choice), whole or streamed; `echoes`: each
-    prompt's text to put before its answers."""
+def _sequences(
+    coordinator: Coordinator, body: SamplingFields, prompts: list[list[int]], max_tokens: int | None
+) -> list[GenerationRequest]:
+    """Every prompt's n choices (choice index = prompt index x n + choice), checked: a 4xx APIError if not valid."""
     limit = coordinator.config.max_outstanding
     if len(prompts) > 1 and len(prompts) * body.n > limit:  # (one prompt: Coordinator.choices says so of n)
         raise APIError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} sequences; this server "
                        f"keeps at most {limit} requests in flight (each choice of each prompt is one)", param="prompt")
-    sequences = [s for ids in prompts for s in coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)]
+    return [s for ids in prompts for s in coordinator.choices(coordinator.prepare(ids, max_tokens, body), body.n)]
+
+
+async def _generate(
+    coordinator: Coordinator, request: Request, body: SamplingFields, prompts: list[list[int]],
+    sequences: list[GenerationRequest], chat: bool, echoes: list[str] | None = None,
+) -> Response:
+    """Generate the sequences (from _sequences), whole or streamed; `echoes`: each prompt's text to put before its
+    answers."""
     admission = coordinator.admit(len(sequences))
     try:
         return await _respond(coordinator, request, body, prompts, sequences, admission, chat, echoes)
@@ -304,28 +289,3 @@ def _replica_status(replica) -> dict[str, Any]:
         "ranks": replica.world_size,
         "stages": replica.stage_status(),
     }
-
-
-def _install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = first.get("msg", "invalid request").removeprefix("Value error, ")
-        if first.get("type") == "json_invalid":
-            message, where = "the request body is not valid JSON", None
-        elif first.get("type") == "extra_forbidden":
-            message = f"unsupported field {where!r}"
-        text = f"{where}: {message}" if where and first.get("type") != "extra_forbidden" else message
-        return JSONResponse(APIError(400, text, param=where).body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        error = APIError(err.status_code, str(err.detail))
-        if err.status_code == 413:  # a body sent in chunks, past the limit (BodyLimit)
-            error = body_too_large(max_body_bytes, "is too large")
-        return JSONResponse(error.body(), status_code=err.status_code)

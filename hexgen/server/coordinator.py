@@ -118,26 +118,30 @@ class Coordinator:
             )
         room = context - len(prompt_ids)
         limit = max_tokens if max_tokens is not None else min(fields.default_max_tokens or room, room)
+        named = fields.token_limit_field  # as the client sent it: max_tokens or max_completion_tokens
         if limit < 1:
-            raise APIError(400, f"max_tokens must be >= 1, got {limit}", param="max_tokens")
+            raise APIError(400, f"{named} must be >= 1, got {limit}", param=named)
         if len(prompt_ids) + limit > context:
             raise APIError(
                 400,
                 f"this model's maximum context length is {context} tokens, but the request needs "
                 f"{len(prompt_ids) + limit} ({len(prompt_ids)} in the prompt, {limit} to generate); "
-                f"lower max_tokens to at most {context - len(prompt_ids)}",
-                param="max_tokens",
+                f"lower {named} to at most {context - len(prompt_ids)}",
+                param=named,
                 code="context_length_exceeded",
             )
         biases = fields.token_biases
         if any(token >= vocab for token, _ in biases):
             raise APIError(400, f"logit_bias token ids must be in [0, {vocab}) (the model's vocabulary)",
                            param="logit_bias")
+        # top_p 0 (OpenAI's range is 0-1) keeps only the most likely token: top_k 1, which the engine takes as greedy
+        # even with a seed (its top_p must be above 0)
+        top_k, top_p = (1, 1.0) if fields.top_p == 0 else (fields.top_k, fields.top_p)
         params = SamplingParams(
             max_new_tokens=limit,
             temperature=fields.temperature,
-            top_k=fields.top_k,
-            top_p=fields.top_p,
+            top_k=top_k,
+            top_p=top_p,
             seed=fields.seed,
             ignore_eos=fields.ignore_eos,
             logprobs=fields.logprob_alternatives,

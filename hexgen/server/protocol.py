@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hexgen.engine.messages import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 
@@ -36,34 +37,95 @@ class APIError(Exception):
 MAX_CHOICES = 16  # `n`: choices per request
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's /v1/completions default; chat's is the rest of the context
 MAX_BIASED_TOKENS = 1024  # `logit_bias` entries per request
+# `stop` strings per request: OpenAI takes 4, but evaluation harnesses send more; each is matched against the text
+# after every token, so there is a limit
+MAX_STOP_STRINGS = 16
+# vLLM's sampling extras that vLLM-targeted tools send (`vllm bench serve`: repetition_penalty 1.0), each taken at
+# its neutral value, where it changes nothing: field -> (that value, what hexgen offers instead)
+NEUTRAL_EXTRAS: dict[str, tuple[Any, str]] = {
+    "repetition_penalty": (1.0, "hexgen supports presence_penalty and frequency_penalty instead"),
+    "min_tokens": (0, "hexgen has no minimum length; ignore_eos (hexgen extension) generates exactly max_tokens"),
+    "min_p": (0.0, "hexgen supports top_p and top_k instead"),
+    "skip_special_tokens": (True, "hexgen's output always leaves special tokens out"),
+    "spaces_between_special_tokens": (True, "hexgen's output always leaves special tokens out"),
+    "include_stop_str_in_output": (False, "hexgen's output always ends before the stop string, as OpenAI's does"),
+}
 
 
-class StreamOptions(BaseModel):
+def _whole_characters(text: str) -> str:
+    """JSON's \\u escapes can spell half of a UTF-16 surrogate pair, which is no character: no tokenizer takes it,
+    and no answer could carry it back in UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text has an unpaired surrogate ({text[err.start]!r} at character {err.start}); "
+                         "send whole characters (a surrogate pair, or the character itself)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_whole_characters)]
+
+
+class RequestModel(BaseModel):
+    """Strict: unknown fields are 400s. A null for a field with a default means the default, as in OpenAI's API
+    (the openai package sends "temperature": null for temperature=None)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields  # a null left in for a required field or an unknown one is still a 400
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0: only the most likely token")
     top_k: int = Field(0, ge=0, description="hexgen extension: 0 = off")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices: one sequence each (with a seed s, choice i draws "
                    "with seed s + i)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     ignore_eos: bool = Field(False, description="hexgen extension for benchmarks")
+    repetition_penalty: float = 1.0  # NEUTRAL_EXTRAS: vLLM's, taken at these values only
+    min_tokens: int = 0
+    min_p: float = 0.0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @field_validator(*NEUTRAL_EXTRAS)
+    @classmethod
+    def _only_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral, instead = NEUTRAL_EXTRAS[info.field_name]
+        if value != neutral:
+            raise ValueError(f"{info.field_name} is taken only at {json.dumps(neutral)} (or absent), where it changes "
+                             f"nothing; {instead}")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -85,8 +147,8 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(value)}")
         return value
 
     @property
@@ -98,6 +160,11 @@ class SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def token_limit_field(self) -> str:
+        """The field that set the limit of tokens to generate, as the client sent it (for errors about it)."""
+        return "max_tokens"
 
     @property
     def logprob_alternatives(self) -> int | None:
@@ -116,7 +183,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="one prompt (text or token ids) or a list of them; each gets n choices, prompt after prompt")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"0-{MAX_LOGPROBS} (OpenAI: 0-5)")
@@ -131,10 +198,15 @@ class CompletionRequest(SamplingFields):
             return [prompt]  # type: ignore[list-item]
         return list(prompt)  # type: ignore[arg-type]
 
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of must be 1 (or absent); hexgen supports n (choices) instead")
+        return value
+
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of must be 1 (or absent)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
@@ -152,17 +224,15 @@ class CompletionRequest(SamplingFields):
         return self.logprobs if self.echo else None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(RequestModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -188,6 +258,10 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def token_limit_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def template_messages(self) -> list[dict[str, str]]:
         role = {"developer": "system"}

@@ -186,7 +186,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
 
             replanner = Replanner(replicas, cluster, spec, plan_request(plan), make_replica, machine_slots)
             watcher = asyncio.create_task(replanner.watch())
-        app = create_app(coordinator, args.api_key, plan.to_dict())
+        app = create_app(coordinator, args.api_key, plan.to_dict(), args.allowed_origins)
         server = DrainingServer(app, coordinator, args.shutdown_grace_s)
         where = (lambda s: f" on {s.machine}") if args.ray else (lambda s: "")
         layout = "; ".join(

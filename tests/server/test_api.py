@@ -291,9 +291,10 @@ def test_seeds_count_by_their_low_64_bits(idle):
 
 def test_n_streamed_chat_choices_equal_the_whole_answer(idle, reference):
     body = {"model": model_name(idle), "messages": [{"role": "user", "content": "Count."}], "max_tokens": 6,
-            "temperature": 0.8, "seed": 3, "n": 2, "stream_options": {"include_usage": True}}  # fmt: skip
+            "temperature": 0.8, "seed": 3, "n": 2}  # fmt: skip
     whole = idle.post("/v1/chat/completions", body).json()
-    with httpx.stream("POST", idle.url + "/v1/chat/completions", json={**body, "stream": True}, headers=idle.headers,
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}  # options only with stream: true
+    with httpx.stream("POST", idle.url + "/v1/chat/completions", json=streamed, headers=idle.headers,
                       timeout=60) as stream:  # fmt: skip
         events = sse_events(stream)
     assert events[-1] == "[DONE]"
@@ -314,6 +315,12 @@ def test_n_streamed_chat_choices_equal_the_whole_answer(idle, reference):
 def test_n_greedy_choices_are_the_greedy_answer(idle, reference):
     ref = reference.text(PROMPTS[0], 6)
     answer = complete(idle, PROMPTS[0], 6, n=2)
+    assert [c["text"] for c in answer["choices"]] == [ref.text, ref.text]
+
+
+def test_top_p_zero_is_the_greedy_answer_even_when_sampling_with_a_seed(idle, reference):
+    ref = reference.text(PROMPTS[1], 8)
+    answer = complete(idle, PROMPTS[1], 8, temperature=1.0, top_p=0, seed=11, n=2)
     assert [c["text"] for c in answer["choices"]] == [ref.text, ref.text]
 
 
@@ -580,7 +587,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": MAX_CONTEXT}, 400, "max_tokens"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": -0.1}, 400, "top_p"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "n": 17}, 400, "n"),
@@ -612,7 +619,8 @@ def test_bad_chat_requests_and_malformed_json(idle):
     bad = [
         ({"model": name, "messages": []}, "messages"),
         ({"model": name, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-        ({"model": name, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_tokens"),
+        ({"model": name, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+         "max_completion_tokens"),
         ({"model": name, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         ({"model": name, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
          "top_logprobs"),

@@ -82,7 +82,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 COMPLETION = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0.7, "top_p": 0.9,
-              "top_k": 5, "n": 2, "stream": False, "stop": ["\n"], "seed": 3, "logprobs": 2, "echo": False,
+              "top_k": 5, "n": 2, "stream": True, "stop": ["\n"], "seed": 3, "logprobs": 2, "echo": False,
               "presence_penalty": 0.5, "frequency_penalty": 0.5, "logit_bias": {"5": 1.0}, "ignore_eos": True,
               "stream_options": {"include_usage": True}, "user": "u"}
 CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -91,11 +91,11 @@ CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."}
 ENDPOINTS = {"/v1/completions": COMPLETION, "/v1/chat/completions": CHAT}
 DROP = object()  # a field left out
 FIELD_VALUES = {  # values near each field's edges, valid and not
-    "prompt": ["", "x", [], [[]], [1, 2], [[1], [2, 3]], [-1], [49152], [2**40], ["a", "b"], "é" * 50],
+    "prompt": ["", "x", [], [[]], [1, 2], [[1], [2, 3]], [-1], [49152], [2**40], ["a", "b"], "é" * 50, "a\ud83d"],
     "max_tokens": [None, -1, 0, 1, 3, 60, 64, 10**9, 1.5, "4"],
     "n": [0, 1, 2, 8, 9, 16, 17],
     "logprobs": [None, 0, 5, 20, 21, True, -1],
-    "stop": [None, "", [""], ["a", "b", "c", "d"], ["a"] * 5, "x" * 500, [1]],
+    "stop": [None, "", [""], ["a", "b", "c", "d"], ["a"] * 16, ["a"] * 17, "x" * 500, [1], ["\ude00"]],
     "temperature": [0, 0.0, 1e-9, 2, 2.01, -0.0, 1e308],
     "top_p": [1e-9, 0.5, 1, 1.0000001, 0],
     "top_k": [0, 1, 49152, 10**12, -1],
@@ -109,7 +109,8 @@ FIELD_VALUES = {  # values near each field's edges, valid and not
     "messages": [[], [{"role": "user"}], [{"role": "assistant", "content": "a"}],
                  [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                  [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
-                 [{"role": "tool", "content": "x"}], [{"role": "user", "content": "x" * 400}]],
+                 [{"role": "tool", "content": "x"}], [{"role": "user", "content": "x" * 400}],
+                 [{"role": "user", "content": "\ud83d"}]],
 }
 ONE_FIELD_CASES = [  # (endpoint, body): each base with one field dropped or set to each of its edge values
     (path, {**{k: v for k, v in base.items() if k != name}, **({} if value is DROP else {name: value})})
@@ -136,8 +137,8 @@ def mutated(draw, base: dict) -> dict:
     return body
 
 
-ADDED = ["functions", "tools", "best_of", "suffix", "echo", "response_format", "max_completion_tokens",
-         "top_logprobs", "prompt", "messages"]
+ADDED = ["functions", "tools", "best_of", "suffix", "echo", "response_format", "max_completion_tokens", "min_p",
+         "repetition_penalty", "top_logprobs", "prompt", "messages"]
 
 
 def post(client, path: str, body: dict):

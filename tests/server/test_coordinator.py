@@ -40,7 +40,7 @@ def fields(**kwargs) -> CompletionRequest:
         ({"n": 17}, "n"),
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
-        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.01}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -49,10 +49,12 @@ def fields(**kwargs) -> CompletionRequest:
         ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
         ({"logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ["s"] * 17}, "stop"),
         ({"logprobs": 21}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
-        ({"best_of": 3}, None),
+        ({"best_of": 3}, "best_of"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"suffix": "end"}, None),
         ({"functions": []}, "functions"),
         ({"prompt": [[1, 2], "two"]}, "prompt"),
@@ -166,6 +168,13 @@ def test_prepare_builds_the_engine_request():
     assert coordinator.prepare([1, 2, 3, 4], None, fields()).params.max_new_tokens == 6
     assert make_coordinator([FakeReplica(0)], max_context=100).prepare([1], None, fields()).params.max_new_tokens == 16
     assert request.request_id != coordinator.prepare([1, 2, 3], 7, fields()).request_id
+
+
+def test_prepare_takes_top_p_zero_as_only_the_most_likely_token():
+    """top_k 1 (top_p 1, which the engine needs above 0): the engine's greedy path, even with a seed."""
+    coordinator = make_coordinator([FakeReplica(0)])
+    p = coordinator.prepare([1, 2, 3], 2, fields(temperature=1.5, top_p=0, top_k=7, seed=5)).params
+    assert (p.top_k, p.top_p, p.temperature, p.seed, p.is_greedy) == (1, 1.0, 1.5, 5, True)
 
 
 def test_prepare_passes_penalties_and_biases_and_checks_bias_ids_against_the_vocabulary():

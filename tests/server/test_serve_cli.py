@@ -109,6 +109,7 @@ def test_user_errors_are_one_line_without_processes(chat_model_dir, tmp_path):
         (["--max-context", "1"], "--max-context must be >= 2, got 1"),
         (["--shutdown-grace-s", "-1"], "--shutdown-grace-s must be in 0..3600, got -1"),
         (["--api-key", " "], "--api-key must not be empty"),
+        (["--allowed-origins", "http://localhost:3000,,*"], "--allowed-origins takes comma-separated origins"),
         (["--served-model-name", ""], "--served-model-name must not be empty"),
         (["--ray", "127.0.0.1:6379"], "--ray needs --plan"),
         (["--replan"], "--replan needs --ray and --cluster"),
