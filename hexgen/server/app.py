@@ -88,11 +88,15 @@ def create_app(
         # tokenizing a long text takes a while (a 10 MB prompt: 5 s): off the event loop, which streams the others
         prompts = await asyncio.to_thread(
             lambda: [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts])
-        sequences = _sequences(coordinator, body, prompts, body.max_tokens)
+        # echo with max_tokens 0 scores the prompts and generates nothing (OpenAI's legacy API; evaluation harnesses):
+        # each sequence draws one token, which the answer leaves out
+        score_only = body.echo and body.max_tokens == 0
+        sequences = _sequences(coordinator, body, prompts, 1 if score_only else body.max_tokens)
         echoes = None
         if body.echo:  # each prompt's text as sent, token-id prompts decoded (once _sequences has checked their ids)
             echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
-        return await _generate(coordinator, request, body, prompts, sequences, chat=False, echoes=echoes)
+        return await _generate(coordinator, request, body, prompts, sequences, chat=False, echoes=echoes,
+                               score_only=score_only)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -130,13 +134,13 @@ def _sequences(
 
 async def _generate(
     coordinator: Coordinator, request: Request, body: SamplingFields, prompts: list[list[int]],
-    sequences: list[GenerationRequest], chat: bool, echoes: list[str] | None = None,
+    sequences: list[GenerationRequest], chat: bool, echoes: list[str] | None = None, score_only: bool = False,
 ) -> Response:
     """Generate the sequences (from _sequences), whole or streamed; `echoes`: each prompt's text to put before its
-    answers."""
+    answers; `score_only`: answer the prompts' scores only, no generated token."""
     admission = coordinator.admit(len(sequences))
     try:
-        return await _respond(coordinator, request, body, prompts, sequences, admission, chat, echoes)
+        return await _respond(coordinator, request, body, prompts, sequences, admission, chat, echoes, score_only)
     finally:
         admission.close()  # what has not reached a replica by now (with a stream's first delta, all of it has)
 
@@ -144,6 +148,7 @@ async def _generate(
 async def _respond(
     coordinator: Coordinator, request: Request, body: SamplingFields, prompts: list[list[int]],
     sequences: list[GenerationRequest], admission: Admission, chat: bool, echoes: list[str] | None,
+    score_only: bool = False,
 ) -> Response:
     """Generate the admitted sequences and answer, whole or streamed."""
     speller = coordinator.tokenizer if body.logprob_alternatives is not None else None
@@ -152,6 +157,8 @@ async def _respond(
     endpoint = "chat" if chat else "completions"
     streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream, admission=admission)
                for s in sequences]
+    if score_only:
+        streams = [_prompt_scores_only(stream) for stream in streams]
     if body.stream:
         deltas = merge_choices(streams)
         try:  # errors before the first token are still plain HTTP errors
@@ -177,6 +184,13 @@ async def _respond(
         return Response(status_code=499)
     coordinator.metrics.requests.labels(endpoint, "ok").inc()
     return JSONResponse(shape.full([answer[:3] for answer in answers], sum(answer[3] for answer in answers)))
+
+
+async def _prompt_scores_only(deltas: AsyncIterator[TextDelta]) -> AsyncIterator[TextDelta]:
+    """A one-token sequence's deltas with that token left out: its prompt's scores, no text, no completion tokens,
+    and finish reason "length" (the max_tokens of 0 asked for)."""
+    async for delta in deltas:
+        yield TextDelta("", delta.finish_reason and "length", 0, delta.restart, prompt_logprobs=delta.prompt_logprobs)
 
 
 T = TypeVar("T")

@@ -120,7 +120,8 @@ class Coordinator:
         limit = max_tokens if max_tokens is not None else min(fields.default_max_tokens or room, room)
         named = fields.token_limit_field  # as the client sent it: max_tokens or max_completion_tokens
         if limit < 1:
-            raise APIError(400, f"{named} must be >= 1, got {limit}", param=named)
+            echo = " (0 only with echo: true, which scores the prompt)" if hasattr(fields, "echo") else ""
+            raise APIError(400, f"{named} must be >= 1{echo}, got {limit}", param=named)
         if len(prompt_ids) + limit > context:
             raise APIError(
                 400,

@@ -494,6 +494,22 @@ def test_scoring_a_text_as_an_evaluation_harness_does(idle, reference, hf_model)
     greedy = [max(top, key=top.get) == token for token, top in zip(logprobs["tokens"][context:-1],
                                                                   logprobs["top_logprobs"][context:-1], strict=True)]
     assert greedy == [expected[i - 1].argmax().item() == ids[i] for i in range(context, len(ids))]
+    # max_tokens 0 (OpenAI's legacy way to score a text): the same scores, no generated token, whole or streamed
+    scored = {"model": model_name(idle), "prompt": [ids], "max_tokens": 0, "logprobs": 1, "echo": True}
+    body = idle.post("/v1/completions", scored).json()
+    choice = body["choices"][0]
+    assert choice["text"] == reference.tokenizer.decode(ids) and choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [expected[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-3)
+    with httpx.stream("POST", idle.url + "/v1/completions", json={**scored, "stream": True}, headers=idle.headers,
+                      timeout=60) as response:  # fmt: skip
+        chunks = [e["choices"][0] for e in sse_events(response)[:-1]]
+    assert "".join(c["text"] for c in chunks) == choice["text"] and chunks[-1]["finish_reason"] == "length"
+    assert sum((c["logprobs"]["tokens"] for c in chunks), []) == choice["logprobs"]["tokens"]
+    plain = idle.post("/v1/completions", {**scored, "echo": False})
+    assert plain.status_code == 400 and "0 only with echo" in plain.json()["error"]["message"]
 
 
 # ---- the official openai client ----
