@@ -27,4 +27,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check hexgen tests
 
 bench: $(STAMP)
-	$(BIN)/hexgen bench engine --markdown docs/bench-engine.md
+	$(BIN)/hexgen bench engine --dtype float32 bfloat16 --batch-sizes 1 16 --markdown docs/bench-engine.md

@@ -47,12 +47,16 @@ def run(args: argparse.Namespace) -> int:
     dispatch = dispatch_policy(args, workload.max_batch)
     request = PlanRequest(args.rate, slo_s, workload, args.requests, dispatch, args.seed,
                           GAConfig(generations=args.generations), args.objective)
-    columns = (TextColumn("searching"), BarColumn(), TextColumn("gen {task.completed}/{task.total}"),
+    machines = len(cluster.machines)
+    console.print(f"planning {model.name} on {cluster.num_gpus} GPUs of {machines} machine{'s' * (machines != 1)}: "
+                  f"laying out the starting plans, then up to {args.generations} generations of the search")
+    columns = (TextColumn("{task.fields[phase]}"), BarColumn(), TextColumn("gen {task.completed}/{task.total}"),
                TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("search", total=args.generations, best="")
-        result = plan_cluster(cluster, model, request, cfg,
-                              lambda gen, score: progress.update(task, completed=gen, best=_describe(score)))
+        # laying out the starting plans (the pipeline DP over each group of machines) can take most of the time
+        task = progress.add_task("search", total=args.generations, best="", phase="laying out the starting plans")
+        result = plan_cluster(cluster, model, request, cfg, lambda gen, score: progress.update(
+            task, completed=gen, best=_describe(score), phase="searching"))
     memory = validate_plan(result.plan, model, cluster, workload, cfg)
     console.print(plan_table(result.plan, cluster, memory))
     meta = result.plan.meta

@@ -34,7 +34,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                         "batch 1, as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request stream and the search")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16",
-                   help="weight and activation type the replicas run (hexgen serve on CPU runs float32)")
+                   help="weight and activation type the replicas run (`hexgen serve --dtype auto` runs bfloat16 on "
+                        "GPUs from Ampere on and on CPUs with bf16 arithmetic, else float32)")
     p.add_argument("--profile", action="append", default=[], metavar="FILE",
                    help="measured device profile from `hexgen profile` (repeatable); its figures replace the "
                         "datasheet ones for its device type")
