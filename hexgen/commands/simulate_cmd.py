@@ -122,7 +122,8 @@ def _metrics_table(report, reference_s: float):
          f"{report.latency_p90_s:.2f} / {report.latency_p99_s:.2f} s"),
         ("throughput", f"{report.throughput_rps:.3f} req/s, {report.output_tokens_per_s:.1f} tokens/s"),
         ("cost", f"${report.cost_per_hour:.2f}/h"),
-        ("tokens per dollar", f"{report.tokens_per_dollar:,.0f}"),
+        ("tokens per dollar", f"{report.tokens_per_dollar:,.0f}" if report.cost_per_hour > 0
+         else "- (priced at $0)"),
     ]
     for name, value in rows:
         table.add_row(name, value)

@@ -31,6 +31,14 @@ def test_plan_then_simulate_with_sweeps(tmp_path, capsys):
     assert (tmp_path / "slo_attainment_vs_rate.png").stat().st_size > 1000
 
 
+def test_simulating_free_machines_prints_no_infinite_tokens_per_dollar(capsys):
+    """examples/clusters/local-cpu.yaml prices its machine at $0: tokens per dollar has no value, not "inf"."""
+    assert main(["simulate", "--cluster", "examples/clusters/local-cpu.yaml", "--plan",
+                 "examples/plans/local-default.json", "--rate", "1", "--slo", "10", "--requests", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "$0.00/h" in out and "- (priced at $0)" in out and "inf" not in out
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("machines:\n  - {name: a, gpu: A6000\n")
