@@ -185,6 +185,66 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
     dist.destroy_process_group()
 
 
+def run_layout_schedule(model_dir: Path, tp: list[int], layers: list[int], depth: int, config: SchedulerConfig,
+                        eos_token_ids: tuple[int, ...], arrivals: list[tuple[GenerationRequest, int, int | None]],
+                        out_dir: Path) -> dict:
+    """Drive a spawned replica of the given layout (`depth` micro-batches in flight, 0: one per stage) through
+    `arrivals`: (request, the driver's step it is added before, abort once it has this many tokens or None) each.
+    The driver's record: "steps", per Engine.step() its events as (request_id, token or None, finish reason,
+    plain_logprobs); "idle", whether its scheduler ended with nothing running or waiting; its "preemptions" and
+    "prefix_hits" (tokens)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spawn_ranks(_schedule_rank, sum(tp), (str(model_dir), tp, layers, depth, config, eos_token_ids, arrivals,
+                                          str(out_dir)))
+    return torch.load(out_dir / "schedule.pt")
+
+
+def drive_arrivals(engine: Engine, arrivals: list[tuple[GenerationRequest, int, int | None]]) -> list[list[tuple]]:
+    """Step the engine until every request has arrived and finished, adding each before its step and aborting it
+    once it has its number of tokens (as test_engine_fuzz.drive does in one process); each step's events."""
+    pending = sorted(arrivals, key=lambda a: a[1])
+    produced = {request.request_id: 0 for request, _, _ in arrivals}
+    finished: set[str] = set()
+    steps: list[list[tuple]] = []
+    while pending or engine.has_work:
+        while pending and pending[0][1] <= len(steps):
+            engine.add(pending.pop(0)[0])
+        events = engine.step()
+        steps.append([(e.request_id, e.token_id, e.finish_reason, plain_logprobs(e.logprobs)) for e in events])
+        for e in events:
+            produced[e.request_id] += e.token_id is not None
+            if e.finish_reason is not None:
+                finished.add(e.request_id)
+        for request, _, abort_after in arrivals:
+            rid = request.request_id
+            if abort_after is not None and rid not in finished and produced[rid] >= abort_after:
+                engine.abort(rid)
+        assert len(steps) < 5000, "the engine does not finish"
+    return steps
+
+
+def _schedule_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int], depth: int,
+                   config: SchedulerConfig, eos_token_ids: tuple[int, ...],
+                   arrivals: list[tuple[GenerationRequest, int, int | None]], out_dir: str) -> None:
+    source = resolve_model(model_dir, progress=False)
+    plan = single_replica_plan(source.spec, tp, layers)
+    layout = dataclasses.replace(layout_of(plan.replicas[0], "cpu"), depth=depth)
+    spec = RankSpec(source, layout, rank, num_threads=1, master_port=port)
+    ctx = init_rank(spec)
+    runner = build_runner(spec, ctx, config)
+    if ctx.is_driver:
+        engine = Engine.create(runner, config, eos_token_ids)
+        steps = drive_arrivals(engine, arrivals)
+        engine.shutdown()
+        scheduler = engine.scheduler
+        torch.save({"steps": steps, "idle": not scheduler.running and not scheduler.waiting,
+                    "preemptions": scheduler.num_preemptions, "prefix_hits": scheduler.num_prefix_hit_tokens},
+                   Path(out_dir) / "schedule.pt")
+    else:
+        follow_driver(runner)
+    dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- the CLI as a user runs it
 
 HEXGEN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hexgen"

@@ -35,7 +35,7 @@ from hexgen.engine.scheduler import SchedulerConfig
 from hexgen.launch.spec import RankSpec, layout_of
 from hexgen.plan import single_replica_plan
 
-VOCAB = 256  # TINY_CONFIGS["gqa"]
+VOCAB = 256  # token ids drawn: the first 256 of TINY_CONFIGS["gqa"]'s 320
 CONTEXT = 96
 TIE_GAP = 1e-4
 LOGPROB_ATOL = 1e-4
