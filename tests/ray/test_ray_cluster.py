@@ -22,7 +22,8 @@ def test_probe_finds_every_machine_and_link(cluster_file, tokenizer_model_dir, t
     assert all(link.bandwidth_gbps > 0 and 0 < link.latency_ms < 50 for link in links.values())
     plan_path = tmp_path / "plan.json"
     hexgen("plan", "--cluster", str(cluster_file), "--model", str(tokenizer_model_dir), "--rate", "1", "--slo", "10",
-           "--generations", "3", "--requests", "50", "-o", str(plan_path))
+           "--generations", "3", "--requests", "50", "--prompt-tokens", "16", "--output-tokens", "16",  # context 64
+           "-o", str(plan_path))
     machines = {s["machine"] for r in json.loads(plan_path.read_text())["replicas"] for s in r["stages"]}
     assert machines <= set(MACHINES)
 
