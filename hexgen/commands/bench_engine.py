@@ -95,10 +95,9 @@ def check_device_flags(device: str, layouts: list | None, batch_sizes: list[int]
     if batch_sizes and min(batch_sizes) < 1:
         raise UserError(f"--batch-sizes: every size must be >= 1, got {batch_sizes}")
     if device == "cuda":
-        from hexgen.engine.devices import cuda_device_count
+        from hexgen.engine.devices import require_cuda
 
-        if not cuda_device_count():
-            raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
+        require_cuda()
         if layouts:
             raise UserError("--layout runs on CPU only: with one GPU, multi-process layouts cannot share it")
 

@@ -35,14 +35,14 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from hexgen.commands.engine_args import resolve_dtype
-    from hexgen.engine.devices import cuda_device_count, cuda_device_name
+    from hexgen.engine.devices import cuda_device_count, cuda_device_name, require_cuda
     from hexgen.engine.profiler import measure_profile
     from hexgen.errors import UserError
     from hexgen.machine import cpu_description, usable_cores
     from hexgen.profile import profile_from_dict
 
-    if args.device == "cuda" and not cuda_device_count():
-        raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
+    if args.device == "cuda":
+        require_cuda()
     if args.device_type is not None and not args.device_type.strip():
         raise UserError("--device-type is empty: give the GPU type name cluster files use, e.g. H200")
     cores = usable_cores()

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from hexgen.errors import UserError
+
 
 def cuda_device_count() -> int:
     """CUDA devices torch sees; 0 without CUDA."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def require_cuda() -> None:
+    """--device cuda on a machine where torch sees no CUDA device: a one-line error before anything starts."""
+    if not cuda_device_count():
+        raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use cpu")
 
 
 def cuda_memory_bytes() -> list[int]:

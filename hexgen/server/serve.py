@@ -132,13 +132,10 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     if loaded is not None:
         check_plan_model(loaded.model, args.model, spec)
     if given is None and args.device == "cuda" and not args.ray:
-        from hexgen.engine.devices import cuda_memory_bytes
+        from hexgen.engine.devices import cuda_memory_bytes, require_cuda
 
-        gpu_bytes = cuda_memory_bytes()
-        if not gpu_bytes:
-            raise UserError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use "
-                            "--device cpu")
-        plan = default_cuda_plan(spec, gpu_bytes, DTYPE_BYTES[args.dtype])
+        require_cuda()
+        plan = default_cuda_plan(spec, cuda_memory_bytes(), DTYPE_BYTES[args.dtype])
         print(f"hexgen serve: no --plan: {plan.meta['layout']} over this machine's GPUs (`hexgen plan` makes one "
               "for your cluster and workload)", file=sys.stderr)
     else:

@@ -54,7 +54,7 @@ class WorkloadSpec:
                             f"{self.num_requests}")
         if self.arrival not in ("poisson", "gamma"):
             raise UserError(f"arrival process {self.arrival!r} is unknown; use poisson or gamma")
-        if not MIN_CV <= self.cv <= MAX_CV:  # beyond, the gamma draws overflow or divide by zero
+        if not MIN_CV <= self.cv <= MAX_CV:
             raise UserError(f"--cv (the gamma arrivals' coefficient of variation) must be in [{MIN_CV:g}, {MAX_CV:g}], "
                             f"got {self.cv:g}")
         lengths = (self.prompt, self.output)
