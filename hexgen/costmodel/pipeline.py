@@ -9,6 +9,7 @@ bounded by its slowest stage, which serves every micro-batch once per loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from hexgen.costmodel.linear import LinearCost
 
@@ -32,7 +33,7 @@ class ReplicaCost:
     def num_stages(self) -> int:
         return len(self.stages)
 
-    @property
+    @cached_property  # a frozen dataclass still has a __dict__ to cache in; fields alone define eq and hash
     def sequential(self) -> LinearCost:
         """One step through every stage, hop and the token return: the time of a micro-batch's step."""
         total = self.token_return

@@ -4,7 +4,12 @@ Dynamic programming over (first machine, machines visited, last machine) -> best
 layers placed so far (Held-Karp over machine orders, with a min-plus convolution over layer counts). Each
 machine contributes one contiguous run of stages whose best layout per layer count is a SegmentTable.
 A pipeline visits a machine at most once. Groups of more than MAX_EXACT_MACHINES machines are ordered by
-(region, name) and the DP chooses which of them to use in that order.
+(region, GPU type, GPU counts, name) and the DP chooses which of them to use in that order.
+
+Machines of one class (same region, GPU type, GPU counts and CPU cores, and named in no link override) are
+interchangeable in every figure the pricer gives, so a group is solved once per class signature: a group equal to
+a solved one up to swapping machines of a class gets the solved layout with its machines renamed. In a large
+cluster of few machine kinds the search meets thousands of groups but a few hundred signatures.
 
 "Fastest" is StagePricer's objective: one request's latency when replicas serve one request at a time, the
 time of one full batch (inverse throughput) when they batch.
@@ -13,7 +18,8 @@ time of one full batch (inverse throughput) when they batch.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -68,23 +74,57 @@ class PipelineSolver:
 
     def __init__(self, pricer: StagePricer):
         self.pricer = pricer
-        self.segment = cache(lambda m, n, first, last: SegmentTable(pricer, m, n, first, last))
-        self.best = cache(self._solve)
+        self._overridden = {name for pair, _ in pricer.cluster.network.overrides for name in pair}
+        self.class_key = cache(self._class_key)
+        self._segments: dict[tuple, SegmentTable] = {}
+        self._solved: dict[tuple, tuple[tuple[str, ...], PipelineLayout | None]] = {}
 
-    def _solve(self, group: Group) -> PipelineLayout | None:
-        machines = sorted((m for m, _ in group), key=lambda m: (self.pricer.cluster.machine(m).region, m))
-        counts = dict(group)
+    def _class_key(self, machine: str, count: int) -> tuple:
+        """Machines with equal keys (`count` of their GPUs in the group) price alike everywhere: same region (so
+        the same links to every other machine), GPU type, GPU counts and cores, and no link override naming them."""
+        m = self.pricer.cluster.machine(machine)
+        own = machine if machine in self._overridden else ""
+        return m.region, m.gpu.name, m.count, m.cpu_cores or 0, count, own
+
+    def segment(self, machine: str, count: int, first: bool, last: bool) -> SegmentTable:
+        """The best stages on `count` GPUs of `machine`, shared by every machine of its class."""
+        key = (self.class_key(machine, count), first, last)
+        if key not in self._segments:
+            self._segments[key] = SegmentTable(self.pricer, machine, count, first, last)
+        return self._segments[key]
+
+    def best(self, group: Group) -> PipelineLayout | None:
+        """The group's fastest pipeline (None: it cannot hold the model), memoised by class signature."""
+        ordered = sorted(group, key=lambda mc: (self.class_key(*mc), mc[0]))
+        signature = tuple(self.class_key(*mc) for mc in ordered)
+        names = tuple(m for m, _ in ordered)
+        if signature not in self._solved:
+            self._solved[signature] = (names, self._solve(ordered))
+        solved_names, layout = self._solved[signature]
+        if layout is None or solved_names == names:
+            return layout
+        rename = dict(zip(solved_names, names, strict=True))
+        return replace(layout, stages=tuple(replace(s, machine=rename[s.machine]) for s in layout.stages))
+
+    def _solve(self, ordered: list[tuple[str, int]]) -> PipelineLayout | None:
+        """The DP over machines in the given (class-sorted) order; equal signatures give positionally equal
+        layouts, as every figure it reads is a function of the position's class."""
+        machines = [m for m, _ in ordered]
+        counts = dict(ordered)
+        keys_of = [self.class_key(*mc) for mc in ordered]
+        runs = [k if k == 0 or keys_of[k] != keys_of[k - 1] else 0 for k in range(len(keys_of))]
+        runs = list(itertools.accumulate(runs, max))  # runs[k]: the first machine of k's class (classes are contiguous)
         top = self.pricer.model.num_layers
         best_s, best_path = np.inf, None
-        for m in machines:
-            cost = self.segment(m, counts[m], True, True).costs_s[top]
+        for f, m in enumerate(machines):
+            cost = self.segment(m, counts[m], True, True).costs_s[top] if runs[f] == f else np.inf
             if cost < best_s:
                 best_s, best_path = cost, [(m, top, True, True)]
-        states, keys = self._expand(machines, counts)
+        states, keys = self._expand(machines, counts, runs)
         for sid, (f, _, j) in enumerate(keys):
             st = states[keys[sid]]
             for k in range(len(machines)):
-                if not self._may_visit(keys[sid], k, len(machines)):
+                if not self._may_visit(keys[sid], k, runs):
                     continue
                 last_seg = self.segment(machines[k], counts[machines[k]], False, True).costs_s
                 totals = st.costs_s + last_seg[::-1] + self._hop(machines, j, k) + self._return(machines, k, f)
@@ -97,9 +137,15 @@ class PipelineSolver:
         return PipelineLayout(self._stages(best_path, counts), float(best_s))
 
     @staticmethod
-    def _may_visit(key: tuple[int, int | None, int], k: int, n: int) -> bool:
+    def _may_visit(key: tuple[int, int | None, int], k: int, runs: list[int]) -> bool:
+        """Whether a partial pipeline may go on to machine k: k is unused (exact) or after the last machine
+        (ordered), and k is its class's first unused machine. Any pipeline through a later machine of a class
+        that skips an earlier one costs the same with the two swapped, so only these are expanded."""
         _, mask, j = key
-        return k > j if mask is None else not mask & (1 << k)
+        if mask is None:
+            return k == (runs[k] if runs[k] > j else j + 1)
+        before = (1 << (k - runs[k])) - 1  # the machines of k's class ahead of it, as bits from runs[k]
+        return not mask & (1 << k) and (mask >> runs[k]) & before == before
 
     def _hop(self, machines: list[str], j: int, k: int) -> float:
         return self.pricer.hop_s(machines[j], machines[k])
@@ -107,12 +153,14 @@ class PipelineSolver:
     def _return(self, machines: list[str], k: int, f: int) -> float:
         return self.pricer.token_return_s(machines[k], machines[f])
 
-    def _expand(self, machines: list[str], counts: dict[str, int]):
+    def _expand(self, machines: list[str], counts: dict[str, int], runs: list[int]):
         """All partial pipelines (no last machine yet), in an order where predecessors come first."""
         n, top = len(machines), self.pricer.model.num_layers
         exact = n <= MAX_EXACT_MACHINES
         states: dict[tuple, _State] = {}
         for f, m in enumerate(machines):
+            if runs[f] != f:
+                continue  # a pipeline may start on its class's first machine only (see _may_visit)
             seg = self.segment(m, counts[m], True, False).costs_s
             key = (f, 1 << f if exact else None, f)
             states[key] = _State(seg.copy(), np.full(top + 1, -1), np.arange(top + 1))
@@ -130,7 +178,7 @@ class PipelineSolver:
             if not np.isfinite(st.costs_s).any():
                 continue
             for k in range(n):
-                if not self._may_visit(key, k, n):
+                if not self._may_visit(key, k, runs):
                     continue
                 seg = self.segment(machines[k], counts[machines[k]], False, False).costs_s
                 costs, arg = min_plus(st.costs_s, seg)

@@ -119,15 +119,21 @@ class PlanEvaluator:
         wl = self.workload
         ranked = sorted((c.request_latency_s(wl.prompt_tokens, wl.output_tokens), i)
                         for i, c in enumerate(costs) if c is not None)
-        if not ranked:
-            return Selection(self.objective.score(np.array([])), ())
         order = [i for _, i in ranked]
-        best: Selection | None = None
+        score, k = self._best_prefix(tuple(costs[i] for i in order))
+        return Selection(score, tuple(order[:k]))
+
+    @cache  # noqa: B019 - one evaluator per search; partitions of interchangeable machines share replica costs
+    def _best_prefix(self, ranked: tuple[ReplicaCost, ...]) -> tuple[Score, int]:
+        """The best score of the k fastest replicas (ranked fastest first), and that k."""
+        if not ranked:
+            return self.objective.score(np.array([])), 0
+        best: tuple[Score, int] | None = None
         worse = 0
-        for k in self._sizes([costs[i] for i in order]):
-            score = self.objective.score(self.latencies_s([costs[i] for i in order[:k]]))
-            if best is None or score > best.score:
-                best, worse = Selection(score, tuple(order[:k])), 0
+        for k in self._sizes(list(ranked)):
+            score = self.objective.score(self.latencies_s(list(ranked[:k])))
+            if best is None or score > best[0]:
+                best, worse = (score, k), 0
             elif self.is_batching and (worse := worse + 1) >= PATIENCE_K:
                 break
         return best

@@ -132,3 +132,76 @@ def test_too_many_tp_layouts_on_one_machine_is_a_user_error():
     with pytest.raises(ConfigError, match=r"machine 'big': its 64 GPUs form 17,360 different sets of TP groups "
                                           r"\(degrees 1, 2, 4, 8\), more than the planner enumerates \(5,000\)"):
         solve(64)
+
+
+def _cluster_of_kinds(rng: random.Random, num_machines: int, override: bool) -> Cluster:
+    """Machines drawn from two kinds (one GPU type, region and count each), so several are interchangeable; with
+    `override`, a link naming one machine makes it unlike its kind."""
+    kinds = [(GpuType("ga", 0.3, rng.uniform(200, 1500), rng.uniform(50, 300)), rng.randint(1, 2), "r0"),
+             (GpuType("gb", 0.2, rng.uniform(200, 1500), rng.uniform(50, 300)), 1, rng.choice(["r0", "r1"]))]
+    machines = tuple(Machine(f"m{i}", *rng.choice(kinds)) for i in range(num_machines))
+    links = ((frozenset({"m0", "m1"}), Link(rng.uniform(0.01, 0.1), rng.uniform(20, 80))),) if override else ()
+    net = Network(Link(200.0, 0.01), Link(rng.uniform(1, 20), rng.uniform(0.1, 2)), Link(1.0, rng.uniform(5, 40)),
+                  links)
+    return Cluster(machines, net)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_dp_over_interchangeable_machines_equals_brute_force(seed):
+    """The DP expands only a class's first unused machine; brute force tries every machine order and subset."""
+    rng = random.Random(1000 + seed)
+    cluster = _cluster_of_kinds(rng, rng.randint(2, 4), override=seed % 4 == 0)
+    model = tiny_model(num_layers=rng.randint(3, 5), hidden=2048, heads=4, kv_heads=2, vocab=1000)
+    workload = Workload(prompt_tokens=rng.randint(8, 256), output_tokens=rng.randint(2, 64))
+    cfg = CostConfig(runtime_reserve_gb=0.02)
+    group = tuple((m.name, m.count) for m in cluster.machines)
+    layout = PipelineSolver(StagePricer(cluster, model, workload, cfg)).best(group)
+    expected = brute_force(cluster, model, workload, cfg, group)
+    if math.isinf(expected):
+        assert layout is None
+        return
+    assert layout is not None and layout.latency_s == pytest.approx(expected, rel=1e-9)
+    stages = [(s.machine, s.tp_degree) for s in layout.stages]
+    assert _latency_if_fits(cluster, model, workload, cfg, stages, [s.num_layers for s in layout.stages]) == \
+        pytest.approx(expected, rel=1e-9)
+
+
+def test_dp_of_many_machines_chooses_among_class_ordered_subsequences():
+    """Past MAX_EXACT_MACHINES the DP keeps the machines in (region, GPU type, ..., name) order and picks which to
+    use: against brute force over every such subsequence (names shuffled so that name order is not class order)."""
+    rng = random.Random(7)
+    fast, slow = GpuType("fast", 0.3, 1400.0, 250.0), GpuType("slow", 0.3, 300.0, 60.0)
+    names = [f"n{i}" for i in rng.sample(range(10), 9)]
+    machines = tuple(Machine(n, fast if i % 2 else slow, 1, "r0") for i, n in enumerate(names))
+    cluster = Cluster(machines, Network(Link(200.0, 0.01), Link(5.0, 0.3), Link(1.0, 30.0)))
+    model = tiny_model(num_layers=6, hidden=2048, heads=4, kv_heads=2, vocab=1000)
+    workload, cfg = Workload(prompt_tokens=64, output_tokens=16), CostConfig(runtime_reserve_gb=0.02)
+    ordered = sorted(machines, key=lambda m: (m.gpu.name, m.name))
+    expected = math.inf
+    for r in range(1, model.num_layers + 1):
+        for subset in itertools.combinations(ordered, r):
+            for split in _compositions(model.num_layers, r):
+                stages = [(m.name, 1) for m in subset]
+                expected = min(expected, _latency_if_fits(cluster, model, workload, cfg, stages, split))
+    group = tuple(sorted((m.name, 1) for m in machines))
+    layout = PipelineSolver(StagePricer(cluster, model, workload, cfg)).best(group)
+    assert layout is not None and layout.latency_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_group_like_a_solved_one_gets_its_layout_renamed():
+    """Groups equal up to swapping interchangeable machines are solved once; the second gets the first's layout on
+    its own machines, the same a fresh solver finds for it."""
+    slow, fast = GpuType("slow", 0.3, 300.0, 60.0), GpuType("fast", 0.3, 1400.0, 250.0)
+    machines = tuple(Machine(f"s{i}", slow, 1, "r0") for i in range(3)) + (Machine("f0", fast, 2, "r0"),)
+    cluster = Cluster(machines, Network(Link(200.0, 0.01), Link(5.0, 0.3), Link(1.0, 30.0)))
+    model = tiny_model(num_layers=6, hidden=2048, heads=4, kv_heads=2, vocab=1000)
+    workload, cfg = Workload(prompt_tokens=64, output_tokens=16), CostConfig(runtime_reserve_gb=0.02)
+    solver = PipelineSolver(StagePricer(cluster, model, workload, cfg))
+    first = solver.best((("f0", 2), ("s0", 1), ("s1", 1)))
+    second = solver.best((("f0", 2), ("s1", 1), ("s2", 1)))
+    fresh = PipelineSolver(StagePricer(cluster, model, workload, cfg)).best((("f0", 2), ("s1", 1), ("s2", 1)))
+    assert len(solver._solved) == 1
+    assert second == fresh and second.latency_s == first.latency_s
+    assert {s.machine for s in second.stages} <= {"f0", "s1", "s2"}
+    assert [s.machine for s in second.stages] == [{"s0": "s1", "s1": "s2"}.get(s.machine, s.machine)
+                                                  for s in first.stages]
