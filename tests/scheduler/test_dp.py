@@ -135,9 +135,11 @@ def test_too_many_tp_layouts_on_one_machine_is_a_user_error():
 
 
 def _cluster_of_kinds(rng: random.Random, num_machines: int, override: bool) -> Cluster:
-    """Machines drawn from two kinds (one GPU type, region and count each), so several are interchangeable; with
-    `override`, a link naming one machine makes it unlike its kind."""
-    kinds = [(GpuType("ga", 0.3, rng.uniform(200, 1500), rng.uniform(50, 300)), rng.randint(1, 2), "r0"),
+    """Machines drawn from three kinds (a GPU type, count and region each; two differ in region only), so several
+    are interchangeable; with `override`, a link naming one machine makes it unlike its kind."""
+    ga = GpuType("ga", 0.3, rng.uniform(200, 1500), rng.uniform(50, 300))
+    count_a = rng.randint(1, 2)
+    kinds = [(ga, count_a, "r0"), (ga, count_a, "r1"),
              (GpuType("gb", 0.2, rng.uniform(200, 1500), rng.uniform(50, 300)), 1, rng.choice(["r0", "r1"]))]
     machines = tuple(Machine(f"m{i}", *rng.choice(kinds)) for i in range(num_machines))
     links = ((frozenset({"m0", "m1"}), Link(rng.uniform(0.01, 0.1), rng.uniform(20, 80))),) if override else ()

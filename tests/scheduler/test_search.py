@@ -61,3 +61,31 @@ def test_gpus_too_small_for_any_piece_are_named_as_such(memory_gb, fragment):
     with pytest.raises(UserError) as err:
         plan_cluster(cluster, load_model_spec("smollm2-135m"), request)
     assert fragment in str(err.value) and "missing" not in str(err.value)
+
+
+def test_interchangeable_machines_plan_as_if_each_were_unique():
+    """The DP solves a class of interchangeable machines once and skips orders that only swap them; against the same
+    search on a copy of the cluster where every machine has a GPU type of its own (same figures, so no two are
+    interchangeable and nothing is shared), the plan scores the same and has the same stages up to machine names.
+    Six machines: every group is within the DP's exact range."""
+    from dataclasses import replace
+
+    from hexgen.cluster import Cluster
+
+    text = "machines:\n" + "".join(f"  - {{name: m{i}, gpu: {gpu}, count: {n}, region: {r}}}\n" for i, (gpu, n, r) in
+                                   enumerate([("A6000", 2, "a"), ("A6000", 2, "a"), ("A5000", 4, "a"),
+                                              ("A5000", 4, "a"), ("A6000", 2, "b"), ("A5000", 4, "a")]))
+    cluster = parse_cluster(text)
+    unique = Cluster(tuple(replace(m, gpu=replace(m.gpu, name=f"{m.gpu.name}-{m.name}")) for m in cluster.machines),
+                     cluster.network)
+    model = load_model_spec("llama-2-13b")
+    request = PlanRequest(3.0, 20.0, Workload(128, 32), num_requests=150, seed=3, ga=SMALL)
+    shared, alone = plan_cluster(cluster, model, request), plan_cluster(unique, model, request)
+
+    def shape(plan):
+        return sorted(tuple((cluster.machine(s.machine).gpu.name, s.tp, s.layers)
+                            for s in r.stages) for r in plan.replicas)
+
+    assert shared.search.best_score == pytest.approx(alone.search.best_score)
+    assert shape(shared.plan) == shape(alone.plan)
+    assert shared.plan.meta["predicted_slo_attainment"] == alone.plan.meta["predicted_slo_attainment"]
