@@ -3,6 +3,8 @@ kinds, spread over one or more regions), plan Llama-2-70B on each with `hexgen p
 the wall time, the search's own time and the plan it found.
 
     .venv/bin/python scripts/plan_scaling.py [--machines 25 50 100 200] [--regions 1 3] [--seed 0]
+
+The planner is imported by the interpreter running this script: PYTHONPATH=OTHER_CHECKOUT times another version.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 # (GPU type, GPUs per machine): the kinds of the paper's heterogeneous cluster, by the built-in GPU table.
 KINDS = (("A100-40G", 8), ("A6000", 4), ("A5000", 4), ("RTX3090Ti", 8))
 NETWORK = """network:
@@ -38,7 +39,7 @@ def cluster_yaml(machines: int, regions: int, seed: int) -> tuple[str, int]:
 
 
 def plan_once(cluster: Path, out: Path, args: argparse.Namespace) -> dict:
-    cmd = [str(ROOT / ".venv/bin/hexgen"), "plan", "--cluster", str(cluster), "--model", args.model,
+    cmd = [sys.executable, "-m", "hexgen.cli", "plan", "--cluster", str(cluster), "--model", args.model,
            "--rate", str(args.rate), "--slo-scale", str(args.slo_scale), "--seed", str(args.seed), "-o", str(out)]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
