@@ -25,7 +25,7 @@ from functools import cache
 import numpy as np
 
 from hexgen.planner.pricing import StagePricer
-from hexgen.planner.segments import SegmentTable
+from hexgen.planner.segments import SegmentTable, min_plus
 
 MAX_EXACT_MACHINES = 6
 Group = tuple[tuple[str, int], ...]  # (machine name, GPUs of that machine in the group), sorted
@@ -44,22 +44,6 @@ class PipelineLayout:
 
     stages: tuple[LayoutStage, ...]
     latency_s: float
-
-
-@cache
-def _gather_index(n: int) -> np.ndarray:
-    """G[j, i] indexes (i, j - i) in a flattened n x n matrix, or the sentinel n*n when j < i."""
-    j, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    return np.where(j >= i, i * n + (j - i), n * n)
-
-
-def min_plus(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """c[j] = min_i a[i] + b[j - i], and the minimising i."""
-    n = len(a)
-    flat = np.append((a[:, None] + b[None, :]).ravel(), np.inf)
-    values = flat[_gather_index(n)]
-    arg = values.argmin(axis=1)
-    return values[np.arange(n), arg], arg
 
 
 @dataclass

@@ -6,15 +6,15 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 from scheduler_helpers import tiny_model
 
 from hexgen.cluster import Cluster, GpuType, Link, Machine, Network
 from hexgen.costmodel import CostConfig, StagePlacement, Workload, replica_cost, stage_memory_bytes
-from hexgen.errors import ConfigError
 from hexgen.planner.dp import PipelineSolver, min_plus
 from hexgen.planner.pricing import StagePricer
-from hexgen.planner.segments import count_tp_multisets, tp_multisets
+from hexgen.planner.segments import SegmentTable
 
 
 def _stage_lists(count: int, degrees: list[int]):
@@ -93,7 +93,6 @@ def test_dp_equals_brute_force_on_random_small_groups(seed):
 
 def test_min_plus_matches_definition():
     a, b = [0.0, 2.0, 5.0, math.inf], [math.inf, 1.0, 1.5, 7.0]
-    import numpy as np
 
     c, arg = min_plus(np.array(a), np.array(b))
     for j in range(4):
@@ -101,37 +100,79 @@ def test_min_plus_matches_definition():
         assert a[arg[j]] + b[j - arg[j]] == c[j]
 
 
-@pytest.mark.parametrize("count, degrees", [(0, [1, 2]), (7, [1, 2, 4]), (12, [1, 3]), (10, [2, 4, 8]), (9, [1])])
-def test_tp_multisets_are_every_multiset_once(count, degrees):
-    """Against brute force: every sorted tuple of degrees summing to at most `count`, each listed once."""
-    expected = {tuple(sorted(c, reverse=True)) for c in _stage_lists(count, degrees)}
-    listed = tp_multisets(count, degrees)
-    assert len(listed) == len(set(listed)) == count_tp_multisets(count, degrees)
-    assert set(listed) == expected
+def _segment_brute_force(pricer: StagePricer, machine: str, count: int, first: bool, last: bool) -> list[float]:
+    """Per layer count, the least time over every ordered list of TP degrees that fits `count` GPUs and every split
+    of the layers, priced stage by stage from the pricer's figures (the definition SegmentTable optimises)."""
+    top = pricer.model.num_layers
+    best = [math.inf] * (top + 1)
+    hop = pricer.hop_s(machine, machine)
+    for degrees in _stage_lists(count, pricer.tp_degrees(machine)):
+        k = len(degrees)
+        roles = [(first and i == 0, last and i == k - 1) for i in range(k)]
+        for layers in range(k, top + 1):
+            for split in _compositions(layers, k):
+                if any(n > pricer.max_layers(machine, d, *r) for d, n, r in zip(degrees, split, roles, strict=True)):
+                    continue
+                t = sum(pricer.stage_extra_s(machine, d, *r) + pricer.per_layer_s(machine, d) * n
+                        for d, n, r in zip(degrees, split, roles, strict=True))
+                t += (k - 1) * hop + (pricer.token_return_s(machine, machine) if first and last and k > 1 else 0)
+                best[layers] = min(best[layers], t)
+    return best
 
 
-def test_a_machine_of_many_slots_nests_no_recursion():
-    """3,000 CPU slots of a model with TP 1 only: 3,000 multisets, the deepest 3,000 long (recursion stopped at
-    Python's limit of 1,000)."""
-    listed = tp_multisets(3000, [1])
-    assert len(listed) == 3000 and max(map(len, listed)) == 3000
+@pytest.mark.parametrize("seed", range(12))
+def test_segment_table_equals_brute_force(seed):
+    """Every layer count, every first / last role, machines of up to 6 GPUs whose model allows TP 1, 2, 4 (or 1, 3):
+    the knapsack's time equals the best of every stage list and split, and its stages give that time."""
+    rng = random.Random(seed)
+    heads = rng.choice([4, 12])  # TP degrees 1, 2, 4 or 1, 2, 3, 4, 6
+    model = tiny_model(num_layers=rng.randint(3, 6), hidden=96 * heads, heads=heads, kv_heads=heads, vocab=1000)
+    gpu = GpuType("g", rng.choice([0.05, 0.1, 0.3]), rng.uniform(200, 1500), rng.uniform(50, 300))
+    count = rng.randint(1, 6)
+    cluster = Cluster((Machine("m", gpu, count, "r"),), Network(Link(rng.uniform(20, 400), rng.uniform(0.005, 0.5)),
+                                                                Link(10, 1), Link(1, 30)))
+    workload = Workload(prompt_tokens=rng.randint(8, 256), output_tokens=rng.randint(2, 64),
+                        max_batch=rng.choice([1, 8]))
+    pricer = StagePricer(cluster, model, workload, CostConfig(runtime_reserve_gb=0.02))
+    for first, last in itertools.product([False, True], repeat=2):
+        table = SegmentTable(pricer, "m", count, first, last)
+        expected = _segment_brute_force(pricer, "m", count, first, last)
+        assert table.costs_s == pytest.approx(expected, rel=1e-9)
+        for layers in np.nonzero(np.isfinite(table.costs_s))[0]:
+            stages = table.stages(int(layers))
+            assert sum(s.num_layers for s in stages) == layers and sum(s.tp_degree for s in stages) <= count
+            assert [s.is_first for s in stages] == [first and i == 0 for i in range(len(stages))]
+            assert [s.is_last for s in stages] == [last and i == len(stages) - 1 for i in range(len(stages))]
+            roles = [(s.is_first, s.is_last) for s in stages]
+            t = sum(pricer.stage_extra_s("m", s.tp_degree, *r) + pricer.per_layer_s("m", s.tp_degree) * s.num_layers
+                    for s, r in zip(stages, roles, strict=True))
+            t += (len(stages) - 1) * pricer.hop_s("m", "m")
+            t += pricer.token_return_s("m", "m") if first and last and len(stages) > 1 else 0
+            assert all(s.num_layers <= pricer.max_layers("m", s.tp_degree, *r) for s, r in zip(stages, roles,
+                                                                                                 strict=True))
+            assert t == pytest.approx(table.costs_s[layers], rel=1e-9)
 
 
-def test_too_many_tp_layouts_on_one_machine_is_a_user_error():
-    """64 GPUs with TP 1, 2, 4, 8 (17,360 multisets: minutes of enumeration, 256 took gigabytes) is refused with the
-    machine's name; 32 (1,624) plans."""
-    model = tiny_model(num_layers=4, hidden=2048, heads=8, kv_heads=8, vocab=1000)
+def test_machines_of_many_gpus_are_planned():
+    """64 and 128 GPUs of TP 1, 2, 4, 8 (17,360 and over 10^6 sets of TP groups, once refused) and 3,000 CPU slots of
+    TP 1: planned; more GPUs never make the best pipeline slower (the table is over at most that many GPUs)."""
+    model = tiny_model(num_layers=40, hidden=256, heads=8, kv_heads=8, vocab=1000)  # ~1.5 MB of weights a layer
     workload, cfg = Workload(prompt_tokens=64, output_tokens=16), CostConfig(runtime_reserve_gb=0.02)
 
-    def solve(count: int):
-        gpu = GpuType("g", 80.0, 2000.0, 300.0)
+    def solve(count: int, memory_gb: float = 0.04):
+        gpu = GpuType("g", memory_gb, 2000.0, 300.0)
         cluster = Cluster((Machine("big", gpu, count, "r"),), Network(Link(200.0, 0.01), Link(10, 1), Link(1, 30)))
         return PipelineSolver(StagePricer(cluster, model, workload, cfg)).best((("big", count),))
 
-    assert solve(32) is not None
-    with pytest.raises(ConfigError, match=r"machine 'big': its 64 GPUs form 17,360 different sets of TP groups "
-                                          r"\(degrees 1, 2, 4, 8\), more than the planner enumerates \(5,000\)"):
-        solve(64)
+    layouts = {count: solve(count) for count in (8, 32, 64, 128)}
+    assert all(layout is not None for layout in layouts.values())
+    assert [layouts[c].latency_s for c in (8, 32, 64, 128)] == sorted(
+        (layouts[c].latency_s for c in (8, 32, 64, 128)), reverse=True)
+    for count, layout in layouts.items():
+        assert sum(s.tp_degree for s in layout.stages) <= count
+        assert sum(s.num_layers for s in layout.stages) == model.num_layers
+    slots = solve(3000, memory_gb=0.025)
+    assert slots is not None and sum(s.num_layers for s in slots.stages) == model.num_layers
 
 
 def _cluster_of_kinds(rng: random.Random, num_machines: int, override: bool) -> Cluster:
