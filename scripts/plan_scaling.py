@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# (GPU type, GPUs per machine): the kinds of the paper's heterogeneous cluster, by the built-in GPU table.
-KINDS = (("A100-40G", 8), ("A6000", 4), ("A5000", 4), ("RTX3090Ti", 8))
+# (GPU type, GPUs per machine): GPU types of the paper's heterogeneous cluster, in machines too small to hold a 70B
+# model alone (so replicas are pipelines across machines).
+KINDS = (("A100-40G", 2), ("A6000", 2), ("A5000", 4), ("RTX3090Ti", 4))
 NETWORK = """network:
   intra_machine: {bandwidth_gbps: 4800, latency_ms: 0.005}
   intra_region:  {bandwidth_gbps: 100, latency_ms: 0.1}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import numpy as np
@@ -51,6 +51,48 @@ class _State:
     costs_s: np.ndarray
     prev: np.ndarray  # per layer count: index of the predecessor state (-1: this is the first machine)
     take: np.ndarray  # per layer count: layers placed on this state's last machine
+
+
+@dataclass
+class _GroupTables:
+    """One group's machines in DP order with the figures the DP reads, as arrays indexed by position."""
+
+    machines: list[str]
+    counts: dict[str, int]
+    runs: list[int]  # runs[k]: the position of the first machine of k's class (a class's machines are contiguous)
+    exact: bool  # every machine order (Held-Karp over subsets), else the given order only
+    middle: np.ndarray  # [k, layers]: machine k's best segment in the middle of a pipeline
+    last_reversed: np.ndarray  # [k, i]: machine k's best last segment of (all layers - i)
+    hop_s: np.ndarray  # [j, k]: activations from machine j to machine k
+    return_s: np.ndarray  # [k, f]: token ids from the last machine k back to the first f
+    _nexts: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, solver: PipelineSolver, ordered: list[tuple[str, int]]) -> _GroupTables:
+        machines, p = [m for m, _ in ordered], solver.pricer
+        keys = [solver.class_key(*mc) for mc in ordered]
+        runs = list(itertools.accumulate((k if k == 0 or keys[k] != keys[k - 1] else 0 for k in range(len(keys))),
+                                         max))
+        return cls(machines, dict(ordered), runs, len(machines) <= MAX_EXACT_MACHINES,
+                   np.stack([solver.segment(m, n, False, False).costs_s for m, n in ordered]),
+                   np.stack([solver.segment(m, n, False, True).costs_s[::-1] for m, n in ordered]),
+                   np.array([[p.hop_s(a, b) for b in machines] for a in machines]),
+                   np.array([[p.token_return_s(a, b) for b in machines] for a in machines]))
+
+    def nexts(self, key: tuple[int, int | None, int]) -> list[int]:
+        """The machines a partial pipeline may go on to: unused (exact) or after its last machine (ordered), and
+        each its class's first unused machine. Any pipeline through a later machine of a class that skips an
+        earlier one costs the same with the two swapped, so only these are expanded."""
+        _, mask, j = key
+        memo = (mask, j)
+        if memo not in self._nexts:
+            runs = self.runs
+            if mask is None:
+                self._nexts[memo] = [k for k in range(j + 1, len(runs)) if k == (runs[k] if runs[k] > j else j + 1)]
+            else:
+                self._nexts[memo] = [k for k in range(len(runs)) if not mask & (1 << k)
+                                     and (mask >> runs[k]) & ((1 << (k - runs[k])) - 1) == (1 << (k - runs[k])) - 1]
+        return self._nexts[memo]
 
 
 class PipelineSolver:
@@ -93,81 +135,58 @@ class PipelineSolver:
     def _solve(self, ordered: list[tuple[str, int]]) -> PipelineLayout | None:
         """The DP over machines in the given (class-sorted) order; equal signatures give positionally equal
         layouts, as every figure it reads is a function of the position's class."""
-        machines = [m for m, _ in ordered]
-        counts = dict(ordered)
-        keys_of = [self.class_key(*mc) for mc in ordered]
-        runs = [k if k == 0 or keys_of[k] != keys_of[k - 1] else 0 for k in range(len(keys_of))]
-        runs = list(itertools.accumulate(runs, max))  # runs[k]: the first machine of k's class (classes are contiguous)
+        g = _GroupTables.of(self, ordered)
         top = self.pricer.model.num_layers
         best_s, best_path = np.inf, None
-        for f, m in enumerate(machines):
-            cost = self.segment(m, counts[m], True, True).costs_s[top] if runs[f] == f else np.inf
+        for f, m in enumerate(g.machines):
+            cost = self.segment(m, g.counts[m], True, True).costs_s[top] if g.runs[f] == f else np.inf
             if cost < best_s:
                 best_s, best_path = cost, [(m, top, True, True)]
-        states, keys = self._expand(machines, counts, runs)
-        for sid, (f, _, j) in enumerate(keys):
-            st = states[keys[sid]]
-            for k in range(len(machines)):
-                if not self._may_visit(keys[sid], k, runs):
-                    continue
-                last_seg = self.segment(machines[k], counts[machines[k]], False, True).costs_s
-                totals = st.costs_s + last_seg[::-1] + self._hop(machines, j, k) + self._return(machines, k, f)
-                i = int(totals.argmin())
-                if totals[i] < best_s:
-                    best_s = float(totals[i])
-                    best_path = self._path(states, keys, sid, i, machines) + [(machines[k], top - i, False, True)]
+        states, keys = self._expand(g)
+        for sid, key in enumerate(keys):
+            f, _, j = key
+            ks = g.nexts(key)
+            if not ks:
+                continue
+            totals = states[key].costs_s + g.last_reversed[ks] + (g.hop_s[j, ks] + g.return_s[ks, f])[:, None]
+            row, i = np.unravel_index(int(totals.argmin()), totals.shape)
+            if totals[row, i] < best_s:
+                best_s = float(totals[row, i])
+                best_path = self._path(states, keys, sid, int(i), g.machines) + [
+                    (g.machines[ks[row]], top - int(i), False, True)]
         if best_path is None:
             return None
-        return PipelineLayout(self._stages(best_path, counts), float(best_s))
+        return PipelineLayout(self._stages(best_path, g.counts), float(best_s))
 
-    @staticmethod
-    def _may_visit(key: tuple[int, int | None, int], k: int, runs: list[int]) -> bool:
-        """Whether a partial pipeline may go on to machine k: k is unused (exact) or after the last machine
-        (ordered), and k is its class's first unused machine. Any pipeline through a later machine of a class
-        that skips an earlier one costs the same with the two swapped, so only these are expanded."""
-        _, mask, j = key
-        if mask is None:
-            return k == (runs[k] if runs[k] > j else j + 1)
-        before = (1 << (k - runs[k])) - 1  # the machines of k's class ahead of it, as bits from runs[k]
-        return not mask & (1 << k) and (mask >> runs[k]) & before == before
-
-    def _hop(self, machines: list[str], j: int, k: int) -> float:
-        return self.pricer.hop_s(machines[j], machines[k])
-
-    def _return(self, machines: list[str], k: int, f: int) -> float:
-        return self.pricer.token_return_s(machines[k], machines[f])
-
-    def _expand(self, machines: list[str], counts: dict[str, int], runs: list[int]):
+    def _expand(self, g: _GroupTables):
         """All partial pipelines (no last machine yet), in an order where predecessors come first."""
-        n, top = len(machines), self.pricer.model.num_layers
-        exact = n <= MAX_EXACT_MACHINES
+        top = self.pricer.model.num_layers
         states: dict[tuple, _State] = {}
-        for f, m in enumerate(machines):
-            if runs[f] != f:
-                continue  # a pipeline may start on its class's first machine only (see _may_visit)
-            seg = self.segment(m, counts[m], True, False).costs_s
-            key = (f, 1 << f if exact else None, f)
+        for f, m in enumerate(g.machines):
+            if g.runs[f] != f:
+                continue  # a pipeline may start on its class's first machine only (see _GroupTables.nexts)
+            seg = self.segment(m, g.counts[m], True, False).costs_s
+            key = (f, 1 << f if g.exact else None, f)
             states[key] = _State(seg.copy(), np.full(top + 1, -1), np.arange(top + 1))
         keys: list[tuple] = []
 
         def order(key: tuple) -> tuple:  # machines used (exact) or the last machine's index, then the key
-            return (bin(key[1]).count("1") if exact else key[2], key)
+            return (bin(key[1]).count("1") if g.exact else key[2], key)
 
         frontier = [order(key) for key in states]  # a heap: ~n^2 / 2 states, each adding up to n (no re-sorts)
         heapq.heapify(frontier)
+        layers = np.arange(top + 1)
         while frontier:
             key = heapq.heappop(frontier)[1]
             keys.append(key)
             sid, st = len(keys) - 1, states[key]
-            if not np.isfinite(st.costs_s).any():
+            ks = g.nexts(key)
+            if not ks or not np.isfinite(st.costs_s).any():
                 continue
-            for k in range(n):
-                if not self._may_visit(key, k, runs):
-                    continue
-                seg = self.segment(machines[k], counts[machines[k]], False, False).costs_s
-                costs, arg = min_plus(st.costs_s, seg)
-                costs = costs + self._hop(machines, key[2], k)
-                new_key = (key[0], key[1] | (1 << k) if exact else None, k)
+            all_costs, all_args = min_plus(st.costs_s, g.middle[ks])  # one pass for every next machine
+            all_costs += g.hop_s[key[2], ks][:, None]
+            for k, costs, arg in zip(ks, all_costs, all_args, strict=True):
+                new_key = (key[0], key[1] | (1 << k) if g.exact else None, k)
                 if new_key not in states:
                     states[new_key] = _State(np.full(top + 1, np.inf), np.full(top + 1, -1), np.zeros(top + 1, int))
                     heapq.heappush(frontier, order(new_key))
@@ -175,7 +194,7 @@ class PipelineSolver:
                 better = costs < target.costs_s
                 target.costs_s[better] = costs[better]
                 target.prev[better] = sid
-                target.take[better] = (np.arange(top + 1) - arg)[better]
+                target.take[better] = (layers - arg)[better]
         return states, keys
 
     @staticmethod

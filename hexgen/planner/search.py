@@ -68,9 +68,36 @@ def initial_partitions(
     everything = make_partition([{m.name: m.count for m in cluster.machines}])
     starts = [by_region(cluster), by_machine(cluster), everything]
     if holds_replica is not None:
-        starts.append(machines_then_region_pools(cluster, holds_replica))
+        starts += [machines_then_region_pools(cluster, holds_replica), packed_region_pools(cluster, holds_replica)]
     starts += [partition_of(p, cluster) for p in symmetric_candidates(cluster, model, workload, cfg)]
     return list(dict.fromkeys(starts))
+
+
+def packed_region_pools(cluster: Cluster, holds_replica: Callable[[Group], bool]) -> Partition:
+    """Machines that hold a replica alone, one group each; the others packed per region, most GPU memory first, into
+    groups that just hold a replica (what is left joins the region's last group). A pool of a whole region makes
+    one replica and leaves the rest idle: on a large cluster the search would take many generations to split it."""
+    groups: list[dict[str, int]] = []
+    pools: dict[str, list] = {}
+    for m in cluster.machines:
+        if holds_replica(make_group({m.name: m.count})):
+            groups.append({m.name: m.count})
+        else:
+            pools.setdefault(m.region, []).append(m)
+    for machines in pools.values():
+        packed: list[dict[str, int]] = []
+        current: dict[str, int] = {}
+        for m in sorted(machines, key=lambda m: (-m.count * m.gpu.memory_bytes, m.name)):
+            current[m.name] = m.count
+            if holds_replica(make_group(current)):
+                packed.append(current)
+                current = {}
+        if current and packed:
+            packed[-1].update(current)
+        elif current:
+            packed.append(current)
+        groups += packed
+    return make_partition(groups)
 
 
 def machines_then_region_pools(cluster: Cluster, holds_replica: Callable[[Group], bool]) -> Partition:
