@@ -84,3 +84,26 @@ def test_machines_that_hold_a_replica_alone_start_as_their_own_groups(tiny_clust
     assert alone == make_partition([{"big-0": 4}, {"mid-0": 2}, {"small-0": 2}])
     pooled = machines_then_region_pools(tiny_cluster, lambda g: False)
     assert pooled == make_partition([{"big-0": 4, "mid-0": 2}, {"small-0": 2}])
+
+
+def test_small_machines_are_packed_per_region_into_groups_that_just_hold_a_replica():
+    """Hand-worked, with a stand-in for "holds a replica" (units of memory, 3 needed): machines that hold one alone
+    are groups of their own; the others are taken most GPU memory first (then by name), a group closes when it
+    holds a replica, and what is left joins the region's last group."""
+    from hexgen.cluster import parse_cluster
+    from hexgen.planner.partition import make_partition
+    from hexgen.planner.search import packed_region_pools
+
+    cluster = parse_cluster("machines:\n" + "".join(
+        f"  - {{name: {n}, gpu: {g}, count: {c}, region: {r}}}\n" for n, g, c, r in [
+            ("a", "A100-80G", 4, "x"), ("b", "A6000", 2, "x"), ("c", "A6000", 1, "x"), ("d", "A5000", 2, "x"),
+            ("e", "A5000", 1, "x"), ("h", "A5000", 1, "x"), ("f", "A6000", 2, "y"), ("g", "A5000", 1, "y")]))
+    units = {"a": 9, "b": 2, "c": 2, "d": 2, "e": 1, "h": 1, "f": 2, "g": 1}
+
+    def holds(group) -> bool:
+        return sum(units[m] for m, _ in group) >= 3
+
+    # region x, most memory first: b (96 GB), c and d (48 GB, by name), e and h (24 GB): b + c close (4), d + e
+    # close (3), h is left and joins d + e; region y: f + g close (3)
+    assert packed_region_pools(cluster, holds) == make_partition(
+        [{"a": 4}, {"b": 2, "c": 1}, {"d": 2, "e": 1, "h": 1}, {"f": 2, "g": 1}])
