@@ -43,14 +43,15 @@ def plan_once(cluster: Path, out: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "hexgen.cli", "plan", "--cluster", str(cluster), "--model", args.model,
            "--rate", str(args.rate), "--slo-scale", str(args.slo_scale), "--seed", str(args.seed), "-o", str(out)]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=out.parent)  # not a checkout: PYTHONPATH decides
     wall_s = time.perf_counter() - start
     plan = json.loads(out.read_text())
     meta = plan["meta"]
     gpus = sum(len(s["gpus"]) for r in plan["replicas"] for s in r["stages"])
     stages = max(len(r["stages"]) for r in plan["replicas"])
     return {"wall_s": wall_s, "search_s": meta["search_s"], "replicas": len(plan["replicas"]), "gpus": gpus,
-            "max_stages": stages, "attainment": meta["predicted_slo_attainment"]}
+            "max_stages": stages, "attainment": meta["predicted_slo_attainment"],
+            "tail_s": meta["predicted_tail_latency_s"]}
 
 
 def main() -> None:
@@ -63,8 +64,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     print("| machines (GPUs) | regions | `hexgen plan` wall (s) | search (s) | replicas | GPUs used | most stages "
-          "| predicted SLO attainment |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| predicted SLO attainment | predicted p99 latency (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="hexgen-plan-scaling-") as tmp:
         for regions in args.regions:
             for n in args.machines:
@@ -74,7 +75,7 @@ def main() -> None:
                 print(f"planning {n} machines in {regions} region(s) ...", file=sys.stderr, flush=True)
                 r = plan_once(cluster, Path(tmp) / "plan.json", args)
                 print(f"| {n} ({total}) | {regions} | {r['wall_s']:.1f} | {r['search_s']:.1f} | {r['replicas']} "
-                      f"| {r['gpus']} | {r['max_stages']} | {r['attainment']:.3f} |", flush=True)
+                      f"| {r['gpus']} | {r['max_stages']} | {r['attainment']:.3f} | {r['tail_s']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

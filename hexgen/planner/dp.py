@@ -183,9 +183,9 @@ class PipelineSolver:
             ks = g.nexts(key)
             if not ks or not np.isfinite(st.costs_s).any():
                 continue
-            all_costs, all_args = min_plus(st.costs_s, g.middle[ks])  # one pass for every next machine
-            all_costs += g.hop_s[key[2], ks][:, None]
-            for k, costs, arg in zip(ks, all_costs, all_args, strict=True):
+            for k in ks:
+                costs, arg = min_plus(st.costs_s, g.middle[k])
+                costs += g.hop_s[key[2], k]
                 new_key = (key[0], key[1] | (1 << k) if g.exact else None, k)
                 if new_key not in states:
                     states[new_key] = _State(np.full(top + 1, np.inf), np.full(top + 1, -1), np.zeros(top + 1, int))

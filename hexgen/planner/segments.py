@@ -13,25 +13,29 @@ not with the number of sets of TP groups (17,360 for 64 GPUs of degrees 1, 2, 4 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
 from hexgen.planner.pricing import StagePricer
 
 
+@cache
+def _gather_index(n: int) -> np.ndarray:
+    """G[j, i] indexes (i, j - i) in a flattened n x n matrix, or the sentinel n*n when j < i."""
+    j, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return np.where(j >= i, i * n + (j - i), n * n)
+
+
 def min_plus(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """c[j] = min_i a[i] + b[j - i], and the minimising i (the lowest on ties). Two-dimensional arguments are rows
-    of such pairs (broadcast against each other): one numpy pass for several, as the planner makes millions."""
-    rows_a, rows_b = np.broadcast_arrays(np.atleast_2d(a), np.atleast_2d(b))
-    k, n = rows_b.shape
-    padded = np.full((k, 2 * n - 1), np.inf)  # b[j - i] for j < i is inf
-    padded[:, n - 1:] = rows_b
-    step_row, step = padded.strides
-    shifted = np.lib.stride_tricks.as_strided(padded[:, n - 1:], (k, n, n), (step_row, step, -step))
-    values = rows_a[:, None, :] + shifted  # values[r, j, i] = a[r, i] + b[r, j - i]
-    arg = values.argmin(axis=2)
-    c = np.take_along_axis(values, arg[..., None], axis=2)[..., 0]
-    return (c, arg) if max(np.ndim(a), np.ndim(b)) == 2 else (c[0], arg[0])
+    """c[j] = min_i a[i] + b[j - i], and the minimising i (the lowest on ties). The planner makes millions of
+    these on ~80 layer counts, where numpy's per-call cost dominates: one outer sum and one gather is the fastest
+    measured (a strided Toeplitz view, or several rows at once, cost more per convolution)."""
+    n = len(a)
+    flat = np.append((a[:, None] + b[None, :]).ravel(), np.inf)
+    values = flat[_gather_index(n)]
+    arg = values.argmin(axis=1)
+    return values[np.arange(n), arg], arg
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,9 @@ class SegmentTable:
         stage = {d: self._stage_s(d, role) for d in self._degrees}
         for g in range(len(below)):
             best = below[g].copy() if repeat else np.full(below.shape[1], np.inf)  # repeat: or no stage at all
-            fits = [d for d in self._degrees if d <= g]
-            if fits:
-                bases = (costs if repeat else below)[[g - d for d in fits]]
-                totals, args = min_plus(bases, np.stack([stage[d] for d in fits]))
-                for d, total, arg in zip(fits, totals, args, strict=True):
+            for d in self._degrees:
+                if d <= g:
+                    total, arg = min_plus((costs if repeat else below)[g - d], stage[d])
                     better = total < best
                     best = np.where(better, total, best)
                     degree[g][better], before[g][better] = d, arg[better]
