@@ -4,12 +4,14 @@ Dynamic programming over (first machine, machines visited, last machine) -> best
 layers placed so far (Held-Karp over machine orders, with a min-plus convolution over layer counts). Each
 machine contributes one contiguous run of stages whose best layout per layer count is a SegmentTable.
 A pipeline visits a machine at most once. Groups of more than MAX_EXACT_MACHINES machines are ordered by
-(region, GPU type, GPU counts, name) and the DP chooses which of them to use in that order.
+(region, name) and the DP chooses which of them to use in that order.
 
 Machines of one class (same region, GPU type, GPU counts and CPU cores, and named in no link override) are
-interchangeable in every figure the pricer gives, so a group is solved once per class signature: a group equal to
-a solved one up to swapping machines of a class gets the solved layout with its machines renamed. In a large
-cluster of few machine kinds the search meets thousands of groups but a few hundred signatures.
+interchangeable in every figure the pricer gives. So the DP goes on only to the first machine of a class it may
+still use, and a group is solved once per class signature (its classes sorted, or in the group's order past
+MAX_EXACT_MACHINES): a group equal to a solved one up to swapping machines of a class gets the solved layout with
+its machines renamed. In a large cluster of few machine kinds the search meets thousands of groups but far fewer
+signatures.
 
 "Fastest" is StagePricer's objective: one request's latency when replicas serve one request at a time, the
 time of one full batch (inverse throughput) when they batch.
@@ -18,7 +20,6 @@ time of one full batch (inverse throughput) when they batch.
 from __future__ import annotations
 
 import heapq
-import itertools
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -59,7 +60,7 @@ class _GroupTables:
 
     machines: list[str]
     counts: dict[str, int]
-    runs: list[int]  # runs[k]: the position of the first machine of k's class (a class's machines are contiguous)
+    same_before: list[int]  # bit mask of the positions before k of machines of k's class
     exact: bool  # every machine order (Held-Karp over subsets), else the given order only
     middle: np.ndarray  # [k, layers]: machine k's best segment in the middle of a pipeline
     last_reversed: np.ndarray  # [k, i]: machine k's best last segment of (all layers - i)
@@ -71,27 +72,30 @@ class _GroupTables:
     def of(cls, solver: PipelineSolver, ordered: list[tuple[str, int]]) -> _GroupTables:
         machines, p = [m for m, _ in ordered], solver.pricer
         keys = [solver.class_key(*mc) for mc in ordered]
-        runs = list(itertools.accumulate((k if k == 0 or keys[k] != keys[k - 1] else 0 for k in range(len(keys))),
-                                         max))
-        return cls(machines, dict(ordered), runs, len(machines) <= MAX_EXACT_MACHINES,
+        same_before = [sum(1 << i for i in range(k) if keys[i] == keys[k]) for k in range(len(keys))]
+        return cls(machines, dict(ordered), same_before, len(machines) <= MAX_EXACT_MACHINES,
                    np.stack([solver.segment(m, n, False, False).costs_s for m, n in ordered]),
                    np.stack([solver.segment(m, n, False, True).costs_s[::-1] for m, n in ordered]),
                    np.array([[p.hop_s(a, b) for b in machines] for a in machines]),
                    np.array([[p.token_return_s(a, b) for b in machines] for a in machines]))
 
+    def may_start(self, f: int) -> bool:
+        return self.same_before[f] == 0  # the first machine of its class (see nexts)
+
     def nexts(self, key: tuple[int, int | None, int]) -> list[int]:
         """The machines a partial pipeline may go on to: unused (exact) or after its last machine (ordered), and
-        each its class's first unused machine. Any pipeline through a later machine of a class that skips an
-        earlier one costs the same with the two swapped, so only these are expanded."""
+        each the first of its class that it may still use. A pipeline through a later machine of a class, where
+        it could use an earlier one, costs the same with the two swapped (and, in order, keeps every machine it
+        may go on to), so only these are expanded."""
         _, mask, j = key
         memo = (mask, j)
         if memo not in self._nexts:
-            runs = self.runs
-            if mask is None:
-                self._nexts[memo] = [k for k in range(j + 1, len(runs)) if k == (runs[k] if runs[k] > j else j + 1)]
-            else:
-                self._nexts[memo] = [k for k in range(len(runs)) if not mask & (1 << k)
-                                     and (mask >> runs[k]) & ((1 << (k - runs[k])) - 1) == (1 << (k - runs[k])) - 1]
+            before = self.same_before
+            if mask is None:  # no machine of k's class strictly between j and k
+                self._nexts[memo] = [k for k in range(j + 1, len(before)) if before[k] >> (j + 1) == 0]
+            else:  # every machine of k's class ahead of it already used
+                self._nexts[memo] = [k for k in range(len(before)) if not mask & (1 << k)
+                                     and mask & before[k] == before[k]]
         return self._nexts[memo]
 
 
@@ -121,7 +125,10 @@ class PipelineSolver:
 
     def best(self, group: Group) -> PipelineLayout | None:
         """The group's fastest pipeline (None: it cannot hold the model), memoised by class signature."""
-        ordered = sorted(group, key=lambda mc: (self.class_key(*mc), mc[0]))
+        if len(group) <= MAX_EXACT_MACHINES:  # every order is tried: sorting by class makes alike groups share
+            ordered = sorted(group, key=lambda mc: (self.class_key(*mc), mc[0]))
+        else:  # the order is the search's constraint: by region, then name
+            ordered = sorted(group, key=lambda mc: (self.pricer.cluster.machine(mc[0]).region, mc[0]))
         signature = tuple(self.class_key(*mc) for mc in ordered)
         names = tuple(m for m, _ in ordered)
         if signature not in self._solved:
@@ -139,7 +146,7 @@ class PipelineSolver:
         top = self.pricer.model.num_layers
         best_s, best_path = np.inf, None
         for f, m in enumerate(g.machines):
-            cost = self.segment(m, g.counts[m], True, True).costs_s[top] if g.runs[f] == f else np.inf
+            cost = self.segment(m, g.counts[m], True, True).costs_s[top] if g.may_start(f) else np.inf
             if cost < best_s:
                 best_s, best_path = cost, [(m, top, True, True)]
         states, keys = self._expand(g)
@@ -163,8 +170,8 @@ class PipelineSolver:
         top = self.pricer.model.num_layers
         states: dict[tuple, _State] = {}
         for f, m in enumerate(g.machines):
-            if g.runs[f] != f:
-                continue  # a pipeline may start on its class's first machine only (see _GroupTables.nexts)
+            if not g.may_start(f):
+                continue
             seg = self.segment(m, g.counts[m], True, False).costs_s
             key = (f, 1 << f if g.exact else None, f)
             states[key] = _State(seg.copy(), np.full(top + 1, -1), np.arange(top + 1))
@@ -210,8 +217,31 @@ class PipelineSolver:
             sid, layers = prev, layers - take
 
     def _stages(self, path: list[tuple[str, int, bool, bool]], counts: dict[str, int]) -> tuple[LayoutStage, ...]:
-        out = []
-        for machine, layers, first, last in path:
-            for s in self.segment(machine, counts[machine], first, last).stages(layers):
-                out.append(LayoutStage(machine, s.tp_degree, s.num_layers))
-        return tuple(out)
+        stages = [(LayoutStage(machine, s.tp_degree, s.num_layers), s.is_first, s.is_last)
+                  for machine, layers, first, last in path
+                  for s in self.segment(machine, counts[machine], first, last).stages(layers)]
+        return tuple(self._balanced(stages))
+
+    def _balanced(self, stages: list[tuple[LayoutStage, bool, bool]]) -> list[LayoutStage]:
+        """The same pipeline with the layers of stages of equal time per layer (alike machines and TP degrees)
+        shared in proportion to how many each can hold. Moving layers between such stages leaves the DP's
+        objective as it is, so it settles the split among equal-time ones (else float rounding does, as often
+        23 | 57 as 40 | 40): the even one leaves the most KV memory on the tightest stage."""
+        p, layers = self.pricer, [s.num_layers for s, _, _ in stages]
+        alike: dict[float, list[int]] = {}
+        for i, (s, _, _) in enumerate(stages):
+            alike.setdefault(p.per_layer_s(s.machine, s.tp_degree), []).append(i)
+        for idx in (idx for idx in alike.values() if len(idx) > 1):
+            caps = [p.max_layers(stages[i][0].machine, stages[i][0].tp_degree, stages[i][1], stages[i][2])
+                    for i in idx]
+            total = sum(layers[i] for i in idx)
+            share = [total * c / sum(caps) for c in caps]
+            split = [min(c, max(1, int(x))) for x, c in zip(share, caps, strict=True)]
+            while sum(split) != total:  # the largest remainders take the layers left (the old split fits, so can)
+                grow = sum(split) < total
+                room = [k for k in range(len(idx)) if (split[k] < caps[k] if grow else split[k] > 1)]
+                k = max(room, key=lambda k: (share[k] - split[k]) * (1 if grow else -1))
+                split[k] += 1 if grow else -1
+            for i, n in zip(idx, split, strict=True):
+                layers[i] = n
+        return [replace(s, num_layers=n) for (s, _, _), n in zip(stages, layers, strict=True)]

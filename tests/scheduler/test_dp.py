@@ -210,8 +210,9 @@ def test_dp_over_interchangeable_machines_equals_brute_force(seed):
 
 
 def test_dp_of_many_machines_chooses_among_class_ordered_subsequences():
-    """Past MAX_EXACT_MACHINES the DP keeps the machines in (region, GPU type, ..., name) order and picks which to
-    use: against brute force over every such subsequence (names shuffled so that name order is not class order)."""
+    """Past MAX_EXACT_MACHINES the DP keeps the machines in (region, name) order and picks which to use (skipping
+    a class's machines that a later one of the class could stand in for): against brute force over every
+    subsequence of that order (names shuffled so that the kinds interleave)."""
     rng = random.Random(7)
     fast, slow = GpuType("fast", 0.3, 1400.0, 250.0), GpuType("slow", 0.3, 300.0, 60.0)
     names = [f"n{i}" for i in rng.sample(range(10), 9)]
@@ -219,7 +220,7 @@ def test_dp_of_many_machines_chooses_among_class_ordered_subsequences():
     cluster = Cluster(machines, Network(Link(200.0, 0.01), Link(5.0, 0.3), Link(1.0, 30.0)))
     model = tiny_model(num_layers=6, hidden=2048, heads=4, kv_heads=2, vocab=1000)
     workload, cfg = Workload(prompt_tokens=64, output_tokens=16), CostConfig(runtime_reserve_gb=0.02)
-    ordered = sorted(machines, key=lambda m: (m.gpu.name, m.name))
+    ordered = sorted(machines, key=lambda m: (m.region, m.name))
     expected = math.inf
     for r in range(1, model.num_layers + 1):
         for subset in itertools.combinations(ordered, r):
@@ -248,3 +249,21 @@ def test_a_group_like_a_solved_one_gets_its_layout_renamed():
     assert {s.machine for s in second.stages} <= {"f0", "s1", "s2"}
     assert [s.machine for s in second.stages] == [{"s0": "s1", "s1": "s2"}.get(s.machine, s.machine)
                                                   for s in first.stages]
+
+
+def test_layers_of_alike_stages_are_split_by_what_each_holds():
+    """Two alike machines: every split of the layers between them takes the same time, so the DP alone would leave
+    the split to float rounding. The layout shares them in proportion to each stage's layer capacity, which
+    leaves the most KV memory on the tighter stage."""
+    gpu = GpuType("g", 0.3, 900.0, 100.0)
+    cluster = Cluster(tuple(Machine(f"m{i}", gpu, 1, "r") for i in range(2)),
+                      Network(Link(200.0, 0.01), Link(10.0, 0.5), Link(1.0, 30.0)))
+    model = tiny_model(num_layers=40, hidden=512, heads=8, kv_heads=8, vocab=32000)
+    workload, cfg = Workload(prompt_tokens=64, output_tokens=16, max_batch=8), CostConfig(runtime_reserve_gb=0.02)
+    pricer = StagePricer(cluster, model, workload, cfg)
+    layout = PipelineSolver(pricer).best((("m0", 1), ("m1", 1)))
+    assert layout is not None and [s.machine for s in layout.stages] == ["m0", "m1"]
+    caps = [pricer.max_layers("m0", 1, True, False), pricer.max_layers("m1", 1, False, True)]
+    assert caps[0] + caps[1] > 40  # room to choose
+    first = layout.stages[0].num_layers
+    assert abs(first - 40 * caps[0] / sum(caps)) < 1 and first + layout.stages[1].num_layers == 40
