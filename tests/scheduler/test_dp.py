@@ -71,24 +71,29 @@ def _random_cluster(rng: random.Random) -> Cluster:
     return Cluster(tuple(machines), net)
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_dp_equals_brute_force_on_random_small_groups(seed):
-    rng = random.Random(seed)
-    cluster = _random_cluster(rng)
-    model = tiny_model(num_layers=rng.randint(4, 6), hidden=2048, heads=4, kv_heads=2, vocab=1000)
-    workload = Workload(prompt_tokens=rng.randint(8, 256), output_tokens=rng.randint(2, 64))
+def _check_against_brute_force(cluster: Cluster, model, workload: Workload) -> None:
+    """The DP's layout of the whole cluster as one group takes the least latency brute force finds, and its
+    stages, priced again from scratch, take that latency (None when nothing fits)."""
     cfg = CostConfig(runtime_reserve_gb=0.02)
     group = tuple((m.name, m.count) for m in cluster.machines)
     layout = PipelineSolver(StagePricer(cluster, model, workload, cfg)).best(group)
     expected = brute_force(cluster, model, workload, cfg, group)
     if math.isinf(expected):
         assert layout is None
-    else:
-        assert layout is not None
-        assert layout.latency_s == pytest.approx(expected, rel=1e-9)
-        split = [s.num_layers for s in layout.stages]
-        stages = [(s.machine, s.tp_degree) for s in layout.stages]
-        assert _latency_if_fits(cluster, model, workload, cfg, stages, split) == pytest.approx(expected, rel=1e-9)
+        return
+    assert layout is not None and layout.latency_s == pytest.approx(expected, rel=1e-9)
+    stages = [(s.machine, s.tp_degree) for s in layout.stages]
+    split = [s.num_layers for s in layout.stages]
+    assert _latency_if_fits(cluster, model, workload, cfg, stages, split) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_equals_brute_force_on_random_small_groups(seed):
+    rng = random.Random(seed)
+    cluster = _random_cluster(rng)
+    model = tiny_model(num_layers=rng.randint(4, 6), hidden=2048, heads=4, kv_heads=2, vocab=1000)
+    _check_against_brute_force(cluster, model, Workload(prompt_tokens=rng.randint(8, 256),
+                                                         output_tokens=rng.randint(2, 64)))
 
 
 def test_min_plus_matches_definition():
@@ -195,18 +200,8 @@ def test_dp_over_interchangeable_machines_equals_brute_force(seed):
     rng = random.Random(1000 + seed)
     cluster = _cluster_of_kinds(rng, rng.randint(2, 4), override=seed % 4 == 0)
     model = tiny_model(num_layers=rng.randint(3, 5), hidden=2048, heads=4, kv_heads=2, vocab=1000)
-    workload = Workload(prompt_tokens=rng.randint(8, 256), output_tokens=rng.randint(2, 64))
-    cfg = CostConfig(runtime_reserve_gb=0.02)
-    group = tuple((m.name, m.count) for m in cluster.machines)
-    layout = PipelineSolver(StagePricer(cluster, model, workload, cfg)).best(group)
-    expected = brute_force(cluster, model, workload, cfg, group)
-    if math.isinf(expected):
-        assert layout is None
-        return
-    assert layout is not None and layout.latency_s == pytest.approx(expected, rel=1e-9)
-    stages = [(s.machine, s.tp_degree) for s in layout.stages]
-    assert _latency_if_fits(cluster, model, workload, cfg, stages, [s.num_layers for s in layout.stages]) == \
-        pytest.approx(expected, rel=1e-9)
+    _check_against_brute_force(cluster, model, Workload(prompt_tokens=rng.randint(8, 256),
+                                                         output_tokens=rng.randint(2, 64)))
 
 
 def test_dp_of_many_machines_chooses_among_class_ordered_subsequences():
