@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hexgen.cluster import GIB, Cluster
+from hexgen.cluster import GIB, Cluster, Machine
 from hexgen.costmodel import CostConfig, Workload, stage_memory_bytes
 from hexgen.errors import UserError
 from hexgen.models import ModelSpec
@@ -73,18 +73,26 @@ def initial_partitions(
     return list(dict.fromkeys(starts))
 
 
+def _alone_and_pooled(
+    cluster: Cluster, holds_replica: Callable[[Group], bool],
+) -> tuple[list[dict[str, int]], dict[str, list[Machine]]]:
+    """The machines that hold a replica alone, one group each, and the others by region."""
+    alone: list[dict[str, int]] = []
+    pooled: dict[str, list[Machine]] = {}
+    for m in cluster.machines:
+        if holds_replica(make_group({m.name: m.count})):
+            alone.append({m.name: m.count})
+        else:
+            pooled.setdefault(m.region, []).append(m)
+    return alone, pooled
+
+
 def packed_region_pools(cluster: Cluster, holds_replica: Callable[[Group], bool]) -> Partition:
     """Machines that hold a replica alone, one group each; the others packed per region, most GPU memory first, into
     groups that just hold a replica (what is left joins the region's last group). A pool of a whole region makes
     one replica and leaves the rest idle: on a large cluster the search would take many generations to split it."""
-    groups: list[dict[str, int]] = []
-    pools: dict[str, list] = {}
-    for m in cluster.machines:
-        if holds_replica(make_group({m.name: m.count})):
-            groups.append({m.name: m.count})
-        else:
-            pools.setdefault(m.region, []).append(m)
-    for machines in pools.values():
+    groups, pooled = _alone_and_pooled(cluster, holds_replica)
+    for machines in pooled.values():
         packed: list[dict[str, int]] = []
         current: dict[str, int] = {}
         for m in sorted(machines, key=lambda m: (-m.count * m.gpu.memory_bytes, m.name)):
@@ -103,13 +111,8 @@ def packed_region_pools(cluster: Cluster, holds_replica: Callable[[Group], bool]
 def machines_then_region_pools(cluster: Cluster, holds_replica: Callable[[Group], bool]) -> Partition:
     """Machines that hold a replica alone, one group each; the others pooled per region (they may hold a pipeline
     together that none of them holds alone)."""
-    groups, pools = [], {}
-    for m in cluster.machines:
-        if holds_replica(make_group({m.name: m.count})):
-            groups.append({m.name: m.count})
-        else:
-            pools.setdefault(m.region, {})[m.name] = m.count
-    return make_partition(groups + list(pools.values()))
+    groups, pooled = _alone_and_pooled(cluster, holds_replica)
+    return make_partition(groups + [{m.name: m.count for m in machines} for machines in pooled.values()])
 
 
 def partition_of(plan: DeploymentPlan, cluster: Cluster) -> Partition:
