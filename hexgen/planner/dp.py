@@ -140,8 +140,8 @@ class PipelineSolver:
         return replace(layout, stages=tuple(replace(s, machine=rename[s.machine]) for s in layout.stages))
 
     def _solve(self, ordered: list[tuple[str, int]]) -> PipelineLayout | None:
-        """The DP over machines in the given (class-sorted) order; equal signatures give positionally equal
-        layouts, as every figure it reads is a function of the position's class."""
+        """The DP over machines in the given order (see best); equal signatures give positionally equal layouts,
+        as every figure it reads is a function of the position's class."""
         g = _GroupTables.of(self, ordered)
         top = self.pricer.model.num_layers
         best_s, best_path = np.inf, None
@@ -234,8 +234,8 @@ class PipelineSolver:
         for idx in (idx for idx in alike.values() if len(idx) > 1):
             caps = [p.max_layers(stages[i][0].machine, stages[i][0].tp_degree, stages[i][1], stages[i][2])
                     for i in idx]
-            total = sum(layers[i] for i in idx)
-            share = [total * c / sum(caps) for c in caps]
+            total, room_in_all = sum(layers[i] for i in idx), sum(caps)
+            share = [total * c / room_in_all for c in caps]
             split = [min(c, max(1, int(x))) for x, c in zip(share, caps, strict=True)]
             while sum(split) != total:  # the largest remainders take the layers left (the old split fits, so can)
                 grow = sum(split) < total
