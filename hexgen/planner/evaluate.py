@@ -10,7 +10,9 @@ Batching replicas (max_batch > 1) are scored by the analytic load model (sim/ana
 out by the DP once per KV reservation level (room for 1, a few, or max_batch sequences of the workload's
 length per replica): a layout with more room for KV batches more, one with less is faster alone. Every
 partition is scored at each level and keeps the best, so replica count, layout and batch size are weighed
-against each other through KV memory.
+against each other through KV memory. At the full batch level a pipeline's layers are then re-split for
+throughput where that serves more (throughput_split.py): the DP adds stage times up, a batching pipeline runs at
+the pace of its slowest stage.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from hexgen.planner.genetic import Score
 from hexgen.planner.objective import Objective
 from hexgen.planner.partition import Group, Partition
 from hexgen.planner.pricing import StagePricer
+from hexgen.planner.throughput_split import StageRate, min_max_split
 from hexgen.sim.analytic import BatchingLoad, dispatch_shares, plan_latencies_s
 from hexgen.sim.closed_form import RoundRobinQueues
 from hexgen.sim.servers import ReplicaModel
@@ -71,6 +74,7 @@ class PlanEvaluator:
         self._load = BatchingLoad(workload.max_batch, workload.prompt_tokens, workload.output_tokens,
                                   len(requests) / span_s, len(requests))
         self.replica_cost = cache(self._replica_cost)
+        self.layout = cache(self._layout)
         self.select = cache(self._select_partition)
 
     @property
@@ -92,16 +96,48 @@ class PlanEvaluator:
         level = self.layout_level(group, reserve)
         if level != reserve:
             return self.replica_cost(group, level)
-        layout = self.solvers[reserve].best(group)
+        layout = self.layout(group, reserve)
         if layout is None:
             return None
-        c = self.cluster
-        stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
-                                 c.tp_link(s.machine)) for s in layout.stages]
-        cost = replica_stage_costs(c, self.model, stages, self.cfg, self.workload)
+        cost = self._layout_cost(layout)
         if self.is_batching and (cost.kv_blocks or 0) < self.workload.max_batch:
             return None  # the engine needs a KV block per running sequence of the batch limit
         return cost
+
+    def _layout_cost(self, layout: PipelineLayout) -> ReplicaCost:
+        c = self.cluster
+        stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
+                                 c.tp_link(s.machine)) for s in layout.stages]
+        return replica_stage_costs(c, self.model, stages, self.cfg, self.workload)
+
+    def _layout(self, group: Group, reserve: int) -> PipelineLayout | None:
+        """The layout of the group's replica at reservation level `reserve` (scored by replica_cost and written by
+        layouts): the DP's, and at the full batch level its layers re-split for throughput where that serves
+        more. Lighter levels keep the DP's split: they are there to be fast alone."""
+        layout = self.solvers[reserve].best(group)
+        if layout is None or len(layout.stages) < 2 or reserve != self.workload.max_batch:
+            return layout
+        pricer, last = self.solvers[reserve].pricer, len(layout.stages) - 1
+        rates = [StageRate(pricer.per_layer_s(s.machine, s.tp_degree),
+                           pricer.stage_extra_s(s.machine, s.tp_degree, i == 0, i == last),
+                           pricer.max_layers(s.machine, s.tp_degree, i == 0, i == last))
+                 for i, s in enumerate(layout.stages)]
+        split = min_max_split(rates, self.model.num_layers)
+        if split is None or split == [s.num_layers for s in layout.stages]:
+            return layout
+        resplit = PipelineLayout(  # the DP's objective of the new split: only the layers' share of it moved
+            tuple(replace(s, num_layers=n) for s, n in zip(layout.stages, split, strict=True)),
+            layout.latency_s + sum(r.per_layer_s * (n - s.num_layers)
+                                   for r, s, n in zip(rates, layout.stages, split, strict=True)))
+        return resplit if self._full_load_rps(resplit) > self._full_load_rps(layout) else layout
+
+    def _full_load_rps(self, layout: PipelineLayout) -> float:
+        """Requests/s of the layout's replica at full load (0 where its KV pool holds no batch)."""
+        cost, wl = self._layout_cost(layout), self.workload
+        if (cost.kv_blocks or 0) < wl.max_batch:
+            return 0.0
+        running = cost.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens)
+        return cost.capacity_rps(running, wl.prompt_tokens, wl.output_tokens) if running >= 1 else 0.0
 
     def score(self, partition: Partition) -> Score:
         return self.select(partition).score
@@ -164,8 +200,7 @@ class PlanEvaluator:
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
         """The DP layouts of the selected replicas, in rotation order."""
         chosen = self.select(partition)
-        return [self.solvers[self.layout_level(partition[i], chosen.reserve)].best(partition[i])
-                for i in chosen.order]
+        return [self.layout(partition[i], self.layout_level(partition[i], chosen.reserve)) for i in chosen.order]
 
     def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
         return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))
