@@ -198,7 +198,7 @@ class PlanEvaluator:
         return plan_latencies_s(list(costs), dispatch_shares(list(costs), self.dispatch, self._load), self._load)
 
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
-        """The DP layouts of the selected replicas, in rotation order."""
+        """The layouts (layout) of the selected replicas, in rotation order."""
         chosen = self.select(partition)
         return [self.layout(partition[i], self.layout_level(partition[i], chosen.reserve)) for i in chosen.order]
 

@@ -3,11 +3,12 @@
 The DP (dp.py) adds stage times up, which is a replica's step when its stages run one after another. A batching
 replica keeps a micro-batch in every stage, so at full load its rate follows its slowest stage (costmodel/
 pipeline.py). Where the DP's stages differ in speed (GPU types, TP degrees, the LM head on the last), moving
-layers from the slowest stage to faster ones raises throughput at the same sum, or nearly. Among the DP's stages
-(machines and TP degrees kept) the split that minimises the largest stage time under each stage's memory cap is
-found by filling: every stage starts with one layer, and each further layer goes where the stage it lands on
-stays fastest. For costs that grow with the layers, as these do, that greedy order is optimal for the largest
-stage time (any split beating it would need a stage below the level at which the greedy stopped adding to it).
+layers off the slowest stage raises throughput, though it may lengthen one request's step, the sum the DP
+minimised. Among the DP's stages (machines and TP degrees kept) the split that minimises the largest stage time
+under each stage's memory cap is found by filling: every stage starts with one layer, and each further layer goes
+where the stage it lands on stays fastest. That is optimal for costs that grow with the layers: were the filling's
+largest time above the best split's, then when it first went above, every stage would already hold as many layers
+as fit under the best split's largest time, and those add up to all the layers at least.
 """
 
 from __future__ import annotations
