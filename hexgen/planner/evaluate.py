@@ -83,8 +83,8 @@ class PlanEvaluator:
 
     def layout_level(self, group: Group, reserve: int) -> int:
         """The reservation level whose DP layout the group's replica at level `reserve` runs: a lighter level's
-        layout that already holds `reserve` sequences is kept as is (it is faster alone), so scoring and the
-        written plan (layouts) both take the layout of the level this returns."""
+        layout that already holds `reserve` sequences is kept (it is faster alone); scoring and the written plan
+        both take it through layout."""
         if reserve > 1:
             lighter = self.levels[self.levels.index(reserve) - 1]
             cost, wl = self.replica_cost(group, lighter), self.workload
@@ -93,9 +93,6 @@ class PlanEvaluator:
         return reserve
 
     def _replica_cost(self, group: Group, reserve: int = 1) -> ReplicaCost | None:
-        level = self.layout_level(group, reserve)
-        if level != reserve:
-            return self.replica_cost(group, level)
         layout = self.layout(group, reserve)
         if layout is None:
             return None
@@ -112,11 +109,12 @@ class PlanEvaluator:
 
     def _layout(self, group: Group, reserve: int) -> PipelineLayout | None:
         """The layout of the group's replica at reservation level `reserve` (scored by replica_cost and written by
-        layouts): the DP's, and at the full batch level its layers re-split for throughput where that serves
-        more. Lighter levels keep the DP's split: they are there to be fast alone."""
-        layout = self.solvers[reserve].best(group)
+        layouts): the DP's at layout_level's level, and at the full batch level a pipeline's layers re-split for
+        throughput where that serves more. Lighter levels keep the DP's split: they are there to be fast alone."""
+        layout = self.solvers[self.layout_level(group, reserve)].best(group)
         if layout is None or len(layout.stages) < 2 or reserve != self.workload.max_batch:
             return layout
+        # the full batch level's memory caps: every stage keeps room for the KV of the whole batch
         pricer, last = self.solvers[reserve].pricer, len(layout.stages) - 1
         rates = [StageRate(pricer.per_layer_s(s.machine, s.tp_degree),
                            pricer.stage_extra_s(s.machine, s.tp_degree, i == 0, i == last),
@@ -129,9 +127,9 @@ class PlanEvaluator:
             tuple(replace(s, num_layers=n) for s, n in zip(layout.stages, split, strict=True)),
             layout.latency_s + sum(r.per_layer_s * (n - s.num_layers)
                                    for r, s, n in zip(rates, layout.stages, split, strict=True)))
-        return resplit if self._full_load_rps(resplit) > self._full_load_rps(layout) else layout
+        return resplit if self.full_load_rps(resplit) > self.full_load_rps(layout) else layout
 
-    def _full_load_rps(self, layout: PipelineLayout) -> float:
+    def full_load_rps(self, layout: PipelineLayout) -> float:
         """Requests/s of the layout's replica at full load (0 where its KV pool holds no batch)."""
         cost, wl = self._layout_cost(layout), self.workload
         if (cost.kv_blocks or 0) < wl.max_batch:
@@ -200,7 +198,7 @@ class PlanEvaluator:
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
         """The layouts (layout) of the selected replicas, in rotation order."""
         chosen = self.select(partition)
-        return [self.layout(partition[i], self.layout_level(partition[i], chosen.reserve)) for i in chosen.order]
+        return [self.layout(partition[i], chosen.reserve) for i in chosen.order]
 
     def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
         return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))

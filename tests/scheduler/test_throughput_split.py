@@ -90,9 +90,9 @@ def test_the_full_batch_layout_serves_what_the_best_split_of_its_stages_serves(e
     assert dp is not None and len(dp.stages) == 2
     chosen = evaluator.layout(GROUP, top)
     assert [(s.machine, s.tp_degree) for s in chosen.stages] == [(s.machine, s.tp_degree) for s in dp.stages]
-    best = max(evaluator._full_load_rps(with_layers(dp, s)) for s in splits(evaluator.model.num_layers, 2))
-    assert evaluator._full_load_rps(dp) < 0.97 * best  # the DP's sum leaves throughput behind here
-    assert evaluator._full_load_rps(chosen) >= 0.999 * best
+    best = max(evaluator.full_load_rps(with_layers(dp, s)) for s in splits(evaluator.model.num_layers, 2))
+    assert evaluator.full_load_rps(dp) < 0.97 * best  # the DP's sum leaves throughput behind here
+    assert evaluator.full_load_rps(chosen) >= 0.999 * best
     # the DP's objective of the new split: the old one plus each stage's layers moved times its time per layer
     pricer = evaluator.solvers[top].pricer
     moved = sum(pricer.per_layer_s(s.machine, s.tp_degree) * (c.num_layers - s.num_layers)
@@ -102,14 +102,14 @@ def test_the_full_batch_layout_serves_what_the_best_split_of_its_stages_serves(e
 
 def test_lighter_levels_keep_the_dp_split(evaluator):
     for level in evaluator.levels[:-1]:
-        assert evaluator.layout(GROUP, level) == evaluator.solvers[level].best(GROUP)
+        assert evaluator.layout(GROUP, level) == evaluator.solvers[evaluator.layout_level(GROUP, level)].best(GROUP)
 
 
 def test_the_written_plan_runs_the_scored_layout(evaluator):
     partition = make_partition([dict(GROUP)])
     chosen = evaluator.select(partition)
     (layout,) = evaluator.layouts(partition)
-    assert layout == evaluator.layout(GROUP, evaluator.layout_level(GROUP, chosen.reserve))
+    assert layout == evaluator.layout(GROUP, chosen.reserve)
     plan = evaluator.to_plan(partition)
     (replica,) = plan.replicas
     assert [s.layers[1] - s.layers[0] for s in replica.stages] == [s.num_layers for s in layout.stages]
