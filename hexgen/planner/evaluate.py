@@ -111,10 +111,11 @@ class PlanEvaluator:
         """The layout of the group's replica at reservation level `reserve` (scored by replica_cost and written by
         layouts): the DP's at layout_level's level, and at the full batch level a pipeline's layers re-split for
         throughput where that serves more. Lighter levels keep the DP's split: they are there to be fast alone."""
-        layout = self.solvers[self.layout_level(group, reserve)].best(group)
+        level = self.layout_level(group, reserve)
+        layout = self.solvers[level].best(group)
         if layout is None or len(layout.stages) < 2 or reserve != self.workload.max_batch:
             return layout
-        # the full batch level's memory caps: every stage keeps room for the KV of the whole batch
+        # stage times of the full batch, and memory caps that leave every stage room for the whole batch's KV
         pricer, last = self.solvers[reserve].pricer, len(layout.stages) - 1
         rates = [StageRate(pricer.per_layer_s(s.machine, s.tp_degree),
                            pricer.stage_extra_s(s.machine, s.tp_degree, i == 0, i == last),
@@ -123,10 +124,11 @@ class PlanEvaluator:
         split = min_max_split(rates, self.model.num_layers)
         if split is None or split == [s.num_layers for s in layout.stages]:
             return layout
-        resplit = PipelineLayout(  # the DP's objective of the new split: only the layers' share of it moved
+        own = self.solvers[level].pricer  # whose DP objective the layout carries: only the layers' share moved
+        resplit = PipelineLayout(
             tuple(replace(s, num_layers=n) for s, n in zip(layout.stages, split, strict=True)),
-            layout.latency_s + sum(r.per_layer_s * (n - s.num_layers)
-                                   for r, s, n in zip(rates, layout.stages, split, strict=True)))
+            layout.latency_s + sum(own.per_layer_s(s.machine, s.tp_degree) * (n - s.num_layers)
+                                   for s, n in zip(layout.stages, split, strict=True)))
         return resplit if self.full_load_rps(resplit) > self.full_load_rps(layout) else layout
 
     def full_load_rps(self, layout: PipelineLayout) -> float:
