@@ -113,3 +113,31 @@ def test_the_written_plan_runs_the_scored_layout(evaluator):
     plan = evaluator.to_plan(partition)
     (replica,) = plan.replicas
     assert [s.layers[1] - s.layers[0] for s in replica.stages] == [s.num_layers for s in layout.stages]
+
+
+def test_a_lighter_layout_that_runs_at_the_full_batch_is_re_split_too():
+    # Short requests (16 + 16 tokens): the one-sequence level's layout of Llama-2-70B over an A6000 alone (TP 1) and
+    # two more (TP 2) already holds the whole batch's KV, so it is the layout that runs at the full batch; its 22 | 58
+    # split leaves the TP 2 stage the slower one
+    cluster = parse_cluster("machines:\n  - {name: one, gpu: A6000, count: 1, region: r}\n"
+                            "  - {name: two, gpu: A6000, count: 2, region: r}\n")
+    evaluator = PlanEvaluator(cluster, load_model_spec("llama-2-70b"), [], Objective("tail"), CostConfig(),
+                              Workload(16, 16, 64), "capacity-weighted")
+    group, top = (("one", 1), ("two", 2)), 64
+    level = evaluator.layout_level(group, top)
+    assert level < top
+    light = evaluator.solvers[level].best(group)
+    assert evaluator.layout(group, level) == light  # at its own level it keeps the DP's split
+    chosen = evaluator.layout(group, top)
+    assert [(s.machine, s.tp_degree) for s in chosen.stages] == [(s.machine, s.tp_degree) for s in light.stages]
+    assert chosen != light
+    best = max(evaluator.full_load_rps(with_layers(light, s)) for s in splits(evaluator.model.num_layers, 2))
+    assert evaluator.full_load_rps(light) < evaluator.full_load_rps(chosen)
+    # within 1% of the best: the filling balances the DP's full-batch stage times, the throughput is of micro-batches
+    # (here 28 | 52 against the best split's 0.3% more)
+    assert evaluator.full_load_rps(chosen) >= 0.99 * best
+    # the layout carries the lighter level's DP objective, moved by that level's per-layer times
+    pricer = evaluator.solvers[level].pricer
+    moved = sum(pricer.per_layer_s(s.machine, s.tp_degree) * (c.num_layers - s.num_layers)
+                for s, c in zip(light.stages, chosen.stages, strict=True))
+    assert chosen.latency_s == pytest.approx(light.latency_s + moved)
