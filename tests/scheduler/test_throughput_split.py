@@ -62,7 +62,7 @@ def test_the_largest_stage_time_matches_brute_force():
 
 
 # Two machines of one region whose GPUs differ in speed and memory: Llama-2-70B fits on neither alone, and the DP,
-# which adds stage times up, splits 24 | 56, which leaves the slower A40 stage the bottleneck.
+# which adds stage times up, splits 24 | 56, which leaves the A40 stage the slower one.
 MIXED = """
 machines:
   - {name: a5000, gpu: A5000, count: 2, region: r}
