@@ -60,6 +60,11 @@ class ReplicaCost:
         loop = sum(times) + sum(h.decode_step_s(per_batch, 0) for h in self.hops) + self.token_return.decode_fixed_s
         return max(loop, depth * max(times))
 
+    def full_load_rps(self, batch_limit: int, prompt_tokens: int, output_tokens: int) -> float:
+        """capacity_rps with as many sequences running as the batch limit and the KV pool allow (at least one)."""
+        running = max(1, self.max_running(batch_limit, prompt_tokens, output_tokens))
+        return self.capacity_rps(running, prompt_tokens, output_tokens)
+
     def capacity_rps(self, running: int, prompt_tokens: int, output_tokens: int) -> float:
         """Requests per second with `running` sequences always decoding: each batch of them needs output-1 token
         loops plus every prompt's work once on the stage it costs most (a prompt shares the weight scan with the

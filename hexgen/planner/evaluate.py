@@ -75,6 +75,7 @@ class PlanEvaluator:
                                   len(requests) / span_s, len(requests))
         self.replica_cost = cache(self._replica_cost)
         self.layout = cache(self._layout)
+        self._layout_cost = cache(self._cost_of)  # replica_cost and full_load_rps price the same layouts
         self.select = cache(self._select_partition)
 
     @property
@@ -101,7 +102,7 @@ class PlanEvaluator:
             return None  # the engine needs a KV block per running sequence of the batch limit
         return cost
 
-    def _layout_cost(self, layout: PipelineLayout) -> ReplicaCost:
+    def _cost_of(self, layout: PipelineLayout) -> ReplicaCost:
         c = self.cluster
         stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
                                  c.tp_link(s.machine)) for s in layout.stages]
@@ -134,10 +135,10 @@ class PlanEvaluator:
     def full_load_rps(self, layout: PipelineLayout) -> float:
         """Requests/s of the layout's replica at full load (0 where its KV pool holds no batch)."""
         cost, wl = self._layout_cost(layout), self.workload
-        if (cost.kv_blocks or 0) < wl.max_batch:
+        holds_one = cost.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens) >= 1
+        if (cost.kv_blocks or 0) < wl.max_batch or not holds_one:
             return 0.0
-        running = cost.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens)
-        return cost.capacity_rps(running, wl.prompt_tokens, wl.output_tokens) if running >= 1 else 0.0
+        return cost.full_load_rps(wl.max_batch, wl.prompt_tokens, wl.output_tokens)
 
     def score(self, partition: Partition) -> Score:
         return self.select(partition).score
@@ -179,8 +180,7 @@ class PlanEvaluator:
         if not self.is_batching:
             return range(1, len(ranked) + 1)
         wl = self.workload
-        capacity = np.cumsum([c.capacity_rps(max(1, c.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens)),
-                                             wl.prompt_tokens, wl.output_tokens) for c in ranked])
+        capacity = np.cumsum([c.full_load_rps(wl.max_batch, wl.prompt_tokens, wl.output_tokens) for c in ranked])
         stable = np.nonzero(capacity >= self._load.rate_rps)[0]
         return range(int(stable[0]) + 1 if len(stable) else 1, len(ranked) + 1)
 

@@ -71,7 +71,7 @@ def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, poi
 @cache
 def _capacity_rps(cost: ReplicaCost, load: BatchingLoad) -> float:
     p, o = load.prompt_tokens, load.output_tokens
-    return cost.capacity_rps(max(1, cost.max_running(load.max_batch, p, o)), p, o)
+    return cost.full_load_rps(load.max_batch, p, o)
 
 
 def _offered_load(table: np.ndarray, rate: float) -> float:

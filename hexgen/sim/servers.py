@@ -35,7 +35,7 @@ class ReplicaModel:
         p, o = round(prompt_tokens), round(output_tokens)
         if self.max_batch == 1:
             return 1.0 / self.cost.request_latency_s(p, o)
-        return self.cost.capacity_rps(max(1, self.cost.max_running(self.max_batch, p, o)), p, o)
+        return self.cost.full_load_rps(self.max_batch, p, o)
 
 
 class SequentialServer:
