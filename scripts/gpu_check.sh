@@ -52,6 +52,7 @@ elif [[ -n "${1:-}" ]]; then
     exit 2
 fi
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 MODEL_DIR="$(mktemp -d)/random-$SHAPE"  # the engine bench keeps its checkpoint here for the serving step
 BUDGET_S="${BUDGET_S:-500}"  # the device call's timeout_s is 540
 # seconds a step may take: at most $1, leaving $2 for the steps after it (at least 1)
