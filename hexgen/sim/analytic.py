@@ -47,16 +47,15 @@ def replica_latencies_s(cost: ReplicaCost, share: float, load: BatchingLoad, poi
     """`points` latencies spread like one replica's (evenly spaced quantiles) when it gets `share` of the stream."""
     rate = share * load.rate_rps
     full_rps = _capacity_rps(cost, load)
-    stolen = rate * cost.prompt_work_s(load.prompt_tokens)  # time the others' prompts take from decodes
+    slots = len(service_table_s(cost, load))
+    stolen = rate * cost.prompt_delay_s(slots, load.prompt_tokens, load.output_tokens)  # the others' prompts' time
     if rate >= full_rps or stolen >= 1:
         # Falls behind: a full batch turns over at capacity, so each request spends slots / capacity in it (Little),
         # and the j-th of its n requests also waits j x (1/capacity - 1/rate) for a slot.
-        slots = len(service_table_s(cost, load))
         n = max(1, round(share * load.num_requests))
         lag_s = (1 / full_rps - 1 / rate) * n
         return slots / full_rps + lag_s * (np.arange(points) + 0.5) / points
     table = service_table_s(cost, load) / (1 - stolen)
-    slots = len(table)
     offered = _offered_load(table, rate)
     top = int(offered + 8 * math.sqrt(offered + 1) + slots + 2)
     k = np.arange(top + 1)

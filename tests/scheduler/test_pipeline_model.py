@@ -30,13 +30,23 @@ def test_token_time_is_the_loop_alone_and_the_slowest_stage_when_full():
     assert pipe.request_latency_s(4, 3) == pytest.approx(0.68 + 2 * 0.39)
 
 
-def test_capacity_counts_decode_loops_and_prompts_on_the_slowest_stage():
+def test_capacity_counts_decode_loops_and_each_prompt_along_the_loop():
     pipe = ReplicaCost((STAGE_A, STAGE_B), (HOP,), BACK)
-    # 4 running, 10-token prompts, 5 outputs: 4 loops of 0.48; a prompt costs A 10 x 0.01 + (0.3 - 0.1) = 0.3 and
-    # B 10 x 0.02 + 0 = 0.2 beyond the decode step it joins, so 4 x 0.3 on A; one prefill fixed cost of the whole
-    # pipeline (0.3 + 0.2 + 0.05 + 0.01)
-    assert pipe.prompt_work_s(10) == pytest.approx(0.3)
-    assert pipe.capacity_rps(4, 10, 5) == pytest.approx(4 / (4 * 0.48 + 4 * 0.3 + 0.56))
+    # 4 running, 10-token prompts, 5 outputs: 4 loops of 0.48. A prompt adds A 10 x 0.01 + (0.3 - 0.1) = 0.3 and
+    # B 10 x 0.02 + 0 = 0.2 to its micro-batch, which comes back 0.5 later; a loop (0.42) already waits 0.06 for B
+    # to serve both micro-batches (0.48), so the prompt holds the replica up 0.44. One prefill fixed cost of the
+    # whole pipeline (0.3 + 0.2 + 0.05 + 0.01).
+    assert pipe.prompt_delay_s(4, 10, 5) == pytest.approx(0.44)
+    assert pipe.capacity_rps(4, 10, 5) == pytest.approx(4 / (4 * 0.48 + 4 * 0.44 + 0.56))
+    # a fast first stage: A' (decode 0.01 + 0.001 a sequence) beside B; 4 running: A' 0.012, B 0.24, loop
+    # 0.012 + 0.05 + 0.24 + 0.01 = 0.312 against 0.48, so 0.168 spare; a 10-token prompt adds A' 0.01 x 10 = 0.1
+    # and B 0.2: 0.3 - 0.168 = 0.132, less than B's own 0.2, so 0.2
+    fast = LinearCost(prefill_fixed_s=0.01, prefill_per_token_s=0.01, decode_fixed_s=0.01, decode_per_seq_s=0.001)
+    lopsided = ReplicaCost((fast, STAGE_B), (HOP,), BACK)
+    assert lopsided.prompt_delay_s(4, 10, 5) == pytest.approx(0.2)
+    # one stage: the prompt's own work
+    alone = ReplicaCost.one_stage(STAGE_A)
+    assert alone.prompt_delay_s(4, 10, 5) == pytest.approx(0.3)
 
 
 def test_simulated_pipeline_overlaps_micro_batches():

