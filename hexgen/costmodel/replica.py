@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from hexgen.cluster import Cluster, GpuType, Link
 from hexgen.costmodel.linear import LinearCost
@@ -41,15 +42,25 @@ def replica_stage_costs(
     last = len(stages) - 1
     costs, hops, pools = [], [], []
     for j, st in enumerate(stages):
-        costs.append(stage_cost(model, st.gpu, st.tp_degree, st.num_layers, st.tp_link, cfg,
-                                is_first=j == 0, is_last=j == last))
+        cost, pool = _placed_stage(model, st, cfg, workload, j == 0, j == last)
+        costs.append(cost)
         if j > 0:
             hops.append(transfer_cost(model, cluster.link(stages[j - 1].machine, st.machine), cfg))
-        if workload is not None:
-            pools.append(kv_pool_blocks(model, st.tp_degree, st.num_layers, st.gpu.memory_gb, workload, cfg,
-                                        is_first=j == 0, is_last=j == last))
+        if pool is not None:
+            pools.append(pool)
     back = token_return_cost(cluster.link(stages[last].machine, stages[0].machine)) if last > 0 else LinearCost()
     return ReplicaCost(tuple(costs), tuple(hops), back, min(pools) if pools else None, cfg.kv_block_tokens)
+
+
+@lru_cache(maxsize=8192)  # pure; the planner prices thousands of pipelines made of the same few stages
+def _placed_stage(model: ModelSpec, st: StagePlacement, cfg: CostConfig, workload: Workload | None, is_first: bool,
+                  is_last: bool) -> tuple[LinearCost, int | None]:
+    """A stage's step time and, given a workload, its rank's KV pool in blocks."""
+    cost = stage_cost(model, st.gpu, st.tp_degree, st.num_layers, st.tp_link, cfg, is_first=is_first, is_last=is_last)
+    if workload is None:
+        return cost, None
+    return cost, kv_pool_blocks(model, st.tp_degree, st.num_layers, st.gpu.memory_gb, workload, cfg,
+                                is_first=is_first, is_last=is_last)
 
 
 def replica_cost(

@@ -12,7 +12,9 @@ length per replica): a layout with more room for KV batches more, one with less 
 partition is scored at each level and keeps the best, so replica count, layout and batch size are weighed
 against each other through KV memory. At the full batch level a pipeline's layers are then re-split for
 throughput where that serves more (throughput_split.py): the DP adds stage times up, a batching pipeline runs at
-the pace of its slowest stage.
+the pace of its slowest stage. Every partition is also scored once more with each small group laid out for
+throughput (stage_choice.py: its stages too, not only their layers, chosen for the most requests/s at full load),
+and that choice is kept where it scores better: a faster replica at full load need not serve the stream better.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from hexgen.costmodel import CostConfig, ReplicaCost, StagePlacement, Workload, 
 from hexgen.dispatch import make_policy
 from hexgen.models import ModelSpec
 from hexgen.plan import DeploymentPlan
+from hexgen.planner import stage_choice
 from hexgen.planner.build import build_plan
-from hexgen.planner.dp import PipelineLayout, PipelineSolver
+from hexgen.planner.dp import LayoutStage, PipelineLayout, PipelineSolver
 from hexgen.planner.genetic import Score
 from hexgen.planner.objective import Objective
 from hexgen.planner.partition import Group, Partition
 from hexgen.planner.pricing import StagePricer
-from hexgen.planner.throughput_split import StageRate, min_max_split
+from hexgen.planner.stage_choice import split_pipelines, stage_rates
+from hexgen.planner.throughput_split import min_max_split
 from hexgen.sim.analytic import BatchingLoad, dispatch_shares, plan_latencies_s
 from hexgen.sim.closed_form import RoundRobinQueues
 from hexgen.sim.servers import ReplicaModel
@@ -48,6 +52,7 @@ class Selection:
     score: Score
     order: tuple[int, ...]  # indices into the candidate replicas, in rotation order
     reserve: int = 1  # sequences of KV each replica's layout reserves room for
+    for_throughput: bool = False  # laid out for full-load throughput (PlanEvaluator.layout)
 
 
 PATIENCE_K = 3  # batching: stop adding slower replicas after this many that do not raise the score
@@ -66,6 +71,8 @@ class PlanEvaluator:
         self.cluster, self.model, self.cfg, self.workload = cluster, model, cfg, workload
         self.objective, self.dispatch, self.requests = objective, dispatch, requests
         self.levels = reserve_levels(workload.max_batch) if self.is_batching else (1,)
+        # (reservation level, laid out for throughput) of each way a partition is scored
+        self.choices = [(r, False) for r in self.levels] + ([(workload.max_batch, True)] if self.is_batching else [])
         self.solvers = {r: PipelineSolver(StagePricer(cluster, model, replace(workload, max_batch=r), cfg))
                         for r in self.levels}
         self.solver = self.solvers[self.levels[0]]
@@ -73,9 +80,9 @@ class PlanEvaluator:
         span_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
         self._load = BatchingLoad(workload.max_batch, workload.prompt_tokens, workload.output_tokens,
                                   len(requests) / span_s, len(requests))
-        self.replica_cost = cache(self._replica_cost)
-        self.layout = cache(self._layout)
-        self._layout_cost = cache(self._cost_of)  # replica_cost and full_load_rps price the same layouts
+        self._replica_costs = cache(self._replica_cost)  # memoised by positional arguments: see replica_cost
+        self._layouts = cache(self._layout)
+        self._layout_cost = cache(lambda layout: self._cost_of(layout.stages))  # replica_cost, full_load_rps
         self.select = cache(self._select_partition)
 
     @property
@@ -93,8 +100,16 @@ class PlanEvaluator:
                 return self.layout_level(group, lighter)
         return reserve
 
-    def _replica_cost(self, group: Group, reserve: int = 1) -> ReplicaCost | None:
-        layout = self.layout(group, reserve)
+    def replica_cost(self, group: Group, reserve: int = 1, for_throughput: bool = False) -> ReplicaCost | None:
+        """The cost of the group's replica as `layout` lays it out (None: it holds no replica, or no full batch)."""
+        return self._replica_costs(group, reserve, for_throughput)
+
+    def layout(self, group: Group, reserve: int, for_throughput: bool = False) -> PipelineLayout | None:
+        """See _layout (memoised)."""
+        return self._layouts(group, reserve, for_throughput)
+
+    def _replica_cost(self, group: Group, reserve: int, for_throughput: bool) -> ReplicaCost | None:
+        layout = self.layout(group, reserve, for_throughput)
         if layout is None:
             return None
         cost = self._layout_cost(layout)
@@ -102,26 +117,26 @@ class PlanEvaluator:
             return None  # the engine needs a KV block per running sequence of the batch limit
         return cost
 
-    def _cost_of(self, layout: PipelineLayout) -> ReplicaCost:
+    def _cost_of(self, stages: tuple[LayoutStage, ...]) -> ReplicaCost:
         c = self.cluster
         stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
-                                 c.tp_link(s.machine)) for s in layout.stages]
+                                 c.tp_link(s.machine)) for s in stages]
         return replica_stage_costs(c, self.model, stages, self.cfg, self.workload)
 
-    def _layout(self, group: Group, reserve: int) -> PipelineLayout | None:
+    def _layout(self, group: Group, reserve: int, for_throughput: bool) -> PipelineLayout | None:
         """The layout of the group's replica at reservation level `reserve` (scored by replica_cost and written by
         layouts): the DP's at layout_level's level, and at the full batch level a pipeline's layers re-split for
-        throughput where that serves more. Lighter levels keep the DP's split: they are there to be fast alone."""
+        throughput where that serves more. Lighter levels keep the DP's split: they are there to be fast alone.
+        `for_throughput` (full batch level only): the one of every stage mix that serves most at full load, where
+        that is more than the full batch level's layout serves and the group's mixes are few enough to list."""
+        if for_throughput:
+            return self._throughput_layout(group)
         level = self.layout_level(group, reserve)
         layout = self.solvers[level].best(group)
         if layout is None or len(layout.stages) < 2 or reserve != self.workload.max_batch:
             return layout
         # stage times of the full batch, and memory caps that leave every stage room for the whole batch's KV
-        pricer, last = self.solvers[reserve].pricer, len(layout.stages) - 1
-        rates = [StageRate(pricer.per_layer_s(s.machine, s.tp_degree),
-                           pricer.stage_extra_s(s.machine, s.tp_degree, i == 0, i == last),
-                           pricer.max_layers(s.machine, s.tp_degree, i == 0, i == last))
-                 for i, s in enumerate(layout.stages)]
+        rates = stage_rates(self.solvers[reserve].pricer, tuple((s.machine, s.tp_degree) for s in layout.stages))
         split = min_max_split(rates, self.model.num_layers)
         if split is None or split == [s.num_layers for s in layout.stages]:
             return layout
@@ -132,9 +147,31 @@ class PlanEvaluator:
                                    for s, n in zip(layout.stages, split, strict=True)))
         return resplit if self.full_load_rps(resplit) > self.full_load_rps(layout) else layout
 
+    def _throughput_layout(self, group: Group) -> PipelineLayout | None:
+        full = self.workload.max_batch
+        best = self.layout(group, full)
+        pricer = self.solvers[full].pricer
+        if len(group) > stage_choice.MAX_MACHINES:
+            return best
+        best_rps, best_stages = self.full_load_rps(best) if best is not None else 0.0, None
+        for slowest_s, stages in split_pipelines(group, pricer):
+            if full / slowest_s * (1 + 1e-9) <= best_rps:  # it serves at most that: so do all after it
+                break
+            rps = self._full_load_rps(self._cost_of(stages))  # uncached: thousands a group
+            if rps > best_rps:
+                best_rps, best_stages = rps, stages
+        if best_stages is None:
+            return best
+        # the DP's objective of this layout, as the DP's own layouts carry it
+        return PipelineLayout(best_stages, pricer.pipeline_s([(s.machine, s.tp_degree, s.num_layers)
+                                                              for s in best_stages]))
+
     def full_load_rps(self, layout: PipelineLayout) -> float:
         """Requests/s of the layout's replica at full load (0 where its KV pool holds no batch)."""
-        cost, wl = self._layout_cost(layout), self.workload
+        return self._full_load_rps(self._layout_cost(layout))
+
+    def _full_load_rps(self, cost: ReplicaCost) -> float:
+        wl = self.workload
         holds_one = cost.max_running(wl.max_batch, wl.prompt_tokens, wl.output_tokens) >= 1
         if (cost.kv_blocks or 0) < wl.max_batch or not holds_one:
             return 0.0
@@ -145,8 +182,9 @@ class PlanEvaluator:
 
     def _select_partition(self, partition: Partition) -> Selection:
         best = None
-        for reserve in self.levels:
-            chosen = replace(self.select_replicas([self.replica_cost(g, reserve) for g in partition]), reserve=reserve)
+        for reserve, for_throughput in self.choices:
+            chosen = replace(self.select_replicas([self.replica_cost(g, reserve, for_throughput) for g in partition]),
+                             reserve=reserve, for_throughput=for_throughput)
             if best is None or chosen.score > best.score:
                 best = chosen
         return best
@@ -200,7 +238,12 @@ class PlanEvaluator:
     def layouts(self, partition: Partition) -> list[PipelineLayout]:
         """The layouts (layout) of the selected replicas, in rotation order."""
         chosen = self.select(partition)
-        return [self.layout(partition[i], chosen.reserve) for i in chosen.order]
+        return [self.layout(partition[i], chosen.reserve, chosen.for_throughput) for i in chosen.order]
+
+    def selected_costs(self, partition: Partition) -> list[ReplicaCost]:
+        """The costs of the selected replicas' layouts (layouts), in rotation order."""
+        chosen = self.select(partition)
+        return [self.replica_cost(partition[i], chosen.reserve, chosen.for_throughput) for i in chosen.order]
 
     def to_plan(self, partition: Partition, meta: dict | None = None) -> DeploymentPlan:
         return self.with_predictions(build_plan(self.model.name, self.layouts(partition), meta))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from functools import cache
 
 from hexgen.cluster import Cluster
@@ -51,3 +53,13 @@ class StagePricer:
 
     def _token_return_s(self, last: str, first: str) -> float:
         return self._latency(token_return_cost(self.cluster.link(last, first)))
+
+    def pipeline_s(self, stages: Sequence[tuple[str, int, int]]) -> float:
+        """The DP's objective of a whole pipeline of (machine, TP degree, layers) stages: their times with the
+        embedding on the first and the LM head on the last, a hop into every stage after the first, and, past one
+        stage, the sampled ids back to the first."""
+        last = len(stages) - 1
+        total_s = sum(self.stage_extra_s(m, d, i == 0, i == last) + n * self.per_layer_s(m, d)
+                      for i, (m, d, n) in enumerate(stages))
+        total_s += sum(self.hop_s(a[0], b[0]) for a, b in itertools.pairwise(stages))
+        return total_s + (self.token_return_s(stages[-1][0], stages[0][0]) if last > 0 else 0.0)

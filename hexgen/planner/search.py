@@ -137,10 +137,11 @@ def plan_cluster(
     result = evolve(starts, evaluator.score, request.ga, random.Random(request.seed), on_generation)
     elapsed = time.perf_counter() - start
     chosen = evaluator.select(result.best)
-    latencies = evaluator.latencies_s([evaluator.replica_cost(result.best[i], chosen.reserve) for i in chosen.order])
+    latencies = evaluator.latencies_s(evaluator.selected_costs(result.best))
     meta = {"rate_rps": request.rate_rps, "slo_s": request.slo_s, "prompt_tokens": request.workload.prompt_tokens,
             "output_tokens": request.workload.output_tokens, "max_batch": request.workload.max_batch,
-            "kv_reserved_seqs": chosen.reserve, "dispatch": request.dispatch,
+            "kv_reserved_seqs": chosen.reserve, "stages_for_throughput": chosen.for_throughput,
+            "dispatch": request.dispatch,
             "objective": request.objective, "seed": request.seed, "search_s": round(elapsed, 2),
             "predicted_slo_attainment": attainment(latencies, request.slo_s),
             "predicted_tail_latency_s": round(tail_latency_s(latencies, request.target_attainment), 4)}

@@ -61,6 +61,32 @@ def test_the_largest_stage_time_matches_brute_force():
         assert largest_s(rates, got) == pytest.approx(min(largest_s(rates, s) for s in feasible), rel=1e-12)
 
 
+def one_layer_at_a_time(stages: list[StageRate], num_layers: int) -> list[int]:
+    """The filling spelled out: one layer each, then every further layer to the stage whose time after it is least,
+    the earlier stage on ties."""
+    split = [1] * len(stages)
+    for _ in range(num_layers - len(stages)):
+        room = [i for i, s in enumerate(stages) if split[i] < s.max_layers]
+        split[min(room, key=lambda i: (stages[i].time_s(split[i] + 1), i))] += 1
+    return split
+
+
+def test_the_split_is_the_one_layer_at_a_time_filling():
+    # min_max_split places every layer below a water level at once; the layers it places must be the same, ties
+    # (equal stages, equal times) and stages of free layers included
+    rng = random.Random(11)
+    for _ in range(2000):
+        stages, num_layers = rng.randint(1, 6), rng.randint(6, 90)
+        per_layer = [0.0, 0.25, 0.5, 1.0, 1.5, 3.0] if rng.random() < 0.2 else [0.25, 0.5, 1.0, 1.5, 3.0]
+        rates = [StageRate(rng.choice(per_layer) * (1 if rng.random() < 0.5 else rng.uniform(0.9, 1.1)),
+                           rng.choice([0.0, 1.0, rng.uniform(0.0, 20.0)]), rng.randint(1, num_layers))
+                 for _ in range(stages)]
+        if num_layers < stages or sum(r.max_layers for r in rates) < num_layers:
+            assert min_max_split(rates, num_layers) is None
+            continue
+        assert min_max_split(rates, num_layers) == one_layer_at_a_time(rates, num_layers)
+
+
 # Two machines of one region whose GPUs differ in speed and memory: Llama-2-70B fits on neither alone, and the DP,
 # which adds stage times up, splits 24 | 56, which leaves the A40 stage the slower one.
 MIXED = """
@@ -109,7 +135,7 @@ def test_the_written_plan_runs_the_scored_layout(evaluator):
     partition = make_partition([dict(GROUP)])
     chosen = evaluator.select(partition)
     (layout,) = evaluator.layouts(partition)
-    assert layout == evaluator.layout(GROUP, chosen.reserve)
+    assert layout == evaluator.layout(GROUP, chosen.reserve, chosen.for_throughput)
     plan = evaluator.to_plan(partition)
     (replica,) = plan.replicas
     assert [s.layers[1] - s.layers[0] for s in replica.stages] == [s.num_layers for s in layout.stages]
