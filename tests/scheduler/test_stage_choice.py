@@ -39,6 +39,15 @@ def evaluator_of(cluster_yaml: str, rate_rps: float = 2.0) -> PlanEvaluator:
                          CostConfig(), WORKLOAD, "capacity-weighted")
 
 
+def random_pairs(seed: int, count: int):
+    """(evaluator, group) of `count` seeded random pairs of machines of 1, 2 or 4 GPUs of the built-in types."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        a, b = rng.choice(GPU_TYPES), rng.choice(GPU_TYPES)
+        ev = evaluator_of(two_machines(a, rng.choice([1, 2, 4]), b, rng.choice([1, 2, 4])))
+        yield ev, tuple(sorted((m.name, m.count) for m in ev.cluster.machines))
+
+
 def test_stage_mixes_by_hand():
     assert degree_mixes([1, 2, 4], 4) == [(4,), (2,), (2, 2), (1,), (1, 1), (1, 1, 1), (1, 1, 1, 1)]
     assert degree_mixes([1, 2, 4], 3) == [(2,), (1,), (1, 1), (1, 1, 1)]
@@ -63,11 +72,7 @@ def test_every_pipeline_of_two_machines_is_listed_once():
 
 def test_a_pipeline_serves_at_most_its_batch_over_its_slowest_stage():
     # the early stop's bound, checked on every pipeline of random pairs of machines
-    rng = random.Random(2)
-    for _ in range(12):
-        a, b = rng.choice(GPU_TYPES), rng.choice(GPU_TYPES)
-        ev = evaluator_of(two_machines(a, rng.choice([1, 2, 4]), b, rng.choice([1, 2, 4])))
-        group = tuple((m.name, m.count) for m in ev.cluster.machines)
+    for ev, group in random_pairs(2, 12):
         for slowest_s, stages in split_pipelines(group, ev.solvers[WORKLOAD.max_batch].pricer):
             rps = ev.full_load_rps(PipelineLayout(stages, 0.0))
             assert rps <= WORKLOAD.max_batch / slowest_s * (1 + 1e-9)
@@ -76,11 +81,7 @@ def test_a_pipeline_serves_at_most_its_batch_over_its_slowest_stage():
 def test_the_throughput_layout_is_the_best_listed_pipeline():
     # the early stop loses nothing: the layout serves what the best of every listed pipeline serves (and at least
     # what the full batch level's layout serves)
-    rng = random.Random(4)
-    for _ in range(12):
-        a, b = rng.choice(GPU_TYPES), rng.choice(GPU_TYPES)
-        ev = evaluator_of(two_machines(a, rng.choice([1, 2, 4]), b, rng.choice([1, 2, 4])))
-        group = tuple(sorted((m.name, m.count) for m in ev.cluster.machines))
+    for ev, group in random_pairs(4, 12):
         chosen = ev.layout(group, WORKLOAD.max_batch, True)
         full = ev.layout(group, WORKLOAD.max_batch)
         every = [ev.full_load_rps(PipelineLayout(stages, 0.0))
@@ -95,17 +96,13 @@ def test_the_throughput_layout_is_the_best_listed_pipeline():
 
 def test_the_layout_carries_the_dp_objective():
     # pricing.pipeline_s, which the listed layouts carry, gives the DP's own layouts the DP's objective
-    rng = random.Random(6)
-    for _ in range(20):
-        a, b = rng.choice(GPU_TYPES), rng.choice(GPU_TYPES)
-        ev = evaluator_of(two_machines(a, rng.choice([1, 2, 4]), b, rng.choice([1, 2, 4])))
-        group = tuple(sorted((m.name, m.count) for m in ev.cluster.machines))
+    for ev, group in random_pairs(6, 20):
         for level, solver in ev.solvers.items():
             dp = solver.best(group)
             if dp is None:
                 continue
             got = solver.pricer.pipeline_s([(s.machine, s.tp_degree, s.num_layers) for s in dp.stages])
-            assert got == pytest.approx(dp.latency_s, rel=1e-9), (a, b, level, dp)
+            assert got == pytest.approx(dp.latency_s, rel=1e-9), (group, level, dp)
 
 
 def test_plans_score_at_least_as_well_and_the_written_plan_runs_the_scored_layouts():
