@@ -90,7 +90,7 @@ class ReplicaCost:
         for the slowest stage anyway; never less than the slowest stage's own extra work. Against the event
         simulator (which runs the engine's scheduler), on pipelines of two to four stages of Llama-2-70B: full-load
         rates within -18% to +5% of its where output lengths vary, latencies under Poisson load within 10%, where
-        counting a prompt on its costliest stage only put the rates 3-49% high and the latencies 20-35% low
+        counting a prompt on its costliest stage only put the rates 3-49% high and the latencies 11-34% low
         (docs/cost-model.md)."""
         works = [c.prefill_per_token_s * prompt_tokens + max(0.0, c.prefill_fixed_s - c.decode_fixed_s)
                  for c in self.stages]
