@@ -119,16 +119,17 @@ class PlanEvaluator:
 
     def _cost_of(self, stages: tuple[LayoutStage, ...]) -> ReplicaCost:
         c = self.cluster
-        stages = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
-                                 c.tp_link(s.machine)) for s in stages]
-        return replica_stage_costs(c, self.model, stages, self.cfg, self.workload)
+        placements = [StagePlacement(s.machine, c.machine(s.machine).gpu, s.tp_degree, s.num_layers,
+                                     c.tp_link(s.machine)) for s in stages]
+        return replica_stage_costs(c, self.model, placements, self.cfg, self.workload)
 
     def _layout(self, group: Group, reserve: int, for_throughput: bool) -> PipelineLayout | None:
         """The layout of the group's replica at reservation level `reserve` (scored by replica_cost and written by
         layouts): the DP's at layout_level's level, and at the full batch level a pipeline's layers re-split for
         throughput where that serves more. Lighter levels keep the DP's split: they are there to be fast alone.
-        `for_throughput` (full batch level only): the one of every stage mix that serves most at full load, where
-        that is more than the full batch level's layout serves and the group's mixes are few enough to list."""
+        `for_throughput` (full batch level only): of the pipelines stage_choice.py lists for a group of at most
+        MAX_MACHINES machines, the one that serves most at full load, where that is more than the full batch
+        level's layout serves."""
         if for_throughput:
             return self._throughput_layout(group)
         level = self.layout_level(group, reserve)
@@ -157,7 +158,7 @@ class PlanEvaluator:
         for slowest_s, stages in split_pipelines(group, pricer):
             if full / slowest_s * (1 + 1e-9) <= best_rps:  # it serves at most that: so do all after it
                 break
-            rps = self._full_load_rps(self._cost_of(stages))  # uncached: thousands a group
+            rps = self._full_load_rps(self._cost_of(stages))  # uncached: hundreds a group
             if rps > best_rps:
                 best_rps, best_stages = rps, stages
         if best_stages is None:
