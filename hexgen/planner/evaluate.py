@@ -82,6 +82,7 @@ class PlanEvaluator:
                                   len(requests) / span_s, len(requests))
         self._replica_costs = cache(self._replica_cost)  # memoised by positional arguments: see replica_cost
         self._layouts = cache(self._layout)
+        self._throughput_solved: dict[tuple, tuple[Group, PipelineLayout | None]] = {}  # by class signature
         self._layout_cost = cache(lambda layout: self._cost_of(layout.stages))  # replica_cost, full_load_rps
         self.select = cache(self._select_partition)
 
@@ -149,11 +150,25 @@ class PlanEvaluator:
         return resplit if self.full_load_rps(resplit) > self.full_load_rps(layout) else layout
 
     def _throughput_layout(self, group: Group) -> PipelineLayout | None:
-        full = self.workload.max_batch
-        best = self.layout(group, full)
-        pricer = self.solvers[full].pricer
+        """The for_throughput layout (see _layout), solved once per class signature of the group's machines, as
+        the DP does: machines of one class price alike, so alike groups get the solved layout with their machines
+        renamed (on the paper's 58-GPU cluster: 340 groups a search, ~4x fewer signatures)."""
         if len(group) > stage_choice.MAX_MACHINES:
-            return best
+            return self.layout(group, self.workload.max_batch)
+        solver = self.solvers[self.workload.max_batch]
+        ordered = tuple(sorted(group, key=lambda mc: (solver.class_key(*mc), mc[0])))
+        signature = tuple(solver.class_key(*mc) for mc in ordered)
+        if signature not in self._throughput_solved:
+            self._throughput_solved[signature] = (ordered, self._solve_for_throughput(ordered))
+        solved, layout = self._throughput_solved[signature]
+        if layout is None or solved == ordered:
+            return layout
+        rename = {a: b for (a, _), (b, _) in zip(solved, ordered, strict=True)}
+        return replace(layout, stages=tuple(replace(s, machine=rename[s.machine]) for s in layout.stages))
+
+    def _solve_for_throughput(self, group: Group) -> PipelineLayout | None:
+        full = self.workload.max_batch
+        best, pricer = self.layout(group, full), self.solvers[full].pricer
         best_rps, best_stages = self.full_load_rps(best) if best is not None else 0.0, None
         for slowest_s, stages in split_pipelines(group, pricer):
             if full / slowest_s * (1 + 1e-9) <= best_rps:  # it serves at most that: so do all after it

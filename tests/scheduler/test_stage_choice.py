@@ -159,3 +159,18 @@ def test_groups_past_the_limit_keep_the_full_batch_layout():
     group = (("m0", 2), ("m1", 2), ("m2", 2))
     assert ev.layout(group, WORKLOAD.max_batch, True) == ev.layout(group, WORKLOAD.max_batch)
     assert list(itertools.islice(pipelines(group, ev.solvers[64].pricer), 1))  # listable, but not listed
+
+
+def test_alike_groups_share_one_solve_with_their_machines_renamed():
+    # a1 and a2 are alike (same region, GPU type and count): the group (a2, b) gets (a1, b)'s layout with a1 named
+    # a2, the layout a fresh evaluator finds for (a2, b) itself
+    text = ("machines:\n  - {name: a1, gpu: L40S, count: 2, region: r}\n"
+            "  - {name: a2, gpu: L40S, count: 2, region: r}\n  - {name: b, gpu: A40, count: 4, region: r}\n")
+    ev, fresh = evaluator_of(text), evaluator_of(text)
+    first = ev.layout((("a1", 2), ("b", 4)), WORKLOAD.max_batch, True)
+    second = ev.layout((("a2", 2), ("b", 4)), WORKLOAD.max_batch, True)
+    assert len(ev._throughput_solved) == 1
+    assert [s.machine for s in first.stages] == ["a1", "b"]  # the L40S in front (the pipeline of the test above)
+    assert second == fresh.layout((("a2", 2), ("b", 4)), WORKLOAD.max_batch, True)
+    assert [(s.tp_degree, s.num_layers) for s in second.stages] == [(s.tp_degree, s.num_layers) for s in first.stages]
+    assert [s.machine for s in second.stages] == ["a2", "b"]
