@@ -39,7 +39,7 @@ def min_max_split(stages: list[StageRate], num_layers: int) -> list[int] | None:
         return None
     # The filling takes the num_layers - len(stages) cheapest of the times time_s(k), k = 2 .. cap, of every stage
     # (ties to the earlier stage). Every one below a bound that at most that many are below is taken at once (the
-    # planner splits thousands of pipelines a group); the heap takes the rest in order.
+    # planner splits hundreds of pipelines a group); the heap takes the rest in order.
     bound = _water_level(stages, num_layers)
     split = [max(1, _layers_below(s, bound)) for s in stages]
     if sum(split) > num_layers:  # rounding put the bound past the cheapest time left out: fill from one layer each
