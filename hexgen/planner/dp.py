@@ -46,6 +46,11 @@ class PipelineLayout:
     stages: tuple[LayoutStage, ...]
     latency_s: float
 
+    def renamed(self, old: tuple[str, ...], new: tuple[str, ...]) -> PipelineLayout:
+        """The same layout with machine old[i] replaced by new[i] (alike machines: same class, see PipelineSolver)."""
+        names = dict(zip(old, new, strict=True))
+        return replace(self, stages=tuple(replace(s, machine=names[s.machine]) for s in self.stages))
+
 
 @dataclass
 class _State:
@@ -126,7 +131,7 @@ class PipelineSolver:
     def best(self, group: Group) -> PipelineLayout | None:
         """The group's fastest pipeline (None: it cannot hold the model), memoised by class signature."""
         if len(group) <= MAX_EXACT_MACHINES:  # every order is tried: sorting by class makes alike groups share
-            ordered = sorted(group, key=lambda mc: (self.class_key(*mc), mc[0]))
+            ordered = self.by_class(group)
         else:  # the order is the search's constraint: by region, then name
             ordered = sorted(group, key=lambda mc: (self.pricer.cluster.machine(mc[0]).region, mc[0]))
         signature = tuple(self.class_key(*mc) for mc in ordered)
@@ -136,8 +141,11 @@ class PipelineSolver:
         solved_names, layout = self._solved[signature]
         if layout is None or solved_names == names:
             return layout
-        rename = dict(zip(solved_names, names, strict=True))
-        return replace(layout, stages=tuple(replace(s, machine=rename[s.machine]) for s in layout.stages))
+        return layout.renamed(solved_names, names)
+
+    def by_class(self, group: Group) -> list[tuple[str, int]]:
+        """The group's machines sorted by class, then name: alike groups list their classes in the same order."""
+        return sorted(group, key=lambda mc: (self.class_key(*mc), mc[0]))
 
     def _solve(self, ordered: list[tuple[str, int]]) -> PipelineLayout | None:
         """The DP over machines in the given order (see best); equal signatures give positionally equal layouts,

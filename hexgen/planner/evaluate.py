@@ -156,15 +156,14 @@ class PlanEvaluator:
         if len(group) > stage_choice.MAX_MACHINES:
             return self.layout(group, self.workload.max_batch)
         solver = self.solvers[self.workload.max_batch]
-        ordered = tuple(sorted(group, key=lambda mc: (solver.class_key(*mc), mc[0])))
+        ordered = tuple(solver.by_class(group))
         signature = tuple(solver.class_key(*mc) for mc in ordered)
         if signature not in self._throughput_solved:
             self._throughput_solved[signature] = (ordered, self._solve_for_throughput(ordered))
         solved, layout = self._throughput_solved[signature]
         if layout is None or solved == ordered:
             return layout
-        rename = {a: b for (a, _), (b, _) in zip(solved, ordered, strict=True)}
-        return replace(layout, stages=tuple(replace(s, machine=rename[s.machine]) for s in layout.stages))
+        return layout.renamed(tuple(m for m, _ in solved), tuple(m for m, _ in ordered))
 
     def _solve_for_throughput(self, group: Group) -> PipelineLayout | None:
         full = self.workload.max_batch

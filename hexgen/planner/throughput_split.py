@@ -14,7 +14,6 @@ as fit under the best split's largest time, and those add up to all the layers a
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 
 
@@ -37,47 +36,12 @@ def min_max_split(stages: list[StageRate], num_layers: int) -> list[int] | None:
     caps = [s.max_layers for s in stages]
     if num_layers < len(stages) or min(caps) < 1 or sum(caps) < num_layers:
         return None
-    # The filling takes the num_layers - len(stages) cheapest of the times time_s(k), k = 2 .. cap, of every stage
-    # (ties to the earlier stage). Every one below a bound that at most that many are below is taken at once (the
-    # planner splits hundreds of pipelines a group); the heap takes the rest in order.
-    bound = _water_level(stages, num_layers)
-    split = [max(1, _layers_below(s, bound)) for s in stages]
-    if sum(split) > num_layers:  # rounding put the bound past the cheapest time left out: fill from one layer each
-        split = [1] * len(stages)
-    heap = [(s.time_s(n + 1), i) for i, (s, n) in enumerate(zip(stages, split, strict=True)) if n < s.max_layers]
+    split = [1] * len(stages)
+    heap = [(s.time_s(2), i) for i, s in enumerate(stages) if s.max_layers > 1]
     heapq.heapify(heap)
-    for _ in range(num_layers - sum(split)):
+    for _ in range(num_layers - len(stages)):
         _, i = heapq.heappop(heap)
         split[i] += 1
         if split[i] < stages[i].max_layers:
             heapq.heappush(heap, (stages[i].time_s(split[i] + 1), i))
     return split
-
-
-def _water_level(stages: list[StageRate], num_layers: int) -> float:
-    """A time T below which at most num_layers - len(stages) of the filling's times lie: the T at which stages that
-    reach it, each holding (T - extra_s) / per_layer_s layers, hold num_layers between them (caps aside, which
-    only lower the count)."""
-    active = [s for s in stages if s.per_layer_s > 0]
-    if len(active) < len(stages):
-        return float("-inf")  # a stage of free layers: no bound, fill from one layer each
-    while active:
-        inverse = sum(1 / s.per_layer_s for s in active)
-        level = (num_layers - (len(stages) - len(active)) + sum(s.extra_s / s.per_layer_s for s in active)) / inverse
-        below = [s for s in active if (level - s.extra_s) / s.per_layer_s < 1]
-        if not below:  # every active stage holds at least one layer at this level: the count sums to num_layers
-            return level
-        active = [s for s in active if s not in below]
-    return float("-inf")
-
-
-def _layers_below(stage: StageRate, bound: float) -> int:
-    """One layer, plus every further one whose stage time stays below `bound`, up to the stage's cap."""
-    if bound == float("-inf"):
-        return 1
-    n = min(stage.max_layers, max(1, math.ceil((bound - stage.extra_s) / stage.per_layer_s) - 1))
-    while n > 1 and stage.time_s(n) >= bound:  # exact against time_s's own rounding
-        n -= 1
-    while n < stage.max_layers and stage.time_s(n + 1) < bound:
-        n += 1
-    return n
