@@ -2,11 +2,13 @@
 
 A step packs the new tokens of B sequences (prefill chunks and decodes mixed) into one flat batch [T, ...].
 `StepMetadata` is built once per step from the plan and shared by every layer. On CUDA with Triton the
-paged-attention kernel reads keys through the block tables; elsewhere keys are gathered through the block
-tables into [B, K] and one SDPA call with a causal/length mask serves the batch (decode-only steps skip the
-query padding; a step mixing decodes and prefill chunks makes one call for each kind, so the decodes' queries
-are not padded to the chunks' length). The op count of a step does not depend on B: there is no per-sequence
-loop.
+paged-attention kernel reads keys through the block tables (a pool of slots, each its key and value heads).
+Elsewhere the pool keeps each block head by head, and one gather through the block tables lays a group's keys
+and values out as [B, kv_heads, K, d], the layout a batched matmul reads: decodes attend with two of them (each KV
+head's query heads as rows of that head; one SDPA call where they are few over short contexts), prefill chunks
+with one SDPA call under a causal/length mask. A step mixing decodes and prefill chunks attends each kind apart,
+so the decodes' queries are not padded to the chunks' length. The op count of a step does not depend on B:
+there is no per-sequence loop.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
 
+# A step's decodes attend by two batched matmuls once they have this many keys in all (sequences x gathered keys),
+# else by one SDPA call. SmolLM2 on the 2-core Zen 4 EPYC (2026-12-02), decode steps in one process alternating
+# the two: in bf16 the matmuls took 0.76x SDPA's step time at 16 sequences over 1,040-token contexts, 0.87x at 64
+# over 256 and 0.95x at 16 over 144, but 1.09x at one sequence over 144 keys (oneDNN's fixed cost of a small bf16
+# matmul: 60 µs a layer where SDPA took 44); in fp32 within 4% of each other throughout.
+MATMUL_DECODE_MIN_KEYS = 1024
+
+
 @dataclass(frozen=True)
 class GatherGroup:
     """Sequences that the gather path attends in one SDPA call: a step's decodes, or its prefill chunks.
@@ -31,8 +41,12 @@ class GatherGroup:
     """
 
     rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
-    block_index: torch.Tensor  # [b * max_blocks] int64: every sequence's block table, padded with block 0
-    # [b, 1, Q, K] additive: 0 where a (padded) query sees a key, else -inf. None for chunks that each begin their
+    # [2 * b * kv_heads * max_blocks] int64: the pool rows (a block's key or value head) to gather, in the order
+    # (keys then values, sequence, head, block): the gathered rows are [2, b, kv_heads, K, d]; tables padded
+    # with block 0
+    kv_rows: torch.Tensor
+    # additive: 0 where a (padded) query sees a key, else -inf; decodes [b * kv_heads, 1, K] (one row a KV head),
+    # chunks [b, 1, Q, K]. None for chunks that each begin their
     # prompt (nothing cached before them): the first Q keys are theirs and SDPA's own causal mask applies, which
     # skips the hidden key tiles (a 1,536-token prompt's attention, SmolLM2 shape, 2-core Xeon: 22.7 -> 14.1 ms a
     # layer in fp32, 9.8 -> 5.7 in bf16; the same numbers out). A chunk after cached keys keeps the tensor mask:
@@ -47,33 +61,42 @@ class GatherGroup:
 
 @dataclass(frozen=True)
 class LayerPool:
-    """One layer's part of the paged pool, [slots, 2 kv_heads, d] (slot = block * block_size + offset; a slot's
-    key heads, then its value heads), as views made once at allocation: on CPU each view made inside a decode step
-    costs about as much as a small kernel. Keys and values of a slot side by side let one index_copy_ store a step's
-    k and v (adjacent in the qkv projection's output) and one index_select gather both: on the 2-core EPYC, alone,
-    the gather and SDPA of a decode layer take 58 µs instead of 67 at batch 1 and 368 instead of 416 at batch 16;
-    inside a decode step (SmolLM2, 128-token prompts) RoPE, KV write and attention 18.0 -> 17.8 ms at batch 16.
-    The gather path copies whole blocks (one row of `blocks` each), not slot by slot: SmolLM2 on the 2-core EPYC,
-    a decode step at batch 16 75.7-76.7 -> 72.1-76.1 ms, at batch 1 33.7-36.4 -> 33.6-34.6 (three runs each way,
-    alternating), and the step's gather index is its block tables as they are. The Triton kernels take keys and
-    values as strided views (`paged`)."""
+    """One layer's part of the paged pool, [blocks, block_size * 2 kv_heads * d], in one of two layouts fixed at
+    allocation, with views made once then (on CPU each view made inside a decode step costs about as much as a
+    small kernel).
 
-    entries: torch.Tensor  # [slots, 2 kv_heads, d]
-    blocks: torch.Tensor  # the same memory as [blocks, block_size * 2 kv_heads * d] (the gather path's rows)
+    Slot-major, the Triton kernels': a slot (block * block_size + offset) holds its key heads, then its value
+    heads; `paged` gives keys and values as strided views [blocks, block_size, kv_heads, d].
+
+    Head-major, the gather path's: a block holds its key heads, then its value heads, each [block_size, d]. One
+    index_select of whole heads lays a group's keys and values out as [2, b, kv_heads, K, d], which batched
+    matmuls read as they are. Gathering slot-major blocks gave [b, K, kv_heads, d], which SDPA's CPU kernel read
+    as strided views: a bf16 decode layer at batch 16 over 1,040-token contexts (SmolLM2 heads, 2-core Zen 4
+    EPYC, alone, alternating) took 6.5 ms that way against 3.5 ms now.
+    """
+
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    head_major: bool
+    rows: torch.Tensor  # head-major: [blocks * 2 kv_heads, block_size * d], a block's head a row (what is gathered)
+    # slot-major: [slots, 2 kv_heads, d]; head-major: [blocks * 2 kv_heads * block_size, d], a token's head a row
+    # (what is written)
+    entries: torch.Tensor
 
     @staticmethod
-    def of(pool: torch.Tensor, block_size: int) -> LayerPool:
-        """Views of a layer's pool [slots, 2, kv_heads, d] (keys, then values, of each slot)."""
-        return LayerPool(pool.flatten(1, 2), pool.view(pool.shape[0] // block_size, -1))
+    def of(pool: torch.Tensor, block_size: int, kv_heads: int, head_dim: int, head_major: bool) -> LayerPool:
+        """Views of a layer's pool [blocks, block_size * 2 kv_heads * head_dim]."""
+        if head_major:
+            return LayerPool(kv_heads, head_dim, block_size, True, pool.view(-1, block_size * head_dim),
+                             pool.view(-1, head_dim))
+        return LayerPool(kv_heads, head_dim, block_size, False, pool, pool.view(-1, 2 * kv_heads, head_dim))
 
-    @property
-    def kv_heads(self) -> int:
-        return self.entries.shape[1] // 2
-
-    def paged(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values as strided views [blocks, block_size, kv_heads, d] (the Triton kernels' layout)."""
-        slots, _, head_dim = self.entries.shape
-        shape = (slots // block_size, block_size, self.kv_heads, head_dim)
+    def paged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a slot-major pool as strided views [blocks, block_size, kv_heads, d] (the Triton
+        kernels' layout)."""
+        assert not self.head_major, "the Triton kernels read slot-major pools"
+        shape = (-1, self.block_size, self.kv_heads, self.head_dim)
         return self.entries[:, : self.kv_heads].view(shape), self.entries[:, self.kv_heads :].view(shape)
 
 
@@ -89,6 +112,9 @@ class StepMetadata:
     max_position: int  # the step's largest position (known on the host: no device sync to size RoPE tables)
     block_size: int
     groups: tuple[GatherGroup, ...] = ()  # gather path only: one group, or decodes and chunks apart
+    # gather path only: [T * 2 kv_heads] int64, the row of a head-major pool's `entries` each new token's key and
+    # value heads go to (token by token, its key heads, then its value heads)
+    kv_write_rows: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -96,9 +122,11 @@ class StepMetadata:
 
 
 def build_metadata(
-    plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool, dtype: torch.dtype = torch.float32
+    plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool, kv_heads: int,
+    dtype: torch.dtype = torch.float32,
 ) -> StepMetadata:
-    """Everything the layers need about a step's layout, built with a fixed number of tensor ops per group."""
+    """Everything the layers need about a step's layout, built with a fixed number of tensor ops per group;
+    `kv_heads`: the rank's KV heads (the gather path's indices into its head-major pool)."""
     positions = [s + i for s, n in zip(plan.starts, plan.lengths, strict=True) for i in range(n)]
     seq_of_token = [b for b, n in enumerate(plan.lengths) for _ in range(n)]
     slots = [plan.block_tables[b][p // block_size] * block_size + p % block_size
@@ -108,13 +136,18 @@ def build_metadata(
     starts = plan.token_starts()
     context = [s + n for s, n in zip(plan.starts, plan.lengths, strict=True)]
     groups: tuple[GatherGroup, ...] = ()
+    kv_write_rows = None
     if not use_kernel:
         decodes = [b for b, n in enumerate(plan.lengths) if n == 1]
         chunks = [b for b, n in enumerate(plan.lengths) if n > 1]
         members = [m for m in (decodes, chunks) if m]
         groups = tuple(
-            _gather_group(plan, m, starts, block_size, dtype, device, whole=len(members) == 1) for m in members
+            _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole=len(members) == 1)
+            for m in members
         )
+        slot = torch.tensor(slots, dtype=torch.int64).unsqueeze(1)  # [T, 1]
+        head_rows = (slot // block_size * (2 * kv_heads) + torch.arange(2 * kv_heads)) * block_size
+        kv_write_rows = tensor_to_device((head_rows + slot % block_size).view(-1), device)
     return StepMetadata(
         positions=to_device(positions, device, torch.int64),
         slot_mapping=to_device(slots, device, torch.int64),
@@ -126,12 +159,13 @@ def build_metadata(
         max_position=max(positions),
         block_size=block_size,
         groups=groups,
+        kv_write_rows=kv_write_rows,
     )
 
 
 def _gather_group(
-    plan: StepPlan, members: list[int], token_starts: list[int], block_size: int, dtype: torch.dtype,
-    device: torch.device, whole: bool,
+    plan: StepPlan, members: list[int], token_starts: list[int], block_size: int, kv_heads: int,
+    dtype: torch.dtype, device: torch.device, whole: bool,
 ) -> GatherGroup:
     """The gather layout of the plan's sequences `members` (indices into the plan, in plan order)."""
     lengths = [plan.lengths[b] for b in members]
@@ -146,15 +180,19 @@ def _gather_group(
         allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)
         # An additive mask: SDPA's CPU kernel runs up to twice as fast with it as with a boolean one.
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        if q_max == 1:  # decodes: [b * kv_heads, 1, K], the row that each KV head's query rows add
+            mask = mask.expand(-1, kv_heads, -1, -1).reshape(-1, 1, mask.shape[-1])
     query_index = None
     if q_max > 1:
         query_index = torch.tensor([g * q_max + i for g, n in enumerate(lengths) for i in range(n)])
     rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
+    heads = torch.arange(2 * kv_heads).view(2, 1, kv_heads, 1)  # keys' heads, then values'
+    kv_rows = (block_tables.unsqueeze(0).unsqueeze(2) * (2 * kv_heads) + heads).view(-1)  # [2, b, kv_heads, blocks]
 
     def to(t: torch.Tensor) -> torch.Tensor:
         return tensor_to_device(t, device)
 
-    return GatherGroup(rows=None if rows is None else to(rows), block_index=to(block_tables.view(-1)),
+    return GatherGroup(rows=None if rows is None else to(rows), kv_rows=to(kv_rows),
                        mask=None if mask is None else to(mask),
                        query_index=None if query_index is None else to(query_index), num_seqs=len(members),
                        max_query_len=q_max)
@@ -175,7 +213,11 @@ def _gather_mask(keys: int, context: torch.Tensor, lengths: torch.Tensor, q_max:
 def write_kv(pool: LayerPool, kv: torch.Tensor, meta: StepMetadata) -> None:
     """Store the step's keys and values, kv [T, 2 kv_heads, d] (each token's key heads, then its value heads), in
     their slots."""
-    pool.entries.index_copy_(0, meta.slot_mapping, kv)
+    if pool.head_major:
+        assert meta.kv_write_rows is not None
+        pool.entries.index_copy_(0, meta.kv_write_rows, kv.reshape(-1, pool.head_dim))
+    else:
+        pool.entries.index_copy_(0, meta.slot_mapping, kv)
 
 
 def paged_attention(q: torch.Tensor, pool: LayerPool, meta: StepMetadata, scale: float) -> torch.Tensor:
@@ -187,7 +229,7 @@ def paged_attention(q: torch.Tensor, pool: LayerPool, meta: StepMetadata, scale:
         splits = 1 if meta.max_query_len > 1 else kernels.choose_kv_splits(
             meta.num_seqs, pool.kv_heads, meta.max_position + 1, q.device)
         return kernels.paged_attention(
-            q, *pool.paged(meta.block_size), meta.block_tables, meta.query_start, meta.context_lens,
+            q, *pool.paged(), meta.block_tables, meta.query_start, meta.context_lens,
             meta.max_query_len, scale, splits,
         )
     if len(meta.groups) == 1:
@@ -204,24 +246,30 @@ def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: f
     batch, q_max = group.num_seqs, group.max_query_len
     heads, head_dim = q.shape[1:]
     kv_heads = pool.kv_heads
-    # one index_select over whole blocks: an order of magnitude faster on CPU than advanced indexing; keys and
-    # values are then strided views of the gathered rows
-    gathered = pool.blocks.index_select(0, group.block_index).view(batch, -1, 2, kv_heads, head_dim)
-    keys, values = gathered[:, :, 0], gathered[:, :, 1]  # [b, K, kv_heads, d] each
+    # one index_select of whole heads of blocks (an order of magnitude faster on CPU than advanced indexing)
+    kv = pool.rows.index_select(0, group.kv_rows).view(2, batch, kv_heads, -1, head_dim)  # [2, b, kv, K, d]
     if group.query_index is None:  # every sequence brings one token
         # each KV head's query heads (heads i*g .. i*g+g-1 share KV head i) attend as g query rows of that head:
-        # no GQA expansion, and the output [B, kv, g, d] is already [B, h, d] (B=16, SmolLM2: 243 -> 202 µs)
-        grouped = q.view(batch, kv_heads, heads // kv_heads, head_dim)
-        out = F.scaled_dot_product_attention(
-            grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask, scale=scale,
-        )  # [B, kv, g, d]; the mask [B, 1, 1, K] holds for every row
-        return out.reshape(batch, heads, head_dim)
+        # no GQA expansion, and the output [b * kv, g, d] is already [b, h, d]
+        assert group.mask is not None
+        if group.num_seqs * kv.shape[3] < MATMUL_DECODE_MIN_KEYS:
+            out = F.scaled_dot_product_attention(
+                q.view(batch, kv_heads, heads // kv_heads, head_dim), kv[0], kv[1],
+                attn_mask=group.mask.view(batch, kv_heads, 1, -1), scale=scale)  # [b, kv, g, d]
+            return out.reshape(batch, heads, head_dim)
+        # two batched matmuls with the softmax between in fp32 (as HF's eager attention)
+        keys, values = kv.view(2, batch * kv_heads, -1, head_dim)
+        scores = torch.baddbmm(group.mask, q.reshape(batch * kv_heads, heads // kv_heads, head_dim),
+                               keys.transpose(1, 2), alpha=scale)  # [b * kv, g, K]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, values).view(batch, heads, head_dim)
+    keys, values = kv  # [b, kv, K, d] each
     query = q.new_zeros(batch * q_max, heads, head_dim).index_copy_(0, group.query_index, q)
     query = query.view(batch, q_max, heads, head_dim)
     if group.mask is None:  # chunks that begin their prompts: query i sees keys 0..i, all its own (a padded row
-        keys, values = keys[:, :q_max], values[:, :q_max]  # past a chunk's end sees what it likes; it is dropped)
+        keys, values = keys[:, :, :q_max], values[:, :, :q_max]  # past a chunk's end sees what it likes; dropped)
     out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        query.transpose(1, 2), keys, values,
         attn_mask=group.mask, is_causal=group.mask is None, scale=scale, enable_gqa=True,
     )  # [B, h, Q, d]
     out = out.transpose(1, 2).reshape(batch * q_max, heads, head_dim)

@@ -167,7 +167,7 @@ class Engine:
 
     @classmethod
     def create(cls, runner: StageRunner, config: SchedulerConfig, eos_token_ids: tuple[int, ...]) -> Engine:
-        blocks = runner.stage.kv_pool.shape[1] // runner.block_size
+        blocks = runner.stage.kv_pool.shape[1]
         return cls(runner, Scheduler(replace(config, num_kv_blocks=blocks), eos_token_ids))
 
     @property

@@ -86,7 +86,7 @@ def rotary_write_kv(
     elif use_triton(qkv):
         from hexgen.engine import kernels
 
-        kernels.rotary_write_kv(q, k, v, *rope, *pool.paged(meta.block_size), meta.slot_mapping)
+        kernels.rotary_write_kv(q, k, v, *rope, *pool.paged(), meta.slot_mapping)
         return q
     else:
         apply_rotary_(qkv[:, : heads + kv_heads], *rope)  # q and k rotated together, in place

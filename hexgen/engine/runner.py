@@ -43,7 +43,7 @@ class StageRunner:
         self.end_turn: Callable[[], object] = lambda: None  # once a micro-batch is handed on (engine/turns.py)
 
     def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
-        self.stage.allocate_kv_pool(num_blocks, block_size)
+        self.stage.allocate_kv_pool(num_blocks, block_size, head_major=not self.use_kernel)
         self.block_size = block_size
 
     def tune_attention(self):
@@ -54,7 +54,7 @@ class StageRunner:
             return None
         from hexgen.engine.kernels.attention_tuning import tune_attention
 
-        keys, values = self.stage.layer_pools[0].paged(self.block_size)
+        keys, values = self.stage.layer_pools[0].paged()
         return tune_attention(keys, values, self.stage.layers[0].self_attn.heads_local)
 
     def capture_decode_graphs(self, max_batch: int, max_context: int) -> None:
@@ -74,7 +74,8 @@ class StageRunner:
         if self.graphs is not None and self.graphs.can_run(plan):
             out = self.graphs.run(plan, hidden)
             return out, torch.arange(plan.num_seqs, device=self.device)
-        meta = build_metadata(plan, self.block_size, self.device, self.use_kernel, self.dtype)
+        meta = build_metadata(plan, self.block_size, self.device, self.use_kernel, self.stage.kv_heads_local,
+                              self.dtype)
         self.stage.rope.reserve(meta.max_position + 1)
         return self.stage.forward_layers(hidden, meta), meta.last_token_index
 

@@ -32,7 +32,7 @@ class LlamaStage(nn.Module):
         self.rope = RotaryEmbedding(spec, dtype, device)
         self.kv_heads_local = spec.num_kv_heads // tp.tp_degree
         self.rope_interleaved = False  # set by pack_weights
-        self.kv_pool = torch.empty(0)  # [layers, blocks * block_size, 2, kv_heads_local, head_dim] once allocated
+        self.kv_pool = torch.empty(0)  # [layers, blocks, block_size * 2 * kv_heads_local * head_dim] once allocated
         self.layer_pools: list[LayerPool] = []  # views of kv_pool, one per layer
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -71,11 +71,13 @@ class LlamaStage(nn.Module):
                 self.lm_head.drop_dense()
         self.rope_interleaved = bool(self.layers) and self.layers[0].self_attn.rope_interleaved
 
-    def allocate_kv_pool(self, num_blocks: int, block_size: int) -> None:
-        """The paged pool, zeroed: keys that a mask hides must still be finite numbers."""
-        shape = (len(self.layers), num_blocks * block_size, 2, self.kv_heads_local, self.spec.head_dim)
-        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.layer_pools = [LayerPool.of(layer_pool, block_size) for layer_pool in self.kv_pool]
+    def allocate_kv_pool(self, num_blocks: int, block_size: int, head_major: bool) -> None:
+        """The paged pool, zeroed (keys that a mask hides must still be finite numbers), each block's heads
+        head-major for the gather path or slot-major for the Triton kernels (attention.LayerPool)."""
+        block_elements = block_size * 2 * self.kv_heads_local * self.spec.head_dim
+        self.kv_pool = torch.zeros((len(self.layers), num_blocks, block_elements), dtype=self.dtype, device=self.device)
+        self.layer_pools = [LayerPool.of(layer_pool, block_size, self.kv_heads_local, self.spec.head_dim, head_major)
+                            for layer_pool in self.kv_pool]
 
     @torch.no_grad()
     def load(self, reader: CheckpointReader, progress=None) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hexgen.engine import attention
 from hexgen.engine.attention import LayerPool, build_metadata, paged_attention, write_kv
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.engine.engine import build_runner, init_rank
@@ -53,29 +54,41 @@ def reference_attention(q, k_new, v_new, history, plan, scale):
     ([0, 20, 0, 7, 40], [6, 1, 3, 1, 1], 4, 6, 2),  # decodes after and between chunks: two groups, rows interleaved
     ([0, 0, 0], [3, 13, 9], 4, 4, 2),  # fresh prompts of unequal lengths: padded queries, tables of unequal lengths
 ])
-def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads):
+@pytest.mark.parametrize("matmul_min_keys", [0, 10**9])  # decodes by batched matmuls / by one SDPA call
+def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads, matmul_min_keys,
+                                                monkeypatch):
+    monkeypatch.setattr(attention, "MATMUL_DECODE_MIN_KEYS", matmul_min_keys)
     rng = random.Random(sum(starts) + len(lengths))
     gen = torch.Generator().manual_seed(7)
     d, num_blocks = 8, 64
     plan = ragged_plan(rng, starts, lengths, block_size, num_blocks)
-    pool = torch.zeros(num_blocks * block_size, 2, kv_heads, d)  # each slot: its keys, then its values
+    # head-major blocks: block, then key heads and value heads, then offset in the block
+    pool = torch.zeros(num_blocks, 2, kv_heads, block_size, d)
     history = []
     for s, table in zip(starts, plan.block_tables, strict=True):  # the cached prefix, written where it belongs
         kv = torch.randn(2, s, kv_heads, d, generator=gen)
-        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(s)], dtype=torch.long)
-        pool[slots] = kv.transpose(0, 1)
+        for p in range(s):
+            pool[table[p // block_size], :, :, p % block_size] = kv[:, p]
         history.append(kv)
     total = sum(lengths)
     q = torch.randn(total, heads, d, generator=gen)
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
-    meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False)
+    meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False, kv_heads=kv_heads)
     assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
     # chunks that all begin their prompts take SDPA's own causal mask (no mask tensor), the others an explicit one
     chunk_starts = [st for st, n in zip(starts, lengths, strict=True) if n > 1]
     if chunk_starts:
         assert (meta.groups[-1].mask is None) == (max(chunk_starts) == 0)
-    write_kv(LayerPool.of(pool, block_size), torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
-    ours = paged_attention(q, LayerPool.of(pool, block_size), meta, d**-0.5)
+    layer_pool = LayerPool.of(pool.view(num_blocks, -1), block_size, kv_heads, d, head_major=True)
+    write_kv(layer_pool, torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
+    offset = 0  # the new keys and values landed where the hand-made layout puts them
+    for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        for i in range(n):
+            p = s + i
+            stored = pool[plan.block_tables[b][p // block_size], :, :, p % block_size]
+            torch.testing.assert_close(stored, torch.stack([k_new[offset + i], v_new[offset + i]]))
+        offset += n
+    ours = paged_attention(q, layer_pool, meta, d**-0.5)
     torch.testing.assert_close(ours, reference_attention(q, k_new, v_new, history, plan, d**-0.5))
 
 
