@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
-
 # A step's decodes attend by two batched matmuls once they have this many keys in all (sequences x gathered keys),
 # else by one SDPA call. SmolLM2 on the 2-core Zen 4 EPYC (2026-12-02), decode steps in one process alternating
 # the two: in bf16 the matmuls took 0.76x SDPA's step time at 16 sequences over 1,040-token contexts, 0.87x at 64
