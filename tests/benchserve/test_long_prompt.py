@@ -1,0 +1,29 @@
+"""scripts/long_prompt.py: a prompt of exactly the tokens asked for, the same for the same seed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from hexgen.engine.checkpoint import resolve_model
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "long_prompt.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("long_prompt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_has_the_tokens_asked_for_and_is_seeded():
+    script = load_script()
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m", progress=False).directory))
+    for tokens in (1, 37, 1000):
+        text = script.long_prompt(tokens)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == tokens
+    assert script.long_prompt(200) == script.long_prompt(200)
+    assert script.long_prompt(200, seed=1) != script.long_prompt(200)
