@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from script_loader import load_script
 from transformers import AutoTokenizer
 
 from hexgen.engine.checkpoint import resolve_model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "long_prompt.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("long_prompt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_prompt_has_the_tokens_asked_for_and_is_seeded():
-    script = load_script()
+    script = load_script("long_prompt.py")
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m", progress=False).directory))
     for tokens in (1, 37, 1000):
         text = script.long_prompt(tokens)

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_serve_all.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_serve_all", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_loader import load_script
 
 
 def row(label: str, precision: str, concurrency: int, tps: float, rounds: list[float] | None = None) -> dict:
@@ -22,7 +12,7 @@ def row(label: str, precision: str, concurrency: int, tps: float, rounds: list[f
 
 
 def test_legend_names():
-    script = load_script()
+    script = load_script("bench_serve_all.py")
     assert script.short_name(script.HEXGEN_TWO, "fp32") == \
         "hexgen serve: two-stage pipeline TP 1 | TP 1, 15 + 15 layers"
     assert script.short_name(script.HEXGEN_ONE, "fp32") == "hexgen serve: one replica, one process"
@@ -32,7 +22,7 @@ def test_legend_names():
 
 
 def test_plot_draws_servers_measured_at_both_loads(tmp_path, monkeypatch):
-    script = load_script()
+    script = load_script("bench_serve_all.py")
     drawn = {}
 
     def fake_bars(path, groups, series, *, ylabel, title, spans=None):
@@ -59,7 +49,7 @@ def test_plot_bars_writes_a_png(tmp_path):
 
 
 def test_round_by_round_ratios_pair_servers_by_weights_too():
-    script = load_script()
+    script = load_script("bench_serve_all.py")
     rows = [row(script.HEXGEN_ONE, "fp32", 1, 20, [20, 30]), row(script.VLLM, "fp32", 1, 10, [10, 20]),
             row(script.HEXGEN_ONE, "bf16", 1, 40, [40, 60]), row(script.VLLM, "bf16", 1, 50, [50, 40])]
     lines = script.versus(rows).splitlines()
