@@ -137,6 +137,7 @@ def test_first_argmax_takes_the_first_of_tied_maxima(dtype):
     x = torch.randint(0, 4, (16, 49152), generator=gen).to(dtype)  # many ties at the top value 3
     x[5] = 0  # a row of one value: index 0
     x[7, 40000:] = 9  # the first of a long tied run
-    expected = [next(i for i, v in enumerate(row) if v == max(row)) for row in x.float().tolist()]  # brute force
+    rows = x.float().tolist()
+    expected = [row.index(max(row)) for row in rows]  # brute force: list.index finds the first occurrence
     assert first_argmax(x).tolist() == expected
     assert expected[5] == 0 and expected[7] == 40000
