@@ -9,7 +9,13 @@ import sys
 from hexgen.commands.arg_types import finite_float
 from hexgen.commands.workload_args import DTYPE_BYTES
 from hexgen.engine.kv_budget import GIB, RankShape, check_memory_budget
-from hexgen.engine.scheduler import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, SchedulerConfig, is_valid_block_size
+from hexgen.engine.scheduler import (
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    SchedulerConfig,
+    default_block_size,
+    is_valid_block_size,
+)
 from hexgen.errors import UserError
 from hexgen.machine import cpu_has_bf16_arithmetic, cpu_lacks_bf16_matmul
 from hexgen.models import ModelSpec
@@ -29,8 +35,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="memory of each rank for its weights plus its KV cache, in GiB (default: on CUDA what is left after "
         "the weights less 10%% of the GPU; on CPU up to 2 GiB of KV cache per rank)",
     )
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="TOKENS",
-                   help=f"tokens per KV-cache block, a power of two in 1..{MAX_BLOCK_SIZE}")
+    p.add_argument("--block-size", type=int, default=None, metavar="TOKENS",
+                   help=f"tokens per KV-cache block, a power of two in 1..{MAX_BLOCK_SIZE} (default: "
+                   f"{DEFAULT_BLOCK_SIZE} on CUDA; on CPU the smallest such size from {DEFAULT_BLOCK_SIZE} whose block "
+                   "holds 4 KiB of one KV head, e.g. 32 for SmolLM2 in bfloat16)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="compute every prompt in full instead of sharing the KV blocks of prefixes already cached "
                    "(common system prompts, a conversation's earlier turns); default: prefix caching on")
@@ -71,7 +79,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
     args.dtype = resolve_dtype(args.dtype, args.device, ray)
     if args.memory_gb is not None and not 0 < args.memory_gb <= MAX_MEMORY_GB:
         raise UserError(f"--memory-gb must be in (0, {MAX_MEMORY_GB}], got {args.memory_gb}")
-    if not is_valid_block_size(args.block_size):
+    if args.block_size is not None and not is_valid_block_size(args.block_size):
         raise UserError(f"--block-size must be a power of two in 1..{MAX_BLOCK_SIZE}, got {args.block_size}")
     if not 0 <= args.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
         raise UserError(f"--speculative-tokens must be in 0..{MAX_SPECULATIVE_TOKENS} (0 = off), "
@@ -98,13 +106,23 @@ def check_memory(args: argparse.Namespace, spec: ModelSpec, replicas: list[Repli
     # CPU ranks hold oneDNN-packed weights (hexgen/engine/layers.py:packs_for_cpu): fp32 always, bf16 where the CPU
     # has oneDNN's bf16 products (assumed where /proc/cpuinfo says nothing: the tied table then counts twice)
     cpu_packed = args.device == "cpu" and (args.dtype == "float32" or not cpu_lacks_bf16_matmul())
-    check_memory_budget(spec, ranks, int(args.memory_gb * GIB), max_running_seqs, args.block_size,
+    check_memory_budget(spec, ranks, int(args.memory_gb * GIB), max_running_seqs, block_size(args, spec),
                         DTYPE_BYTES[args.dtype], cpu_packed)
 
 
-def scheduler_config(args: argparse.Namespace, max_running_seqs: int, max_context: int) -> SchedulerConfig:
+def block_size(args: argparse.Namespace, spec: ModelSpec) -> int:
+    """--block-size, or the default for the device, the model's head size and the (resolved) dtype."""
+    if args.block_size is not None:
+        return args.block_size
+    return default_block_size(args.device, spec.head_dim, DTYPE_BYTES[args.dtype])
+
+
+def scheduler_config(
+    args: argparse.Namespace, spec: ModelSpec, max_running_seqs: int, max_context: int
+) -> SchedulerConfig:
     memory = None if args.memory_gb is None else int(args.memory_gb * GIB)
-    return SchedulerConfig(max_running_seqs=max_running_seqs, max_context=max_context, block_size=args.block_size,
+    return SchedulerConfig(max_running_seqs=max_running_seqs, max_context=max_context,
+                           block_size=block_size(args, spec),
                            memory_bytes=memory, enforce_eager=args.enforce_eager,
                            prefix_caching=args.prefix_caching, overlap_steps=None if args.overlap_steps else False,
                            speculative_tokens=args.speculative_tokens)

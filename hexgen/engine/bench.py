@@ -22,7 +22,7 @@ from hexgen.engine.engine import DTYPES, Engine, build_runner, init_rank
 from hexgen.engine.generation import run_requests
 from hexgen.engine.messages import GenerationRequest, SamplingParams
 from hexgen.engine.replica import open_local_replica
-from hexgen.engine.scheduler import SchedulerConfig
+from hexgen.engine.scheduler import SchedulerConfig, default_block_size
 from hexgen.errors import UserError
 from hexgen.launch.spec import Layout, RankSpec
 from hexgen.models import ModelSpec
@@ -53,6 +53,11 @@ def bench_context(spec: ModelSpec, cfg: BenchConfig) -> int:
             f"{spec.max_context} tokens (together at most {spec.max_context - BENCH_MARGIN_TOKENS})"
         )
     return min(spec.max_context, max(BENCH_CONTEXT, needed))
+
+
+def bench_block_size(spec: ModelSpec, cfg: BenchConfig, device: str) -> int:
+    """The KV block size `hexgen serve` and `generate` would use here (engine/scheduler.py:default_block_size)."""
+    return default_block_size(device, spec.head_dim, DTYPES[cfg.dtype].itemsize)
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timi
     ids = prompt_ids(source, cfg.prompt_tokens)
     engines = {
         "hexgen (1 process)": HexgenSingle(source, cfg.dtype, "cpu", SchedulerConfig(
-            max_context=bench_context(source.spec, cfg))),
+            max_context=bench_context(source.spec, cfg), block_size=bench_block_size(source.spec, cfg, "cpu"))),
         "HF transformers generate": HFGenerate(source, cfg.dtype),
     }
     prefill: dict[str, list[float]] = {k: [] for k in engines}
@@ -139,7 +144,8 @@ def compare_single(source: ModelSource, cfg: BenchConfig, progress) -> list[Timi
 def time_layout(source: ModelSource, cfg: BenchConfig, tp: tuple[int, ...], layers: tuple[int, ...] | None) -> Timing:
     plan = single_replica_plan(source.spec, list(tp), list(layers) if layers else None)
     replica_plan = plan.replicas[0]
-    config = SchedulerConfig(max_context=bench_context(source.spec, cfg))
+    config = SchedulerConfig(max_context=bench_context(source.spec, cfg),
+                             block_size=bench_block_size(source.spec, cfg, "cpu"))
     replica = open_local_replica(source, replica_plan, cfg.dtype, "cpu", config, ())
     ids = prompt_ids(source, cfg.prompt_tokens)
     try:

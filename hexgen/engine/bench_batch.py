@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hexgen.engine.bench import BENCH_MARGIN_TOKENS, BenchConfig, HexgenSingle, HFGenerate, prompt_ids
+from hexgen.engine.bench import (
+    BENCH_MARGIN_TOKENS,
+    BenchConfig,
+    HexgenSingle,
+    HFGenerate,
+    bench_block_size,
+    prompt_ids,
+)
 from hexgen.engine.checkpoint import ModelSource
 from hexgen.engine.engine import Engine
 from hexgen.engine.messages import GenerationRequest, SamplingParams
@@ -259,7 +266,8 @@ def run_batched(
         torch.cuda.empty_cache()
 
     config = SchedulerConfig(max_running_seqs=max(batches), max_context=cfg.prompt_tokens + cfg.new_tokens
-                             + BENCH_MARGIN_TOKENS, enforce_eager=cfg.enforce_eager)
+                             + BENCH_MARGIN_TOKENS, enforce_eager=cfg.enforce_eager,
+                             block_size=bench_block_size(source.spec, cfg, device.type))
     single = HexgenSingle(source, cfg.dtype, device.type, config)
     hexgen_decode(single.engine, ids, 2, 2, device)  # warm-up: allocations, kernel compiles
     rows = []

@@ -117,7 +117,7 @@ def load_for_generation(args: argparse.Namespace) -> GenerationJob:
         requests.append(GenerationRequest(f"{i}-{uuid.uuid4().hex[:8]}", tuple(ids), params))
     check_memory(args, source.spec, plan.replicas, max_running_seqs=len(requests))
     longest = max(len(r.prompt_token_ids) for r in requests) + args.max_new_tokens
-    config = scheduler_config(args, len(requests), min(source.spec.max_context, longest))
+    config = scheduler_config(args, source.spec, len(requests), min(source.spec.max_context, longest))
     return GenerationJob(
         source,
         plan.replicas[0],

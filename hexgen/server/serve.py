@@ -146,7 +146,7 @@ async def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
         check_cuda_devices(plan)
     tokenizer = Tokenizer(source.directory)
     max_context = min(args.max_context, spec.max_context)
-    scheduler_config = engine_scheduler_config(args, args.max_batch, max_context)
+    scheduler_config = engine_scheduler_config(args, spec, args.max_batch, max_context)
     eos = eos_token_ids(source.directory)
     if args.ray:
         import ray

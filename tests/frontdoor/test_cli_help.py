@@ -152,25 +152,39 @@ def test_save_model_names_a_folder_it_cannot_create(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def engine_config(argv: list[str]):
+    """The SchedulerConfig that `hexgen serve` / `generate` would build from these arguments for SmolLM2."""
+    from hexgen.commands.engine_args import check_engine_args, scheduler_config
+    from hexgen.models import load_model_spec
+
+    args = build_parser().parse_args(argv)
+    check_engine_args(args)
+    return scheduler_config(args, load_model_spec("smollm2-135m"), 4, 256)
+
+
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_prefix_caching_is_on_unless_turned_off(command):
-    from hexgen.commands.engine_args import scheduler_config
-
-    parser = build_parser()
     base = [command, "--model", "smollm2-135m"] + (["--prompt", "hi"] if command == "generate" else [])
-    on = scheduler_config(parser.parse_args(base), 4, 256)
-    off = scheduler_config(parser.parse_args(base + ["--no-prefix-caching"]), 4, 256)
+    on, off = engine_config(base), engine_config(base + ["--no-prefix-caching"])
     assert on.prefix_caching and not off.prefix_caching
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_step_overlap_is_left_to_the_device_unless_turned_off(command):
-    from hexgen.commands.engine_args import scheduler_config
-
-    parser = build_parser()
     base = [command, "--model", "smollm2-135m"] + (["--prompt", "hi"] if command == "generate" else [])
-    assert scheduler_config(parser.parse_args(base), 4, 256).overlap_steps is None  # on for one GPU, off on CPU
-    assert scheduler_config(parser.parse_args(base + ["--no-overlap-steps"]), 4, 256).overlap_steps is False
+    assert engine_config(base).overlap_steps is None  # on for one GPU, off on CPU
+    assert engine_config(base + ["--no-overlap-steps"]).overlap_steps is False
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--dtype", "bfloat16"], 32),  # CPU: a block of one of SmolLM2's heads (64 wide) holds 4 KiB at 32 tokens
+    (["--dtype", "float32"], 16),
+    (["--dtype", "bfloat16", "--block-size", "16"], 16),  # what the user names is kept
+])
+def test_the_block_size_default_follows_the_dtype_on_cpu(command, flags, expected):
+    base = [command, "--model", "smollm2-135m"] + (["--prompt", "hi"] if command == "generate" else [])
+    assert engine_config(base + flags).block_size == expected
 
 
 @pytest.mark.parametrize(("args", "flag", "value"), [
