@@ -32,10 +32,10 @@ DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 MAX_BLOCK_SIZE = 256
 # On CPU a decode step gathers each sequence's keys and values one block's head at a time (engine/attention.py), and
 # rows of 2 KiB copy slower than rows of 4 KiB. SmolLM2 (head_dim 64) in bf16 on the 2-core Zen 4 EPYC, 2026-12-02,
-# two engines in one process stepping in turn: blocks of 32 tokens against 16 made decode steps 1.07-1.17x faster
+# two engines in one process stepping in turn: blocks of 32 tokens against 16 made decode steps 1.07-1.18x faster
 # at 16 sequences over 1,040-token contexts, 1.12x at 64 over 272, 1.05x at 8 over 2,016 and one over 1,040, and
-# 0.97x at 16 over 144 (level); in fp32 (already 4 KiB rows at 16) 32 gave 1.05x at 16 over 1,040 and 0.96x at 16
-# over 144, so fp32 keeps 16.
+# 0.97-1.12x at 16 over 144 (level within the noise); in fp32 (already 4 KiB rows at 16) 32 gave 1.05x at 16 over
+# 1,040 and 0.96x at 16 over 144, so fp32 keeps 16.
 MIN_CPU_GATHER_ROW_BYTES = 4096
 FED_BACK = -1  # a plan's token id that the device takes from the previous step's sampled tokens (StepPlan.fed_back)
 
