@@ -6,7 +6,9 @@ paged-attention kernel reads keys through the block tables (a pool of slots, eac
 Elsewhere the pool keeps each block head by head, and one gather through the block tables lays a group's keys
 and values out as [B, kv_heads, K, d], the layout a batched matmul reads: decodes attend with two of them (each KV
 head's query heads as rows of that head; one SDPA call where they are few over short contexts), prefill chunks
-with one SDPA call under a causal/length mask. A step mixing decodes and prefill chunks attends each kind apart,
+with one SDPA call under a causal/length mask. Where the machine's C compiler builds it, a CPU kernel of our own
+attends the decodes instead, reading the pool in place through the block tables (`cpu_decode.py`); the gather stays
+for prefill chunks. A step mixing decodes and prefill chunks attends each kind apart,
 so the decodes' queries are not padded to the chunks' length. The op count of a step does not depend on B:
 there is no per-sequence loop.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hexgen.engine.cpu_decode import DecodeKernel
 from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
@@ -42,8 +45,8 @@ class GatherGroup:
     rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
     # [2 * b * kv_heads * max_blocks] int64: the pool rows (a block's key or value head) to gather, in the order
     # (keys then values, sequence, head, block): the gathered rows are [2, b, kv_heads, K, d]; tables padded
-    # with block 0
-    kv_rows: torch.Tensor
+    # with block 0. None where the decode kernel reads the pool instead
+    kv_rows: torch.Tensor | None
     # additive: 0 where a (padded) query sees a key, else -inf; decodes [b * kv_heads, 1, K] (one row a KV head),
     # chunks [b, 1, Q, K]. None for chunks that each begin their
     # prompt (nothing cached before them): the first Q keys are theirs and SDPA's own causal mask applies, which
@@ -56,6 +59,11 @@ class GatherGroup:
     query_index: torch.Tensor | None  # [n] int64: each token's row in the padded [b * Q] queries; None when Q == 1
     num_seqs: int
     max_query_len: int
+    # decodes on CPU where the kernel builds and serves the shapes (cpu_decode.py): it, the group's block tables
+    # [b, max_blocks] and context lengths [b] (int64, on the host); no gather rows or mask then
+    kernel: DecodeKernel | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,11 @@ class StepMetadata:
 
 def build_metadata(
     plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool, kv_heads: int,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, decode_kernel: DecodeKernel | None = None,
 ) -> StepMetadata:
     """Everything the layers need about a step's layout, built with a fixed number of tensor ops per group;
-    `kv_heads`: the rank's KV heads (the gather path's indices into its head-major pool)."""
+    `kv_heads`: the rank's KV heads (the gather path's indices into its head-major pool); `decode_kernel`: the
+    CPU kernel the step's decodes attend with (None: the gather path)."""
     positions = [s + i for s, n in zip(plan.starts, plan.lengths, strict=True) for i in range(n)]
     seq_of_token = [b for b, n in enumerate(plan.lengths) for _ in range(n)]
     slots = [plan.block_tables[b][p // block_size] * block_size + p % block_size
@@ -141,7 +150,8 @@ def build_metadata(
         chunks = [b for b, n in enumerate(plan.lengths) if n > 1]
         members = [m for m in (decodes, chunks) if m]
         groups = tuple(
-            _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole=len(members) == 1)
+            _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole=len(members) == 1,
+                          decode_kernel=decode_kernel)
             for m in members
         )
         slot = torch.tensor(slots, dtype=torch.int64).unsqueeze(1)  # [T, 1]
@@ -164,9 +174,10 @@ def build_metadata(
 
 def _gather_group(
     plan: StepPlan, members: list[int], token_starts: list[int], block_size: int, kv_heads: int,
-    dtype: torch.dtype, device: torch.device, whole: bool,
+    dtype: torch.dtype, device: torch.device, whole: bool, decode_kernel: DecodeKernel | None = None,
 ) -> GatherGroup:
-    """The gather layout of the plan's sequences `members` (indices into the plan, in plan order)."""
+    """The gather layout of the plan's sequences `members` (indices into the plan, in plan order); decodes
+    attended by `decode_kernel` need only their block tables and lengths."""
     lengths = [plan.lengths[b] for b in members]
     q_max = max(lengths)
     max_blocks = max(len(plan.block_tables[b]) for b in members)
@@ -174,6 +185,11 @@ def _gather_group(
                                  for b in members], dtype=torch.int64)
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
+    rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
+    if q_max == 1 and decode_kernel is not None:
+        assert device.type == "cpu", "the decode kernel reads a pool in host memory"
+        return GatherGroup(rows=rows, kv_rows=None, mask=None, query_index=None, num_seqs=len(members),
+                           max_query_len=1, kernel=decode_kernel, block_tables=block_tables, context_lens=context)
     mask = None
     if q_max == 1 or any(plan.starts[b] for b in members):
         allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)
@@ -184,7 +200,6 @@ def _gather_group(
     query_index = None
     if q_max > 1:
         query_index = torch.tensor([g * q_max + i for g, n in enumerate(lengths) for i in range(n)])
-    rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
     heads = torch.arange(2 * kv_heads).view(2, 1, kv_heads, 1)  # keys' heads, then values'
     kv_rows = (block_tables.unsqueeze(0).unsqueeze(2) * (2 * kv_heads) + heads).view(-1)  # [2, b, kv_heads, blocks]
 
@@ -245,6 +260,11 @@ def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: f
     batch, q_max = group.num_seqs, group.max_query_len
     heads, head_dim = q.shape[1:]
     kv_heads = pool.kv_heads
+    if group.kernel is not None:  # decodes read the pool in place (cpu_decode.py)
+        assert group.block_tables is not None and group.context_lens is not None
+        return group.kernel(q, pool.rows, group.block_tables, group.context_lens, kv_heads,
+                            pool.block_size, scale)
+    assert group.kv_rows is not None
     # one index_select of whole heads of blocks (an order of magnitude faster on CPU than advanced indexing)
     kv = pool.rows.index_select(0, group.kv_rows).view(2, batch, kv_heads, -1, head_dim)  # [2, b, kv, K, d]
     if group.query_index is None:  # every sequence brings one token

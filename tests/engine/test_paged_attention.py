@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hexgen.engine import attention
+from hexgen.engine import attention, cpu_decode
 from hexgen.engine.attention import LayerPool, build_metadata, paged_attention, write_kv
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.engine.engine import build_runner, init_rank
@@ -54,10 +54,14 @@ def reference_attention(q, k_new, v_new, history, plan, scale):
     ([0, 20, 0, 7, 40], [6, 1, 3, 1, 1], 4, 6, 2),  # decodes after and between chunks: two groups, rows interleaved
     ([0, 0, 0], [3, 13, 9], 4, 4, 2),  # fresh prompts of unequal lengths: padded queries, tables of unequal lengths
 ])
-@pytest.mark.parametrize("matmul_min_keys", [0, 10**9])  # decodes by batched matmuls / by one SDPA call
-def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads, matmul_min_keys,
-                                                monkeypatch):
-    monkeypatch.setattr(attention, "MATMUL_DECODE_MIN_KEYS", matmul_min_keys)
+@pytest.mark.parametrize("decodes", ["matmuls", "sdpa", "kernel"])  # the gather path's two ways, the CPU kernel
+def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads, decodes, monkeypatch):
+    monkeypatch.setattr(attention, "MATMUL_DECODE_MIN_KEYS", 0 if decodes == "matmuls" else 10**9)
+    kernel = None
+    if decodes == "kernel":
+        kernel = cpu_decode.load()
+        if kernel is None:
+            pytest.skip("no C compiler built the CPU decode kernel here")
     rng = random.Random(sum(starts) + len(lengths))
     gen = torch.Generator().manual_seed(7)
     d, num_blocks = 8, 64
@@ -73,8 +77,11 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     total = sum(lengths)
     q = torch.randn(total, heads, d, generator=gen)
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
-    meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False, kv_heads=kv_heads)
+    meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False, kv_heads=kv_heads,
+                          decode_kernel=kernel)
     assert len(meta.groups) == len({n == 1 for n in lengths})  # decodes and chunks attended apart
+    assert [g.kernel is not None for g in meta.groups] == [kernel is not None and g.max_query_len == 1
+                                                          for g in meta.groups]
     # chunks that all begin their prompts take SDPA's own causal mask (no mask tensor), the others an explicit one
     chunk_starts = [st for st, n in zip(starts, lengths, strict=True) if n > 1]
     if chunk_starts:
@@ -106,6 +113,7 @@ def test_decode_step_ops_do_not_grow_with_batch(tiny_model_dirs):
     source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
     spec = RankSpec(source, Layout((1,), ((0, source.spec.num_layers),)), 0)
     runner = build_runner(spec, init_rank(spec), SchedulerConfig(max_running_seqs=16, num_kv_blocks=64, block_size=4))
+    assert (runner.decode_kernel is None) == (cpu_decode.load() is None)  # the decodes take the kernel where built
     counts = {}
     for batch in (16, 1, 16):  # the first pass fills the RoPE tables (once per process), so it is not counted
         plan = ragged_plan(random.Random(batch), [3 + b % 5 for b in range(batch)], [1] * batch, 4, 64)
