@@ -1,5 +1,6 @@
 """Print a prompt of exactly N tokens of the embedded model's tokenizer (seeded random words), for serving
-benchmarks over long contexts: `hexgen bench serve --prompt "$(.venv/bin/python scripts/long_prompt.py 1000)"`."""
+benchmarks over long contexts: `hexgen bench serve --prompt "$(.venv/bin/python scripts/long_prompt.py 1000)"`;
+with --count K, K different ones (seeds seed .. seed + K - 1), one a line, for `hexgen bench serve --prompts-file`."""
 
 from __future__ import annotations
 
@@ -32,10 +33,16 @@ def main() -> None:
     parser.add_argument("tokens", type=int, help="prompt length in tokens (at least 1)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=1, help="how many prompts, one a line")
     args = parser.parse_args()
     if args.tokens < 1:
         parser.error(f"tokens must be at least 1, got {args.tokens}")
-    print(long_prompt(args.tokens, args.model, args.seed))
+    if args.count < 1:
+        parser.error(f"--count must be at least 1, got {args.count}")
+    for seed in range(args.seed, args.seed + args.count):
+        prompt = long_prompt(args.tokens, args.model, seed)
+        assert "\n" not in prompt, "one prompt a line"
+        print(prompt)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-def build_payload(config: BenchConfig) -> dict:
+def build_payload(config: BenchConfig, prompt: str | None = None) -> dict:
+    """The request's body; `prompt`: its text, else the config's one prompt."""
+    prompt = config.prompt if prompt is None else prompt
     payload: dict = {"model": config.model, "max_tokens": config.max_tokens, "stream": True, "temperature": 0.0}
     if config.chat:
-        payload["messages"] = [{"role": "user", "content": config.prompt}]
+        payload["messages"] = [{"role": "user", "content": prompt}]
     else:
-        payload["prompt"] = config.prompt
+        payload["prompt"] = prompt
     if config.request_usage:
         payload["stream_options"] = {"include_usage": True}
     if config.ignore_eos:
@@ -90,8 +92,10 @@ def describe_exception(err: Exception, timeout_s: float) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-async def send_request(client: httpx.AsyncClient, config: BenchConfig, run_start: float) -> RequestResult:
-    """Send one streamed request and time it; never raises for server or network failures."""
+async def send_request(client: httpx.AsyncClient, config: BenchConfig, run_start: float,
+                       prompt: str | None = None) -> RequestResult:
+    """Send one streamed request (`prompt`, else the config's one) and time it; never raises for server or network
+    failures."""
     start = time.perf_counter()
     start_s = start - run_start
     ttft_s = None
@@ -99,8 +103,8 @@ async def send_request(client: httpx.AsyncClient, config: BenchConfig, run_start
     usage_tokens = None
     done = False
     try:
-        async with client.stream("POST", config.endpoint, json=build_payload(config), headers=build_headers(config),
-                                 timeout=config.timeout_s) as response:
+        async with client.stream("POST", config.endpoint, json=build_payload(config, prompt),
+                                 headers=build_headers(config), timeout=config.timeout_s) as response:
             if response.status_code != 200:
                 return RequestResult(start_s, error=error_message(response.status_code, await response.aread()))
             async for line in response.aiter_lines():

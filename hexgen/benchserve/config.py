@@ -35,6 +35,9 @@ class BenchConfig:
     base_url: str
     model: str
     prompt: str = DEFAULT_PROMPT
+    # distinct prompts sent in turn, warm-up requests first (--prompts-file), e.g. long prompts whose keys no two
+    # requests share; empty: `prompt` for every request
+    prompts: tuple[str, ...] = ()
     max_tokens: int = 64
     concurrency: int | None = 1
     rate_rps: float | None = None
@@ -67,6 +70,8 @@ class BenchConfig:
             raise UserError(f"--num-requests {self.num_requests}: must be >= 1")
         if self.duration_s is not None and not self.duration_s > 0:
             raise UserError(f"--duration-s {self.duration_s}: must be > 0")
+        if any(not p.strip() for p in self.prompts):
+            raise UserError("--prompts-file: every prompt must have some text")
         if self.max_tokens < 1:
             raise UserError(f"--max-tokens {self.max_tokens}: must be >= 1")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
@@ -78,6 +83,10 @@ class BenchConfig:
         for name, value in (("ttft", self.slo.ttft_s), ("tpot", self.slo.tpot_s), ("e2e", self.slo.e2e_s)):
             if value is not None and not value > 0:
                 raise UserError(f"--slo-{name}-s {value}: must be a positive number of seconds")
+
+    def prompt_of(self, index: int) -> str:
+        """The prompt of the index-th request sent (warm-up ones included)."""
+        return self.prompts[index % len(self.prompts)] if self.prompts else self.prompt
 
     @property
     def endpoint(self) -> str:

@@ -41,17 +41,18 @@ async def _run(config: BenchConfig, on_result: OnResult, transport: httpx.AsyncB
     limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
     async with httpx.AsyncClient(base_url=config.base_url, transport=transport, limits=limits) as client:
         await _check_reachable(client, config)
+        sent = itertools.count()  # the index of each request sent, which picks its prompt
         for _ in range(config.warmup_requests):
-            warm = await send_request(client, config, time.perf_counter())
+            warm = await send_request(client, config, time.perf_counter(), config.prompt_of(next(sent)))
             if not warm.is_ok:
                 raise UserError(f"warm-up request to {config.base_url}{config.endpoint} failed: {warm.error}")
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         before = await engine_totals(client, config.base_url, headers)
         run_start = time.perf_counter()
         if config.concurrency is not None:
-            results = await _closed_loop(client, config, run_start, on_result)
+            results = await _closed_loop(client, config, run_start, on_result, sent)
         else:
-            results = await _open_loop(client, config, run_start, on_result)
+            results = await _open_loop(client, config, run_start, on_result, sent)
         duration_s = time.perf_counter() - run_start
         after = await engine_totals(client, config.base_url, headers) if before is not None else None
     return RunResult(config, tuple(sorted(results, key=lambda r: r.start_s)), duration_s,
@@ -69,7 +70,7 @@ async def _check_reachable(client: httpx.AsyncClient, config: BenchConfig) -> No
 
 
 async def _closed_loop(client: httpx.AsyncClient, config: BenchConfig, run_start: float,
-                       on_result: OnResult) -> list[RequestResult]:
+                       on_result: OnResult, sent: itertools.count) -> list[RequestResult]:
     results: list[RequestResult] = []
     issued = itertools.count()
 
@@ -80,7 +81,7 @@ async def _closed_loop(client: httpx.AsyncClient, config: BenchConfig, run_start
 
     async def stream() -> None:
         while may_send():
-            result = await send_request(client, config, run_start)
+            result = await send_request(client, config, run_start, config.prompt_of(next(sent)))
             results.append(result)
             on_result(result)
 
@@ -89,15 +90,15 @@ async def _closed_loop(client: httpx.AsyncClient, config: BenchConfig, run_start
 
 
 async def _open_loop(client: httpx.AsyncClient, config: BenchConfig, run_start: float,
-                     on_result: OnResult) -> list[RequestResult]:
+                     on_result: OnResult, sent: itertools.count) -> list[RequestResult]:
     arrivals = poisson_arrivals_s(config.rate_rps, random.Random(config.seed))
     if config.num_requests is not None:
         schedule_s = list(itertools.islice(arrivals, config.num_requests))
     else:
         schedule_s = list(itertools.takewhile(lambda t: t < config.duration_s, arrivals))
 
-    async def one() -> RequestResult:
-        result = await send_request(client, config, run_start)
+    async def one(prompt: str) -> RequestResult:
+        result = await send_request(client, config, run_start, prompt)
         on_result(result)
         return result
 
@@ -106,5 +107,5 @@ async def _open_loop(client: httpx.AsyncClient, config: BenchConfig, run_start: 
         delay_s = arrival_s - (time.perf_counter() - run_start)
         if delay_s > 0:
             await asyncio.sleep(delay_s)
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(one(config.prompt_of(next(sent)))))
     return list(await asyncio.gather(*tasks))

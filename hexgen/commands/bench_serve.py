@@ -7,6 +7,7 @@ import os
 
 from hexgen.commands.arg_types import finite_float, model_name, output_file
 from hexgen.errors import UserError
+from hexgen.folders import read_text
 
 
 def register(bench: argparse._SubParsersAction) -> None:
@@ -26,6 +27,9 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--duration-s", type=finite_float, help="send new requests for this many seconds instead")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
     p.add_argument("--prompt", help="prompt text (default: a fixed story opening)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="prompts sent in turn, one a line (blank lines skipped; not with --prompt), e.g. "
+                        "`scripts/long_prompt.py 1000 --count 64`: long contexts no two requests share")
     p.add_argument("--chat", action="store_true", help="use /chat/completions instead of /completions")
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true (vLLM, llama.cpp) so every request makes max_tokens tokens')
@@ -72,8 +76,16 @@ def config_from_args(args: argparse.Namespace):
     check_url(args.url)
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty: give some text, or leave it out for the default prompt")
+    prompts: tuple[str, ...] = ()
+    if args.prompts_file is not None:
+        if args.prompt is not None:
+            raise UserError("give one of --prompt and --prompts-file")
+        text = read_text(args.prompts_file, "--prompts-file", UserError)
+        prompts = tuple(line for line in text.splitlines() if line.strip())
+        if not prompts:
+            raise UserError(f"--prompts-file {args.prompts_file}: no prompt in it (one a line)")
     return BenchConfig(
-        base_url=args.url.rstrip("/"), model=args.model, prompt=args.prompt or DEFAULT_PROMPT,
+        base_url=args.url.rstrip("/"), model=args.model, prompt=args.prompt or DEFAULT_PROMPT, prompts=prompts,
         max_tokens=args.max_tokens, concurrency=_default_unless(args.concurrency, args.rate, 1), rate_rps=args.rate,
         num_requests=_default_unless(args.num_requests, args.duration_s, 32), duration_s=args.duration_s,
         warmup_requests=args.warmup, chat=args.chat, ignore_eos=args.ignore_eos, logprobs=args.logprobs,

@@ -44,6 +44,7 @@ class Limits:
     max_group: int
     max_head_dim: int
     max_block_size: int
+    head_dim_multiple: int  # the kernel's vector width: a head's size must be a multiple of it
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class DecodeKernel:
 
     def supports(self, dtype: torch.dtype, group: int, head_dim: int, block_size: int) -> bool:
         return (dtype in (torch.float32, torch.bfloat16) and group <= self.limits.max_group
-                and head_dim <= self.limits.max_head_dim and block_size <= self.limits.max_block_size)
+                and head_dim <= self.limits.max_head_dim and head_dim % self.limits.head_dim_multiple == 0
+                and block_size <= self.limits.max_block_size)
 
     def __call__(self, q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  kv_heads: int, block_size: int, scale: float) -> torch.Tensor:
@@ -122,8 +124,8 @@ def load() -> DecodeKernel | None:
         function = getattr(library, name)
         function.argtypes, function.restype = _ARGTYPES, None
     limits = []
-    for what in ("group", "head_dim", "block_size"):
-        function = getattr(library, f"paged_decode_max_{what}")
+    for what in ("max_group", "max_head_dim", "max_block_size", "head_dim_multiple"):
+        function = getattr(library, f"paged_decode_{what}")
         function.argtypes, function.restype = [], ctypes.c_int64
         limits.append(function())
     return DecodeKernel(library, Limits(*limits))

@@ -78,3 +78,15 @@ def test_bad_flags_say_what_is_right(flags, message, capsys):
     assert main(["bench", "serve", "--model", "m", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("hexgen bench serve: error:") and message in err and err.count("\n") == 1
+
+
+def test_bad_prompts_files_say_what_is_wrong(tmp_path, capsys):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    cases = [(["--prompts-file", str(tmp_path / "missing.txt")], "cannot read --prompts-file"),
+             (["--prompts-file", str(blank)], "no prompt in it"),
+             (["--prompts-file", str(blank), "--prompt", "hi"], "one of --prompt and --prompts-file")]
+    for flags, message in cases:
+        assert main(["bench", "serve", "--model", "m", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hexgen bench serve: error:") and message in err and err.count("\n") == 1, err

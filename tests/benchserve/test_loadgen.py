@@ -44,6 +44,17 @@ def test_tokens_are_counted_from_chunks_without_usage_and_chat_reads_deltas():
     assert server.payloads[0]["messages"] == [{"role": "user", "content": config().prompt}]
 
 
+@pytest.mark.parametrize("load", [{"concurrency": 2}, {"concurrency": None, "rate_rps": 200.0}])
+def test_prompts_go_in_turn_warm_up_first(load):
+    server = FakeServer(tokens=2)
+    prompts = ("first", "second", "third")
+    run_benchmark(config(num_requests=4, warmup_requests=1, prompts=prompts, **load), transport=server.transport())
+    sent = [p["prompt"] for p in server.payloads]
+    assert sent[0] == "first"  # the warm-up
+    # the measured four in any order of arrival: the rest of two rounds of the three
+    assert sorted(sent[1:]) == sorted(["second", "third", "first", "second"])
+
+
 def test_a_finish_reason_ends_a_stream_that_sends_no_done():
     server = FakeServer(tokens=3, send_done=False, send_usage=False)
     run = run_benchmark(config(num_requests=2), transport=server.transport())

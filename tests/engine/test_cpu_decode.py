@@ -52,8 +52,10 @@ def brute_force(pool, q, tables, contexts, kv_heads, block_size, scale):
 @pytest.mark.parametrize(("contexts", "kv_heads", "group", "head_dim", "block_size"), [
     ([1, 16, 17, 32, 33, 5], 2, 3, 8, 16),  # one key; a block filled exactly; the key that opens the next block
     ([300, 1, 129], 3, 3, 64, 32),  # SmolLM2's heads: long and short in one step
-    ([64, 65], 1, 16, 32, 1),  # blocks of one token; the largest query group
+    ([64, 65], 1, 16, 32, 1),  # blocks of one token; the largest query group (rows not unrolled)
     ([200], 4, 1, 128, 256),  # no grouping; one block of the largest size
+    ([90, 3], 2, 8, 16, 16),  # the largest group whose rows are unrolled
+    ([40], 1, 9, 8, 16),  # the smallest group whose rows are not
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_brute_force(kernel, contexts, kv_heads, group, head_dim, block_size, dtype):
@@ -89,6 +91,7 @@ def test_shapes_past_the_limits_take_the_gather_path(kernel):
     assert cpu_decode.decode_kernel_for(cpu, torch.float16, 9, 3, 64, 32) is None  # fp16: not built for
     assert cpu_decode.decode_kernel_for(cpu, torch.float32, 34, 2, 64, 32) is None  # group of 17
     assert cpu_decode.decode_kernel_for(cpu, torch.float32, 9, 3, 512, 32) is None
+    assert cpu_decode.decode_kernel_for(cpu, torch.float32, 9, 3, 60, 32) is None  # not a multiple of 8
     assert cpu_decode.decode_kernel_for(cpu, torch.float32, 9, 3, 64, 512) is None
     assert cpu_decode.decode_kernel_for(torch.device("meta"), torch.float32, 9, 3, 64, 32) is None
 
