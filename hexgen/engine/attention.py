@@ -7,10 +7,10 @@ Elsewhere the pool keeps each block head by head, and one gather through the blo
 and values out as [B, kv_heads, K, d], the layout a batched matmul reads: decodes attend with two of them (each KV
 head's query heads as rows of that head; one SDPA call where they are few over short contexts), prefill chunks
 with one SDPA call under a causal/length mask. Where the machine's C compiler builds it, a CPU kernel of our own
-attends the decodes instead, reading the pool in place through the block tables (`cpu_decode.py`); the gather stays
-for prefill chunks. A step mixing decodes and prefill chunks attends each kind apart,
-so the decodes' queries are not padded to the chunks' length. The op count of a step does not depend on B:
-there is no per-sequence loop.
+attends the decodes instead (and the few tokens of a decode with drafts), reading the pool in place through the
+block tables (`cpu_decode.py`); the gather stays for prefill chunks. A step mixing decodes and prefill chunks attends
+each kind apart, so the decodes' queries are not padded to the chunks' length. The op count of a step does not
+depend on B: there is no per-sequence loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hexgen.engine.cpu_decode import DecodeKernel
+from hexgen.engine.cpu_decode import MAX_TOKENS_PER_SEQUENCE, DecodeKernel
 from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
@@ -59,10 +59,12 @@ class GatherGroup:
     query_index: torch.Tensor | None  # [n] int64: each token's row in the padded [b * Q] queries; None when Q == 1
     num_seqs: int
     max_query_len: int
-    # decodes on CPU where the kernel builds and serves the shapes (cpu_decode.py): it, the group's block tables
-    # [b, max_blocks] and context lengths [b] (int64, on the host); no gather rows or mask then
+    # decodes (and sequences of a few tokens, cpu_decode.MAX_TOKENS_PER_SEQUENCE) on CPU where the kernel builds
+    # and serves the shapes: it, the group's block tables [b, max_blocks], and per token [n] its sequence (a row of
+    # the tables) and the keys it sees (int64, on the host); no gather rows or mask then
     kernel: DecodeKernel | None = None
     block_tables: torch.Tensor | None = None
+    token_seq: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
 
 
@@ -146,8 +148,9 @@ def build_metadata(
     groups: tuple[GatherGroup, ...] = ()
     kv_write_rows = None
     if not use_kernel:
-        decodes = [b for b, n in enumerate(plan.lengths) if n == 1]
-        chunks = [b for b, n in enumerate(plan.lengths) if n > 1]
+        few = 1 if decode_kernel is None else MAX_TOKENS_PER_SEQUENCE  # tokens a sequence may bring to the kernel
+        decodes = [b for b, n in enumerate(plan.lengths) if n <= few]
+        chunks = [b for b, n in enumerate(plan.lengths) if n > few]
         members = [m for m in (decodes, chunks) if m]
         groups = tuple(
             _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole=len(members) == 1,
@@ -176,8 +179,8 @@ def _gather_group(
     plan: StepPlan, members: list[int], token_starts: list[int], block_size: int, kv_heads: int,
     dtype: torch.dtype, device: torch.device, whole: bool, decode_kernel: DecodeKernel | None = None,
 ) -> GatherGroup:
-    """The gather layout of the plan's sequences `members` (indices into the plan, in plan order); decodes
-    attended by `decode_kernel` need only their block tables and lengths."""
+    """The gather layout of the plan's sequences `members` (indices into the plan, in plan order); sequences of a
+    few tokens attended by `decode_kernel` need only their block tables and each token's sequence and keys."""
     lengths = [plan.lengths[b] for b in members]
     q_max = max(lengths)
     max_blocks = max(len(plan.block_tables[b]) for b in members)
@@ -186,10 +189,14 @@ def _gather_group(
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
     rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
-    if q_max == 1 and decode_kernel is not None:
+    if q_max <= MAX_TOKENS_PER_SEQUENCE and decode_kernel is not None:
         assert device.type == "cpu", "the decode kernel reads a pool in host memory"
+        token_seq = torch.tensor([g for g, n in enumerate(lengths) for _ in range(n)], dtype=torch.int64)
+        sees = torch.tensor([plan.starts[b] + i + 1 for b in members for i in range(plan.lengths[b])],
+                            dtype=torch.int64)  # causal: a token sees the keys up to its own
         return GatherGroup(rows=rows, kv_rows=None, mask=None, query_index=None, num_seqs=len(members),
-                           max_query_len=1, kernel=decode_kernel, block_tables=block_tables, context_lens=context)
+                           max_query_len=q_max, kernel=decode_kernel, block_tables=block_tables,
+                           token_seq=token_seq, context_lens=sees)
     mask = None
     if q_max == 1 or any(plan.starts[b] for b in members):
         allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)
@@ -261,8 +268,8 @@ def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: f
     heads, head_dim = q.shape[1:]
     kv_heads = pool.kv_heads
     if group.kernel is not None:  # decodes read the pool in place (cpu_decode.py)
-        assert group.block_tables is not None and group.context_lens is not None
-        return group.kernel(q, pool.rows, group.block_tables, group.context_lens, kv_heads,
+        assert group.block_tables is not None and group.token_seq is not None and group.context_lens is not None
+        return group.kernel(q, pool.rows, group.block_tables, group.token_seq, group.context_lens, kv_heads,
                             pool.block_size, scale)
     assert group.kv_rows is not None
     # one index_select of whole heads of blocks (an order of magnitude faster on CPU than advanced indexing)

@@ -63,12 +63,29 @@ def test_matches_brute_force(kernel, contexts, kv_heads, group, head_dim, block_
                                                    block_size, dtype)
     scale = head_dim**-0.5
     assert kernel.supports(dtype, group, head_dim, block_size)
-    ours = kernel(q, pool, padded, lengths, kv_heads, block_size, scale)
+    ours = kernel(q, pool, padded, torch.arange(len(contexts)), lengths, kv_heads, block_size, scale)
     assert ours.dtype == dtype and ours.shape == q.shape
     expected = brute_force(pool, q, tables, contexts, kv_heads, block_size, scale)
     # fp32: the sums' order only; bf16: inputs as stored, fp32 inside, the output rounded once (2^-8 relative)
     tolerance = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (8e-3, 8e-3)}[dtype]
     torch.testing.assert_close(ours.double(), expected, rtol=tolerance[0], atol=tolerance[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tokens_of_one_sequence_each_see_their_own_prefix(kernel, dtype):
+    """Several query tokens of a sequence (a decode with drafts): token i of sequence b sees its first
+    context[b] - (tokens of b) + i + 1 keys, each token checked against brute force over that prefix alone."""
+    contexts, kv_heads, group, head_dim, block_size = [70, 33, 5], 2, 4, 16, 16
+    pool, _, tables, padded, _ = random_case(9, contexts, kv_heads, group, head_dim, block_size, dtype)
+    per_sequence = [3, 1, 5]  # the last tokens of each sequence's context are the step's queries
+    token_seq = torch.tensor([b for b, n in enumerate(per_sequence) for _ in range(n)])
+    sees = torch.tensor([c - n + i + 1 for c, n in zip(contexts, per_sequence, strict=True) for i in range(n)])
+    q = torch.randn(len(token_seq), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ours = kernel(q, pool, padded, token_seq, sees, kv_heads, block_size, 0.25)
+    for t, (b, keys) in enumerate(zip(token_seq.tolist(), sees.tolist(), strict=True)):
+        expected = brute_force(pool, q[t:t + 1], [tables[b]], [keys], kv_heads, block_size, 0.25)[0]
+        tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(ours[t].double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_the_output_does_not_depend_on_the_thread_count(kernel):
@@ -77,9 +94,9 @@ def test_the_output_does_not_depend_on_the_thread_count(kernel):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = kernel(q, pool, padded, lengths, 3, 32, 0.125)
+        alone = kernel(q, pool, padded, torch.arange(4), lengths, 3, 32, 0.125)
         torch.set_num_threads(2)
-        shared = kernel(q, pool, padded, lengths, 3, 32, 0.125)
+        shared = kernel(q, pool, padded, torch.arange(4), lengths, 3, 32, 0.125)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(alone, shared)

@@ -1,16 +1,18 @@
-/* Decode attention on CPU that reads a head-major paged KV pool in place: one query token per sequence.
+/* Attention on CPU for query tokens that each see a prefix of their sequence's keys, reading a head-major paged KV
+ * pool in place: a step's decodes, and the few tokens of a short chunk (a decode with its drafts).
  *
  * The gather path (attention.py) first copies each sequence's keys and values out of the pool, then attends over
  * the copy; this reads each key and value once, where it lies. Built and loaded by hexgen/engine/cpu_decode.py
  * (gcc -O3 -march=native -fopenmp, at first use, cached).
  *
  * Layouts (row-major):
- *   q       [batch, kv_heads * group, head_dim]     query heads h*group .. h*group+group-1 share KV head h;
- *                                                   a sequence's row q_stride elements after the one before
+ *   q       [tokens, kv_heads * group, head_dim]    query heads h*group .. h*group+group-1 share KV head h;
+ *                                                   a token's row q_stride elements after the one before
  *   pool    [blocks, 2 * kv_heads, block_size, head_dim]  a block's key heads, then its value heads
- *   tables  [batch, max_blocks] int64               each sequence's blocks, in order
- *   context [batch] int64                           tokens cached per sequence (this step's key included), >= 1
- *   out     [batch, kv_heads * group, head_dim]
+ *   tables  [sequences, max_blocks] int64           each sequence's blocks, in order
+ *   seq     [tokens] int64                          each token's sequence (its row of tables)
+ *   context [tokens] int64                          the keys each token sees: its sequence's first `context`, >= 1
+ *   out     [tokens, kv_heads * group, head_dim]
  * Scores, the softmax and the weighted sum of values are in fp32 (online softmax, one block at a time); a bf16
  * output is rounded to nearest even. head_dim is a multiple of 8: the arithmetic is on vectors of 8 floats (GCC's
  * vector extensions, AVX2 or AVX-512 as -march=native allows), each key and value row read once and converted
@@ -58,7 +60,7 @@ static inline void store_bf16(uint16_t *p, int64_t i, float x) {
     p[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* One (sequence, KV head) pair: its `group` query rows over its `context` keys. Inlined with `group` a constant
+/* One (query token, KV head) pair: its `group` query rows over its `context` keys. Inlined with `group` a constant
  * where it is one (the switch below), so the loops over rows unroll and their sums live in registers. */
 #define DEFINE_DECODE(NAME, T, LOAD8, STORE)                                                                   \
     static inline __attribute__((always_inline)) void NAME##_pair(                                             \
@@ -136,15 +138,15 @@ static inline void store_bf16(uint16_t *p, int64_t i, float x) {
         }                                                                                                      \
     }                                                                                                          \
                                                                                                                \
-    void NAME(const T *q, int64_t q_stride, const T *pool, const int64_t *tables, const int64_t *context,     \
-              T *out, int64_t batch, int64_t kv_heads, int64_t group, int64_t head_dim, int64_t block_size,  \
-              int64_t max_blocks, float scale, int64_t threads) {                                             \
+    void NAME(const T *q, int64_t q_stride, const T *pool, const int64_t *tables, const int64_t *seq,         \
+              const int64_t *context, T *out, int64_t tokens, int64_t kv_heads, int64_t group, int64_t head_dim, \
+              int64_t block_size, int64_t max_blocks, float scale, int64_t threads) {                         \
         const int64_t row = kv_heads * group * head_dim;                                                       \
         _Pragma("omp parallel for collapse(2) schedule(static) num_threads(threads)")                          \
-        for (int64_t s = 0; s < batch; s++)                                                                   \
+        for (int64_t t = 0; t < tokens; t++)                                                                  \
             for (int64_t h = 0; h < kv_heads; h++)                                                            \
-                NAME##_one(q + s * q_stride, pool, tables + s * max_blocks, context[s], out + s * row, kv_heads, \
-                           h, group, head_dim, block_size, scale);                                            \
+                NAME##_one(q + t * q_stride, pool, tables + seq[t] * max_blocks, context[t], out + t * row,    \
+                           kv_heads, h, group, head_dim, block_size, scale);                                  \
     }
 
 DEFINE_DECODE(paged_decode_f32, float, load8_f32, store_f32)
