@@ -28,8 +28,8 @@ def register(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens each request asks for")
     p.add_argument("--prompt", help="prompt text (default: a fixed story opening)")
     p.add_argument("--prompts-file", metavar="FILE",
-                   help="prompts sent in turn, one a line (blank lines skipped; not with --prompt), e.g. "
-                        "`scripts/long_prompt.py 1000 --count 64`: long contexts no two requests share")
+                   help="prompts sent in turn, one a line (blank lines skipped; not with --prompt), e.g. what "
+                        "`scripts/long_prompt.py 1000 --count 64` prints: long contexts no two requests share")
     p.add_argument("--chat", action="store_true", help="use /chat/completions instead of /completions")
     p.add_argument("--ignore-eos", action="store_true",
                    help='send "ignore_eos": true (vLLM, llama.cpp) so every request makes max_tokens tokens')
