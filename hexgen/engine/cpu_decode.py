@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,6 +31,7 @@ from hexgen.engine.checkpoint import cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
 DISABLE_ENV = "HEXGEN_CPU_DECODE_KERNEL"  # "0": never use the kernel
+PROFILE_NAME = "hexgen::paged_decode"  # the kernel's calls under torch.profiler
 # Fast math only when compiling (vectorised expf, reassociated sums); the link step has no -ffast-math, because
 # gcc would then link crtfastmath.o, whose constructor flushes denormals process-wide when the object is loaded.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11")
@@ -73,9 +75,12 @@ class DecodeKernel:
         assert q.stride(2) == 1 and (heads == 1 or q.stride(1) == head_dim), "a token's heads must be contiguous"
         out = torch.empty((tokens, heads, head_dim), dtype=q.dtype)
         function = self.library.paged_decode_bf16 if q.dtype == torch.bfloat16 else self.library.paged_decode_f32
-        function(q.data_ptr(), q.stride(0), pool.data_ptr(), block_tables.data_ptr(), token_seq.data_ptr(),
-                 context_lens.data_ptr(), out.data_ptr(), tokens, kv_heads, heads // kv_heads, head_dim, block_size,
-                 block_tables.shape[1], scale, torch.get_num_threads())
+        # one op of its own under torch.profiler (`hexgen bench engine`'s CPU step profile); nothing otherwise
+        profiled = torch.autograd.profiler._is_profiler_enabled
+        with torch.profiler.record_function(PROFILE_NAME) if profiled else nullcontext():
+            function(q.data_ptr(), q.stride(0), pool.data_ptr(), block_tables.data_ptr(), token_seq.data_ptr(),
+                     context_lens.data_ptr(), out.data_ptr(), tokens, kv_heads, heads // kv_heads, head_dim,
+                     block_size, block_tables.shape[1], scale, torch.get_num_threads())
         return out
 
 

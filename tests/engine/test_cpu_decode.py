@@ -102,6 +102,16 @@ def test_the_output_does_not_depend_on_the_thread_count(kernel):
     assert torch.equal(alone, shared)
 
 
+def test_a_profile_shows_each_call_as_one_op(kernel):
+    """`hexgen bench engine` counts a CPU step's top-level ops and their time under torch.profiler."""
+    pool, q, _, padded, lengths = random_case(5, [40, 9], 2, 2, 8, 16, torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        kernel(q, pool, padded, torch.arange(2), lengths, 2, 16, 0.3)
+        kernel(q, pool, padded, torch.arange(2), lengths, 2, 16, 0.3)
+    calls = [e for e in prof.events() if e.name == cpu_decode.PROFILE_NAME]
+    assert len(calls) == 2 and all(e.cpu_parent is None for e in calls)
+
+
 def test_shapes_past_the_limits_take_the_gather_path(kernel):
     cpu = torch.device("cpu")
     assert cpu_decode.decode_kernel_for(cpu, torch.float32, 9, 3, 64, 32) is kernel
