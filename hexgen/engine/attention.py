@@ -186,8 +186,6 @@ def _gather_group(
     max_blocks = max(len(plan.block_tables[b]) for b in members)
     block_tables = torch.tensor([plan.block_tables[b] + [0] * (max_blocks - len(plan.block_tables[b]))
                                  for b in members], dtype=torch.int64)
-    lengths_t = torch.tensor(lengths, dtype=torch.int64)
-    context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
     rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
     if q_max <= MAX_TOKENS_PER_SEQUENCE and decode_kernel is not None:
         assert device.type == "cpu", "the decode kernel reads a pool in host memory"
@@ -197,6 +195,8 @@ def _gather_group(
         return GatherGroup(rows=rows, kv_rows=None, mask=None, query_index=None, num_seqs=len(members),
                            max_query_len=q_max, kernel=decode_kernel, block_tables=block_tables,
                            token_seq=token_seq, context_lens=sees)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
     mask = None
     if q_max == 1 or any(plan.starts[b] for b in members):
         allowed = _gather_mask(block_tables.shape[1] * block_size, context, lengths_t, q_max)

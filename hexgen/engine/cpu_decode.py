@@ -2,7 +2,7 @@
 cached, loaded with ctypes, and called on a step's decodes instead of the gather path where it can.
 
 The gather path copies every decode's keys and values out of the pool before two batched matmuls read the copy;
-the kernel walks the block tables and reads the pool in place, one (sequence, KV head) pair per OpenMP task. It
+the kernel walks the block tables and reads the pool in place, one (query token, KV head) pair per OpenMP task. It
 runs on the libgomp torch has loaded (the same soname, so one thread pool, the one `turns.py` releases).
 
 Built with `-march=native`, so the shared object is cached per source, compiler and CPU (the key hashes all
