@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Serving over long contexts on CPU: 16 streams of long prompts (scripts/long_prompt.py, 1,000 tokens by default;
 # 64 different ones, so no two requests share cached keys; SHARED=1: one prompt for all, whose keys every request
-# then reads from the prefix cache), 64 output tokens each, against hexgen's one process with its CPU decode kernel, hexgen with the kernel
-# off (HEXGEN_CPU_DECODE_KERNEL=0: the gather path) and vLLM's CPU build (scripts/baselines/install_vllm.sh first),
+# then reads from the prefix cache), 64 output tokens each, against hexgen's one process with its CPU attention kernel, hexgen with the kernel
+# off (HEXGEN_CPU_ATTENTION_KERNEL=0: the gather path) and vLLM's CPU build (scripts/baselines/install_vllm.sh first),
 # round-robin for ROUNDS rounds. Each server is started, measured and stopped in turn; one JSON report per server and
 # round goes to OUT_DIR (default /tmp/hexgen-long-context), and one line per run to stdout.
 #   DTYPE=bfloat16 ROUNDS=2 bash scripts/bench_long_context.sh
@@ -26,7 +26,7 @@ start() {  # start NAME: the server's start script in the background, its ready 
     case "${name}" in
         kernel) DTYPE="${DTYPE}" PORT="${PORT}" BASELINE_READY_FILE="${ready}" \
                 bash "${REPO_ROOT}/scripts/baselines/start_hexgen.sh" & ;;
-        gather) HEXGEN_CPU_DECODE_KERNEL=0 DTYPE="${DTYPE}" PORT="${PORT}" BASELINE_READY_FILE="${ready}" \
+        gather) HEXGEN_CPU_ATTENTION_KERNEL=0 DTYPE="${DTYPE}" PORT="${PORT}" BASELINE_READY_FILE="${ready}" \
                 bash "${REPO_ROOT}/scripts/baselines/start_hexgen.sh" & ;;
         vllm) VLLM_DTYPE="${DTYPE}" PORT="${PORT}" BASELINE_READY_FILE="${ready}" \
               bash "${REPO_ROOT}/scripts/baselines/start_vllm.sh" & ;;

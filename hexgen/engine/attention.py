@@ -6,11 +6,11 @@ paged-attention kernel reads keys through the block tables (a pool of slots, eac
 Elsewhere the pool keeps each block head by head, and one gather through the block tables lays a group's keys
 and values out as [B, kv_heads, K, d], the layout a batched matmul reads: decodes attend with two of them (each KV
 head's query heads as rows of that head; one SDPA call where they are few over short contexts), prefill chunks
-with one SDPA call under a causal/length mask. Where the machine's C compiler builds it, a CPU kernel of our own
-attends the decodes instead (and the few tokens of a decode with drafts), reading the pool in place through the
-block tables (`cpu_decode.py`); the gather stays for prefill chunks. A step mixing decodes and prefill chunks attends
-each kind apart, so the decodes' queries are not padded to the chunks' length. The op count of a step does not
-depend on B: there is no per-sequence loop.
+with one SDPA call under a causal/length mask; a step mixing decodes and prefill chunks attends each kind apart, so
+the decodes' queries are not padded to the chunks' length. Where the machine's C compiler builds it, a CPU kernel
+of our own reads the pool in place through the block tables instead (`cpu_attention.py`): with AVX-512 the whole
+step in one call, decodes and prefill chunks alike; without, the decodes (and the few tokens of a decode with
+drafts), the gather staying for chunks. The op count of a step does not depend on B: there is no per-sequence loop.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hexgen.engine.cpu_decode import MAX_TOKENS_PER_SEQUENCE, DecodeKernel
+from hexgen.engine.cpu_attention import MAX_TOKENS_PER_SEQUENCE, AttentionKernel, split_tasks
 from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
@@ -59,13 +59,17 @@ class GatherGroup:
     query_index: torch.Tensor | None  # [n] int64: each token's row in the padded [b * Q] queries; None when Q == 1
     num_seqs: int
     max_query_len: int
-    # decodes (and sequences of a few tokens, cpu_decode.MAX_TOKENS_PER_SEQUENCE) on CPU where the kernel builds
-    # and serves the shapes: it, the group's block tables [b, max_blocks], and per token [n] its sequence (a row of
-    # the tables) and the keys it sees (int64, on the host); no gather rows or mask then
-    kernel: DecodeKernel | None = None
-    block_tables: torch.Tensor | None = None
-    token_seq: torch.Tensor | None = None
-    context_lens: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class KernelGroup:
+    """Sequences that the CPU attention kernel attends in one call, reading the pool in place (`cpu_attention.py`):
+    all of a step's where the kernel takes prefill chunks, else its decodes (and decodes with drafts)."""
+
+    rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
+    kernel: AttentionKernel
+    block_tables: torch.Tensor  # [b, max_blocks] int64, padded with block 0, on the host
+    tasks: torch.Tensor  # [t, 4] int64 on the host: cpu_attention.Task rows over the group's packed tokens
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ class StepMetadata:
     max_query_len: int
     max_position: int  # the step's largest position (known on the host: no device sync to size RoPE tables)
     block_size: int
-    groups: tuple[GatherGroup, ...] = ()  # gather path only: one group, or decodes and chunks apart
+    # CPU (no Triton): one group, or decodes and chunks apart
+    groups: tuple[GatherGroup | KernelGroup, ...] = ()
     # gather path only: [T * 2 kv_heads] int64, the row of a head-major pool's `entries` each new token's key and
     # value heads go to (token by token, its key heads, then its value heads)
     kv_write_rows: torch.Tensor | None = None
@@ -132,11 +137,11 @@ class StepMetadata:
 
 def build_metadata(
     plan: StepPlan, block_size: int, device: torch.device, use_kernel: bool, kv_heads: int,
-    dtype: torch.dtype = torch.float32, decode_kernel: DecodeKernel | None = None,
+    dtype: torch.dtype = torch.float32, attention_kernel: AttentionKernel | None = None,
 ) -> StepMetadata:
     """Everything the layers need about a step's layout, built with a fixed number of tensor ops per group;
-    `kv_heads`: the rank's KV heads (the gather path's indices into its head-major pool); `decode_kernel`: the
-    CPU kernel the step's decodes attend with (None: the gather path)."""
+    `kv_heads`: the rank's KV heads (the gather path's indices into its head-major pool); `attention_kernel`: the
+    CPU kernel that attends the step, or its decodes (None: the gather path)."""
     positions = [s + i for s, n in zip(plan.starts, plan.lengths, strict=True) for i in range(n)]
     seq_of_token = [b for b, n in enumerate(plan.lengths) for _ in range(n)]
     slots = [plan.block_tables[b][p // block_size] * block_size + p % block_size
@@ -145,16 +150,20 @@ def build_metadata(
     tables = [t + [0] * (max_blocks - len(t)) for t in plan.block_tables]
     starts = plan.token_starts()
     context = [s + n for s, n in zip(plan.starts, plan.lengths, strict=True)]
-    groups: tuple[GatherGroup, ...] = ()
+    groups: tuple[GatherGroup | KernelGroup, ...] = ()
     kv_write_rows = None
     if not use_kernel:
-        few = 1 if decode_kernel is None else MAX_TOKENS_PER_SEQUENCE  # tokens a sequence may bring to the kernel
+        kernel = attention_kernel
+        few = 1  # the most tokens a sequence may bring to the decodes' group
+        if kernel is not None:  # that group is the kernel's: every sequence, or those of a few tokens
+            few = max(plan.lengths) if kernel.takes_chunks else MAX_TOKENS_PER_SEQUENCE
         decodes = [b for b, n in enumerate(plan.lengths) if n <= few]
         chunks = [b for b, n in enumerate(plan.lengths) if n > few]
         members = [m for m in (decodes, chunks) if m]
+        whole = len(members) == 1
         groups = tuple(
-            _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole=len(members) == 1,
-                          decode_kernel=decode_kernel)
+            _kernel_group(plan, m, starts, kernel, whole) if kernel is not None and m is decodes
+            else _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole)
             for m in members
         )
         slot = torch.tensor(slots, dtype=torch.int64).unsqueeze(1)  # [T, 1]
@@ -175,26 +184,36 @@ def build_metadata(
     )
 
 
+def _rows(plan: StepPlan, members: list[int], token_starts: list[int]) -> torch.Tensor:
+    """The flat batch rows of the plan's sequences `members`, in order."""
+    return torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
+
+
+def _padded_tables(plan: StepPlan, members: list[int]) -> torch.Tensor:
+    """The block tables of `members`, [b, max_blocks] int64, padded with block 0."""
+    max_blocks = max(len(plan.block_tables[b]) for b in members)
+    return torch.tensor([plan.block_tables[b] + [0] * (max_blocks - len(plan.block_tables[b])) for b in members],
+                        dtype=torch.int64)
+
+
+def _kernel_group(plan: StepPlan, members: list[int], token_starts: list[int], kernel: AttentionKernel,
+                  whole: bool) -> KernelGroup:
+    """The plan's sequences `members` (indices into the plan, in plan order) for the CPU kernel: block tables and
+    tasks on the host."""
+    tasks = split_tasks([plan.lengths[b] for b in members], [plan.starts[b] for b in members], kernel.tile_tokens)
+    return KernelGroup(rows=None if whole else _rows(plan, members, token_starts), kernel=kernel,
+                       block_tables=_padded_tables(plan, members), tasks=tasks)
+
+
 def _gather_group(
     plan: StepPlan, members: list[int], token_starts: list[int], block_size: int, kv_heads: int,
-    dtype: torch.dtype, device: torch.device, whole: bool, decode_kernel: DecodeKernel | None = None,
+    dtype: torch.dtype, device: torch.device, whole: bool,
 ) -> GatherGroup:
-    """The gather layout of the plan's sequences `members` (indices into the plan, in plan order); sequences of a
-    few tokens attended by `decode_kernel` need only their block tables and each token's sequence and keys."""
+    """The gather layout of the plan's sequences `members` (indices into the plan, in plan order)."""
     lengths = [plan.lengths[b] for b in members]
     q_max = max(lengths)
-    max_blocks = max(len(plan.block_tables[b]) for b in members)
-    block_tables = torch.tensor([plan.block_tables[b] + [0] * (max_blocks - len(plan.block_tables[b]))
-                                 for b in members], dtype=torch.int64)
-    rows = None if whole else torch.tensor([token_starts[b] + i for b in members for i in range(plan.lengths[b])])
-    if q_max <= MAX_TOKENS_PER_SEQUENCE and decode_kernel is not None:
-        assert device.type == "cpu", "the decode kernel reads a pool in host memory"
-        token_seq = torch.tensor([g for g, n in enumerate(lengths) for _ in range(n)], dtype=torch.int64)
-        sees = torch.tensor([plan.starts[b] + i + 1 for b in members for i in range(plan.lengths[b])],
-                            dtype=torch.int64)  # causal: a token sees the keys up to its own
-        return GatherGroup(rows=rows, kv_rows=None, mask=None, query_index=None, num_seqs=len(members),
-                           max_query_len=q_max, kernel=decode_kernel, block_tables=block_tables,
-                           token_seq=token_seq, context_lens=sees)
+    block_tables = _padded_tables(plan, members)
+    rows = None if whole else _rows(plan, members, token_starts)
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     context = torch.tensor([plan.starts[b] for b in members], dtype=torch.int64) + lengths_t
     mask = None
@@ -262,15 +281,13 @@ def paged_attention(q: torch.Tensor, pool: LayerPool, meta: StepMetadata, scale:
     return out
 
 
-def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup, scale: float) -> torch.Tensor:
-    """The gather path for one group: q [n, h, d] -> [n, h, d]."""
+def _attend_group(q: torch.Tensor, pool: LayerPool, group: GatherGroup | KernelGroup, scale: float) -> torch.Tensor:
+    """One group: q [n, h, d] -> [n, h, d]."""
+    kv_heads = pool.kv_heads
+    if isinstance(group, KernelGroup):  # the pool read in place (cpu_attention.py)
+        return group.kernel(q, pool.rows, group.block_tables, group.tasks, kv_heads, pool.block_size, scale)
     batch, q_max = group.num_seqs, group.max_query_len
     heads, head_dim = q.shape[1:]
-    kv_heads = pool.kv_heads
-    if group.kernel is not None:  # decodes read the pool in place (cpu_decode.py)
-        assert group.block_tables is not None and group.token_seq is not None and group.context_lens is not None
-        return group.kernel(q, pool.rows, group.block_tables, group.token_seq, group.context_lens, kv_heads,
-                            pool.block_size, scale)
     assert group.kv_rows is not None
     # one index_select of whole heads of blocks (an order of magnitude faster on CPU than advanced indexing)
     kv = pool.rows.index_select(0, group.kv_rows).view(2, batch, kv_heads, -1, head_dim)  # [2, b, kv, K, d]

@@ -285,11 +285,11 @@ def run_batched(
 
 def engine_mode(engine: Engine) -> str:
     """How an engine runs its decode steps: graphs or eager; Triton kernels, or torch ops with or without the CPU
-    decode kernel."""
+    attention kernel."""
     runner = engine.runner
     steps = "CUDA graphs" if runner.graphs is not None else "eager"
     overlap = ", steps overlapped" if engine.overlap else ""
     ops = "Triton kernels" if runner.use_kernel else "torch ops"
-    if runner.decode_kernel is not None:
-        ops += " + CPU decode kernel"
+    if runner.attention_kernel is not None:
+        ops += " + CPU attention kernel"
     return f"{steps}, {ops}{overlap}"

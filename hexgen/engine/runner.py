@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from hexgen.engine.attention import build_metadata
-from hexgen.engine.cpu_decode import DecodeKernel, decode_kernel_for
+from hexgen.engine.cpu_attention import AttentionKernel, attention_kernel_for
 from hexgen.engine.host_copy import to_device
 from hexgen.engine.messages import StepPlan, StepSamples
 from hexgen.engine.ops import triton_serves
@@ -37,7 +37,7 @@ class StageRunner:
         self.dtype = stage.dtype
         self.use_kernel = triton_serves(device)
         self.block_size = 0  # set with the KV pool
-        self.decode_kernel: DecodeKernel | None = None  # CPU: the decode-attention kernel, set with the KV pool
+        self.attention_kernel: AttentionKernel | None = None  # CPU: the attention kernel, set with the KV pool
         self.graphs = None  # DecodeGraphs once captured (CUDA)
         self.record_logits = False  # keep the last step's full logits on the last leader (for tests)
         self.last_logits: torch.Tensor | None = None
@@ -49,8 +49,8 @@ class StageRunner:
         self.block_size = block_size
         if self.stage.layers and not self.use_kernel:
             heads = self.stage.layers[0].self_attn.heads_local
-            self.decode_kernel = decode_kernel_for(self.device, self.dtype, heads, self.stage.kv_heads_local,
-                                                   self.stage.spec.head_dim, block_size)
+            self.attention_kernel = attention_kernel_for(self.device, self.dtype, heads, self.stage.kv_heads_local,
+                                                         self.stage.spec.head_dim, block_size)
 
     def tune_attention(self):
         """Time the paged-attention kernel's candidate tiles over this rank's pool and launch the fastest from
@@ -81,7 +81,7 @@ class StageRunner:
             out = self.graphs.run(plan, hidden)
             return out, torch.arange(plan.num_seqs, device=self.device)
         meta = build_metadata(plan, self.block_size, self.device, self.use_kernel, self.stage.kv_heads_local,
-                              self.dtype, self.decode_kernel)
+                              self.dtype, self.attention_kernel)
         self.stage.rope.reserve(meta.max_position + 1)
         return self.stage.forward_layers(hidden, meta), meta.last_token_index
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hexgen.engine import cpu_decode
+from hexgen.engine import cpu_attention
 from hexgen.engine.bench import BenchConfig, bench_context
 from hexgen.engine.bench_batch import check_batch_memory, kv_bytes_read, run_batched, weight_bytes_read
 from hexgen.engine.bench_shapes import build_random_checkpoint
@@ -39,8 +39,8 @@ def test_tiny_shape_runs_end_to_end(tmp_path):
     assert result.copy_gbps > 0 and result.weight_bytes_read == weight_bytes_read(source.spec, 4)
     for row in result.rows:
         assert row.hexgen_ms > 0 and row.floor_ms > 0 and row.hexgen_ops_per_layer > 0
-    # CPU: no graphs, no Triton (the table's title says so); the decode kernel wherever a compiler built it
-    kernel = " + CPU decode kernel" if cpu_decode.load() is not None else ""
+    # CPU: no graphs, no Triton (the table's title says so); the attention kernel wherever a compiler built it
+    kernel = " + CPU attention kernel" if cpu_attention.load() is not None else ""
     assert result.engine_mode == f"eager, torch ops{kernel}"
     for row in result.rows:  # where a step's time goes: the linear layers' oneDNN products are among the largest
         shares = [share.ms_per_step for share in row.profile.largest]

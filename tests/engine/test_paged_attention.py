@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hexgen.engine import attention, cpu_decode
+from hexgen.engine import attention, cpu_attention
 from hexgen.engine.attention import LayerPool, build_metadata, paged_attention, write_kv
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.engine.engine import build_runner, init_rank
@@ -54,14 +55,18 @@ def reference_attention(q, k_new, v_new, history, plan, scale):
     ([0, 20, 0, 7, 40], [6, 1, 3, 1, 1], 4, 6, 2),  # decodes after and between chunks: two groups, rows interleaved
     ([0, 0, 0], [3, 13, 9], 4, 4, 2),  # fresh prompts of unequal lengths: padded queries, tables of unequal lengths
 ])
-@pytest.mark.parametrize("decodes", ["matmuls", "sdpa", "kernel"])  # the gather path's two ways, the CPU kernel
+# the gather path's two ways for decodes; the CPU kernel as built here, and built for AVX2 (chunks then gathered)
+@pytest.mark.parametrize("decodes", ["matmuls", "sdpa", "kernel", "kernel-avx2"])
 def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads, decodes, monkeypatch):
     monkeypatch.setattr(attention, "MATMUL_DECODE_MIN_KEYS", 0 if decodes == "matmuls" else 10**9)
     kernel = None
-    if decodes == "kernel":
-        kernel = cpu_decode.load()
+    if decodes.startswith("kernel"):
+        if decodes == "kernel-avx2" and not cpu_attention.load().limits.vector_width == 16:
+            pytest.skip("no AVX-512 here: the native build is the AVX2 one")
+        kernel = cpu_attention.load(("-mno-avx512f",) if decodes == "kernel-avx2" else ())
         if kernel is None:
-            pytest.skip("no C compiler built the CPU decode kernel here")
+            pytest.skip("no C compiler built the CPU attention kernel here")
+        kernel = dataclasses.replace(kernel, group=heads // kv_heads)
     rng = random.Random(sum(starts) + len(lengths))
     gen = torch.Generator().manual_seed(7)
     d, num_blocks = 8, 64
@@ -78,12 +83,13 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     q = torch.randn(total, heads, d, generator=gen)
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False, kv_heads=kv_heads,
-                          decode_kernel=kernel)
-    # decodes and chunks attended apart; with the kernel, sequences of up to a few tokens count as decodes
-    few = 1 if kernel is None else cpu_decode.MAX_TOKENS_PER_SEQUENCE
+                          attention_kernel=kernel)
+    # decodes and chunks attended apart; with the kernel, sequences of up to a few tokens count as decodes (all of
+    # them where it takes chunks: one call for the step)
+    few = 1 if kernel is None else max(lengths) if kernel.takes_chunks else cpu_attention.MAX_TOKENS_PER_SEQUENCE
     assert len(meta.groups) == len({n <= few for n in lengths})
-    assert [g.kernel is not None for g in meta.groups] == [kernel is not None and g.max_query_len <= few
-                                                          for g in meta.groups]
+    kinds = [isinstance(g, attention.KernelGroup) for g in meta.groups]
+    assert kinds == [kernel is not None] * any(n <= few for n in lengths) + [False] * any(n > few for n in lengths)
     # chunks that all begin their prompts take SDPA's own causal mask (no mask tensor), the others an explicit one
     chunk_starts = [st for st, n in zip(starts, lengths, strict=True) if n > few]
     if chunk_starts:
@@ -115,7 +121,7 @@ def test_decode_step_ops_do_not_grow_with_batch(tiny_model_dirs):
     source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
     spec = RankSpec(source, Layout((1,), ((0, source.spec.num_layers),)), 0)
     runner = build_runner(spec, init_rank(spec), SchedulerConfig(max_running_seqs=16, num_kv_blocks=64, block_size=4))
-    assert (runner.decode_kernel is None) == (cpu_decode.load() is None)  # the decodes take the kernel where built
+    assert (runner.attention_kernel is None) == (cpu_attention.load() is None)  # the kernel where built
     counts = {}
     for batch in (16, 1, 16):  # the first pass fills the RoPE tables (once per process), so it is not counted
         plan = ragged_plan(random.Random(batch), [3 + b % 5 for b in range(batch)], [1] * batch, 4, 64)
