@@ -46,8 +46,12 @@ typedef float f32x8 __attribute__((vector_size(32)));
  * into many narrow ones and spilled). */
 #ifdef __AVX512F__
 #define VL 16
+/* The vectors of a row's output summed at once over a span (4 rows: 4 x PV_VECTORS independent sums). On the Zen 4
+ * EPYC 1 ran fastest with AVX-512 (2 and 4 took 5-25% longer); built for AVX2, 2 took 0.6x 1's time. */
+#define PV_VECTORS 1
 #else
 #define VL 8
+#define PV_VECTORS 2
 #endif
 typedef float fvec __attribute__((vector_size(VL * 4)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -104,16 +108,22 @@ static inline void store_bf16(uint16_t *p, int64_t i, float x) {
     ((pool) + (((table)[(pos) / block_size] * 2 * kv_heads + (head)) * block_size + (pos) % block_size) * head_dim)
 #define VALUE_OFFSET (kv_heads * block_size * head_dim)
 
-/* acc rows r .. r+3, dims d .. d + (width of V): += the span's probabilities (scores) times its values. */
-#define WEIGHTED_VALUES(V, LOAD, STORE)                                                                         \
+/* acc rows r .. r+3, dims d .. d + K vectors of V: += the span's probabilities (scores) times its values; 4 x K sums
+ * in registers over the span. */
+#define WEIGHTED_VALUES(V, K, LOAD, STORE)                                                                      \
     do {                                                                                                        \
-        V part[4];                                                                                              \
-        for (int i = 0; i < 4; i++) part[i] = LOAD(acc + (r + i) * head_dim + d);                               \
-        for (int64_t j = 0; j < n; j++) {                                                                      \
-            const V value = LOAD(values + j * head_dim + d);                                                    \
-            for (int i = 0; i < 4; i++) part[i] += scores[(r + i) * SPAN + j] * value;                          \
-        }                                                                                                       \
-        for (int i = 0; i < 4; i++) STORE(acc + (r + i) * head_dim + d, part[i]);                               \
+        const int64_t width = sizeof(V) / sizeof(float);                                                        \
+        V part[4][K];                                                                                           \
+        for (int i = 0; i < 4; i++)                                                                             \
+            for (int k = 0; k < (K); k++) part[i][k] = LOAD(acc + (r + i) * head_dim + d + k * width);          \
+        for (int64_t j = 0; j < n; j++)                                                                        \
+            for (int k = 0; k < (K); k++) {                                                                     \
+                const V value = LOAD(values + j * head_dim + d + k * width);                                    \
+                for (int i = 0; i < 4; i++) part[i][k] += scores[(r + i) * SPAN + j] * value;                   \
+            }                                                                                                   \
+        for (int i = 0; i < 4; i++)                                                                             \
+            for (int k = 0; k < (K); k++) STORE(acc + (r + i) * head_dim + d + k * width, part[i][k]);          \
+        d += (K) * width;                                                                                       \
     } while (0)
 
 /* One row's online-softmax step over a span of scores: hides the keys past `visible`, moves the running max, rescales
@@ -254,8 +264,9 @@ static inline void softmax_step(float *row, int64_t visible, float *row_max, flo
                              acc + r * head_dim, head_dim);                                                     \
             for (int64_t r = 0; r < padded; r += 4) { /* 4 rows x VL dims at a time, in registers over the span */ \
                 int64_t d = 0;                                                                                  \
-                for (; d + VL <= head_dim; d += VL) WEIGHTED_VALUES(fvec, loadv, storev);                      \
-                if (d < head_dim) WEIGHTED_VALUES(f32x8, load8_f32, store8_f32); /* 8 dims left (AVX-512) */    \
+                while (d + PV_VECTORS * VL <= head_dim) WEIGHTED_VALUES(fvec, PV_VECTORS, loadv, storev);      \
+                while (d + VL <= head_dim) WEIGHTED_VALUES(fvec, 1, loadv, storev);                            \
+                if (d < head_dim) WEIGHTED_VALUES(f32x8, 1, load8_f32, store8_f32); /* 8 dims left (AVX-512) */ \
             }                                                                                                   \
         }                                                                                                       \
         for (int64_t r = 0; r < rows; r++) {                                                                    \
@@ -269,6 +280,25 @@ DEFINE_ATTENTION(f32, float, load8_f32, load1_f32, store_f32)
 DEFINE_ATTENTION(bf16, uint16_t, load8_bf16, load1_bf16, store_bf16)
 
 #ifdef __AVX512BF16__
+/* acc rows r .. r+3, dims d .. d + 16 K: += the span's probabilities (bf16 pairs) times its values (interleaved
+ * pairs), 4 x K sums in registers over the span (K = 1 measured fastest on the Zen 4 EPYC; 2 and 4 took longer). */
+#define DOT_VALUES(K)                                                                                           \
+    do {                                                                                                        \
+        __m512 part[4][K];                                                                                      \
+        for (int i = 0; i < 4; i++)                                                                             \
+            for (int k = 0; k < (K); k++) part[i][k] = _mm512_loadu_ps(acc + (r + i) * head_dim + d + 16 * k); \
+        for (int64_t p = 0; p < pairs; p++)                                                                    \
+            for (int k = 0; k < (K); k++) {                                                                     \
+                const __m512bh value = (__m512bh)_mm512_loadu_si512(values + p * head_dim + d + 16 * k);        \
+                for (int i = 0; i < 4; i++)                                                                     \
+                    part[i][k] = _mm512_dpbf16_ps(part[i][k], value,                                            \
+                                                  (__m512bh)_mm512_set1_epi32((int)probs[(r + i) * (SPAN / 2) + p])); \
+            }                                                                                                   \
+        for (int i = 0; i < 4; i++)                                                                             \
+            for (int k = 0; k < (K); k++) _mm512_storeu_ps(acc + (r + i) * head_dim + d + 16 * k, part[i][k]); \
+        d += 16 * (K);                                                                                          \
+    } while (0)
+
 /* A bf16 tile with the products two at a time (vdpbf16ps: fp32 sums of bf16 pairs). Query rows are kept as pairs
  * of bf16 (one 32-bit word per two dims); a span's keys are laid out word-major ([d / 2][key]), so a register of
  * 16 keys' words meets one broadcast query word; a span's values are interleaved two keys at a time
@@ -337,17 +367,7 @@ static void bf16_tile_dot(const uint16_t *q, int64_t q_stride, const uint16_t *p
         const int64_t pairs = (n + 1) / 2;
         for (int64_t r = 0; r < padded; r += 4) { /* 4 rows x 16 dims at a time, in registers over the span */
             int64_t d = 0;
-            for (; d + 16 <= head_dim; d += 16) {
-                __m512 part[4];
-                for (int i = 0; i < 4; i++) part[i] = _mm512_loadu_ps(acc + (r + i) * head_dim + d);
-                for (int64_t p = 0; p < pairs; p++) {
-                    const __m512bh value = (__m512bh)_mm512_loadu_si512(values + p * head_dim + d);
-                    for (int i = 0; i < 4; i++)
-                        part[i] = _mm512_dpbf16_ps(part[i], value,
-                                                   (__m512bh)_mm512_set1_epi32((int)probs[(r + i) * (SPAN / 2) + p]));
-                }
-                for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + (r + i) * head_dim + d, part[i]);
-            }
+            while (d + 16 <= head_dim) DOT_VALUES(1);
             if (d < head_dim) { /* 8 dims left */
                 __m256 part[4];
                 for (int i = 0; i < 4; i++) part[i] = _mm256_loadu_ps(acc + (r + i) * head_dim + d);
