@@ -17,6 +17,7 @@ import random
 import statistics
 import subprocess
 import time
+from functools import partial
 
 import torch
 
@@ -31,10 +32,13 @@ from hexgen.launch.spec import Layout, RankSpec
 # (what, tokens each sequence brings, keys cached before them); SmolLM2's 9 query and 3 KV heads of 64
 CASES = [
     ("1 fresh prompt of 1,000 tokens", [1000], [0]),
+    ("4 fresh prompts of 32", [32] * 4, [0] * 4),
     ("4 fresh prompts of 256", [256] * 4, [0] * 4),
     ("a 256-token chunk after 768 cached", [256], [768]),
     ("15 decodes over 1,040 + a 128-token chunk", [1] * 15 + [128], [1039] * 15 + [0]),
+    ("15 decodes over 100 + a 32-token prompt", [1] * 15 + [32], [99] * 15 + [0]),
     ("16 decodes over 1,040", [1] * 16, [1039] * 16),
+    ("16 decodes over 100", [1] * 16, [99] * 16),
     ("16 decodes with 4 drafts over 1,040", [5] * 16, [1035] * 16),
 ]
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
@@ -76,8 +80,10 @@ def layer_table(dtype: torch.dtype, reps: int) -> list[str]:
         cpu = torch.device("cpu")
         with_kernel = build_metadata(plan, block_size, cpu, False, KV_HEADS, dtype, kernel)
         gathered = build_metadata(plan, block_size, cpu, False, KV_HEADS, dtype, None)
-        gather_ms, kernel_ms = alternate(lambda m=gathered: paged_attention(q, pool, m, HEAD_DIM**-0.5),
-                                         lambda m=with_kernel: paged_attention(q, pool, m, HEAD_DIM**-0.5), reps)
+        def attend(meta, q: torch.Tensor = q, pool: LayerPool = pool) -> torch.Tensor:
+            return paged_attention(q, pool, meta, HEAD_DIM**-0.5)
+
+        gather_ms, kernel_ms = alternate(partial(attend, gathered), partial(attend, with_kernel), reps)
         rows.append(f"| {what} | {gather_ms:.2f} | {kernel_ms:.2f} | {gather_ms / kernel_ms:.2f}x |")
     return rows
 

@@ -75,9 +75,9 @@ class AttentionKernel:
     @property
     def takes_chunks(self) -> bool:
         """Whether prefill chunks go to the kernel's tiles (with AVX-512: on the 2-core Zen 4 EPYC, one 1,000-token
-        prompt's attention, SmolLM2 heads, 2026-12-03: bf16 6.6-7.5 ms against SDPA's 11.8-12.7, fp32 10.9-11.0
-        against 11.1-13.7) or stay on the gather path (8-float vectors: the same tiles built for AVX2 and run
-        there took 1.7x SDPA's time in fp32)."""
+        prompt's attention, SmolLM2 heads, 2026-12-03: bf16 8.2 ms against the gather path's 14.9, fp32 13.0
+        against 18.9) or stay on the gather path and SDPA (8-float vectors: the tiles built for AVX2, run on that
+        EPYC, were only level with SDPA, and no AVX2-only machine was at hand)."""
         return self.limits.vector_width >= 16
 
     @property
