@@ -161,6 +161,7 @@ def build_metadata(
         chunks = [b for b, n in enumerate(plan.lengths) if n > few]
         members = [m for m in (decodes, chunks) if m]
         whole = len(members) == 1
+        assert kernel is None or device.type == "cpu", "the CPU attention kernel reads a pool in host memory"
         groups = tuple(
             _kernel_group(plan, m, starts, kernel, whole) if kernel is not None and m is decodes
             else _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole)
