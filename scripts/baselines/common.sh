@@ -47,14 +47,28 @@ wait_ready() {
     echo "server not ready after ${timeout_s} s" >&2; return 1
 }
 
+# stop_server GRACE_S: TERM the server's process group, KILL it after GRACE_S, then remove the shared-memory
+# segments it left.
+stop_server() {
+    kill -TERM -- -"${SERVER_PID}" 2>/dev/null || true; sleep "$1"; kill -KILL -- -"${SERVER_PID}" 2>/dev/null || true
+    local name
+    for name in $(ls /dev/shm 2>/dev/null | grep '^psm_' || true); do
+        grep -qx "${name}" <<<"${SHM_BEFORE}" || rm -f "/dev/shm/${name}"
+    done
+}
+
 # run_server LOG CMD...: start CMD in a new session (its own process group), kill the group on exit or signal.
 # With BASELINE_READY_FILE set, the base URL is written there once the server answers; then we wait on it.
+# Segments of torch's shared memory (/dev/shm/psm_*) that appeared while the server ran are removed after it: a
+# process of vLLM's killed in its shutdown can leave one behind (160 MB, seen once on 2026-12-03). The servers of a
+# benchmark run one at a time, so what appeared is theirs.
 run_server() {
     local log="$1"; shift
+    SHM_BEFORE="$(ls /dev/shm 2>/dev/null | grep '^psm_' || true)"
     setsid "$@" >"${log}" 2>&1 &
     SERVER_PID=$!
-    trap 'kill -TERM -- -${SERVER_PID} 2>/dev/null; sleep 2; kill -KILL -- -${SERVER_PID} 2>/dev/null; exit 0' INT TERM
-    trap 'kill -TERM -- -${SERVER_PID} 2>/dev/null; sleep 1; kill -KILL -- -${SERVER_PID} 2>/dev/null' EXIT
+    trap 'stop_server 2; exit 0' INT TERM
+    trap 'stop_server 1' EXIT
     local url="http://127.0.0.1:${PORT}/v1"
     if ! wait_ready "${url}" "${SERVER_PID}" "${READY_TIMEOUT_S:-300}"; then
         tail -n 20 "${log}" >&2; exit 1
