@@ -17,10 +17,10 @@
  * `group` query rows, whose sums stay in registers (8-float vectors, groups of up to 8 compiled as constants).
  * A task of several tokens (a tile of a prefill chunk, or a decode with its drafts) takes `tile`: its query rows
  * (tokens x group, at most TILE_ROWS) meet the keys SPAN at a time. A span's keys are copied once into a transposed
- * buffer, scores for 4 rows x 32 keys are built in registers, then an online-softmax update, then the weighted
- * values for 4 rows x 64 dims in registers: each key serves every row of the tile. With AVX512_BF16 (gcc defines
- * __AVX512BF16__ when -march=native finds it), bf16 tiles take the products two bf16 at a time into fp32
- * (vdpbf16ps); the probabilities are then rounded to bf16 before their product with the values, as a bf16 model's
+ * buffer, scores for 2 or 4 rows x 32 keys are built in registers, then an online-softmax update, then the weighted
+ * values for 4 rows x a vector of dims in registers: each key serves every row of the tile. With AVX512_BF16
+ * (gcc defines __AVX512BF16__ when -march=native finds it), bf16 tiles take the products two bf16 at a time into
+ * fp32 (vdpbf16ps); the probabilities are then rounded to bf16 before their product with the values, as a bf16 model's
  * eager attention does. Otherwise the arithmetic is fp32 on GCC's vector extensions (AVX2 or AVX-512 as
  * -march=native allows). Scores, the softmax and the sums are fp32 everywhere; a bf16 output is rounded to nearest
  * even. head_dim is a multiple of 8.
@@ -223,9 +223,10 @@ static inline void softmax_step(float *row, int64_t visible, float *row_max, flo
                                                                                                                 \
     /* A tile: `tokens` consecutive tokens from `position` on, one KV head, in fp32 vectors of 16. Row r is token \
      * r / group, query head head * group + r % group; rows up to a multiple of 4 are padded with zero queries. */ \
-    static __attribute__((unused)) void NAME##_tile_f32(const T *q, int64_t q_stride, const T *pool, const int64_t *table,             \
-                                int64_t position, int64_t tokens, T *out, int64_t out_stride, int64_t kv_heads, \
-                                int64_t head, int64_t group, int64_t head_dim, int64_t block_size, float scale) { \
+    static __attribute__((unused)) void NAME##_tile_f32(                                                       \
+        const T *q, int64_t q_stride, const T *pool, const int64_t *table, int64_t position, int64_t tokens, T *out, \
+        int64_t out_stride, int64_t kv_heads, int64_t head, int64_t group, int64_t head_dim, int64_t block_size,    \
+        float scale) {                                                                                          \
         const int64_t rows = tokens * group, padded = (rows + 3) & ~(int64_t)3, end = position + tokens;        \
         float query[TILE_ROWS * MAX_HEAD_DIM], acc[TILE_ROWS * MAX_HEAD_DIM], scores[TILE_ROWS * SPAN];        \
         float keys_t[MAX_HEAD_DIM * SPAN], values[SPAN * MAX_HEAD_DIM]; /* a span's keys transposed: [d][key] */ \
