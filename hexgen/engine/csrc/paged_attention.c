@@ -38,7 +38,8 @@
 #define HEAD_DIM_MULTIPLE 8
 #define TILE_ROWS 64   /* query rows (tokens x group) of one tile */
 #define SPAN 32        /* keys a tile takes at once */
-#define MASKED (-1e30f) /* a hidden key's score: finite, as -ffast-math assumes; exp(MASKED - max) == 0 */
+#define MASKED (-1e30f) /* below any score: finite, as -ffast-math assumes */
+#define EXP_FLOOR (-80.0f) /* exp(-80) = 1.8e-35: nothing beside the row's largest term, exp(0) = 1 */
 #define LANES 8
 
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -126,17 +127,20 @@ static inline void store_bf16(uint16_t *p, int64_t i, float x) {
         d += (K) * width;                                                                                       \
     } while (0)
 
-/* One row's online-softmax step over a span of scores: hides the keys past `visible`, moves the running max, rescales
- * the row's sum and output, and leaves exp(score - max) in `row`. */
+/* One row's online-softmax step over a span of scores: moves the running max over the first `visible` keys,
+ * rescales the row's sum and output, and leaves exp(score - max) in `row` (0 for the keys past `visible`). */
 static inline void softmax_step(float *row, int64_t visible, float *row_max, float *row_sum, float *acc,
                                 int64_t head_dim) {
-    for (int64_t j = visible < 0 ? 0 : visible; j < SPAN; j++) row[j] = MASKED;
+    const int64_t seen = visible < 0 ? 0 : visible < SPAN ? visible : SPAN;
     float top = *row_max;
-    for (int64_t j = 0; j < SPAN; j++) top = row[j] > top ? row[j] : top;
-    const float rescale = expf(*row_max - top);
+    for (int64_t j = 0; j < seen; j++) top = row[j] > top ? row[j] : top;
+    /* exponents held in [EXP_FLOOR, 0] on every lane, the hidden keys' too (then dropped): libm's vector expf
+     * takes a slow scalar path for lanes that underflow or overflow */
+    const float rescale = expf(fmaxf(*row_max - top, EXP_FLOOR));
     float sum = 0.0f;
     for (int64_t j = 0; j < SPAN; j++) {
-        row[j] = expf(row[j] - top);
+        const float weight = expf(fminf(fmaxf(row[j] - top, EXP_FLOOR), 0.0f));
+        row[j] = j < seen ? weight : 0.0f; /* hidden keys: weight 0 */
         sum += row[j];
     }
     *row_sum = *row_sum * rescale + sum;
