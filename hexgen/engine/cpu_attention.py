@@ -75,8 +75,8 @@ class AttentionKernel:
     @property
     def takes_chunks(self) -> bool:
         """Whether prefill chunks go to the kernel's tiles (with AVX-512: on the 2-core Zen 4 EPYC, one 1,000-token
-        prompt's attention, SmolLM2 heads, 2026-12-03: bf16 8.2 ms against the gather path's 14.9, fp32 13.0
-        against 18.9) or stay on the gather path and SDPA (8-float vectors: the tiles built for AVX2, run on that
+        prompt's attention, SmolLM2 heads, 2026-12-03: bf16 7.0 ms against the gather path's 15.1, fp32 10.1
+        against 13.6) or stay on the gather path and SDPA (8-float vectors: the tiles built for AVX2, run on that
         EPYC, were only level with SDPA, and no AVX2-only machine was at hand)."""
         return self.limits.vector_width >= 16
 
