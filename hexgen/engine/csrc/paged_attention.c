@@ -67,14 +67,20 @@ static inline f32x8 load8_f32(const float *p) {
     return v;
 }
 
-static inline f32x8 load8_bf16(const uint16_t *p) { /* bf16 is the high half of an fp32 */
-    u16x8 h;
-    memcpy(&h, p, sizeof h);
-    u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-    f32x8 v;
-    memcpy(&v, &w, sizeof v);
-    return v;
-}
+/* NAME(p): the bf16 at p as a vector V of fp32 (bf16 is the high half of an fp32), through integer vectors U16, U32
+ * of as many lanes. */
+#define DEFINE_LOAD_BF16(NAME, V, U16, U32)                                                                     \
+    static inline V NAME(const uint16_t *p) {                                                                   \
+        U16 h;                                                                                                  \
+        memcpy(&h, p, sizeof h);                                                                                \
+        U32 w = __builtin_convertvector(h, U32) << 16;                                                          \
+        V v;                                                                                                    \
+        memcpy(&v, &w, sizeof v);                                                                               \
+        return v;                                                                                               \
+    }
+
+DEFINE_LOAD_BF16(load8_bf16, f32x8, u16x8, u32x8)
+DEFINE_LOAD_BF16(loadv_bf16, fvec, u16xv, u32xv)
 
 static inline float load1_f32(const float *p, int64_t i) { return p[i]; }
 
@@ -94,15 +100,6 @@ static inline fvec loadv(const float *p) {
 static inline void storev(float *p, fvec v) { memcpy(p, &v, sizeof v); }
 
 static inline void store8_f32(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
-
-static inline fvec loadv_bf16(const uint16_t *p) {
-    u16xv h;
-    memcpy(&h, p, sizeof h);
-    u32xv w = __builtin_convertvector(h, u32xv) << 16;
-    fvec v;
-    memcpy(&v, &w, sizeof v);
-    return v;
-}
 
 static inline float sumv(fvec v) { /* in any order: -ffast-math reassociates it anyway */
     float sum = 0.0f;
