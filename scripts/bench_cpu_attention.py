@@ -2,11 +2,14 @@
 SmolLM2-135M's shapes: one layer's attention alone, then whole-model steps of one process.
 
     .venv/bin/python scripts/bench_cpu_attention.py [--dtype bfloat16] [--reps 10] [--steps-only | --layers-only]
+        [--avx2]
 
 Each case builds one step's plan (sequences on shuffled blocks of the default CPU block size, their cached keys
 random) and times the step with the kernel and with the gather path (SDPA, or batched matmuls for decodes),
 alternating the two so the shared machine's load falls on both alike; medians in ms. The whole-model steps run
 `StageRunner.forward` (embedding, 30 layers, final norm) with `runner.attention_kernel` set and then unset.
+`--avx2` times the kernel built without AVX-512 (-mno-avx512f: 8-float vectors, as on an AVX2-only CPU) instead of
+the native build.
 """
 
 from __future__ import annotations
@@ -66,9 +69,8 @@ def alternate(a, b, reps: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def layer_table(dtype: torch.dtype, reps: int) -> list[str]:
-    kernel = cpu_attention.attention_kernel_for(torch.device("cpu"), dtype, HEADS, KV_HEADS, HEAD_DIM, 32)
-    assert kernel is not None, "no CPU attention kernel here (no C compiler?)"
+def layer_table(build: cpu_attention.AttentionKernel, dtype: torch.dtype, reps: int) -> list[str]:
+    kernel = dataclasses.replace(build, group=HEADS // KV_HEADS)
     block_size = default_block_size("cpu", HEAD_DIM, dtype.itemsize)
     rows = ["| step | gather path (ms) | kernel (ms) | speed-up |", "|---|---|---|---|"]
     gen = torch.Generator().manual_seed(0)
@@ -88,14 +90,14 @@ def layer_table(dtype: torch.dtype, reps: int) -> list[str]:
     return rows
 
 
-def step_table(dtype: torch.dtype, reps: int) -> list[str]:
+def step_table(build: cpu_attention.AttentionKernel, dtype: torch.dtype, reps: int) -> list[str]:
     source = resolve_model("smollm2-135m", progress=False)
     spec = RankSpec(source, Layout((1,), ((0, source.spec.num_layers),)), 0, dtype=str(dtype).split(".")[1])
     block_size = default_block_size("cpu", source.spec.head_dim, dtype.itemsize)
     runner = build_runner(spec, init_rank(spec), SchedulerConfig(max_running_seqs=16, num_kv_blocks=1200,
                                                                  block_size=block_size, max_context=2048))
-    kernel = runner.attention_kernel
-    assert kernel is not None, "no CPU attention kernel here (no C compiler?)"
+    assert runner.attention_kernel is not None, "the runner took no CPU attention kernel"
+    kernel = dataclasses.replace(build, group=runner.attention_kernel.group)
     rows = ["| step (whole model) | gather path (ms) | kernel (ms) | speed-up |", "|---|---|---|---|"]
     for what, lengths, starts in CASES:
         plan, _ = plan_for(lengths, starts, block_size)
@@ -117,20 +119,23 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--layers-only", action="store_true")
     which.add_argument("--steps-only", action="store_true")
+    parser.add_argument("--avx2", action="store_true", help="time the kernel built without AVX-512 (-mno-avx512f)")
     args = parser.parse_args()
     if args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")
     dtype = getattr(torch, args.dtype)
-    kernel = cpu_attention.load()
+    kernel = cpu_attention.load(("-mno-avx512f",) if args.avx2 else ())
+    if kernel is None:
+        raise SystemExit("bench_cpu_attention: no CPU attention kernel here (no C compiler?)")
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     print(f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, {model}, {torch.get_num_threads()} threads, "
-          f"{args.dtype}; kernel: {dataclasses.asdict(kernel.limits) if kernel else None}")
+          f"{args.dtype}; kernel{' built without AVX-512' if args.avx2 else ''}: {dataclasses.asdict(kernel.limits)}")
     with torch.inference_mode():
         if not args.steps_only:
-            print("\n".join(["", "One layer's attention:", *layer_table(dtype, args.reps)]))
+            print("\n".join(["", "One layer's attention:", *layer_table(kernel, dtype, args.reps)]))
         if not args.layers_only:
-            print("\n".join(["", "Whole-model steps:", *step_table(dtype, args.reps)]))
+            print("\n".join(["", "Whole-model steps:", *step_table(kernel, dtype, args.reps)]))
 
 
 if __name__ == "__main__":

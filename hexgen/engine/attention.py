@@ -8,9 +8,8 @@ and values out as [B, kv_heads, K, d], the layout a batched matmul reads: decode
 head's query heads as rows of that head; one SDPA call where they are few over short contexts), prefill chunks
 with one SDPA call under a causal/length mask; a step mixing decodes and prefill chunks attends each kind apart, so
 the decodes' queries are not padded to the chunks' length. Where the machine's C compiler builds it, a CPU kernel
-of our own reads the pool in place through the block tables instead (`cpu_attention.py`): with AVX-512 the whole
-step in one call, decodes and prefill chunks alike; without, the decodes (and the few tokens of a decode with
-drafts), the gather staying for chunks. The op count of a step does not depend on B: there is no per-sequence loop.
+of our own reads the pool in place through the block tables instead (`cpu_attention.py`): the whole step in one
+call, decodes and prefill chunks alike. The op count of a step does not depend on B: there is no per-sequence loop.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hexgen.engine.cpu_attention import MAX_TOKENS_PER_SEQUENCE, AttentionKernel, split_tasks
+from hexgen.engine.cpu_attention import AttentionKernel, split_tasks
 from hexgen.engine.host_copy import tensor_to_device, to_device
 from hexgen.engine.messages import StepPlan
 
@@ -63,10 +62,9 @@ class GatherGroup:
 
 @dataclass(frozen=True)
 class KernelGroup:
-    """Sequences that the CPU attention kernel attends in one call, reading the pool in place (`cpu_attention.py`):
-    all of a step's where the kernel takes prefill chunks, else its decodes (and decodes with drafts)."""
+    """A step's sequences, all of them, which the CPU attention kernel attends in one call, reading the pool in
+    place (`cpu_attention.py`)."""
 
-    rows: torch.Tensor | None  # [n] int64: the group's rows in the step's flat batch; None: all of them, in order
     kernel: AttentionKernel
     block_tables: torch.Tensor  # [b, max_blocks] int64, padded with block 0, on the host
     tasks: torch.Tensor  # [t, 4] int64 on the host: cpu_attention.Task rows over the group's packed tokens
@@ -124,7 +122,7 @@ class StepMetadata:
     max_query_len: int
     max_position: int  # the step's largest position (known on the host: no device sync to size RoPE tables)
     block_size: int
-    # CPU (no Triton): one group, or decodes and chunks apart
+    # CPU (no Triton): the kernel's one group, or the gather path's one group, or its decodes and chunks apart
     groups: tuple[GatherGroup | KernelGroup, ...] = ()
     # gather path only: [T * 2 kv_heads] int64, the row of a head-major pool's `entries` each new token's key and
     # value heads go to (token by token, its key heads, then its value heads)
@@ -141,7 +139,7 @@ def build_metadata(
 ) -> StepMetadata:
     """Everything the layers need about a step's layout, built with a fixed number of tensor ops per group;
     `kv_heads`: the rank's KV heads (the gather path's indices into its head-major pool); `attention_kernel`: the
-    CPU kernel that attends the step, or its decodes (None: the gather path)."""
+    CPU kernel that attends the step (None: the gather path)."""
     positions = [s + i for s, n in zip(plan.starts, plan.lengths, strict=True) for i in range(n)]
     seq_of_token = [b for b, n in enumerate(plan.lengths) for _ in range(n)]
     slots = [plan.block_tables[b][p // block_size] * block_size + p % block_size
@@ -152,21 +150,16 @@ def build_metadata(
     context = [s + n for s, n in zip(plan.starts, plan.lengths, strict=True)]
     groups: tuple[GatherGroup | KernelGroup, ...] = ()
     kv_write_rows = None
+    if not use_kernel and attention_kernel is not None:  # the whole step in one call; block tables, tasks on the host
+        assert device.type == "cpu", "the CPU attention kernel reads a pool in host memory"
+        groups = (KernelGroup(attention_kernel, torch.tensor(tables, dtype=torch.int64),
+                              split_tasks(plan.lengths, plan.starts, attention_kernel.tile_tokens)),)
+    elif not use_kernel:  # the gather path: decodes and chunks apart
+        members = [m for m in ([b for b, n in enumerate(plan.lengths) if n == 1],
+                               [b for b, n in enumerate(plan.lengths) if n > 1]) if m]
+        groups = tuple(_gather_group(plan, m, starts, block_size, kv_heads, dtype, device, len(members) == 1)
+                       for m in members)
     if not use_kernel:
-        kernel = attention_kernel
-        few = 1  # the most tokens a sequence may bring to the decodes' group
-        if kernel is not None:  # that group is the kernel's: every sequence, or those of a few tokens
-            few = max(plan.lengths) if kernel.takes_chunks else MAX_TOKENS_PER_SEQUENCE
-        decodes = [b for b, n in enumerate(plan.lengths) if n <= few]
-        chunks = [b for b, n in enumerate(plan.lengths) if n > few]
-        members = [m for m in (decodes, chunks) if m]
-        whole = len(members) == 1
-        assert kernel is None or device.type == "cpu", "the CPU attention kernel reads a pool in host memory"
-        groups = tuple(
-            _kernel_group(plan, m, starts, kernel, whole) if kernel is not None and m is decodes
-            else _gather_group(plan, m, starts, block_size, kv_heads, dtype, device, whole)
-            for m in members
-        )
         slot = torch.tensor(slots, dtype=torch.int64).unsqueeze(1)  # [T, 1]
         head_rows = (slot // block_size * (2 * kv_heads) + torch.arange(2 * kv_heads)) * block_size
         kv_write_rows = tensor_to_device((head_rows + slot % block_size).view(-1), device)
@@ -195,15 +188,6 @@ def _padded_tables(plan: StepPlan, members: list[int]) -> torch.Tensor:
     max_blocks = max(len(plan.block_tables[b]) for b in members)
     return torch.tensor([plan.block_tables[b] + [0] * (max_blocks - len(plan.block_tables[b])) for b in members],
                         dtype=torch.int64)
-
-
-def _kernel_group(plan: StepPlan, members: list[int], token_starts: list[int], kernel: AttentionKernel,
-                  whole: bool) -> KernelGroup:
-    """The plan's sequences `members` (indices into the plan, in plan order) for the CPU kernel: block tables and
-    tasks on the host."""
-    tasks = split_tasks([plan.lengths[b] for b in members], [plan.starts[b] for b in members], kernel.tile_tokens)
-    return KernelGroup(rows=None if whole else _rows(plan, members, token_starts), kernel=kernel,
-                       block_tables=_padded_tables(plan, members), tasks=tasks)
 
 
 def _gather_group(
@@ -276,8 +260,8 @@ def paged_attention(q: torch.Tensor, pool: LayerPool, meta: StepMetadata, scale:
     if len(meta.groups) == 1:
         return _attend_group(q, pool, meta.groups[0], scale)
     out = torch.empty_like(q)
-    for group in meta.groups:  # decodes, then prefill chunks: two calls whatever the batch size
-        assert group.rows is not None
+    for group in meta.groups:  # the gather path's decodes, then its prefill chunks: two calls whatever the batch size
+        assert isinstance(group, GatherGroup) and group.rows is not None
         out.index_copy_(0, group.rows, _attend_group(q.index_select(0, group.rows), pool, group, scale))
     return out
 

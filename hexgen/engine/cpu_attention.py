@@ -4,8 +4,9 @@ loaded with ctypes, and called once a layer on a step's sequences instead of the
 The gather path copies every sequence's keys and values out of the pool before SDPA or two batched matmuls read the
 copy; the kernel walks the block tables and reads the pool in place, one (task, KV head) pair per OpenMP task: a
 task is a decode's one token, or a tile of up to `tile_rows / group` consecutive tokens of a longer chunk, whose
-queries share each key they read. It runs on the libgomp torch has loaded (the same soname, so one thread pool,
-the one `turns.py` releases).
+queries share each key they read. Built for AVX-512 (16-float vectors) or AVX2 (8), it takes whole steps alike
+(README, "A CPU attention kernel of our own"). It runs on the libgomp torch has loaded (the same soname, so one
+thread pool, the one `turns.py` releases).
 
 Built with `-march=native`, so the shared object is cached per source, compiler, flags and CPU (the key hashes all
 four) under $HEXGEN_CACHE_DIR/kernels (else ~/.cache/hexgen/kernels); it is written to a temporary name and
@@ -42,12 +43,6 @@ LINK_FLAGS = ("-shared", "-fopenmp")
 LIBRARIES = ("-lm",)  # after the object: libm brings libmvec, the vector expf
 _ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
               ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int64])
-# Where the kernel has no AVX-512 (8-float vectors: AVX2), prefill chunks keep the gather path and SDPA, and a
-# sequence that brings up to this many tokens (a decode with its drafts) is attended by the kernel token by token,
-# each token reading its keys once more. SmolLM2's heads on the 2-core Zen 4 EPYC (2026-12-03), one layer's
-# attention of 16 sequences over 1,040 keys: 5 tokens each 2.1x (bf16) / 2.0x (fp32) faster than the gather path,
-# 8 tokens 1.2x / 1.6x. With AVX-512 every sequence goes to the kernel, chunks in tiles (`takes_chunks`).
-MAX_TOKENS_PER_SEQUENCE = 8
 
 
 @dataclass(frozen=True)
@@ -73,18 +68,10 @@ class AttentionKernel:
                 and block_size <= self.limits.max_block_size)
 
     @property
-    def takes_chunks(self) -> bool:
-        """Whether prefill chunks go to the kernel's tiles (with AVX-512: on the 2-core Zen 4 EPYC, one 1,000-token
-        prompt's attention, SmolLM2 heads, 2026-12-03: bf16 7.0 ms against the gather path's 15.1, fp32 10.1
-        against 13.6) or stay on the gather path and SDPA (8-float vectors: the tiles built for AVX2, run on that
-        EPYC, were only level with SDPA, and no AVX2-only machine was at hand)."""
-        return self.limits.vector_width >= 16
-
-    @property
     def tile_tokens(self) -> int:
-        """Tokens of a sequence that one task attends together: a tile's (1 where chunks take the gather path:
-        a decode's drafts then go token by token)."""
-        return max(1, self.limits.tile_rows // self.group) if self.takes_chunks else 1
+        """Tokens of a sequence that one task attends together (a tile: its query rows are that many tokens' query
+        heads)."""
+        return max(1, self.limits.tile_rows // self.group)
 
     def __call__(self, q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, tasks: torch.Tensor,
                  kv_heads: int, block_size: int, scale: float) -> torch.Tensor:

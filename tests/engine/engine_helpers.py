@@ -42,8 +42,11 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
     model.generation_config.eos_token_id = None  # run exactly max_new_tokens, like ignore_eos
     try:
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            # an explicit mask: given only pad_token_id, generate() would hide every prompt token equal to it
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=0, output_logits=True,
+                                 return_dict_in_generate=True)
     finally:
         model.generation_config.eos_token_id = saved_eos
     tokens = out.sequences[0, len(prompt):].tolist()

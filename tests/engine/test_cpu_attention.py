@@ -116,7 +116,6 @@ def test_each_build_multiplies_as_its_cpu_allows(kernel, request):
         assert kernel.limits.vector_width == (16 if "avx512f" in CPU_FLAGS else 8)
     elif build == "avx2":
         assert not kernel.limits.bf16_dot_products and kernel.limits.vector_width == 8
-        assert not kernel.takes_chunks and kernel.tile_tokens == 1  # chunks keep the gather path without AVX-512
     else:
         assert not kernel.limits.bf16_dot_products and kernel.limits.vector_width == 16
 
@@ -170,8 +169,7 @@ def test_shapes_past_the_limits_take_the_gather_path():
     cpu = torch.device("cpu")
     bound = cpu_attention.attention_kernel_for(cpu, torch.float32, 9, 3, 64, 32)
     assert bound is not None and bound.library is kernel.library and bound.group == 3
-    if kernel.takes_chunks:  # a tile holds 64 query rows: 21 tokens of 3 query heads each
-        assert bound.tile_tokens == kernel.limits.tile_rows // 3 == 21
+    assert bound.tile_tokens == 21  # a tile holds 64 query rows: 21 tokens of 3 query heads each
     assert cpu_attention.attention_kernel_for(cpu, torch.float16, 9, 3, 64, 32) is None  # fp16: not built for
     assert cpu_attention.attention_kernel_for(cpu, torch.float32, 34, 2, 64, 32) is None  # group of 17
     assert cpu_attention.attention_kernel_for(cpu, torch.float32, 9, 3, 512, 32) is None
@@ -194,3 +192,26 @@ def test_switched_off_or_unbuildable_it_is_not_used(monkeypatch, tmp_path, capsy
         assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-built left to load next time
     finally:
         cpu_attention.load.cache_clear()
+
+
+def test_every_build_serves_the_engine_token_for_token_with_hf(kernel, tiny_model_dirs, monkeypatch):
+    """The engine on the kernel of each build (the AVX2 one too: it takes whole steps, chunks in tiles) gives HF
+    transformers' greedy tokens: prompts prefilled in chunks beside decodes, and decodes with n-gram drafts (tiles of
+    a few tokens)."""
+    from engine_helpers import greedy_requests, hf_greedy, load_hf, random_prompts, run_in_process
+
+    from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.scheduler import SchedulerConfig
+
+    engines: list = []
+    monkeypatch.setattr(cpu_attention, "load", lambda extra_flags=(): kernel)  # what every rank's runner takes
+    source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
+    phrase = random_prompts(source.spec.vocab_size, [4], seed=3)[0]
+    prompts = [*random_prompts(source.spec.vocab_size, [70, 5, 33], seed=11), phrase * 6]  # the last one repeats
+    # 24 tokens a step: the 70- and 33-token prompts go in chunks, later ones beside the first prompts' decodes
+    config = SchedulerConfig(max_context=source.spec.max_context, max_step_tokens=24, speculative_tokens=3)
+    tokens, _ = run_in_process(source, greedy_requests(prompts, 12), config, engines=engines)
+    assert engines[0].runner.attention_kernel.library is kernel.library
+    model = load_hf(tiny_model_dirs["gqa"])
+    for i, prompt in enumerate(prompts):
+        assert tokens[f"r{i}"] == hf_greedy(model, prompt, 12)[0]

@@ -55,7 +55,7 @@ def reference_attention(q, k_new, v_new, history, plan, scale):
     ([0, 20, 0, 7, 40], [6, 1, 3, 1, 1], 4, 6, 2),  # decodes after and between chunks: two groups, rows interleaved
     ([0, 0, 0], [3, 13, 9], 4, 4, 2),  # fresh prompts of unequal lengths: padded queries, tables of unequal lengths
 ])
-# the gather path's two ways for decodes; the CPU kernel as built here, and built for AVX2 (chunks then gathered)
+# the gather path's two ways for decodes; the CPU kernel as built here, and built for AVX2
 @pytest.mark.parametrize("decodes", ["matmuls", "sdpa", "kernel", "kernel-avx2"])
 def test_batched_attention_matches_per_sequence(starts, lengths, block_size, heads, kv_heads, decodes, monkeypatch):
     monkeypatch.setattr(attention, "MATMUL_DECODE_MIN_KEYS", 0 if decodes == "matmuls" else 10**9)
@@ -84,16 +84,21 @@ def test_batched_attention_matches_per_sequence(starts, lengths, block_size, hea
     k_new, v_new = torch.randn(2, total, kv_heads, d, generator=gen)
     meta = build_metadata(plan, block_size, torch.device("cpu"), use_kernel=False, kv_heads=kv_heads,
                           attention_kernel=kernel)
-    # decodes and chunks attended apart; with the kernel, sequences of up to a few tokens count as decodes (all of
-    # them where it takes chunks: one call for the step)
-    few = 1 if kernel is None else max(lengths) if kernel.takes_chunks else cpu_attention.MAX_TOKENS_PER_SEQUENCE
-    assert len(meta.groups) == len({n <= few for n in lengths})
-    kinds = [isinstance(g, attention.KernelGroup) for g in meta.groups]
-    assert kinds == [kernel is not None] * any(n <= few for n in lengths) + [False] * any(n > few for n in lengths)
-    # chunks that all begin their prompts take SDPA's own causal mask (no mask tensor), the others an explicit one
-    chunk_starts = [st for st, n in zip(starts, lengths, strict=True) if n > few]
-    if chunk_starts:
-        assert (meta.groups[-1].mask is None) == (max(chunk_starts) == 0)
+    # the kernel takes the whole step in one call, every sequence a tile or tiles (a decode: one token), the
+    # costliest first; the gather path attends decodes and chunks apart
+    if kernel is not None:
+        assert [type(g) for g in meta.groups] == [attention.KernelGroup]
+        tile = kernel.limits.tile_rows // (heads // kv_heads)
+        tasks = meta.groups[0].tasks.tolist()  # (first row, tokens, sequence, position)
+        assert sorted((b, n) for _, n, b, _ in tasks) == sorted(
+            (b, min(tile, n - i)) for b, n in enumerate(lengths) for i in range(0, n, tile))
+        assert sorted(r for first, n, _, _ in tasks for r in range(first, first + n)) == list(range(sum(lengths)))
+    else:
+        assert [g.max_query_len == 1 for g in meta.groups] == [True] * (1 in lengths) + [False] * (max(lengths) > 1)
+        # chunks that all begin their prompts take SDPA's own causal mask (no mask tensor), the others an explicit one
+        chunk_starts = [st for st, n in zip(starts, lengths, strict=True) if n > 1]
+        if chunk_starts:
+            assert (meta.groups[-1].mask is None) == (max(chunk_starts) == 0)
     layer_pool = LayerPool.of(pool.view(num_blocks, -1), block_size, kv_heads, d, head_major=True)
     write_kv(layer_pool, torch.cat([k_new, v_new], dim=1), meta)  # [T, 2 kv_heads, d]
     offset = 0  # the new keys and values landed where the hand-made layout puts them

@@ -67,7 +67,8 @@ def test_drafting_server_answers_as_transformers_without_drafts(drafting, loopin
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer.encode(prompt)])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=0)[0, ids.shape[1]:]
         expected.append(tokenizer.decode(out.tolist()))
     assert asyncio.run(_complete_all(drafting)) == expected
     drafting.wait_idle()
