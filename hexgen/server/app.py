@@ -138,7 +138,11 @@ async def _generate(
 ) -> Response:
     """Generate the sequences (from _sequences), whole or streamed; `echoes`: each prompt's text to put before its
     answers; `score_only`: answer the prompts' scores only, no generated token."""
-    admission = coordinator.admit(len(sequences))
+    try:
+        admission = coordinator.admit(len(sequences))
+    except APIError:  # a 429 (full) or 503 (shutting down): turned away, which an operator should see
+        coordinator.metrics.requests.labels("chat" if chat else "completions", "rejected").inc()
+        raise
     try:
         return await _respond(coordinator, request, body, prompts, sequences, admission, chat, echoes, score_only)
     finally:
@@ -155,8 +159,9 @@ async def _respond(
     echo = None if echoes is None else [text for text in echoes for _ in range(body.n)]
     shape = ResponseShape(chat, coordinator.config.model_name, sum(len(ids) for ids in prompts), speller, echo)
     endpoint = "chat" if chat else "completions"
-    streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream, admission=admission)
-               for s in sequences]
+    streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream, admission=admission,
+                                       counts_prompt=i % body.n == 0)  # sequences: each prompt's n choices in turn
+               for i, s in enumerate(sequences)]
     if score_only:
         streams = [_prompt_scores_only(stream) for stream in streams]
     if body.stream:

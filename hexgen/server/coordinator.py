@@ -262,16 +262,18 @@ class Coordinator:
 
     async def stream_text(
         self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool,
-        admission: Admission | None = None,
+        admission: Admission | None = None, counts_prompt: bool = True,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas cut at stop strings; the last delta carries the finish reason and each delta the
-        log-probabilities of the tokens since the one before (where asked). Records metrics. If the replica goes
-        down, the request is re-sent while its client has seen none of it, or at any time when `restartable` (the
-        answer is sent whole): a delta with `restart` then says to drop what came before."""
+        log-probabilities of the tokens since the one before (where asked). Records metrics, the prompt's tokens
+        where `counts_prompt` (a prompt's first choice: usage counts a prompt once, however many choices share it).
+        If the replica goes down, the request is re-sent while its client has seen none of it, or at any time when
+        `restartable` (the answer is sent whole): a delta with `restart` then says to drop what came before."""
         started = time.monotonic()
         first_token_s: float | None = None
         stream, count, logprobs, prompt_logprobs = TextStream(self.tokenizer, stop_strings), 0, [], []
-        self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        if counts_prompt:
+            self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
         shown = False  # whether a delta went out: until then a re-send is invisible, streamed or not
         events = self.events(request, lambda: restartable or not shown, admission)
         async with aclosing(events):  # closing aborts on the replica

@@ -83,10 +83,23 @@ def validation_error(errors: list[dict[str, Any]], body: Any, content_type: str 
         return APIError(400, "the request body is not valid JSON")
     if kind == "extra_forbidden":
         return APIError(400, f"unsupported field {where!r}", param=where)
+    if not first["loc"][1:] and kind == "missing":  # the body itself is missing
+        message = "the request body is empty; send a JSON object with the request's fields"
+    elif not first["loc"][1:] and kind in ("model_type", "model_attributes_type"):  # JSON, but no object
+        message = "the request body must be a JSON object"
+        message += "" if isinstance(body, bytes) else f", got {_a_json(body)}"
     if isinstance(body, bytes):  # not parsed: its Content-Type does not say JSON
         message += (f"; send a JSON object with 'Content-Type: application/json' (this request's Content-Type is "
                     f"{content_type or 'missing'})")
     return APIError(400, f"{where}: {message}" if where else message, param=where)
+
+
+def _a_json(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words: an array, a string, null, ..."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (int | float, "a number"), (str, "a string"), (list, "an array"))
+    return next((kind for cls, kind in kinds if isinstance(value, cls)), "an object")
 
 
 def _fields(loc: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -12,7 +12,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "hexgen_requests", "Finished HTTP generation requests", ["endpoint", "status"], registry=r
+            "hexgen_requests", "HTTP generation requests by how they ended: ok, error, cancelled (the client left) or "
+            "rejected (429: the server full; 503: shutting down)", ["endpoint", "status"], registry=r
         )
         self.prompt_tokens = Counter("hexgen_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("hexgen_generation_tokens", "Tokens generated", registry=r)

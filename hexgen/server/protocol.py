@@ -5,7 +5,18 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from hexgen.engine.messages import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 
@@ -66,6 +77,19 @@ def _whole_characters(text: str) -> str:
 Text = Annotated[str, AfterValidator(_whole_characters)]
 
 
+def _whole_number(value: Any) -> Any:
+    """A whole float (2.0) as the int it spells; anything else as sent, for the strict int check."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON's types as OpenAI takes them: pydantic's lax mode would read "4" and true as the number 4 and 1, "yes" and 1
+# as true, and a prompt [true, 2] as token ids 1, 2. A number is a JSON number (an integer also as 2.0, which some
+# clients write), a boolean is true or false.
+Int = Annotated[int, Strict(), BeforeValidator(_whole_number)]
+Float = Annotated[float, Strict()]
+Bool = StrictBool
+
+
 class RequestModel(BaseModel):
     """Strict: unknown fields are 400s. A null for a field with a default means the default, as in OpenAI's API
     (the openai package sends "temperature": null for temperature=None)."""
@@ -82,34 +106,34 @@ class RequestModel(BaseModel):
 
 
 class StreamOptions(RequestModel):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingFields(RequestModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0, description="0: only the most likely token")
-    top_k: int = Field(0, ge=0, description="hexgen extension: 0 = off")
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices: one sequence each (with a seed s, choice i draws "
+    max_tokens: Int | None = None
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, ge=0.0, le=1.0, description="0: only the most likely token")
+    top_k: Int = Field(0, ge=0, description="hexgen extension: 0 = off")
+    n: Int = Field(1, ge=1, le=MAX_CHOICES, description="choices: one sequence each (with a seed s, choice i draws "
                    "with seed s + i)")
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
-    seed: int | None = None
+    seed: Int | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
-    ignore_eos: bool = Field(False, description="hexgen extension for benchmarks")
-    repetition_penalty: float = 1.0  # NEUTRAL_EXTRAS: vLLM's, taken at these values only
-    min_tokens: int = 0
-    min_p: float = 0.0
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    presence_penalty: Float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: Float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, Float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    ignore_eos: Bool = Field(False, description="hexgen extension for benchmarks")
+    repetition_penalty: Float = 1.0  # NEUTRAL_EXTRAS: vLLM's, taken at these values only
+    min_tokens: Int = 0
+    min_p: Float = 0.0
+    skip_special_tokens: Bool = True
+    spaces_between_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
 
     @field_validator(*NEUTRAL_EXTRAS)
     @classmethod
@@ -133,7 +157,7 @@ class SamplingFields(RequestModel):
         if value and len(value) > MAX_BIASED_TOKENS:
             raise ValueError(f"logit_bias takes at most {MAX_BIASED_TOKENS} tokens, got {len(value)}")
         for key, bias in (value or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # str.isdigit() takes "²", which int() refuses
                 raise ValueError(f"logit_bias keys are token ids (strings of digits), got {key!r}")
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
@@ -183,11 +207,11 @@ class SamplingFields(RequestModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[Int] | list[list[Int]] = Field(
         description="one prompt (text or token ids) or a list of them; each gets n choices, prompt after prompt")
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"0-{MAX_LOGPROBS} (OpenAI: 0-5)")
-    best_of: int | None = None
+    echo: Bool = False
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"0-{MAX_LOGPROBS} (OpenAI: 0-5)")
+    best_of: Int | None = None
     suffix: str | None = None
 
     @property
@@ -240,9 +264,9 @@ class ChatMessage(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: Int | None = None
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -29,11 +29,13 @@ def tokenizer():
     return Tokenizer(resolve_model("smollm2-135m", progress=False).directory)
 
 
-def make_client(tokenizer, **app_options) -> TestClient:
+def make_coordinator(tokenizer) -> Coordinator:
     config = ServeConfig("tiny", CONTEXT, 8, "float32", "cpu", tokenizer.vocab_size)
-    coordinator = Coordinator(config, tokenizer, [AnsweringReplica(0, CONTEXT)], make_policy("least-outstanding"),
-                              Metrics())
-    return TestClient(create_app(coordinator, **app_options), raise_server_exceptions=False)
+    return Coordinator(config, tokenizer, [AnsweringReplica(0, CONTEXT)], make_policy("least-outstanding"), Metrics())
+
+
+def make_client(tokenizer, **app_options) -> TestClient:
+    return TestClient(create_app(make_coordinator(tokenizer), **app_options), raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,50 @@ def test_top_p_zero_is_taken(client):
     assert error_of(completion(client, top_p=-0.01))["param"] == "top_p"
 
 
+# ---- JSON types as OpenAI takes them ----
+
+WRONG_TYPES = [  # a string or a boolean where a number is due, a number or a string where a boolean is
+    ("max_tokens", "4"), ("max_tokens", True), ("n", "2"), ("n", False), ("top_k", "5"), ("seed", "1"),
+    ("temperature", "0.5"), ("temperature", True), ("top_p", "1"), ("presence_penalty", "0"),
+    ("frequency_penalty", False), ("logprobs", True), ("logprobs", "2"), ("stream", "true"), ("stream", 1),
+    ("echo", "yes"), ("echo", 1), ("ignore_eos", "false"), ("logit_bias", {"5": "1"}), ("logit_bias", {"5": True}),
+    ("repetition_penalty", "1.0"), ("skip_special_tokens", 1), ("best_of", "1"), ("prompt", [True, 2]),
+    ("prompt", [["1"]]),
+]
+
+
+@pytest.mark.parametrize("field, value", WRONG_TYPES)
+def test_a_value_of_the_wrong_json_type_is_a_400_naming_the_field(client, field, value):
+    """pydantic's lax mode would read "4" or true as 4 or 1 (and a prompt [true, 2] as token ids 1, 2); OpenAI's
+    API refuses them."""
+    error = error_of(completion(client, **{field: value}))
+    assert error["param"].split(".")[0] == field and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.parametrize("fields", [{"logprobs": 1, "top_logprobs": 2}, {"logprobs": "true"},
+                                    {"max_completion_tokens": "2"}, {"stream": True, "stream_options":
+                                                                     {"include_usage": "yes"}}])
+def test_a_chat_value_of_the_wrong_json_type_is_a_400(client, fields):
+    error = error_of(chat(client, **fields))
+    assert error["param"].split(".")[0] in fields, error
+
+
+def test_whole_numbers_written_as_floats_are_still_taken(client):
+    answer = completion(client, max_tokens=2.0, n=2.0, seed=3.0, top_k=5.0, logprobs=1.0, temperature=1)
+    assert answer.status_code == 200, answer.text
+    assert [c["text"] for c in answer.json()["choices"]] == ["tu", "tu"]
+    assert completion(client, prompt=[1.0, 2.0]).status_code == 200
+    assert error_of(completion(client, max_tokens=2.5))["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u0661", "\uff11", "+1", "1_0", "0x1"])
+def test_logit_bias_keys_are_ascii_digits(client, key):
+    """str.isdigit() takes superscripts (which int() refuses: this was a 500) and other scripts' digits."""
+    raw = b'{"model": "tiny", "prompt": "hi", "max_tokens": 2, "logit_bias": {"' + key.encode() + b'": 1}}'
+    error = error_of(post_raw(client, "/v1/completions", raw))
+    assert error["param"] == "logit_bias" and "token ids" in error["message"]
+
+
 # ---- what errors name ----
 
 
@@ -224,6 +270,21 @@ def test_a_body_not_sent_as_json_says_which_header_to_send(client, content_type)
     assert "Content-Type" not in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("raw, says", [
+    (b"", "the request body is empty; send a JSON object"),
+    (b"[1]", "the request body must be a JSON object, got an array"),
+    (b"null", "the request body must be a JSON object, got null"),
+    (b'"hi"', "the request body must be a JSON object, got a string"),
+    (b"5", "the request body must be a JSON object, got a number"),
+])  # fmt: skip
+def test_a_body_that_is_no_object_says_so(client, path, raw, says):
+    """Rather than pydantic's "Field required" (an empty body) or "Input should be a valid dictionary or object to
+    extract fields from"."""
+    error = error_of(post_raw(client, path, raw))
+    assert error["message"].startswith(says) and error["param"] is None, error
+
+
 @pytest.mark.parametrize("stream", [False, None])
 def test_stream_options_need_stream_true(client, stream):
     fields = {"stream_options": {"include_usage": True}} if stream is None else {
@@ -231,6 +292,39 @@ def test_stream_options_need_stream_true(client, stream):
     error = error_of(completion(client, **fields))
     assert error["param"] == "stream_options" and "stream: true" in error["message"]
     assert error_of(chat(client, **fields))["param"] == "stream_options"
+
+
+# ---- metrics ----
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_tokens_are_counted_once_a_prompt_as_usage_counts_them(tokenizer, stream):
+    """n choices share their prompt: hexgen_prompt_tokens_total counted it n times where usage counts it once."""
+    coordinator = make_coordinator(tokenizer)
+    fields = {"prompt": ["Once upon a time", "hi"], "n": 3, "stream": stream}
+    if stream:
+        fields["stream_options"] = {"include_usage": True}
+    answer = completion(TestClient(create_app(coordinator)), **fields)
+    assert answer.status_code == 200, answer.text
+    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+    usage = events[-1]["usage"] if stream else answer.json()["usage"]
+    assert usage["prompt_tokens"] == 5  # "Once upon a time": 4 tokens, "hi": 1
+    assert coordinator.metrics.registry.get_sample_value("hexgen_prompt_tokens_total") == 5
+
+
+def test_requests_refused_for_load_or_shutdown_are_counted(tokenizer):
+    """A 429 (the server full) or 503 (shutting down) is a request the server turned away: counted as "rejected",
+    where it was counted nowhere."""
+    coordinator = make_coordinator(tokenizer)
+    client = TestClient(create_app(coordinator))
+    coordinator.admitted = coordinator.config.max_outstanding  # as if that many were on their way to replicas
+    assert error_of(completion(client), 429)["type"] == "rate_limit_exceeded"
+    coordinator.admitted = 0
+    coordinator.stop_admitting()
+    assert error_of(chat(client), 503)["type"] == "server_error"
+    for endpoint in ("completions", "chat"):
+        labels = {"endpoint": endpoint, "status": "rejected"}
+        assert coordinator.metrics.registry.get_sample_value("hexgen_requests_total", labels) == 1
 
 
 # ---- CORS ----
