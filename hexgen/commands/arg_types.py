@@ -19,6 +19,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def request_rate(text: str) -> float:
+    """--rate of `hexgen plan` and `hexgen simulate`: requests per second, above 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 req/s, got {value:g}")
+    return value
+
+
 MAX_REQUESTS = 1_000_000  # simulated requests: ~10 minutes at ~0.6 ms each (2-core Xeon); a sweep runs them per rate
 
 

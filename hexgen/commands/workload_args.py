@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hexgen.cluster import Cluster, builtin_gpu_types, load_cluster
-from hexgen.commands.arg_types import finite_float
+from hexgen.commands.arg_types import finite_float, request_rate
 from hexgen.costmodel import CostConfig, Workload
 from hexgen.dispatch import POLICIES
 from hexgen.engine.scheduler import SchedulerConfig
@@ -18,7 +18,7 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rate", type=finite_float, required=True, help="request rate, requests per second")
+    p.add_argument("--rate", type=request_rate, required=True, help="request rate, requests per second, above 0")
     slo = p.add_mutually_exclusive_group(required=True)
     slo.add_argument("--slo", type=finite_float, help="end-to-end latency deadline per request, seconds")
     slo.add_argument("--slo-scale", type=finite_float,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -18,6 +19,7 @@ from hexgen.server.protocol import APIError, ChatCompletionRequest, CompletionRe
 from hexgen.server.responses import ResponseShape, sse
 
 DISCONNECT_POLL_S = 0.25
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # hexgen_requests_total's labels
 
 
 def create_app(
@@ -28,12 +30,19 @@ def create_app(
     by default: a server on a workstation should not answer every page its user visits."""
     config = coordinator.config
     max_body_bytes = max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * config.max_outstanding * config.max_context)
-    app = FastAPI(title="hexgen", docs_url=None, redoc_url=None)
+    # no redirect_slashes: `POST /v1/completions/` would get a 307 with no body, which clients do not follow for a
+    # POST; an unknown path is a 404 in OpenAI's error shape instead
+    app = FastAPI(title="hexgen", docs_url=None, redoc_url=None, redirect_slashes=False)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if allowed_origins:  # added last, so outermost: a preflight needs no API key, and a 413 carries the headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
-    install_error_handlers(app, max_body_bytes)
+
+    def count_invalid(request: Request) -> None:
+        if endpoint := ENDPOINTS.get(request.url.path):
+            coordinator.metrics.requests.labels(endpoint, "invalid").inc()
+
+    install_error_handlers(app, max_body_bytes, count_invalid)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -49,7 +58,7 @@ def create_app(
 
     guarded = [Depends(authorize)]
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health() -> JSONResponse:
         up = sum(r.state.is_up for r in coordinator.replicas)
         return JSONResponse({"status": "ok" if up else "down", "replicas_up": up}, status_code=200 if up else 503)
@@ -83,15 +92,16 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        _check_model_name(coordinator, body.model)
         tokenizer = coordinator.tokenizer
-        # tokenizing a long text takes a while (a 10 MB prompt: 5 s): off the event loop, which streams the others
-        prompts = await asyncio.to_thread(
-            lambda: [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts])
-        # echo with max_tokens 0 scores the prompts and generates nothing (OpenAI's legacy API; evaluation harnesses):
-        # each sequence draws one token, which the answer leaves out
-        score_only = body.echo and body.max_tokens == 0
-        sequences = _sequences(coordinator, body, prompts, 1 if score_only else body.max_tokens)
+        with _counting_invalid(coordinator, "completions"):
+            _check_model_name(coordinator, body.model)
+            # tokenizing a long text takes a while (a 10 MB prompt: 5 s): off the event loop, which streams the others
+            prompts = await asyncio.to_thread(
+                lambda: [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in body.prompts])
+            # echo with max_tokens 0 scores the prompts and generates nothing (OpenAI's legacy API; evaluation
+            # harnesses): each sequence draws one token, which the answer leaves out
+            score_only = body.echo and body.max_tokens == 0
+            sequences = _sequences(coordinator, body, prompts, 1 if score_only else body.max_tokens)
         echoes = None
         if body.echo:  # each prompt's text as sent, token-id prompts decoded (once _sequences has checked their ids)
             echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in body.prompts]
@@ -100,15 +110,27 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        _check_model_name(coordinator, body.model)
-        try:
-            ids = await asyncio.to_thread(coordinator.tokenizer.apply_chat_template, body.template_messages())
-        except Exception as err:  # the template may reject a conversation (e.g. roles out of order)
-            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
-        sequences = _sequences(coordinator, body, [ids], body.token_limit)
+        with _counting_invalid(coordinator, "chat"):
+            _check_model_name(coordinator, body.model)
+            try:
+                ids = await asyncio.to_thread(coordinator.tokenizer.apply_chat_template, body.template_messages())
+            except Exception as err:  # the template may reject a conversation (e.g. roles out of order)
+                raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+            sequences = _sequences(coordinator, body, [ids], body.token_limit)
         return await _generate(coordinator, request, body, [ids], sequences, chat=True)
 
     return app
+
+
+@contextmanager
+def _counting_invalid(coordinator: Coordinator, endpoint: str) -> Iterator[None]:
+    """A request refused before admission (an APIError: a 4xx for a wrong model, a prompt past the context, ...)
+    counted as "invalid", as a request whose fields pydantic refused is (install_error_handlers)."""
+    try:
+        yield
+    except APIError:
+        coordinator.metrics.requests.labels(endpoint, "invalid").inc()
+        raise
 
 
 def _check_model_name(coordinator: Coordinator, name: str) -> None:
@@ -160,7 +182,8 @@ async def _respond(
     shape = ResponseShape(chat, coordinator.config.model_name, sum(len(ids) for ids in prompts), speller, echo)
     endpoint = "chat" if chat else "completions"
     streams = [coordinator.stream_text(s, body.stop_strings, restartable=not body.stream, admission=admission,
-                                       counts_prompt=i % body.n == 0)  # sequences: each prompt's n choices in turn
+                                       counts_prompt=i % body.n == 0,  # sequences: each prompt's n choices in turn
+                                       score_only=score_only)
                for i, s in enumerate(sequences)]
     if score_only:
         streams = [_prompt_scores_only(stream) for stream in streams]

@@ -262,11 +262,12 @@ class Coordinator:
 
     async def stream_text(
         self, request: GenerationRequest, stop_strings: tuple[str, ...], restartable: bool,
-        admission: Admission | None = None, counts_prompt: bool = True,
+        admission: Admission | None = None, counts_prompt: bool = True, score_only: bool = False,
     ) -> AsyncIterator[TextDelta]:
         """Text deltas cut at stop strings; the last delta carries the finish reason and each delta the
         log-probabilities of the tokens since the one before (where asked). Records metrics, the prompt's tokens
-        where `counts_prompt` (a prompt's first choice: usage counts a prompt once, however many choices share it).
+        where `counts_prompt` (a prompt's first choice: usage counts a prompt once, however many choices share it),
+        and no generated token where `score_only` (the one token drawn to score the prompt, which usage leaves out).
         If the replica goes down, the request is re-sent while its client has seen none of it, or at any time when
         `restartable` (the answer is sent whole): a delta with `restart` then says to drop what came before."""
         started = time.monotonic()
@@ -301,7 +302,7 @@ class Coordinator:
                     yield TextDelta(delta, finish, count, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
                     logprobs, prompt_logprobs = [], []
                 if finish is not None:
-                    self._record(started, first_token_s, count)
+                    self._record(started, first_token_s, 0 if score_only else count)
                     return
 
     def _record(self, started: float, first_token_s: float | None, count: int) -> None:

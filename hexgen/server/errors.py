@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,13 +45,17 @@ def body_too_large(max_bytes: int, how_large: str) -> APIError:
                     f"(--max-queue x --max-context x {BODY_BYTES_PER_TOKEN}, at least {MIN_BODY_BYTES:,})")
 
 
-def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+def install_error_handlers(
+    app: FastAPI, max_body_bytes: int, on_invalid: Callable[[Request], None] = lambda _request: None
+) -> None:
+    """The handlers; `on_invalid` is called with each request whose fields were refused (the app counts them)."""
     @app.exception_handler(APIError)
     async def api_error(_request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        on_invalid(request)
         error = validation_error(err.errors(), err.body, request.headers.get("content-type"))
         return JSONResponse(error.body(), status_code=error.status)
 

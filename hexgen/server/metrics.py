@@ -12,8 +12,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "hexgen_requests", "HTTP generation requests by how they ended: ok, error, cancelled (the client left) or "
-            "rejected (429: the server full; 503: shutting down)", ["endpoint", "status"], registry=r
+            "hexgen_requests", "HTTP generation requests by how they ended: ok, error, cancelled (the client left), "
+            "rejected (429: the server full; 503: shutting down) or invalid (4xx before admission: a bad field, a "
+            "prompt past the context, an unknown model)", ["endpoint", "status"], registry=r
         )
         self.prompt_tokens = Counter("hexgen_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("hexgen_generation_tokens", "Tokens generated", registry=r)

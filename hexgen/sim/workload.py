@@ -49,9 +49,10 @@ class WorkloadSpec:
     cv: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.rate_rps <= 0 or self.num_requests < 1:
-            raise UserError(f"--rate must be above 0 req/s and --requests at least 1, got {self.rate_rps:g} and "
-                            f"{self.num_requests}")
+        if not self.rate_rps > 0:
+            raise UserError(f"--rate must be above 0 req/s, got {self.rate_rps:g}")
+        if self.num_requests < 1:
+            raise UserError(f"--requests must be at least 1, got {self.num_requests}")
         if self.arrival not in ("poisson", "gamma"):
             raise UserError(f"arrival process {self.arrival!r} is unknown; use poisson or gamma")
         if not MIN_CV <= self.cv <= MAX_CV:

@@ -257,6 +257,23 @@ def test_node_join_names_its_address_argument(stop_before_slow_steps, capsys):
     assert "--ray" not in err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    pytest.param([*PLAN_ARGS, "--rate", "0"], "argument --rate: must be above 0 req/s, got 0", id="plan --rate 0"),
+    pytest.param([*PLAN_ARGS, "--rate", "-1"], "argument --rate: must be above 0 req/s, got -1", id="plan --rate -1"),
+    pytest.param([*SIMULATE_ARGS, "--rate", "0"], "argument --rate: must be above 0 req/s, got 0",
+                 id="simulate --rate 0"),
+    pytest.param([*PLAN_ARGS, "--requests", "0"], "argument --requests: must be 1 to 1,000,000, got 0",
+                 id="plan --requests 0"),
+    pytest.param([*SIMULATE_ARGS, "--requests", "0"], "argument --requests: must be 1 to 1,000,000, got 0",
+                 id="simulate --requests 0"),
+])
+def test_a_bad_rate_or_request_count_is_refused_before_any_output(argv, message, capsys):
+    """One flag, its valid range and the value given, before the planning banner or any other output."""
+    code, out, err = run_cli(argv, capsys)
+    assert out == ""
+    assert_one_line_error(code, out, err, argv[0], message)
+
+
 @pytest.fixture(scope="module")
 def mismatched_tokenizer_model(tmp_path_factory) -> Path:
     """A 1-layer random Llama with a 256-token vocabulary beside SmolLM2's 49152-token tokenizer."""

@@ -327,6 +327,60 @@ def test_requests_refused_for_load_or_shutdown_are_counted(tokenizer):
         assert coordinator.metrics.registry.get_sample_value("hexgen_requests_total", labels) == 1
 
 
+def test_requests_refused_as_not_valid_are_counted(tokenizer):
+    """A 4xx for a bad field, a prompt past the context or an unknown model was counted nowhere: now "invalid",
+    under the endpoint it came to; a request that was served still counts as "ok"."""
+    coordinator = make_coordinator(tokenizer)
+    client = TestClient(create_app(coordinator))
+    error_of(completion(client, temperature="hot"))  # refused by pydantic
+    error_of(completion(client, prompt="hi " * CONTEXT))  # past the context
+    error_of(completion(client, model="other"), 404)
+    error_of(post_raw(client, "/v1/completions", b"not json"))
+    error_of(chat(client, max_tokens=CONTEXT))  # past the context
+    error_of(chat(client, model="other"), 404)
+    assert completion(client).status_code == 200
+    count = coordinator.metrics.registry.get_sample_value
+    assert count("hexgen_requests_total", {"endpoint": "completions", "status": "invalid"}) == 4
+    assert count("hexgen_requests_total", {"endpoint": "chat", "status": "invalid"}) == 2
+    assert count("hexgen_requests_total", {"endpoint": "completions", "status": "ok"}) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_scoring_request_counts_no_generated_token_as_its_usage_says(tokenizer, stream):
+    """echo with max_tokens 0 draws one token to score the prompt and answers none: hexgen_generation_tokens_total
+    counted that token where usage reports 0 completion tokens."""
+    coordinator = make_coordinator(tokenizer)
+    fields = {"prompt": ["Once upon a time", "hi"], "echo": True, "max_tokens": 0, "logprobs": 1, "stream": stream}
+    if stream:
+        fields["stream_options"] = {"include_usage": True}
+    answer = completion(TestClient(create_app(coordinator)), **fields)
+    assert answer.status_code == 200, answer.text
+    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+    usage = events[-1]["usage"] if stream else answer.json()["usage"]
+    assert usage["completion_tokens"] == 0
+    assert coordinator.metrics.registry.get_sample_value("hexgen_generation_tokens_total") == 0
+    assert completion(TestClient(create_app(coordinator))).status_code == 200  # max_tokens 2: both counted
+    assert coordinator.metrics.registry.get_sample_value("hexgen_generation_tokens_total") == 2
+
+
+# ---- routes ----
+
+
+@pytest.mark.parametrize("path", ["/v1/completions/", "/v1/chat/completions/", "/v1/nothing"])
+def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect(client, path):
+    """FastAPI answered `POST /v1/completions/` with a 307 and an empty body, which clients do not follow for a
+    POST: now the OpenAI-style 404 that any unknown path gets."""
+    answer = client.post(path, json={"model": "tiny", "prompt": "hi", "messages": USER}, follow_redirects=False)
+    assert error_of(answer, 404)["type"] == "invalid_request_error"
+    assert error_of(client.get("/health/", follow_redirects=False), 404)
+
+
+def test_health_answers_head_as_load_balancers_probe(client):
+    answer = client.head("/health")
+    assert answer.status_code == 200 and answer.content == b""
+    assert client.get("/health").json() == {"status": "ok", "replicas_up": 1}
+
+
 # ---- CORS ----
 
 PREFLIGHT = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
