@@ -40,7 +40,9 @@
 #define TILE_ROWS 64   /* query rows (tokens x group) of one tile */
 #define SPAN 32        /* keys a tile takes at once */
 #define MASKED (-1e30f) /* below any score: finite, as -ffast-math assumes */
-#define EXP_FLOOR (-80.0f) /* exp(-80) = 1.8e-35: nothing beside the row's largest term, exp(0) = 1 */
+/* exp(-80) = 1.8e-35: nothing beside the row's largest term, exp(0) = 1. Tiles and decodes hold every exponent above
+ * it: libm's vector expf takes a slow scalar path for lanes that underflow. */
+#define EXP_FLOOR (-80.0f)
 #define LANES 8
 
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -195,10 +197,10 @@ static inline void softmax_step(float *row, int64_t visible, float *row_max, flo
             for (int r = 0; r < group; r++) {                                                                   \
                 float block_max = row_max[r];                                                                   \
                 for (int64_t j = 0; j < n; j++) block_max = scores[r][j] > block_max ? scores[r][j] : block_max; \
-                const float rescale = expf(row_max[r] - block_max);                                             \
+                const float rescale = expf(fmaxf(row_max[r] - block_max, EXP_FLOOR));                           \
                 float sum = 0.0f;                                                                               \
                 for (int64_t j = 0; j < n; j++) {                                                               \
-                    scores[r][j] = expf(scores[r][j] - block_max);                                              \
+                    scores[r][j] = expf(fmaxf(scores[r][j] - block_max, EXP_FLOOR));                           \
                     sum += scores[r][j];                                                                        \
                 }                                                                                               \
                 row_sum[r] = row_sum[r] * rescale + sum;                                                        \
