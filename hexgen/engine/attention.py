@@ -150,16 +150,16 @@ def build_metadata(
     context = [s + n for s, n in zip(plan.starts, plan.lengths, strict=True)]
     groups: tuple[GatherGroup | KernelGroup, ...] = ()
     kv_write_rows = None
-    if not use_kernel and attention_kernel is not None:  # the whole step in one call; block tables, tasks on the host
-        assert device.type == "cpu", "the CPU attention kernel reads a pool in host memory"
-        groups = (KernelGroup(attention_kernel, torch.tensor(tables, dtype=torch.int64),
-                              split_tasks(plan.lengths, plan.starts, attention_kernel.tile_tokens)),)
-    elif not use_kernel:  # the gather path: decodes and chunks apart
-        members = [m for m in ([b for b, n in enumerate(plan.lengths) if n == 1],
-                               [b for b, n in enumerate(plan.lengths) if n > 1]) if m]
-        groups = tuple(_gather_group(plan, m, starts, block_size, kv_heads, dtype, device, len(members) == 1)
-                       for m in members)
-    if not use_kernel:
+    if not use_kernel:  # no Triton: the step's groups, and where its keys and values go in a head-major pool
+        if attention_kernel is not None:  # the whole step in one call; block tables and tasks on the host
+            assert device.type == "cpu", "the CPU attention kernel reads a pool in host memory"
+            groups = (KernelGroup(attention_kernel, torch.tensor(tables, dtype=torch.int64),
+                                  split_tasks(plan.lengths, plan.starts, attention_kernel.tile_tokens)),)
+        else:  # the gather path: decodes and chunks apart
+            members = [m for m in ([b for b, n in enumerate(plan.lengths) if n == 1],
+                                   [b for b, n in enumerate(plan.lengths) if n > 1]) if m]
+            groups = tuple(_gather_group(plan, m, starts, block_size, kv_heads, dtype, device, len(members) == 1)
+                           for m in members)
         slot = torch.tensor(slots, dtype=torch.int64).unsqueeze(1)  # [T, 1]
         head_rows = (slot // block_size * (2 * kv_heads) + torch.arange(2 * kv_heads)) * block_size
         kv_write_rows = tensor_to_device((head_rows + slot % block_size).view(-1), device)
