@@ -297,17 +297,21 @@ def test_stream_options_need_stream_true(client, stream):
 # ---- metrics ----
 
 
+def served_usage(coordinator, stream: bool, **fields) -> dict:
+    """A completion through a fresh app on `coordinator`, whole or streamed (with its usage chunk): its usage."""
+    if stream:
+        fields["stream_options"] = {"include_usage": True}
+    answer = completion(TestClient(create_app(coordinator)), stream=stream, **fields)
+    assert answer.status_code == 200, answer.text
+    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+    return events[-1]["usage"] if stream else answer.json()["usage"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_prompt_tokens_are_counted_once_a_prompt_as_usage_counts_them(tokenizer, stream):
     """n choices share their prompt: hexgen_prompt_tokens_total counted it n times where usage counts it once."""
     coordinator = make_coordinator(tokenizer)
-    fields = {"prompt": ["Once upon a time", "hi"], "n": 3, "stream": stream}
-    if stream:
-        fields["stream_options"] = {"include_usage": True}
-    answer = completion(TestClient(create_app(coordinator)), **fields)
-    assert answer.status_code == 200, answer.text
-    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
-    usage = events[-1]["usage"] if stream else answer.json()["usage"]
+    usage = served_usage(coordinator, stream, prompt=["Once upon a time", "hi"], n=3)
     assert usage["prompt_tokens"] == 5  # "Once upon a time": 4 tokens, "hi": 1
     assert coordinator.metrics.registry.get_sample_value("hexgen_prompt_tokens_total") == 5
 
@@ -350,13 +354,7 @@ def test_a_scoring_request_counts_no_generated_token_as_its_usage_says(tokenizer
     """echo with max_tokens 0 draws one token to score the prompt and answers none: hexgen_generation_tokens_total
     counted that token where usage reports 0 completion tokens."""
     coordinator = make_coordinator(tokenizer)
-    fields = {"prompt": ["Once upon a time", "hi"], "echo": True, "max_tokens": 0, "logprobs": 1, "stream": stream}
-    if stream:
-        fields["stream_options"] = {"include_usage": True}
-    answer = completion(TestClient(create_app(coordinator)), **fields)
-    assert answer.status_code == 200, answer.text
-    events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
-    usage = events[-1]["usage"] if stream else answer.json()["usage"]
+    usage = served_usage(coordinator, stream, prompt=["Once upon a time", "hi"], echo=True, max_tokens=0, logprobs=1)
     assert usage["completion_tokens"] == 0
     assert coordinator.metrics.registry.get_sample_value("hexgen_generation_tokens_total") == 0
     assert completion(TestClient(create_app(coordinator))).status_code == 200  # max_tokens 2: both counted
