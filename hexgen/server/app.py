@@ -93,7 +93,7 @@ def create_app(
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         tokenizer = coordinator.tokenizer
-        with _counting_invalid(coordinator, "completions"):
+        with _counting_refusals(coordinator, "completions", "invalid"):
             _check_model_name(coordinator, body.model)
             # tokenizing a long text takes a while (a 10 MB prompt: 5 s): off the event loop, which streams the others
             prompts = await asyncio.to_thread(
@@ -110,7 +110,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        with _counting_invalid(coordinator, "chat"):
+        with _counting_refusals(coordinator, "chat", "invalid"):
             _check_model_name(coordinator, body.model)
             try:
                 ids = await asyncio.to_thread(coordinator.tokenizer.apply_chat_template, body.template_messages())
@@ -123,13 +123,14 @@ def create_app(
 
 
 @contextmanager
-def _counting_invalid(coordinator: Coordinator, endpoint: str) -> Iterator[None]:
-    """A request refused before admission (an APIError: a 4xx for a wrong model, a prompt past the context, ...)
-    counted as "invalid", as a request whose fields pydantic refused is (install_error_handlers)."""
+def _counting_refusals(coordinator: Coordinator, endpoint: str, status: str) -> Iterator[None]:
+    """A request refused by an APIError inside counted under `status`: "invalid" before admission (a 4xx for a wrong
+    model, a prompt past the context, ...; as a request whose fields pydantic refused is, install_error_handlers),
+    "rejected" at admission (a 429 or 503)."""
     try:
         yield
     except APIError:
-        coordinator.metrics.requests.labels(endpoint, "invalid").inc()
+        coordinator.metrics.requests.labels(endpoint, status).inc()
         raise
 
 
@@ -160,11 +161,9 @@ async def _generate(
 ) -> Response:
     """Generate the sequences (from _sequences), whole or streamed; `echoes`: each prompt's text to put before its
     answers; `score_only`: answer the prompts' scores only, no generated token."""
-    try:
+    # a 429 (full) or 503 (shutting down): turned away, which an operator should see
+    with _counting_refusals(coordinator, "chat" if chat else "completions", "rejected"):
         admission = coordinator.admit(len(sequences))
-    except APIError:  # a 429 (full) or 503 (shutting down): turned away, which an operator should see
-        coordinator.metrics.requests.labels("chat" if chat else "completions", "rejected").inc()
-        raise
     try:
         return await _respond(coordinator, request, body, prompts, sequences, admission, chat, echoes, score_only)
     finally:

@@ -43,7 +43,6 @@
 /* exp(-80) = 1.8e-35: nothing beside the row's largest term, exp(0) = 1. Tiles and decodes hold every exponent above
  * it: libm's vector expf takes a slow scalar path for lanes that underflow. */
 #define EXP_FLOOR (-80.0f)
-#define LANES 8
 
 typedef float f32x8 __attribute__((vector_size(32)));
 /* The tiles' fp32 vectors: 16 floats where AVX-512 has the registers, else 8 (a wider GCC vector would be split
@@ -243,7 +242,7 @@ static inline void softmax_step(float *row, int64_t visible, float *row_max, flo
     }                                                                                                           \
 
 #define DEFINE_ATTENTION(NAME, T, LOAD1, STORE)                                                                 \
-    /* A tile: `tokens` consecutive tokens from `position` on, one KV head, in fp32 vectors of 16. Row r is token \
+    /* A tile: `tokens` consecutive tokens from `position` on, one KV head, in fp32 vectors of VL. Row r is token \
      * r / group, query head head * group + r % group; rows up to a multiple of 4 are padded with zero queries. */ \
     static __attribute__((unused)) void NAME##_tile_f32(                                                        \
         const T *q, int64_t q_stride, const T *pool, const int64_t *table, int64_t position, int64_t tokens, T *out, \
@@ -441,8 +440,8 @@ static void bf16_tile_dot(const uint16_t *q, int64_t q_stride, const uint16_t *p
                 const int64_t *table = tables + tasks[4 * t + 2] * max_blocks;                                  \
                 if (tokens == 1)                                                                                \
                     ONE_TOKEN(PREFIX, head_dim)(q + first_row * q_stride, pool, table, position + 1,            \
-                                                out + first_row * row,                                          \
-                                       kv_heads, h, group, head_dim, block_size, scale);                        \
+                                                out + first_row * row, kv_heads, h, group, head_dim,            \
+                                                block_size, scale);                                             \
                 else                                                                                            \
                     TILE(q + first_row * q_stride, q_stride, pool, table, position, tokens, out + first_row * row, \
                          row, kv_heads, h, group, head_dim, block_size, scale);                                 \
