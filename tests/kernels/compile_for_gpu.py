@@ -65,11 +65,11 @@ def resource_usage(cubin: bytes) -> str:
     return f"{usage[1]} registers, {usage[2]} B stack"
 
 
-def attention_variant(dtype: str, group: int, tiles: attention.Tiles, head_dim: int, splits: int = 1) -> tuple:
+def attention_variant(dtype: str, group: int, tiles: attention.Tiles, head_dim: int, split: bool = False) -> tuple:
     fp32, group_p = dtype == "fp32", triton.next_power_of_2(group)
     constexprs = dict(GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim,
                       BLOCK_Q=max(tiles.rows, group_p) // group_p, BLOCK_N=tiles.block_n, DOT_FP32=fp32,
-                      PRECISION="ieee" if fp32 else "tf32", NUM_SPLITS=splits)
+                      SPLIT=split)
     pointers = {p: "*i32" for p in ("block_tables_ptr", "query_start_ptr", "context_lens_ptr")}
     pointers |= {"partial_ptr": "*fp32", "lse_ptr": "*fp32"}
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -83,16 +83,17 @@ VARIANTS = {  # name -> (kernel, dtype, pointer dtypes, constexprs, launch optio
        for t in attention.PREFILL_TILES},
     "paged attention, fp32 prefill, GQA 3, D 64": attention_variant("fp32", 3, attention.FP32_TILES, 64),
     "paged attention, fp32 prefill, GQA 4, D 128": attention_variant("fp32", 4, attention.FP32_TILES, 128),
-    "paged attention, bf16 decode, 16 key splits": attention_variant("bf16", 4, attention.DECODE_TILES[0], 128, 16),
-    "merge of 16 key splits, bf16, D 128": (attention._merge_splits_kernel, "bf16",
-                                           {"partial_ptr": "*fp32", "lse_ptr": "*fp32"},
-                                           dict(HEAD_DIM=128, HEAD_DIM_P=128, NUM_SPLITS=16, SPLITS_P=16), {}),
+    "paged attention, bf16 decode, key splits": attention_variant("bf16", 4, attention.DECODE_TILES[0], 128, True),
+    "merge of key splits, bf16, D 128": (attention._merge_splits_kernel, "bf16",
+                                        {"partial_ptr": "*fp32", "lse_ptr": "*fp32"},
+                                        dict(HEAD_DIM=128, HEAD_DIM_P=128, SPLITS_P=attention.MAX_KV_SPLITS), {}),
     "add + RMSNorm, bf16, H 4096": (fused_norm._add_rms_norm_kernel, "bf16", {},
                                     dict(HAS_RESIDUAL=True, BLOCK_H=4096), {}),
     "KV write, bf16, 8 heads x 128": (kv_write._write_kv_kernel, "bf16", {"slot_ptr": "*i64"},
                                       dict(HEADS_P=8, HEAD_DIM_P=128), {}),
     "RoPE + KV write, bf16, 32 / 8 heads x 128": (rotary._rotary_write_kv_kernel, "bf16", {"slot_ptr": "*i64"},
-                                                  dict(Q_HEADS_P=32, KV_HEADS_P=8, HALF_P=64), {}),
+                                                  dict(Q_HEADS_P=32, KV_HEADS_P=8, HALF_P=64),
+                                                  rotary.LAUNCH_OPTIONS),
     "silu(gate) * up, bf16": (activation._silu_mul_kernel, "bf16", {}, dict(BLOCK=activation.BLOCK), {}),
 }
 
@@ -104,8 +105,9 @@ def main() -> int:
         source = ASTSource(kernel, types, constexprs, aligned(kernel, types))
         compiled = triton_compile(source, target=H200, options=options)
         usage = resource_usage(compiled.asm["cubin"])
+        fused = len(re.findall(r"\bfma\.", compiled.asm["ptx"]))  # fused multiply-adds in the PTX
         print(f"{name}: {len(compiled.asm['cubin'])} B cubin, {compiled.metadata.shared} B shared memory, "
-              f"{usage}, {time.perf_counter() - start:.1f} s")
+              f"{usage}, {fused} fma, {time.perf_counter() - start:.1f} s")
     print(f"compiled every one of the {len(VARIANTS)} kernel variants for sm_90")
     return 0
 

@@ -9,6 +9,9 @@ from test_kernel_attention import reference
 
 from hexgen.engine.kernels.attention import DECODE_TILES, PREFILL_TILES, Tiles
 
+# Every candidate, whatever the device and dtype would get by default (fp32 on CUDA times FP32_TILES alone).
+ALL_TILES = {"decode_tiles": DECODE_TILES, "prefill_tiles": PREFILL_TILES}
+
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
@@ -49,7 +52,7 @@ def test_the_fastest_candidates_are_chosen_and_used_by_later_calls(device, fresh
     k_cache, v_cache = make_pool(40, device)
     before = k_cache.clone(), v_cache.clone()
     timer = ScriptedTimer([3.0, 1.0, 2.0, 5.0, 6.0, 4.0], k_cache, v_cache)
-    result = tune_attention(k_cache, v_cache, num_q_heads=6, timer=timer)
+    result = tune_attention(k_cache, v_cache, num_q_heads=6, timer=timer, **ALL_TILES)
     assert timer.calls == len(DECODE_TILES) + len(PREFILL_TILES) == 6
     assert result.decode_choice == DECODE_TILES[1] and result.prefill_choice == PREFILL_TILES[2]
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])  # timing wrote nothing
@@ -57,9 +60,10 @@ def test_the_fastest_candidates_are_chosen_and_used_by_later_calls(device, fresh
     q = torch.zeros(5, 6, 32, device=device)
     assert attention.tiles_for(q, k_cache, decode=True) == DECODE_TILES[1]
     assert attention.tiles_for(q, k_cache, decode=False) == PREFILL_TILES[2]
-    # another shape (8 query heads) or block size keeps the defaults
-    assert attention.tiles_for(torch.zeros(5, 8, 32, device=device), k_cache, decode=True) == DECODE_TILES[0]
-    assert attention.tiles_for(q, k_cache.view(80, 8, 2, 32), decode=False) == PREFILL_TILES[0]
+    # another shape (8 query heads) or block size keeps the defaults (on CUDA in fp32: FP32_TILES)
+    defaults = [attention.candidate_tiles(k_cache.dtype, device, decode)[0] for decode in (True, False)]
+    assert attention.tiles_for(torch.zeros(5, 8, 32, device=device), k_cache, decode=True) == defaults[0]
+    assert attention.tiles_for(q, k_cache.view(80, 8, 2, 32), decode=False) == defaults[1]
     assert "decode 16 rows x 128 keys" in result.summary() and "prefill 64 rows x 64 keys, 4 warps, 2 stages" in (
         result.summary())
 
@@ -70,17 +74,33 @@ def test_a_small_pool_shrinks_the_synthetic_steps(device, fresh_choices):
 
     k_cache, v_cache = make_pool(3, device)
     timer = ScriptedTimer([1.0] * 6, k_cache, v_cache)
-    tune_attention(k_cache, v_cache, num_q_heads=4, timer=timer)
+    tune_attention(k_cache, v_cache, num_q_heads=4, timer=timer, **ALL_TILES)
     assert timer.calls == 6
 
 
-def test_candidates_that_do_not_fit_the_card_are_left_out(device, fresh_choices):
-    from triton.runtime.errors import OutOfResources
+def failure(kind: str) -> Exception:
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
 
+    if kind == "shared memory":
+        return OutOfResources(232448, 101376, "shared memory")
+    if kind == "ptxas":
+        return PTXASError("ptxas fatal: registers exceed the limit\nmore detail")
+    return CompileTimeAssertionFailure("def kernel(): ...", None, "static_assert failed: block too large")
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("shared memory", "out of resource: shared memory, Required: 232448, Hardware limit: 101376"),
+    ("ptxas", "PTXAS error: ptxas fatal: registers exceed the limit"),
+    ("assertion", "static_assert failed: block too large"),
+])
+def test_candidates_that_do_not_fit_the_card_are_left_out(device, fresh_choices, kind, why):
+    """Too much shared memory at launch, ptxas refusing the binary, a compile-time assertion: the card cannot run
+    these tiles, so they are left out rather than failing the rank's start."""
     from hexgen.engine.kernels.attention_tuning import tune_attention
 
     k_cache, v_cache = make_pool(8, device)
-    answers = iter([OutOfResources(232448, 101376, "shared memory"), 2.0, 1.5, 1.0, 9.0, 9.0])
+    answers = iter([failure(kind), 2.0, 1.5, 1.0, 9.0, 9.0])
 
     def timer(run) -> float:
         answer = next(answers)
@@ -88,8 +108,9 @@ def test_candidates_that_do_not_fit_the_card_are_left_out(device, fresh_choices)
             raise answer
         return answer
 
-    result = tune_attention(k_cache, v_cache, num_q_heads=2, timer=timer)
-    assert result.decode[0].ms is None and "shared memory" in result.decode[0].error
+    result = tune_attention(k_cache, v_cache, num_q_heads=2, timer=timer, **ALL_TILES)
+    assert result.decode[0].ms is None and result.decode[0].error.startswith(why)  # its first line, no source
+    assert "\n" not in result.decode[0].error and "def kernel" not in result.decode[0].error
     assert result.decode_choice == DECODE_TILES[2] and result.prefill_choice == PREFILL_TILES[0]
     assert "did not fit" in result.summary()
 

@@ -1,4 +1,5 @@
-"""Every kernel variant compiles to an sm_90 (H200) cubin on this machine, GPU or not, without spilling registers."""
+"""Every kernel variant compiles to an sm_90 (H200) cubin on this machine, GPU or not, without spilling registers;
+RoPE's products are not fused into multiply-adds (each is rounded, as torch rounds them)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,5 @@ def test_kernels_compile_for_h200(tmp_path):
     # local-memory stack in a kernel this simple is registers spilled to memory: each variant must fit in registers
     spilled = [line for line in lines[:-1] if int(re.search(r"(\d+) B stack", line)[1]) > 0]
     assert not spilled, "\n".join(spilled)
+    rope = [line for line in lines if line.startswith("RoPE")]
+    assert len(rope) == 1 and " 0 fma," in rope[0], rope

@@ -17,11 +17,6 @@ def dots_in_fp32(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or t.device.type == "cpu"
 
 
-def dot_precision(t: torch.Tensor) -> str:
-    """Full float32 products when the products run in float32 (triton's default there is TF32 on CUDA)."""
-    return "ieee" if dots_in_fp32(t) else "tf32"
-
-
 def check_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name}: dtype {t.dtype} not supported (float32, bfloat16 or float16)")

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hexgen.engine.kernels._common import check_dtype, dot_precision, dots_in_fp32
+from hexgen.engine.kernels._common import check_dtype, dots_in_fp32
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _sequence_of_tile(query_start_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 def _attend_key_tile(
     q, acc, l_i, m_i, start, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_table_ptr, block_size, kv_head,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, dims, dim_valid,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr,
 ):
     """Fold the key positions start..start+BLOCK_N into the online softmax of the rows of q. MASKED: the tile
     reaches a row's own position or kv_end, so positions past either are hidden; otherwise every row sees all."""
@@ -105,7 +105,7 @@ def _attend_key_tile(
     k = tl.load(k_cache_ptr + k_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
     if DOT_FP32:
         k = k.to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, N]
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [M, N]
     if MASKED:
         visible = (pos[None, :] <= q_pos[:, None]) & pos_valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -118,22 +118,23 @@ def _attend_key_tile(
     v = tl.load(v_cache_ptr + v_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
     if DOT_FP32:
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return acc, l_i, m_new
 
 
-# The block-table row stride is the batch's longest table, which changes from step to step; specialising on it
-# (triton does for values of 1 and multiples of 16) would compile new variants in the middle of serving.
-@triton.jit(do_not_specialize=["stride_bt"])
+# The block-table row stride (the batch's longest table), the batch's sequences and its key splits change from step
+# to step; specialising on them (triton does for values of 1 and multiples of 16) would compile new variants in the
+# middle of serving, a second or more each.
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs", "num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr,
     partial_ptr, lse_ptr,  # split-KV only: float32 [T, Hq, S, D] outputs and [T, Hq, S] log2-sum-exp2 per range
     scale_log2,  # softmax scale * log2(e): exp2 of scaled scores equals exp of the true ones
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, block_size, num_seqs,
+    num_splits,  # key ranges per sequence (1: no split); a value, not a constant, so 1-16 share one binary
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -167,8 +168,8 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_Q * GROUP_P, HEAD_DIM_P], dtype=tl.float32)
     kv_end = tl.minimum(context, context - n_new + (q_tile + 1) * BLOCK_Q)  # last query's position + 1
     kv_begin = 0
-    if NUM_SPLITS > 1:  # this program's range: whole tiles, the last range possibly shorter or empty
-        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT:  # this program's range: whole tiles, the last range possibly shorter or empty
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
         kv_begin = split * per_split
         kv_end = tl.minimum(kv_end, kv_begin + per_split)
     # Keys before this tile's first query are visible to every row: those whole tiles skip the causal mask and
@@ -179,29 +180,29 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_key_tile(
             q, acc, l_i, m_i, start, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
             block_size, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, dims,
-            dim_valid, BLOCK_N, DOT_FP32, PRECISION, False)
+            dim_valid, BLOCK_N, DOT_FP32, False)
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_key_tile(
             q, acc, l_i, m_i, start, kv_end, q_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
             block_size, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2, dims,
-            dim_valid, BLOCK_N, DOT_FP32, PRECISION, True)
+            dim_valid, BLOCK_N, DOT_FP32, True)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_mask = row_valid[:, None] & dim_valid[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out_offsets = (q_begin + token)[:, None] * stride_ot + q_head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        lse_offsets = ((q_begin + token) * (GROUP * tl.num_programs(1)) + q_head) * NUM_SPLITS + split  # [M]
+        lse_offsets = ((q_begin + token) * (GROUP * tl.num_programs(1)) + q_head) * num_splits + split  # [M]
         tl.store(partial_ptr + lse_offsets[:, None].to(tl.int64) * HEAD_DIM + dims[None, :], out, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + lse_offsets, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    partial_ptr, lse_ptr, out_ptr, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr,
+    partial_ptr, lse_ptr, out_ptr, stride_ot, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLITS_P: tl.constexpr,
 ):
     """out[t, h] = sum_s 2^(lse_s - max) partial_s / sum_s 2^(lse_s - max), over the key ranges s."""
     token = tl.program_id(0).to(tl.int64)
@@ -209,11 +210,11 @@ def _merge_splits_kernel(
     splits = tl.arange(0, SPLITS_P)
     dims = tl.arange(0, HEAD_DIM_P)
     row = token * tl.num_programs(1) + head
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))  # [S]
+    lse = tl.load(lse_ptr + row * num_splits + splits, mask=splits < num_splits, other=float("-inf"))  # [S]
     top = tl.max(lse, 0)
     weight = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # [S]; all zero for a context-0 padding row
-    mask = (splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :]
-    partial = tl.load(partial_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask,
+    mask = (splits < num_splits)[:, None] & (dims < HEAD_DIM)[None, :]
+    partial = tl.load(partial_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :], mask=mask,
                       other=0.0)  # [S, D]
     total = tl.sum(weight, 0)
     out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
@@ -307,15 +308,14 @@ def paged_attention(
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), block_tables.stride(0), block_size, num_seqs,
+        out.stride(0), out.stride(1), block_tables.stride(0), block_size, num_seqs, num_kv_splits,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-        BLOCK_Q=block_q, BLOCK_N=tiles.block_n, DOT_FP32=dots_in_fp32(q), PRECISION=dot_precision(q),
-        NUM_SPLITS=num_kv_splits, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_Q=block_q, BLOCK_N=tiles.block_n, DOT_FP32=dots_in_fp32(q), SPLIT=num_kv_splits > 1,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_kv_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
-            partial, lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, NUM_SPLITS=num_kv_splits,
-            SPLITS_P=triton.next_power_of_2(num_kv_splits),
+            partial, lse, out, out.stride(0), out.stride(1), num_kv_splits,
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLITS_P=triton.next_power_of_2(MAX_KV_SPLITS),
         )
     return out

@@ -5,9 +5,9 @@ differs with them (a pool of mixed cards is what hexgen serves). So a CUDA rank,
 before it captures its decode graphs, times each of attention.DECODE_TILES on a synthetic decode step and each
 of attention.PREFILL_TILES on a synthetic prompt (fp32 on CUDA: only FP32_TILES, the others spill registers),
 reading its own pool through made-up block tables (the pool is zeroed, nothing is written), and launches every
-later call of that shape with the fastest (attention.choose_tiles). A candidate the card cannot run (Triton's
-OutOfResources: too much shared memory) is left out there. Costs the candidates' compilation once per machine
-(Triton caches the binaries on disk) and ~25 ms of timing each.
+later call of that shape with the fastest (attention.choose_tiles). A candidate the card cannot run (too much
+shared memory, ptxas refusing the binary, a compile-time assertion) is left out there. Costs the candidates'
+compilation once per machine (Triton caches the binaries on disk) and ~25 ms of timing each.
 
 Tiles change the order in which a row's keys are summed, so two runs that chose differently can differ in the
 last bits of bf16 attention outputs; a run's own steps all use one choice.
@@ -132,10 +132,13 @@ class SyntheticStep:
 
 def _time(timer: Timer, k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int, new_tokens: list[int],
           context: int, tiles: Tiles) -> TileTiming:
-    from triton.runtime.errors import OutOfResources
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     step = SyntheticStep.of(k_cache, v_cache, num_q_heads, new_tokens, context, tiles)
     try:
         return TileTiming(tiles, timer(step.run))
-    except OutOfResources as exc:
-        return TileTiming(tiles, None, str(exc).splitlines()[0])
+    except (OutOfResources, PTXASError, CompileTimeAssertionFailure) as exc:  # what this card cannot build or run
+        # a compilation error's text starts with the kernel's source: its own message says why
+        why = exc.error_message if isinstance(exc, CompileTimeAssertionFailure) else str(exc)
+        return TileTiming(tiles, None, (why or type(exc).__name__).strip().splitlines()[0])

@@ -22,7 +22,7 @@ def _write_kv_kernel(
     HEADS_P: tl.constexpr, HEAD_DIM_P: tl.constexpr,
 ):
     token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token)
+    slot = tl.load(slot_ptr + token).to(tl.int64)  # 64-bit pool offsets whatever the slots' dtype
     if slot < 0:  # a padding row (e.g. of a CUDA graph's fixed batch) writes nothing
         return
     block = slot // block_size
