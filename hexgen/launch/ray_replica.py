@@ -19,7 +19,7 @@ import ray
 from hexgen.launch.channel import ChannelAddress
 from hexgen.launch.lifetime import free_port
 from hexgen.launch.spec import RankSpec
-from hexgen.raycluster.env import machine_resource
+from hexgen.raycluster.env import local_gpu_index, machine_resource
 
 PLACE_TIMEOUT_S = 60.0  # a rank's actor not placed by then: its machine's slots are taken
 MAX_REASON_CHARS = 120
@@ -48,9 +48,10 @@ class RankActor:
     def run(self, spec: RankSpec, scheduler_config: Any, eos_token_ids: tuple[int, ...], address: ChannelAddress,
             rendezvous: tuple[str, int]) -> None:
         master_addr, port = rendezvous
-        # On CUDA Ray shows each actor only its own GPU, as device 0.
-        spec = replace(spec, master_addr=master_addr, master_port=port,
-                       gpu_index=0 if spec.device == "cuda" else spec.gpu_index)
+        gpu_index = spec.gpu_index
+        if spec.device == "cuda":  # the GPU Ray gave this actor, as this process numbers its devices
+            gpu_index = local_gpu_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        spec = replace(spec, master_addr=master_addr, master_port=port, gpu_index=gpu_index)
         if not Path(spec.source.directory).is_dir():  # an embedded model or GGUF resolves on this machine
             from hexgen.engine.checkpoint import resolve_model
 

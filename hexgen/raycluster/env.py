@@ -118,3 +118,17 @@ def _machines() -> dict[str, tuple[float, float]]:
                     totals[key.removeprefix(MACHINE_RESOURCE_PREFIX)] = (slots + amount,
                                                                          cpus + resources.get("CPU", 0.0))
     return totals
+
+
+def local_gpu_index(ray_gpu_ids: list, visible_devices: str | None) -> int:
+    """The CUDA device index, in this process, of the first GPU Ray assigned to it. Ray normally shows an actor
+    only its own GPUs (CUDA_VISIBLE_DEVICES set to their ids: device 0); where a node keeps its whole list
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1) the GPU's place in that list, or its id when none is set."""
+    if not ray_gpu_ids:
+        return 0
+    gpu = str(ray_gpu_ids[0])
+    if visible_devices:
+        listed = [d.strip() for d in visible_devices.split(",")]
+        if gpu in listed:
+            return listed.index(gpu)
+    return int(gpu) if gpu.isdigit() else 0

@@ -6,15 +6,18 @@ inherit it), so everything a child runs lives here rather than in a test module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
+from hexgen.engine import cuda_graphs
 from hexgen.engine.checkpoint import resolve_model
 from hexgen.engine.engine import Engine, build_runner, follow_driver, init_rank
 from hexgen.engine.messages import GenerationRequest, SamplingParams
@@ -103,14 +106,54 @@ def spawn_ranks(fn, world_size: int, args: tuple) -> None:
     tmp.start_processes(fn, args=(port, *args), nprocs=world_size, join=True, start_method="spawn")
 
 
+class EagerReplays(cuda_graphs.DecodeGraphs):
+    """DecodeGraphs whose replay re-runs the captured layers over the static buffers into the static output: on
+    CPU, everything of the graphs but capture and replay of recorded launches (tests/engine/test_kernel_path.py)."""
+
+    replayed: list[int] = []  # bucket of every replay, across instances
+    aliased = 0  # outputs returned that share memory with a static output (the next replay would overwrite them)
+
+    def run(self, plan, hidden: torch.Tensor) -> torch.Tensor:
+        out = super().run(plan, hidden)
+        static = {o.untyped_storage().data_ptr() for o in self.outputs.values()}
+        EagerReplays.aliased += out.untyped_storage().data_ptr() in static
+        return out
+
+    def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
+        output = run()
+        bucket = output.shape[0]
+
+        def replay() -> None:
+            EagerReplays.replayed.append(bucket)
+            output.copy_(run())
+
+        return replay, output
+
+
+@contextlib.contextmanager
+def cuda_path_ranks(kv_splits: int) -> contextlib.AbstractContextManager:
+    """In a spawned CPU rank, the engine as a CUDA rank runs it: the Triton kernels (interpreted), decode graphs
+    stood in for by EagerReplays, `kv_splits` key ranges per decoding sequence, and TP all-reduces over the process
+    group as NCCL's would be (not the CPU's shared-memory shortcut)."""
+    from hexgen.engine.launch_count import cuda_path_on_cpu
+
+    os.environ["HEXGEN_SHM_ALLREDUCE"] = "0"
+    cuda_graphs.DecodeGraphs = EagerReplays  # this process is the rank's own: nothing to restore
+    with cuda_path_on_cpu(kv_splits=kv_splits):
+        yield
+
+
 def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], requests: list[GenerationRequest],
                            out_dir: Path, depth: int = 0, config: SchedulerConfig | None = None,
+                           cuda_path_kv_splits: int | None = None,
                            ) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """Run `requests` on a spawned replica of the given layout, `depth` micro-batches in flight (0: one per
     stage, as on GPUs); tokens from the driver, per-step logits recorded on the last stage's leader
-    (StageRunner.record_logits), matched by step. The driver's prefix-cache hits go to out_dir/hits.pt."""
+    (StageRunner.record_logits), matched by step. The driver's prefix-cache hits go to out_dir/hits.pt. With
+    `cuda_path_kv_splits`, every rank runs the CUDA path on CPU (cuda_path_ranks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config))
+    spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config,
+                                        cuda_path_kv_splits))
     steps = torch.load(out_dir / "events.pt")  # per step: [(request_id, token, logprobs, prompt's)] in row order
     tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
     for events in steps:
@@ -147,7 +190,14 @@ def plain_logprobs(logprobs) -> tuple[float, tuple] | None:
 
 def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
                  requests: list[GenerationRequest], out_dir: str, depth: int,
-                 config: SchedulerConfig | None) -> None:
+                 config: SchedulerConfig | None, cuda_path_kv_splits: int | None) -> None:
+    with contextlib.nullcontext() if cuda_path_kv_splits is None else cuda_path_ranks(cuda_path_kv_splits):
+        _record_logits(rank, port, model_dir, tp, layers, requests, out_dir, depth, config)
+
+
+def _record_logits(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
+                   requests: list[GenerationRequest], out_dir: str, depth: int,
+                   config: SchedulerConfig | None) -> None:
     source = resolve_model(model_dir, progress=False)
     plan = single_replica_plan(source.spec, tp, layers)
     layout = dataclasses.replace(layout_of(plan.replicas[0], "cpu"), depth=depth)

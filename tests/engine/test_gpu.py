@@ -35,12 +35,21 @@ def test_cuda_matches_cpu(layout, word_model_dir):
     assert left == []
 
 
-def test_cuda_graphs_match_eager(tiny_model_dirs):
-    """Decode steps replayed from CUDA graphs give the eager run's greedy tokens (batches of several buckets)."""
+@pytest.mark.parametrize("split_min_positions", [None, 16], ids=["default", "key-splits"])
+def test_cuda_graphs_match_eager(tiny_model_dirs, monkeypatch, split_min_positions):
+    """Decode steps replayed from CUDA graphs give the eager run's greedy tokens (batches of several buckets). With
+    key ranges of >= 16 positions (the default, 256, never splits a 64-token context), decode steps split each
+    sequence's keys: the graphs with the count their capture chose for the context limit, eager steps with the
+    count for their own."""
     from engine_helpers import greedy_requests, random_prompts, run_in_process
 
     from hexgen.engine.checkpoint import resolve_model
+    from hexgen.engine.kernels import attention
     from hexgen.engine.scheduler import SchedulerConfig
+
+    if split_min_positions is not None:
+        monkeypatch.setattr(attention, "SPLIT_MIN_POSITIONS", split_min_positions)
+        assert attention.choose_kv_splits(1, 1, 64, torch.device("cuda")) > 1
 
     source = resolve_model(str(tiny_model_dirs["gqa"]), progress=False)
     requests = greedy_requests(random_prompts(source.spec.vocab_size, [5, 9, 3, 12, 7], seed=2), 12)
@@ -75,8 +84,8 @@ def test_cuda_graphs_match_eager_as_sequences_come_and_go(tiny_model_dirs):
 
 
 def test_torch_path_on_cuda_matches_the_kernels(tiny_model_dirs, monkeypatch):
-    """HEXGEN_TRITON=0 keeps CUDA on torch's ops (attention as a gather through the block tables + SDPA, graphs
-    captured of those): the Triton kernels' greedy tokens and the CPU's."""
+    """HEXGEN_TRITON=0 keeps CUDA on torch's ops (attention as a gather through the block tables + SDPA; no CUDA
+    graphs, which need the kernels): the Triton kernels' greedy tokens and the CPU's."""
     from engine_helpers import greedy_requests, random_prompts, run_in_process
 
     from hexgen.engine import ops

@@ -15,10 +15,12 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
-from engine_helpers import random_prompts, run_in_process
+from engine_helpers import EagerReplays, layout_logprobs, random_prompts, run_in_process, run_layout_with_logits
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hexgen.engine import cuda_graphs
 from hexgen.engine.messages import GenerationRequest, SamplingParams
@@ -63,25 +65,75 @@ def kernel_path():
         yield
 
 
-class EagerReplays(cuda_graphs.DecodeGraphs):
-    """DecodeGraphs whose replay re-runs the captured layers over the static buffers into the static output."""
+# Host syncs (item(), a mask's nonzero, a tensor's truth) and tensors made from host data: not allowed in a capture.
+NOT_IN_A_GRAPH = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+                  "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
 
-    replayed: list[int] = []  # bucket of every replay, across instances
-    aliased = 0  # outputs returned that share memory with a static output (the next replay would overwrite them)
 
-    def run(self, plan, hidden: torch.Tensor) -> torch.Tensor:
-        out = super().run(plan, hidden)
-        static = {o.untyped_storage().data_ptr() for o in self.outputs.values()}
-        EagerReplays.aliased += out.untyped_storage().data_ptr() in static
+class _OpRecorder(TorchDispatchMode):
+    """Records every aten op a capture runs (on the tensors it ran on) as a replay: in-place ops and functional
+    ops alike re-run on the recorded tensors, a functional op's result copied into the recorded output; views
+    alias what they view, so they need nothing."""
+
+    def __init__(self, replays: list[Callable[[], None]], refused: list[str]):
+        super().__init__()
+        self.replays, self.refused = replays, refused
+        self.in_kernel = 0  # aten ops the interpreter runs inside a Triton launch belong to that launch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.in_kernel or getattr(func, "is_view", False):
+            return out
+        if str(func) in NOT_IN_A_GRAPH:
+            self.refused.append(str(func))
+        if func._schema.is_mutable:
+            self.replays.append(lambda: func(*args, **kwargs))
+        else:
+            outs = out if isinstance(out, tuple | list) else (out,)
+
+            def replay() -> None:
+                fresh = func(*args, **kwargs)
+                for dst, src in zip(outs, fresh if isinstance(fresh, tuple | list) else (fresh,), strict=True):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
+
+            self.replays.append(replay)
         return out
 
+
+class RecordedReplays(EagerReplays):
+    """DecodeGraphs replayed as a CUDA graph replays: what the capture launched (aten ops and Triton kernels, with
+    their tensors and arguments as they were then), in order, without running the layers' Python again. So a value
+    the Python computed at capture (key splits, grids, a table's width, a scalar argument) stays what it was, as in
+    a real graph, where EagerReplays would compute it afresh every step. Ops a capture may not run are collected in
+    `refused`."""
+
+    refused: list[str] = []
+
     def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
-        output = run()
+        from triton.runtime.interpreter import InterpretedFunction
+
+        replays: list[Callable[[], None]] = []
+        recorder = _OpRecorder(replays, RecordedReplays.refused)
+        launch = InterpretedFunction.run
+
+        def recorded_launch(kernel, *args, **kwargs):
+            replays.append(lambda: launch(kernel, *args, **kwargs))
+            recorder.in_kernel += 1
+            try:
+                return launch(kernel, *args, **kwargs)
+            finally:
+                recorder.in_kernel -= 1
+
+        with mock.patch.object(InterpretedFunction, "run", recorded_launch), recorder:
+            output = run()
         bucket = output.shape[0]
 
         def replay() -> None:
             EagerReplays.replayed.append(bucket)
-            output.copy_(run())
+            for step in replays:
+                step()
 
         return replay, output
 
@@ -148,13 +200,27 @@ def test_tiles_the_timings_choose_serve_the_steps(two_layer_dir, cpu_run, monkey
 def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_run, kernel_path, monkeypatch,
                                                             overlap):
     """Decode steps through DecodeGraphs (static buffers, buckets, padding rows with slot -1, only the filled
-    block-table columns copied), replayed eagerly: the CPU path's tokens, over several buckets as sequences end;
-    and no step's output is a view of a graph's static output. With `overlap`, as a one-GPU replica runs by default:
-    each look-ahead step is queued before the step in flight is back, its decodes' tokens fed back from that step's
-    samples into the graphs' buffers."""
-    monkeypatch.setattr(cuda_graphs, "DecodeGraphs", EagerReplays)
+    block-table columns copied), each replay re-running what its capture recorded (RecordedReplays): the CPU
+    path's tokens, over several buckets as sequences end; no host sync inside a capture; no step's output a view of
+    a graph's static output. Key splits as an H200 (132 SMs) would choose them with ranges of >= 16 keys: the
+    graphs keep the count their capture chose for the context limit, 4, the eager steps choose afresh. With
+    `overlap`, as a one-GPU replica runs by default: each look-ahead step is queued before the step in flight is
+    back, its decodes' tokens fed back from that step's samples into the graphs' buffers."""
+    from hexgen.engine import kernels
+    from hexgen.engine.kernels import attention
+
+    monkeypatch.setattr(cuda_graphs, "DecodeGraphs", RecordedReplays)
+    monkeypatch.setattr(attention, "SPLIT_MIN_POSITIONS", 16)
+    chosen: list[int] = []
+
+    def h200_splits(num_seqs, num_kv_heads, max_context_len, device):
+        chosen.append(attention.kv_splits_for(num_seqs, num_kv_heads, max_context_len, 132))
+        return chosen[-1]
+
+    monkeypatch.setattr(kernels, "choose_kv_splits", h200_splits)
     EagerReplays.replayed.clear()
     EagerReplays.aliased = 0
+    RecordedReplays.refused.clear()
     fed_back: list[int] = []  # decodes per step whose input token came from the step before's samples
     token_ids = StageRunner._token_ids
 
@@ -171,6 +237,30 @@ def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_r
     assert {8, 4, 2, 1} <= set(EagerReplays.replayed), EagerReplays.replayed
     # what a step returns is its own: a pipeline stage's asynchronous send of it may outlast the next replay
     assert EagerReplays.aliased == 0
+    assert RecordedReplays.refused == []
+    assert max(chosen) == 4  # 64 // 16: the captures' (the warm-up and capture of each bucket)
+
+
+def test_the_cuda_path_across_ranks_gives_the_cpu_paths_tokens_and_logprobs(two_layer_dir, cpu_run, tmp_path):
+    """TP 2 | TP 1 (a layer each), both stages' micro-batches in flight as on GPUs, every rank on the CUDA path
+    (Triton kernels on its own heads, the decode graphs' host side, two key ranges per decoding sequence, TP
+    all-reduces over the process group as NCCL's are, not the CPU's shared-memory shortcut): the one-process CPU
+    path's greedy tokens and logits, and each token's log-probability and two most likely alternatives as the
+    log-softmax of those logits gives them."""
+    requests = [replace(r, params=replace(r.params, logprobs=2))
+                for r in requests_of_unequal_lengths(two_layer_dir.spec.vocab_size)]
+    tokens, logits = run_layout_with_logits(two_layer_dir.directory, [2, 1], [1, 1], requests, tmp_path, depth=0,
+                                            config=CONFIG, cuda_path_kv_splits=2)
+    cpu_tokens, cpu_logits = cpu_run
+    assert tokens == cpu_tokens
+    for request_id, entries in layout_logprobs(tmp_path).items():
+        torch.testing.assert_close(logits[request_id], cpu_logits[request_id], rtol=1e-4, atol=1e-4)
+        expected = torch.log_softmax(cpu_logits[request_id].double(), dim=-1)
+        assert len(entries) == len(tokens[request_id])
+        for row, (token, (logprob, top)) in zip(expected, zip(tokens[request_id], entries, strict=True), strict=True):
+            assert logprob == pytest.approx(row[token].item(), abs=1e-4)
+            assert [t for t, _ in top] == row.topk(2).indices.tolist()
+            assert [lp for _, lp in top] == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
 
 
 def test_a_decode_step_launches_nine_kernels_per_layer_whatever_the_batch(two_layer_dir):

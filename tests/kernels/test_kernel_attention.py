@@ -135,6 +135,18 @@ def test_no_key_splits_off_cuda():
     assert choose_kv_splits(1, 8, 8192, torch.device("cpu")) == 1
 
 
+def test_key_splits_fill_the_multiprocessors_in_ranges_of_256_keys_or_more():
+    """An H200's 132 SMs: one sequence over 8 KV heads wants 33 ranges (two programs per SM), held to 16; two
+    sequences over 1,000 keys want 17, held to 3 ranges of >= 256; 64 sequences fill the SMs unsplit."""
+    from hexgen.engine.kernels.attention import kv_splits_for
+
+    assert kv_splits_for(1, 8, 8192, 132) == 16
+    assert kv_splits_for(2, 8, 1000, 132) == 3
+    assert kv_splits_for(2, 8, 255, 132) == 1
+    assert kv_splits_for(64, 8, 8192, 132) == 1
+    assert kv_splits_for(4, 8, 8192, 132) == 9  # ceil(264 / 32)
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 32])
 def test_block_sizes(device, block_size):
     run_case(device, MIXED, block_size, 4, 1, 32, torch.float32)

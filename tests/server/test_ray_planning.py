@@ -67,3 +67,17 @@ def test_replan_uses_only_free_slots_of_live_machines():
     assert slots == {"a": [0, 2], "c": [0, 1]}
     planned = Replica((Stage("a", (0, 1), 2, (0, 1)), Stage("c", (1,), 1, (1, 2))))
     assert [s.gpus for s in on_free_slots(planned, slots).stages] == [(0, 2), (1,)]
+
+
+@pytest.mark.parametrize("ray_ids,visible,index", [
+    (["3"], "3", 0),  # Ray's default: the actor sees its own GPU only, as device 0
+    ([3], "3", 0),  # ids as integers
+    (["2"], "0,1,2,3", 2),  # the node keeps its whole list (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1)
+    (["5"], "4, 5", 1),
+    (["1"], None, 1),  # nothing masked: the id is the device
+    ([], None, 0),
+])
+def test_a_ray_actor_runs_on_the_gpu_ray_gave_it(ray_ids, visible, index):
+    from hexgen.raycluster.env import local_gpu_index
+
+    assert local_gpu_index(ray_ids, visible) == index

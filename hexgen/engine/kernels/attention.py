@@ -256,12 +256,18 @@ def tiles_for(q: torch.Tensor, k_cache: torch.Tensor, decode: bool) -> Tiles:
 
 
 def choose_kv_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Key ranges per sequence for a decode step: enough programs for every SM, each range >= 256 keys."""
+    """Key ranges per sequence for a decode step on `device` (1 off CUDA): see kv_splits_for."""
     if device.type != "cuda":
         return 1
-    programs = num_seqs * num_kv_heads
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    wanted = -(-2 * sms // programs)  # about two programs per SM
+    return kv_splits_for(num_seqs, num_kv_heads, max_context_len, sms)
+
+
+def kv_splits_for(num_seqs: int, num_kv_heads: int, max_context_len: int, multiprocessors: int) -> int:
+    """Key ranges per sequence for a decode step: enough programs for about two per SM, each range >= 256 keys of
+    `max_context_len`. A CUDA graph fixes the count at capture from the context limit, so a replayed step of short
+    sequences runs ranges that are mostly empty (they add nothing: weight 0 in the merge)."""
+    wanted = -(-2 * multiprocessors // (num_seqs * num_kv_heads))
     return max(1, min(MAX_KV_SPLITS, wanted, max_context_len // SPLIT_MIN_POSITIONS))
 
 
