@@ -186,30 +186,22 @@ async def _respond(
                for i, s in enumerate(sequences)]
     if score_only:
         streams = [_prompt_scores_only(stream) for stream in streams]
+    count = coordinator.metrics.requests
     if body.stream:
         deltas = merge_choices(streams)
-        try:  # errors before the first token are still plain HTTP errors
-            answered, first = await _unless_disconnected(request, anext(deltas))
-        except APIError:
-            coordinator.metrics.requests.labels(endpoint, "error").inc()
-            raise
+        # errors before the first token are still plain HTTP errors
+        answered, first = await _counted(count, endpoint, _unless_disconnected(request, anext(deltas)))
         if not answered:
-            coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
         return StreamingResponse(
             _sse_stream(coordinator, shape, first, deltas, body.include_usage, endpoint),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    try:
-        answered, answers = await _unless_disconnected(request, _collect_all(streams))
-    except APIError:
-        coordinator.metrics.requests.labels(endpoint, "error").inc()
-        raise
+    answered, answers = await _counted(count, endpoint, _unless_disconnected(request, _collect_all(streams)))
     if not answered:
-        coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
         return Response(status_code=499)
-    coordinator.metrics.requests.labels(endpoint, "ok").inc()
+    count.labels(endpoint, "ok").inc()
     return JSONResponse(shape.full([answer[:3] for answer in answers], sum(answer[3] for answer in answers)))
 
 
@@ -221,6 +213,19 @@ async def _prompt_scores_only(deltas: AsyncIterator[TextDelta]) -> AsyncIterator
 
 
 T = TypeVar("T")
+
+
+async def _counted(requests_total, endpoint: str, waiting: Awaitable[tuple[bool, T | None]]) -> tuple[bool, T | None]:
+    """What _unless_disconnected gives, counting in hexgen_requests_total a request that failed ("error") or whose
+    client left ("cancelled")."""
+    try:
+        answered, value = await waiting
+    except APIError:
+        requests_total.labels(endpoint, "error").inc()
+        raise
+    if not answered:
+        requests_total.labels(endpoint, "cancelled").inc()
+    return answered, value
 
 
 async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
