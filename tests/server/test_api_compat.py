@@ -16,6 +16,7 @@ from hexgen.errors import UserError
 from hexgen.server.app import create_app
 from hexgen.server.coordinator import Coordinator, ServeConfig
 from hexgen.server.metrics import Metrics
+from hexgen.server.replica_client import Rejected
 
 CONTEXT = 64
 USER = [{"role": "user", "content": "hi"}]
@@ -347,6 +348,31 @@ def test_requests_refused_as_not_valid_are_counted(tokenizer):
     assert count("hexgen_requests_total", {"endpoint": "completions", "status": "invalid"}) == 4
     assert count("hexgen_requests_total", {"endpoint": "chat", "status": "invalid"}) == 2
     assert count("hexgen_requests_total", {"endpoint": "completions", "status": "ok"}) == 1
+
+
+class RefusingReplica(AnsweringReplica):
+    """A replica whose engine refuses every request it is sent (as one does a request its pool can never hold)."""
+
+    async def submit(self, request):
+        queue = await super().submit(request)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(Rejected("this replica refuses it"))
+        return queue
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_fails_on_its_replica_is_counted_as_an_error(tokenizer, stream):
+    """Refused on its replica after admission: a 400 with the replica's reason, counted once as "error", streamed
+    (before its first token) or whole."""
+    config = ServeConfig("tiny", CONTEXT, 8, "float32", "cpu", tokenizer.vocab_size)
+    coordinator = Coordinator(config, tokenizer, [RefusingReplica(0, CONTEXT)], make_policy("least-outstanding"),
+                              Metrics())
+    client = TestClient(create_app(coordinator))
+    assert error_of(completion(client, stream=stream))["message"] == "this replica refuses it"
+    count = coordinator.metrics.registry.get_sample_value
+    assert count("hexgen_requests_total", {"endpoint": "completions", "status": "error"}) == 1
+    assert count("hexgen_requests_total", {"endpoint": "completions", "status": "ok"}) is None
 
 
 @pytest.mark.parametrize("stream", [False, True])
