@@ -12,10 +12,12 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hexgen.engine import cuda_graphs
 from hexgen.engine.checkpoint import resolve_model
@@ -130,15 +132,92 @@ class EagerReplays(cuda_graphs.DecodeGraphs):
         return replay, output
 
 
+# Host syncs (item(), a mask's nonzero, a tensor's truth) and tensors made from host data: not allowed in a capture.
+NOT_IN_A_GRAPH = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+                  "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records every op a capture runs (on the tensors it ran on) as a replay: in-place ops and functional ops
+    alike re-run on the recorded tensors, a functional op's result copied into the recorded output; views alias
+    what they view, so they need nothing. A TP all-reduce is one too (c10d's, in place), as NCCL's is captured in
+    a CUDA graph."""
+
+    def __init__(self, replays: list[Callable[[], None]], refused: list[str]):
+        super().__init__()
+        self.replays, self.refused = replays, refused
+        self.in_kernel = 0  # aten ops the interpreter runs inside a Triton launch belong to that launch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.in_kernel or getattr(func, "is_view", False):
+            return out
+        if str(func) in NOT_IN_A_GRAPH:
+            self.refused.append(str(func))
+        if func._schema.is_mutable:
+            self.replays.append(lambda: func(*args, **kwargs))
+        else:
+            outs = out if isinstance(out, tuple | list) else (out,)
+
+            def replay() -> None:
+                fresh = func(*args, **kwargs)
+                for dst, src in zip(outs, fresh if isinstance(fresh, tuple | list) else (fresh,), strict=True):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
+                    elif hasattr(src, "wait"):  # a collective (c10d's all-reduce): in a graph, done in stream order
+                        src.wait()
+
+            self.replays.append(replay)
+        return out
+
+
+class RecordedReplays(EagerReplays):
+    """DecodeGraphs replayed as a CUDA graph replays: what the capture launched (aten ops and Triton kernels, with
+    their tensors and arguments as they were then), in order, without running the layers' Python again. So a value
+    the Python computed at capture (key splits, grids, a table's width, a scalar argument) stays what it was, as in
+    a real graph, where EagerReplays would compute it afresh every step. Ops a capture may not run are collected in
+    `refused`."""
+
+    refused: list[str] = []
+
+    def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        replays: list[Callable[[], None]] = []
+        recorder = _OpRecorder(replays, RecordedReplays.refused)
+        launch = InterpretedFunction.run
+
+        def recorded_launch(kernel, *args, **kwargs):
+            replays.append(lambda: launch(kernel, *args, **kwargs))
+            recorder.in_kernel += 1
+            try:
+                return launch(kernel, *args, **kwargs)
+            finally:
+                recorder.in_kernel -= 1
+
+        with mock.patch.object(InterpretedFunction, "run", recorded_launch), recorder:
+            output = run()
+        bucket = output.shape[0]
+
+        def replay() -> None:
+            EagerReplays.replayed.append(bucket)
+            for step in replays:
+                step()
+
+        return replay, output
+
+
 @contextlib.contextmanager
 def cuda_path_ranks(kv_splits: int) -> contextlib.AbstractContextManager:
     """In a spawned CPU rank, the engine as a CUDA rank runs it: the Triton kernels (interpreted), decode graphs
-    stood in for by EagerReplays, `kv_splits` key ranges per decoding sequence, and TP all-reduces over the process
-    group as NCCL's would be (not the CPU's shared-memory shortcut)."""
+    stood in for by RecordedReplays (their TP all-reduces recorded and replayed with them), `kv_splits` key ranges
+    per decoding sequence, and TP all-reduces over the process group as NCCL's would be (not the CPU's
+    shared-memory shortcut)."""
     from hexgen.engine.launch_count import cuda_path_on_cpu
 
     os.environ["HEXGEN_SHM_ALLREDUCE"] = "0"
-    cuda_graphs.DecodeGraphs = EagerReplays  # this process is the rank's own: nothing to restore
+    cuda_graphs.DecodeGraphs = RecordedReplays  # this process is the rank's own: nothing to restore
     with cuda_path_on_cpu(kv_splits=kv_splits):
         yield
 
@@ -150,7 +229,8 @@ def run_layout_with_logits(model_dir: Path, tp: list[int], layers: list[int], re
     """Run `requests` on a spawned replica of the given layout, `depth` micro-batches in flight (0: one per
     stage, as on GPUs); tokens from the driver, per-step logits recorded on the last stage's leader
     (StageRunner.record_logits), matched by step. The driver's prefix-cache hits go to out_dir/hits.pt. With
-    `cuda_path_kv_splits`, every rank runs the CUDA path on CPU (cuda_path_ranks)."""
+    `cuda_path_kv_splits`, every rank runs the CUDA path on CPU (cuda_path_ranks) and saves the buckets of the
+    decode graphs it replayed to out_dir/replays<rank>.pt."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spawn_ranks(_logits_rank, sum(tp), (str(model_dir), tp, layers, requests, str(out_dir), depth, config,
                                         cuda_path_kv_splits))
@@ -191,8 +271,12 @@ def plain_logprobs(logprobs) -> tuple[float, tuple] | None:
 def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],
                  requests: list[GenerationRequest], out_dir: str, depth: int,
                  config: SchedulerConfig | None, cuda_path_kv_splits: int | None) -> None:
-    with contextlib.nullcontext() if cuda_path_kv_splits is None else cuda_path_ranks(cuda_path_kv_splits):
+    if cuda_path_kv_splits is None:
         _record_logits(rank, port, model_dir, tp, layers, requests, out_dir, depth, config)
+        return
+    with cuda_path_ranks(cuda_path_kv_splits):
+        _record_logits(rank, port, model_dir, tp, layers, requests, out_dir, depth, config)
+    torch.save(list(EagerReplays.replayed), Path(out_dir) / f"replays{rank}.pt")  # buckets this rank replayed
 
 
 def _record_logits(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],

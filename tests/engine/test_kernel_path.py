@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 from dataclasses import replace
-from unittest import mock
 
 import pytest
 import torch
-from engine_helpers import EagerReplays, layout_logprobs, random_prompts, run_in_process, run_layout_with_logits
-from torch.utils._python_dispatch import TorchDispatchMode
+from engine_helpers import (
+    EagerReplays,
+    RecordedReplays,
+    layout_logprobs,
+    random_prompts,
+    run_in_process,
+    run_layout_with_logits,
+)
 
 from hexgen.engine import cuda_graphs
 from hexgen.engine.messages import GenerationRequest, SamplingParams
@@ -63,79 +67,6 @@ def kernel_path():
 
     with cuda_path_on_cpu():
         yield
-
-
-# Host syncs (item(), a mask's nonzero, a tensor's truth) and tensors made from host data: not allowed in a capture.
-NOT_IN_A_GRAPH = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
-                  "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
-
-
-class _OpRecorder(TorchDispatchMode):
-    """Records every aten op a capture runs (on the tensors it ran on) as a replay: in-place ops and functional
-    ops alike re-run on the recorded tensors, a functional op's result copied into the recorded output; views
-    alias what they view, so they need nothing."""
-
-    def __init__(self, replays: list[Callable[[], None]], refused: list[str]):
-        super().__init__()
-        self.replays, self.refused = replays, refused
-        self.in_kernel = 0  # aten ops the interpreter runs inside a Triton launch belong to that launch
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.in_kernel or getattr(func, "is_view", False):
-            return out
-        if str(func) in NOT_IN_A_GRAPH:
-            self.refused.append(str(func))
-        if func._schema.is_mutable:
-            self.replays.append(lambda: func(*args, **kwargs))
-        else:
-            outs = out if isinstance(out, tuple | list) else (out,)
-
-            def replay() -> None:
-                fresh = func(*args, **kwargs)
-                for dst, src in zip(outs, fresh if isinstance(fresh, tuple | list) else (fresh,), strict=True):
-                    if isinstance(dst, torch.Tensor):
-                        dst.copy_(src)
-
-            self.replays.append(replay)
-        return out
-
-
-class RecordedReplays(EagerReplays):
-    """DecodeGraphs replayed as a CUDA graph replays: what the capture launched (aten ops and Triton kernels, with
-    their tensors and arguments as they were then), in order, without running the layers' Python again. So a value
-    the Python computed at capture (key splits, grids, a table's width, a scalar argument) stays what it was, as in
-    a real graph, where EagerReplays would compute it afresh every step. Ops a capture may not run are collected in
-    `refused`."""
-
-    refused: list[str] = []
-
-    def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
-        from triton.runtime.interpreter import InterpretedFunction
-
-        replays: list[Callable[[], None]] = []
-        recorder = _OpRecorder(replays, RecordedReplays.refused)
-        launch = InterpretedFunction.run
-
-        def recorded_launch(kernel, *args, **kwargs):
-            replays.append(lambda: launch(kernel, *args, **kwargs))
-            recorder.in_kernel += 1
-            try:
-                return launch(kernel, *args, **kwargs)
-            finally:
-                recorder.in_kernel -= 1
-
-        with mock.patch.object(InterpretedFunction, "run", recorded_launch), recorder:
-            output = run()
-        bucket = output.shape[0]
-
-        def replay() -> None:
-            EagerReplays.replayed.append(bucket)
-            for step in replays:
-                step()
-
-        return replay, output
 
 
 def requests_of_unequal_lengths(vocab_size: int) -> list[GenerationRequest]:
@@ -243,8 +174,9 @@ def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_r
 
 def test_the_cuda_path_across_ranks_gives_the_cpu_paths_tokens_and_logprobs(two_layer_dir, cpu_run, tmp_path):
     """TP 2 | TP 1 (a layer each), both stages' micro-batches in flight as on GPUs, every rank on the CUDA path
-    (Triton kernels on its own heads, the decode graphs' host side, two key ranges per decoding sequence, TP
-    all-reduces over the process group as NCCL's are, not the CPU's shared-memory shortcut): the one-process CPU
+    (Triton kernels on its own heads, decode graphs replayed from what their capture recorded, the TP all-reduces
+    among it, two key ranges per decoding sequence, TP all-reduces over the process group as NCCL's are, not the
+    CPU's shared-memory shortcut): the one-process CPU
     path's greedy tokens and logits, and each token's log-probability and two most likely alternatives as the
     log-softmax of those logits gives them."""
     requests = [replace(r, params=replace(r.params, logprobs=2))
@@ -253,6 +185,8 @@ def test_the_cuda_path_across_ranks_gives_the_cpu_paths_tokens_and_logprobs(two_
                                             config=CONFIG, cuda_path_kv_splits=2)
     cpu_tokens, cpu_logits = cpu_run
     assert tokens == cpu_tokens
+    replays = [torch.load(tmp_path / f"replays{rank}.pt") for rank in range(3)]
+    assert replays[0] == replays[1] and len(replays[0]) > 0 and len(replays[2]) > 0  # a TP pair replays in step
     for request_id, entries in layout_logprobs(tmp_path).items():
         torch.testing.assert_close(logits[request_id], cpu_logits[request_id], rtol=1e-4, atol=1e-4)
         expected = torch.log_softmax(cpu_logits[request_id].double(), dim=-1)
