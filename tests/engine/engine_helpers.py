@@ -108,30 +108,6 @@ def spawn_ranks(fn, world_size: int, args: tuple) -> None:
     tmp.start_processes(fn, args=(port, *args), nprocs=world_size, join=True, start_method="spawn")
 
 
-class EagerReplays(cuda_graphs.DecodeGraphs):
-    """DecodeGraphs whose replay re-runs the captured layers over the static buffers into the static output: on
-    CPU, everything of the graphs but capture and replay of recorded launches (tests/engine/test_kernel_path.py)."""
-
-    replayed: list[int] = []  # bucket of every replay, across instances
-    aliased = 0  # outputs returned that share memory with a static output (the next replay would overwrite them)
-
-    def run(self, plan, hidden: torch.Tensor) -> torch.Tensor:
-        out = super().run(plan, hidden)
-        static = {o.untyped_storage().data_ptr() for o in self.outputs.values()}
-        EagerReplays.aliased += out.untyped_storage().data_ptr() in static
-        return out
-
-    def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
-        output = run()
-        bucket = output.shape[0]
-
-        def replay() -> None:
-            EagerReplays.replayed.append(bucket)
-            output.copy_(run())
-
-        return replay, output
-
-
 # Host syncs (item(), a mask's nonzero, a tensor's truth) and tensors made from host data: not allowed in a capture.
 NOT_IN_A_GRAPH = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
                   "aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
@@ -172,14 +148,22 @@ class _OpRecorder(TorchDispatchMode):
         return out
 
 
-class RecordedReplays(EagerReplays):
-    """DecodeGraphs replayed as a CUDA graph replays: what the capture launched (aten ops and Triton kernels, with
-    their tensors and arguments as they were then), in order, without running the layers' Python again. So a value
-    the Python computed at capture (key splits, grids, a table's width, a scalar argument) stays what it was, as in
-    a real graph, where EagerReplays would compute it afresh every step. Ops a capture may not run are collected in
-    `refused`."""
+class RecordedReplays(cuda_graphs.DecodeGraphs):
+    """DecodeGraphs on CPU, replayed as a CUDA graph replays: what the capture launched (aten ops and Triton
+    kernels, with their tensors and arguments as they were then), in order, without running the layers' Python
+    again. So a value the Python computed at capture (key splits, grids, a table's width, a scalar argument) stays
+    what it was, as in a real graph. What a real graph adds (capture, recorded launches on a GPU) is left to the
+    `gpu` tests (tests/engine/test_kernel_path.py)."""
 
-    refused: list[str] = []
+    replayed: list[int] = []  # bucket of every replay, across instances
+    aliased = 0  # outputs returned that share memory with a static output (the next replay would overwrite them)
+    refused: list[str] = []  # ops a capture may not run (host syncs, tensors from host data), as they came
+
+    def run(self, plan, hidden: torch.Tensor) -> torch.Tensor:
+        out = super().run(plan, hidden)
+        static = {o.untyped_storage().data_ptr() for o in self.outputs.values()}
+        RecordedReplays.aliased += out.untyped_storage().data_ptr() in static
+        return out
 
     def _record(self, run: Callable[[], torch.Tensor], device: torch.device):
         from triton.runtime.interpreter import InterpretedFunction
@@ -201,7 +185,7 @@ class RecordedReplays(EagerReplays):
         bucket = output.shape[0]
 
         def replay() -> None:
-            EagerReplays.replayed.append(bucket)
+            RecordedReplays.replayed.append(bucket)
             for step in replays:
                 step()
 
@@ -276,7 +260,7 @@ def _logits_rank(rank: int, port: int, model_dir: str, tp: list[int], layers: li
         return
     with cuda_path_ranks(cuda_path_kv_splits):
         _record_logits(rank, port, model_dir, tp, layers, requests, out_dir, depth, config)
-    torch.save(list(EagerReplays.replayed), Path(out_dir) / f"replays{rank}.pt")  # buckets this rank replayed
+    torch.save(list(RecordedReplays.replayed), Path(out_dir) / f"replays{rank}.pt")  # buckets this rank replayed
 
 
 def _record_logits(rank: int, port: int, model_dir: str, tp: list[int], layers: list[int],

@@ -3,10 +3,11 @@
 On CUDA a decoder layer runs five Triton kernels (fused add + RMSNorm, RoPE + KV write, paged attention, SiLU * up)
 between its projections, reads keys through the block tables instead of gathering them, and decode steps replay
 CUDA graphs over static buffers. Here the same code runs on CPU tensors: `kernel_path` makes the engine take its
-kernel path (no oneDNN packing, no folded norms), and graphs are stood in for by re-running the captured layers
-over the same static buffers at each replay, so everything the graphs' host side does (bucket choice, padding
-rows, block-table columns left over from longer sequences) is checked against the CPU's own gather path. What a
-real graph adds (capture itself, replay of recorded launches) is left to the `gpu` tests.
+kernel path (no oneDNN packing, no folded norms), and graphs are stood in for by RecordedReplays (engine_helpers):
+a capture records every op and kernel launch over the static buffers, a replay re-runs them without the layers'
+Python, so everything the graphs' host side does (bucket choice, padding rows, block-table columns left over from
+longer sequences) and what a capture fixes is checked against the CPU's own gather path, in one process and across
+ranks. What a real graph adds (capture on a GPU, NCCL inside it) is left to the `gpu` tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import replace
 import pytest
 import torch
 from engine_helpers import (
-    EagerReplays,
     RecordedReplays,
     layout_logprobs,
     random_prompts,
@@ -149,8 +149,8 @@ def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_r
         return chosen[-1]
 
     monkeypatch.setattr(kernels, "choose_kv_splits", h200_splits)
-    EagerReplays.replayed.clear()
-    EagerReplays.aliased = 0
+    RecordedReplays.replayed.clear()
+    RecordedReplays.aliased = 0
     RecordedReplays.refused.clear()
     fed_back: list[int] = []  # decodes per step whose input token came from the step before's samples
     token_ids = StageRunner._token_ids
@@ -165,9 +165,9 @@ def test_decode_graphs_host_side_gives_the_cpu_paths_tokens(two_layer_dir, cpu_r
     assert (sum(fed_back) > 0) is overlap
     assert tokens == cpu_run[0]
     # six sequences decoding, then fewer as they finish: buckets 8 (6 rows), 4 (4 and 3 rows), 2 and 1
-    assert {8, 4, 2, 1} <= set(EagerReplays.replayed), EagerReplays.replayed
+    assert {8, 4, 2, 1} <= set(RecordedReplays.replayed), RecordedReplays.replayed
     # what a step returns is its own: a pipeline stage's asynchronous send of it may outlast the next replay
-    assert EagerReplays.aliased == 0
+    assert RecordedReplays.aliased == 0
     assert RecordedReplays.refused == []
     assert max(chosen) == 4  # 64 // 16: the captures' (the warm-up and capture of each bucket)
 
