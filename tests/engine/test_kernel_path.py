@@ -70,10 +70,15 @@ def kernel_path():
 
 
 def requests_of_unequal_lengths(vocab_size: int) -> list[GenerationRequest]:
-    """Six sequences that finish at different steps: graph rows later hold shorter sequences than before."""
-    prompts = random_prompts(vocab_size, [13, 5, 9, 3, 11, 7], seed=5)
-    return [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=n, ignore_eos=True))
-            for i, (p, n) in enumerate(zip(prompts, [3, 9, 4, 12, 6, 2], strict=True))]
+    """Eight sequences that finish at different steps (graph rows later hold shorter sequences than before): six
+    greedy, one drawn with a seed (temperature, top-k, top-p), one greedy under penalties and a logit bias on a token
+    it then repeats (penalized and biased at once)."""
+    prompts = random_prompts(vocab_size, [13, 5, 9, 3, 11, 7, 6, 8], seed=5)
+    lengths = [3, 9, 4, 12, 6, 2, 5, 8]
+    settings = [{}] * 6 + [dict(temperature=0.9, top_k=50, top_p=0.9, seed=7),
+                           dict(presence_penalty=0.5, frequency_penalty=1.0, logit_bias=((prompts[7][0], 4.0),))]
+    return [GenerationRequest(f"r{i}", tuple(p), SamplingParams(max_new_tokens=n, ignore_eos=True, **extra))
+            for i, (p, n, extra) in enumerate(zip(prompts, lengths, settings, strict=True))]
 
 
 CONFIG = SchedulerConfig(max_running_seqs=8, max_context=64, block_size=4, max_step_tokens=16)
