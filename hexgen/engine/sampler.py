@@ -4,8 +4,9 @@ OpenAI's presence / frequency penalties and logit biases where a request sets th
 The filters follow HF transformers' logits warpers, with per-row parameters so the batch is filtered in one
 pass. Randomness is counter-based: the uniform number for (seed, position, token) is a hash of the three, so
 a seeded request's draw is the same whatever shares its batch, after a preemption too (so are its tokens where
-its logits are: float32 on CPU), and no generator state lives on any rank. The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
-probability p_i. The step's token ids leave the device in one copy.
+its logits are: float32 on CPU), and no generator state lives on any rank. The draw is the exponential race:
+argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. The step's token ids leave the device in one
+copy.
 
 Where a request asks for log-probabilities they are the model's own (log-softmax of the fp32 logits, before any
 penalty, bias, temperature, top-k or top-p reshapes them for the draw: what the model thinks of the token,
