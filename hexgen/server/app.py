@@ -126,7 +126,7 @@ def create_app(
 def _counting_refusals(coordinator: Coordinator, endpoint: str, status: str) -> Iterator[None]:
     """A request refused by an APIError inside counted under `status`: "invalid" before admission (a 4xx for a wrong
     model, a prompt past the context, ...; as a request whose fields pydantic refused is, install_error_handlers),
-    "rejected" at admission (a 429 or 503)."""
+    "rejected" at admission (a 429 or 503), "error" once on its replicas."""
     try:
         yield
     except APIError:
@@ -186,11 +186,10 @@ async def _respond(
                for i, s in enumerate(sequences)]
     if score_only:
         streams = [_prompt_scores_only(stream) for stream in streams]
-    count = coordinator.metrics.requests
     if body.stream:
         deltas = merge_choices(streams)
         # errors before the first token are still plain HTTP errors
-        answered, first = await _counted(count, endpoint, _unless_disconnected(request, anext(deltas)))
+        answered, first = await _answered(coordinator, endpoint, request, anext(deltas))
         if not answered:
             return Response(status_code=499)
         return StreamingResponse(
@@ -198,10 +197,10 @@ async def _respond(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    answered, answers = await _counted(count, endpoint, _unless_disconnected(request, _collect_all(streams)))
+    answered, answers = await _answered(coordinator, endpoint, request, _collect_all(streams))
     if not answered:
         return Response(status_code=499)
-    count.labels(endpoint, "ok").inc()
+    coordinator.metrics.requests.labels(endpoint, "ok").inc()
     return JSONResponse(shape.full([answer[:3] for answer in answers], sum(answer[3] for answer in answers)))
 
 
@@ -215,16 +214,14 @@ async def _prompt_scores_only(deltas: AsyncIterator[TextDelta]) -> AsyncIterator
 T = TypeVar("T")
 
 
-async def _counted(requests_total, endpoint: str, waiting: Awaitable[tuple[bool, T | None]]) -> tuple[bool, T | None]:
-    """What _unless_disconnected gives, counting in hexgen_requests_total a request that failed ("error") or whose
-    client left ("cancelled")."""
-    try:
-        answered, value = await waiting
-    except APIError:
-        requests_total.labels(endpoint, "error").inc()
-        raise
+async def _answered(coordinator: Coordinator, endpoint: str, request: Request,
+                    awaitable: Awaitable[T]) -> tuple[bool, T | None]:
+    """_unless_disconnected, counting in hexgen_requests_total a request that failed ("error") or whose client
+    left ("cancelled")."""
+    with _counting_refusals(coordinator, endpoint, "error"):
+        answered, value = await _unless_disconnected(request, awaitable)
     if not answered:
-        requests_total.labels(endpoint, "cancelled").inc()
+        coordinator.metrics.requests.labels(endpoint, "cancelled").inc()
     return answered, value
 
 

@@ -141,4 +141,4 @@ def _time(timer: Timer, k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_head
     except (OutOfResources, PTXASError, CompileTimeAssertionFailure) as exc:  # what this card cannot build or run
         # a compilation error's text starts with the kernel's source: its own message says why
         why = exc.error_message if isinstance(exc, CompileTimeAssertionFailure) else str(exc)
-        return TileTiming(tiles, None, (why or type(exc).__name__).strip().splitlines()[0])
+        return TileTiming(tiles, None, ((why or "").strip() or type(exc).__name__).splitlines()[0])
